@@ -1,0 +1,106 @@
+"""The one place the agent touches the kernel's sysfs and /dev.
+
+Every path is derived from one root: ``/`` on a real host, a temporary directory
+holding ``sys/`` and ``dev/`` for a fake host. Reads go straight to the files;
+writes go through a :class:`SysfsWriter`, which on a real host is a plain
+``write(2)`` and on a fake host is the kernel emulator of ``agent.testing``, so
+that a write has the effects and the errno Linux would give it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Protocol
+
+#: A file in the root of every tree built by agent.testing. The OS writer
+#: refuses to write into such a tree: writing plain files there would change
+#: nothing the way a kernel would, and silently "succeed".
+FAKE_HOST_MARKER = ".tessera-fake-host"
+
+
+class SysfsWriter(Protocol):
+    """Performs one sysfs attribute write, as a single ``write(2)``.
+
+    Implementations raise ``OSError`` with the kernel's errno on failure and
+    must not retry: sysfs ``store()`` sees the whole buffer of one write.
+    """
+
+    def write(self, path: Path, data: str) -> None:
+        """Write ``data`` to the attribute file at the absolute ``path``."""
+        ...
+
+
+class OsSysfsWriter:
+    """Writes through the real kernel: open, one write, close."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    def write(self, path: Path, data: str) -> None:
+        """Write ``data`` to ``path`` in one ``write(2)``.
+
+        Raises:
+            OSError: with the errno the kernel returned, or EROFS when the
+                root is a fake host tree (see :data:`FAKE_HOST_MARKER`).
+        """
+        if (self._root / FAKE_HOST_MARKER).exists():
+            raise OSError(
+                errno.EROFS,
+                f"{self._root} is a fake host tree; run the agent with --fake-kernel",
+                str(path),
+            )
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, data.encode())
+        finally:
+            os.close(fd)
+
+
+class Sysfs:
+    """Reads and writes sysfs under one root.
+
+    Args:
+        root: directory holding ``sys/`` (and ``dev/``); ``/`` on a real host.
+        writer: performs attribute writes; defaults to the real kernel.
+    """
+
+    def __init__(self, root: Path, writer: SysfsWriter | None = None) -> None:
+        self.root = root
+        self.sys = root / "sys"
+        self.dev = root / "dev"
+        self._writer: SysfsWriter = writer if writer is not None else OsSysfsWriter(root)
+
+    def path(self, *parts: str) -> Path:
+        """Path of ``/sys/<parts...>`` under the root."""
+        return self.sys.joinpath(*parts)
+
+    def read(self, path: Path) -> str | None:
+        """Content of an attribute without its trailing newline, or None if absent."""
+        try:
+            return path.read_text().rstrip("\n")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def link_name(self, path: Path) -> str | None:
+        """Last component of a symlink's target (a driver or group name), or None."""
+        try:
+            return os.path.basename(os.readlink(path))
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            return None
+
+    def resolve(self, path: Path) -> Path:
+        """Follow symlinks (``realpath``) within the tree."""
+        return path.resolve()
+
+    def listdir(self, path: Path) -> list[str]:
+        """Sorted entries of a directory; empty if it does not exist."""
+        try:
+            return sorted(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def write(self, path: Path, data: str) -> None:
+        """Write an attribute through the configured writer (one ``write(2)``)."""
+        self._writer.write(path, data)

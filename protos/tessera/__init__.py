@@ -1,0 +1,1 @@
+"""Tessera wire contract (generated code lives in tessera.v1)."""

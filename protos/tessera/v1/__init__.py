@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code of the Tessera v1 wire contract."""

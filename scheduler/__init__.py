@@ -1,0 +1,1 @@
+"""Tessera scheduler: places tenant requests on hosts and commits them to Redis."""
