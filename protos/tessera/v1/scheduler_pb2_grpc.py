@@ -72,6 +72,11 @@ class SchedulerStub(object):
                 request_serializer=tessera_dot_v1_dot_scheduler__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_scheduler__pb2.ExplainResponse.FromString,
                 _registered_method=True)
+        self.ListHosts = channel.unary_unary(
+                '/tessera.v1.Scheduler/ListHosts',
+                request_serializer=tessera_dot_v1_dot_scheduler__pb2.ListHostsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_scheduler__pb2.ListHostsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer(object):
@@ -125,6 +130,13 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHosts(self, request, context):
+        """The registered hosts and how much of each is allocated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +169,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=tessera_dot_v1_dot_scheduler__pb2.ExplainRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_scheduler__pb2.ExplainResponse.SerializeToString,
+            ),
+            'ListHosts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHosts,
+                    request_deserializer=tessera_dot_v1_dot_scheduler__pb2.ListHostsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_scheduler__pb2.ListHostsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -328,6 +345,33 @@ class Scheduler(object):
             '/tessera.v1.Scheduler/Explain',
             tessera_dot_v1_dot_scheduler__pb2.ExplainRequest.SerializeToString,
             tessera_dot_v1_dot_scheduler__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHosts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Scheduler/ListHosts',
+            tessera_dot_v1_dot_scheduler__pb2.ListHostsRequest.SerializeToString,
+            tessera_dot_v1_dot_scheduler__pb2.ListHostsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,8 @@ class SchedulerStub:
     ListPlacements: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListPlacementsRequest, _scheduler_pb2.ListPlacementsResponse]
     Explain: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ExplainRequest, _scheduler_pb2.ExplainResponse]
     """Dry run: where a request would go, or why it cannot. Changes nothing."""
+    ListHosts: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListHostsRequest, _scheduler_pb2.ListHostsResponse]
+    """The registered hosts and how much of each is allocated."""
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -78,6 +80,8 @@ class SchedulerAsyncStub(SchedulerStub):
     ListPlacements: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListPlacementsRequest, _scheduler_pb2.ListPlacementsResponse]  # type: ignore[assignment]
     Explain: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ExplainRequest, _scheduler_pb2.ExplainResponse]  # type: ignore[assignment]
     """Dry run: where a request would go, or why it cannot. Changes nothing."""
+    ListHosts: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListHostsRequest, _scheduler_pb2.ListHostsResponse]  # type: ignore[assignment]
+    """The registered hosts and how much of each is allocated."""
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     """Places tenant requests on hosts.
@@ -136,6 +140,14 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.ExplainResponse, _abc.Awaitable[_scheduler_pb2.ExplainResponse]]:
         """Dry run: where a request would go, or why it cannot. Changes nothing."""
+
+    @_abc_1.abstractmethod
+    def ListHosts(
+        self,
+        request: _scheduler_pb2.ListHostsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ListHostsResponse, _abc.Awaitable[_scheduler_pb2.ListHostsResponse]]:
+        """The registered hosts and how much of each is allocated."""
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

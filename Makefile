@@ -1,0 +1,44 @@
+# Tessera task runner. `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.DEFAULT_GOAL := help
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+.PHONY: install
+install: $(STAMP) ## Create .venv and install Tessera with its dev tools
+
+.PHONY: gen
+gen: $(STAMP) ## Regenerate the protobuf/gRPC code and stubs in protos/tessera/v1
+	$(BIN)/python scripts/gen_protos.py
+
+.PHONY: check
+check: $(STAMP) ## Lint, format, mypy --strict, import boundaries, proto drift
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/gen_protos.py --check
+
+.PHONY: test
+test: $(STAMP) ## Run the test suite (real Valkey, real gRPC, fake hosts)
+	$(BIN)/pytest
+
+.PHONY: demo
+demo: $(STAMP) ## Run a scheduler and three agents on fake hosts, end to end
+	$(BIN)/tessera demo
+
+.PHONY: clean
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,228 @@
+"""tessera-agent: discovers this host and carries placements out.
+
+Subcommands:
+    run        register with the scheduler, heartbeat, serve the Agent service
+    inventory  print what the agent would report (read-only)
+    fakehost   build a named fake host tree (for demos and tests)
+
+Concrete parts (the OS or emulated kernel writer, the NVML client) are wired
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agent.checkpoint import Checkpoint
+from agent.nvml import NullNvmlClient
+from agent.registration import RegistrationLoop
+from agent.reporter import HostReporter, read_boot_id
+from agent.service import AgentServicer
+from agent.sysfs import FAKE_HOST_MARKER, Sysfs, SysfsWriter
+from tessera.v1 import agent_pb2, agent_pb2_grpc, inventory_pb2
+
+log = logging.getLogger("tessera.agent")
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"tessera-agent: --label {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _sysfs(root: Path, fake_kernel: bool) -> Sysfs:
+    writer: SysfsWriter | None = None
+    if fake_kernel:
+        # Only a fake tree may be driven by the emulator; never a real /sys.
+        if not (root / FAKE_HOST_MARKER).exists():
+            raise SystemExit(f"tessera-agent: --fake-kernel needs a fake host tree; {root} is not")
+        from agent.testing.kernel import KernelEmulator
+
+        writer = KernelEmulator(root)
+    return Sysfs(root, writer)
+
+
+def _reporter(opts: argparse.Namespace, sysfs: Sysfs) -> HostReporter:
+    host_id = opts.host_id or socket.gethostname()
+    return HostReporter(
+        sysfs,
+        NullNvmlClient(),
+        host_id=host_id,
+        boot_id=read_boot_id(opts.sysfs_root, host_id),
+        labels=_labels(opts.label),
+    )
+
+
+def _summary(inv: inventory_pb2.HostInventory) -> str:
+    lines = [
+        f"host {inv.host_id}  boot {inv.boot_id}  generation {inv.generation}",
+        f"IOMMU: {'present' if inv.iommu_present else 'ABSENT (no passthrough possible)'}",
+        f"NUMA nodes: {len(inv.numa_nodes)}  "
+        + "  ".join(f"node{n.id}: cpus {n.cpulist}" for n in inv.numa_nodes),
+        f"PCI functions: {len(inv.pci_functions)}  IOMMU groups: {len(inv.iommu_groups)}",
+    ]
+    for f in inv.pci_functions:
+        group = str(f.iommu_group) if f.has_iommu_group else "-"
+        lines.append(
+            f"  {f.address}  {f.vendor_id:04x}:{f.device_id:04x}  class {f.class_code:06x}  "
+            f"group {group:>3}  numa {f.numa_node:>2}  driver {f.driver or '(none)'}"
+        )
+    for pf in inv.sriov_pfs:
+        lines.append(f"SR-IOV PF {pf.address}: {pf.num_vfs}/{pf.total_vfs} VFs")
+    for parent in inv.mdev_parents:
+        types = ", ".join(f"{t.id} ({t.available_instances} free)" for t in parent.types)
+        lines.append(f"mdev parent {parent.address}: {types}")
+    for gpu in inv.gpus:
+        lines.append(f"GPU {gpu.address}: {gpu.model}")
+    lines += [f"note: {n}" for n in inv.notes]
+    return "\n".join(lines)
+
+
+def cmd_inventory(opts: argparse.Namespace) -> int:
+    """Print the inventory (read-only: the writer is never used)."""
+    sysfs = Sysfs(opts.sysfs_root)
+    inventory, _ = _reporter(opts, sysfs).report()
+    if opts.json:
+        print(json.dumps(json_format.MessageToDict(inventory), indent=2, sort_keys=True))
+    else:
+        print(_summary(inventory))
+    return 0
+
+
+def cmd_fakehost(opts: argparse.Namespace) -> int:
+    """Build or list fake host trees."""
+    from agent.testing import hosts
+
+    if opts.action == "list":
+        for name in sorted(hosts.FIXTURE_HOSTS):
+            print(name)
+        return 0
+    if not opts.name or not opts.dir:
+        raise SystemExit("tessera-agent fakehost build NAME DIR")
+    hosts.build(opts.name, Path(opts.dir))
+    print(f"built fake host {opts.name} in {opts.dir}")
+    return 0
+
+
+async def _run(opts: argparse.Namespace) -> int:
+    sysfs = _sysfs(opts.sysfs_root, opts.fake_kernel)
+    reporter = _reporter(opts, sysfs)
+    state_dir: Path = opts.state_dir
+    checkpoint = Checkpoint(state_dir / f"{reporter.host_id}.checkpoint.json")
+    channel = grpc.aio.insecure_channel(opts.scheduler)
+    server = grpc.aio.server()
+    loop_ref: list[RegistrationLoop] = []
+    servicer = AgentServicer(
+        sysfs, reporter, checkpoint, on_change=lambda: loop_ref[0].poke() if loop_ref else None
+    )
+    await asyncio.to_thread(servicer.recover)
+    agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_name = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
+    health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(opts.listen)
+    await server.start()
+    host = opts.listen.rsplit(":", 1)[0]
+    address = f"{opts.advertise or host}:{port}"
+    registration = RegistrationLoop(channel, reporter, address)
+    loop_ref.append(registration)
+    print(f"tessera-agent {reporter.host_id} listening on {address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await registration.run(stop)
+    finally:
+        await server.stop(grace=5)
+        await channel.close()
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line of tessera-agent."""
+    p = argparse.ArgumentParser(prog="tessera-agent", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def host_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--sysfs-root",
+            type=Path,
+            default=Path(os.environ.get("TESSERA_SYSFS_ROOT", "/")),
+            help="directory holding sys/ and dev/ ('/' on a real host)",
+        )
+        sp.add_argument("--host-id", default="", help="name to register under (hostname)")
+        sp.add_argument("--label", action="append", default=[], help="KEY=VALUE host label")
+
+    run = sub.add_parser("run", help="register, heartbeat and serve the Agent service")
+    host_opts(run)
+    run.add_argument(
+        "--scheduler",
+        default=os.environ.get("TESSERA_SCHEDULER", "127.0.0.1:50051"),
+        help="scheduler address [TESSERA_SCHEDULER]",
+    )
+    run.add_argument("--listen", default="127.0.0.1:0", help="Agent service address")
+    run.add_argument("--advertise", default="", help="host to advertise instead of --listen's")
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("TESSERA_AGENT_STATE_DIR", "/var/lib/tessera-agent")),
+        help="where the checkpoint lives [TESSERA_AGENT_STATE_DIR]",
+    )
+    run.add_argument(
+        "--fake-kernel",
+        action="store_true",
+        help="drive a fake host tree through the kernel emulator (tests and demos)",
+    )
+    run.add_argument("--log-level", default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"))
+
+    inv = sub.add_parser("inventory", help="print what the agent would report")
+    host_opts(inv)
+    inv.add_argument("--json", action="store_true", help="HostInventory in protobuf JSON")
+
+    fake = sub.add_parser("fakehost", help="build a named fake host tree")
+    fake.add_argument("action", choices=["build", "list"])
+    fake.add_argument("name", nargs="?")
+    fake.add_argument("dir", nargs="?")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of tessera-agent."""
+    opts = parse_args(argv)
+    if opts.command == "inventory":
+        return cmd_inventory(opts)
+    if opts.command == "fakehost":
+        return cmd_fakehost(opts)
+    logging.basicConfig(
+        level=opts.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return asyncio.run(_run(opts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""tessera: the operator and user command line.
+
+tessera demo                       run a whole cluster on fake hosts, end to end
+tessera place --tenant T --gpu 1   place a request (or --file REQUEST.json|yaml)
+tessera list | hosts               show placements, registered hosts
+tessera get ID | release ID        one placement; tear it down
+tessera explain --tenant T --gpu 1 where it would go, or why it cannot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import yaml
+from google.protobuf import json_format
+
+from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+_STATES = {
+    placement_pb2.PLACEMENT_STATE_PENDING: "pending",
+    placement_pb2.PLACEMENT_STATE_READY: "ready",
+    placement_pb2.PLACEMENT_STATE_RELEASING: "releasing",
+    placement_pb2.PLACEMENT_STATE_FAILED: "failed",
+}
+_NUMA = {
+    "none": placement_pb2.NUMA_POLICY_NONE,
+    "preferred": placement_pb2.NUMA_POLICY_PREFERRED,
+    "single-numa-node": placement_pb2.NUMA_POLICY_SINGLE_NUMA_NODE,
+    "socket": placement_pb2.NUMA_POLICY_SOCKET,
+}
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def format_placements(placements: Sequence[placement_pb2.Placement]) -> str:
+    """A readable table: one row per allocated device."""
+    rows: list[list[str]] = []
+    for p in placements:
+        for a in p.allocations:
+            slot = a.whole_device
+            rows.append(
+                [
+                    p.placement_id,
+                    p.tenant,
+                    p.host_id,
+                    a.claim,
+                    slot.address,
+                    str(a.iommu_group),
+                    ",".join(slot.group_endpoints),
+                    a.vfio_path,
+                    str(a.numa_node),
+                    _STATES.get(p.state, "?"),
+                ]
+            )
+    headers = [
+        "PLACEMENT",
+        "TENANT",
+        "HOST",
+        "CLAIM",
+        "DEVICE",
+        "GROUP",
+        "ENDPOINTS",
+        "VFIO",
+        "NUMA",
+        "STATE",
+    ]
+    return _table(headers, rows) if rows else "(no placements)"
+
+
+def format_hosts(hosts: Sequence[scheduler_pb2.HostSummary]) -> str:
+    """A readable table of registered hosts."""
+    rows = [
+        [
+            h.host_id,
+            h.agent_address,
+            "yes" if h.schedulable else "NO (lease expired)",
+            f"{h.allocated_groups}/{h.assignable_groups}",
+            f"{h.heartbeat_age_ms / 1000:.1f}s",
+            ",".join(f"{k}={v}" for k, v in sorted(h.labels.items())),
+        ]
+        for h in hosts
+    ]
+    return _table(["HOST", "AGENT", "SCHEDULABLE", "GROUPS USED", "HEARTBEAT", "LABELS"], rows)
+
+
+def request_from_args(opts: argparse.Namespace) -> placement_pb2.PlacementRequest:
+    """Build a PlacementRequest from --file or from the shorthand flags."""
+    if opts.file:
+        text = Path(opts.file).read_text()
+        data = yaml.safe_load(text) if opts.file.endswith((".yaml", ".yml")) else json.loads(text)
+        msg = placement_pb2.PlacementRequest()
+        json_format.ParseDict(data, msg)
+        return msg
+    msg = placement_pb2.PlacementRequest(
+        request_id=opts.request_id or f"cli-{uuid.uuid4().hex[:12]}",
+        tenant=opts.tenant,
+        priority=opts.priority,
+        numa_policy=_NUMA[opts.numa],
+    )
+    selector = placement_pb2.DeviceSelector(
+        vendor_id=int(opts.vendor, 0) if opts.vendor else 0, models=opts.model or []
+    )
+    for kind, count in (
+        (placement_pb2.DEVICE_KIND_GPU, opts.gpu),
+        (placement_pb2.DEVICE_KIND_NIC, opts.nic),
+        (placement_pb2.DEVICE_KIND_ACCELERATOR, opts.accelerator),
+    ):
+        if count:
+            name = placement_pb2.DeviceKind.Name(kind).removeprefix("DEVICE_KIND_").lower()
+            msg.claims.append(
+                placement_pb2.Claim(
+                    name=name,
+                    kind=kind,
+                    count=count,
+                    selector=selector,
+                    forms=[placement_pb2.DEVICE_FORM_WHOLE_DEVICE],
+                    migratable=opts.migratable,
+                )
+            )
+    for pair in opts.selector:
+        key, _, value = pair.partition("=")
+        msg.host_selector[key] = value
+    return msg
+
+
+def _stub(opts: argparse.Namespace) -> scheduler_pb2_grpc.SchedulerStub:
+    return scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(opts.scheduler))
+
+
+def _fail(err: grpc.RpcError) -> int:
+    print(f"tessera: {err.code().name}: {err.details()}", file=sys.stderr)
+    return 1
+
+
+def _cmd_rpc(opts: argparse.Namespace) -> int:
+    stub = _stub(opts)
+    try:
+        if opts.command == "place":
+            r = stub.Place(scheduler_pb2.PlaceRequest(request=request_from_args(opts)), timeout=60)
+            print(format_placements([r.placement]))
+        elif opts.command == "explain":
+            e = stub.Explain(scheduler_pb2.ExplainRequest(request=request_from_args(opts)))
+            print(e.summary)
+            if e.placeable:
+                print(format_placements([e.placement]))
+            for v in e.verdicts:
+                print(f"  {v.plugin}: rejected {v.rejected} ({'; '.join(v.reasons)})")
+        elif opts.command == "list":
+            lr = stub.ListPlacements(
+                scheduler_pb2.ListPlacementsRequest(tenant=opts.tenant, host_id=opts.host)
+            )
+            print(format_placements(lr.placements))
+        elif opts.command == "hosts":
+            print(format_hosts(stub.ListHosts(scheduler_pb2.ListHostsRequest()).hosts))
+        elif opts.command == "get":
+            g = stub.GetPlacement(scheduler_pb2.GetPlacementRequest(placement_id=opts.id))
+            print(json.dumps(json_format.MessageToDict(g), indent=2))
+        elif opts.command == "release":
+            rel = stub.Release(scheduler_pb2.ReleaseRequest(placement_id=opts.id), timeout=60)
+            print(f"released {rel.placement.placement_id} on {rel.placement.host_id}")
+    except grpc.RpcError as err:
+        return _fail(err)
+    return 0
+
+
+def _request_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--file", help="PlacementRequest in protobuf JSON mapping (.json/.yaml)")
+    p.add_argument("--request-id", default="", help="idempotency key (random if omitted)")
+    p.add_argument("--tenant", default="")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--gpu", type=int, default=0, help="whole GPUs")
+    p.add_argument("--nic", type=int, default=0, help="whole NICs")
+    p.add_argument("--accelerator", type=int, default=0, help="whole accelerators")
+    p.add_argument("--vendor", default="", help="PCI vendor id, e.g. 0x10de")
+    p.add_argument("--model", action="append", help="accepted model name (repeatable)")
+    p.add_argument("--numa", choices=sorted(_NUMA), default="none", help="NUMA policy")
+    p.add_argument("--selector", action="append", default=[], help="host label KEY=VALUE")
+    p.add_argument("--migratable", action="store_true", help="must be live-migratable")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line of tessera."""
+    p = argparse.ArgumentParser(prog="tessera", description=(__doc__ or "").splitlines()[0])
+    p.add_argument(
+        "--scheduler",
+        default=os.environ.get("TESSERA_SCHEDULER", "127.0.0.1:50051"),
+        help="scheduler address [TESSERA_SCHEDULER]",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run a scheduler and three agents on fake hosts")
+    demo.add_argument("--workdir", type=Path, help="keep the cluster's files here")
+    _request_flags(sub.add_parser("place", help="place a request"))
+    _request_flags(sub.add_parser("explain", help="dry run a request"))
+    lst = sub.add_parser("list", help="list placements")
+    lst.add_argument("--tenant", default="")
+    lst.add_argument("--host", default="")
+    sub.add_parser("hosts", help="list registered hosts")
+    get = sub.add_parser("get", help="show one placement")
+    get.add_argument("id")
+    rel = sub.add_parser("release", help="release a placement")
+    rel.add_argument("id")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of tessera."""
+    opts = parse_args(argv)
+    if opts.command == "demo":
+        from scheduler.demo import run_demo
+
+        return run_demo(opts.workdir)
+    return _cmd_rpc(opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

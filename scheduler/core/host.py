@@ -1,0 +1,162 @@
+"""A host as the scheduler sees it: the parts of an inventory placement needs.
+
+Built by the edge from the agent's ``HostInventory``; immutable, so one view
+can be shared by concurrent scheduling passes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
+from scheduler.core.request import DeviceKind
+
+
+class PciRole(enum.Enum):
+    """Where a function sits in the PCIe hierarchy."""
+
+    ENDPOINT = "endpoint"
+    RCIEP = "rciep"
+    ROOT_PORT = "root-port"
+    SWITCH_UPSTREAM = "switch-upstream"
+    SWITCH_DOWNSTREAM = "switch-downstream"
+    PCI_BRIDGE = "pci-bridge"
+
+    @property
+    def is_bridge(self) -> bool:
+        """Bridges stay on their driver; only endpoints are handed to tenants."""
+        return self not in (PciRole.ENDPOINT, PciRole.RCIEP)
+
+
+#: PCI base classes (the top byte of the class code) per device kind.
+_KIND_BY_BASE_CLASS: Mapping[int, DeviceKind] = {
+    0x03: DeviceKind.GPU,  # display controllers: VGA, 3D
+    0x02: DeviceKind.NIC,  # network controllers: Ethernet, InfiniBand
+    0x0B: DeviceKind.ACCELERATOR,  # processors/co-processors (QAT)
+    0x10: DeviceKind.ACCELERATOR,  # encryption controllers
+    0x12: DeviceKind.ACCELERATOR,  # processing accelerators
+}
+
+
+def kind_of_class(class_code: int) -> DeviceKind | None:
+    """The device kind a PCI class code offers to tenants, if any."""
+    return _KIND_BY_BASE_CLASS.get(class_code >> 16)
+
+
+@dataclass(frozen=True)
+class PciFunctionView:
+    """One PCI function."""
+
+    address: PciAddress
+    vendor_id: int
+    device_id: int
+    class_code: int
+    driver: str | None
+    numa_node: int
+    iommu_group: IommuGroupNumber | None
+    role: PciRole
+    root_bus: str
+    bridge_chain: tuple[PciAddress, ...]
+    physfn: PciAddress | None = None
+    model: str | None = None
+    num_vfs: int = 0
+
+    @property
+    def kind(self) -> DeviceKind | None:
+        """Device kind by class code; None for anything not offered to tenants."""
+        return None if self.role.is_bridge else kind_of_class(self.class_code)
+
+    @property
+    def is_vf(self) -> bool:
+        """An SR-IOV virtual function."""
+        return self.physfn is not None
+
+    @property
+    def root_port(self) -> PciAddress | None:
+        """The root port above this function (first bridge of the chain)."""
+        return self.bridge_chain[0] if self.bridge_chain else None
+
+    @property
+    def switch(self) -> PciAddress | None:
+        """The nearest switch upstream port above this function, if any.
+
+        Bridge chains alternate root port, upstream, downstream, ...; the
+        upstream port identifies the switch.
+        """
+        chain = self.bridge_chain
+        # Index 1 is the first switch's upstream port; deeper switches sit at
+        # odd indexes too. The nearest one is the last odd index.
+        odd = [chain[i] for i in range(1, len(chain), 2)]
+        return odd[-1] if odd else None
+
+
+@dataclass(frozen=True)
+class IommuGroupView:
+    """One IOMMU group and who is in it."""
+
+    number: IommuGroupNumber
+    members: tuple[PciAddress, ...]
+
+
+@dataclass(frozen=True)
+class NumaNodeView:
+    """One NUMA node."""
+
+    node_id: int
+    distances: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HostView:
+    """Everything placement needs to know about one host."""
+
+    host_id: HostId
+    functions: Mapping[PciAddress, PciFunctionView]
+    iommu_groups: Mapping[IommuGroupNumber, IommuGroupView]
+    numa_nodes: tuple[NumaNodeView, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    iommu_present: bool = True
+
+    def group_endpoints(self, group: IommuGroupNumber) -> tuple[PciAddress, ...]:
+        """Members of a group that are not bridges: what passthrough binds."""
+        view = self.iommu_groups.get(group)
+        if view is None:
+            return ()
+        return tuple(
+            sorted(
+                a
+                for a in view.members
+                if a in self.functions and not self.functions[a].role.is_bridge
+            )
+        )
+
+    def socket_of(self, numa_node: int) -> int:
+        """Socket index of a NUMA node.
+
+        Sockets are not in sysfs; nodes of one socket are those at the
+        smallest non-local SLIT distance from each other (12 vs 32 on EPYC
+        NPS4, 21 between Intel sockets), so group nodes by that relation.
+        """
+        nodes = {n.node_id: n for n in self.numa_nodes}
+        if numa_node not in nodes or len(nodes) < 2:
+            return 0
+        ids = sorted(nodes)
+        all_remote = [
+            d for n in nodes.values() for i, d in enumerate(n.distances) if ids[i] != n.node_id
+        ]
+        if not all_remote:
+            return 0
+        far = max(all_remote)
+        socket = 0
+        seen: dict[int, int] = {}
+        for node_id in ids:
+            if node_id in seen:
+                continue
+            for i, other in enumerate(ids):
+                dist = nodes[node_id].distances[i] if i < len(nodes[node_id].distances) else far
+                if other == node_id or dist < far:
+                    seen.setdefault(other, socket)
+            socket += 1
+        return seen.get(numa_node, 0)

@@ -1,0 +1,34 @@
+"""An immutable view of the cluster: what the scheduler decides against."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from scheduler.core.host import HostView
+from scheduler.core.identity import HostId, PlacementId, SlotKey
+
+
+@dataclass(frozen=True)
+class HostState:
+    """A host and what is allocated on it, at one allocation generation.
+
+    Attributes:
+        view: the host's last accepted inventory.
+        alloc_generation: bumped by every commit on the host; a plan made
+            against one generation commits only if it is still current.
+        allocations: slot -> the placement owning it.
+        schedulable: False when the host's lease expired or it is draining.
+    """
+
+    view: HostView
+    alloc_generation: int
+    allocations: Mapping[SlotKey, PlacementId] = field(default_factory=dict)
+    schedulable: bool = True
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """Every host's state, read at one moment."""
+
+    hosts: Mapping[HostId, HostState]

@@ -1,0 +1,169 @@
+"""A whole Tessera cluster as real processes on this machine.
+
+Starts an embedded Valkey, a scheduler and agents on fake host trees, each a
+separate process talking real gRPC and the Redis protocol, exactly as they
+would across machines. The demo and the end-to-end tests use it. Fake hosts
+are built by ``tessera-agent fakehost`` in a subprocess: the scheduler package
+never imports the agent's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import grpc
+
+from tessera.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+
+class ClusterError(RuntimeError):
+    """A process of the local cluster failed to start or answer."""
+
+
+def _first_line(proc: subprocess.Popen[str], timeout_s: float, what: str, log: Path) -> str:
+    """The first stdout line of a process: its announced address."""
+    lines: queue.Queue[str] = queue.Queue()
+    stream = proc.stdout
+    assert stream is not None
+
+    def pump(out: IO[str]) -> None:
+        for line in out:
+            lines.put(line)
+
+    threading.Thread(target=pump, args=(stream,), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout_s).strip()
+    except queue.Empty:
+        proc.kill()
+        tail = log.read_text()[-2000:] if log.exists() else ""
+        raise ClusterError(f"{what} did not start within {timeout_s}s; log:\n{tail}") from None
+
+
+@dataclass
+class LocalCluster:
+    """Processes of one local cluster, stopped together.
+
+    Args:
+        workdir: where data, fake hosts, checkpoints and logs go.
+    """
+
+    workdir: Path
+    redis_url: str = ""
+    scheduler_address: str = ""
+    agents: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
+    _procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen[str], Path]:
+        log = self.workdir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with log.open("a") as err:
+            proc = subprocess.Popen(
+                [sys.executable, *args],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
+                start_new_session=True,  # a Ctrl-C of the demo reaches us, not them
+            )
+        self._procs.append(proc)
+        return proc, log
+
+    def start_valkey(self) -> str:
+        """Start the embedded Valkey (AOF in workdir/valkey); returns its URL."""
+        proc, log = self._spawn(
+            "valkey",
+            ["-m", "scheduler.store.embedded", "--data-dir", str(self.workdir / "valkey")],
+        )
+        self.redis_url = _first_line(proc, 30, "Valkey", log)
+        return self.redis_url
+
+    def start_scheduler(self, name: str = "scheduler", *extra: str) -> str:
+        """Start a scheduler on a free port; returns its address."""
+        proc, log = self._spawn(
+            name,
+            ["-m", "scheduler", "--listen", "127.0.0.1:0", "--redis-url", self.redis_url, *extra],
+        )
+        line = _first_line(proc, 30, "scheduler", log)
+        address = line.rsplit(" ", 1)[-1]
+        self.scheduler_address = self.scheduler_address or address
+        return address
+
+    def build_fake_host(self, fixture: str, host_id: str) -> Path:
+        """Lay out a named fake host tree; returns its root."""
+        root = self.workdir / "hosts" / host_id
+        result = subprocess.run(
+            [sys.executable, "-m", "agent", "fakehost", "build", fixture, str(root)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ClusterError(f"building fake host {fixture}: {result.stderr.strip()}")
+        return root
+
+    def start_agent(self, host_id: str, root: Path, labels: dict[str, str] | None = None) -> str:
+        """Start an agent driving a fake host tree; returns its address."""
+        args = [
+            "-m", "agent", "run", "--fake-kernel", "--sysfs-root", str(root),
+            "--host-id", host_id, "--scheduler", self.scheduler_address,
+            "--state-dir", str(self.workdir / "agent-state"),
+        ]  # fmt: skip
+        for key, value in sorted((labels or {}).items()):
+            args += ["--label", f"{key}={value}"]
+        proc, log = self._spawn(f"agent-{host_id}", args)
+        line = _first_line(proc, 30, f"agent {host_id}", log)
+        self.agents[host_id] = proc
+        return line.rsplit(" ", 1)[-1]
+
+    def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
+        """A Scheduler client for the first scheduler."""
+        return scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(self.scheduler_address))
+
+    def wait_for_hosts(self, host_ids: set[str], timeout_s: float = 30) -> None:
+        """Block until every host is registered and schedulable."""
+        stub = self.stub()
+        deadline = time.monotonic() + timeout_s
+        seen: set[str] = set()
+        while time.monotonic() < deadline:
+            with contextlib.suppress(grpc.RpcError):
+                hosts = stub.ListHosts(scheduler_pb2.ListHostsRequest(), timeout=5).hosts
+                seen = {h.host_id for h in hosts if h.schedulable}
+                if host_ids <= seen:
+                    return
+            time.sleep(0.1)
+        raise ClusterError(f"hosts {sorted(host_ids - seen)} did not register in {timeout_s}s")
+
+    def stop(self) -> None:
+        """SIGTERM everything (agents first, Valkey last), then SIGKILL stragglers."""
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""The scheduler's edges: gRPC servicers, conversions, the placement coordinator."""

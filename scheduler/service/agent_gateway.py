@@ -1,0 +1,87 @@
+"""How the scheduler reaches agents: the Agent gRPC service, one channel per host."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import grpc
+
+from tessera.v1 import agent_pb2, agent_pb2_grpc, placement_pb2
+
+
+class AgentCallError(Exception):
+    """An agent call failed; carries the agent's status and message."""
+
+    def __init__(self, address: str, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"agent {address}: {code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class AgentGateway(Protocol):
+    """Carries placements out on hosts."""
+
+    async def prepare(
+        self, address: str, placement: placement_pb2.Placement
+    ) -> placement_pb2.Placement:
+        """Have the agent at ``address`` carry the placement out."""
+        ...
+
+    async def unprepare(self, address: str, placement: placement_pb2.Placement) -> None:
+        """Have the agent at ``address`` tear the placement down."""
+        ...
+
+
+class GrpcAgentGateway:
+    """Talks to agents over gRPC with a deadline per call.
+
+    Args:
+        timeout_s: deadline of one Prepare or Unprepare; binding a device can
+            take seconds (a driver's remove path), so this is generous.
+    """
+
+    def __init__(self, timeout_s: float = 30.0) -> None:
+        self._timeout_s = timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> agent_pb2_grpc.AgentAsyncStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address)
+            self._channels[address] = channel
+        return agent_pb2_grpc.AgentStub(channel)
+
+    async def prepare(
+        self, address: str, placement: placement_pb2.Placement
+    ) -> placement_pb2.Placement:
+        """Call Agent.Prepare.
+
+        Raises:
+            AgentCallError: the call failed or timed out.
+        """
+        try:
+            response: agent_pb2.PrepareResponse = await self._stub(address).Prepare(
+                agent_pb2.PrepareRequest(placement=placement), timeout=self._timeout_s
+            )
+        except grpc.aio.AioRpcError as err:
+            raise AgentCallError(address, err.code(), err.details() or "") from err
+        return response.placement
+
+    async def unprepare(self, address: str, placement: placement_pb2.Placement) -> None:
+        """Call Agent.Unprepare.
+
+        Raises:
+            AgentCallError: the call failed or timed out.
+        """
+        try:
+            await self._stub(address).Unprepare(
+                agent_pb2.UnprepareRequest(placement=placement), timeout=self._timeout_s
+            )
+        except grpc.aio.AioRpcError as err:
+            raise AgentCallError(address, err.code(), err.details() or "") from err
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

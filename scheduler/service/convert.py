@@ -1,0 +1,233 @@
+"""The one place where wire messages become domain values and back."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+from scheduler.core.host import (
+    HostView,
+    IommuGroupView,
+    NumaNodeView,
+    PciFunctionView,
+    PciRole,
+)
+from scheduler.core.identity import (
+    HostId,
+    IommuGroupNumber,
+    PciAddress,
+    PlacementId,
+    RequestId,
+    TenantName,
+)
+from scheduler.core.plan import Plan
+from scheduler.core.request import (
+    Affinity,
+    AffinityScope,
+    Claim,
+    DeviceForm,
+    DeviceKind,
+    DeviceSelector,
+    ExclusivityDomain,
+    Isolation,
+    NumaPolicy,
+    PlacementRequest,
+)
+from scheduler.core.validation import FieldViolation, InvalidRequestError
+from tessera.v1 import inventory_pb2, placement_pb2
+
+_KINDS: Mapping[int, DeviceKind] = {
+    placement_pb2.DEVICE_KIND_GPU: DeviceKind.GPU,
+    placement_pb2.DEVICE_KIND_NIC: DeviceKind.NIC,
+    placement_pb2.DEVICE_KIND_ACCELERATOR: DeviceKind.ACCELERATOR,
+}
+_FORMS: Mapping[int, DeviceForm] = {
+    placement_pb2.DEVICE_FORM_WHOLE_DEVICE: DeviceForm.WHOLE_DEVICE,
+    placement_pb2.DEVICE_FORM_VF: DeviceForm.VF,
+    placement_pb2.DEVICE_FORM_MDEV: DeviceForm.MDEV,
+    placement_pb2.DEVICE_FORM_MIG: DeviceForm.MIG,
+}
+_ISOLATION: Mapping[int, Isolation] = {
+    placement_pb2.ISOLATION_UNSPECIFIED: Isolation.EXCLUSIVE,
+    placement_pb2.ISOLATION_EXCLUSIVE: Isolation.EXCLUSIVE,
+    placement_pb2.ISOLATION_PARTITIONED: Isolation.PARTITIONED,
+    placement_pb2.ISOLATION_SHARED: Isolation.SHARED,
+}
+_NUMA: Mapping[int, NumaPolicy] = {
+    placement_pb2.NUMA_POLICY_UNSPECIFIED: NumaPolicy.NONE,
+    placement_pb2.NUMA_POLICY_NONE: NumaPolicy.NONE,
+    placement_pb2.NUMA_POLICY_PREFERRED: NumaPolicy.PREFERRED,
+    placement_pb2.NUMA_POLICY_SINGLE_NUMA_NODE: NumaPolicy.SINGLE_NUMA_NODE,
+    placement_pb2.NUMA_POLICY_SOCKET: NumaPolicy.SOCKET,
+}
+_SCOPES: Mapping[int, AffinityScope] = {
+    placement_pb2.AFFINITY_SCOPE_SAME_SWITCH: AffinityScope.SAME_SWITCH,
+    placement_pb2.AFFINITY_SCOPE_SAME_ROOT_PORT: AffinityScope.SAME_ROOT_PORT,
+    placement_pb2.AFFINITY_SCOPE_SAME_NUMA_NODE: AffinityScope.SAME_NUMA_NODE,
+}
+_EXCLUSIVITY: Mapping[int, ExclusivityDomain] = {
+    placement_pb2.EXCLUSIVITY_DOMAIN_UNSPECIFIED: ExclusivityDomain.NONE,
+    placement_pb2.EXCLUSIVITY_DOMAIN_NONE: ExclusivityDomain.NONE,
+    placement_pb2.EXCLUSIVITY_DOMAIN_DEVICE: ExclusivityDomain.DEVICE,
+    placement_pb2.EXCLUSIVITY_DOMAIN_PCIE_SWITCH: ExclusivityDomain.PCIE_SWITCH,
+    placement_pb2.EXCLUSIVITY_DOMAIN_NUMA_NODE: ExclusivityDomain.NUMA_NODE,
+    placement_pb2.EXCLUSIVITY_DOMAIN_HOST: ExclusivityDomain.HOST,
+}
+_ROLES: Mapping[int, PciRole] = {
+    inventory_pb2.PCI_ROLE_ENDPOINT: PciRole.ENDPOINT,
+    inventory_pb2.PCI_ROLE_RCIEP: PciRole.RCIEP,
+    inventory_pb2.PCI_ROLE_ROOT_PORT: PciRole.ROOT_PORT,
+    inventory_pb2.PCI_ROLE_SWITCH_UPSTREAM: PciRole.SWITCH_UPSTREAM,
+    inventory_pb2.PCI_ROLE_SWITCH_DOWNSTREAM: PciRole.SWITCH_DOWNSTREAM,
+    inventory_pb2.PCI_ROLE_PCI_BRIDGE: PciRole.PCI_BRIDGE,
+}
+
+
+def _enum(
+    value: int,
+    table: Mapping[int, object],
+    path: str,
+    enum_name: str,
+    out: list[FieldViolation],
+) -> None:
+    if value not in table:
+        out.append(
+            FieldViolation(path, f"must be a known {enum_name} other than UNSPECIFIED ({value})")
+        )
+
+
+def request_from_proto(msg: placement_pb2.PlacementRequest, prefix: str = "") -> PlacementRequest:
+    """Convert a wire request to the domain.
+
+    Raises:
+        InvalidRequestError: an enum is unspecified or unknown (the domain has
+            no value for it); semantic checks are validate_request's.
+    """
+    out: list[FieldViolation] = []
+    claims: list[Claim] = []
+    for i, c in enumerate(msg.claims):
+        path = f"{prefix}claims[{i}]"
+        _enum(c.kind, _KINDS, f"{path}.kind", "DeviceKind", out)
+        for j, form in enumerate(c.forms):
+            _enum(form, _FORMS, f"{path}.forms[{j}]", "DeviceForm", out)
+        _enum(c.min_isolation, _ISOLATION, f"{path}.min_isolation", "Isolation", out)
+        if out:
+            continue
+        forms = frozenset(_FORMS[f] for f in c.forms) or frozenset({DeviceForm.WHOLE_DEVICE})
+        claims.append(
+            Claim(
+                name=c.name,
+                kind=_KINDS[c.kind],
+                count=c.count,
+                forms=forms,
+                selector=DeviceSelector(
+                    vendor_id=c.selector.vendor_id,
+                    device_ids=frozenset(c.selector.device_ids),
+                    models=frozenset(c.selector.models),
+                ),
+                mdev_types=frozenset(c.mdev_types),
+                mig_profiles=frozenset(c.mig_profiles),
+                min_isolation=_ISOLATION[c.min_isolation],
+                migratable=c.migratable,
+            )
+        )
+    affinities: list[Affinity] = []
+    for i, a in enumerate(msg.affinities):
+        _enum(a.scope, _SCOPES, f"{prefix}affinities[{i}].scope", "AffinityScope", out)
+        if a.scope in _SCOPES:
+            affinities.append(Affinity(a.claim_a, a.claim_b, _SCOPES[a.scope], a.required))
+    _enum(msg.numa_policy, _NUMA, f"{prefix}numa_policy", "NumaPolicy", out)
+    _enum(msg.exclusivity, _EXCLUSIVITY, f"{prefix}exclusivity", "ExclusivityDomain", out)
+    if out:
+        raise InvalidRequestError(out)
+    return PlacementRequest(
+        request_id=RequestId(msg.request_id),
+        tenant=TenantName(msg.tenant),
+        claims=tuple(claims),
+        priority=msg.priority,
+        numa_policy=_NUMA[msg.numa_policy],
+        affinities=tuple(affinities),
+        exclusivity=_EXCLUSIVITY[msg.exclusivity],
+        host_selector=dict(msg.host_selector),
+    )
+
+
+def request_digest(msg: placement_pb2.PlacementRequest) -> str:
+    """Fingerprint of a request, to tell a retry from a reused request_id.
+
+    Deterministic serialization sorts map entries, so equal requests hash
+    equally whatever the client's field order.
+    """
+    return hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()
+
+
+def host_view_from_inventory(inv: inventory_pb2.HostInventory) -> HostView:
+    """Build the scheduler's view of a host from its agent's report."""
+    models = {g.address: g.model for g in inv.gpus}
+    num_vfs = {pf.address: pf.num_vfs for pf in inv.sriov_pfs}
+    functions = {
+        PciAddress(f.address): PciFunctionView(
+            address=PciAddress(f.address),
+            vendor_id=f.vendor_id,
+            device_id=f.device_id,
+            class_code=f.class_code,
+            driver=f.driver or None,
+            numa_node=f.numa_node,
+            iommu_group=IommuGroupNumber(f.iommu_group) if f.has_iommu_group else None,
+            role=_ROLES.get(f.role, PciRole.ENDPOINT),
+            root_bus=f.root_bus,
+            bridge_chain=tuple(PciAddress(b) for b in f.bridge_chain),
+            physfn=PciAddress(f.physfn) if f.physfn else None,
+            model=models.get(f.address),
+            num_vfs=num_vfs.get(f.address, 0),
+        )
+        for f in inv.pci_functions
+    }
+    groups = {
+        IommuGroupNumber(g.number): IommuGroupView(
+            IommuGroupNumber(g.number), tuple(PciAddress(m) for m in g.members)
+        )
+        for g in inv.iommu_groups
+    }
+    return HostView(
+        host_id=HostId(inv.host_id),
+        functions=functions,
+        iommu_groups=groups,
+        numa_nodes=tuple(NumaNodeView(n.id, tuple(n.distances)) for n in inv.numa_nodes),
+        labels=dict(inv.labels),
+        iommu_present=inv.iommu_present,
+    )
+
+
+def placement_from_plan(
+    plan: Plan,
+    *,
+    placement_id: PlacementId,
+    request: placement_pb2.PlacementRequest,
+    now_ms: int,
+) -> placement_pb2.Placement:
+    """A pending Placement for a plan about to be committed."""
+    allocations = [
+        placement_pb2.ClaimAllocation(
+            claim=a.claim,
+            whole_device=placement_pb2.WholeDeviceSlot(
+                address=a.address, group_endpoints=list(a.group_endpoints)
+            ),
+            iommu_group=a.iommu_group,
+            vfio_path=a.vfio_path,
+            numa_node=a.numa_node,
+        )
+        for a in plan.assignments
+    ]
+    return placement_pb2.Placement(
+        placement_id=placement_id,
+        request_id=request.request_id,
+        tenant=request.tenant,
+        host_id=plan.host_id,
+        allocations=allocations,
+        state=placement_pb2.PLACEMENT_STATE_PENDING,
+        message="reserved; waiting for the agent",
+        created_unix_ms=now_ms,
+        updated_unix_ms=now_ms,
+        priority=request.priority,
+    )

@@ -1,0 +1,377 @@
+"""From request to device: validate, plan on a snapshot, commit, prepare, confirm.
+
+The coordinator is the scheduler's use-case layer. It reads an immutable
+snapshot from the store, asks the pure core for a plan, commits the plan with
+the store's atomic generation-checked applier (Nomad's optimistic workers with
+one serial verifier, here the Lua script), and only then asks the agent to
+carry it out: reserve (PENDING) -> agent Prepare -> READY. Losing a commit race
+means planning again on fresher state, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from scheduler.core.identity import HostId, PlacementId, SlotKey, iommu_group_slot
+from scheduler.core.passthrough import check_supported, schedule
+from scheduler.core.plan import Plan, Unschedulable
+from scheduler.core.request import PlacementRequest
+from scheduler.core.snapshot import ClusterSnapshot, HostState
+from scheduler.core.validation import InvalidRequestError, validate_request
+from scheduler.service.agent_gateway import AgentCallError, AgentGateway
+from scheduler.service.convert import (
+    host_view_from_inventory,
+    placement_from_plan,
+    request_digest,
+    request_from_proto,
+)
+from scheduler.service.errors import (
+    ContentionError,
+    HostOperationError,
+    NoCapacityError,
+    PlacementNotFoundError,
+    RequestIdReusedError,
+    UnsupportedRequestError,
+)
+from scheduler.store.redis_store import CommitOutcome, HostRecord, RedisStateStore
+from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
+
+log = logging.getLogger(__name__)
+
+#: Commit attempts before giving up with ABORTED. Each lost race means
+#: another placement landed on the chosen host; replanning sees it.
+MAX_COMMIT_ATTEMPTS = 16
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Leases:
+    """Heartbeat cadence and how long a silent host stays schedulable."""
+
+    heartbeat_interval_s: int = 5
+    lease_s: int = 20
+
+
+class PlacementCoordinator:
+    """Places, releases and looks up placements.
+
+    Args:
+        store: the Redis state store.
+        agents: reaches agents to carry placements out.
+        leases: heartbeat settings.
+        clock_ms: current time in ms (injectable for lease tests).
+    """
+
+    def __init__(
+        self,
+        store: RedisStateStore,
+        agents: AgentGateway,
+        leases: Leases = Leases(),
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self._store = store
+        self._agents = agents
+        self._leases = leases
+        self._clock_ms = clock_ms
+        # Parsed host views by (host, boot, inventory generation): parsing a
+        # big inventory on every request would dominate placement latency.
+        self._views: dict[tuple[str, str, int], HostState] = {}
+
+    @property
+    def leases(self) -> Leases:
+        """Heartbeat settings handed to agents."""
+        return self._leases
+
+    # -- snapshot ---------------------------------------------------------
+
+    def _host_state(self, record: HostRecord, now_ms: int) -> HostState:
+        key = (record.host_id, record.boot_id, record.inventory_generation)
+        cached = self._views.get(key)
+        if cached is None:
+            inventory = inventory_pb2.HostInventory.FromString(record.inventory)
+            cached = HostState(view=host_view_from_inventory(inventory), alloc_generation=0)
+            self._views = {k: v for k, v in self._views.items() if k[0] != record.host_id}
+            self._views[key] = cached
+        alive = now_ms - record.last_heartbeat_ms <= self._leases.lease_s * 1000
+        return HostState(
+            view=cached.view,
+            alloc_generation=record.alloc_generation,
+            allocations={SlotKey(k): PlacementId(v) for k, v in record.allocations.items()},
+            schedulable=alive,
+        )
+
+    async def snapshot(self) -> tuple[ClusterSnapshot, dict[str, HostRecord]]:
+        """Read every host and its allocations into an immutable snapshot."""
+        stored = await self._store.snapshot()
+        now = self._clock_ms()
+        hosts = {HostId(h): self._host_state(r, now) for h, r in stored.hosts.items()}
+        return ClusterSnapshot(hosts=hosts), dict(stored.hosts)
+
+    # -- placing ----------------------------------------------------------
+
+    def _parse(self, msg: placement_pb2.PlacementRequest) -> PlacementRequest:
+        request = request_from_proto(msg)
+        violations = validate_request(request)
+        if violations:
+            raise InvalidRequestError(violations)
+        unsupported = check_supported(request)
+        if unsupported is not None:
+            raise UnsupportedRequestError(unsupported.field, unsupported.message)
+        return request
+
+    async def _existing(
+        self, msg: placement_pb2.PlacementRequest, digest: str
+    ) -> placement_pb2.Placement | None:
+        found = await self._store.placement_for_request(msg.request_id)
+        if found is None:
+            return None
+        placement_id, stored_digest = found
+        if stored_digest != digest:
+            raise RequestIdReusedError(
+                f"request_id {msg.request_id!r} was already used for a different request "
+                f"(placement {placement_id}); choose a new request_id"
+            )
+        stored = await self._store.get_placement(placement_id)
+        if stored is None:
+            return None
+        return placement_pb2.Placement.FromString(stored[1])
+
+    async def explain(self, msg: placement_pb2.PlacementRequest) -> Plan | Unschedulable:
+        """Dry run: the plan the request would get now, or why it cannot be placed."""
+        request = self._parse(msg)
+        snapshot, _ = await self.snapshot()
+        return schedule(snapshot, request)
+
+    async def place(self, msg: placement_pb2.PlacementRequest) -> placement_pb2.Placement:
+        """Place one request and have its host carry it out.
+
+        Idempotent on request_id: a retry gets the placement the first call made.
+
+        Raises:
+            InvalidRequestError: the request is malformed (nothing is written).
+            UnsupportedRequestError: it needs a form this version cannot place.
+            RequestIdReusedError: the request_id belongs to another request.
+            NoCapacityError: no host can take it.
+            ContentionError: every commit lost a race.
+            HostOperationError: the agent failed; the reservation is released.
+        """
+        request = self._parse(msg)
+        digest = request_digest(msg)
+        existing = await self._existing(msg, digest)
+        if existing is not None:
+            return existing
+        for attempt in range(MAX_COMMIT_ATTEMPTS):
+            snapshot, records = await self.snapshot()
+            result = schedule(snapshot, request)
+            if isinstance(result, Unschedulable):
+                raise NoCapacityError(result.summary, result.reasons())
+            placement_id = PlacementId(f"pl-{uuid.uuid4().hex[:16]}")
+            placement = placement_from_plan(
+                result, placement_id=placement_id, request=msg, now_ms=self._clock_ms()
+            )
+            commit = await self._store.commit_reservation(
+                host_id=result.host_id,
+                expected_alloc_generation=result.expected_alloc_generation,
+                slots=list(result.slots),
+                placement_id=placement_id,
+                placement=placement.SerializeToString(),
+                request_id=msg.request_id,
+                request_digest=digest,
+            )
+            if commit.outcome is CommitOutcome.COMMITTED:
+                return await self._prepare(placement, records[result.host_id])
+            if commit.outcome is CommitOutcome.DUPLICATE:
+                # A concurrent call with the same request_id won; answer as it did.
+                existing = await self._existing(msg, digest)
+                if existing is not None:
+                    return existing
+            log.debug("commit attempt %d lost: %s", attempt + 1, commit.detail)
+            # Back off a little so racing replicas do not replan in lockstep.
+            await asyncio.sleep(0.002 * (attempt + 1))
+        raise ContentionError(
+            f"the cluster changed under {MAX_COMMIT_ATTEMPTS} commit attempts; retry the request"
+        )
+
+    async def _prepare(
+        self, placement: placement_pb2.Placement, record: HostRecord
+    ) -> placement_pb2.Placement:
+        try:
+            prepared = await self._agents.prepare(record.agent_address, placement)
+        except AgentCallError as err:
+            await self._abandon(placement, record, err)
+            raise HostOperationError(
+                f"host {record.host_id} could not carry the placement out ({err.message}); "
+                "the reservation was released"
+            ) from err
+        ready = placement_pb2.Placement()
+        ready.CopyFrom(prepared)
+        ready.state = placement_pb2.PLACEMENT_STATE_READY
+        ready.message = "ready"
+        ready.updated_unix_ms = self._clock_ms()
+        await self._store.update_placement(
+            record.host_id, ready.placement_id, ready.SerializeToString()
+        )
+        return ready
+
+    async def _abandon(
+        self, placement: placement_pb2.Placement, record: HostRecord, cause: AgentCallError
+    ) -> None:
+        """Undo a reservation whose Prepare failed.
+
+        The agent rolls back its own half-done work, but a timed-out call may
+        still have finished on the host: Unprepare (idempotent) first, and only
+        free the slots once the host confirms. If even that fails the slots
+        stay taken by a FAILED placement: quarantined, never back in the pool.
+        """
+        try:
+            await self._agents.unprepare(record.agent_address, placement)
+        except AgentCallError as err:
+            failed = placement_pb2.Placement()
+            failed.CopyFrom(placement)
+            failed.state = placement_pb2.PLACEMENT_STATE_FAILED
+            failed.message = (
+                f"prepare failed ({cause.message}) and teardown failed ({err.message}); "
+                "slots quarantined until an operator releases them"
+            )
+            failed.updated_unix_ms = self._clock_ms()
+            await self._store.update_placement(
+                record.host_id, failed.placement_id, failed.SerializeToString()
+            )
+            return
+        await self._store.release(record.host_id, placement.placement_id)
+
+    # -- lookups and release ------------------------------------------------
+
+    async def get(self, placement_id: str, request_id: str) -> placement_pb2.Placement:
+        """A placement by its id or by the request id that made it.
+
+        Raises:
+            PlacementNotFoundError: there is none.
+        """
+        if not placement_id and request_id:
+            found = await self._store.placement_for_request(request_id)
+            placement_id = found[0] if found else ""
+        stored = await self._store.get_placement(placement_id) if placement_id else None
+        if stored is None:
+            what = f"placement_id {placement_id!r}" if placement_id else f"request {request_id!r}"
+            raise PlacementNotFoundError(f"no placement for {what}")
+        return placement_pb2.Placement.FromString(stored[1])
+
+    async def list_placements(
+        self, tenant: str = "", host_id: str = ""
+    ) -> list[placement_pb2.Placement]:
+        """Placements, optionally of one tenant or host."""
+        rows = await self._store.list_placements(host_id or None)
+        out = [placement_pb2.Placement.FromString(payload) for _, payload in rows]
+        return [p for p in out if not tenant or p.tenant == tenant]
+
+    async def release(self, placement_id: str, request_id: str) -> placement_pb2.Placement:
+        """Tear a placement down on its host, then free its slots.
+
+        Raises:
+            PlacementNotFoundError: there is none.
+            HostOperationError: teardown failed; the placement is FAILED and
+                its slots stay quarantined.
+        """
+        placement = await self.get(placement_id, request_id)
+        record = await self._store.get_host(placement.host_id)
+        if record is None:
+            raise HostOperationError(f"host {placement.host_id} is not registered")
+        releasing = placement_pb2.Placement()
+        releasing.CopyFrom(placement)
+        releasing.state = placement_pb2.PLACEMENT_STATE_RELEASING
+        releasing.message = "tearing down"
+        releasing.updated_unix_ms = self._clock_ms()
+        await self._store.update_placement(
+            record.host_id, releasing.placement_id, releasing.SerializeToString()
+        )
+        try:
+            await self._agents.unprepare(record.agent_address, releasing)
+        except AgentCallError as err:
+            releasing.state = placement_pb2.PLACEMENT_STATE_FAILED
+            releasing.message = f"teardown failed: {err.message}; slots quarantined"
+            await self._store.update_placement(
+                record.host_id, releasing.placement_id, releasing.SerializeToString()
+            )
+            raise HostOperationError(
+                f"host {record.host_id} could not tear placement {releasing.placement_id} "
+                f"down ({err.message}); its devices stay out of the pool"
+            ) from err
+        await self._store.release(record.host_id, releasing.placement_id)
+        releasing.message = "released"
+        return releasing
+
+    async def hosts(self) -> list[scheduler_pb2.HostSummary]:
+        """Every registered host with its lease and allocation state."""
+        snapshot, records = await self.snapshot()
+        now = self._clock_ms()
+        out = []
+        for host_id in sorted(snapshot.hosts):
+            state, record = snapshot.hosts[host_id], records[host_id]
+            view = state.view
+            assignable = {
+                f.iommu_group
+                for f in view.functions.values()
+                if f.kind is not None and not f.is_vf and f.iommu_group is not None
+            }
+            allocated = sum(1 for g in assignable if iommu_group_slot(g) in state.allocations)
+            out.append(
+                scheduler_pb2.HostSummary(
+                    host_id=host_id,
+                    agent_address=record.agent_address,
+                    boot_id=record.boot_id,
+                    inventory_generation=record.inventory_generation,
+                    heartbeat_age_ms=now - record.last_heartbeat_ms,
+                    schedulable=state.schedulable,
+                    assignable_groups=len(assignable),
+                    allocated_groups=allocated,
+                    labels=dict(view.labels),
+                )
+            )
+        return out
+
+    # -- registry -----------------------------------------------------------
+
+    async def register(self, inventory: inventory_pb2.HostInventory, agent_address: str) -> bool:
+        """Record a host's report; False if it is older than the stored one."""
+        return await self._store.upsert_host(
+            inventory.host_id,
+            inventory.SerializeToString(),
+            inventory_generation=inventory.generation,
+            boot_id=inventory.boot_id,
+            agent_address=agent_address,
+            now_ms=self._clock_ms(),
+        )
+
+    async def heartbeat(
+        self, host_id: str, boot_id: str, inventory: inventory_pb2.HostInventory | None
+    ) -> bool:
+        """Renew a host's lease (and take a changed inventory).
+
+        Returns:
+            False when the scheduler does not know this host or boot: the
+            agent must register again.
+        """
+        now = self._clock_ms()
+        if inventory is not None:
+            record = await self._store.get_host(host_id)
+            if record is None or record.boot_id != boot_id:
+                return False
+            await self._store.upsert_host(
+                host_id,
+                inventory.SerializeToString(),
+                inventory_generation=inventory.generation,
+                boot_id=boot_id,
+                agent_address=record.agent_address,
+                now_ms=now,
+            )
+            return True
+        return await self._store.touch_host(host_id, boot_id, now)

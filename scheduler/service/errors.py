@@ -1,0 +1,67 @@
+"""Domain failures, and the one table that maps them to gRPC status codes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+
+from scheduler.core.validation import InvalidRequestError
+
+
+class SchedulerError(Exception):
+    """Base of failures the scheduler reports to its clients."""
+
+
+class UnsupportedRequestError(SchedulerError):
+    """The request needs something this version cannot place yet."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NoCapacityError(SchedulerError):
+    """No host can take the request now."""
+
+    def __init__(self, summary: str, reasons: list[str]) -> None:
+        text = summary + ("; " + "; ".join(reasons) if reasons else "")
+        super().__init__(text)
+        self.summary = summary
+        self.reasons = reasons
+
+
+class RequestIdReusedError(SchedulerError):
+    """A request_id came back with a different request."""
+
+
+class PlacementNotFoundError(SchedulerError):
+    """No placement has that id (or request id)."""
+
+
+class ContentionError(SchedulerError):
+    """Every commit attempt lost a race against other placements."""
+
+
+class HostOperationError(SchedulerError):
+    """The agent could not carry the placement out (or tear it down)."""
+
+
+#: Exception type -> status code. The first matching entry wins.
+STATUS_CODES: Mapping[type[Exception], grpc.StatusCode] = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    UnsupportedRequestError: grpc.StatusCode.UNIMPLEMENTED,
+    NoCapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RequestIdReusedError: grpc.StatusCode.ALREADY_EXISTS,
+    PlacementNotFoundError: grpc.StatusCode.NOT_FOUND,
+    ContentionError: grpc.StatusCode.ABORTED,
+    HostOperationError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_of(error: Exception) -> grpc.StatusCode:
+    """Status code for a domain failure; INTERNAL for anything else (a bug)."""
+    for kind, code in STATUS_CODES.items():
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL

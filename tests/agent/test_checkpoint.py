@@ -1,0 +1,44 @@
+"""The agent's checkpoint survives restarts and never tears."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.checkpoint import Checkpoint, CheckpointEntry
+
+
+def entry(pid: str, state: str = "started") -> CheckpointEntry:
+    return CheckpointEntry(
+        pid,
+        state,  # type: ignore[arg-type]
+        ({"address": "0000:01:00.0", "original_driver": "nvidia", "original_override": None},),
+        b"\x00placement",
+    )
+
+
+def test_entries_survive_a_reload(tmp_path: Path) -> None:
+    path = tmp_path / "cp.json"
+    cp = Checkpoint(path)
+    cp.put(entry("a"))
+    cp.put(entry("b", "prepared"))
+    cp.remove("a")
+    again = Checkpoint(path)
+    assert list(again.entries()) == ["b"]
+    assert again.get("b") == entry("b", "prepared")
+
+
+def test_no_temporary_file_is_left_behind(tmp_path: Path) -> None:
+    cp = Checkpoint(tmp_path / "cp.json")
+    cp.put(entry("a"))
+    assert [p.name for p in tmp_path.iterdir()] == ["cp.json"]
+
+
+def test_an_unknown_state_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cp.json"
+    path.write_text(
+        '{"version": 1, "placements": {"a": {"state": "weird", "bindings": [], "placement": ""}}}'
+    )
+    with pytest.raises(ValueError, match="unknown state"):
+        Checkpoint(path)
