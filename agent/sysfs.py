@@ -90,6 +90,21 @@ class Sysfs:
         except (FileNotFoundError, NotADirectoryError, OSError):
             return None
 
+    def read_bytes(self, path: Path) -> bytes | None:
+        """Raw content of a binary attribute (PCI ``config``), or None if unreadable.
+
+        A non-root reader of ``config`` gets only its first 64 bytes; callers
+        must check the length they need.
+        """
+        try:
+            return path.read_bytes()
+        except OSError:
+            return None
+
+    def exists(self, path: Path) -> bool:
+        """Whether anything (file, directory, device node) is at ``path``."""
+        return os.path.lexists(path)
+
     def resolve(self, path: Path) -> Path:
         """Follow symlinks (``realpath``) within the tree."""
         return path.resolve()

@@ -111,13 +111,18 @@ def _selector_matches(claim: Claim, device: PciFunctionView) -> bool:
     return not sel.models or (device.model is not None and device.model in sel.models)
 
 
+def _matches(claim: Claim, device: PciFunctionView) -> bool:
+    """The device is of the claim's kind and selector, as a whole device."""
+    return device.kind is claim.kind and not device.is_vf and _selector_matches(claim, device)
+
+
 def _candidates(state: HostState, claim: Claim, rejections: _Rejections) -> list[_Candidate]:
     """Devices of the host that could serve one unit of the claim."""
     view = state.view
     taken = set(state.allocations)
     out: list[_Candidate] = []
     for device in view.functions.values():
-        if device.kind is not claim.kind or device.is_vf or not _selector_matches(claim, device):
+        if not _matches(claim, device):
             continue
         if claim.migratable:
             # Plain vfio-pci passthrough cannot be live-migrated.
@@ -230,7 +235,12 @@ def _place_on_host(
     for claim in request.claims:
         groups = {c.group for c in candidates[claim.name]}
         if not groups:
-            rejections.add("capacity", REASON_NO_MATCHING_DEVICE, f"{view.host_id}: {claim.name}")
+            if not any(_matches(claim, f) for f in view.functions.values()):
+                # Only when nothing even matched: otherwise the filter that
+                # rejected the matching devices has already said why.
+                rejections.add(
+                    "capacity", REASON_NO_MATCHING_DEVICE, f"{view.host_id}: {claim.name}"
+                )
             return None
         if len(groups) < claim.count:
             rejections.add(

@@ -1,0 +1,122 @@
+"""SR-IOV physical functions and their VFs (``drivers/pci/iov.c``, HW_FACTS §3).
+
+A PF is a function with ``sriov_totalvfs``. Its enabled VFs are the
+``virtfn<i>`` links (``-> ../<VF address>``); VFs are siblings of the PF in
+the tree and each normally has its own IOMMU group.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from agent.probes.iommu import IommuGroupNumber
+from agent.probes.pci import PciAddress, PciFunction
+from agent.sysfs import Sysfs
+
+_VIRTFN = re.compile(r"^virtfn(\d+)$")
+
+
+@dataclass(frozen=True)
+class VirtualFunction:
+    """One enabled VF.
+
+    Attributes:
+        index: i of the PF's ``virtfn<i>``.
+        address: the VF's address.
+        driver: its bound driver, None when unbound.
+        iommu_group: its IOMMU group, None without an IOMMU.
+    """
+
+    index: int
+    address: PciAddress
+    driver: str | None
+    iommu_group: IommuGroupNumber | None
+
+
+@dataclass(frozen=True)
+class SriovPf:
+    """An SR-IOV physical function.
+
+    Attributes:
+        address: the PF.
+        total_vfs: ``sriov_totalvfs``.
+        num_vfs: ``sriov_numvfs``, the VFs enabled now.
+        vf_offset: ``sriov_offset``, routing-id offset of VF 0.
+        vf_stride: ``sriov_stride``.
+        vf_device_id: ``sriov_vf_device`` (printed without ``0x``).
+        drivers_autoprobe: ``sriov_drivers_autoprobe``: new VFs get a driver.
+        vfs: the enabled VFs, by index.
+    """
+
+    address: PciAddress
+    total_vfs: int
+    num_vfs: int
+    vf_offset: int
+    vf_stride: int
+    vf_device_id: int
+    drivers_autoprobe: bool
+    vfs: tuple[VirtualFunction, ...]
+
+
+def _int(text: str | None, base: int = 10) -> int:
+    if text is None:
+        return 0
+    try:
+        return int(text.strip(), base)
+    except ValueError:
+        return 0
+
+
+def probe_sriov(
+    sysfs: Sysfs,
+    functions: Iterable[PciFunction],
+    group_of: Mapping[PciAddress, IommuGroupNumber],
+) -> tuple[SriovPf, ...]:
+    """Every SR-IOV PF of the host, in address order.
+
+    Args:
+        sysfs: the host's sysfs.
+        functions: the host's PCI functions (drivers of the VFs).
+        group_of: each function's IOMMU group.
+    """
+    by_address = {f.address: f for f in functions}
+    pfs = []
+    for address in sorted(by_address):
+        device = sysfs.path("bus", "pci", "devices", address)
+        total = sysfs.read(device / "sriov_totalvfs")
+        if total is None:
+            continue
+        vfs = []
+        for entry in sysfs.listdir(device):
+            match = _VIRTFN.match(entry)
+            if not match:
+                continue
+            target = sysfs.link_name(device / entry)
+            if target is None:
+                continue
+            vf = PciAddress(target)
+            known = by_address.get(vf)
+            vfs.append(
+                VirtualFunction(
+                    index=int(match.group(1)),
+                    address=vf,
+                    driver=known.driver if known is not None else None,
+                    iommu_group=group_of.get(vf),
+                )
+            )
+        pfs.append(
+            SriovPf(
+                address=address,
+                total_vfs=_int(total),
+                num_vfs=_int(sysfs.read(device / "sriov_numvfs")),
+                vf_offset=_int(sysfs.read(device / "sriov_offset")),
+                vf_stride=_int(sysfs.read(device / "sriov_stride")),
+                vf_device_id=_int(sysfs.read(device / "sriov_vf_device"), 16),
+                drivers_autoprobe=_int(sysfs.read(device / "sriov_drivers_autoprobe")) != 0,
+                # virtfn10 sorts before virtfn2 as text: order by the index.
+                vfs=tuple(sorted(vfs, key=lambda v: v.index)),
+            )
+        )
+    return tuple(pfs)

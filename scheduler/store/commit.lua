@@ -1,0 +1,90 @@
+#!lua
+--[[
+Atomically commit one reservation on one host (Tessera's plan applier).
+
+The shebang line makes the server treat this as a script that writes: it is
+refused up front under OOM instead of failing half way through its writes.
+Every check happens before the first write, so the commit is all or nothing.
+
+KEYS[1]  tessera:{H}:host                  host hash (alloc_generation field)
+KEYS[2]  tessera:{H}:alloc                 slot -> placement id
+KEYS[3]  tessera:{H}:placements            placement id -> payload
+KEYS[4]  tessera:{H}:placement-slots       placement id -> JSON array of slots
+KEYS[5]  tessera:{H}:placement-requests    placement id -> request id
+KEYS[6]  tessera:request:<request_id>      request index (global)
+KEYS[7]  tessera:placement:<placement_id>  placement index (global)
+
+ARGV[1]  expected alloc generation (decimal)
+ARGV[2]  placement id
+ARGV[3]  placement payload (opaque bytes)
+ARGV[4]  request id
+ARGV[5]  request digest
+ARGV[6]  host id
+ARGV[7..] slot keys
+
+Returns {outcome, placement_id, detail} with outcome one of
+COMMITTED, CONFLICT, DUPLICATE.
+]]
+
+local host_key, alloc_key, placements_key = KEYS[1], KEYS[2], KEYS[3]
+local slots_key, requests_key, request_key, index_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local expected = ARGV[1]
+local placement_id, payload = ARGV[2], ARGV[3]
+local request_id, digest, host_id = ARGV[4], ARGV[5], ARGV[6]
+
+-- Idempotency first: a retry of a committed request gets the first answer,
+-- even if the host's generation has moved since (it moved because of us).
+local existing = redis.call('HGET', request_key, 'placement_id')
+if existing then
+  return {'DUPLICATE', existing, 'request ' .. request_id .. ' already made placement ' .. existing}
+end
+
+if redis.call('EXISTS', host_key) == 0 then
+  return {'CONFLICT', placement_id, 'host ' .. host_id .. ' is not registered'}
+end
+
+local generation = redis.call('HGET', host_key, 'alloc_generation') or '0'
+if generation ~= expected then
+  return {'CONFLICT', placement_id,
+          'alloc generation of host ' .. host_id .. ' is ' .. generation ..
+          ', the plan expected ' .. expected}
+end
+
+-- Placement ids are chosen by the caller: never overwrite one.
+if redis.call('EXISTS', index_key) == 1 or redis.call('HEXISTS', placements_key, placement_id) == 1 then
+  return {'CONFLICT', placement_id, 'placement id ' .. placement_id .. ' is already in use'}
+end
+
+local slots = {}
+local seen = {}
+for i = 7, #ARGV do
+  local slot = ARGV[i]
+  if not seen[slot] then
+    seen[slot] = true
+    local owner = redis.call('HGET', alloc_key, slot)
+    if owner then
+      return {'CONFLICT', placement_id,
+              'slot ' .. slot .. ' on host ' .. host_id .. ' is held by placement ' .. owner}
+    end
+    slots[#slots + 1] = slot
+  end
+end
+
+-- All checks passed: from here on, only writes.
+for _, slot in ipairs(slots) do
+  redis.call('HSET', alloc_key, slot, placement_id)
+end
+redis.call('HSET', placements_key, placement_id, payload)
+-- cjson encodes an empty Lua table as {}: store an explicit empty array.
+local encoded = '[]'
+if #slots > 0 then
+  encoded = cjson.encode(slots)
+end
+redis.call('HSET', slots_key, placement_id, encoded)
+redis.call('HSET', requests_key, placement_id, request_id)
+redis.call('HSET', request_key, 'placement_id', placement_id, 'digest', digest, 'host_id', host_id)
+redis.call('SET', index_key, host_id)
+local new_generation = redis.call('HINCRBY', host_key, 'alloc_generation', 1)
+return {'COMMITTED', placement_id,
+        'committed ' .. #slots .. ' slot(s) on host ' .. host_id ..
+        ', alloc generation now ' .. new_generation}

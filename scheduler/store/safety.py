@@ -1,0 +1,137 @@
+"""Refuse a Redis that may lose or evict the scheduler's state.
+
+A placement acknowledged to a tenant must survive a Redis restart, and a slot
+owner must never disappear on its own: if either happens, a device in use is
+handed out a second time. So the scheduler checks the server's persistence and
+eviction settings at startup and refuses to run on an unsafe one unless the
+operator explicitly accepts the risk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+_OVERRIDE = "pass --allow-unsafe-redis"
+
+
+class UnsafeStoreConfig(RuntimeError):  # noqa: N818 - the name the scheduler imports
+    """The Redis server may lose acknowledged state.
+
+    Args:
+        problems: one sentence per unsafe setting, each saying why and how to fix it.
+
+    Attributes:
+        problems: the same sentences.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+async def _config(client: aioredis.Redis) -> tuple[dict[str, str] | None, str]:
+    """Durability settings via CONFIG GET, or None and why it is unavailable."""
+    settings: dict[str, str] = {}
+    try:
+        for name in ("appendonly", "maxmemory-policy", "appendfsync"):
+            reply = await client.config_get(name)
+            settings.update({_text(k): _text(v) for k, v in reply.items()})
+    except ResponseError as err:
+        # Managed services rename or forbid CONFIG ("unknown command", NOPERM).
+        return None, str(err)
+    return settings, ""
+
+
+async def _info(client: aioredis.Redis) -> dict[str, str] | None:
+    """The same settings as INFO reports them, for servers that hide CONFIG."""
+    settings: dict[str, str] = {}
+    try:
+        persistence: Mapping[str, object] = await client.info("persistence")
+        memory: Mapping[str, object] = await client.info("memory")
+    except ResponseError:
+        return None
+    if "aof_enabled" in persistence:
+        settings["appendonly"] = "yes" if str(persistence["aof_enabled"]) == "1" else "no"
+    if "maxmemory_policy" in memory:
+        settings["maxmemory-policy"] = _text(memory["maxmemory_policy"])
+    return settings
+
+
+def _problems(settings: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """Split the settings into refusals and mere warnings."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    appendonly = settings.get("appendonly")
+    if appendonly is None:
+        warnings.append("could not read appendonly: cannot verify that Redis persists writes")
+    elif appendonly.lower() != "yes":
+        problems.append(
+            f"appendonly is {appendonly!r}: an acknowledged placement can be lost on restart; "
+            f"set appendonly yes or {_OVERRIDE}"
+        )
+    policy = settings.get("maxmemory-policy")
+    if policy is None:
+        warnings.append(
+            "could not read maxmemory-policy: cannot verify that Redis never evicts keys"
+        )
+    elif policy.lower() != "noeviction":
+        problems.append(
+            f"maxmemory-policy is {policy!r}: under memory pressure Redis may evict slot "
+            "owners and placements, handing devices in use out twice; set maxmemory-policy "
+            f"noeviction or {_OVERRIDE}"
+        )
+    fsync = settings.get("appendfsync")
+    aof_on = appendonly is not None and appendonly.lower() == "yes"
+    if aof_on and fsync is not None and fsync.lower() == "no":
+        # A process crash keeps what the kernel has; only an OS crash or
+        # power loss loses the last ~30 s, so this warns but does not refuse.
+        warnings.append(
+            "appendfsync is 'no': the kernel decides when the AOF reaches disk, so an "
+            "OS crash or power loss can lose recent placements; prefer everysec or always"
+        )
+    return problems, warnings
+
+
+async def check_durability(client: aioredis.Redis, *, allow_unsafe: bool) -> list[str]:
+    """Check that the server keeps acknowledged writes and never evicts keys.
+
+    Reads ``appendonly``, ``maxmemory-policy`` and ``appendfsync`` with CONFIG
+    GET. Where CONFIG is disabled (common on managed Redis) it says so and
+    falls back to INFO, which reports AOF and the eviction policy too.
+
+    Args:
+        client: a client of the server to check.
+        allow_unsafe: report unsafe settings as warnings instead of refusing.
+
+    Returns:
+        Warnings to log: settings that weaken durability without being fatal,
+        checks that could not be made, and (with ``allow_unsafe``) the unsafe
+        settings themselves.
+
+    Raises:
+        UnsafeStoreConfig: an unsafe setting and ``allow_unsafe`` is False. Its
+            message says why each setting is unsafe and how to fix it.
+    """
+    warnings: list[str] = []
+    settings, config_error = await _config(client)
+    if settings is None:
+        warnings.append(
+            f"CONFIG is unavailable on this Redis ({config_error}); "
+            "durability settings were read from INFO instead"
+        )
+        settings = await _info(client) or {}
+    problems, soft = _problems(settings)
+    warnings.extend(soft)
+    if problems and not allow_unsafe:
+        raise UnsafeStoreConfig(problems)
+    warnings.extend(f"running on an unsafe Redis (--allow-unsafe-redis): {p}" for p in problems)
+    return warnings
