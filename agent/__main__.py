@@ -108,15 +108,15 @@ def cmd_inventory(opts: argparse.Namespace) -> int:
 
 def cmd_fakehost(opts: argparse.Namespace) -> int:
     """Build or list fake host trees."""
-    from agent.testing import hosts
+    from agent.testing.hosts import FIXTURES, build
 
     if opts.action == "list":
-        for name in sorted(hosts.FIXTURE_HOSTS):
-            print(name)
+        for name in sorted(FIXTURES):
+            print(f"{name:18} {FIXTURES[name].summary}")
         return 0
     if not opts.name or not opts.dir:
         raise SystemExit("tessera-agent fakehost build NAME DIR")
-    hosts.build(opts.name, Path(opts.dir))
+    build(opts.name, Path(opts.dir))
     print(f"built fake host {opts.name} in {opts.dir}")
     return 0
 

@@ -122,15 +122,6 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 self._binder.restore(records)
                 self._checkpoint.remove(entry.placement_id)
 
-    def _current_binding(self, address: str) -> BindingRecord:
-        device = self._sysfs.path("bus", "pci", "devices", address)
-        override = self._sysfs.read(device / "driver_override")
-        return BindingRecord(
-            address=address,
-            original_driver=self._sysfs.link_name(device / "driver"),
-            original_override=None if override in (None, "(null)") else override,
-        )
-
     def _prepare(self, placement: placement_pb2.Placement) -> placement_pb2.Placement:
         existing = self._checkpoint.get(placement.placement_id)
         if existing is not None and existing.state == "prepared":
@@ -145,7 +136,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             # writes; its recorded drivers are the true originals.
             planned = [BindingRecord.from_dict(b) for b in existing.bindings]
         else:
-            planned = [self._current_binding(e) for e in endpoints]
+            planned = [self._binder.current(e) for e in endpoints]
         self._checkpoint.put(
             CheckpointEntry(
                 placement.placement_id,

@@ -70,7 +70,7 @@ def test_the_last_gpu_taken_leaves_a_refusal_that_says_why() -> None:
 def test_passthrough_is_never_offered_to_a_migratable_claim() -> None:
     result = schedule(snapshot(workstation()), request(gpus(1, migratable=True)))
     assert isinstance(result, Unschedulable)
-    assert REASON_NOT_MIGRATABLE in {r.reason for r in result.rejections}
+    assert {r.reason for r in result.rejections} == {REASON_NOT_MIGRATABLE}
 
 
 def test_single_numa_node_keeps_both_gpus_on_one_node() -> None:

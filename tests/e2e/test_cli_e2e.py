@@ -1,0 +1,93 @@
+"""The operator's commands, as processes: the demo, the CLI, the unsafe-Redis refusal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from scheduler.local_cluster import LocalCluster
+from scheduler.store.embedded import EmbeddedValkey
+
+
+def tessera(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_the_demo_exits_zero_and_prints_placements() -> None:
+    result = tessera("demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PLACEMENT" in result.stdout and "/dev/vfio/" in result.stdout
+    assert "demo OK" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path_factory.mktemp("cli")) as c:
+        c.start_valkey()
+        c.start_scheduler()
+        c.start_agent("dgx", c.build_fake_host("dgx-a100", "dgx"), {"role": "training"})
+        c.wait_for_hosts({"dgx"})
+        yield c
+
+
+def test_place_list_release_through_the_cli(cluster: LocalCluster) -> None:
+    at = ("--scheduler", cluster.scheduler_address)
+    placed = tessera(*at, "place", "--tenant", "acme", "--gpu", "2", "--numa", "single-numa-node",
+                     "--request-id", "cli-1")  # fmt: skip
+    assert placed.returncode == 0, placed.stderr
+    placement_id = placed.stdout.splitlines()[2].split()[0]
+    listed = tessera(*at, "list", "--tenant", "acme")
+    assert listed.stdout.count(placement_id) == 2  # one row per GPU
+    hosts = tessera(*at, "hosts")
+    assert "dgx" in hosts.stdout and "2/" in hosts.stdout
+    released = tessera(*at, "release", placement_id)
+    assert released.returncode == 0 and "released" in released.stdout
+    assert "(no placements)" in tessera(*at, "list").stdout
+
+
+def test_the_cli_reports_a_bad_request_with_the_field(cluster: LocalCluster) -> None:
+    result = tessera(
+        "--scheduler", cluster.scheduler_address, "place", "--tenant", "", "--gpu", "1"
+    )
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT: tenant:" in result.stderr
+
+
+def test_a_placement_file_in_yaml_is_accepted(cluster: LocalCluster, tmp_path: Path) -> None:
+    request = tmp_path / "request.yaml"
+    request.write_text(
+        "requestId: cli-yaml\ntenant: globex\n"
+        "claims:\n- name: gpu\n  kind: DEVICE_KIND_GPU\n  count: 1\n"
+        "hostSelector:\n  role: training\n"
+    )
+    at = ("--scheduler", cluster.scheduler_address)
+    explained = tessera(*at, "explain", "--file", str(request))
+    assert explained.returncode == 0 and "fits on dgx" in explained.stdout
+    placed = tessera(*at, "place", "--file", str(request))
+    assert placed.returncode == 0, placed.stderr
+    assert tessera(*at, "release", placed.stdout.splitlines()[2].split()[0]).returncode == 0
+
+
+def test_the_scheduler_refuses_a_redis_that_can_lose_placements(tmp_path: Path) -> None:
+    with EmbeddedValkey(tmp_path / "valkey") as server:
+        client = redis.Redis.from_url(server.url)
+        client.config_set("appendonly", "no")
+        client.close()
+        result = subprocess.run(
+            [sys.executable, "-m", "scheduler", "--listen", "127.0.0.1:0",
+             "--redis-url", server.url],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert "refusing to start" in result.stderr and "appendonly" in result.stderr
