@@ -97,10 +97,14 @@ def _summary(inv: inventory_pb2.HostInventory) -> str:
 
 def cmd_inventory(opts: argparse.Namespace) -> int:
     """Print the inventory (read-only: the writer is never used)."""
+    # Piped into head or less: exit quietly when the reader goes away.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sysfs = Sysfs(opts.sysfs_root)
     inventory, _ = _reporter(opts, sysfs).report()
     if opts.json:
-        print(json.dumps(json_format.MessageToDict(inventory), indent=2, sort_keys=True))
+        # Zero values (NUMA node 0, group 0) are facts here, not absences.
+        body = json_format.MessageToDict(inventory, always_print_fields_with_no_presence=True)
+        print(json.dumps(body, indent=2, sort_keys=True))
     else:
         print(_summary(inventory))
     return 0
