@@ -39,6 +39,10 @@ test: $(STAMP) ## Run the test suite (real Valkey, real gRPC, fake hosts)
 demo: $(STAMP) ## Run a scheduler and three agents on fake hosts, end to end
 	$(BIN)/tessera demo
 
+.PHONY: bench-place
+bench-place: $(STAMP) ## Placement latency: core picker at fleet sizes, Place/Release end to end
+	$(BIN)/python bench/place_latency.py
+
 .PHONY: clean
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

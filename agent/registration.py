@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -27,15 +28,23 @@ class RegistrationLoop:
         channel: channel to the scheduler.
         reporter: discovers the host.
         agent_address: where this agent's Agent service listens.
+        debounce_s: after a poke, wait this long before reporting, so a burst
+            of host operations costs one discovery, not one each (discovery
+            reads the whole tree; allocations are already in the store).
     """
 
     def __init__(
-        self, channel: grpc.aio.Channel, reporter: HostReporter, agent_address: str
+        self,
+        channel: grpc.aio.Channel,
+        reporter: HostReporter,
+        agent_address: str,
+        debounce_s: float = 1.0,
     ) -> None:
         self._stub = scheduler_pb2_grpc.RegistryStub(channel)
         self._reporter = reporter
         self._address = agent_address
         self._interval_s = 5.0
+        self._debounce_s = debounce_s
         self._wake = asyncio.Event()
         self.registered = asyncio.Event()
 
@@ -92,3 +101,6 @@ class RegistrationLoop:
             )
             for task in pending:
                 task.cancel()
+            if self._wake.is_set() and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self._debounce_s)

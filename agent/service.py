@@ -18,24 +18,15 @@ import grpc
 
 from agent.actuation.vfio import BindingRecord, VfioActuationError, VfioBinder
 from agent.checkpoint import Checkpoint, CheckpointEntry
+from agent.probes.pci import read_function
 from agent.reporter import HostReporter
 from agent.sysfs import Sysfs
-from tessera.v1 import agent_pb2, agent_pb2_grpc, inventory_pb2, placement_pb2
+from tessera.v1 import agent_pb2, agent_pb2_grpc, placement_pb2
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
-
-#: Roles that stay on their own driver when a group is passed through.
-_BRIDGE_ROLES = frozenset(
-    {
-        inventory_pb2.PCI_ROLE_ROOT_PORT,
-        inventory_pb2.PCI_ROLE_SWITCH_UPSTREAM,
-        inventory_pb2.PCI_ROLE_SWITCH_DOWNSTREAM,
-        inventory_pb2.PCI_ROLE_PCI_BRIDGE,
-    }
-)
 
 
 class PlacementMismatchError(Exception):
@@ -43,21 +34,22 @@ class PlacementMismatchError(Exception):
 
 
 def _expected_groups(
-    placement: placement_pb2.Placement, inventory: inventory_pb2.HostInventory
+    placement: placement_pb2.Placement, host_id: str, sysfs: Sysfs
 ) -> list[tuple[int, list[str]]]:
-    """Each allocation's group and endpoints, checked against the host.
+    """Each allocation's group and endpoints, checked against the host as it is now.
+
+    Reads only the devices and groups the placement names (not a whole
+    discovery): the check sits on the Prepare path, under the host lock.
 
     Raises:
         PlacementMismatchError: wrong host, an unknown device, or a group
             whose members differ from the placement's.
         NotImplementedError: a slot form this agent does not carry out yet.
     """
-    if placement.host_id != inventory.host_id:
+    if placement.host_id != host_id:
         raise PlacementMismatchError(
-            f"placement is for host {placement.host_id!r}, this is {inventory.host_id!r}"
+            f"placement is for host {placement.host_id!r}, this is {host_id!r}"
         )
-    functions = {f.address: f for f in inventory.pci_functions}
-    groups = {g.number: g for g in inventory.iommu_groups}
     out: list[tuple[int, list[str]]] = []
     for i, alloc in enumerate(placement.allocations):
         if alloc.WhichOneof("slot") != "whole_device":
@@ -65,25 +57,23 @@ def _expected_groups(
                 f"allocations[{i}]: {alloc.WhichOneof('slot')} slots are not carried out yet"
             )
         slot = alloc.whole_device
-        device = functions.get(slot.address)
-        if device is None:
+        device = sysfs.path("bus", "pci", "devices", slot.address)
+        if not device.exists():
             raise PlacementMismatchError(f"allocations[{i}]: no device {slot.address} on this host")
-        if not device.has_iommu_group or device.iommu_group != alloc.iommu_group:
+        group = sysfs.link_name(device / "iommu_group")
+        if group is None or int(group) != alloc.iommu_group:
             raise PlacementMismatchError(
-                f"allocations[{i}]: {slot.address} is in IOMMU group "
-                f"{device.iommu_group if device.has_iommu_group else 'none'}, "
+                f"allocations[{i}]: {slot.address} is in IOMMU group {group or 'none'}, "
                 f"not {alloc.iommu_group}"
             )
-        members = groups[device.iommu_group].members
-        endpoints = sorted(
-            m for m in members if m in functions and functions[m].role not in _BRIDGE_ROLES
-        )
+        members = sysfs.listdir(sysfs.path("kernel", "iommu_groups", group, "devices"))
+        endpoints = sorted(m for m in members if not read_function(sysfs, m).is_bridge)
         if endpoints != sorted(slot.group_endpoints):
             raise PlacementMismatchError(
                 f"allocations[{i}]: group {alloc.iommu_group} has endpoints {endpoints}, "
                 f"the placement expects {sorted(slot.group_endpoints)}"
             )
-        out.append((device.iommu_group, endpoints))
+        out.append((int(group), endpoints))
     return out
 
 
@@ -126,8 +116,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         existing = self._checkpoint.get(placement.placement_id)
         if existing is not None and existing.state == "prepared":
             return placement_pb2.Placement.FromString(existing.placement)
-        inventory, _ = self._reporter.report()
-        groups = _expected_groups(placement, inventory)
+        groups = _expected_groups(placement, self._reporter.host_id, self._sysfs)
         endpoints = [e for _, members in groups for e in members]
         # Record intent (with every device's current driver) before any write,
         # so a crash mid-way can be rolled back on restart.

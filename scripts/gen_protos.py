@@ -28,7 +28,7 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def _protoc_include() -> str:
-    import grpc_tools  # type: ignore[import-untyped]
+    import grpc_tools
 
     return str(Path(grpc_tools.__file__).parent / "_proto")
 

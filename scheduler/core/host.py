@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
 from scheduler.core.request import DeviceKind
@@ -118,6 +119,23 @@ class HostView:
     numa_nodes: tuple[NumaNodeView, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     iommu_present: bool = True
+
+    @cached_property
+    def _whole_devices(self) -> Mapping[DeviceKind, tuple[PciFunctionView, ...]]:
+        index: dict[DeviceKind, list[PciFunctionView]] = {}
+        for f in self.functions.values():
+            kind = f.kind
+            if kind is not None and not f.is_vf:
+                index.setdefault(kind, []).append(f)
+        return {k: tuple(v) for k, v in index.items()}
+
+    def whole_devices(self, kind: DeviceKind) -> tuple[PciFunctionView, ...]:
+        """Devices of a kind that can be handed over whole (no VFs, no bridges).
+
+        Indexed once per view: views are immutable and shared across
+        scheduling passes, so the hot path never scans every function.
+        """
+        return self._whole_devices.get(kind, ())
 
     def group_endpoints(self, group: IommuGroupNumber) -> tuple[PciAddress, ...]:
         """Members of a group that are not bridges: what passthrough binds."""

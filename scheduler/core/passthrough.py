@@ -111,18 +111,13 @@ def _selector_matches(claim: Claim, device: PciFunctionView) -> bool:
     return not sel.models or (device.model is not None and device.model in sel.models)
 
 
-def _matches(claim: Claim, device: PciFunctionView) -> bool:
-    """The device is of the claim's kind and selector, as a whole device."""
-    return device.kind is claim.kind and not device.is_vf and _selector_matches(claim, device)
-
-
 def _candidates(state: HostState, claim: Claim, rejections: _Rejections) -> list[_Candidate]:
     """Devices of the host that could serve one unit of the claim."""
     view = state.view
     taken = set(state.allocations)
     out: list[_Candidate] = []
-    for device in view.functions.values():
-        if not _matches(claim, device):
+    for device in view.whole_devices(claim.kind):
+        if not _selector_matches(claim, device):
             continue
         if claim.migratable:
             # Plain vfio-pci passthrough cannot be live-migrated.
@@ -235,7 +230,7 @@ def _place_on_host(
     for claim in request.claims:
         groups = {c.group for c in candidates[claim.name]}
         if not groups:
-            if not any(_matches(claim, f) for f in view.functions.values()):
+            if not any(_selector_matches(claim, f) for f in view.whole_devices(claim.kind)):
                 # Only when nothing even matched: otherwise the filter that
                 # rejected the matching devices has already said why.
                 rejections.add(
@@ -268,8 +263,8 @@ def _place_on_host(
 
 
 def _free_groups(state: HostState) -> int:
-    taken = set(state.allocations)
-    return sum(1 for g in state.view.iommu_groups if iommu_group_slot(g) not in taken)
+    # Every allocation slot of whole-device passthrough is one group.
+    return len(state.view.iommu_groups) - len(state.allocations)
 
 
 def schedule(snapshot: ClusterSnapshot, request: PlacementRequest) -> Plan | Unschedulable:

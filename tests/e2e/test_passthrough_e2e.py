@@ -245,3 +245,30 @@ def test_reflection_lists_the_services_and_health_is_serving(cluster: LocalClust
     for service in ("", "tessera.v1.Scheduler"):
         answer = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_an_all_or_nothing_batch_places_nothing_when_one_request_cannot_fit(
+    cluster: LocalCluster, stub: scheduler_pb2_grpc.SchedulerStub
+) -> None:
+    root = cluster.workdir / "hosts" / "ws-pass"
+    batch = [
+        gpu_request("batch-1", "ws-pass"),
+        gpu_request("batch-2", "ws-pass"),
+        gpu_request("batch-3", "ws-pass", count=3),
+    ]
+    answer = stub.PlaceBatch(
+        scheduler_pb2.PlaceBatchRequest(requests=batch, all_or_nothing=True), timeout=120
+    )
+    assert list(answer.placements) == []
+    assert {u.request_id for u in answer.unplaced} == {"batch-1", "batch-2", "batch-3"}
+    assert driver_of(root, "0000:01:00.0") == driver_of(root, "0000:02:00.0") == "nvidia"
+    assert not stub.ListPlacements(
+        scheduler_pb2.ListPlacementsRequest(host_id="ws-pass")
+    ).placements
+
+    partial = stub.PlaceBatch(scheduler_pb2.PlaceBatchRequest(requests=batch), timeout=120)
+    assert sorted(p.request_id for p in partial.placements) == ["batch-1", "batch-2"]
+    (refused,) = partial.unplaced
+    assert refused.request_id == "batch-3" and "iommu-group-allocated" in refused.reasons[0]
+    for p in partial.placements:
+        stub.Release(scheduler_pb2.ReleaseRequest(placement_id=p.placement_id), timeout=60)
