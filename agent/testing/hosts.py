@@ -3,7 +3,7 @@
 Each fixture is a function that describes one host to a
 :class:`~agent.testing.fakesysfs.FakeSysfs` and builds it. The data are
 encoded here, in Python, from the reference material named in each docstring
-(``/work/shared/reference`` at the time of writing: HW_FACTS.md,
+(the shared reference set beside the project: HW_FACTS.md,
 ``hosts/*.json``, ``mdev_types.json``); nothing reads those files at run time.
 Confidence tags follow HW_FACTS: [C] confirmed, [I] inferred, [S] synthetic.
 
