@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agent.checkpoint import Checkpoint
-from agent.nvml import NullNvmlClient
+from agent.nvml import NullNvmlClient, NvmlClient, open_nvml
 from agent.registration import RegistrationLoop
 from agent.reporter import HostReporter, read_boot_id
 from agent.service import AgentServicer
@@ -59,11 +59,31 @@ def _sysfs(root: Path, fake_kernel: bool) -> Sysfs:
     return Sysfs(root, writer)
 
 
+def _nvml(root: Path) -> NvmlClient:
+    """NVML for this host: the fake driver of a fake host tree, else the real one.
+
+    A fake tree (it carries the fake-host marker) never reaches the real
+    libnvidia-ml: it gets its own fake driver when the fixture wrote one, and
+    no NVIDIA driver otherwise. Either way the production ``PynvmlClient``
+    path is what runs.
+    """
+    if (root / FAKE_HOST_MARKER).exists():
+        from agent.testing.nvml import STATE_FILE, FakeNvml
+
+        if (root / STATE_FILE).exists():
+            return open_nvml(FakeNvml.from_tree(root))
+        return NullNvmlClient("fake host without NVIDIA GPUs")
+    client = open_nvml()
+    if isinstance(client, NullNvmlClient):
+        log.info("no NVML: %s", client.reason)
+    return client
+
+
 def _reporter(opts: argparse.Namespace, sysfs: Sysfs) -> HostReporter:
     host_id = opts.host_id or socket.gethostname()
     return HostReporter(
         sysfs,
-        NullNvmlClient(),
+        _nvml(opts.sysfs_root),
         host_id=host_id,
         boot_id=read_boot_id(opts.sysfs_root, host_id),
         labels=_labels(opts.label),

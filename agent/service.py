@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -101,23 +102,54 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self._on_change = on_change
         # One host operation at a time: sysfs writes on one device tree must
         # not interleave (an unbind racing a drivers_probe on a group member).
-        self._lock = asyncio.Lock()
+        # A thread lock, taken inside the worker thread: when a caller's
+        # deadline cancels the RPC, the thread goes on, and so must the lock,
+        # or an Unprepare could run beside the Prepare it is meant to undo.
+        self._lock = threading.Lock()
 
     def recover(self) -> None:
-        """Roll back placements a crash left half done (``started`` entries)."""
-        for entry in self._checkpoint.entries().values():
-            if entry.state == "started":
+        """Roll back placements a crash left half done (``started`` entries).
+
+        One entry that cannot be rolled back is logged and kept for the next
+        start; it does not stop the others nor the agent.
+        """
+        with self._lock:
+            for entry in self._checkpoint.entries().values():
+                if entry.state != "started":
+                    continue
                 log.warning("rolling back half-done placement %s", entry.placement_id)
-                records = [BindingRecord.from_dict(b) for b in entry.bindings]
-                self._binder.restore(records)
+                try:
+                    self._binder.restore([BindingRecord.from_dict(b) for b in entry.bindings])
+                except VfioActuationError as err:
+                    log.error("cannot roll back %s yet: %s", entry.placement_id, err)
+                    continue
                 self._checkpoint.remove(entry.placement_id)
 
+    def _owned_elsewhere(self, placement_id: str, endpoints: list[str]) -> list[str]:
+        """Endpoints another placement held here already has."""
+        held = {
+            str(b["address"]): pid
+            for pid, entry in self._checkpoint.entries().items()
+            if pid != placement_id
+            for b in entry.bindings
+        }
+        return [f"{e} (placement {held[e]})" for e in endpoints if e in held]
+
     def _prepare(self, placement: placement_pb2.Placement) -> placement_pb2.Placement:
+        with self._lock:
+            return self._prepare_locked(placement)
+
+    def _prepare_locked(self, placement: placement_pb2.Placement) -> placement_pb2.Placement:
         existing = self._checkpoint.get(placement.placement_id)
         if existing is not None and existing.state == "prepared":
             return placement_pb2.Placement.FromString(existing.placement)
         groups = _expected_groups(placement, self._reporter.host_id, self._sysfs)
         endpoints = [e for _, members in groups for e in members]
+        taken = self._owned_elsewhere(placement.placement_id, endpoints)
+        if taken:
+            # The scheduler's store says these are free, the host says not:
+            # never hand one device to two tenants, whoever is wrong.
+            raise PlacementMismatchError(f"devices already handed out here: {', '.join(taken)}")
         # Record intent (with every device's current driver) before any write,
         # so a crash mid-way can be rolled back on restart.
         if existing is not None:
@@ -145,6 +177,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         for alloc, (group, _) in zip(result.allocations, groups, strict=True):
             node = self._sysfs.dev / "vfio" / str(group)
             if not node.exists():
+                # Bound but unusable by the tenant: undo it all, then fail.
+                self._binder.restore(planned)
+                self._checkpoint.remove(placement.placement_id)
                 raise VfioActuationError(
                     alloc.whole_device.address, "verify", errno.ENOENT, f"{node} did not appear"
                 )
@@ -160,6 +195,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         return result
 
     def _unprepare(self, placement_id: str) -> None:
+        with self._lock:
+            self._unprepare_locked(placement_id)
+
+    def _unprepare_locked(self, placement_id: str) -> None:
         entry = self._checkpoint.get(placement_id)
         if entry is None:
             return  # never prepared here, or already torn down: idempotent
@@ -179,18 +218,17 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "placement.allocations: at least one is required"
             )
-        async with self._lock:
-            try:
-                result = await asyncio.to_thread(self._prepare, placement)
-            except PlacementMismatchError as err:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
-            except NotImplementedError as err:
-                await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(err))
-            except VfioActuationError as err:
-                log.error("prepare %s failed: %s", placement.placement_id, err)
-                await context.abort(grpc.StatusCode.INTERNAL, f"{err} (rolled back)")
-            finally:
-                self._on_change()
+        try:
+            result = await asyncio.to_thread(self._prepare, placement)
+        except PlacementMismatchError as err:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except NotImplementedError as err:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(err))
+        except VfioActuationError as err:
+            log.error("prepare %s failed: %s", placement.placement_id, err)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{err} (rolled back)")
+        finally:
+            self._on_change()
         return agent_pb2.PrepareResponse(placement=result)
 
     async def Unprepare(  # noqa: N802
@@ -201,14 +239,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "placement.placement_id: required"
             )
-        async with self._lock:
-            try:
-                await asyncio.to_thread(self._unprepare, request.placement.placement_id)
-            except VfioActuationError as err:
-                log.error("unprepare %s failed: %s", request.placement.placement_id, err)
-                await context.abort(grpc.StatusCode.INTERNAL, str(err))
-            finally:
-                self._on_change()
+        try:
+            await asyncio.to_thread(self._unprepare, request.placement.placement_id)
+        except VfioActuationError as err:
+            log.error("unprepare %s failed: %s", request.placement.placement_id, err)
+            await context.abort(grpc.StatusCode.INTERNAL, str(err))
+        finally:
+            self._on_change()
         return agent_pb2.UnprepareResponse()
 
     async def GetState(  # noqa: N802

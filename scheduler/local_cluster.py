@@ -42,12 +42,18 @@ def _first_line(proc: subprocess.Popen[str], timeout_s: float, what: str, log: P
             lines.put(line)
 
     threading.Thread(target=pump, args=(stream,), daemon=True).start()
-    try:
-        return lines.get(timeout=timeout_s).strip()
-    except queue.Empty:
+    deadline = time.monotonic() + timeout_s
+    # Poll, so a process that died at start-up is reported at once.
+    while time.monotonic() < deadline:
+        try:
+            return lines.get(timeout=0.1).strip()
+        except queue.Empty:
+            if proc.poll() is not None and lines.empty():
+                break
+    if proc.poll() is None:
         proc.kill()
-        tail = log.read_text()[-2000:] if log.exists() else ""
-        raise ClusterError(f"{what} did not start within {timeout_s}s; log:\n{tail}") from None
+    tail = log.read_text()[-2000:] if log.exists() else ""
+    raise ClusterError(f"{what} did not start (exit {proc.poll()}); log:\n{tail}")
 
 
 @dataclass
@@ -63,6 +69,7 @@ class LocalCluster:
     scheduler_address: str = ""
     agents: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     _procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    _channel: grpc.Channel | None = None
 
     def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen[str], Path]:
         log = self.workdir / "logs" / f"{name}.log"
@@ -128,8 +135,10 @@ class LocalCluster:
         return line.rsplit(" ", 1)[-1]
 
     def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
-        """A Scheduler client for the first scheduler."""
-        return scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(self.scheduler_address))
+        """A Scheduler client for the first scheduler (one shared channel)."""
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.scheduler_address)
+        return scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     def wait_for_hosts(self, host_ids: set[str], timeout_s: float = 30) -> None:
         """Block until every host is registered and schedulable."""
@@ -147,6 +156,9 @@ class LocalCluster:
 
     def stop(self) -> None:
         """SIGTERM everything (agents first, Valkey last), then SIGKILL stragglers."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         for proc in reversed(self._procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.testing.fakesysfs import FakeSysfs, MdevType, PciId, PciLink, Role
+from agent.testing.nvml import fake_gpu, write_state
 
 _GEN3 = "8.0 GT/s PCIe"
 _GEN4 = "16.0 GT/s PCIe"
@@ -299,6 +300,14 @@ def virt_2s(root: Path) -> None:
     )
     _add_e810(fs, 0xCB, "0000:ca:02.0")
     fs.build()
+    # NVML's view: the A100 can do MIG (off until someone enables it) [S].
+    write_state(
+        root,
+        [
+            fake_gpu("A100-80GB-PCIe", "0000:4b:00.0", seed="virt-2s"),
+            fake_gpu("Tesla-P4", "0000:b1:00.0", seed="virt-2s"),
+        ],
+    )
 
 
 #: DGX A100 GPU/NIC blocks: (root bus, NUMA node, endpoint buses with kind).
@@ -402,6 +411,16 @@ def dgx_a100(root: Path) -> None:
                     driver="mlx5_core",
                 )
     fs.build()
+    # NVML's view: 8 A100-SXM4-40GB in bus order, MIG disabled [S].
+    write_state(
+        root,
+        [
+            fake_gpu("A100-SXM4-40GB", f"0000:{ep_bus:02x}:00.0", seed="dgx-a100")
+            for _root_bus, _node, legs in _DGX_BLOCKS
+            for ep_bus, kind in legs
+            if kind == "gpu"
+        ],
+    )
 
 
 def _switch_port(
@@ -494,6 +513,11 @@ def gpu_workstation(root: Path) -> None:
             revision=0xA1,
         )
     fs.build()
+    # NVML's view: two RTX A6000, which cannot do MIG.
+    write_state(
+        root,
+        [fake_gpu("RTX-A6000", f"0000:{b:02x}:00.0", seed="gpu-workstation") for b in (1, 2)],
+    )
 
 
 #: HGX H100 (Quanta C2789) GPU root buses: socket 0 from the real map's
@@ -587,6 +611,14 @@ def hgx_8gpu(root: Path) -> None:
         )
     fs.register_driver("mlx5_vfio_pci", _MLX5_VFIO_IDS)
     fs.build()
+    # NVML's view: 8 H100 80GB HBM3, MIG disabled [S].
+    write_state(
+        root,
+        [
+            fake_gpu("H100-80GB-HBM3", f"0000:{bus + 6:02x}:00.0", seed="hgx-8gpu")
+            for bus, _node in _HGX_ROOTS
+        ],
+    )
 
 
 def noacs_switch(root: Path) -> None:

@@ -41,6 +41,7 @@ REASON_NOT_MIGRATABLE = "passthrough-not-migratable"
 REASON_NO_GROUP = "device-without-iommu-group"
 REASON_GROUP_ALLOCATED = "iommu-group-allocated"
 REASON_PF_HAS_VFS = "pf-has-vfs-enabled"
+REASON_GROUP_HOLDS_HOST_DEVICE = "group-holds-host-device"
 REASON_TOO_FEW_DEVICES = "too-few-free-devices"
 REASON_TOPOLOGY = "no-assignment-meets-topology"
 
@@ -111,6 +112,22 @@ def _selector_matches(claim: Claim, device: PciFunctionView) -> bool:
     return not sel.models or (device.model is not None and device.model in sel.models)
 
 
+def _host_devices_in_group(view: HostView, device: PciFunctionView) -> list[str]:
+    """Endpoints of the device's group that are not ours to hand out.
+
+    Another offered device (a second GPU, a NIC) may go along, and so may the
+    device's own companion functions in the same slot (a GPU's HDMI audio);
+    anything else (storage, USB, a SMBus controller) belongs to the host.
+    """
+    assert device.iommu_group is not None
+    slot = device.address.rsplit(".", 1)[0]
+    return [
+        e
+        for e in view.group_endpoints(device.iommu_group)
+        if e != device.address and view.functions[e].kind is None and e.rsplit(".", 1)[0] != slot
+    ]
+
+
 def _candidates(state: HostState, claim: Claim, rejections: _Rejections) -> list[_Candidate]:
     """Devices of the host that could serve one unit of the claim."""
     view = state.view
@@ -128,6 +145,16 @@ def _candidates(state: HostState, claim: Claim, rejections: _Rejections) -> list
             continue
         if iommu_group_slot(device.iommu_group) in taken:
             rejections.add("capacity", REASON_GROUP_ALLOCATED, device.address)
+            continue
+        foreign = _host_devices_in_group(view, device)
+        if foreign:
+            # Passthrough takes every endpoint of the group; a disk or USB
+            # controller behind the same non-ACS port would go with it.
+            rejections.add(
+                "iommu-isolation",
+                REASON_GROUP_HOLDS_HOST_DEVICE,
+                f"{device.address} shares IOMMU group {device.iommu_group} with {foreign[0]}",
+            )
             continue
         if device.num_vfs > 0:
             # vfio-pci refuses a PF with SR-IOV enabled (EBUSY).

@@ -54,6 +54,13 @@ def _check_ident(value: str, path: str, out: list[FieldViolation]) -> None:
         )
 
 
+def validate_identifier(value: str, field: str) -> list[FieldViolation]:
+    """Problems of one identifier (host id, boot id, ...), or an empty list."""
+    out: list[FieldViolation] = []
+    _check_ident(value, field, out)
+    return out
+
+
 def validate_request(request: PlacementRequest, prefix: str = "") -> list[FieldViolation]:
     """All problems of a request, or an empty list.
 

@@ -22,7 +22,12 @@ from scheduler.core.passthrough import check_supported, schedule
 from scheduler.core.plan import Plan, Unschedulable
 from scheduler.core.request import PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, HostState
-from scheduler.core.validation import InvalidRequestError, validate_request
+from scheduler.core.validation import (
+    FieldViolation,
+    InvalidRequestError,
+    validate_identifier,
+    validate_request,
+)
 from scheduler.service.agent_gateway import AgentCallError, AgentGateway
 from scheduler.service.convert import (
     host_view_from_inventory,
@@ -34,6 +39,7 @@ from scheduler.service.errors import (
     ContentionError,
     HostOperationError,
     NoCapacityError,
+    PlacementBusyError,
     PlacementNotFoundError,
     RequestIdReusedError,
     UnsupportedRequestError,
@@ -42,6 +48,10 @@ from scheduler.store.redis_store import CommitOutcome, HostRecord, RedisStateSto
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
+
+# Lifecycle states as the store keeps them (compare-and-set in Lua): a
+# placement moves pending -> ready -> releasing -> (gone), or to failed.
+PENDING, READY, RELEASING, FAILED = "pending", "ready", "releasing", "failed"
 
 #: Commit attempts before giving up with ABORTED. Each lost race means
 #: another placement landed on the chosen host; replanning sees it.
@@ -117,14 +127,14 @@ class PlacementCoordinator:
 
     # -- placing ----------------------------------------------------------
 
-    def _parse(self, msg: placement_pb2.PlacementRequest) -> PlacementRequest:
-        request = request_from_proto(msg)
-        violations = validate_request(request)
+    def _parse(self, msg: placement_pb2.PlacementRequest, prefix: str = "") -> PlacementRequest:
+        request = request_from_proto(msg, prefix)
+        violations = validate_request(request, prefix)
         if violations:
             raise InvalidRequestError(violations)
         unsupported = check_supported(request)
         if unsupported is not None:
-            raise UnsupportedRequestError(unsupported.field, unsupported.message)
+            raise UnsupportedRequestError(prefix + unsupported.field, unsupported.message)
         return request
 
     async def _existing(
@@ -142,7 +152,20 @@ class PlacementCoordinator:
         stored = await self._store.get_placement(placement_id)
         if stored is None:
             return None
-        return placement_pb2.Placement.FromString(stored[1])
+        placement = placement_pb2.Placement.FromString(stored[1])
+        state = await self._store.placement_state(stored[0], placement_id)
+        if state == PENDING:
+            # Another call with this request_id is carrying it out right now.
+            raise PlacementBusyError(
+                f"request {msg.request_id!r} is still being prepared on host "
+                f"{placement.host_id} (placement {placement_id}); retry shortly"
+            )
+        if state == FAILED:
+            raise HostOperationError(
+                f"request {msg.request_id!r} failed on host {placement.host_id}: "
+                f"{placement.message}"
+            )
+        return placement
 
     async def explain(self, msg: placement_pb2.PlacementRequest) -> Plan | Unschedulable:
         """Dry run: the plan the request would get now, or why it cannot be placed."""
@@ -150,10 +173,16 @@ class PlacementCoordinator:
         snapshot, _ = await self.snapshot()
         return schedule(snapshot, request)
 
-    async def place(self, msg: placement_pb2.PlacementRequest) -> placement_pb2.Placement:
+    async def place(
+        self, msg: placement_pb2.PlacementRequest, prefix: str = ""
+    ) -> placement_pb2.Placement:
         """Place one request and have its host carry it out.
 
         Idempotent on request_id: a retry gets the placement the first call made.
+
+        Args:
+            msg: the request.
+            prefix: prepended to field paths in errors ("requests[2]." in a batch).
 
         Raises:
             InvalidRequestError: the request is malformed (nothing is written).
@@ -163,7 +192,7 @@ class PlacementCoordinator:
             ContentionError: every commit lost a race.
             HostOperationError: the agent failed; the reservation is released.
         """
-        request = self._parse(msg)
+        request = self._parse(msg, prefix)
         digest = request_digest(msg)
         existing = await self._existing(msg, digest)
         if existing is not None:
@@ -206,25 +235,42 @@ class PlacementCoordinator:
         try:
             prepared = await self._agents.prepare(record.agent_address, placement)
         except AgentCallError as err:
-            await self._abandon(placement, record, err)
+            await asyncio.shield(self._abandon(placement, record, err.message))
             raise HostOperationError(
                 f"host {record.host_id} could not carry the placement out ({err.message}); "
                 "the reservation was released"
             ) from err
+        except BaseException:
+            # Cancelled (the client went away) or a bug: never leave the
+            # reservation PENDING for ever. Shielded so the cleanup itself
+            # survives the cancellation.
+            await asyncio.shield(self._abandon(placement, record, "the request was cancelled"))
+            raise
         ready = placement_pb2.Placement()
         ready.CopyFrom(prepared)
         ready.state = placement_pb2.PLACEMENT_STATE_READY
         ready.message = "ready"
         ready.updated_unix_ms = self._clock_ms()
-        await self._store.update_placement(
-            record.host_id, ready.placement_id, ready.SerializeToString()
-        )
+        if not await self._store.update_placement(
+            record.host_id,
+            ready.placement_id,
+            ready.SerializeToString(),
+            state=READY,
+            from_states=[PENDING],
+        ):
+            # Someone removed the reservation while the host carried it out
+            # (an operator clearing state): undo the host side, do not answer
+            # READY for slots the store no longer holds.
+            await asyncio.shield(self._abandon(placement, record, "reservation vanished"))
+            raise ContentionError(
+                f"placement {ready.placement_id} was removed while being prepared; retry"
+            )
         return ready
 
     async def _abandon(
-        self, placement: placement_pb2.Placement, record: HostRecord, cause: AgentCallError
+        self, placement: placement_pb2.Placement, record: HostRecord, cause: str
     ) -> None:
-        """Undo a reservation whose Prepare failed.
+        """Undo a reservation whose Prepare failed or was cancelled.
 
         The agent rolls back its own half-done work, but a timed-out call may
         still have finished on the host: Unprepare (idempotent) first, and only
@@ -238,15 +284,19 @@ class PlacementCoordinator:
             failed.CopyFrom(placement)
             failed.state = placement_pb2.PLACEMENT_STATE_FAILED
             failed.message = (
-                f"prepare failed ({cause.message}) and teardown failed ({err.message}); "
+                f"prepare failed ({cause}) and teardown failed ({err.message}); "
                 "slots quarantined until an operator releases them"
             )
             failed.updated_unix_ms = self._clock_ms()
             await self._store.update_placement(
-                record.host_id, failed.placement_id, failed.SerializeToString()
+                record.host_id,
+                failed.placement_id,
+                failed.SerializeToString(),
+                state=FAILED,
+                from_states=[PENDING],
             )
             return
-        await self._store.release(record.host_id, placement.placement_id)
+        await self._store.release(record.host_id, placement.placement_id, from_states=[PENDING])
 
     # -- lookups and release ------------------------------------------------
 
@@ -269,6 +319,8 @@ class PlacementCoordinator:
         self, tenant: str = "", host_id: str = ""
     ) -> list[placement_pb2.Placement]:
         """Placements, optionally of one tenant or host."""
+        if host_id and (violations := validate_identifier(host_id, "host_id")):
+            raise InvalidRequestError(violations)
         rows = await self._store.list_placements(host_id or None)
         out = [placement_pb2.Placement.FromString(payload) for _, payload in rows]
         return [p for p in out if not tenant or p.tenant == tenant]
@@ -276,8 +328,13 @@ class PlacementCoordinator:
     async def release(self, placement_id: str, request_id: str) -> placement_pb2.Placement:
         """Tear a placement down on its host, then free its slots.
 
+        Only a READY or FAILED placement can be released: one still being
+        prepared is refused (retry), so a release can never free slots that a
+        Prepare in flight is about to bind.
+
         Raises:
             PlacementNotFoundError: there is none.
+            PlacementBusyError: it is being prepared or released right now.
             HostOperationError: teardown failed; the placement is FAILED and
                 its slots stay quarantined.
         """
@@ -290,22 +347,36 @@ class PlacementCoordinator:
         releasing.state = placement_pb2.PLACEMENT_STATE_RELEASING
         releasing.message = "tearing down"
         releasing.updated_unix_ms = self._clock_ms()
-        await self._store.update_placement(
-            record.host_id, releasing.placement_id, releasing.SerializeToString()
-        )
+        if not await self._store.update_placement(
+            record.host_id,
+            releasing.placement_id,
+            releasing.SerializeToString(),
+            state=RELEASING,
+            from_states=[READY, FAILED],
+        ):
+            state = await self._store.placement_state(record.host_id, releasing.placement_id)
+            if state is None:
+                raise PlacementNotFoundError(f"placement {releasing.placement_id} is gone")
+            raise PlacementBusyError(
+                f"placement {releasing.placement_id} is {state}; release it once it is ready"
+            )
         try:
             await self._agents.unprepare(record.agent_address, releasing)
         except AgentCallError as err:
             releasing.state = placement_pb2.PLACEMENT_STATE_FAILED
             releasing.message = f"teardown failed: {err.message}; slots quarantined"
             await self._store.update_placement(
-                record.host_id, releasing.placement_id, releasing.SerializeToString()
+                record.host_id,
+                releasing.placement_id,
+                releasing.SerializeToString(),
+                state=FAILED,
+                from_states=[RELEASING],
             )
             raise HostOperationError(
                 f"host {record.host_id} could not tear placement {releasing.placement_id} "
                 f"down ({err.message}); its devices stay out of the pool"
             ) from err
-        await self._store.release(record.host_id, releasing.placement_id)
+        await self._store.release(record.host_id, releasing.placement_id, from_states=[RELEASING])
         releasing.message = "released"
         return releasing
 
@@ -341,7 +412,15 @@ class PlacementCoordinator:
     # -- registry -----------------------------------------------------------
 
     async def register(self, inventory: inventory_pb2.HostInventory, agent_address: str) -> bool:
-        """Record a host's report; False if it is older than the stored one."""
+        """Record a host's report; False if it is older than the stored one.
+
+        Raises:
+            InvalidRequestError: the host or boot id cannot name a host.
+        """
+        violations = validate_identifier(inventory.host_id, "inventory.host_id")
+        violations += validate_identifier(inventory.boot_id, "inventory.boot_id")
+        if violations:
+            raise InvalidRequestError(violations)
         return await self._store.upsert_host(
             inventory.host_id,
             inventory.SerializeToString(),
@@ -360,6 +439,17 @@ class PlacementCoordinator:
             False when the scheduler does not know this host or boot: the
             agent must register again.
         """
+        violations = validate_identifier(host_id, "host_id")
+        if inventory is not None and (inventory.host_id, inventory.boot_id) != (host_id, boot_id):
+            violations.append(
+                FieldViolation(
+                    "inventory",
+                    f"reports host {inventory.host_id!r} boot {inventory.boot_id!r}, "
+                    f"the heartbeat is for host {host_id!r} boot {boot_id!r}",
+                )
+            )
+        if violations:
+            raise InvalidRequestError(violations)
         now = self._clock_ms()
         if inventory is not None:
             record = await self._store.get_host(host_id)

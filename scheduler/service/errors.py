@@ -39,6 +39,10 @@ class PlacementNotFoundError(SchedulerError):
     """No placement has that id (or request id)."""
 
 
+class PlacementBusyError(SchedulerError):
+    """The placement is mid-operation (being prepared or released); retry."""
+
+
 class ContentionError(SchedulerError):
     """Every commit attempt lost a race against other placements."""
 
@@ -55,6 +59,7 @@ STATUS_CODES: Mapping[type[Exception], grpc.StatusCode] = {
     RequestIdReusedError: grpc.StatusCode.ALREADY_EXISTS,
     PlacementNotFoundError: grpc.StatusCode.NOT_FOUND,
     ContentionError: grpc.StatusCode.ABORTED,
+    PlacementBusyError: grpc.StatusCode.ABORTED,
     HostOperationError: grpc.StatusCode.UNAVAILABLE,
 }
 

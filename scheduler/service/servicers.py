@@ -63,38 +63,48 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def PlaceBatch(  # noqa: N802
         self, request: scheduler_pb2.PlaceBatchRequest, context: Context
     ) -> scheduler_pb2.PlaceBatchResponse:
-        """Place many requests, in order; the joint CP-SAT batch comes with the engine.
+        """Place many requests, highest priority first.
 
-        With all_or_nothing, a failure releases what the batch placed.
+        Requests are placed one after another; the joint CP-SAT batch comes
+        with the placement engine. With all_or_nothing, a failure releases
+        what the batch had placed, and every request is reported unplaced.
         """
         await _require(context, len(request.requests) > 0, "requests")
-        placed: list[placement_pb2.Placement] = []
+        placed: dict[str, placement_pb2.Placement] = {}
         unplaced: list[scheduler_pb2.Unplaced] = []
-        for msg in sorted(request.requests, key=lambda r: -r.priority):
+        order = sorted(enumerate(request.requests), key=lambda item: -item[1].priority)
+        for index, msg in order:
             try:
-                placed.append(await self._c.place(msg))
-            except (SchedulerError, ValueError) as err:
+                placement = await self._c.place(msg, prefix=f"requests[{index}].")
+                placed.setdefault(placement.placement_id, placement)
+            except Exception as err:  # every failure is this request's answer
+                if not isinstance(err, (SchedulerError, ValueError)):
+                    log.exception("placing %s", msg.request_id)
                 unplaced.append(
                     scheduler_pb2.Unplaced(request_id=msg.request_id, reasons=[str(err)])
                 )
                 if request.all_or_nothing:
                     break
         if request.all_or_nothing and unplaced:
-            for done_placement in placed:
-                await _call(context, self._releaser(done_placement.placement_id))
-            done = {u.request_id for u in unplaced}
+            undo_errors: list[str] = []
+            for placement_id in placed:  # each placement once, even if repeated
+                try:
+                    await self._c.release(placement_id, "")
+                except Exception as err:
+                    log.exception("undoing batch placement %s", placement_id)
+                    undo_errors.append(f"{placement_id}: {err}")
+            failed = {u.request_id for u in unplaced}
             unplaced += [
                 scheduler_pb2.Unplaced(
-                    request_id=m.request_id, reasons=["batch is all-or-nothing; another failed"]
+                    request_id=m.request_id,
+                    reasons=["batch is all-or-nothing and another request failed"]
+                    + [f"could not undo {e}" for e in undo_errors],
                 )
                 for m in request.requests
-                if m.request_id not in done
+                if m.request_id not in failed
             ]
-            placed = []
-        return scheduler_pb2.PlaceBatchResponse(placements=placed, unplaced=unplaced)
-
-    def _releaser(self, placement_id: str) -> Callable[[], Awaitable[placement_pb2.Placement]]:
-        return lambda: self._c.release(placement_id, "")
+            placed = {}
+        return scheduler_pb2.PlaceBatchResponse(placements=list(placed.values()), unplaced=unplaced)
 
     async def Release(  # noqa: N802
         self, request: scheduler_pb2.ReleaseRequest, context: Context

@@ -13,6 +13,7 @@ KEYS[4]  tessera:{H}:placement-slots       placement id -> JSON array of slots
 KEYS[5]  tessera:{H}:placement-requests    placement id -> request id
 KEYS[6]  tessera:request:<request_id>      request index (global)
 KEYS[7]  tessera:placement:<placement_id>  placement index (global)
+KEYS[8]  tessera:{H}:placement-states      placement id -> lifecycle state
 
 ARGV[1]  expected alloc generation (decimal)
 ARGV[2]  placement id
@@ -28,6 +29,7 @@ COMMITTED, CONFLICT, DUPLICATE.
 
 local host_key, alloc_key, placements_key = KEYS[1], KEYS[2], KEYS[3]
 local slots_key, requests_key, request_key, index_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local states_key = KEYS[8]
 local expected = ARGV[1]
 local placement_id, payload = ARGV[2], ARGV[3]
 local request_id, digest, host_id = ARGV[4], ARGV[5], ARGV[6]
@@ -75,6 +77,8 @@ for _, slot in ipairs(slots) do
   redis.call('HSET', alloc_key, slot, placement_id)
 end
 redis.call('HSET', placements_key, placement_id, payload)
+-- Reserved, not yet carried out by the host.
+redis.call('HSET', states_key, placement_id, 'pending')
 -- cjson encodes an empty Lua table as {}: store an explicit empty array.
 local encoded = '[]'
 if #slots > 0 then

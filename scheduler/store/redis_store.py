@@ -132,17 +132,31 @@ redis.call('HSET', KEYS[1], 'last_heartbeat_ms', ARGV[2])
 return 1
 """
 
+# KEYS: placements, placement-states. ARGV: placement id, payload, new state,
+# then the states it may move from (none: any).
 _UPDATE_PLACEMENT_LUA = """#!lua
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
+if #ARGV > 3 then
+  local current = redis.call('HGET', KEYS[2], ARGV[1]) or ''
+  local allowed = false
+  for i = 4, #ARGV do
+    if ARGV[i] == current then allowed = true end
+  end
+  if not allowed then
+    return 0
+  end
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 """
 
 # KEYS: host, alloc, placements, placement-slots, placement-requests,
-#       request index, placement index. ARGV: placement id, its request id
-# (read beforehand; -1 asks the caller to re-read if it changed meanwhile).
+#       request index, placement index, placement-states. ARGV: placement id,
+# its request id (read beforehand; -1 asks the caller to re-read if it changed
+# meanwhile), then the states it may be released from (none: any; -2 if not).
 _RELEASE_LUA = """#!lua
 local host_key, alloc_key, placements_key = KEYS[1], KEYS[2], KEYS[3]
 local slots_key, requests_key, request_key, index_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
@@ -152,6 +166,16 @@ if redis.call('HEXISTS', placements_key, placement_id) == 0 then
 end
 if (redis.call('HGET', requests_key, placement_id) or '') ~= request_id then
   return -1
+end
+if #ARGV > 2 then
+  local current = redis.call('HGET', KEYS[8], placement_id) or ''
+  local allowed = false
+  for i = 3, #ARGV do
+    if ARGV[i] == current then allowed = true end
+  end
+  if not allowed then
+    return -2
+  end
 end
 local encoded = redis.call('HGET', slots_key, placement_id)
 if encoded then
@@ -165,6 +189,7 @@ end
 redis.call('HDEL', placements_key, placement_id)
 redis.call('HDEL', slots_key, placement_id)
 redis.call('HDEL', requests_key, placement_id)
+redis.call('HDEL', KEYS[8], placement_id)
 if request_id ~= '' and redis.call('HGET', request_key, 'placement_id') == placement_id then
   redis.call('DEL', request_key)
 end
@@ -393,6 +418,7 @@ class RedisStateStore:
                 *schema.host_keys(host_id),
                 schema.request(request_id),
                 schema.placement_index(placement_id),
+                schema.placement_states(host_id),
             ],
             args=[
                 str(expected_alloc_generation),
@@ -407,8 +433,16 @@ class RedisStateStore:
         outcome, pid, detail = (_text(x) for x in reply)
         return CommitResult(CommitOutcome(outcome), pid, detail)
 
-    async def update_placement(self, host_id: str, placement_id: str, placement: bytes) -> bool:
-        """Replace a placement's stored payload (a state change).
+    async def update_placement(
+        self,
+        host_id: str,
+        placement_id: str,
+        placement: bytes,
+        *,
+        state: str,
+        from_states: Sequence[str] = (),
+    ) -> bool:
+        """Replace a placement's payload and state, compare-and-set on the state.
 
         Slot ownership and the alloc generation do not change.
 
@@ -416,18 +450,32 @@ class RedisStateStore:
             host_id: the placement's host.
             placement_id: the placement.
             placement: its new serialized ``Placement``.
+            state: its new lifecycle state (``ready``, ``releasing``, ...).
+            from_states: the states it may move from; empty allows any.
 
         Returns:
-            False if the placement no longer exists (nothing is written).
+            False if the placement no longer exists or is in another state
+            (nothing is written).
         """
         _check_host_id(host_id)
         _check_id("placement_id", placement_id)
         result = await self._update(
-            keys=[schema.placements(host_id)], args=[placement_id, placement]
+            keys=[schema.placements(host_id), schema.placement_states(host_id)],
+            args=[placement_id, placement, state, *from_states],
         )
         return bool(result)
 
-    async def release(self, host_id: str, placement_id: str) -> bool:
+    async def placement_state(self, host_id: str, placement_id: str) -> str | None:
+        """A placement's lifecycle state, or None if it does not exist."""
+        _check_host_id(host_id)
+        raw = await self._client.hget(schema.placement_states(host_id), placement_id)
+        if raw is None:
+            return None
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    async def release(
+        self, host_id: str, placement_id: str, *, from_states: Sequence[str] = ()
+    ) -> bool:
         """Atomically free a placement's slots and forget it.
 
         Frees only the slots the placement still owns, deletes the placement,
@@ -437,9 +485,11 @@ class RedisStateStore:
         Args:
             host_id: the placement's host.
             placement_id: the placement.
+            from_states: release only from these states; empty allows any.
 
         Returns:
-            False if there was no such placement on that host.
+            False if there was no such placement on that host, or it was in
+            another state (nothing is written).
         """
         _check_host_id(host_id)
         _check_id("placement_id", placement_id)
@@ -455,10 +505,13 @@ class RedisStateStore:
                         *schema.host_keys(host_id),
                         schema.request(request_id),
                         schema.placement_index(placement_id),
+                        schema.placement_states(host_id),
                     ],
-                    args=[placement_id, request_id],
+                    args=[placement_id, request_id, *from_states],
                 )
             )
+            if result == -2:
+                return False
             if result >= 0:
                 return result == 1
         raise StoreError(

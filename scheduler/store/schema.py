@@ -136,6 +136,21 @@ def placement_requests(host_id: str) -> str:
     return f"{_tag(host_id)}:placement-requests"
 
 
+def placement_states(host_id: str) -> str:
+    """Hash of each placement's lifecycle state: placement id -> ``pending`` etc.
+
+    Kept beside the opaque payload so that state changes can be
+    compare-and-set in Lua without parsing the payload.
+
+    Args:
+        host_id: the host.
+
+    Returns:
+        The key name.
+    """
+    return f"{_tag(host_id)}:placement-states"
+
+
 def request(request_id: str) -> str:
     """Hash indexing a request id: ``placement_id``, ``digest``, ``host_id``.
 

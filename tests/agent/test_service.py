@@ -150,3 +150,21 @@ def test_a_restart_rolls_back_a_prepare_that_died_half_way(host: Sysfs, tmp_path
 
     assert (driver(host, GPU), driver(host, AUDIO)) == ("nvidia", "snd_hda_intel")
     assert Checkpoint(tmp_path / "cp.json").entries() == {}
+
+
+def test_devices_held_by_another_placement_are_never_prepared_twice(
+    host: Sysfs, tmp_path: Path, arun: Runner
+) -> None:
+    svc = servicer(host, tmp_path)
+
+    async def body(stub: agent_pb2_grpc.AgentAsyncStub) -> None:
+        await stub.Prepare(agent_pb2.PrepareRequest(placement=placement(host, [GPU, AUDIO], "a")))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Prepare(
+                agent_pb2.PrepareRequest(placement=placement(host, [GPU, AUDIO], "b"))
+            )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "placement a" in (err.value.details() or "")
+
+    run_with(arun, svc, body)
+    assert list(Checkpoint(tmp_path / "cp.json").entries()) == ["a"]

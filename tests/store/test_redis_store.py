@@ -377,15 +377,41 @@ def test_update_replaces_the_payload_only(redis_client: aioredis.Redis, arun: Ru
         store = RedisStateStore(redis_client)
         await register(store)
         await commit(store, "p1", ["iommu-group:1"])
-        assert await store.update_placement(H, "p1", b"ready")
+        assert await store.placement_state(H, "p1") == "pending"
+        assert await store.update_placement(H, "p1", b"ready", state="ready")
         assert await store.get_placement("p1") == (H, b"ready")
+        assert await store.placement_state(H, "p1") == "ready"
         record = await store.get_host(H)
         assert record is not None
         assert record.alloc_generation == 1  # a state change frees and takes nothing
         assert await store.release(H, "p1")
-        assert not await store.update_placement(H, "p1", b"zombie")
+        assert not await store.update_placement(H, "p1", b"zombie", state="ready")
         assert await store.get_placement("p1") is None
         assert await redis_client.hgetall(schema.placements(H)) == {}
+        assert await redis_client.hgetall(schema.placement_states(H)) == {}
+
+    arun(body())
+
+
+def test_state_changes_and_release_are_compare_and_set(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        await register(store)
+        await commit(store, "p1", ["iommu-group:1"])
+        # A release that expects a prepared placement must not free a pending one.
+        assert not await store.release(H, "p1", from_states=["ready", "failed"])
+        assert not await store.update_placement(
+            H, "p1", b"x", state="releasing", from_states=["ready"]
+        )
+        assert await store.placement_state(H, "p1") == "pending"
+        assert await store.update_placement(H, "p1", b"r", state="ready", from_states=["pending"])
+        assert await store.update_placement(
+            H, "p1", b"x", state="releasing", from_states=["ready", "failed"]
+        )
+        assert await store.release(H, "p1", from_states=["releasing"])
+        assert await store.get_placement("p1") is None
 
     arun(body())
 
@@ -486,7 +512,7 @@ def test_every_key_is_prefixed_and_per_host_keys_share_one_slot(
         keys = {k.decode() if isinstance(k, bytes) else k for k in await redis_client.keys("*")}
         assert all(k.startswith(schema.PREFIX) for k in keys)
         per_host = {k for k in keys if "{" in k}
-        assert per_host == set(schema.host_keys(H))
+        assert per_host == {*schema.host_keys(H), schema.placement_states(H)}
         assert len({key_slot(k.encode()) for k in per_host}) == 1
         assert keys - per_host == {
             schema.HOSTS,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from scheduler.core.identity import RequestId, TenantName
+from scheduler.core.identity import IommuGroupNumber, PciAddress, RequestId, TenantName
 from scheduler.core.passthrough import (
     REASON_GROUP_ALLOCATED,
+    REASON_GROUP_HOLDS_HOST_DEVICE,
     REASON_LABELS_MISMATCH,
     REASON_LEASE_EXPIRED,
     REASON_NOT_MIGRATABLE,
@@ -65,6 +68,26 @@ def test_the_last_gpu_taken_leaves_a_refusal_that_says_why() -> None:
     assert isinstance(result, Unschedulable)
     assert "entirely free IOMMU groups" in result.summary
     assert any(r.reason == REASON_GROUP_ALLOCATED and r.count == 2 for r in result.rejections)
+
+
+def test_a_group_that_also_holds_a_host_device_is_never_offered() -> None:
+    ws = workstation()
+    nvme = replace(
+        ws.functions[PciAddress("0000:01:00.1")],
+        address=PciAddress("0000:01:01.0"),
+        class_code=0x010802,
+    )
+    groups = dict(ws.iommu_groups)
+    groups[IommuGroupNumber(1)] = replace(
+        groups[IommuGroupNumber(1)], members=(*groups[IommuGroupNumber(1)].members, nvme.address)
+    )
+    host = replace(ws, functions={**ws.functions, nvme.address: nvme}, iommu_groups=groups)
+    plan = schedule(snapshot(host), request(gpus(1)))
+    assert isinstance(plan, Plan)
+    assert plan.assignments[0].address == "0000:02:00.0"
+    refused = schedule(snapshot(host, taken={"ws": [2]}), request(gpus(1)))
+    assert isinstance(refused, Unschedulable)
+    assert REASON_GROUP_HOLDS_HOST_DEVICE in {r.reason for r in refused.rejections}
 
 
 def test_passthrough_is_never_offered_to_a_migratable_claim() -> None:
