@@ -72,7 +72,7 @@ def _nvml(root: Path) -> NvmlClient:
 
         if (root / STATE_FILE).exists():
             return open_nvml(FakeNvml.from_tree(root))
-        return NullNvmlClient("fake host without NVIDIA GPUs")
+        return NullNvmlClient("this fake host has no fake NVIDIA driver")
     client = open_nvml()
     if isinstance(client, NullNvmlClient):
         log.info("no NVML: %s", client.reason)

@@ -17,6 +17,7 @@ from agent.nvml import (
     GpuInstanceProfile,
     MigMode,
     MigModeState,
+    NullNvmlClient,
     NvmlClient,
     NvmlError,
     sysfs_address,
@@ -162,7 +163,12 @@ def _gpus(
 ) -> tuple[Gpu, ...]:
     try:
         if nvml.driver_version() is None:
-            notes.append("nvml: no NVIDIA driver loaded; GPU models and MIG are not reported")
+            why = (
+                nvml.reason
+                if isinstance(nvml, NullNvmlClient) and nvml.reason
+                else "no NVIDIA driver loaded"
+            )
+            notes.append(f"nvml: {why}; GPU models and MIG are not reported")
             return ()
         listed = tuple(nvml.gpus())
     except NvmlError as err:

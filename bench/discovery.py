@@ -1,0 +1,155 @@
+"""Discovery time of large hosts: how long one full ``discover()`` takes.
+
+Builds fixture hosts on tmpfs, enables every VF their PFs allow (through the
+kernel emulator, as an operator's ``sriov_numvfs`` writes would) so that the
+hosts carry 200 and more PCI functions, then times discovery in process and
+``tessera-agent inventory --json`` as a process. Writes bench/out/discovery.json.
+
+    .venv/bin/python bench/discovery.py [--repeat 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from agent.discovery import discover
+from agent.nvml import NullNvmlClient, NvmlClient, open_nvml
+from agent.sysfs import Sysfs
+from agent.testing.fakesysfs import FakeSysfs, PciId, Role
+from agent.testing.hosts import build
+from agent.testing.kernel import KernelEmulator
+from agent.testing.nvml import STATE_FILE, FakeNvml
+
+OUT = Path(__file__).parent / "out"
+SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
+def build_nic_farm(root: Path) -> None:
+    """Two dual-port E810s on two root ports: 4 PFs of 64 VFs, 262 functions with VFs on.
+
+    The E810 geometry of the sriov-nic fixture (synthetic totals, see
+    agent.testing.hosts), twice, to pass 200 PCI functions.
+    """
+    fs = FakeSysfs(root, iommu_vendor="intel")
+    fs.add_numa_node(0, "0-31", [10, 21], 263785472)
+    fs.add_numa_node(1, "32-63", [21, 10], 263785472)
+    fs.register_driver("ice", [PciId(0x8086, 0x159B)])
+    fs.register_driver("iavf", [PciId(0x8086, 0x1889)])
+    for node, rb in ((0, 0x30), (1, 0xB0)):
+        port = f"0000:{rb:02x}:02.0"
+        fs.add_root_bus(f"pci0000:{rb:02x}", node)
+        fs.add_function(
+            port,
+            root_bus=f"pci0000:{rb:02x}",
+            vendor=0x8086,
+            device=0x347A,
+            class_code=0x060400,
+            driver="pcieport",
+            role=Role.ROOT_PORT,
+            acs=True,
+        )
+        for fn, offset in ((0, 16), (1, 79)):
+            pf = f"0000:{rb + 1:02x}:00.{fn}"
+            fs.add_function(
+                pf,
+                parent=port,
+                vendor=0x8086,
+                device=0x159B,
+                class_code=0x020000,
+                driver="ice",
+                multifunction=True,
+                acs=True,
+            )
+            fs.add_sriov(pf, total=64, offset=offset, stride=1, vf_device=0x1889, vf_driver="iavf")
+    fs.build()  # fmt: skip
+
+
+def enable_all_vfs(root: Path) -> int:
+    """Write sriov_totalvfs into every PF's sriov_numvfs; returns VFs created."""
+    sysfs = Sysfs(root, KernelEmulator(root))
+    created = 0
+    for address in sysfs.listdir(sysfs.path("bus", "pci", "devices")):
+        device = sysfs.path("bus", "pci", "devices", address)
+        total = sysfs.read(device / "sriov_totalvfs")
+        if total and int(total) > 0:
+            sysfs.write(device / "sriov_numvfs", total)
+            created += int(total)
+    return created
+
+
+def _nvml(root: Path) -> NvmlClient:
+    if (root / STATE_FILE).exists():
+        return open_nvml(FakeNvml.from_tree(root))
+    return NullNvmlClient("no GPUs")
+
+
+def measure(fixture: str, repeat: int) -> dict[str, object]:
+    """Discovery figures for one fixture with every VF enabled."""
+    with tempfile.TemporaryDirectory(prefix="tessera-bench-", dir=SCRATCH) as tmp:
+        root = Path(tmp) / fixture
+        if fixture == "nic-farm":
+            build_nic_farm(root)
+        else:
+            build(fixture, root)
+        vfs = enable_all_vfs(root)
+        sysfs = Sysfs(root)
+        nvml = _nvml(root)
+        functions = len(sysfs.listdir(sysfs.path("bus", "pci", "devices")))
+        samples = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            discover(sysfs, nvml, host_id=fixture, boot_id="bench", labels={})
+            samples.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "agent", "inventory", "--json", "--sysfs-root", str(root)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        cli_s = time.perf_counter() - t0
+    ms = sorted(s * 1000 for s in samples)
+    return {
+        "fixture": fixture,
+        "pci_functions": functions,
+        "vfs_enabled": vfs,
+        "discover_p50_ms": round(statistics.median(ms), 1),
+        "discover_max_ms": round(ms[-1], 1),
+        "inventory_cli_ms": round(cli_s * 1000, 1),
+        "repeat": repeat,
+    }
+
+
+def main() -> int:
+    """Measure, write JSON, print a short report."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--fixtures", default="nic-farm,virt-2s,hgx-8gpu,dgx-a100")
+    opts = p.parse_args()
+    rows = [measure(f, opts.repeat) for f in opts.fixtures.split(",")]
+    result = {
+        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "platform": platform.platform(), "tmpfs": SCRATCH is not None},
+        "hosts": rows,
+    }  # fmt: skip
+    OUT.mkdir(exist_ok=True)
+    (OUT / "discovery.json").write_text(json.dumps(result, indent=2))
+    for r in rows:
+        print(
+            f"{r['fixture']:10} {r['pci_functions']:4} functions ({r['vfs_enabled']} VFs): "
+            f"discover() p50 {r['discover_p50_ms']} ms, max {r['discover_max_ms']} ms; "
+            f"`tessera-agent inventory --json` {r['inventory_cli_ms']} ms"
+        )
+    print(f"written {OUT / 'discovery.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
