@@ -24,53 +24,12 @@ from pathlib import Path
 from agent.discovery import discover
 from agent.nvml import NullNvmlClient, NvmlClient, open_nvml
 from agent.sysfs import Sysfs
-from agent.testing.fakesysfs import FakeSysfs, PciId, Role
 from agent.testing.hosts import build
 from agent.testing.kernel import KernelEmulator
 from agent.testing.nvml import STATE_FILE, FakeNvml
 
 OUT = Path(__file__).parent / "out"
 SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-
-
-def build_nic_farm(root: Path) -> None:
-    """Two dual-port E810s on two root ports: 4 PFs of 64 VFs, 262 functions with VFs on.
-
-    The E810 geometry of the sriov-nic fixture (synthetic totals, see
-    agent.testing.hosts), twice, to pass 200 PCI functions.
-    """
-    fs = FakeSysfs(root, iommu_vendor="intel")
-    fs.add_numa_node(0, "0-31", [10, 21], 263785472)
-    fs.add_numa_node(1, "32-63", [21, 10], 263785472)
-    fs.register_driver("ice", [PciId(0x8086, 0x159B)])
-    fs.register_driver("iavf", [PciId(0x8086, 0x1889)])
-    for node, rb in ((0, 0x30), (1, 0xB0)):
-        port = f"0000:{rb:02x}:02.0"
-        fs.add_root_bus(f"pci0000:{rb:02x}", node)
-        fs.add_function(
-            port,
-            root_bus=f"pci0000:{rb:02x}",
-            vendor=0x8086,
-            device=0x347A,
-            class_code=0x060400,
-            driver="pcieport",
-            role=Role.ROOT_PORT,
-            acs=True,
-        )
-        for fn, offset in ((0, 16), (1, 79)):
-            pf = f"0000:{rb + 1:02x}:00.{fn}"
-            fs.add_function(
-                pf,
-                parent=port,
-                vendor=0x8086,
-                device=0x159B,
-                class_code=0x020000,
-                driver="ice",
-                multifunction=True,
-                acs=True,
-            )
-            fs.add_sriov(pf, total=64, offset=offset, stride=1, vf_device=0x1889, vf_driver="iavf")
-    fs.build()  # fmt: skip
 
 
 def enable_all_vfs(root: Path) -> int:
@@ -96,10 +55,7 @@ def measure(fixture: str, repeat: int) -> dict[str, object]:
     """Discovery figures for one fixture with every VF enabled."""
     with tempfile.TemporaryDirectory(prefix="tessera-bench-", dir=SCRATCH) as tmp:
         root = Path(tmp) / fixture
-        if fixture == "nic-farm":
-            build_nic_farm(root)
-        else:
-            build(fixture, root)
+        build(fixture, root)
         vfs = enable_all_vfs(root)
         sysfs = Sysfs(root)
         nvml = _nvml(root)
@@ -131,7 +87,7 @@ def main() -> int:
     """Measure, write JSON, print a short report."""
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--fixtures", default="nic-farm,virt-2s,hgx-8gpu,dgx-a100")
+    p.add_argument("--fixtures", default="sriov-large,virt-2s,hgx-8gpu,dgx-a100")
     opts = p.parse_args()
     rows = [measure(f, opts.repeat) for f in opts.fixtures.split(",")]
     result = {

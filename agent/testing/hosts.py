@@ -772,6 +772,39 @@ def sriov_nic(root: Path) -> None:
     fs.build()
 
 
+def sriov_large(root: Path) -> None:
+    """A 2-socket host with two dual-port E810s: 262 PCI functions with every VF on.
+
+    The E810 geometry of :func:`sriov_nic` (synthetic totals [S]) once per
+    socket, for discovery at scale (the benchmark enables all 256 VFs)::
+
+        pci0000:30 (node 0) ─ 30:02.0 RP (ACS) ─┬ 31:00.0 E810 PF0 ice  64 VFs
+                                                 └ 31:00.1 E810 PF1 ice  64 VFs
+        pci0000:b0 (node 1) ─ b0:02.0 RP (ACS) ─┬ b1:00.0 E810 PF0 ice  64 VFs
+                                                 └ b1:00.1 E810 PF1 ice  64 VFs
+    """
+    fs = FakeSysfs(root, iommu_vendor="intel")
+    _two_socket_numa(fs, ("0-31", "32-63"), (263785472, 264209408))
+    fs.register_driver("ice", [PciId(0x8086, 0x159B)])
+    fs.register_driver("iavf", [PciId(0x8086, 0x1889)])
+    for node, rb in ((0, 0x30), (1, 0xB0)):
+        port = f"0000:{rb:02x}:02.0"
+        fs.add_root_bus(f"pci0000:{rb:02x}", node)
+        fs.add_function(
+            port,
+            root_bus=f"pci0000:{rb:02x}",
+            vendor=0x8086,
+            device=0x347A,
+            class_code=0x060400,
+            driver="pcieport",
+            role=Role.ROOT_PORT,
+            acs=True,
+            link=PciLink(_GEN4, 8, _GEN4, 8),
+        )
+        _add_e810(fs, rb + 1, port)
+    fs.build()
+
+
 def no_iommu(root: Path) -> None:
     """A host with the IOMMU off: no groups, so nothing can be passed through.
 
@@ -831,6 +864,7 @@ _HOSTS = (
     FixtureHost("noacs-switch", "2 GPUs behind a switch without ACS: one group", noacs_switch),
     FixtureHost("vgpu", "mdev vGPU host: Tesla P4 + Quadro RTX 6000", vgpu),
     FixtureHost("sriov-nic", "ConnectX-6 Dx + E810 SR-IOV PFs", sriov_nic),
+    FixtureHost("sriov-large", "2 dual-port E810s: 262 functions with all VFs on", sriov_large),
     FixtureHost("no-iommu", "IOMMU off: no groups", no_iommu),
 )
 

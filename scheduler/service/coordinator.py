@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 # Lifecycle states as the store keeps them (compare-and-set in Lua): a
 # placement moves pending -> ready -> releasing -> (gone), or to failed.
 PENDING, READY, RELEASING, FAILED = "pending", "ready", "releasing", "failed"
+_WIRE_STATES = {
+    PENDING: placement_pb2.PLACEMENT_STATE_PENDING,
+    READY: placement_pb2.PLACEMENT_STATE_READY,
+    RELEASING: placement_pb2.PLACEMENT_STATE_RELEASING,
+    FAILED: placement_pb2.PLACEMENT_STATE_FAILED,
+}
 
 #: Commit attempts before giving up with ABORTED. Each lost race means
 #: another placement landed on the chosen host; replanning sees it.
@@ -229,6 +235,33 @@ class PlacementCoordinator:
             f"the cluster changed under {MAX_COMMIT_ATTEMPTS} commit attempts; retry the request"
         )
 
+    async def _transition(
+        self,
+        placement: placement_pb2.Placement,
+        state: str,
+        message: str,
+        from_states: list[str],
+    ) -> tuple[bool, placement_pb2.Placement]:
+        """Move a placement to another lifecycle state, compare-and-set in the store.
+
+        Returns:
+            Whether the store took it (the placement was in one of
+            ``from_states``), and the placement as it would now read.
+        """
+        moved = placement_pb2.Placement()
+        moved.CopyFrom(placement)
+        moved.state = _WIRE_STATES[state]
+        moved.message = message
+        moved.updated_unix_ms = self._clock_ms()
+        ok = await self._store.update_placement(
+            moved.host_id,
+            moved.placement_id,
+            moved.SerializeToString(),
+            state=state,
+            from_states=from_states,
+        )
+        return ok, moved
+
     async def _prepare(
         self, placement: placement_pb2.Placement, record: HostRecord
     ) -> placement_pb2.Placement:
@@ -246,18 +279,8 @@ class PlacementCoordinator:
             # survives the cancellation.
             await asyncio.shield(self._abandon(placement, record, "the request was cancelled"))
             raise
-        ready = placement_pb2.Placement()
-        ready.CopyFrom(prepared)
-        ready.state = placement_pb2.PLACEMENT_STATE_READY
-        ready.message = "ready"
-        ready.updated_unix_ms = self._clock_ms()
-        if not await self._store.update_placement(
-            record.host_id,
-            ready.placement_id,
-            ready.SerializeToString(),
-            state=READY,
-            from_states=[PENDING],
-        ):
+        ok, ready = await self._transition(prepared, READY, "ready", [PENDING])
+        if not ok:
             # Someone removed the reservation while the host carried it out
             # (an operator clearing state): undo the host side, do not answer
             # READY for slots the store no longer holds.
@@ -280,20 +303,12 @@ class PlacementCoordinator:
         try:
             await self._agents.unprepare(record.agent_address, placement)
         except AgentCallError as err:
-            failed = placement_pb2.Placement()
-            failed.CopyFrom(placement)
-            failed.state = placement_pb2.PLACEMENT_STATE_FAILED
-            failed.message = (
+            await self._transition(
+                placement,
+                FAILED,
                 f"prepare failed ({cause}) and teardown failed ({err.message}); "
-                "slots quarantined until an operator releases them"
-            )
-            failed.updated_unix_ms = self._clock_ms()
-            await self._store.update_placement(
-                record.host_id,
-                failed.placement_id,
-                failed.SerializeToString(),
-                state=FAILED,
-                from_states=[PENDING],
+                "slots quarantined until an operator releases them",
+                [PENDING],
             )
             return
         await self._store.release(record.host_id, placement.placement_id, from_states=[PENDING])
@@ -342,18 +357,10 @@ class PlacementCoordinator:
         record = await self._store.get_host(placement.host_id)
         if record is None:
             raise HostOperationError(f"host {placement.host_id} is not registered")
-        releasing = placement_pb2.Placement()
-        releasing.CopyFrom(placement)
-        releasing.state = placement_pb2.PLACEMENT_STATE_RELEASING
-        releasing.message = "tearing down"
-        releasing.updated_unix_ms = self._clock_ms()
-        if not await self._store.update_placement(
-            record.host_id,
-            releasing.placement_id,
-            releasing.SerializeToString(),
-            state=RELEASING,
-            from_states=[READY, FAILED],
-        ):
+        ok, releasing = await self._transition(
+            placement, RELEASING, "tearing down", [READY, FAILED]
+        )
+        if not ok:
             state = await self._store.placement_state(record.host_id, releasing.placement_id)
             if state is None:
                 raise PlacementNotFoundError(f"placement {releasing.placement_id} is gone")
@@ -363,14 +370,8 @@ class PlacementCoordinator:
         try:
             await self._agents.unprepare(record.agent_address, releasing)
         except AgentCallError as err:
-            releasing.state = placement_pb2.PLACEMENT_STATE_FAILED
-            releasing.message = f"teardown failed: {err.message}; slots quarantined"
-            await self._store.update_placement(
-                record.host_id,
-                releasing.placement_id,
-                releasing.SerializeToString(),
-                state=FAILED,
-                from_states=[RELEASING],
+            await self._transition(
+                releasing, FAILED, f"teardown failed: {err.message}; slots quarantined", [RELEASING]
             )
             raise HostOperationError(
                 f"host {record.host_id} could not tear placement {releasing.placement_id} "

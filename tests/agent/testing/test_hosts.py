@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from agent.sysfs import Sysfs
 from agent.testing import hosts
+from agent.testing.kernel import KernelEmulator
 
 from .fakehost import FakeHost
 
@@ -28,8 +30,8 @@ def chain(host: FakeHost, bdf: str) -> str:
 
 def test_the_registry_names_every_fixture() -> None:
     assert sorted(hosts.FIXTURE_HOSTS) == [
-        "dgx-a100", "gpu-workstation", "hgx-8gpu", "no-iommu", "noacs-switch", "sriov-nic",
-        "vgpu", "virt-2s",
+        "dgx-a100", "gpu-workstation", "hgx-8gpu", "no-iommu", "noacs-switch", "sriov-large",
+        "sriov-nic", "vgpu", "virt-2s",
     ]  # fmt: skip
     assert all(h.summary and h.build is hosts.FIXTURE_HOSTS[n] for n, h in hosts.FIXTURES.items())
     for build in hosts.FIXTURE_HOSTS.values():
@@ -150,3 +152,14 @@ def test_no_iommu_has_devices_but_no_groups(built: BuiltHosts) -> None:
 def test_build_accepts_a_fresh_directory(tree_dir: Path) -> None:
     hosts.build("gpu-workstation", tree_dir / "nested" / "ws")
     assert (tree_dir / "nested" / "ws" / "sys" / "bus" / "pci" / "devices").is_dir()
+
+
+def test_the_large_sriov_host_passes_two_hundred_functions_with_every_vf_on(
+    tree_dir: Path,
+) -> None:
+    hosts.build("sriov-large", tree_dir)
+    sysfs = Sysfs(tree_dir, KernelEmulator(tree_dir))
+    devices = sysfs.path("bus", "pci", "devices")
+    for pf in ("0000:31:00.0", "0000:31:00.1", "0000:b1:00.0", "0000:b1:00.1"):
+        sysfs.write(devices / pf / "sriov_numvfs", "64")
+    assert len(sysfs.listdir(devices)) == 262
