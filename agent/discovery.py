@@ -22,6 +22,7 @@ from agent.nvml import (
     NvmlError,
     sysfs_address,
 )
+from agent.probes.host_use import host_use
 from agent.probes.iommu import IommuGroupNumber, IommuTopology, probe_iommu
 from agent.probes.mdev import MdevParent, probe_mdev
 from agent.probes.migration import Migratability, migratability
@@ -93,6 +94,7 @@ class HostReport:
         mdev_parents: devices offering mdev types.
         vfio: VFIO-bound functions and the group char devs that exist.
         migratability: per function, its VFIO live-migration status.
+        host_use: functions the host itself uses, with why (never handed over).
         gpus: GPUs NVML manages.
         notes: subsystems not (fully) reported, and why.
     """
@@ -108,6 +110,7 @@ class HostReport:
     mdev_parents: tuple[MdevParent, ...]
     vfio: VfioState
     migratability: Mapping[PciAddress, Migratability]
+    host_use: Mapping[PciAddress, str]
     gpus: tuple[Gpu, ...]
     notes: tuple[str, ...]
 
@@ -276,6 +279,7 @@ def discover(
         mdev_parents=mdev or (),
         vfio=vfio,
         migratability={a: migratability(f) for a, f in functions.items()},
+        host_use={a: why for a in functions if (why := host_use(sysfs, a)) is not None},
         gpus=gpus,
         notes=tuple(notes),
     )

@@ -56,6 +56,7 @@ def _function(report: HostReport, f: PciFunction) -> inventory_pb2.PciFunction:
         local_cpulist=f.local_cpulist or "",
         reset_methods=list(f.reset_methods),
         physfn=f.physfn or "",
+        host_use=report.host_use.get(f.address, ""),
     )
     group = report.iommu.group_of(f.address)
     if group is not None:

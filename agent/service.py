@@ -19,7 +19,8 @@ import grpc
 
 from agent.actuation.vfio import BindingRecord, VfioActuationError, VfioBinder
 from agent.checkpoint import Checkpoint, CheckpointEntry
-from agent.probes.pci import read_function
+from agent.probes.host_use import host_use
+from agent.probes.pci import PciAddress, read_function
 from agent.reporter import HostReporter
 from agent.sysfs import Sysfs
 from tessera.v1 import agent_pb2, agent_pb2_grpc, placement_pb2
@@ -73,6 +74,11 @@ def _expected_groups(
             raise PlacementMismatchError(
                 f"allocations[{i}]: group {alloc.iommu_group} has endpoints {endpoints}, "
                 f"the placement expects {sorted(slot.group_endpoints)}"
+            )
+        in_use = [f"{e} ({why})" for e in endpoints if (why := host_use(sysfs, PciAddress(e)))]
+        if in_use:
+            raise PlacementMismatchError(
+                f"allocations[{i}]: the host itself uses {', '.join(in_use)}; not handing it over"
             )
         out.append((int(group), endpoints))
     return out

@@ -63,6 +63,7 @@ class PciFunctionView:
     physfn: PciAddress | None = None
     model: str | None = None
     num_vfs: int = 0
+    host_use: str | None = None
 
     @property
     def kind(self) -> DeviceKind | None:

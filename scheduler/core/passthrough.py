@@ -42,6 +42,7 @@ REASON_NO_GROUP = "device-without-iommu-group"
 REASON_GROUP_ALLOCATED = "iommu-group-allocated"
 REASON_PF_HAS_VFS = "pf-has-vfs-enabled"
 REASON_GROUP_HOLDS_HOST_DEVICE = "group-holds-host-device"
+REASON_IN_USE_BY_HOST = "in-use-by-host"
 REASON_TOO_FEW_DEVICES = "too-few-free-devices"
 REASON_TOPOLOGY = "no-assignment-meets-topology"
 
@@ -145,6 +146,16 @@ def _candidates(state: HostState, claim: Claim, rejections: _Rejections) -> list
             continue
         if iommu_group_slot(device.iommu_group) in taken:
             rejections.add("capacity", REASON_GROUP_ALLOCATED, device.address)
+            continue
+        in_use = [
+            f"{e}: {view.functions[e].host_use}"
+            for e in view.group_endpoints(device.iommu_group)
+            if view.functions[e].host_use
+        ]
+        if in_use:
+            # The agent reports what the host itself needs (its boot display,
+            # a NIC whose link is up); it would refuse to hand it over anyway.
+            rejections.add("host-use", REASON_IN_USE_BY_HOST, in_use[0])
             continue
         foreign = _host_devices_in_group(view, device)
         if foreign:

@@ -180,6 +180,7 @@ def host_view_from_inventory(inv: inventory_pb2.HostInventory) -> HostView:
             physfn=PciAddress(f.physfn) if f.physfn else None,
             model=models.get(f.address),
             num_vfs=num_vfs.get(f.address, 0),
+            host_use=f.host_use or None,
         )
         for f in inv.pci_functions
     }

@@ -168,3 +168,38 @@ def test_devices_held_by_another_placement_are_never_prepared_twice(
 
     run_with(arun, svc, body)
     assert list(Checkpoint(tmp_path / "cp.json").entries()) == ["a"]
+
+
+def test_the_boot_display_is_reported_and_never_handed_over(
+    host: Sysfs, tmp_path: Path, arun: Runner
+) -> None:
+    # What the kernel shows for the firmware's boot display (pci-sysfs.c).
+    host.path("bus", "pci", "devices", GPU, "boot_vga").write_text("1\n")
+    svc = servicer(host, tmp_path)
+    reporter = HostReporter(host, NullNvmlClient(), host_id="ws", boot_id="b", labels={})
+    inventory, _ = reporter.report()
+    reported = {f.address: f.host_use for f in inventory.pci_functions}
+    assert reported[GPU] == "boot display" and reported[AUDIO] == ""
+
+    async def body(stub: agent_pb2_grpc.AgentAsyncStub) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Prepare(agent_pb2.PrepareRequest(placement=placement(host, [GPU, AUDIO])))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "boot display" in (err.value.details() or "")
+
+    run_with(arun, svc, body)
+    assert (driver(host, GPU), driver(host, AUDIO)) == ("nvidia", "snd_hda_intel")
+
+
+def test_a_nic_whose_link_is_up_is_reported_as_used_by_the_host(tmp_path: Path) -> None:
+    root = tmp_path / "nic"
+    build("sriov-nic", root)
+    # The netdev the kernel would create under the PF, with its link up.
+    netdev = root / "sys" / "bus" / "pci" / "devices" / "0000:31:00.0" / "net" / "enp49s0f0np0"
+    netdev.mkdir(parents=True)
+    (netdev / "operstate").write_text("up\n")
+    sysfs = Sysfs(root)
+    reporter = HostReporter(sysfs, NullNvmlClient(), host_id="nic", boot_id="b", labels={})
+    inventory, _ = reporter.report()
+    uses = {f.address: f.host_use for f in inventory.pci_functions if f.host_use}
+    assert uses == {"0000:31:00.0": "network interface enp49s0f0np0 is up"}

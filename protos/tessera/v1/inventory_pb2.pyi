@@ -203,6 +203,7 @@ class PciFunction(_message.Message):
     RESET_METHODS_FIELD_NUMBER: _builtins.int
     PHYSFN_FIELD_NUMBER: _builtins.int
     MIGRATABILITY_FIELD_NUMBER: _builtins.int
+    HOST_USE_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """"0000:4b:00.0"."""
     vendor_id: _builtins.int
@@ -228,6 +229,12 @@ class PciFunction(_message.Message):
     role: Global___PciRole.ValueType
     physfn: _builtins.str
     """For a VF, its PF's address; empty otherwise."""
+    host_use: _builtins.str
+    """Why the host itself needs this function ("boot display", "network
+    interface eno1 is up"); empty when nothing on the host uses it. The agent
+    refuses to hand such a function (or its IOMMU group) to a tenant, and the
+    scheduler never offers it.
+    """
     @_builtins.property
     def bridge_chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The bridges above this function, from the root port down to its direct
@@ -267,10 +274,11 @@ class PciFunction(_message.Message):
         reset_methods: _abc.Iterable[_builtins.str] | None = ...,
         physfn: _builtins.str = ...,
         migratability: Global___Migratability | None = ...,
+        host_use: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["link", b"link", "migratability", b"migratability"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "bridge_chain", b"bridge_chain", "class_code", b"class_code", "device_id", b"device_id", "driver", b"driver", "driver_override", b"driver_override", "has_iommu_group", b"has_iommu_group", "iommu_group", b"iommu_group", "link", b"link", "local_cpulist", b"local_cpulist", "migratability", b"migratability", "numa_node", b"numa_node", "physfn", b"physfn", "reset_methods", b"reset_methods", "role", b"role", "root_bus", b"root_bus", "subsystem_device_id", b"subsystem_device_id", "subsystem_vendor_id", b"subsystem_vendor_id", "vendor_id", b"vendor_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "bridge_chain", b"bridge_chain", "class_code", b"class_code", "device_id", b"device_id", "driver", b"driver", "driver_override", b"driver_override", "has_iommu_group", b"has_iommu_group", "host_use", b"host_use", "iommu_group", b"iommu_group", "link", b"link", "local_cpulist", b"local_cpulist", "migratability", b"migratability", "numa_node", b"numa_node", "physfn", b"physfn", "reset_methods", b"reset_methods", "role", b"role", "root_bus", b"root_bus", "subsystem_device_id", b"subsystem_device_id", "subsystem_vendor_id", b"subsystem_vendor_id", "vendor_id", b"vendor_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

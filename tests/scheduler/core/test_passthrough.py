@@ -10,6 +10,7 @@ from scheduler.core.identity import IommuGroupNumber, PciAddress, RequestId, Ten
 from scheduler.core.passthrough import (
     REASON_GROUP_ALLOCATED,
     REASON_GROUP_HOLDS_HOST_DEVICE,
+    REASON_IN_USE_BY_HOST,
     REASON_LABELS_MISMATCH,
     REASON_LEASE_EXPIRED,
     REASON_NOT_MIGRATABLE,
@@ -88,6 +89,19 @@ def test_a_group_that_also_holds_a_host_device_is_never_offered() -> None:
     refused = schedule(snapshot(host, taken={"ws": [2]}), request(gpus(1)))
     assert isinstance(refused, Unschedulable)
     assert REASON_GROUP_HOLDS_HOST_DEVICE in {r.reason for r in refused.rejections}
+
+
+def test_a_device_the_host_uses_is_never_offered() -> None:
+    ws = workstation()
+    gpu0 = PciAddress("0000:01:00.0")
+    host = replace(
+        ws, functions={**ws.functions, gpu0: replace(ws.functions[gpu0], host_use="boot display")}
+    )
+    plan = schedule(snapshot(host), request(gpus(1)))
+    assert isinstance(plan, Plan) and plan.assignments[0].address == "0000:02:00.0"
+    refused = schedule(snapshot(host), request(gpus(2)))
+    assert isinstance(refused, Unschedulable)
+    assert REASON_IN_USE_BY_HOST in {r.reason for r in refused.rejections}
 
 
 def test_passthrough_is_never_offered_to_a_migratable_claim() -> None:
