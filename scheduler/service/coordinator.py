@@ -422,7 +422,8 @@ class PlacementCoordinator:
         violations += validate_identifier(inventory.boot_id, "inventory.boot_id")
         if violations:
             raise InvalidRequestError(violations)
-        return await self._store.upsert_host(
+        before = await self._store.get_host(inventory.host_id)
+        accepted = await self._store.upsert_host(
             inventory.host_id,
             inventory.SerializeToString(),
             inventory_generation=inventory.generation,
@@ -430,6 +431,26 @@ class PlacementCoordinator:
             agent_address=agent_address,
             now_ms=self._clock_ms(),
         )
+        if accepted and before is not None and before.boot_id != inventory.boot_id:
+            await self._fail_after_reboot(inventory.host_id)
+        return accepted
+
+    async def _fail_after_reboot(self, host_id: str) -> None:
+        """Mark every live placement of a rebooted host FAILED, keeping its slots.
+
+        A reboot resets every device and loses what tenants had open; IOMMU
+        group numbers may change too. The placements are therefore no longer
+        true, but their slots stay quarantined until each is released, so
+        nothing is handed out on the strength of a stale group number.
+        """
+        for _, payload in await self._store.list_placements(host_id):
+            placement = placement_pb2.Placement.FromString(payload)
+            await self._transition(
+                placement,
+                FAILED,
+                "host rebooted: its devices were reset; release this placement",
+                [PENDING, READY, RELEASING],
+            )
 
     async def heartbeat(
         self, host_id: str, boot_id: str, inventory: inventory_pb2.HostInventory | None

@@ -136,3 +136,26 @@ def test_a_cancelled_place_does_not_leave_its_reservation_behind(
         assert (await coordinator.place(gpu("r2"))).state == placement_pb2.PLACEMENT_STATE_READY
 
     arun(body())
+
+
+def test_a_reboot_fails_the_hosts_placements_and_keeps_their_slots_until_released(
+    setup: tuple[PlacementCoordinator, ScriptedAgents], arun: Runner
+) -> None:
+    coordinator, agents = setup
+
+    async def body() -> None:
+        await coordinator.register(inventory(), "agent:1")
+        agents.gate.set()
+        placed = await coordinator.place(gpu("r1"))
+        rebooted = inventory()
+        rebooted.boot_id = "b2"
+        assert await coordinator.register(rebooted, "agent:1")
+        failed = await coordinator.get(placed.placement_id, "")
+        assert failed.state == placement_pb2.PLACEMENT_STATE_FAILED
+        assert "rebooted" in failed.message
+        with pytest.raises(Exception, match="iommu-group-allocated"):
+            await coordinator.place(gpu("r2"))
+        await coordinator.release(placed.placement_id, "")
+        assert (await coordinator.place(gpu("r2"))).state == placement_pb2.PLACEMENT_STATE_READY
+
+    arun(body())
