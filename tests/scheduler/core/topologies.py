@@ -33,7 +33,9 @@ def _fn(
         numa_node=numa,
         iommu_group=IommuGroupNumber(group) if group is not None else None,
         role=role,
-        root_bus="pci0000:" + address[5:7],
+        # The root bus is the bus of the root port above (or of the function
+        # itself when it sits directly on a root bus), as sysfs paths have it.
+        root_bus="pci0000:" + (chain[0] if chain else address)[5:7],
         bridge_chain=tuple(PciAddress(c) for c in chain),
         physfn=PciAddress(physfn) if physfn else None,
         model=model,
