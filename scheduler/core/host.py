@@ -46,6 +46,11 @@ def kind_of_class(class_code: int) -> DeviceKind | None:
     return _KIND_BY_BASE_CLASS.get(class_code >> 16)
 
 
+#: Named reasons of :meth:`HostView.handover_blocker`.
+HANDOVER_IN_USE_BY_HOST = "in-use-by-host"
+HANDOVER_GROUP_HOLDS_HOST_DEVICE = "group-holds-host-device"
+
+
 @dataclass(frozen=True)
 class PciFunctionView:
     """One PCI function."""
@@ -138,18 +143,66 @@ class HostView:
         """
         return self._whole_devices.get(kind, ())
 
-    def group_endpoints(self, group: IommuGroupNumber) -> tuple[PciAddress, ...]:
-        """Members of a group that are not bridges: what passthrough binds."""
-        view = self.iommu_groups.get(group)
-        if view is None:
-            return ()
-        return tuple(
-            sorted(
-                a
-                for a in view.members
-                if a in self.functions and not self.functions[a].role.is_bridge
+    @cached_property
+    def _group_endpoints(self) -> Mapping[IommuGroupNumber, tuple[PciAddress, ...]]:
+        return {
+            number: tuple(
+                sorted(
+                    a
+                    for a in group.members
+                    if a in self.functions and not self.functions[a].role.is_bridge
+                )
             )
-        )
+            for number, group in self.iommu_groups.items()
+        }
+
+    def group_endpoints(self, group: IommuGroupNumber) -> tuple[PciAddress, ...]:
+        """Members of a group that are not bridges: what passthrough binds.
+
+        Indexed once per (immutable) view, like :meth:`whole_devices`.
+        """
+        return self._group_endpoints.get(group, ())
+
+    @cached_property
+    def _handover_blockers(self) -> Mapping[PciAddress, tuple[str, str]]:
+        blockers: dict[PciAddress, tuple[str, str]] = {}
+        for devices in self._whole_devices.values():
+            for device in devices:
+                blocker = self._handover_blocker(device)
+                if blocker is not None:
+                    blockers[device.address] = blocker
+        return blockers
+
+    def _handover_blocker(self, device: PciFunctionView) -> tuple[str, str] | None:
+        if device.iommu_group is None:
+            return None
+        endpoints = self.group_endpoints(device.iommu_group)
+        for e in endpoints:
+            use = self.functions[e].host_use
+            if use:
+                # The agent reports what the host itself needs (its boot
+                # display, a NIC whose link is up); it refuses to hand it over.
+                return HANDOVER_IN_USE_BY_HOST, f"{e}: {use}"
+        slot = device.address.rsplit(".", 1)[0]
+        for e in endpoints:
+            # Passthrough takes every endpoint of the group. Another offered
+            # device may go along, and so may the device's own companion
+            # functions in its slot (a GPU's HDMI audio); anything else
+            # (storage, USB, SMBus) belongs to the host.
+            foreign = self.functions[e].kind is None and e.rsplit(".", 1)[0] != slot
+            if e != device.address and foreign:
+                return (
+                    HANDOVER_GROUP_HOLDS_HOST_DEVICE,
+                    f"{device.address} shares IOMMU group {device.iommu_group} with {e}",
+                )
+        return None
+
+    def handover_blocker(self, address: PciAddress) -> tuple[str, str] | None:
+        """Why a whole device cannot be handed to a tenant: (reason, detail), or None.
+
+        Computed once per (immutable) view.
+        """
+        return self._handover_blockers.get(address)
 
     def socket_of(self, numa_node: int) -> int:
         """Socket index of a NUMA node.

@@ -18,7 +18,12 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from scheduler.core.host import HostView, PciFunctionView
+from scheduler.core.host import (
+    HANDOVER_GROUP_HOLDS_HOST_DEVICE,
+    HANDOVER_IN_USE_BY_HOST,
+    HostView,
+    PciFunctionView,
+)
 from scheduler.core.identity import IommuGroupNumber, SlotKey, iommu_group_slot, vfio_group_path
 from scheduler.core.plan import Plan, Rejection, Unschedulable, WholeDeviceAssignment
 from scheduler.core.request import (
@@ -41,8 +46,8 @@ REASON_NOT_MIGRATABLE = "passthrough-not-migratable"
 REASON_NO_GROUP = "device-without-iommu-group"
 REASON_GROUP_ALLOCATED = "iommu-group-allocated"
 REASON_PF_HAS_VFS = "pf-has-vfs-enabled"
-REASON_GROUP_HOLDS_HOST_DEVICE = "group-holds-host-device"
-REASON_IN_USE_BY_HOST = "in-use-by-host"
+REASON_GROUP_HOLDS_HOST_DEVICE = HANDOVER_GROUP_HOLDS_HOST_DEVICE
+REASON_IN_USE_BY_HOST = HANDOVER_IN_USE_BY_HOST
 REASON_TOO_FEW_DEVICES = "too-few-free-devices"
 REASON_TOPOLOGY = "no-assignment-meets-topology"
 
@@ -113,22 +118,6 @@ def _selector_matches(claim: Claim, device: PciFunctionView) -> bool:
     return not sel.models or (device.model is not None and device.model in sel.models)
 
 
-def _host_devices_in_group(view: HostView, device: PciFunctionView) -> list[str]:
-    """Endpoints of the device's group that are not ours to hand out.
-
-    Another offered device (a second GPU, a NIC) may go along, and so may the
-    device's own companion functions in the same slot (a GPU's HDMI audio);
-    anything else (storage, USB, a SMBus controller) belongs to the host.
-    """
-    assert device.iommu_group is not None
-    slot = device.address.rsplit(".", 1)[0]
-    return [
-        e
-        for e in view.group_endpoints(device.iommu_group)
-        if e != device.address and view.functions[e].kind is None and e.rsplit(".", 1)[0] != slot
-    ]
-
-
 def _candidates(state: HostState, claim: Claim, rejections: _Rejections) -> list[_Candidate]:
     """Devices of the host that could serve one unit of the claim."""
     view = state.view
@@ -147,25 +136,11 @@ def _candidates(state: HostState, claim: Claim, rejections: _Rejections) -> list
         if iommu_group_slot(device.iommu_group) in taken:
             rejections.add("capacity", REASON_GROUP_ALLOCATED, device.address)
             continue
-        in_use = [
-            f"{e}: {view.functions[e].host_use}"
-            for e in view.group_endpoints(device.iommu_group)
-            if view.functions[e].host_use
-        ]
-        if in_use:
-            # The agent reports what the host itself needs (its boot display,
-            # a NIC whose link is up); it would refuse to hand it over anyway.
-            rejections.add("host-use", REASON_IN_USE_BY_HOST, in_use[0])
-            continue
-        foreign = _host_devices_in_group(view, device)
-        if foreign:
-            # Passthrough takes every endpoint of the group; a disk or USB
-            # controller behind the same non-ACS port would go with it.
-            rejections.add(
-                "iommu-isolation",
-                REASON_GROUP_HOLDS_HOST_DEVICE,
-                f"{device.address} shares IOMMU group {device.iommu_group} with {foreign[0]}",
-            )
+        blocker = view.handover_blocker(device.address)
+        if blocker is not None:
+            reason, detail = blocker
+            plugin = "host-use" if reason == REASON_IN_USE_BY_HOST else "iommu-isolation"
+            rejections.add(plugin, reason, detail)
             continue
         if device.num_vfs > 0:
             # vfio-pci refuses a PF with SR-IOV enabled (EBUSY).
