@@ -225,28 +225,9 @@ def virt_2s(root: Path) -> None:
             pcie=False,
             multifunction=True,
         )
-    fs.add_function(
-        "0000:30:02.0",
-        root_bus="pci0000:30",
-        vendor=0x8086,
-        device=0x347A,
-        class_code=0x060400,
-        driver="pcieport",
-        role=Role.ROOT_PORT,
-        acs=True,
-    )
+    _root_port(fs, "0000:30:02.0", device=0x347A)
     _add_cx6dx(fs, 0x31, "0000:30:02.0")
-    fs.add_function(
-        "0000:4a:01.0",
-        root_bus="pci0000:4a",
-        vendor=0x8086,
-        device=0x352A,
-        class_code=0x060400,
-        driver="pcieport",
-        role=Role.ROOT_PORT,
-        acs=True,
-        link=PciLink(_GEN4, 16, _GEN5, 16),
-    )
+    _root_port(fs, "0000:4a:01.0", device=0x352A, link=PciLink(_GEN4, 16, _GEN5, 16))
     fs.add_function(
         "0000:4b:00.0",
         parent="0000:4a:01.0",
@@ -266,17 +247,7 @@ def virt_2s(root: Path) -> None:
         role=Role.RCIEP,
     )
     fs.add_sriov("0000:6b:00.0", total=16, offset=1, stride=1, vf_device=0x4941, vf_driver="4xxxvf")
-    fs.add_function(
-        "0000:b0:02.0",
-        root_bus="pci0000:b0",
-        vendor=0x8086,
-        device=0x347A,
-        class_code=0x060400,
-        driver="pcieport",
-        role=Role.ROOT_PORT,
-        acs=True,
-        link=PciLink(_GEN3, 16, _GEN4, 16),
-    )
+    _root_port(fs, "0000:b0:02.0", device=0x347A, link=PciLink(_GEN3, 16, _GEN4, 16))
     fs.add_function(
         "0000:b1:00.0",
         parent="0000:b0:02.0",
@@ -287,17 +258,7 @@ def virt_2s(root: Path) -> None:
         link=PciLink(_GEN3, 16, _GEN3, 16),
     )
     fs.add_mdev_parent("0000:b1:00.0", TESLA_P4_TYPES, single_type=True)
-    fs.add_function(
-        "0000:ca:02.0",
-        root_bus="pci0000:ca",
-        vendor=0x8086,
-        device=0x347A,
-        class_code=0x060400,
-        driver="pcieport",
-        role=Role.ROOT_PORT,
-        acs=True,
-        link=PciLink(_GEN4, 8, _GEN4, 8),
-    )
+    _root_port(fs, "0000:ca:02.0", device=0x347A, link=PciLink(_GEN4, 8, _GEN4, 8))
     _add_e810(fs, 0xCB, "0000:ca:02.0")
     fs.build()
     # NVML's view: the A100 can do MIG (off until someone enables it) [S].
@@ -360,16 +321,7 @@ def dgx_a100(root: Path) -> None:
     blocks = {b: legs for b, _, legs in _DGX_BLOCKS}
     for bus, _node in roots:
         rp = f"0000:{bus:02x}:01.1"
-        fs.add_function(
-            rp,
-            root_bus=f"pci0000:{bus:02x}",
-            vendor=0x1022,
-            device=0x1483,
-            class_code=0x060400,
-            driver="pcieport",
-            role=Role.ROOT_PORT,
-            acs=True,
-        )
+        _root_port(fs, rp, device=0x1483, vendor=0x1022)
         if bus not in blocks:
             for fn in (0, 1):
                 fs.add_function(
@@ -420,6 +372,32 @@ def dgx_a100(root: Path) -> None:
             for ep_bus, kind in legs
             if kind == "gpu"
         ],
+    )
+
+
+def _root_port(
+    fs: FakeSysfs,
+    bdf: str,
+    *,
+    device: int,
+    vendor: int = 0x8086,
+    acs: bool = True,
+    link: PciLink | None = None,
+) -> None:
+    """A root port on pcieport, directly on the root bus its address names.
+
+    ``0000:b0:02.0`` sits on ``pci0000:b0``: a root port's bus is its root bus.
+    """
+    fs.add_function(
+        bdf,
+        root_bus=f"pci{bdf[:7]}",
+        vendor=vendor,
+        device=device,
+        class_code=0x060400,
+        driver="pcieport",
+        role=Role.ROOT_PORT,
+        acs=acs,
+        link=link,
     )
 
 
@@ -480,16 +458,7 @@ def gpu_workstation(root: Path) -> None:
     )
     for n in (1, 2):
         port = f"0000:00:0{n}.0"
-        fs.add_function(
-            port,
-            root_bus="pci0000:00",
-            vendor=0x8086,
-            device=0x1901,
-            class_code=0x060400,
-            driver="pcieport",
-            role=Role.ROOT_PORT,
-            acs=False,
-        )
+        _root_port(fs, port, device=0x1901, acs=False)
         fs.add_function(
             f"0000:0{n}:00.0",
             parent=port,
@@ -561,17 +530,7 @@ def hgx_8gpu(root: Path) -> None:
     gen5 = PciLink(_GEN5, 16, _GEN5, 16)
     for bus, _node in _HGX_ROOTS:
         rp = f"0000:{bus:02x}:01.0"
-        fs.add_function(
-            rp,
-            root_bus=f"pci0000:{bus:02x}",
-            vendor=0x8086,
-            device=0x352A,
-            class_code=0x060400,
-            driver="pcieport",
-            role=Role.ROOT_PORT,
-            acs=True,
-            link=gen5,
-        )
+        _root_port(fs, rp, device=0x352A, link=gen5)
         usp = f"0000:{bus + 1:02x}:00.0"
         _switch_port(fs, usp, rp, Role.SWITCH_UPSTREAM, vendor=0x15B3, device=0x1979)
         dsp_nic = f"0000:{bus + 2:02x}:00.0"
@@ -640,16 +599,7 @@ def noacs_switch(root: Path) -> None:
     fs.register_driver("nvidia", _NVIDIA_IDS)
     fs.register_driver("mlx5_core", [PciId(0x15B3, 0x1017)], sriov_configure=True)
     gen3 = PciLink(_GEN3, 16, _GEN3, 16)
-    fs.add_function(
-        "0000:00:01.0",
-        root_bus="pci0000:00",
-        vendor=0x8086,
-        device=0x1901,
-        class_code=0x060400,
-        driver="pcieport",
-        role=Role.ROOT_PORT,
-        link=gen3,
-    )
+    _root_port(fs, "0000:00:01.0", device=0x1901, acs=False, link=gen3)
     _switch_port(fs, "0000:01:00.0", "0000:00:01.0", Role.SWITCH_UPSTREAM, vendor=0x10B5,
                  device=0x8747)  # fmt: skip
     for dsp, bus in (("0000:02:08.0", 3), ("0000:02:10.0", 4)):
@@ -664,17 +614,7 @@ def noacs_switch(root: Path) -> None:
             driver="nvidia",
             link=gen3,
         )
-    fs.add_function(
-        "0000:00:02.0",
-        root_bus="pci0000:00",
-        vendor=0x8086,
-        device=0x1905,
-        class_code=0x060400,
-        driver="pcieport",
-        role=Role.ROOT_PORT,
-        acs=True,
-        link=PciLink(_GEN3, 8, _GEN3, 8),
-    )
+    _root_port(fs, "0000:00:02.0", device=0x1905, link=PciLink(_GEN3, 8, _GEN3, 8))
     fs.add_function(
         "0000:05:00.0",
         parent="0000:00:02.0",
@@ -708,17 +648,7 @@ def vgpu(root: Path) -> None:
     ):
         fs.add_root_bus(f"pci0000:{rb:02x}", node)
         port = f"0000:{rb:02x}:00.0"
-        fs.add_function(
-            port,
-            root_bus=f"pci0000:{rb:02x}",
-            vendor=0x8086,
-            device=0x2030,
-            class_code=0x060400,
-            driver="pcieport",
-            role=Role.ROOT_PORT,
-            acs=True,
-            link=gpu[2],
-        )
+        _root_port(fs, port, device=0x2030, link=gpu[2])
         bdf = f"0000:{rb + 1:02x}:00.0"
         fs.add_function(
             bdf,
@@ -754,17 +684,7 @@ def sriov_nic(root: Path) -> None:
     fs.register_driver("iavf", [PciId(0x8086, 0x1889)])
     fs.register_driver("mlx5_vfio_pci", _MLX5_VFIO_IDS)
     for rb, link in ((0x30, PciLink()), (0xCA, PciLink(_GEN4, 8, _GEN4, 8))):
-        fs.add_function(
-            f"0000:{rb:02x}:02.0",
-            root_bus=f"pci0000:{rb:02x}",
-            vendor=0x8086,
-            device=0x347A,
-            class_code=0x060400,
-            driver="pcieport",
-            role=Role.ROOT_PORT,
-            acs=True,
-            link=link,
-        )
+        _root_port(fs, f"0000:{rb:02x}:02.0", device=0x347A, link=link)
         if rb == 0x30:
             _add_cx6dx(fs, 0x31, "0000:30:02.0")
         else:
@@ -790,17 +710,7 @@ def sriov_large(root: Path) -> None:
     for node, rb in ((0, 0x30), (1, 0xB0)):
         port = f"0000:{rb:02x}:02.0"
         fs.add_root_bus(f"pci0000:{rb:02x}", node)
-        fs.add_function(
-            port,
-            root_bus=f"pci0000:{rb:02x}",
-            vendor=0x8086,
-            device=0x347A,
-            class_code=0x060400,
-            driver="pcieport",
-            role=Role.ROOT_PORT,
-            acs=True,
-            link=PciLink(_GEN4, 8, _GEN4, 8),
-        )
+        _root_port(fs, port, device=0x347A, link=PciLink(_GEN4, 8, _GEN4, 8))
         _add_e810(fs, rb + 1, port)
     fs.build()
 
@@ -825,16 +735,7 @@ def no_iommu(root: Path) -> None:
         ((0x10DE, 0x20B5, 0x030200, "nvidia"), (0x15B3, 0x101D, 0x020000, "mlx5_core")), start=1
     ):
         port = f"0000:00:0{n}.0"
-        fs.add_function(
-            port,
-            root_bus="pci0000:00",
-            vendor=0x8086,
-            device=0x347A,
-            class_code=0x060400,
-            driver="pcieport",
-            role=Role.ROOT_PORT,
-            acs=True,
-        )
+        _root_port(fs, port, device=0x347A)
         fs.add_function(
             f"0000:0{n}:00.0", parent=port, vendor=vendor, device=device, class_code=cls, driver=drv
         )
