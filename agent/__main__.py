@@ -152,10 +152,13 @@ async def _run(opts: argparse.Namespace) -> int:
     checkpoint = Checkpoint(state_dir / f"{reporter.host_id}.checkpoint.json")
     channel = grpc.aio.insecure_channel(opts.scheduler)
     server = grpc.aio.server()
-    loop_ref: list[RegistrationLoop] = []
-    servicer = AgentServicer(
-        sysfs, reporter, checkpoint, on_change=lambda: loop_ref[0].poke() if loop_ref else None
-    )
+    # Bind first: the registration loop advertises the bound port, and the
+    # servicer pokes that loop whenever it changed the host.
+    port = server.add_insecure_port(opts.listen)
+    host = opts.listen.rsplit(":", 1)[0]
+    address = f"{opts.advertise or host}:{port}"
+    registration = RegistrationLoop(channel, reporter, address)
+    servicer = AgentServicer(sysfs, reporter, checkpoint, on_change=registration.poke)
     await asyncio.to_thread(servicer.recover)
     agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -166,12 +169,7 @@ async def _run(opts: argparse.Namespace) -> int:
     reflection.enable_server_reflection(
         (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(opts.listen)
     await server.start()
-    host = opts.listen.rsplit(":", 1)[0]
-    address = f"{opts.advertise or host}:{port}"
-    registration = RegistrationLoop(channel, reporter, address)
-    loop_ref.append(registration)
     print(f"tessera-agent {reporter.host_id} listening on {address}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

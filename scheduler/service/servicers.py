@@ -28,9 +28,7 @@ async def _call(context: Context, fn: Callable[[], Awaitable[T]]) -> T:
     """Run a use case; turn a domain failure into its status code."""
     try:
         return await fn()
-    except SchedulerError as err:
-        await context.abort(status_of(err), str(err))
-    except ValueError as err:  # InvalidRequestError and friends
+    except (SchedulerError, ValueError) as err:  # InvalidRequestError is a ValueError
         await context.abort(status_of(err), str(err))
     except Exception:
         log.exception("internal error")
@@ -38,12 +36,10 @@ async def _call(context: Context, fn: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable: abort raises")
 
 
-def _require(context: Context, present: bool, field: str) -> Awaitable[None]:
-    async def check() -> None:
-        if not present:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: is required")
-
-    return check()
+async def _require(context: Context, present: bool, field: str) -> None:
+    """Abort with INVALID_ARGUMENT naming ``field`` unless it is present."""
+    if not present:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: is required")
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
