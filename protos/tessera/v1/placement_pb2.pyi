@@ -382,6 +382,7 @@ class PlacementRequest(_message.Message):
     AFFINITIES_FIELD_NUMBER: _builtins.int
     EXCLUSIVITY_FIELD_NUMBER: _builtins.int
     HOST_SELECTOR_FIELD_NUMBER: _builtins.int
+    GANG_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key: the same id always yields the same
     placement, however often it is sent.
@@ -391,6 +392,11 @@ class PlacementRequest(_message.Message):
     """Higher is placed first in batches; 0 is the default."""
     numa_policy: Global___NumaPolicy.ValueType
     exclusivity: Global___ExclusivityDomain.ValueType
+    gang: _builtins.str
+    """Requests of one PlaceBatch that share a gang name are placed all or
+    nothing; empty for none. Ignored by Place (a single request is placed
+    whole or not at all anyway).
+    """
     @_builtins.property
     def claims(self) -> _containers.RepeatedCompositeFieldContainer[Global___Claim]: ...
     @_builtins.property
@@ -410,10 +416,11 @@ class PlacementRequest(_message.Message):
         affinities: _abc.Iterable[Global___Affinity] | None = ...,
         exclusivity: Global___ExclusivityDomain.ValueType = ...,
         host_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        gang: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinities", b"affinities", "claims", b"claims", "exclusivity", b"exclusivity", "host_selector", b"host_selector", "numa_policy", b"numa_policy", "priority", b"priority", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinities", b"affinities", "claims", b"claims", "exclusivity", b"exclusivity", "gang", b"gang", "host_selector", b"host_selector", "numa_policy", b"numa_policy", "priority", b"priority", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -428,19 +435,36 @@ class VfSlot(_message.Message):
     PF_ADDRESS_FIELD_NUMBER: _builtins.int
     VF_ADDRESS_FIELD_NUMBER: _builtins.int
     VF_INDEX_FIELD_NUMBER: _builtins.int
+    NUM_VFS_FIELD_NUMBER: _builtins.int
+    VFIO_DRIVER_FIELD_NUMBER: _builtins.int
     pf_address: _builtins.str
     vf_address: _builtins.str
+    """Empty when the VF does not exist yet (the PF has no VFs); filled in by
+    the agent once it does.
+    """
     vf_index: _builtins.int
+    """VF index i of the PF's virtfn<i>."""
+    num_vfs: _builtins.int
+    """The sriov_numvfs the placement needs. When the PF has no VFs the agent
+    enables this many (with drivers_autoprobe off); it never changes a PF
+    that already has VFs, and this is then the PF's current count.
+    """
+    vfio_driver: _builtins.str
+    """The VFIO driver the VF is bound to: "vfio-pci", or a migration-capable
+    variant driver ("mlx5_vfio_pci") when the claim is migratable.
+    """
     def __init__(
         self,
         *,
         pf_address: _builtins.str = ...,
         vf_address: _builtins.str = ...,
         vf_index: _builtins.int = ...,
+        num_vfs: _builtins.int = ...,
+        vfio_driver: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pf_address", b"pf_address", "vf_address", b"vf_address", "vf_index", b"vf_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_vfs", b"num_vfs", "pf_address", b"pf_address", "vf_address", b"vf_address", "vf_index", b"vf_index", "vfio_driver", b"vfio_driver"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
