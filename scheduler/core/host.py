@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
+from scheduler.core.mig import MigProfile
+from scheduler.core.mig_geometry import GpuInstance
 from scheduler.core.request import DeviceKind
 
 
@@ -69,6 +71,7 @@ class PciFunctionView:
     model: str | None = None
     num_vfs: int = 0
     host_use: str | None = None
+    migration_driver: str | None = None
 
     @property
     def kind(self) -> DeviceKind | None:
@@ -116,6 +119,88 @@ class NumaNodeView:
 
 
 @dataclass(frozen=True)
+class VfView:
+    """One existing VF of an SR-IOV PF."""
+
+    index: int
+    address: PciAddress
+    iommu_group: IommuGroupNumber | None
+
+
+@dataclass(frozen=True)
+class SriovPfView:
+    """An SR-IOV physical function and its VFs.
+
+    Attributes:
+        address: the PF.
+        total_vfs: sriov_totalvfs: the most VFs it can have.
+        num_vfs: sriov_numvfs: VFs enabled now.
+        vfs: the enabled VFs, by index.
+    """
+
+    address: PciAddress
+    total_vfs: int
+    num_vfs: int
+    vfs: tuple[VfView, ...] = ()
+
+
+@dataclass(frozen=True)
+class MdevTypeView:
+    """One mdev type a parent offers.
+
+    Attributes:
+        type_id: "nvidia-63".
+        available: available_instances as the kernel reported it.
+        max_instances: instances of this type an empty parent holds (the
+            vendor's ``max_instance=`` when its description says, else what
+            is available plus what lives now).
+        migratable: the vendor marks the type live-migratable.
+    """
+
+    type_id: str
+    available: int
+    max_instances: int
+    migratable: bool = False
+
+
+@dataclass(frozen=True)
+class MdevParentView:
+    """A device offering mdev types.
+
+    Attributes:
+        address: the parent (a GPU).
+        types: offered types by id.
+        live: the mdevs that exist now: uuid -> type id.
+        single_type: every live mdev must share one type (time-sliced vGPU
+            before Ampere).
+    """
+
+    address: PciAddress
+    types: Mapping[str, MdevTypeView]
+    live: Mapping[str, str] = field(default_factory=dict)
+    single_type: bool = False
+
+
+@dataclass(frozen=True)
+class GpuView:
+    """What NVML says of a GPU, as far as placement needs it.
+
+    Attributes:
+        address: the GPU's PCI function.
+        model: "NVIDIA H100 80GB HBM3".
+        mig_enabled: MIG mode is on now (current, not pending).
+        mig_profiles: GPU-instance profiles with their allowed placements.
+        gpu_instances: the GPU instances that exist now.
+    """
+
+    address: PciAddress
+    model: str
+    mig_enabled: bool = False
+    mig_profiles: tuple[MigProfile, ...] = ()
+    gpu_instances: tuple[GpuInstance, ...] = ()
+
+
+@dataclass(frozen=True)
 class HostView:
     """Everything placement needs to know about one host."""
 
@@ -125,6 +210,9 @@ class HostView:
     numa_nodes: tuple[NumaNodeView, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     iommu_present: bool = True
+    sriov_pfs: Mapping[PciAddress, SriovPfView] = field(default_factory=dict)
+    mdev_parents: Mapping[PciAddress, MdevParentView] = field(default_factory=dict)
+    gpus: Mapping[PciAddress, GpuView] = field(default_factory=dict)
 
     @cached_property
     def _whole_devices(self) -> Mapping[DeviceKind, tuple[PciFunctionView, ...]]:

@@ -19,8 +19,67 @@ class WholeDeviceAssignment:
     vfio_path: str
 
 
-#: One claim's concrete slot. Later increments add VF, mdev and MIG variants.
-Assignment = WholeDeviceAssignment
+@dataclass(frozen=True)
+class VfAssignment:
+    """An SR-IOV VF, bound to a VFIO driver.
+
+    Attributes:
+        pf_address: the PF.
+        vf_index: which VF.
+        vf_address: the VF, None while it does not exist (the agent enables
+            ``num_vfs`` VFs first).
+        iommu_group: the VF's own group, None while it does not exist.
+        num_vfs: the PF's VF count the placement needs.
+        vfio_driver: "vfio-pci" or a migration-capable variant driver.
+    """
+
+    claim: str
+    pf_address: PciAddress
+    vf_index: int
+    vf_address: PciAddress | None
+    iommu_group: IommuGroupNumber | None
+    numa_node: int
+    num_vfs: int
+    vfio_driver: str
+
+
+@dataclass(frozen=True)
+class MdevAssignment:
+    """A mediated device of a type, with the UUID the agent creates it under."""
+
+    claim: str
+    parent_address: PciAddress
+    type_id: str
+    uuid: str
+    numa_node: int
+
+
+@dataclass(frozen=True)
+class MigAssignment:
+    """A MIG GPU instance at a placement of memory slices."""
+
+    claim: str
+    gpu_address: PciAddress
+    profile_name: str
+    profile_id: int
+    start: int
+    size: int
+    numa_node: int
+
+
+#: One claim unit's concrete slot.
+Assignment = WholeDeviceAssignment | VfAssignment | MdevAssignment | MigAssignment
+
+
+def assignment_device(a: Assignment) -> PciAddress:
+    """The physical device an assignment lives on (the GPU, PF or parent)."""
+    if isinstance(a, WholeDeviceAssignment):
+        return a.address
+    if isinstance(a, VfAssignment):
+        return a.pf_address
+    if isinstance(a, MdevAssignment):
+        return a.parent_address
+    return a.gpu_address
 
 
 @dataclass(frozen=True)
@@ -34,12 +93,18 @@ class Plan:
         slots: every slot the plan takes.
         assignments: per claim, what it gets (claims with count > 1 appear
             once per unit).
+        score: the plan's quality as the engine scored it (higher is
+            better); informational.
+        reasons: why this host and these devices, one line per scoring
+            plugin, for Explain.
     """
 
     host_id: HostId
     expected_alloc_generation: int
     slots: tuple[SlotKey, ...]
     assignments: tuple[Assignment, ...]
+    score: int = 0
+    reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

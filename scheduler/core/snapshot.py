@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from scheduler.core.host import HostView
-from scheduler.core.identity import HostId, PlacementId, SlotKey
+from scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
 
 
 @dataclass(frozen=True)
@@ -19,12 +19,15 @@ class HostState:
             against one generation commits only if it is still current.
         allocations: slot -> the placement owning it.
         schedulable: False when the host's lease expired or it is draining.
+        tenants: the tenant of each placement holding a slot here; what
+            exclusivity domains and interference are judged by.
     """
 
     view: HostView
     alloc_generation: int
     allocations: Mapping[SlotKey, PlacementId] = field(default_factory=dict)
     schedulable: bool = True
+    tenants: Mapping[PlacementId, TenantName] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

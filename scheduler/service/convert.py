@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 
 from scheduler.core.host import (
+    GpuView,
     HostView,
     IommuGroupView,
+    MdevParentView,
+    MdevTypeView,
     NumaNodeView,
     PciFunctionView,
     PciRole,
+    SriovPfView,
+    VfView,
 )
 from scheduler.core.identity import (
     HostId,
@@ -19,8 +25,17 @@ from scheduler.core.identity import (
     PlacementId,
     RequestId,
     TenantName,
+    vfio_group_path,
 )
-from scheduler.core.plan import Plan
+from scheduler.core.mig import MigProfile, MigProfileName
+from scheduler.core.mig_geometry import GpuInstance
+from scheduler.core.plan import (
+    Assignment,
+    MdevAssignment,
+    Plan,
+    VfAssignment,
+    WholeDeviceAssignment,
+)
 from scheduler.core.request import (
     Affinity,
     AffinityScope,
@@ -161,6 +176,58 @@ def request_digest(msg: placement_pb2.PlacementRequest) -> str:
     return hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()
 
 
+#: NVIDIA vGPU descriptions end with the type's per-GPU limit.
+_MAX_INSTANCE = re.compile(r"max_instance=(\d+)")
+
+
+def _mdev_parent(parent: inventory_pb2.MdevParent) -> MdevParentView:
+    live = {i.uuid: i.type_id for i in parent.instances}
+    types: dict[str, MdevTypeView] = {}
+    for t in parent.types:
+        stated = _MAX_INSTANCE.search(t.description)
+        # Without the vendor's figure, what an empty parent holds is what is
+        # free now plus what this type already uses.
+        inferred = t.available_instances + sum(1 for v in live.values() if v == t.id)
+        types[t.id] = MdevTypeView(
+            type_id=t.id,
+            available=t.available_instances,
+            max_instances=int(stated.group(1)) if stated else inferred,
+            migratable=t.migratable,
+        )
+    return MdevParentView(PciAddress(parent.address), types, live, parent.single_type)
+
+
+def _gpu(gpu: inventory_pb2.Gpu) -> GpuView:
+    profiles = tuple(
+        MigProfile(
+            MigProfileName(p.name),
+            p.profile_id,
+            p.slice_count,
+            tuple((pl.start, pl.size) for pl in p.placements),
+        )
+        for p in gpu.mig_profiles
+    )
+    slices = {p.profile_id: p.slices for p in profiles}
+    instances = tuple(
+        GpuInstance(
+            gi.placement.start,
+            gi.placement.size,
+            gi.profile_id,
+            # A GI of a profile the report does not list still occupies its
+            # memory; count one compute slice at least.
+            max(1, slices.get(gi.profile_id, 1)),
+        )
+        for gi in gpu.gpu_instances
+    )
+    return GpuView(
+        address=PciAddress(gpu.address),
+        model=gpu.model,
+        mig_enabled=gpu.mig_mode_current == inventory_pb2.MIG_MODE_ENABLED,
+        mig_profiles=profiles,
+        gpu_instances=instances,
+    )
+
+
 def host_view_from_inventory(inv: inventory_pb2.HostInventory) -> HostView:
     """Build the scheduler's view of a host from its agent's report."""
     models = {g.address: g.model for g in inv.gpus}
@@ -181,6 +248,7 @@ def host_view_from_inventory(inv: inventory_pb2.HostInventory) -> HostView:
             model=models.get(f.address),
             num_vfs=num_vfs.get(f.address, 0),
             host_use=f.host_use or None,
+            migration_driver=f.migratability.migration_driver or None,
         )
         for f in inv.pci_functions
     }
@@ -190,6 +258,22 @@ def host_view_from_inventory(inv: inventory_pb2.HostInventory) -> HostView:
         )
         for g in inv.iommu_groups
     }
+    pfs = {
+        PciAddress(pf.address): SriovPfView(
+            address=PciAddress(pf.address),
+            total_vfs=pf.total_vfs,
+            num_vfs=pf.num_vfs,
+            vfs=tuple(
+                VfView(
+                    vf.index,
+                    PciAddress(vf.address),
+                    IommuGroupNumber(vf.iommu_group) if vf.has_iommu_group else None,
+                )
+                for vf in pf.vfs
+            ),
+        )
+        for pf in inv.sriov_pfs
+    }
     return HostView(
         host_id=HostId(inv.host_id),
         functions=functions,
@@ -197,6 +281,59 @@ def host_view_from_inventory(inv: inventory_pb2.HostInventory) -> HostView:
         numa_nodes=tuple(NumaNodeView(n.id, tuple(n.distances)) for n in inv.numa_nodes),
         labels=dict(inv.labels),
         iommu_present=inv.iommu_present,
+        sriov_pfs=pfs,
+        mdev_parents={PciAddress(m.address): _mdev_parent(m) for m in inv.mdev_parents},
+        gpus={PciAddress(g.address): _gpu(g) for g in inv.gpus},
+    )
+
+
+def allocation_from_assignment(a: Assignment) -> placement_pb2.ClaimAllocation:
+    """The wire form of one claim unit's assignment.
+
+    Handles the agent fills in (a VF's address and group once it exists, an
+    mdev's group, MIG instance ids) stay empty until Prepare answers.
+    """
+    if isinstance(a, WholeDeviceAssignment):
+        return placement_pb2.ClaimAllocation(
+            claim=a.claim,
+            whole_device=placement_pb2.WholeDeviceSlot(
+                address=a.address, group_endpoints=list(a.group_endpoints)
+            ),
+            iommu_group=a.iommu_group,
+            vfio_path=a.vfio_path,
+            numa_node=a.numa_node,
+        )
+    if isinstance(a, VfAssignment):
+        return placement_pb2.ClaimAllocation(
+            claim=a.claim,
+            vf=placement_pb2.VfSlot(
+                pf_address=a.pf_address,
+                vf_address=a.vf_address or "",
+                vf_index=a.vf_index,
+                num_vfs=a.num_vfs,
+                vfio_driver=a.vfio_driver,
+            ),
+            iommu_group=a.iommu_group or 0,
+            vfio_path=vfio_group_path(a.iommu_group) if a.iommu_group is not None else "",
+            numa_node=a.numa_node,
+        )
+    if isinstance(a, MdevAssignment):
+        return placement_pb2.ClaimAllocation(
+            claim=a.claim,
+            mdev=placement_pb2.MdevSlot(
+                parent_address=a.parent_address, type_id=a.type_id, uuid=a.uuid
+            ),
+            numa_node=a.numa_node,
+        )
+    return placement_pb2.ClaimAllocation(
+        claim=a.claim,
+        mig=placement_pb2.MigSlot(
+            gpu_address=a.gpu_address,
+            profile_name=a.profile_name,
+            profile_id=a.profile_id,
+            placement=inventory_pb2.MigPlacement(start=a.start, size=a.size),
+        ),
+        numa_node=a.numa_node,
     )
 
 
@@ -208,18 +345,7 @@ def placement_from_plan(
     now_ms: int,
 ) -> placement_pb2.Placement:
     """A pending Placement for a plan about to be committed."""
-    allocations = [
-        placement_pb2.ClaimAllocation(
-            claim=a.claim,
-            whole_device=placement_pb2.WholeDeviceSlot(
-                address=a.address, group_endpoints=list(a.group_endpoints)
-            ),
-            iommu_group=a.iommu_group,
-            vfio_path=a.vfio_path,
-            numa_node=a.numa_node,
-        )
-        for a in plan.assignments
-    ]
+    allocations = [allocation_from_assignment(a) for a in plan.assignments]
     return placement_pb2.Placement(
         placement_id=placement_id,
         request_id=request.request_id,

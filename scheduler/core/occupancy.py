@@ -1,0 +1,251 @@
+"""What is taken on a host: allocations and live objects, folded into one view.
+
+The engine judges every candidate against a host's :class:`Occupancy`, built
+once per host state from two sources that can disagree for a while:
+
+* the store's allocations (slot keys, see :mod:`scheduler.core.slots`): what
+  Tessera has promised, including placements the agent has not carried out;
+* the inventory's live objects (mdevs, MIG GPU instances, enabled VFs): what
+  exists on the host, including what someone else created.
+
+Both count: a unit is free only if neither source holds it. Pure.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from types import MappingProxyType
+
+from scheduler.core.host import HostView, MdevParentView, PciFunctionView
+from scheduler.core.identity import IommuGroupNumber, PciAddress, PlacementId, TenantName
+from scheduler.core.mig_geometry import GpuInstance, MigGeometryError, MigLayout
+from scheduler.core.request import ExclusivityDomain
+from scheduler.core.slots import ExclusiveSlot, GroupSlot, MdevSlot, MigSlot, VfSlot, parse_slot
+from scheduler.core.snapshot import HostState
+
+
+class DeviceMode(enum.Enum):
+    """How a physical device is being used; one mode at a time."""
+
+    WHOLE = "whole-device"
+    VF = "vf"
+    MDEV = "mdev"
+    MIG = "mig"
+
+
+#: An exclusivity domain instance: (domain, instance id).
+DomainKey = tuple[ExclusivityDomain, str]
+
+#: The domains a device belongs to, narrowest first.
+DOMAINS = (
+    ExclusivityDomain.DEVICE,
+    ExclusivityDomain.PCIE_SWITCH,
+    ExclusivityDomain.NUMA_NODE,
+    ExclusivityDomain.HOST,
+)
+
+
+def domain_instance(view: HostView, device: PciFunctionView, domain: ExclusivityDomain) -> str:
+    """The instance of ``domain`` that ``device`` belongs to.
+
+    A device under no switch belongs to its root port's "switch" domain (or
+    its root bus's when it has no port): the blast radius is the nearest
+    shared PCIe element either way.
+    """
+    if domain is ExclusivityDomain.DEVICE:
+        return device.address
+    if domain is ExclusivityDomain.PCIE_SWITCH:
+        return device.switch or device.root_port or device.root_bus or device.address
+    if domain is ExclusivityDomain.NUMA_NODE:
+        return str(device.numa_node)
+    return view.host_id
+
+
+def domain_keys(view: HostView, device: PciFunctionView) -> tuple[DomainKey, ...]:
+    """Every domain instance ``device`` lies in."""
+    return tuple((d, domain_instance(view, device, d)) for d in DOMAINS)
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """A host's taken units and who holds what.
+
+    Attributes:
+        groups_taken: IOMMU groups held whole.
+        modes: devices in use, with how.
+        vfs_taken: per PF, VF indexes held.
+        mdev_used: per parent, mdevs per type (live or allocated).
+        mdev_pending: per parent, allocated mdevs per type not live yet.
+        mig_layouts: per MIG-enabled GPU, its occupancy.
+        unusable: devices whose state is inconsistent (e.g. overlapping MIG
+            instances reported); nothing more goes there.
+        tenants: per domain instance, the tenants with something inside.
+        exclusive: per domain instance, the tenant holding it exclusively.
+    """
+
+    groups_taken: frozenset[IommuGroupNumber]
+    modes: Mapping[PciAddress, DeviceMode]
+    vfs_taken: Mapping[PciAddress, frozenset[int]]
+    mdev_used: Mapping[PciAddress, Mapping[str, int]]
+    mdev_pending: Mapping[PciAddress, Mapping[str, int]]
+    mig_layouts: Mapping[PciAddress, MigLayout]
+    unusable: frozenset[PciAddress] = frozenset()
+    tenants: Mapping[DomainKey, frozenset[TenantName]] = field(default_factory=dict)
+    exclusive: Mapping[DomainKey, TenantName] = field(default_factory=dict)
+
+    def other_tenants(self, key: DomainKey, tenant: TenantName) -> frozenset[TenantName]:
+        """Tenants other than ``tenant`` inside a domain instance."""
+        return self.tenants.get(key, frozenset()) - {tenant}
+
+    def held_by_other(self, key: DomainKey, tenant: TenantName) -> TenantName | None:
+        """The other tenant holding a domain instance exclusively, if any."""
+        holder = self.exclusive.get(key)
+        return holder if holder is not None and holder != tenant else None
+
+
+def mdev_free(
+    parent: MdevParentView,
+    type_id: str,
+    used: Mapping[str, int],
+    pending: Mapping[str, int],
+) -> int:
+    """How many more mdevs of ``type_id`` the parent takes.
+
+    Two bounds, the tighter wins: the kernel's ``available_instances`` less
+    what Tessera allocated but the agent has not created yet; and the
+    parent's share model, where an instance of type *t* uses ``1/max(t)`` of
+    the parent (NVIDIA vGPU splits framebuffer this way), so mixed types add
+    up to at most one parent. On a single-type parent, any other live or
+    allocated type leaves no room.
+    """
+    offered = parent.types.get(type_id)
+    if offered is None or offered.max_instances <= 0:
+        return 0
+    if parent.single_type and any(n > 0 and t != type_id for t, n in used.items()):
+        return 0
+    fill = Fraction(0)
+    for t, n in used.items():
+        other = parent.types.get(t)
+        # A live mdev of a type no longer offered still takes room; count it
+        # as a whole parent's worth would be too harsh, as one of this type.
+        share = other.max_instances if other is not None and other.max_instances > 0 else 0
+        fill += Fraction(n, share) if share else Fraction(n, offered.max_instances)
+    room = int((1 - fill) * offered.max_instances) if fill < 1 else 0
+    kernel = offered.available - pending.get(type_id, 0)
+    return max(0, min(room, kernel))
+
+
+def _devices_of_slot(view: HostView, slot: object) -> tuple[PciAddress, ...]:
+    if isinstance(slot, GroupSlot):
+        group = view.iommu_groups.get(slot.group)
+        return group.members if group is not None else ()
+    if isinstance(slot, VfSlot):
+        return (slot.pf,)
+    if isinstance(slot, MdevSlot):
+        return (slot.parent,)
+    if isinstance(slot, MigSlot):
+        return (slot.gpu,)
+    return ()
+
+
+def _mig_layouts(
+    view: HostView, allocated: Mapping[PciAddress, list[MigSlot]]
+) -> tuple[dict[PciAddress, MigLayout], set[PciAddress]]:
+    layouts: dict[PciAddress, MigLayout] = {}
+    broken: set[PciAddress] = set()
+    for address, gpu in view.gpus.items():
+        if not gpu.mig_enabled:
+            continue
+        slices = {p.profile_id: p.slices for p in gpu.mig_profiles}
+        instances = {(gi.start, gi.size): gi for gi in gpu.gpu_instances}
+        for s in allocated.get(address, []):
+            # An allocated instance the agent created shows up live at the
+            # same placement: count it once.
+            instances.setdefault(
+                (s.start, s.size),
+                GpuInstance(s.start, s.size, s.profile_id, slices.get(s.profile_id, 1)),
+            )
+        try:
+            layouts[address] = MigLayout(tuple(instances.values()))
+        except MigGeometryError:
+            broken.add(address)
+    return layouts, broken
+
+
+def build_occupancy(state: HostState) -> Occupancy:
+    """Fold a host state's allocations and live objects into an :class:`Occupancy`."""
+    view = state.view
+    groups: set[IommuGroupNumber] = set()
+    modes: dict[PciAddress, DeviceMode] = {}
+    vfs: dict[PciAddress, set[int]] = {}
+    mdev_uuids: dict[PciAddress, dict[str, str]] = {}
+    mig_allocated: dict[PciAddress, list[MigSlot]] = {}
+    tenants: dict[DomainKey, set[TenantName]] = {}
+    exclusive: dict[DomainKey, TenantName] = {}
+
+    def tenant_of(pid: PlacementId) -> TenantName:
+        # A placement whose tenant the store does not say is some other
+        # tenant: judged as a stranger, never as the requester.
+        return state.tenants.get(pid, TenantName(f"placement:{pid}"))
+
+    def inside(devices: Iterable[PciAddress], tenant: TenantName) -> None:
+        for address in devices:
+            device = view.functions.get(address)
+            if device is None or device.role.is_bridge:
+                continue
+            for key in domain_keys(view, device):
+                tenants.setdefault(key, set()).add(tenant)
+
+    for key, pid in state.allocations.items():
+        slot = parse_slot(key)
+        tenant = tenant_of(pid)
+        if isinstance(slot, GroupSlot):
+            groups.add(slot.group)
+            group = view.iommu_groups.get(slot.group)
+            for member in group.members if group is not None else ():
+                modes[member] = DeviceMode.WHOLE
+        elif isinstance(slot, VfSlot):
+            vfs.setdefault(slot.pf, set()).add(slot.index)
+            modes.setdefault(slot.pf, DeviceMode.VF)
+        elif isinstance(slot, MdevSlot):
+            mdev_uuids.setdefault(slot.parent, {})[slot.uuid] = slot.type_id
+            modes.setdefault(slot.parent, DeviceMode.MDEV)
+        elif isinstance(slot, MigSlot):
+            mig_allocated.setdefault(slot.gpu, []).append(slot)
+            modes.setdefault(slot.gpu, DeviceMode.MIG)
+        elif isinstance(slot, ExclusiveSlot):
+            exclusive[(slot.domain, slot.instance)] = tenant
+        inside(_devices_of_slot(view, slot), tenant)
+
+    # Live objects, whoever made them.
+    for pf in view.sriov_pfs.values():
+        if pf.num_vfs > 0:
+            modes.setdefault(pf.address, DeviceMode.VF)
+    used: dict[PciAddress, Counter[str]] = {}
+    pending: dict[PciAddress, Counter[str]] = {}
+    for address, parent in view.mdev_parents.items():
+        allocated = mdev_uuids.get(address, {})
+        everything = {**parent.live, **allocated}
+        if everything:
+            modes.setdefault(address, DeviceMode.MDEV)
+        used[address] = Counter(everything.values())
+        pending[address] = Counter(t for u, t in allocated.items() if u not in parent.live)
+    layouts, broken = _mig_layouts(view, mig_allocated)
+    for address, layout in layouts.items():
+        if layout.instances:
+            modes.setdefault(address, DeviceMode.MIG)
+    return Occupancy(
+        groups_taken=frozenset(groups),
+        modes=MappingProxyType(modes),
+        vfs_taken=MappingProxyType({pf: frozenset(ix) for pf, ix in vfs.items()}),
+        mdev_used=MappingProxyType(used),
+        mdev_pending=MappingProxyType(pending),
+        mig_layouts=MappingProxyType(layouts),
+        unusable=frozenset(broken),
+        tenants=MappingProxyType({k: frozenset(v) for k, v in tenants.items()}),
+        exclusive=MappingProxyType(exclusive),
+    )
