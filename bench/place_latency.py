@@ -26,8 +26,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from scheduler.core.engine.fastpath import Engine
 from scheduler.core.identity import HostId, RequestId, TenantName
-from scheduler.core.passthrough import schedule
 from scheduler.core.request import Claim, DeviceKind, NumaPolicy, PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, HostState
 from scheduler.local_cluster import LocalCluster
@@ -78,6 +78,7 @@ def bench_core(
             for i in range(n)
         }  # fmt: skip
         snap = ClusterSnapshot(hosts=hosts)
+        engine = Engine()
         for label, claim, policy in (
             ("1gpu", Claim("g", DeviceKind.GPU, 1), NumaPolicy.NONE),
             ("2gpu-single-numa", Claim("g", DeviceKind.GPU, 2), NumaPolicy.SINGLE_NUMA_NODE),
@@ -86,7 +87,7 @@ def bench_core(
             samples = []
             for _ in range(20 if n >= 5000 else 50):
                 t0 = time.perf_counter()
-                schedule(snap, req)
+                engine.schedule(snap, req)
                 samples.append(time.perf_counter() - t0)
             results[f"{n}-hosts/{label}"] = _summary(samples)
     return results

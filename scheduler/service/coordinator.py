@@ -17,8 +17,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from scheduler.core.identity import HostId, PlacementId, SlotKey, iommu_group_slot
-from scheduler.core.passthrough import check_supported, schedule
+from scheduler.core.engine.fastpath import Engine
+from scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName, iommu_group_slot
 from scheduler.core.plan import Plan, Unschedulable
 from scheduler.core.request import PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, HostState
@@ -42,7 +42,6 @@ from scheduler.service.errors import (
     PlacementBusyError,
     PlacementNotFoundError,
     RequestIdReusedError,
-    UnsupportedRequestError,
 )
 from scheduler.store.redis_store import CommitOutcome, HostRecord, RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
@@ -84,6 +83,7 @@ class PlacementCoordinator:
         agents: reaches agents to carry placements out.
         leases: heartbeat settings.
         clock_ms: current time in ms (injectable for lease tests).
+        engine: the placement engine (its host index is reused across calls).
     """
 
     def __init__(
@@ -92,6 +92,7 @@ class PlacementCoordinator:
         agents: AgentGateway,
         leases: Leases = Leases(),
         clock_ms: Callable[[], int] = _now_ms,
+        engine: Engine | None = None,
     ) -> None:
         self._store = store
         self._agents = agents
@@ -100,6 +101,7 @@ class PlacementCoordinator:
         # Parsed host views by (host, boot, inventory generation): parsing a
         # big inventory on every request would dominate placement latency.
         self._views: dict[tuple[str, str, int], HostState] = {}
+        self._engine = engine if engine is not None else Engine()
 
     @property
     def leases(self) -> Leases:
@@ -122,6 +124,7 @@ class PlacementCoordinator:
             alloc_generation=record.alloc_generation,
             allocations={SlotKey(k): PlacementId(v) for k, v in record.allocations.items()},
             schedulable=alive,
+            tenants={PlacementId(k): TenantName(v) for k, v in record.tenants.items()},
         )
 
     async def snapshot(self) -> tuple[ClusterSnapshot, dict[str, HostRecord]]:
@@ -138,9 +141,6 @@ class PlacementCoordinator:
         violations = validate_request(request, prefix)
         if violations:
             raise InvalidRequestError(violations)
-        unsupported = check_supported(request)
-        if unsupported is not None:
-            raise UnsupportedRequestError(prefix + unsupported.field, unsupported.message)
         return request
 
     async def _existing(
@@ -177,7 +177,7 @@ class PlacementCoordinator:
         """Dry run: the plan the request would get now, or why it cannot be placed."""
         request = self._parse(msg)
         snapshot, _ = await self.snapshot()
-        return schedule(snapshot, request)
+        return self._engine.schedule(snapshot, request, explain=True)
 
     async def place(
         self, msg: placement_pb2.PlacementRequest, prefix: str = ""
@@ -192,7 +192,6 @@ class PlacementCoordinator:
 
         Raises:
             InvalidRequestError: the request is malformed (nothing is written).
-            UnsupportedRequestError: it needs a form this version cannot place.
             RequestIdReusedError: the request_id belongs to another request.
             NoCapacityError: no host can take it.
             ContentionError: every commit lost a race.
@@ -205,7 +204,7 @@ class PlacementCoordinator:
             return existing
         for attempt in range(MAX_COMMIT_ATTEMPTS):
             snapshot, records = await self.snapshot()
-            result = schedule(snapshot, request)
+            result = self._engine.schedule(snapshot, request)
             if isinstance(result, Unschedulable):
                 raise NoCapacityError(result.summary, result.reasons())
             placement_id = PlacementId(f"pl-{uuid.uuid4().hex[:16]}")
@@ -220,6 +219,7 @@ class PlacementCoordinator:
                 placement=placement.SerializeToString(),
                 request_id=msg.request_id,
                 request_digest=digest,
+                tenant=msg.tenant,
             )
             if commit.outcome is CommitOutcome.COMMITTED:
                 return await self._prepare(placement, records[result.host_id])

@@ -13,14 +13,6 @@ class SchedulerError(Exception):
     """Base of failures the scheduler reports to its clients."""
 
 
-class UnsupportedRequestError(SchedulerError):
-    """The request needs something this version cannot place yet."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
 class NoCapacityError(SchedulerError):
     """No host can take the request now."""
 
@@ -54,7 +46,6 @@ class HostOperationError(SchedulerError):
 #: Exception type -> status code. The first matching entry wins.
 STATUS_CODES: Mapping[type[Exception], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
-    UnsupportedRequestError: grpc.StatusCode.UNIMPLEMENTED,
     NoCapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RequestIdReusedError: grpc.StatusCode.ALREADY_EXISTS,
     PlacementNotFoundError: grpc.StatusCode.NOT_FOUND,

@@ -14,6 +14,7 @@ KEYS[5]  tessera:{H}:placement-requests    placement id -> request id
 KEYS[6]  tessera:request:<request_id>      request index (global)
 KEYS[7]  tessera:placement:<placement_id>  placement index (global)
 KEYS[8]  tessera:{H}:placement-states      placement id -> lifecycle state
+KEYS[9]  tessera:{H}:placement-tenants     placement id -> tenant
 
 ARGV[1]  expected alloc generation (decimal)
 ARGV[2]  placement id
@@ -21,7 +22,8 @@ ARGV[3]  placement payload (opaque bytes)
 ARGV[4]  request id
 ARGV[5]  request digest
 ARGV[6]  host id
-ARGV[7..] slot keys
+ARGV[7]  tenant
+ARGV[8..] slot keys
 
 Returns {outcome, placement_id, detail} with outcome one of
 COMMITTED, CONFLICT, DUPLICATE.
@@ -29,10 +31,10 @@ COMMITTED, CONFLICT, DUPLICATE.
 
 local host_key, alloc_key, placements_key = KEYS[1], KEYS[2], KEYS[3]
 local slots_key, requests_key, request_key, index_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local states_key = KEYS[8]
+local states_key, tenants_key = KEYS[8], KEYS[9]
 local expected = ARGV[1]
 local placement_id, payload = ARGV[2], ARGV[3]
-local request_id, digest, host_id = ARGV[4], ARGV[5], ARGV[6]
+local request_id, digest, host_id, tenant = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 
 -- Idempotency first: a retry of a committed request gets the first answer,
 -- even if the host's generation has moved since (it moved because of us).
@@ -59,7 +61,7 @@ end
 
 local slots = {}
 local seen = {}
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   local slot = ARGV[i]
   if not seen[slot] then
     seen[slot] = true
@@ -86,6 +88,7 @@ if #slots > 0 then
 end
 redis.call('HSET', slots_key, placement_id, encoded)
 redis.call('HSET', requests_key, placement_id, request_id)
+redis.call('HSET', tenants_key, placement_id, tenant)
 redis.call('HSET', request_key, 'placement_id', placement_id, 'digest', digest, 'host_id', host_id)
 redis.call('SET', index_key, host_id)
 local new_generation = redis.call('HINCRBY', host_key, 'alloc_generation', 1)

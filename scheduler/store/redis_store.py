@@ -40,6 +40,7 @@ class HostRecord:
             by an inventory change (so a plan made against an older inventory
             cannot commit).
         allocations: slot key (``iommu-group:12``) -> owning placement id.
+        tenants: placement id -> its tenant, for the placements holding slots.
     """
 
     host_id: str
@@ -50,6 +51,7 @@ class HostRecord:
     last_heartbeat_ms: int
     alloc_generation: int
     allocations: Mapping[str, str] = field(default_factory=dict)
+    tenants: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ return 1
 """
 
 # KEYS: host, alloc, placements, placement-slots, placement-requests,
-#       request index, placement index, placement-states. ARGV: placement id,
+#       request index, placement index, placement-states, placement-tenants.
+#       ARGV: placement id,
 # its request id (read beforehand; -1 asks the caller to re-read if it changed
 # meanwhile), then the states it may be released from (none: any; -2 if not).
 _RELEASE_LUA = """#!lua
@@ -190,6 +193,7 @@ redis.call('HDEL', placements_key, placement_id)
 redis.call('HDEL', slots_key, placement_id)
 redis.call('HDEL', requests_key, placement_id)
 redis.call('HDEL', KEYS[8], placement_id)
+redis.call('HDEL', KEYS[9], placement_id)
 if request_id ~= '' and redis.call('HGET', request_key, 'placement_id') == placement_id then
   redis.call('DEL', request_key)
 end
@@ -239,7 +243,12 @@ def _int(value: bytes | str | None) -> int:
     return int(text) if text else 0
 
 
-def _record(host_id: str, fields: Mapping[Any, Any], allocs: Mapping[Any, Any]) -> HostRecord:
+def _record(
+    host_id: str,
+    fields: Mapping[Any, Any],
+    allocs: Mapping[Any, Any],
+    tenants: Mapping[Any, Any],
+) -> HostRecord:
     by_name = {_text(k): v for k, v in fields.items()}
     inventory = by_name.get(schema.F_INVENTORY)
     if inventory is None:
@@ -253,6 +262,7 @@ def _record(host_id: str, fields: Mapping[Any, Any], allocs: Mapping[Any, Any]) 
         last_heartbeat_ms=_int(by_name.get(schema.F_LAST_HEARTBEAT_MS)),
         alloc_generation=_int(by_name.get(schema.F_ALLOC_GENERATION)),
         allocations={_text(k): _text(v) for k, v in allocs.items()},
+        tenants={_text(k): _text(v) for k, v in tenants.items()},
     )
 
 
@@ -343,10 +353,11 @@ class RedisStateStore:
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.hgetall(schema.host(host_id))
             pipe.hgetall(schema.alloc(host_id))
-            fields, allocs = await pipe.execute()
+            pipe.hgetall(schema.placement_tenants(host_id))
+            fields, allocs, tenants = await pipe.execute()
         if not fields:
             return None
-        return _record(host_id, fields, allocs)
+        return _record(host_id, fields, allocs, tenants)
 
     async def snapshot(self) -> StoreSnapshot:
         """Every registered host with its allocations.
@@ -364,12 +375,13 @@ class RedisStateStore:
             for host_id in host_ids:
                 pipe.hgetall(schema.host(host_id))
                 pipe.hgetall(schema.alloc(host_id))
+                pipe.hgetall(schema.placement_tenants(host_id))
             replies = await pipe.execute()
         hosts: dict[str, HostRecord] = {}
         for i, host_id in enumerate(host_ids):
-            fields, allocs = replies[2 * i], replies[2 * i + 1]
+            fields, allocs, tenants = replies[3 * i : 3 * i + 3]
             if fields:
-                hosts[host_id] = _record(host_id, fields, allocs)
+                hosts[host_id] = _record(host_id, fields, allocs, tenants)
         return StoreSnapshot(hosts=hosts)
 
     # -- reservations ----------------------------------------------------------
@@ -384,6 +396,7 @@ class RedisStateStore:
         placement: bytes,
         request_id: str,
         request_digest: str,
+        tenant: str = "",
     ) -> CommitResult:
         """Atomically reserve slots on a host for a new placement.
 
@@ -403,6 +416,7 @@ class RedisStateStore:
             placement: serialized ``Placement``.
             request_id: the client's idempotency key.
             request_digest: digest of the request, to detect a reused id.
+            tenant: the placement's tenant, recorded beside it for snapshots.
 
         Returns:
             What happened, and why.
@@ -419,6 +433,7 @@ class RedisStateStore:
                 schema.request(request_id),
                 schema.placement_index(placement_id),
                 schema.placement_states(host_id),
+                schema.placement_tenants(host_id),
             ],
             args=[
                 str(expected_alloc_generation),
@@ -427,6 +442,7 @@ class RedisStateStore:
                 request_id,
                 request_digest,
                 host_id,
+                tenant,
                 *slots,
             ],
         )
@@ -506,6 +522,7 @@ class RedisStateStore:
                         schema.request(request_id),
                         schema.placement_index(placement_id),
                         schema.placement_states(host_id),
+                        schema.placement_tenants(host_id),
                     ],
                     args=[placement_id, request_id, *from_states],
                 )

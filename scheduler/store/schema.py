@@ -20,6 +20,10 @@ key                                       type     content
                                                    the placement owns (release frees exactly
                                                    these)
 ``tessera:{H}:placement-requests``        hash     placement id -> request id that made it
+``tessera:{H}:placement-states``          hash     placement id -> ``pending``, ``ready``,
+                                                   ``releasing`` or ``failed``
+``tessera:{H}:placement-tenants``         hash     placement id -> tenant (what exclusivity
+                                                   domains and interference are judged by)
 ========================================  =======  ==========================================
 
 Global (not hash-tagged by host):
@@ -149,6 +153,21 @@ def placement_states(host_id: str) -> str:
         The key name.
     """
     return f"{_tag(host_id)}:placement-states"
+
+
+def placement_tenants(host_id: str) -> str:
+    """Hash of each placement's tenant: placement id -> tenant name.
+
+    Read into every snapshot: the engine keeps other tenants out of a
+    tenant's exclusive domains, which needs who holds each slot.
+
+    Args:
+        host_id: the host.
+
+    Returns:
+        The key name.
+    """
+    return f"{_tag(host_id)}:placement-tenants"
 
 
 def request(request_id: str) -> str:

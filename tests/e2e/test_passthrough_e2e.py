@@ -125,7 +125,7 @@ def test_two_concurrent_places_for_the_last_gpu_one_wins(
     lost = [r for r in results.values() if isinstance(r, grpc.RpcError)]
     assert len(won) == 1 and len(lost) == 1
     assert lost[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "IOMMU group" in (lost[0].details() or "")
+    assert "iommu-group-allocated" in (lost[0].details() or "")
     assert won[0].allocations[0].iommu_group != first.allocations[0].iommu_group
     for p in (first, won[0]):
         stub.Release(scheduler_pb2.ReleaseRequest(placement_id=p.placement_id), timeout=60)

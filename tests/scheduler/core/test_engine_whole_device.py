@@ -1,13 +1,11 @@
-"""Whole-device passthrough placement, as the spec states it."""
+"""Whole-device passthrough placement by the engine, as the spec states it."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
-
-from scheduler.core.identity import IommuGroupNumber, PciAddress, RequestId, TenantName
-from scheduler.core.passthrough import (
+from scheduler.core.engine.fastpath import Engine
+from scheduler.core.engine.plugins import (
     REASON_GROUP_ALLOCATED,
     REASON_GROUP_HOLDS_HOST_DEVICE,
     REASON_IN_USE_BY_HOST,
@@ -15,23 +13,32 @@ from scheduler.core.passthrough import (
     REASON_LEASE_EXPIRED,
     REASON_NOT_MIGRATABLE,
     REASON_TOPOLOGY,
-    check_supported,
-    schedule,
 )
-from scheduler.core.plan import Plan, Unschedulable
+from scheduler.core.identity import IommuGroupNumber, PciAddress, RequestId, TenantName
+from scheduler.core.plan import Plan, Unschedulable, WholeDeviceAssignment
 from scheduler.core.request import (
     Affinity,
     AffinityScope,
     Claim,
-    DeviceForm,
     DeviceKind,
-    ExclusivityDomain,
-    Isolation,
     NumaPolicy,
     PlacementRequest,
 )
+from scheduler.core.snapshot import ClusterSnapshot
 
 from .topologies import dgx, snapshot, workstation
+
+
+def whole(plan: Plan) -> list[WholeDeviceAssignment]:
+    """The plan's assignments, which are all whole devices here."""
+    out = [a for a in plan.assignments if isinstance(a, WholeDeviceAssignment)]
+    assert len(out) == len(plan.assignments)
+    return out
+
+
+def schedule(snap: ClusterSnapshot, req: PlacementRequest) -> Plan | Unschedulable:
+    # explain=True: every host is fitted, so rejection counts cover the cluster.
+    return Engine().schedule(snap, req, explain=True)
 
 
 def request(*claims: Claim, **kw: object) -> PlacementRequest:
@@ -50,7 +57,7 @@ def gpus(n: int, name: str = "gpu", **kw: object) -> Claim:
 def test_a_gpu_comes_with_every_endpoint_of_its_iommu_group() -> None:
     plan = schedule(snapshot(workstation()), request(gpus(1)))
     assert isinstance(plan, Plan)
-    (a,) = plan.assignments
+    (a,) = whole(plan)
     assert a.address == "0000:01:00.0"
     assert a.group_endpoints == ("0000:01:00.0", "0000:01:00.1")
     assert a.vfio_path == "/dev/vfio/1"
@@ -61,13 +68,13 @@ def test_a_gpu_comes_with_every_endpoint_of_its_iommu_group() -> None:
 def test_a_group_already_allocated_is_never_offered_again() -> None:
     plan = schedule(snapshot(workstation(), taken={"ws": [1]}), request(gpus(1)))
     assert isinstance(plan, Plan)
-    assert plan.assignments[0].address == "0000:02:00.0"
+    assert whole(plan)[0].address == "0000:02:00.0"
 
 
 def test_the_last_gpu_taken_leaves_a_refusal_that_says_why() -> None:
     result = schedule(snapshot(workstation(), taken={"ws": [1, 2]}), request(gpus(1)))
     assert isinstance(result, Unschedulable)
-    assert "entirely free IOMMU groups" in result.summary
+    assert "capacity/iommu-group-allocated" in result.summary
     assert any(r.reason == REASON_GROUP_ALLOCATED and r.count == 2 for r in result.rejections)
 
 
@@ -85,7 +92,7 @@ def test_a_group_that_also_holds_a_host_device_is_never_offered() -> None:
     host = replace(ws, functions={**ws.functions, nvme.address: nvme}, iommu_groups=groups)
     plan = schedule(snapshot(host), request(gpus(1)))
     assert isinstance(plan, Plan)
-    assert plan.assignments[0].address == "0000:02:00.0"
+    assert whole(plan)[0].address == "0000:02:00.0"
     refused = schedule(snapshot(host, taken={"ws": [2]}), request(gpus(1)))
     assert isinstance(refused, Unschedulable)
     assert REASON_GROUP_HOLDS_HOST_DEVICE in {r.reason for r in refused.rejections}
@@ -98,7 +105,7 @@ def test_a_device_the_host_uses_is_never_offered() -> None:
         ws, functions={**ws.functions, gpu0: replace(ws.functions[gpu0], host_use="boot display")}
     )
     plan = schedule(snapshot(host), request(gpus(1)))
-    assert isinstance(plan, Plan) and plan.assignments[0].address == "0000:02:00.0"
+    assert isinstance(plan, Plan) and whole(plan)[0].address == "0000:02:00.0"
     refused = schedule(snapshot(host), request(gpus(2)))
     assert isinstance(refused, Unschedulable)
     assert REASON_IN_USE_BY_HOST in {r.reason for r in refused.rejections}
@@ -113,7 +120,7 @@ def test_passthrough_is_never_offered_to_a_migratable_claim() -> None:
 def test_single_numa_node_keeps_both_gpus_on_one_node() -> None:
     plan = schedule(snapshot(dgx()), request(gpus(2), numa_policy=NumaPolicy.SINGLE_NUMA_NODE))
     assert isinstance(plan, Plan)
-    assert len({a.numa_node for a in plan.assignments}) == 1
+    assert len({a.numa_node for a in whole(plan)}) == 1
 
 
 def test_single_numa_node_refuses_rather_than_spreading() -> None:
@@ -132,7 +139,7 @@ def test_socket_policy_keeps_gpus_within_one_socket() -> None:
     taken = {"dgx": [11, 13, 15]}  # leaves 0f (node 3), 4e (node 1), 90 (node 7), b7, bd
     plan = schedule(snapshot(dgx(), taken=taken), request(gpus(3), numa_policy=NumaPolicy.SOCKET))
     assert isinstance(plan, Plan)
-    nodes = {a.numa_node for a in plan.assignments}
+    nodes = {a.numa_node for a in whole(plan)}
     assert nodes <= {4, 5, 6, 7} or nodes <= {0, 1, 2, 3}
 
 
@@ -144,7 +151,7 @@ def test_required_same_switch_affinity_pairs_gpus_under_one_switch() -> None:
     )
     plan = schedule(snapshot(dgx(), taken={"dgx": [12]}), req)
     assert isinstance(plan, Plan)
-    a, b = plan.assignments
+    a, b = whole(plan)
     assert a.address[5:7] != b.address[5:7]
     # 07 and 0f share the first switch, but 0f is taken: the pair moves to 47/4e.
     assert {a.address, b.address} == {"0000:47:00.0", "0000:4e:00.0"}
@@ -163,23 +170,3 @@ def test_best_fit_prefers_the_fuller_host() -> None:
     plan = schedule(snap, request(gpus(1)))
     assert isinstance(plan, Plan)
     assert plan.host_id == "ws"
-
-
-@pytest.mark.parametrize(
-    ("claim", "field"),
-    [
-        (Claim("m", DeviceKind.GPU, 1, forms=frozenset({DeviceForm.MIG}),
-               mig_profiles=frozenset({"1g.10gb"}), min_isolation=Isolation.PARTITIONED),
-         "claims[0].forms"),
-        (Claim("v", DeviceKind.NIC, 1, forms=frozenset({DeviceForm.VF}),
-               min_isolation=Isolation.SHARED), "claims[0].forms"),
-    ],
-)  # fmt: skip
-def test_forms_not_placed_yet_are_refused_not_ignored(claim: Claim, field: str) -> None:
-    unsupported = check_supported(request(claim))
-    assert unsupported is not None and unsupported.field == field
-
-
-def test_wider_exclusivity_domains_are_refused_not_ignored() -> None:
-    unsupported = check_supported(request(gpus(1), exclusivity=ExclusivityDomain.HOST))
-    assert unsupported is not None and unsupported.field == "exclusivity"

@@ -1,0 +1,1 @@
+"""The placement engine: framework, plugins, fast path and CP-SAT batches."""

@@ -1,0 +1,511 @@
+"""The engine's fast path: one request, indexed filter, search, score, best choice.
+
+Hosts are visited most-packed first (best fit) using a per-host index of idle
+devices by kind, built once per host state and reused across requests; the
+first few hosts that fit are scored in full and the best wins. Within a host,
+a depth-first search assigns each claim unit an option (a whole device, or a
+pool of interchangeable slices), trying NUMA domains in preference order and
+preferred affinities before required-only. Pure: snapshot in, plan out.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from scheduler.core.engine.framework import (
+    Cycle,
+    HostFilter,
+    Option,
+    OptionFilter,
+    OptionGenerator,
+    Pick,
+    Rejections,
+    Reserver,
+    Scorer,
+    SearchPass,
+    UnitFilter,
+)
+from scheduler.core.engine.plugins import (
+    REASON_NO_MATCHING_DEVICE,
+    REASON_TOO_FEW,
+    REASON_TOPOLOGY,
+    AffinityPlugin,
+    BestFitScorer,
+    CapacityPlugin,
+    DeviceMatchPlugin,
+    ExclusivityPlugin,
+    HostSelectorPlugin,
+    HostUsePlugin,
+    InterferencePlugin,
+    IommuIsolationPlugin,
+    LeasePlugin,
+    LocalityScorer,
+    MdevHomogeneityPlugin,
+    MdevOptions,
+    MigFragmentationScorer,
+    MigOptions,
+    MigratabilityPlugin,
+    NumaPlugin,
+    SharingScorer,
+    VfOptions,
+    WholeDeviceOptions,
+    free_vfs,
+    numa_domains,
+)
+from scheduler.core.host import HostView
+from scheduler.core.identity import (
+    HostId,
+    PciAddress,
+    SlotKey,
+    iommu_group_slot,
+    vfio_group_path,
+)
+from scheduler.core.occupancy import Occupancy, build_occupancy, domain_instance
+from scheduler.core.plan import (
+    Assignment,
+    MdevAssignment,
+    MigAssignment,
+    Plan,
+    Unschedulable,
+    VfAssignment,
+    WholeDeviceAssignment,
+)
+from scheduler.core.request import (
+    Claim,
+    DeviceForm,
+    DeviceKind,
+    ExclusivityDomain,
+    PlacementRequest,
+)
+from scheduler.core.slots import exclusive_slot, mdev_slot, mig_slot, vf_slot
+from scheduler.core.snapshot import ClusterSnapshot, HostState
+
+#: Upper bound on search steps per host and pass, so a pathological request
+#: cannot stall the scheduler; hosts have tens of devices and pools collapse
+#: interchangeable slices, so real requests stay far below it.
+SEARCH_BUDGET = 20_000
+
+#: Namespace of the mdev UUIDs the engine chooses (uuid5 of host, generation,
+#: request and unit): deterministic, so the engine stays a pure function, and
+#: unique, because the generation moves with every commit on the host.
+MDEV_UUID_NAMESPACE = uuid.UUID("6f1c2a52-3c3e-4d4f-9a51-746573736572")
+
+#: Forms in order of economy: the smallest footprint that satisfies a claim.
+_FORM_ORDER = {
+    DeviceForm.VF: 0,
+    DeviceForm.MDEV: 0,
+    DeviceForm.MIG: 1,
+    DeviceForm.WHOLE_DEVICE: 2,
+}
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """The plugins an engine runs, in order (a scheduler profile)."""
+
+    host_filters: tuple[HostFilter, ...]
+    generators: Mapping[DeviceForm, OptionGenerator]
+    option_filters: tuple[OptionFilter, ...]
+    reserver: Reserver
+    unit_filters: tuple[UnitFilter, ...]
+    scorers: tuple[Scorer, ...]
+
+
+def default_profile() -> EngineProfile:
+    """Every constraint family and scorer Tessera ships."""
+    capacity = CapacityPlugin()
+    return EngineProfile(
+        host_filters=(LeasePlugin(), HostSelectorPlugin()),
+        generators={
+            DeviceForm.WHOLE_DEVICE: WholeDeviceOptions(),
+            DeviceForm.VF: VfOptions(),
+            DeviceForm.MDEV: MdevOptions(),
+            DeviceForm.MIG: MigOptions(),
+        },
+        option_filters=(
+            DeviceMatchPlugin(),
+            HostUsePlugin(),
+            IommuIsolationPlugin(),
+            InterferencePlugin(),
+            MigratabilityPlugin(),
+            MdevHomogeneityPlugin(),
+            ExclusivityPlugin(),
+            capacity,
+        ),
+        reserver=capacity,
+        unit_filters=(NumaPlugin(), AffinityPlugin()),
+        scorers=(BestFitScorer(), SharingScorer(), LocalityScorer(), MigFragmentationScorer()),
+    )
+
+
+@dataclass(frozen=True)
+class HostFit:
+    """A complete assignment of a request on one host, scored."""
+
+    state: HostState
+    picks: tuple[Pick, ...]
+    score: int
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _HostIndex:
+    """Per host state: its occupancy and idle devices by kind (the hot-path index)."""
+
+    view: HostView
+    occupancy: Occupancy
+    idle: Mapping[DeviceKind, int]
+
+
+@dataclass
+class Engine:
+    """Places requests on a cluster snapshot.
+
+    Holds a memo of per-host indexes keyed by host, allocation generation and
+    inventory view, so consecutive requests on a mostly unchanged cluster do
+    not rebuild them; results never depend on the memo.
+
+    Attributes:
+        profile: the plugins.
+        feasible_hosts: how many fitting hosts the fast path scores before
+            choosing; 1 is first fit on the best-fit order.
+    """
+
+    profile: EngineProfile = field(default_factory=default_profile)
+    feasible_hosts: int = 4
+    _index: dict[tuple[HostId, int, int], _HostIndex] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------ host index
+
+    def host_index(self, state: HostState) -> _HostIndex:
+        """The memoised index of a host state."""
+        view = state.view
+        key = (view.host_id, state.alloc_generation, id(view))
+        found = self._index.get(key)
+        if found is not None and found.view is view:
+            return found
+        occupancy = build_occupancy(state)
+        idle = {
+            kind: sum(
+                1
+                for d in view.whole_devices(kind)
+                if d.address not in occupancy.modes and not d.is_vf
+            )
+            for kind in DeviceKind
+        }
+        index = _HostIndex(view, occupancy, idle)
+        if len(self._index) > 4 * 65536:
+            # Bounded: old generations are dead weight.
+            self._index.clear()
+        self._index[key] = index
+        return index
+
+    def occupancy(self, state: HostState) -> Occupancy:
+        """The host state's occupancy."""
+        return self.host_index(state).occupancy
+
+    # ------------------------------------------------------------ one host
+
+    def _options(self, cycle: Cycle, claim: Claim, rejections: Rejections) -> list[Option] | None:
+        kept: list[Option] = []
+        generated = 0
+        forms = sorted(claim.accepted_forms(), key=lambda f: _FORM_ORDER[f])
+        for form in forms:
+            for item in self.profile.generators[form].options(cycle, claim):
+                if isinstance(item, tuple):
+                    rejections.add_verdict(item)
+                    continue
+                generated += 1
+                for plugin in self.profile.option_filters:
+                    verdict = plugin.filter_option(cycle, claim, item)
+                    if verdict is not None:
+                        rejections.add_verdict(verdict)
+                        break
+                else:
+                    kept.append(item)
+        host = cycle.view.host_id
+        if not generated:
+            rejections.add("capacity", REASON_NO_MATCHING_DEVICE, f"{host}: {claim.name}")
+            return None
+        free = sum(o.free for o in kept)
+        if free < claim.count:
+            if kept or not generated:
+                rejections.add(
+                    "capacity",
+                    REASON_TOO_FEW,
+                    f"{host}: {claim.name} needs {claim.count}, {free} free",
+                )
+            return None
+        modes = cycle.occupancy.modes
+        # Economy first, then pack onto devices already in that use, then
+        # NUMA and address for a stable order.
+        kept.sort(
+            key=lambda o: (
+                _FORM_ORDER[o.form],
+                0 if o.device.address in modes else 1,
+                o.free,
+                o.device.numa_node,
+                o.device.address,
+                o.variant,
+            )
+        )
+        return kept
+
+    def fit(
+        self, state: HostState, request: PlacementRequest, rejections: Rejections
+    ) -> HostFit | None:
+        """The best assignment of ``request`` on one host, or None with reasons added."""
+        index = self.host_index(state)
+        cycle = Cycle(request, state, index.occupancy)
+        for host_filter in self.profile.host_filters:
+            verdict = host_filter.filter_host(cycle)
+            if verdict is not None:
+                rejections.add_verdict(verdict)
+                return None
+        options: dict[str, list[Option]] = {}
+        for claim in request.claims:
+            kept = self._options(cycle, claim, rejections)
+            if kept is None:
+                return None
+            options[claim.name] = kept
+        # Most constrained claims first: dead ends die early.
+        claims = sorted(request.claims, key=lambda c: len(options[c.name]))
+        units = [c for c in claims for _ in range(c.count)]
+        required = tuple(a for a in request.affinities if a.required)
+        every = tuple(request.affinities)
+        passes = (every, required) if every != required else (required,)
+        for nodes in numa_domains(state.view, request.numa_policy):
+            for affinities in passes:
+                picks = self._search(cycle, units, options, SearchPass(nodes, affinities))
+                if picks is not None:
+                    return self._scored(cycle, picks)
+        rejections.add(
+            "topology",
+            REASON_TOPOLOGY,
+            f"{state.view.host_id}: numa_policy={request.numa_policy.value}, "
+            f"{len(required)} required affinities",
+        )
+        return None
+
+    def _search(
+        self,
+        cycle: Cycle,
+        units: Sequence[Claim],
+        options: Mapping[str, Sequence[Option]],
+        search: SearchPass,
+    ) -> tuple[Pick, ...] | None:
+        picks: list[Pick] = []
+        steps = 0
+        reserver = self.profile.reserver
+        unit_filters = self.profile.unit_filters
+
+        def step(i: int, floor: int) -> bool:
+            nonlocal steps
+            if i == len(units):
+                return True
+            claim = units[i]
+            candidates = options[claim.name]
+            for k in range(floor, len(candidates)):
+                steps += 1
+                if steps > SEARCH_BUDGET:
+                    return False
+                pick = reserver.reserve(cycle, picks, claim, candidates[k])
+                if pick is None:
+                    continue
+                if not all(f.admit(search, picks, pick) for f in unit_filters):
+                    continue
+                picks.append(pick)
+                # Units of one claim are interchangeable: take options in
+                # non-decreasing order so no permutation is tried twice.
+                same = i + 1 < len(units) and units[i + 1] is claim
+                if step(i + 1, k if same else 0):
+                    return True
+                picks.pop()
+            return False
+
+        return tuple(picks) if step(0, 0) else None
+
+    def _scored(self, cycle: Cycle, picks: tuple[Pick, ...]) -> HostFit:
+        # Back to the request's claim order, which plans and placements keep.
+        order = {c.name: i for i, c in enumerate(cycle.request.claims)}
+        picks = tuple(sorted(picks, key=lambda p: order[p.claim.name]))
+        total = 0
+        reasons: list[str] = []
+        for scorer in self.profile.scorers:
+            value, why = scorer.score(cycle, picks)
+            total += value
+            reasons.append(f"{scorer.name} {value:+d}: {why}")
+        return HostFit(cycle.state, picks, total, tuple(reasons))
+
+    # ------------------------------------------------------------ cluster
+
+    def _host_order(self, snapshot: ClusterSnapshot, request: PlacementRequest) -> list[HostState]:
+        kinds = {c.kind for c in request.claims}
+        whole_only = {
+            c.kind: c.count
+            for c in request.claims
+            if c.accepted_forms() == frozenset({DeviceForm.WHOLE_DEVICE})
+        }
+        ranked: list[tuple[int, str, HostState]] = []
+        for host_id, state in snapshot.hosts.items():
+            idle = self.host_index(state).idle
+            ranked.append((sum(idle[k] for k in kinds), host_id, state))
+        ranked.sort(key=lambda r: (r[0], r[1]))
+        # Hosts that cannot hold a whole-device-only claim are tried last (the
+        # full fit still runs on them, so their reasons are reported).
+        ranked.sort(
+            key=lambda r: any(self.host_index(r[2]).idle[k] < n for k, n in whole_only.items())
+        )
+        return [state for _, _, state in ranked]
+
+    def candidates(
+        self, snapshot: ClusterSnapshot, request: PlacementRequest, limit: int
+    ) -> tuple[list[HostFit], Rejections]:
+        """Up to ``limit`` fitting hosts in fast-path order, with every rejection seen.
+
+        With ``limit`` 0 every host is fitted (what Explain and batch
+        candidate generation want).
+        """
+        rejections = Rejections()
+        fits: list[HostFit] = []
+        for state in self._host_order(snapshot, request):
+            fit = self.fit(state, request, rejections)
+            if fit is not None:
+                fits.append(fit)
+                if limit and len(fits) >= limit:
+                    break
+        return fits, rejections
+
+    def schedule(
+        self, snapshot: ClusterSnapshot, request: PlacementRequest, *, explain: bool = False
+    ) -> Plan | Unschedulable:
+        """Choose a host and slots for one request.
+
+        The caller has validated the request.
+
+        Args:
+            snapshot: the cluster at one moment.
+            request: what to place.
+            explain: fit every host, so the rejections cover the whole
+                cluster (slower); the choice is the same.
+
+        Returns:
+            A plan against the chosen host's allocation generation, or why no
+            host fits, per plugin.
+        """
+        fits, rejections = self.candidates(snapshot, request, 0 if explain else self.feasible_hosts)
+        if not fits:
+            wanted = ", ".join(
+                f"{c.count}x {c.kind.value} ({c.name}: "
+                f"{'/'.join(sorted(f.value for f in c.accepted_forms()))})"
+                for c in request.claims
+            )
+            found = rejections.as_tuple()
+            top = max(found, key=lambda r: r.count, default=None)
+            why = f"; most often {top.plugin}/{top.reason} ({top.count}x)" if top else ""
+            return Unschedulable(
+                f"no host can take {wanted} ({len(snapshot.hosts)} hosts considered{why})",
+                found,
+            )
+        best = min(fits, key=lambda f: (-f.score, f.state.view.host_id))
+        return build_plan(best, request)
+
+
+def _mdev_uuid(state: HostState, request: PlacementRequest, unit: int) -> str:
+    name = f"{state.view.host_id}/{state.alloc_generation}/{request.request_id}/{unit}"
+    return str(uuid.uuid5(MDEV_UUID_NAMESPACE, name))
+
+
+def _assignments(fit: HostFit, request: PlacementRequest) -> Iterator[tuple[Assignment, SlotKey]]:
+    state = fit.state
+    view = state.view
+    vf_queues: dict[PciAddress, list[int]] = {}
+    cycle = Cycle(request, state, build_occupancy(state))
+    for unit, pick in enumerate(fit.picks):
+        option = pick.option
+        device = option.device
+        name = pick.claim.name
+        if option.form is DeviceForm.WHOLE_DEVICE:
+            assert option.group is not None  # filtered: groupless devices never fit
+            yield (
+                WholeDeviceAssignment(
+                    claim=name,
+                    address=device.address,
+                    iommu_group=option.group,
+                    group_endpoints=view.group_endpoints(option.group),
+                    numa_node=device.numa_node,
+                    vfio_path=vfio_group_path(option.group),
+                ),
+                iommu_group_slot(option.group),
+            )
+        elif option.form is DeviceForm.VF:
+            pf = view.sriov_pfs[device.address]
+            queue = vf_queues.setdefault(pf.address, free_vfs(cycle, pf.address)[0])
+            index = queue.pop(0)
+            existing = next((v for v in pf.vfs if v.index == index), None)
+            yield (
+                VfAssignment(
+                    claim=name,
+                    pf_address=pf.address,
+                    vf_index=index,
+                    vf_address=existing.address if existing else None,
+                    iommu_group=existing.iommu_group if existing else None,
+                    numa_node=device.numa_node,
+                    num_vfs=pf.num_vfs or pf.total_vfs,
+                    vfio_driver=option.variant,
+                ),
+                vf_slot(pf.address, index),
+            )
+        elif option.form is DeviceForm.MDEV:
+            mdev_uuid = _mdev_uuid(state, request, unit)
+            yield (
+                MdevAssignment(
+                    claim=name,
+                    parent_address=device.address,
+                    type_id=option.variant,
+                    uuid=mdev_uuid,
+                    numa_node=device.numa_node,
+                ),
+                mdev_slot(device.address, option.variant, mdev_uuid),
+            )
+        else:
+            profile = next(
+                p for p in view.gpus[device.address].mig_profiles if p.name == option.variant
+            )
+            yield (
+                MigAssignment(
+                    claim=name,
+                    gpu_address=device.address,
+                    profile_name=profile.name,
+                    profile_id=profile.profile_id,
+                    start=pick.mig_start,
+                    size=pick.mig_size,
+                    numa_node=device.numa_node,
+                ),
+                mig_slot(device.address, profile.profile_id, pick.mig_start, pick.mig_size),
+            )
+
+
+def build_plan(fit: HostFit, request: PlacementRequest) -> Plan:
+    """The plan of a host fit: concrete slots (VF indexes, mdev UUIDs) and exclusive holds."""
+    pairs = list(_assignments(fit, request))
+    slots = [slot for _, slot in pairs]
+    if request.exclusivity is not ExclusivityDomain.NONE:
+        view = fit.state.view
+        held: list[SlotKey] = []
+        for pick in fit.picks:
+            instance = domain_instance(view, pick.option.device, request.exclusivity)
+            key = exclusive_slot(request.exclusivity, instance, request.request_id)
+            if key not in held:
+                held.append(key)
+        slots.extend(held)
+    return Plan(
+        host_id=fit.state.view.host_id,
+        expected_alloc_generation=fit.state.alloc_generation,
+        slots=tuple(slots),
+        assignments=tuple(a for a, _ in pairs),
+        score=fit.score,
+        reasons=fit.reasons,
+    )

@@ -1,0 +1,679 @@
+"""The plugins: one per constraint family, each naming its rejections.
+
+Hard constraints (never broken, whatever the score says):
+
+* ``host``, ``host-selector``: lease and labels;
+* ``device-match``: kind, vendor, device ids, models;
+* ``host-use``: what the host itself needs is never offered;
+* ``iommu-isolation``: a group never spans two tenants; whole-device
+  passthrough takes every endpoint of an entirely free group; VFs and mdevs
+  sit in groups of their own;
+* ``interference``: one device serves in one mode at a time (whole, VF,
+  mdev, MIG); a GPU in MIG mode hosts no time-sliced mdev; a GPU with
+  time-sliced tenants is never handed over whole or partitioned;
+* ``migratability``: a migratable claim only lands on slots that can move;
+* ``mdev-homogeneity``: single-type parents keep one type;
+* ``capacity``: VFs per PF, mdev instances and share, MIG geometry;
+* ``exclusivity``: no other tenant inside a tenant's exclusive domain;
+* ``numa``, ``pcie-affinity``: the request's topology policy.
+
+Soft preferences are the scorers at the end of the module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from scheduler.core.engine.framework import (
+    Cycle,
+    Option,
+    Pick,
+    SearchPass,
+    Verdict,
+)
+from scheduler.core.host import (
+    HANDOVER_GROUP_HOLDS_HOST_DEVICE,
+    HANDOVER_IN_USE_BY_HOST,
+    GpuView,
+    HostView,
+    PciFunctionView,
+)
+from scheduler.core.identity import PciAddress
+from scheduler.core.mig import MigProfile
+from scheduler.core.mig_geometry import (
+    MigLayout,
+    best_placement,
+    capacity,
+    fragmentation_score,
+    with_instance,
+)
+from scheduler.core.occupancy import DeviceMode, domain_instance, domain_keys, mdev_free
+from scheduler.core.request import (
+    Affinity,
+    AffinityScope,
+    Claim,
+    DeviceForm,
+    ExclusivityDomain,
+    NumaPolicy,
+)
+
+# Named reasons, stable for operators and metrics.
+REASON_LEASE_EXPIRED = "lease-expired"
+REASON_LABELS_MISMATCH = "labels-mismatch"
+REASON_NO_IOMMU = "no-iommu"
+REASON_NO_MATCHING_DEVICE = "no-matching-device"
+REASON_KIND_MISMATCH = "kind-mismatch"
+REASON_SELECTOR_MISMATCH = "selector-mismatch"
+REASON_NOT_MIGRATABLE = "passthrough-not-migratable"
+REASON_MIG_NOT_MIGRATABLE = "mig-not-migratable"
+REASON_MDEV_TYPE_NOT_MIGRATABLE = "mdev-type-not-migratable"
+REASON_VF_NOT_MIGRATABLE = "vf-driver-not-migratable"
+REASON_NO_GROUP = "device-without-iommu-group"
+REASON_GROUP_ALLOCATED = "iommu-group-allocated"
+REASON_PF_HAS_VFS = "pf-has-vfs-enabled"
+REASON_GROUP_HOLDS_HOST_DEVICE = HANDOVER_GROUP_HOLDS_HOST_DEVICE
+REASON_IN_USE_BY_HOST = HANDOVER_IN_USE_BY_HOST
+REASON_DEVICE_IN_OTHER_MODE = "device-in-other-mode"
+REASON_MIG_HOSTS_NO_MDEV = "mig-gpu-hosts-no-time-sliced-mdev"
+REASON_MIG_DISABLED = "mig-disabled"
+REASON_DEVICE_UNUSABLE = "device-state-inconsistent"
+REASON_NO_FREE_VF = "no-free-vf"
+REASON_NO_MDEV_ROOM = "no-mdev-instance-free"
+REASON_MDEV_TYPE_NOT_OFFERED = "mdev-type-not-offered"
+REASON_MDEV_OTHER_TYPE = "parent-holds-other-mdev-type"
+REASON_MIG_PROFILE_NOT_OFFERED = "mig-profile-not-offered"
+REASON_NO_MIG_PLACEMENT = "no-mig-placement-free"
+REASON_HELD_EXCLUSIVELY = "domain-held-exclusively"
+REASON_OTHER_TENANTS = "domain-has-other-tenants"
+REASON_TOO_FEW = "too-few-free-units"
+REASON_TOPOLOGY = "no-assignment-meets-topology"
+
+#: The VFIO driver of plain passthrough.
+VFIO_PCI = "vfio-pci"
+
+
+def selector_matches(claim: Claim, device: PciFunctionView) -> bool:
+    """Whether a device matches a claim's vendor, device ids and models."""
+    sel = claim.selector
+    if sel.vendor_id and device.vendor_id != sel.vendor_id:
+        return False
+    if sel.device_ids and device.device_id not in sel.device_ids:
+        return False
+    return not sel.models or (device.model is not None and device.model in sel.models)
+
+
+# ---------------------------------------------------------------- host filters
+
+
+class LeasePlugin:
+    """Hosts whose lease expired (or that drain) take nothing new."""
+
+    name = "host"
+
+    def filter_host(self, cycle: Cycle) -> Verdict | None:
+        """Reject a host that is not schedulable."""
+        if not cycle.state.schedulable:
+            return (self.name, REASON_LEASE_EXPIRED, cycle.view.host_id)
+        return None
+
+
+class HostSelectorPlugin:
+    """The host's labels must include every pair of the request's selector."""
+
+    name = "host-selector"
+
+    def filter_host(self, cycle: Cycle) -> Verdict | None:
+        """Reject a host whose labels do not match."""
+        labels = cycle.view.labels
+        if any(labels.get(k) != v for k, v in cycle.request.host_selector.items()):
+            return (self.name, REASON_LABELS_MISMATCH, cycle.view.host_id)
+        return None
+
+
+# ----------------------------------------------------------- option generators
+
+
+class WholeDeviceOptions:
+    """Whole devices by VFIO passthrough: one option per device."""
+
+    form = DeviceForm.WHOLE_DEVICE
+
+    def options(self, cycle: Cycle, claim: Claim) -> Iterator[Option | Verdict]:
+        """Every device of the claim's kind that is not a VF."""
+        for device in cycle.view.whole_devices(claim.kind):
+            yield Option(
+                self.form,
+                device,
+                pool=f"whole:{device.address}",
+                free=1,
+                group=device.iommu_group,
+            )
+
+
+class VfOptions:
+    """SR-IOV VFs: one pool per PF of the claim's kind."""
+
+    form = DeviceForm.VF
+
+    def options(self, cycle: Cycle, claim: Claim) -> Iterator[Option | Verdict]:
+        """A pool per PF, with the VFs free on it."""
+        view = cycle.view
+        for pf in view.sriov_pfs.values():
+            device = view.functions.get(pf.address)
+            if device is None or device.kind is not claim.kind:
+                continue
+            free, driver = free_vfs(cycle, pf.address)
+            yield Option(
+                self.form,
+                device,
+                pool=f"vf:{pf.address}",
+                free=len(free),
+                variant=driver,
+                migratable=driver != VFIO_PCI,
+            )
+
+
+def free_vfs(cycle: Cycle, pf_address: PciAddress) -> tuple[list[int], str]:
+    """Free VF indexes of a PF, lowest first, and the VFIO driver they take.
+
+    A PF with VFs offers those (the agent never resizes a PF in use); one
+    without offers all it could have, enabled on first use. VFs are
+    migratable only on a variant driver the agent reported for existing VFs,
+    so VFs not created yet are plain vfio-pci.
+    """
+    view = cycle.view
+    pf = view.sriov_pfs[pf_address]
+    taken = cycle.occupancy.vfs_taken.get(pf.address, frozenset())
+    if pf.num_vfs > 0:
+        drivers: set[str] = set()
+        free: list[int] = []
+        for vf in sorted(pf.vfs, key=lambda v: v.index):
+            function = view.functions.get(vf.address)
+            if function is not None:
+                drivers.add(function.migration_driver or VFIO_PCI)
+                if function.host_use:
+                    continue
+            if vf.index not in taken:
+                free.append(vf.index)
+        driver = drivers.pop() if len(drivers) == 1 else VFIO_PCI
+        return free, driver
+    whole_taken = (
+        view.functions[pf.address].iommu_group in cycle.occupancy.groups_taken
+        if pf.address in view.functions
+        else False
+    )
+    if whole_taken:
+        return [], VFIO_PCI
+    return [i for i in range(pf.total_vfs) if i not in taken], VFIO_PCI
+
+
+class MdevOptions:
+    """Mediated devices: one pool per (parent, type)."""
+
+    form = DeviceForm.MDEV
+
+    def options(self, cycle: Cycle, claim: Claim) -> Iterator[Option | Verdict]:
+        """A pool per offered type the claim accepts."""
+        view = cycle.view
+        occ = cycle.occupancy
+        for parent in view.mdev_parents.values():
+            device = view.functions.get(parent.address)
+            if device is None or device.kind is not claim.kind:
+                continue
+            wanted = [t for t in parent.types if not claim.mdev_types or t in claim.mdev_types]
+            if not wanted:
+                yield ("capacity", REASON_MDEV_TYPE_NOT_OFFERED, parent.address)
+                continue
+            used = occ.mdev_used.get(parent.address, {})
+            pending = occ.mdev_pending.get(parent.address, {})
+            for type_id in wanted:
+                offered = parent.types[type_id]
+                yield Option(
+                    self.form,
+                    device,
+                    pool=f"mdev:{parent.address}#{type_id}",
+                    free=mdev_free(parent, type_id, used, pending),
+                    variant=type_id,
+                    migratable=offered.migratable,
+                )
+
+
+class MigOptions:
+    """MIG GPU instances: one pool per (GPU, profile)."""
+
+    form = DeviceForm.MIG
+
+    def options(self, cycle: Cycle, claim: Claim) -> Iterator[Option | Verdict]:
+        """A pool per profile the claim accepts, on every MIG GPU."""
+        view = cycle.view
+        for gpu in view.gpus.values():
+            device = view.functions.get(gpu.address)
+            if device is None or device.kind is not claim.kind:
+                continue
+            if not gpu.mig_enabled:
+                yield ("interference", REASON_MIG_DISABLED, gpu.address)
+                continue
+            layout = cycle.occupancy.mig_layouts.get(gpu.address)
+            if layout is None:
+                yield ("interference", REASON_DEVICE_UNUSABLE, gpu.address)
+                continue
+            profiles = [
+                p
+                for p in gpu.mig_profiles
+                if not claim.mig_profiles or p.name in claim.mig_profiles
+            ]
+            if not profiles:
+                yield ("capacity", REASON_MIG_PROFILE_NOT_OFFERED, gpu.address)
+                continue
+            free = capacity(layout, profiles)
+            for profile in profiles:
+                yield Option(
+                    self.form,
+                    device,
+                    pool=f"mig:{gpu.address}#{profile.name}",
+                    free=free[profile.name],
+                    variant=profile.name,
+                )
+
+
+# -------------------------------------------------------------- option filters
+
+
+class DeviceMatchPlugin:
+    """Vendor, device ids and models of the claim's selector."""
+
+    name = "device-match"
+
+    def filter_option(self, cycle: Cycle, claim: Claim, option: Option) -> Verdict | None:
+        """Reject a device the selector does not match."""
+        if not selector_matches(claim, option.device):
+            return (self.name, REASON_SELECTOR_MISMATCH, option.device.address)
+        return None
+
+
+class HostUsePlugin:
+    """What the host itself uses (boot display, a NIC with link up) stays."""
+
+    name = "host-use"
+
+    def filter_option(self, cycle: Cycle, claim: Claim, option: Option) -> Verdict | None:
+        """Reject handing over a device (or group) the host needs."""
+        if option.form is not DeviceForm.WHOLE_DEVICE:
+            # A PF's VFs and a parent's mdevs leave the device with the host.
+            return None
+        blocker = cycle.view.handover_blocker(option.device.address)
+        if blocker is not None and blocker[0] == HANDOVER_IN_USE_BY_HOST:
+            return (self.name, REASON_IN_USE_BY_HOST, blocker[1])
+        return None
+
+
+class IommuIsolationPlugin:
+    """A group never spans two tenants; passthrough takes whole free groups."""
+
+    name = "iommu-isolation"
+
+    def filter_option(self, cycle: Cycle, claim: Claim, option: Option) -> Verdict | None:
+        """Reject options that would share a group or lack one."""
+        view = cycle.view
+        if option.form is not DeviceForm.MIG and not view.iommu_present:
+            return (self.name, REASON_NO_IOMMU, view.host_id)
+        if option.form is not DeviceForm.WHOLE_DEVICE:
+            return None
+        device = option.device
+        if device.iommu_group is None:
+            return (self.name, REASON_NO_GROUP, device.address)
+        if device.iommu_group in cycle.occupancy.groups_taken:
+            return ("capacity", REASON_GROUP_ALLOCATED, device.address)
+        blocker = view.handover_blocker(device.address)
+        if blocker is not None and blocker[0] == HANDOVER_GROUP_HOLDS_HOST_DEVICE:
+            return (self.name, REASON_GROUP_HOLDS_HOST_DEVICE, blocker[1])
+        if device.num_vfs > 0 or cycle.occupancy.vfs_taken.get(device.address):
+            # vfio-pci refuses a PF with SR-IOV enabled (EBUSY).
+            return (self.name, REASON_PF_HAS_VFS, device.address)
+        # Every other endpoint of the group goes along: none may be in use.
+        for member in view.group_endpoints(device.iommu_group):
+            if cycle.occupancy.modes.get(member) not in (None, DeviceMode.WHOLE):
+                return ("interference", REASON_DEVICE_IN_OTHER_MODE, member)
+        return None
+
+
+#: The modes an option's form puts its device in.
+FORM_MODE = {
+    DeviceForm.WHOLE_DEVICE: DeviceMode.WHOLE,
+    DeviceForm.VF: DeviceMode.VF,
+    DeviceForm.MDEV: DeviceMode.MDEV,
+    DeviceForm.MIG: DeviceMode.MIG,
+}
+
+
+class InterferencePlugin:
+    """Interference classes: one mode per device, no time-slicing beside MIG."""
+
+    name = "interference"
+
+    def filter_option(self, cycle: Cycle, claim: Claim, option: Option) -> Verdict | None:
+        """Reject a form the claim's isolation forbids or the device's mode excludes."""
+        address = option.device.address
+        if address in cycle.occupancy.unusable:
+            return (self.name, REASON_DEVICE_UNUSABLE, address)
+        mode = cycle.occupancy.modes.get(address)
+        if mode is not None and mode is not FORM_MODE[option.form]:
+            return (self.name, REASON_DEVICE_IN_OTHER_MODE, f"{address} is in {mode.value} use")
+        if option.form is DeviceForm.MDEV:
+            gpu = cycle.view.gpus.get(address)
+            if gpu is not None and gpu.mig_enabled:
+                return (self.name, REASON_MIG_HOSTS_NO_MDEV, address)
+        return None
+
+
+class MigratabilityPlugin:
+    """A migratable claim lands only on slots whose backing can move."""
+
+    name = "migratability"
+
+    def filter_option(self, cycle: Cycle, claim: Claim, option: Option) -> Verdict | None:
+        """Reject non-migratable options of a migratable claim."""
+        if not claim.migratable:
+            return None
+        reasons = {
+            DeviceForm.WHOLE_DEVICE: REASON_NOT_MIGRATABLE,
+            DeviceForm.MIG: REASON_MIG_NOT_MIGRATABLE,
+            DeviceForm.MDEV: REASON_MDEV_TYPE_NOT_MIGRATABLE,
+            DeviceForm.VF: REASON_VF_NOT_MIGRATABLE,
+        }
+        if option.form in (DeviceForm.WHOLE_DEVICE, DeviceForm.MIG) or not option.migratable:
+            return (self.name, reasons[option.form], option.device.address)
+        return None
+
+
+class MdevHomogeneityPlugin:
+    """Single-type parents (time-sliced vGPU before Ampere) keep one type."""
+
+    name = "mdev-homogeneity"
+
+    def filter_option(self, cycle: Cycle, claim: Claim, option: Option) -> Verdict | None:
+        """Reject a type other than the one a single-type parent runs."""
+        if option.form is not DeviceForm.MDEV:
+            return None
+        parent = cycle.view.mdev_parents.get(option.device.address)
+        if parent is None or not parent.single_type:
+            return None
+        used = cycle.occupancy.mdev_used.get(parent.address, {})
+        others = sorted(t for t, n in used.items() if n > 0 and t != option.variant)
+        if others:
+            return (self.name, REASON_MDEV_OTHER_TYPE, f"{parent.address} runs {others[0]}")
+        return None
+
+
+class CapacityPlugin:
+    """Units left in each pool; joint MIG geometry and mdev share within a request."""
+
+    name = "capacity"
+
+    def filter_option(self, cycle: Cycle, claim: Claim, option: Option) -> Verdict | None:
+        """Reject an option with nothing free."""
+        if option.free > 0:
+            return None
+        reason = {
+            DeviceForm.VF: REASON_NO_FREE_VF,
+            DeviceForm.MDEV: REASON_NO_MDEV_ROOM,
+            DeviceForm.MIG: REASON_NO_MIG_PLACEMENT,
+            DeviceForm.WHOLE_DEVICE: REASON_GROUP_ALLOCATED,
+        }[option.form]
+        return (self.name, reason, f"{option.device.address} {option.variant}".strip())
+
+    def reserve(
+        self, cycle: Cycle, picks: Sequence[Pick], claim: Claim, option: Option
+    ) -> Pick | None:
+        """Take one unit of the option's pool, given the units already picked."""
+        address = option.device.address
+        same_device = [p for p in picks if p.option.device.address == address]
+        if any(p.option.form is not option.form for p in same_device):
+            return None  # one device, one mode, within a request too
+        if option.form is DeviceForm.WHOLE_DEVICE:
+            taken = {p.option.group for p in picks if p.option.group is not None}
+            return None if same_device or option.group in taken else Pick(claim, option)
+        if option.form is DeviceForm.VF:
+            used = sum(1 for p in same_device)
+            return Pick(claim, option) if used < option.free else None
+        if option.form is DeviceForm.MDEV:
+            return self._reserve_mdev(cycle, same_device, claim, option)
+        return self._reserve_mig(cycle, same_device, claim, option)
+
+    def _reserve_mdev(
+        self, cycle: Cycle, same_device: Sequence[Pick], claim: Claim, option: Option
+    ) -> Pick | None:
+        parent = cycle.view.mdev_parents[option.device.address]
+        used = dict(cycle.occupancy.mdev_used.get(parent.address, {}))
+        pending = dict(cycle.occupancy.mdev_pending.get(parent.address, {}))
+        for p in same_device:
+            used[p.option.variant] = used.get(p.option.variant, 0) + 1
+            pending[p.option.variant] = pending.get(p.option.variant, 0) + 1
+        if mdev_free(parent, option.variant, used, pending) < 1:
+            return None
+        return Pick(claim, option)
+
+    def _reserve_mig(
+        self, cycle: Cycle, same_device: Sequence[Pick], claim: Claim, option: Option
+    ) -> Pick | None:
+        gpu = cycle.view.gpus[option.device.address]
+        layout = cycle.occupancy.mig_layouts[gpu.address]
+        table = gpu.mig_profiles
+        by_name: dict[str, MigProfile] = {p.name: p for p in table}
+        for p in same_device:
+            layout = with_instance(layout, by_name[p.option.variant], p.mig_start)
+        profile = by_name[option.variant]
+        placement = best_placement(layout, profile, table)
+        if placement is None:
+            return None
+        return Pick(claim, option, mig_start=placement[0], mig_size=placement[1])
+
+
+class ExclusivityPlugin:
+    """No other tenant inside a tenant's exclusive domain, in either direction."""
+
+    name = "exclusivity"
+
+    def filter_option(self, cycle: Cycle, claim: Claim, option: Option) -> Verdict | None:
+        """Reject an option inside another tenant's domain, or sharing the request's."""
+        occ = cycle.occupancy
+        tenant = cycle.request.tenant
+        view = cycle.view
+        for key in domain_keys(view, option.device):
+            holder = occ.held_by_other(key, tenant)
+            if holder is not None:
+                return (
+                    self.name,
+                    REASON_HELD_EXCLUSIVELY,
+                    f"{key[0].value} {key[1]} is held by tenant {holder}",
+                )
+        domain = cycle.request.exclusivity
+        if domain is ExclusivityDomain.NONE:
+            return None
+        key = (domain, domain_instance(view, option.device, domain))
+        others = occ.other_tenants(key, tenant)
+        if others:
+            return (
+                self.name,
+                REASON_OTHER_TENANTS,
+                f"{domain.value} {key[1]} has tenant {sorted(others)[0]}",
+            )
+        return None
+
+
+# ---------------------------------------------------------------- unit filters
+
+
+def numa_domains(view: HostView, policy: NumaPolicy) -> Iterator[frozenset[int] | None]:
+    """The sets of NUMA nodes an assignment may span, in order of preference.
+
+    None means "any node". Devices with an unknown node (-1) fit only None,
+    as Kubernetes' Topology Manager treats resources without NUMA affinity
+    under single-numa-node: they cannot prove locality, so they are refused.
+    """
+    nodes = sorted(n.node_id for n in view.numa_nodes)
+    if policy in (NumaPolicy.SINGLE_NUMA_NODE, NumaPolicy.PREFERRED):
+        for node in nodes:
+            yield frozenset({node})
+        if policy is NumaPolicy.PREFERRED:
+            yield None
+    elif policy is NumaPolicy.SOCKET:
+        sockets: dict[int, set[int]] = {}
+        for node in nodes:
+            sockets.setdefault(view.socket_of(node), set()).add(node)
+        for socket in sorted(sockets):
+            yield frozenset(sockets[socket])
+    else:
+        yield None
+
+
+class NumaPlugin:
+    """All units on the NUMA nodes of the current search pass."""
+
+    name = "numa"
+
+    def admit(self, search: SearchPass, picks: Sequence[Pick], pick: Pick) -> bool:
+        """Whether the pick's device is on an allowed node."""
+        return search.numa_nodes is None or pick.option.device.numa_node in search.numa_nodes
+
+
+def within_scope(a: PciFunctionView, b: PciFunctionView, scope: AffinityScope) -> bool:
+    """Whether two devices are as close as an affinity scope asks."""
+    if scope is AffinityScope.SAME_NUMA_NODE:
+        return a.numa_node >= 0 and a.numa_node == b.numa_node
+    if scope is AffinityScope.SAME_ROOT_PORT:
+        return a.root_port is not None and a.root_port == b.root_port
+    return a.switch is not None and a.switch == b.switch
+
+
+class AffinityPlugin:
+    """PCIe affinity between named claims."""
+
+    name = "pcie-affinity"
+
+    def admit(self, search: SearchPass, picks: Sequence[Pick], pick: Pick) -> bool:
+        """Whether the pick is close enough to every earlier unit it relates to."""
+        name = pick.claim.name
+        for aff in search.affinities:
+            if name not in (aff.claim_a, aff.claim_b):
+                continue
+            other = aff.claim_b if name == aff.claim_a else aff.claim_a
+            for placed in picks:
+                if placed.claim.name == other and not within_scope(
+                    pick.option.device, placed.option.device, aff.scope
+                ):
+                    return False
+        return True
+
+
+def affinities_met(affinities: Sequence[Affinity], picks: Sequence[Pick]) -> int:
+    """How many of the affinities every pair of units meets."""
+    met = 0
+    for aff in affinities:
+        a = [p for p in picks if p.claim.name == aff.claim_a]
+        b = [p for p in picks if p.claim.name == aff.claim_b]
+        if (
+            a
+            and b
+            and all(within_scope(x.option.device, y.option.device, aff.scope) for x in a for y in b)
+        ):
+            met += 1
+    return met
+
+
+# --------------------------------------------------------------------- scorers
+
+
+def free_whole_devices(cycle: Cycle, picks: Sequence[Pick] = ()) -> int:
+    """Devices of the request's kinds that are entirely unused, after the picks."""
+    kinds = {c.kind for c in cycle.request.claims}
+    used = {p.option.device.address for p in picks}
+    modes = cycle.occupancy.modes
+    return sum(
+        1
+        for kind in kinds
+        for d in cycle.view.whole_devices(kind)
+        if d.address not in modes and d.address not in used
+    )
+
+
+class BestFitScorer:
+    """Pack: prefer hosts with fewer idle devices, so empty hosts stay empty."""
+
+    name = "best-fit"
+
+    def score(self, cycle: Cycle, picks: Sequence[Pick]) -> tuple[int, str]:
+        """Minus the idle devices of the request's kinds left on the host."""
+        idle = free_whole_devices(cycle, picks)
+        return -10 * idle, f"{idle} idle devices of the request's kinds left"
+
+
+class SharingScorer:
+    """Slice devices already sliced; hand out whole devices only when needed."""
+
+    name = "sharing"
+
+    def score(self, cycle: Cycle, picks: Sequence[Pick]) -> tuple[int, str]:
+        """Reward units on devices already in their mode; charge idle devices opened."""
+        modes = cycle.occupancy.modes
+        joined = 0
+        opened: set[str] = set()
+        whole_for_sliceable = 0
+        for p in picks:
+            address = p.option.device.address
+            if p.option.form is DeviceForm.WHOLE_DEVICE:
+                if p.claim.accepted_forms() - {DeviceForm.WHOLE_DEVICE}:
+                    whole_for_sliceable += 1
+            elif address in modes:
+                joined += 1
+            else:
+                opened.add(address)
+        score = 20 * joined - 30 * len(opened) - 200 * whole_for_sliceable
+        return score, (
+            f"{joined} units on already-sliced devices, {len(opened)} devices newly sliced, "
+            f"{whole_for_sliceable} whole devices for sliceable claims"
+        )
+
+
+class LocalityScorer:
+    """Preferred affinities met, one NUMA node, and short PCIe paths."""
+
+    name = "locality"
+
+    def score(self, cycle: Cycle, picks: Sequence[Pick]) -> tuple[int, str]:
+        """Reward preferred affinities met and NUMA-local assignments."""
+        preferred = [a for a in cycle.request.affinities if not a.required]
+        met = affinities_met(preferred, picks)
+        nodes = {p.option.device.numa_node for p in picks}
+        one_node = len(nodes) == 1 and -1 not in nodes
+        score = 50 * met + (40 if one_node else 0)
+        return score, f"{met}/{len(preferred)} preferred affinities met, NUMA nodes {sorted(nodes)}"
+
+
+class MigFragmentationScorer:
+    """Keep large MIG profiles placeable: charge the fragmentation a plan leaves."""
+
+    name = "mig-fragmentation"
+
+    def score(self, cycle: Cycle, picks: Sequence[Pick]) -> tuple[int, str]:
+        """Minus 100 per unit of fragmentation score added on the GPUs touched."""
+        by_gpu: dict[PciAddress, list[Pick]] = {}
+        for p in picks:
+            if p.option.form is DeviceForm.MIG:
+                by_gpu.setdefault(p.option.device.address, []).append(p)
+        added = 0.0
+        for address, gpu_picks in by_gpu.items():
+            gpu = cycle.view.gpus[address]
+            before = cycle.occupancy.mig_layouts[address]
+            after = _layout_after(before, gpu, gpu_picks)
+            added += fragmentation_score(after, gpu.mig_profiles) - fragmentation_score(
+                before, gpu.mig_profiles
+            )
+        return -round(100 * added), f"MIG fragmentation {added:+.2f} on {len(by_gpu)} GPUs"
+
+
+def _layout_after(layout: MigLayout, gpu: GpuView, picks: Sequence[Pick]) -> MigLayout:
+    by_name: dict[str, MigProfile] = {p.name: p for p in gpu.mig_profiles}
+    for p in picks:
+        layout = with_instance(layout, by_name[p.option.variant], p.mig_start)
+    return layout
