@@ -291,13 +291,14 @@ def _domain_instance(view: HostView, address: PciAddress, domain: ExclusivityDom
     if domain is ExclusivityDomain.PCIE_SWITCH:
         chain = fn.bridge_chain
         # Chains run root port, switch upstream, switch downstream, ...: the
-        # nearest switch's upstream port is the last odd-indexed bridge.
+        # switches' upstream ports are the odd-indexed bridges; the domain is
+        # the outermost switch, whose upstream link nested levels share.
         upstream = [chain[i] for i in range(1, len(chain), 2)]
         if upstream:
-            return upstream[-1]
+            return upstream[0]
         if chain:
             return chain[0]
-        return fn.root_bus
+        return fn.root_bus or address
     if domain is ExclusivityDomain.NUMA_NODE:
         return str(fn.numa_node)
     return None
@@ -369,7 +370,9 @@ def _plan_findings(state: HostState, request: PlacementRequest, plan: Plan) -> l
     out: list[_Finding] = []
     out += _check_plan_slots(state, request, plan)
     claims = {c.name: c for c in request.claims}
-    if not view.iommu_present and plan.assignments:
+    if not view.iommu_present and any(not isinstance(a, MigAssignment) for a in plan.assignments):
+        # VFIO (whole devices, VFs, mdevs) needs an IOMMU; a MIG instance is
+        # isolated by the GPU itself.
         out.append((RULE_IOMMU_ISOLATION, f"host {view.host_id} has no IOMMU"))
     for k, v in sorted(request.host_selector.items()):
         if view.labels.get(k) != v:
@@ -594,7 +597,10 @@ def _check_affinity(view: HostView, request: PlacementRequest, plan: Plan) -> li
             elif aff.scope is AffinityScope.SAME_ROOT_PORT:
                 ok = fa.root_port is not None and fa.root_port == fb.root_port
             else:
-                ok = fa.switch is not None and fa.switch == fb.switch
+                # Under one switch (PIX/PXB): any switch upstream port in common.
+                ups_a = {fa.bridge_chain[k] for k in range(1, len(fa.bridge_chain), 2)}
+                ups_b = {fb.bridge_chain[k] for k in range(1, len(fb.bridge_chain), 2)}
+                ok = bool(ups_a & ups_b)
             if not ok:
                 out.append(
                     (
@@ -681,8 +687,13 @@ def _isolation(view: HostView, holdings: Sequence[_Holding], modes: _Modes) -> s
         if isinstance(h.slot, VfSlot):
             pf = view.sriov_pfs.get(h.slot.pf)
             for vf in pf.vfs if pf is not None else ():
-                if vf.index == h.slot.index and vf.iommu_group is not None:
+                if vf.index != h.slot.index:
+                    continue
+                if vf.iommu_group is not None:
                     vf_groups.setdefault(vf.iommu_group, []).append(f"{h.key} of {h.owner}")
+                fn = view.functions.get(vf.address)
+                if fn is not None and fn.host_use:
+                    out.add((RULE_IOMMU_ISOLATION, f"{h.key} of {h.owner}: VF in host use"))
     for h in holdings:
         if not isinstance(h.slot, GroupSlot):
             continue
@@ -795,6 +806,8 @@ def _mig_capacity(view: HostView, holdings: Sequence[_Holding]) -> set[_Finding]
         if isinstance(h.slot, MigSlot):
             allocated.setdefault(h.slot.gpu, []).append((h.slot, h.owner))
     for address, gpu in view.gpus.items():
+        if not gpu.mig_enabled:
+            continue  # MIG there at all is interference
         profiles = {p.profile_id: p for p in gpu.mig_profiles}
         # (start, size, profile id, compute slices, who)
         instances = [

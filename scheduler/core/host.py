@@ -101,6 +101,17 @@ class PciFunctionView:
         odd = [chain[i] for i in range(1, len(chain), 2)]
         return odd[-1] if odd else None
 
+    @property
+    def switches(self) -> tuple[PciAddress, ...]:
+        """Every switch above this function, by upstream port, outermost first.
+
+        HGX boards nest switches (a GPU two levels down, its NIC one level
+        down the same outer switch): two devices are "under one switch"
+        (nvidia-smi PIX/PXB) when they share any of these.
+        """
+        chain = self.bridge_chain
+        return tuple(chain[i] for i in range(1, len(chain), 2))
+
 
 @dataclass(frozen=True)
 class IommuGroupView:

@@ -52,14 +52,16 @@ DOMAINS = (
 def domain_instance(view: HostView, device: PciFunctionView, domain: ExclusivityDomain) -> str:
     """The instance of ``domain`` that ``device`` belongs to.
 
-    A device under no switch belongs to its root port's "switch" domain (or
-    its root bus's when it has no port): the blast radius is the nearest
-    shared PCIe element either way.
+    The switch domain is the outermost switch: nested switch levels share
+    its upstream link, so that is the blast radius. A device under no switch
+    belongs to its root port's "switch" domain (or its root bus's when it has
+    no port): the nearest shared PCIe element.
     """
     if domain is ExclusivityDomain.DEVICE:
         return device.address
     if domain is ExclusivityDomain.PCIE_SWITCH:
-        return device.switch or device.root_port or device.root_bus or device.address
+        outermost = device.switches[0] if device.switches else None
+        return outermost or device.root_port or device.root_bus or device.address
     if domain is ExclusivityDomain.NUMA_NODE:
         return str(device.numa_node)
     return view.host_id

@@ -543,7 +543,7 @@ def within_scope(a: PciFunctionView, b: PciFunctionView, scope: AffinityScope) -
         return a.numa_node >= 0 and a.numa_node == b.numa_node
     if scope is AffinityScope.SAME_ROOT_PORT:
         return a.root_port is not None and a.root_port == b.root_port
-    return a.switch is not None and a.switch == b.switch
+    return bool(set(a.switches) & set(b.switches))
 
 
 class AffinityPlugin:

@@ -1,0 +1,512 @@
+"""Batches and gangs: one CP-SAT model over pruned candidates.
+
+Placing requests one at a time lets an early request take what a later one
+needed (a GPU and NIC pair under one switch, the only slice-0 MIG placement, a
+whole host for a gang). A batch is solved jointly instead:
+
+1. **Greedy seed.** The fast path places the requests in priority order on an
+   evolving snapshot, gangs all or nothing. This is a valid solution, and the
+   fallback when the solver finds nothing better in its time.
+2. **Candidates.** Each request gets up to ``hosts_per_request`` complete host
+   fits against the batch's starting state (the fast path's best hosts,
+   spread so identical requests do not all crowd the same few hosts), plus
+   its greedy fit. Interchangeable slots stay collapsed in pools: a column
+   says "2 VFs of PF x", not which two.
+3. **Model.** A boolean per column; at most one per request; gangs all or
+   nothing. Columns share capacity through resources (an IOMMU group, a PF's
+   free VFs, an mdev parent's share, MIG memory slices, compute slices and
+   instance limits), devices through modes (one device, one use), and tenants
+   through exclusivity domains.
+4. **Objective.** Placed priority first (lexicographically, through a weight
+   larger than any total of quality), then placement quality from the
+   engine's scorers. The greedy solution is the hint.
+5. **Concretization.** Chosen columns become plans host by host on an
+   evolving snapshot, so VF indexes and mdev UUIDs are distinct and each
+   plan expects the generation the previous commit leaves.
+
+The solver is a pure function of its inputs and settings: no I/O, seeded,
+and deterministic with one worker.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from ortools.sat.python import cp_model
+
+from scheduler.core.engine.fastpath import Engine, HostFit, build_plan
+from scheduler.core.identity import HostId, PlacementId, RequestId, TenantName
+from scheduler.core.mig_geometry import DEFAULT_INSTANCE_LIMITS
+from scheduler.core.occupancy import DOMAINS, domain_instance, mdev_free
+from scheduler.core.plan import Plan, Rejection, Unschedulable
+from scheduler.core.request import DeviceForm, ExclusivityDomain, PlacementRequest
+from scheduler.core.snapshot import ClusterSnapshot, with_reservation
+
+#: Named reasons of requests a batch leaves unplaced.
+REASON_OUTCOMPETED = "outcompeted"
+REASON_GANG_INCOMPLETE = "gang-incomplete"
+
+#: Quality of one column is squeezed into [0, QUALITY_RANGE].
+QUALITY_RANGE = 1000
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How hard to try.
+
+    Attributes:
+        time_limit_s: the solver's wall-clock limit.
+        workers: CP-SAT search workers; 1 is deterministic.
+        seed: CP-SAT's random seed.
+        hosts_per_request: candidate host fits per request.
+        use_solver: False stops after the greedy seed (sequential placing).
+    """
+
+    time_limit_s: float = 10.0
+    workers: int = 8
+    seed: int = 0
+    hosts_per_request: int = 6
+    use_solver: bool = True
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a batch got.
+
+    Attributes:
+        plans: per placed request, its plan, in commit order.
+        unplaced: per request left out, why.
+        objective: the objective of the returned solution.
+        bound: the solver's proven upper bound on the objective (equal to
+            ``objective`` when optimal; the greedy objective when no solver ran).
+        greedy_objective: the objective of the greedy seed.
+        status: "OPTIMAL", "FEASIBLE", or "GREEDY" when the seed stands.
+        columns: candidate columns in the model.
+        wall_s: time spent, candidates and solving included.
+    """
+
+    plans: Mapping[RequestId, Plan]
+    unplaced: Mapping[RequestId, Unschedulable]
+    objective: int
+    bound: int
+    greedy_objective: int
+    status: str
+    columns: int = 0
+    wall_s: float = 0.0
+    snapshot: ClusterSnapshot | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Batch:
+    """One batch being solved: its inputs and the columns built so far."""
+
+    engine: Engine
+    snapshot: ClusterSnapshot
+    requests: Sequence[PlacementRequest]
+    gang_of: Mapping[RequestId, str]
+    gangs: Mapping[str, list[int]]
+    started: float
+    columns: list[_Column] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Column:
+    request: int
+    fit: HostFit
+    from_greedy: bool = False
+
+
+def _gangs(
+    requests: Sequence[PlacementRequest], gang_of: Mapping[RequestId, str]
+) -> dict[str, list[int]]:
+    gangs: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(requests):
+        name = gang_of.get(r.request_id, "")
+        if name:
+            gangs[name].append(i)
+    return dict(gangs)
+
+
+def _weights(requests: Sequence[PlacementRequest]) -> list[int]:
+    """Per request, the weight of placing it: priority above any quality total."""
+    low = min((r.priority for r in requests), default=0)
+    big = QUALITY_RANGE * (len(requests) + 1)
+    return [big * (r.priority - low + 1) for r in requests]
+
+
+def _greedy(
+    batch: _Batch, order: Sequence[int]
+) -> tuple[dict[int, HostFit], dict[int, Unschedulable]]:
+    """Place in order on an evolving snapshot; gangs all or nothing."""
+    engine, requests, gangs, gang_of = batch.engine, batch.requests, batch.gangs, batch.gang_of
+    snapshot = batch.snapshot
+    fits: dict[int, HostFit] = {}
+    refused: dict[int, Unschedulable] = {}
+    done: set[int] = set()
+    current = snapshot
+    for i in order:
+        if i in done:
+            continue
+        gang = gang_of.get(requests[i].request_id, "")
+        members = [m for m in order if m in gangs[gang]] if gang else [i]
+        trial = current
+        placed: dict[int, HostFit] = {}
+        failed: Unschedulable | None = None
+        for m in members:
+            request = requests[m]
+            found, rejections = engine.candidates(trial, request, engine.feasible_hosts)
+            if not found:
+                failed = Unschedulable(
+                    f"request {request.request_id}: no host fits", rejections.as_tuple()
+                )
+                break
+            best = min(found, key=lambda f: (-f.score, f.state.view.host_id))
+            placed[m] = best
+            plan = build_plan(best, request)
+            trial = with_reservation(
+                trial, plan.host_id, plan.slots, _pseudo_id(request), request.tenant
+            )
+        done.update(members)
+        if failed is None:
+            fits.update(placed)
+            current = trial
+        elif not gang:
+            refused[i] = failed
+        else:
+            for m in members:
+                refused[m] = Unschedulable(
+                    f"gang {gang!r} cannot be placed whole: {failed.summary}",
+                    (*failed.rejections, Rejection("batch", REASON_GANG_INCOMPLETE, 1, gang)),
+                )
+    return fits, refused
+
+
+def _pseudo_id(request: PlacementRequest) -> PlacementId:
+    # Placements planned offline have no id yet; the request id stands in.
+    return PlacementId(f"planned:{request.request_id}")
+
+
+def _quality(columns: Sequence[_Column]) -> list[int]:
+    if not columns:
+        return []
+    scores = [c.fit.score for c in columns]
+    low, high = min(scores), max(scores)
+    span = max(1, high - low)
+    return [round((s - low) * QUALITY_RANGE / span) for s in scores]
+
+
+class _Resources:
+    """Capacity shared by columns, keyed by name; consumption per column."""
+
+    def __init__(self) -> None:
+        self.capacity: dict[tuple[object, ...], int] = {}
+        self.use: dict[tuple[object, ...], list[tuple[int, int]]] = defaultdict(list)
+
+    def add(self, key: tuple[object, ...], cap: int, column: int, amount: int) -> None:
+        self.capacity.setdefault(key, cap)
+        self.use[key].append((column, amount))
+
+
+def _consume(
+    engine: Engine, snapshot: ClusterSnapshot, column: int, col: _Column, res: _Resources
+) -> None:
+    """Record what one column takes, against the batch's starting state."""
+    fit = col.fit
+    host = fit.state.view.host_id
+    # Greedy columns were fitted on an evolved state; capacity is measured on
+    # the starting state of the same host, which every column shares.
+    base = snapshot.hosts[host]
+    occ = engine.occupancy(base)
+    view = base.view
+    per_pool: dict[tuple[object, ...], int] = defaultdict(int)
+    for pick in fit.picks:
+        option = pick.option
+        device = option.device.address
+        if option.form is DeviceForm.WHOLE_DEVICE:
+            res.add(("group", host, option.group), 1, column, 1)
+        elif option.form is DeviceForm.VF:
+            pf = view.sriov_pfs[device]
+            taken = occ.vfs_taken.get(device, frozenset())
+            free = (
+                sum(1 for v in pf.vfs if v.index not in taken)
+                if pf.num_vfs
+                else pf.total_vfs - len(taken)
+            )
+            per_pool[("vf", host, device)] += 1
+            res.capacity.setdefault(("vf", host, device), free)
+        elif option.form is DeviceForm.MDEV:
+            parent = view.mdev_parents[device]
+            used = occ.mdev_used.get(device, {})
+            pending = occ.mdev_pending.get(device, {})
+            per_pool[("mdev-type", host, device, option.variant)] += 1
+            res.capacity.setdefault(
+                ("mdev-type", host, device, option.variant),
+                mdev_free(parent, option.variant, used, pending),
+            )
+            scale = math.lcm(*(max(1, t.max_instances) for t in parent.types.values()))
+            fill = sum(
+                (
+                    Fraction(n, max(1, parent.types[t].max_instances))
+                    for t, n in used.items()
+                    if t in parent.types
+                ),
+                Fraction(0),
+            )
+            per_pool[("mdev-share", host, device)] += scale // max(
+                1, parent.types[option.variant].max_instances
+            )
+            res.capacity.setdefault(("mdev-share", host, device), math.floor((1 - fill) * scale))
+        else:
+            layout = occ.mig_layouts[device]
+            gpu = view.gpus[device]
+            profile = next(p for p in gpu.mig_profiles if p.name == option.variant)
+            occupied = layout.occupied_mask
+            for s in range(pick.mig_start, pick.mig_start + pick.mig_size):
+                res.add(("mig-slice", host, device, s), 0 if occupied >> s & 1 else 1, column, 1)
+            per_pool[("mig-compute", host, device)] += profile.slices
+            res.capacity.setdefault(("mig-compute", host, device), layout.free_compute)
+            limit = DEFAULT_INSTANCE_LIMITS.get(profile.profile_id)
+            if limit is not None:
+                per_pool[("mig-limit", host, device, profile.profile_id)] += 1
+                res.capacity.setdefault(
+                    ("mig-limit", host, device, profile.profile_id),
+                    limit - layout.counts.get(profile.profile_id, 0),
+                )
+    for key, amount in per_pool.items():
+        res.use[key].append((column, amount))
+
+
+def solve_batch(
+    engine: Engine,
+    snapshot: ClusterSnapshot,
+    requests: Sequence[PlacementRequest],
+    settings: BatchSettings = BatchSettings(),
+    gang_of: Mapping[RequestId, str] | None = None,
+) -> BatchResult:
+    """Place a batch of requests jointly.
+
+    Args:
+        engine: the engine whose plugins filter and score.
+        snapshot: the cluster before the batch.
+        requests: validated requests with distinct request ids.
+        settings: solver limits.
+        gang_of: request id -> gang name; members of a gang are placed all
+            or nothing.
+
+    Returns:
+        Plans for the placed requests, reasons for the others, and the
+        objective against the solver's bound.
+    """
+    started = time.perf_counter()
+    gang_of = dict(gang_of or {})
+    gangs = _gangs(requests, gang_of)
+    order = sorted(range(len(requests)), key=lambda i: (-requests[i].priority, i))
+    weights = _weights(requests)
+    batch = _Batch(engine, snapshot, requests, gang_of, gangs, started)
+    greedy, refused = _greedy(batch, order)
+
+    # Candidate columns against the starting state.
+    columns = batch.columns
+    reasons: dict[int, Unschedulable] = {}
+    load: dict[HostId, int] = defaultdict(int)
+    if settings.use_solver:
+        for i in order:
+            request = requests[i]
+            found, rejections = engine.candidates(snapshot, request, settings.hosts_per_request * 4)
+            # Spread: hosts already holding many columns come after fresh ones.
+            found.sort(key=lambda f: (load[f.state.view.host_id], -f.score, f.state.view.host_id))
+            for fit in found[: settings.hosts_per_request]:
+                load[fit.state.view.host_id] += 1
+                columns.append(_Column(i, fit))
+            if not found:
+                reasons[i] = Unschedulable(
+                    f"request {request.request_id}: no host fits", rejections.as_tuple()
+                )
+    greedy_columns = {}
+    for i, fit in greedy.items():
+        greedy_columns[i] = len(columns)
+        columns.append(_Column(i, fit, from_greedy=True))
+
+    quality = _quality(columns)
+    greedy_objective = sum(weights[i] + quality[greedy_columns[i]] for i in greedy)
+    if not settings.use_solver or not columns:
+        return _finish(
+            batch, [greedy_columns[i] for i in greedy], refused,
+            objective=greedy_objective, bound=greedy_objective,
+            greedy_objective=greedy_objective, status="GREEDY",
+        )  # fmt: skip
+
+    model = cp_model.CpModel()
+    x = [model.new_bool_var(f"x{c}") for c in range(len(columns))]
+    by_request: dict[int, list[int]] = defaultdict(list)
+    for c, col in enumerate(columns):
+        by_request[col.request].append(c)
+    placed = {}
+    for i, cs in by_request.items():
+        model.add_at_most_one(x[c] for c in cs)
+        placed[i] = sum(x[c] for c in cs)
+    for members in gangs.values():
+        gang_var = model.new_bool_var("gang")
+        for m in members:
+            model.add(placed.get(m, 0) == gang_var)
+
+    res = _Resources()
+    for c, col in enumerate(columns):
+        _consume(engine, snapshot, c, col, res)
+    for key, uses in res.use.items():
+        model.add(sum(amount * x[c] for c, amount in uses) <= max(0, res.capacity[key]))
+
+    _add_modes(model, x, columns)
+    _add_exclusivity(model, x, columns, requests)
+
+    model.maximize(sum((weights[col.request] + quality[c]) * x[c] for c, col in enumerate(columns)))
+    for c in range(len(columns)):
+        model.add_hint(x[c], 1 if columns[c].from_greedy else 0)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = settings.time_limit_s
+    solver.parameters.num_workers = settings.workers
+    solver.parameters.random_seed = settings.seed
+    status = solver.solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return _finish(
+            batch, [greedy_columns[i] for i in greedy], refused,
+            objective=greedy_objective, bound=greedy_objective,
+            greedy_objective=greedy_objective, status="GREEDY",
+        )  # fmt: skip
+    objective = round(solver.objective_value)
+    bound = round(solver.best_objective_bound)
+    if objective < greedy_objective:
+        # The hint should make this impossible; keep the better one regardless.
+        chosen = [greedy_columns[i] for i in greedy]
+        return _finish(
+            batch, chosen, refused, objective=greedy_objective, bound=bound,
+            greedy_objective=greedy_objective, status="GREEDY",
+        )  # fmt: skip
+    chosen = [c for c in range(len(columns)) if solver.value(x[c])]
+    unplaced = {**reasons}
+    return _finish(
+        batch, chosen, unplaced, objective=objective, bound=bound,
+        greedy_objective=greedy_objective, status=solver.status_name(status),
+    )  # fmt: skip
+
+
+def _add_modes(
+    model: cp_model.CpModel, x: Sequence[cp_model.IntVar], columns: Sequence[_Column]
+) -> None:
+    """One device, one use: columns using a device in different modes exclude each other."""
+    modes: dict[tuple[HostId, str], dict[DeviceForm, list[int]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for c, col in enumerate(columns):
+        host = col.fit.state.view.host_id
+        for pick in col.fit.picks:
+            modes[(host, pick.option.device.address)][pick.option.form].append(c)
+    for by_form in modes.values():
+        if len(by_form) < 2:
+            continue
+        ys = []
+        for cs in by_form.values():
+            y = model.new_bool_var("mode")
+            for c in cs:
+                model.add_implication(x[c], y)
+            ys.append(y)
+        model.add_at_most_one(ys)
+
+
+def _add_exclusivity(
+    model: cp_model.CpModel,
+    x: Sequence[cp_model.IntVar],
+    columns: Sequence[_Column],
+    requests: Sequence[PlacementRequest],
+) -> None:
+    """No other tenant inside a domain instance a chosen column holds exclusively."""
+    touching: dict[tuple[HostId, ExclusivityDomain, str], dict[TenantName, list[int]]] = (
+        defaultdict(lambda: defaultdict(list))
+    )
+    holds: list[tuple[int, tuple[HostId, ExclusivityDomain, str]]] = []
+    for c, col in enumerate(columns):
+        request = requests[col.request]
+        view = col.fit.state.view
+        for pick in col.fit.picks:
+            for domain in DOMAINS:
+                key = (view.host_id, domain, domain_instance(view, pick.option.device, domain))
+                touching[key][request.tenant].append(c)
+                if domain is request.exclusivity:
+                    holds.append((c, key))
+    present: dict[tuple[tuple[HostId, ExclusivityDomain, str], TenantName], cp_model.IntVar] = {}
+    for c, key in holds:
+        tenant = requests[columns[c].request].tenant
+        for other, cs in touching[key].items():
+            if other == tenant:
+                continue
+            var = present.get((key, other))
+            if var is None:
+                var = model.new_bool_var("present")
+                for o in cs:
+                    model.add_implication(x[o], var)
+                present[(key, other)] = var
+            model.add_bool_or([x[c].negated(), var.negated()])
+
+
+def _finish(
+    batch: _Batch,
+    chosen: Sequence[int],
+    unplaced: Mapping[int, Unschedulable],
+    *,
+    objective: int,
+    bound: int,
+    greedy_objective: int,
+    status: str,
+) -> BatchResult:
+    """Concretize chosen columns host by host and say why the rest are out."""
+    requests, columns, gangs, gang_of = batch.requests, batch.columns, batch.gangs, batch.gang_of
+    current = batch.snapshot
+    plans: dict[RequestId, Plan] = {}
+    order = sorted(
+        chosen, key=lambda c: (-requests[columns[c].request].priority, columns[c].request)
+    )
+    for c in order:
+        col = columns[c]
+        request = requests[col.request]
+        host = col.fit.state.view.host_id
+        state = current.hosts[host]
+        # The same picks on the host as the batch left it so far: VF indexes
+        # and mdev UUIDs are drawn afresh, distinct from earlier plans.
+        plan = build_plan(HostFit(state, col.fit.picks, col.fit.score, col.fit.reasons), request)
+        plans[request.request_id] = plan
+        current = with_reservation(current, host, plan.slots, _pseudo_id(request), request.tenant)
+    out: dict[RequestId, Unschedulable] = {}
+    for i, request in enumerate(requests):
+        if request.request_id in plans:
+            continue
+        if i in unplaced:
+            out[request.request_id] = unplaced[i]
+            continue
+        gang = gang_of.get(request.request_id, "")
+        if gang:
+            out[request.request_id] = Unschedulable(
+                f"gang {gang!r} cannot be placed whole",
+                (Rejection("batch", REASON_GANG_INCOMPLETE, len(gangs[gang]), gang),),
+            )
+        else:
+            out[request.request_id] = Unschedulable(
+                "its candidate hosts went to higher-priority or better-packed requests "
+                "of the batch",
+                (Rejection("batch", REASON_OUTCOMPETED, 1, request.request_id),),
+            )
+    return BatchResult(
+        plans=plans,
+        unplaced=out,
+        objective=objective,
+        bound=max(bound, objective),
+        greedy_objective=greedy_objective,
+        status=status,
+        columns=len(columns),
+        wall_s=time.perf_counter() - batch.started,
+        snapshot=current,
+    )

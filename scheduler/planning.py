@@ -1,0 +1,210 @@
+"""Offline planning: the what-if tool for batch jobs (``tessera plan``).
+
+Reads host inventories as ``tessera-agent inventory --json`` prints them and
+requests as a YAML or JSON list of ``PlacementRequest`` messages in
+protobuf's JSON mapping, and places them with the same engine the scheduler
+runs, as one batch (or in order), with no store and no agents.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+
+from scheduler.core.engine.batch import BatchResult, BatchSettings, solve_batch
+from scheduler.core.engine.fastpath import Engine
+from scheduler.core.identity import HostId, PlacementId, RequestId
+from scheduler.core.request import PlacementRequest
+from scheduler.core.snapshot import ClusterSnapshot, HostState
+from scheduler.core.validation import FieldViolation, InvalidRequestError, validate_request
+from scheduler.service.convert import (
+    host_view_from_inventory,
+    placement_from_plan,
+    request_from_proto,
+)
+from tessera.v1 import inventory_pb2, placement_pb2
+
+
+class PlanningInputError(ValueError):
+    """An input file is missing or malformed; the message names file and field."""
+
+
+def load_inventories(directory: Path) -> list[inventory_pb2.HostInventory]:
+    """Every ``*.json`` inventory in a directory, in file-name order.
+
+    Raises:
+        PlanningInputError: the directory has none, a file is not a
+            HostInventory, or two files report the same host.
+    """
+    if not directory.is_dir():
+        raise PlanningInputError(f"--hosts: {directory} is not a directory")
+    inventories: list[inventory_pb2.HostInventory] = []
+    seen: dict[str, Path] = {}
+    for path in sorted(directory.glob("*.json")):
+        try:
+            inv = json_format.Parse(path.read_text(), inventory_pb2.HostInventory())
+        except (json_format.ParseError, UnicodeDecodeError) as err:
+            raise PlanningInputError(f"{path}: not a HostInventory: {err}") from err
+        if not inv.host_id:
+            raise PlanningInputError(f"{path}: host_id: required")
+        if inv.host_id in seen:
+            raise PlanningInputError(
+                f"{path}: host_id {inv.host_id!r} is also reported by {seen[inv.host_id]}"
+            )
+        seen[inv.host_id] = path
+        inventories.append(inv)
+    if not inventories:
+        raise PlanningInputError(f"--hosts: no *.json inventory in {directory}")
+    return inventories
+
+
+def load_requests(path: Path) -> list[placement_pb2.PlacementRequest]:
+    """The requests of a YAML or JSON file: a list of PlacementRequest messages.
+
+    Raises:
+        PlanningInputError: unreadable file, not a list, or a message that
+            does not parse (the message names its index).
+    """
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise PlanningInputError(f"--requests: {err}") from err
+    try:
+        data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise PlanningInputError(f"{path}: {err}") from err
+    if isinstance(data, dict) and "requests" in data:
+        data = data["requests"]
+    if not isinstance(data, list):
+        raise PlanningInputError(f"{path}: expected a list of PlacementRequest messages")
+    out: list[placement_pb2.PlacementRequest] = []
+    for i, item in enumerate(data):
+        try:
+            out.append(json_format.ParseDict(item, placement_pb2.PlacementRequest()))
+        except json_format.ParseError as err:
+            raise PlanningInputError(f"{path}: requests[{i}]: {err}") from err
+    return out
+
+
+def snapshot_of(inventories: Sequence[inventory_pb2.HostInventory]) -> ClusterSnapshot:
+    """An empty cluster of these hosts, every one schedulable."""
+    return ClusterSnapshot(
+        hosts={
+            HostId(inv.host_id): HostState(host_view_from_inventory(inv), alloc_generation=0)
+            for inv in inventories
+        }
+    )
+
+
+def parse_requests(
+    messages: Sequence[placement_pb2.PlacementRequest],
+) -> list[PlacementRequest]:
+    """Domain requests, every problem of every request reported at once.
+
+    Raises:
+        InvalidRequestError: with field paths ``requests[i].<field>``.
+    """
+    out: list[PlacementRequest] = []
+    violations: list[FieldViolation] = []
+    seen: set[str] = set()
+    for i, msg in enumerate(messages):
+        prefix = f"requests[{i}]."
+        try:
+            request = request_from_proto(msg, prefix)
+        except InvalidRequestError as err:
+            violations.extend(err.violations)
+            continue
+        violations.extend(validate_request(request, prefix))
+        if msg.request_id in seen:
+            violations.append(
+                FieldViolation(f"{prefix}request_id", f"{msg.request_id!r} appears twice")
+            )
+        seen.add(msg.request_id)
+        out.append(request)
+    if violations:
+        raise InvalidRequestError(violations)
+    return out
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """What an offline plan produced."""
+
+    placements: list[placement_pb2.Placement]
+    unplaced: list[tuple[RequestId, list[str]]]
+    result: BatchResult
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"placements": [...], "unplaced": [{"request_id", "reasons"}], "solver": {...}}``."""
+        return {
+            "placements": [
+                json_format.MessageToDict(p, preserving_proto_field_name=True)
+                for p in self.placements
+            ],
+            "unplaced": [{"request_id": rid, "reasons": reasons} for rid, reasons in self.unplaced],
+            "solver": {
+                "status": self.result.status,
+                "objective": self.result.objective,
+                "bound": self.result.bound,
+                "greedy_objective": self.result.greedy_objective,
+                "columns": self.result.columns,
+                "wall_s": round(self.result.wall_s, 3),
+            },
+        }
+
+
+def plan_offline(
+    inventories: Sequence[inventory_pb2.HostInventory],
+    messages: Sequence[placement_pb2.PlacementRequest],
+    *,
+    sequential: bool = False,
+    settings: BatchSettings | None = None,
+) -> PlanReport:
+    """Place requests on hosts with no store and no agents.
+
+    Args:
+        inventories: the hosts, as their agents report them.
+        messages: the requests.
+        sequential: place in order (priority first) with the fast path only,
+            instead of one CP-SAT batch.
+        settings: solver limits; deterministic (one worker, seed 0) by default.
+
+    Raises:
+        InvalidRequestError: a request is malformed (field paths named).
+    """
+    requests = parse_requests(messages)
+    settings = settings or BatchSettings(workers=1, seed=0)
+    if sequential:
+        settings = BatchSettings(
+            time_limit_s=settings.time_limit_s,
+            workers=settings.workers,
+            seed=settings.seed,
+            hosts_per_request=settings.hosts_per_request,
+            use_solver=False,
+        )
+    gang_of = {RequestId(m.request_id): m.gang for m in messages if m.gang}
+    result = solve_batch(Engine(), snapshot_of(inventories), requests, settings, gang_of)
+    by_id = {m.request_id: m for m in messages}
+    placements = [
+        placement_from_plan(
+            plan,
+            placement_id=PlacementId(f"planned-{i:05d}"),
+            request=by_id[rid],
+            now_ms=0,
+        )
+        for i, (rid, plan) in enumerate(result.plans.items())
+    ]
+    for p in placements:
+        p.message = "planned offline; nothing was reserved"
+    unplaced: list[tuple[RequestId, list[str]]] = []
+    for m in messages:
+        refusal = result.unplaced.get(RequestId(m.request_id))
+        if refusal is not None:
+            unplaced.append((RequestId(m.request_id), [refusal.summary, *refusal.reasons()]))
+    return PlanReport(placements, unplaced, result)
