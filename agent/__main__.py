@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agent.checkpoint import Checkpoint
-from agent.nvml import NullNvmlClient, NvmlClient, open_nvml
+from agent.nvml import NullNvmlClient, NvmlClient, NvmlMigClient, open_nvml
 from agent.registration import RegistrationLoop
 from agent.reporter import HostReporter, read_boot_id
 from agent.service import AgentServicer
@@ -59,7 +59,7 @@ def _sysfs(root: Path, fake_kernel: bool) -> Sysfs:
     return Sysfs(root, writer)
 
 
-def _nvml(root: Path) -> NvmlClient:
+def _nvml(root: Path) -> NvmlMigClient:
     """NVML for this host: the fake driver of a fake host tree, else the real one.
 
     A fake tree (it carries the fake-host marker) never reaches the real
@@ -79,11 +79,13 @@ def _nvml(root: Path) -> NvmlClient:
     return client
 
 
-def _reporter(opts: argparse.Namespace, sysfs: Sysfs) -> HostReporter:
+def _reporter(
+    opts: argparse.Namespace, sysfs: Sysfs, nvml: NvmlClient | None = None
+) -> HostReporter:
     host_id = opts.host_id or socket.gethostname()
     return HostReporter(
         sysfs,
-        _nvml(opts.sysfs_root),
+        nvml if nvml is not None else _nvml(opts.sysfs_root),
         host_id=host_id,
         boot_id=read_boot_id(opts.sysfs_root, host_id),
         labels=_labels(opts.label),
@@ -147,7 +149,9 @@ def cmd_fakehost(opts: argparse.Namespace) -> int:
 
 async def _run(opts: argparse.Namespace) -> int:
     sysfs = _sysfs(opts.sysfs_root, opts.fake_kernel)
-    reporter = _reporter(opts, sysfs)
+    # One NVML for discovery and MIG actuation: both see the same driver.
+    nvml = _nvml(opts.sysfs_root)
+    reporter = _reporter(opts, sysfs, nvml)
     state_dir: Path = opts.state_dir
     checkpoint = Checkpoint(state_dir / f"{reporter.host_id}.checkpoint.json")
     channel = grpc.aio.insecure_channel(opts.scheduler)
@@ -158,7 +162,7 @@ async def _run(opts: argparse.Namespace) -> int:
     host = opts.listen.rsplit(":", 1)[0]
     address = f"{opts.advertise or host}:{port}"
     registration = RegistrationLoop(channel, reporter, address)
-    servicer = AgentServicer(sysfs, reporter, checkpoint, on_change=registration.poke)
+    servicer = AgentServicer(sysfs, reporter, checkpoint, on_change=registration.poke, nvml=nvml)
     await asyncio.to_thread(servicer.recover)
     agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()

@@ -1,9 +1,12 @@
 """The agent's on-disk record of what it did to the host, for crash safety.
 
-Before touching a device the agent writes a ``started`` entry holding each
-device's original driver; once every write succeeded it marks the entry
-``prepared``. A restart finds any ``started`` entry half done and rolls it
-back; ``prepared`` entries are adopted. Writes are atomic (temp file, fsync,
+Before touching the host the agent writes a ``started`` entry; each host
+operation of the placement is added to it as a step record (see
+``agent.actuation.steps``) before its first write, holding what undoing it
+needs (original drivers, the original SR-IOV autoprobe, ...), and marked done
+after its last. Once every step is done the entry is marked ``prepared``. A
+restart finds any ``started`` entry half done and rolls it back, undoing its
+steps in reverse; ``prepared`` entries are adopted. Writes are atomic (temp file, fsync,
 rename), so a crash leaves either the old or the new checkpoint, never a torn
 one.
 """
@@ -30,20 +33,25 @@ class CheckpointEntry:
     Attributes:
         placement_id: the placement.
         state: ``started`` while devices are being moved, ``prepared`` after.
-        bindings: per device, the JSON form of its original binding.
+        bindings: per device, the JSON form of its original binding. Entries
+            written before step records existed hold only these (a whole-group
+            bind); newer entries keep every operation in ``steps``.
         placement: the serialized Placement the agent answered with.
+        steps: the JSON form of each host operation, in the order carried out.
     """
 
     placement_id: str
     state: EntryState
     bindings: tuple[Mapping[str, Any], ...]
     placement: bytes
+    steps: tuple[Mapping[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """JSON form."""
         return {
             "state": self.state,
             "bindings": [dict(b) for b in self.bindings],
+            "steps": [dict(s) for s in self.steps],
             "placement": base64.b64encode(self.placement).decode(),
         }
 
@@ -58,6 +66,8 @@ class CheckpointEntry:
             state=state,
             bindings=tuple(data["bindings"]),
             placement=base64.b64decode(data["placement"]),
+            # Absent from checkpoints written before step records existed.
+            steps=tuple(data.get("steps", ())),
         )
 
 

@@ -1,6 +1,7 @@
 """What the agent asks NVIDIA's management library, as a small Protocol.
 
-Discovery depends on :class:`NvmlClient` only. :func:`open_nvml` gives a
+Discovery depends on :class:`NvmlClient` only; MIG actuation on
+:class:`NvmlMigClient`, which adds the create and destroy calls. :func:`open_nvml` gives a
 :class:`PynvmlClient` (NVIDIA's ``nvidia-ml-py`` bindings, module ``pynvml``)
 where the driver answers and a :class:`NullNvmlClient` elsewhere, so the agent
 never fails on a host without NVIDIA. :class:`PynvmlClient` takes the module as
@@ -157,6 +158,31 @@ class NvmlClient(Protocol):
         ...
 
 
+class NvmlMigClient(NvmlClient, Protocol):
+    """The NVML queries of :class:`NvmlClient` plus the MIG changes actuation makes.
+
+    Methods take a GPU's UUID from :meth:`NvmlClient.gpus`; any may raise
+    :class:`NvmlError`, whose message names the ``NVML_ERROR_*`` code
+    (``NVML_ERROR_INSUFFICIENT_RESOURCES`` for an occupied placement).
+    """
+
+    def create_gpu_instance(self, uuid: str, profile_id: int, placement: MigPlacement) -> int:
+        """Create a GPU instance of a profile at exactly ``placement``; its GI id."""
+        ...
+
+    def create_compute_instance(self, uuid: str, gi_id: int) -> ComputeInstance:
+        """Create one compute instance using the whole GPU instance."""
+        ...
+
+    def destroy_compute_instance(self, uuid: str, gi_id: int, ci_id: int) -> None:
+        """Destroy a compute instance; one already gone is fine."""
+        ...
+
+    def destroy_gpu_instance(self, uuid: str, gi_id: int) -> None:
+        """Destroy a GPU instance without compute instances; one already gone is fine."""
+        ...
+
+
 class NullNvmlClient:
     """NVML on a host without an NVIDIA driver: no driver, no GPUs.
 
@@ -186,6 +212,23 @@ class NullNvmlClient:
     def gpu_instances(self, uuid: str) -> Sequence[GpuInstance]:
         """No instances."""
         return ()
+
+    def _unavailable(self) -> NvmlError:
+        return NvmlError(f"NVML is not available: {self.reason or 'no NVIDIA driver'}")
+
+    def create_gpu_instance(self, uuid: str, profile_id: int, placement: MigPlacement) -> int:
+        """Nothing to create on."""
+        raise self._unavailable()
+
+    def create_compute_instance(self, uuid: str, gi_id: int) -> ComputeInstance:
+        """Nothing to create on."""
+        raise self._unavailable()
+
+    def destroy_compute_instance(self, uuid: str, gi_id: int, ci_id: int) -> None:
+        """No instance exists without a driver (MIG instances do not survive one)."""
+
+    def destroy_gpu_instance(self, uuid: str, gi_id: int) -> None:
+        """No instance exists without a driver (MIG instances do not survive one)."""
 
 
 def sysfs_address(pci_bus_id: str) -> str:
@@ -217,6 +260,8 @@ _NOT_FOUND = 6
 _DRIVER_NOT_LOADED = 9
 _LIBRARY_NOT_FOUND = 12
 _FUNCTION_NOT_FOUND = 13
+#: NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED: the only engine profile.
+_ENGINE_PROFILE_SHARED = 0
 
 #: Largest placement / instance buffer NVML could fill: 8 memory slices give at
 #: most 8 placements, and a GPU has at most 7 GPU instances (HW_FACTS §9).
@@ -416,8 +461,91 @@ class PynvmlClient:
                 )
         return sorted(out, key=lambda g: g.gi_id)
 
+    # -- MIG changes -------------------------------------------------------
 
-def open_nvml(nvml: Any = None) -> NvmlClient:
+    def _gpu_instance(self, handle: Any, gi_id: int) -> Any | None:
+        """A GPU-instance handle by id; None when it does not exist."""
+        try:
+            return self._nvml.nvmlDeviceGetGpuInstanceById(handle, gi_id)
+        except self._nvml.NVMLError as err:
+            if getattr(err, "value", None) == _NOT_FOUND:
+                return None
+            raise self._error(err) from err
+
+    def create_gpu_instance(self, uuid: str, profile_id: int, placement: MigPlacement) -> int:
+        """``nvmlDeviceCreateGpuInstanceWithPlacement``; the new GI's id."""
+        nvml = self._nvml
+        handle = self._handle(uuid)
+        where = nvml.c_nvmlGpuInstancePlacement_t()
+        where.start = placement.start
+        where.size = placement.size
+        gi = self._call(
+            nvml.nvmlDeviceCreateGpuInstanceWithPlacement, handle, profile_id, ctypes.byref(where)
+        )
+        return int(self._call(nvml.nvmlGpuInstanceGetInfo, gi).id)
+
+    def _default_ci_profile(self, handle: Any, gi: Any) -> int:
+        """The CI profile ID whose slices are the whole GI's (HW_FACTS §9.2)."""
+        nvml = self._nvml
+        info = self._call(nvml.nvmlGpuInstanceGetInfo, gi)
+        gi_profile = self._call(
+            nvml.nvmlDeviceGetGpuInstanceProfileInfoById, handle, int(info.profileId)
+        )
+        for index in range(int(nvml.NVML_COMPUTE_INSTANCE_PROFILE_COUNT)):
+            try:
+                ci_profile = nvml.nvmlGpuInstanceGetComputeInstanceProfileInfo(
+                    gi, index, _ENGINE_PROFILE_SHARED
+                )
+            except nvml.NVMLError as err:
+                # Profiles this GI does not offer (no 3c on a 4g GI).
+                if getattr(err, "value", None) in (_NOT_SUPPORTED, _INVALID_ARGUMENT):
+                    continue
+                raise self._error(err) from err
+            if int(ci_profile.sliceCount) == int(gi_profile.sliceCount):
+                return int(ci_profile.id)
+        raise NvmlError(
+            f"GPU instance {int(info.id)} offers no compute-instance profile of "
+            f"{int(gi_profile.sliceCount)} slices"
+        )
+
+    def create_compute_instance(self, uuid: str, gi_id: int) -> ComputeInstance:
+        """``nvmlGpuInstanceCreateComputeInstance`` with the GI's default (whole) CI profile."""
+        nvml = self._nvml
+        handle = self._handle(uuid)
+        gi = self._gpu_instance(handle, gi_id)
+        if gi is None:
+            raise NvmlError(f"NVML_ERROR_NOT_FOUND: no GPU instance {gi_id}")
+        profile_id = self._default_ci_profile(handle, gi)
+        ci = self._call(nvml.nvmlGpuInstanceCreateComputeInstance, gi, profile_id)
+        ci_id = int(self._call(nvml.nvmlComputeInstanceGetInfo, ci).id)
+        return ComputeInstance(
+            ci_id=ci_id,
+            profile_id=profile_id,
+            uuid=self._mig_uuids(handle).get((gi_id, ci_id), ""),
+        )
+
+    def destroy_compute_instance(self, uuid: str, gi_id: int, ci_id: int) -> None:
+        """``nvmlComputeInstanceDestroy``; a CI or GI already gone is fine."""
+        nvml = self._nvml
+        gi = self._gpu_instance(self._handle(uuid), gi_id)
+        if gi is None:
+            return
+        try:
+            ci = nvml.nvmlGpuInstanceGetComputeInstanceById(gi, ci_id)
+        except nvml.NVMLError as err:
+            if getattr(err, "value", None) == _NOT_FOUND:
+                return
+            raise self._error(err) from err
+        self._call(nvml.nvmlComputeInstanceDestroy, ci)
+
+    def destroy_gpu_instance(self, uuid: str, gi_id: int) -> None:
+        """``nvmlGpuInstanceDestroy``; a GI already gone is fine."""
+        gi = self._gpu_instance(self._handle(uuid), gi_id)
+        if gi is not None:
+            self._call(self._nvml.nvmlGpuInstanceDestroy, gi)
+
+
+def open_nvml(nvml: Any = None) -> NvmlMigClient:
     """NVML if the driver answers, else a :class:`NullNvmlClient` saying why.
 
     Never raises for a missing library or driver: a host without NVIDIA is a

@@ -1,11 +1,12 @@
 """Whole-IOMMU-group passthrough: moving endpoints to vfio-pci and back.
 
 Each endpoint goes through driverctl's ``set-override`` sequence (HW_FACTS
-§2): unbind from the current driver, write ``vfio-pci`` to
-``driver_override``, write the address to ``/sys/bus/pci/drivers_probe``,
-then check the ``driver`` link, because drivers_probe succeeds even when
-nothing binds. A group is bound whole or not at all: if any step fails, the
-endpoints already moved are restored before the error is raised.
+§2): unbind from the current driver, write ``vfio-pci`` (or a VFIO variant
+driver such as ``mlx5_vfio_pci``) to ``driver_override``, write the address
+to ``/sys/bus/pci/drivers_probe``, then check the ``driver`` link, because
+drivers_probe succeeds even when nothing binds. A group is bound whole or
+not at all: if any step fails, the endpoints already moved are restored
+before the error is raised.
 
 Unbinding a device that userspace holds open through VFIO does not fail, it
 blocks until the device is released; such writes run in a daemon thread with
@@ -22,15 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.actuation import ActuationError
 from agent.probes.pci import is_pci_address, read_function
-from agent.probes.vfio import VFIO_PCI
+from agent.probes.vfio import VFIO_PCI, is_vfio_driver
 from agent.sysfs import Sysfs
 
 #: What ``driver_override`` reads when unset.
 _NO_OVERRIDE = "(null)"
 
 
-class VfioActuationError(Exception):
+class VfioActuationError(ActuationError):
     """A sysfs step of binding or restoring a device failed.
 
     Attributes:
@@ -122,7 +124,7 @@ class BindingRecord:
 
 
 class VfioBinder:
-    """Binds IOMMU groups' endpoints to vfio-pci and restores them.
+    """Binds IOMMU groups' endpoints to vfio-pci (or a variant) and restores them.
 
     Args:
         sysfs: the host's sysfs; every write goes through its writer.
@@ -212,13 +214,19 @@ class VfioBinder:
 
     # -- binding ---------------------------------------------------------
 
-    def _check(self, address: str) -> None:
+    def _check(self, address: str, driver: str) -> None:
         """Refuse, before any write, what must never be unbound or cannot bind."""
         if not self._sysfs.exists(self._device(address)):
             raise VfioActuationError(address, "check", errnos.ENODEV, "no such PCI device")
-        if not self._sysfs.exists(self._sysfs.path("bus", "pci", "drivers", VFIO_PCI)):
+        if not is_vfio_driver(driver):
+            # Handing a tenant a device on a host driver would give it nothing
+            # to open, and take the device from the host for no reason.
             raise VfioActuationError(
-                address, "check", errnos.ENOENT, "the vfio-pci driver is not loaded"
+                address, "check", errnos.EINVAL, f"{driver} is not a VFIO driver"
+            )
+        if not self._sysfs.exists(self._sysfs.path("bus", "pci", "drivers", driver)):
+            raise VfioActuationError(
+                address, "check", errnos.ENOENT, f"the {driver} driver is not loaded"
             )
         if read_function(self._sysfs, address).is_bridge:
             # Unbinding pcieport from a port takes its hotplug and AER
@@ -228,34 +236,35 @@ class VfioBinder:
                 address, "check", errnos.EINVAL, "is a bridge; only endpoints are passed through"
             )
 
-    def _bind_one(self, record: BindingRecord) -> None:
+    def _bind_one(self, record: BindingRecord, driver: str) -> None:
         address = record.address
-        if record.original_driver == VFIO_PCI:
-            # Already on vfio-pci without the override: pin it there for the
-            # next probe without a needless unbind.
-            self._set_override(address, VFIO_PCI)
+        if record.original_driver == driver:
+            # Already on the driver without the override: pin it there for
+            # the next probe without a needless unbind.
+            self._set_override(address, driver)
             return
         if record.original_driver is not None:
             self._unbind(address, record.original_driver)
-        self._set_override(address, VFIO_PCI)
+        self._set_override(address, driver)
         self._probe(address)
         now = self._driver(address)
-        if now != VFIO_PCI:
+        if now != driver:
             raise VfioActuationError(
                 address,
                 "verify",
                 errnos.ENODEV,
-                f"bound to {now or 'no driver'} after drivers_probe, not {VFIO_PCI}",
+                f"bound to {now or 'no driver'} after drivers_probe, not {driver}",
             )
 
-    def bind_group(self, endpoints: Sequence[str]) -> list[BindingRecord]:
-        """Bind every endpoint of an IOMMU group to vfio-pci.
+    def bind_group(self, endpoints: Sequence[str], driver: str = VFIO_PCI) -> list[BindingRecord]:
+        """Bind every endpoint of an IOMMU group to a VFIO driver.
 
-        Idempotent: an endpoint already on vfio-pci with the override
-        ``vfio-pci`` is left alone.
+        Idempotent: an endpoint already on ``driver`` with the override
+        ``driver`` is left alone.
 
         Args:
             endpoints: the group's endpoints (members minus bridges).
+            driver: ``vfio-pci`` or a VFIO variant driver (``mlx5_vfio_pci``).
 
         Returns:
             Each endpoint's binding before the call, in the given order
@@ -269,16 +278,16 @@ class VfioBinder:
         # A repeated address would be "moved" twice from a stale record.
         records = [self.current(address) for address in dict.fromkeys(endpoints)]
         for record in records:
-            self._check(record.address)
+            self._check(record.address, driver)
         moved: list[BindingRecord] = []
         for record in records:
-            if record.original_driver == VFIO_PCI and record.original_override == VFIO_PCI:
+            if record.original_driver == driver and record.original_override == driver:
                 continue
             # Counted before the first write: a half-done endpoint (unbound,
             # not yet on vfio-pci) needs restoring as much as a done one.
             moved.append(record)
             try:
-                self._bind_one(record)
+                self._bind_one(record, driver)
             except VfioActuationError as err:
                 rollback = self._restore_all(reversed(moved))
                 raise VfioActuationError(

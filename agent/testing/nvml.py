@@ -352,6 +352,7 @@ class FakeNvml:
     c_nvmlGpuInstanceProfileInfo_t = pynvml.c_nvmlGpuInstanceProfileInfo_t
     c_nvmlGpuInstanceProfileInfo_v2_t = pynvml.c_nvmlGpuInstanceProfileInfo_v2_t
     c_nvmlMemory_t = pynvml.c_nvmlMemory_t
+    c_nvmlComputeInstanceProfileInfo_v2_t = pynvml.c_nvmlComputeInstanceProfileInfo_v2_t
     nvmlPciInfo_t = pynvml.nvmlPciInfo_t
     c_nvmlDevice_t = _Device
     c_nvmlGpuInstance_t = _GpuInstance
@@ -742,6 +743,45 @@ class FakeNvml:
         cis.append({"id": ci_id, "profile_id": profileId, "uuid": f"MIG-{uuidlib.uuid4()}"})
         self._save()
         return _ComputeInstance(gpuInstance.device, inst["id"], ci_id)
+
+    def nvmlGpuInstanceGetComputeInstanceProfileInfo(
+        self,
+        gpuInstance: Any,
+        profile: int,
+        engProfile: int,
+        version: int = 2,
+    ) -> Any:
+        """A compute-instance profile of a GPU instance (v2 struct).
+
+        ``.id`` is the CI profile ID and ``.sliceCount`` its compute slices.
+        NOT_SUPPORTED for a CI profile the GI does not offer (HW_FACTS §9.2:
+        no 3-slice CI on a 4g GI).
+        """
+        _, model, inst = self._gi(gpuInstance)
+        if version != 2:
+            raise _error(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        if not 0 <= profile < pynvml.NVML_COMPUTE_INSTANCE_PROFILE_COUNT:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if engProfile != pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        offered = CI_PROFILES[self._profile_by_id(model, inst["profile_id"]).slice_count]
+        if profile not in offered:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        info = pynvml.c_nvmlComputeInstanceProfileInfo_v2_t()
+        info.id = profile
+        info.sliceCount = CI_SLICES[profile]
+        info.instanceCount = offered[profile]
+        info.name = f"MIG {CI_SLICES[profile]}c".encode()
+        return info
+
+    def nvmlGpuInstanceGetComputeInstanceById(
+        self, gpuInstance: Any, computeInstanceId: int
+    ) -> _ComputeInstance:
+        """A compute instance's handle by its id; NOT_FOUND when there is none."""
+        _, _, inst = self._gi(gpuInstance)
+        if not any(c["id"] == computeInstanceId for c in inst["cis"]):
+            raise _error(pynvml.NVML_ERROR_NOT_FOUND)
+        return _ComputeInstance(gpuInstance.device, inst["id"], computeInstanceId)
 
     def nvmlGpuInstanceGetComputeInstances(
         self,

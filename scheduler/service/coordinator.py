@@ -17,8 +17,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName, iommu_group_slot
+from scheduler.core.identity import (
+    HostId,
+    PlacementId,
+    RequestId,
+    SlotKey,
+    TenantName,
+    iommu_group_slot,
+)
 from scheduler.core.plan import Plan, Unschedulable
 from scheduler.core.request import PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, HostState
@@ -42,6 +50,7 @@ from scheduler.service.errors import (
     PlacementBusyError,
     PlacementNotFoundError,
     RequestIdReusedError,
+    SchedulerError,
 )
 from scheduler.store.redis_store import CommitOutcome, HostRecord, RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
@@ -61,6 +70,10 @@ _WIRE_STATES = {
 #: Commit attempts before giving up with ABORTED. Each lost race means
 #: another placement landed on the chosen host; replanning sees it.
 MAX_COMMIT_ATTEMPTS = 16
+
+
+#: PlaceBatch's solver limits: a frontend waits on the call.
+DEFAULT_BATCH_SETTINGS = BatchSettings(time_limit_s=5.0, workers=4)
 
 
 def _now_ms() -> int:
@@ -84,6 +97,7 @@ class PlacementCoordinator:
         leases: heartbeat settings.
         clock_ms: current time in ms (injectable for lease tests).
         engine: the placement engine (its host index is reused across calls).
+        batch_settings: CP-SAT limits for PlaceBatch.
     """
 
     def __init__(
@@ -92,7 +106,9 @@ class PlacementCoordinator:
         agents: AgentGateway,
         leases: Leases = Leases(),
         clock_ms: Callable[[], int] = _now_ms,
+        *,
         engine: Engine | None = None,
+        batch_settings: BatchSettings = DEFAULT_BATCH_SETTINGS,
     ) -> None:
         self._store = store
         self._agents = agents
@@ -102,6 +118,7 @@ class PlacementCoordinator:
         # big inventory on every request would dominate placement latency.
         self._views: dict[tuple[str, str, int], HostState] = {}
         self._engine = engine if engine is not None else Engine()
+        self._batch_settings = batch_settings
 
     @property
     def leases(self) -> Leases:
@@ -234,6 +251,126 @@ class PlacementCoordinator:
         raise ContentionError(
             f"the cluster changed under {MAX_COMMIT_ATTEMPTS} commit attempts; retry the request"
         )
+
+    async def place_batch(
+        self, msgs: list[placement_pb2.PlacementRequest], all_or_nothing: bool
+    ) -> tuple[list[placement_pb2.Placement], list[scheduler_pb2.Unplaced]]:
+        """Place requests jointly (one CP-SAT batch), then commit and prepare each.
+
+        Requests that share a ``gang`` (every request, with ``all_or_nothing``)
+        are placed all or nothing: if one member fails to commit or prepare,
+        the members already placed are released. A plan whose commit loses a
+        race (the cluster moved since the snapshot) is placed again alone.
+        Requests already placed (same request_id) get their placement back.
+
+        Raises:
+            InvalidRequestError: any request is malformed; nothing is placed.
+        """
+        requests = self._parse_batch(msgs)
+        placed: dict[str, placement_pb2.Placement] = {}
+        failures: dict[str, list[str]] = {}
+        todo: list[int] = []
+        for i, msg in enumerate(msgs):
+            try:
+                existing = await self._existing(msg, request_digest(msg))
+            except SchedulerError as err:
+                failures[msg.request_id] = [str(err)]
+                continue
+            if existing is not None:
+                placed[msg.request_id] = existing
+            else:
+                todo.append(i)
+        gang_of = {
+            RequestId(m.request_id): ("all-or-nothing" if all_or_nothing else m.gang)
+            for m in msgs
+            if all_or_nothing or m.gang
+        }
+        snapshot, _ = await self.snapshot()
+        result = solve_batch(
+            self._engine, snapshot, [requests[i] for i in todo], self._batch_settings, gang_of
+        )
+        log.info(
+            "batch of %d: %s, objective %d (bound %d, greedy %d), %.2fs",
+            len(todo), result.status, result.objective, result.bound,
+            result.greedy_objective, result.wall_s,
+        )  # fmt: skip
+        index = {m.request_id: i for i, m in enumerate(msgs)}
+        for rid, refusal in result.unplaced.items():
+            failures[rid] = [refusal.summary, *refusal.reasons()]
+        broken_gangs = {gang_of[RequestId(r)] for r in failures if RequestId(r) in gang_of}
+        for rid, plan in result.plans.items():
+            msg = msgs[index[rid]]
+            if gang_of.get(rid) in broken_gangs:
+                failures[rid] = [f"gang {gang_of[rid]!r} could not be placed whole"]
+                continue
+            try:
+                placed[rid] = await self._commit_planned(msg, plan, f"requests[{index[rid]}].")
+            except SchedulerError as err:
+                failures[rid] = [str(err)]
+                if rid in gang_of:
+                    broken_gangs.add(gang_of[rid])
+        for placed_id in list(placed):
+            gang = gang_of.get(RequestId(placed_id))
+            if gang is None or gang not in broken_gangs:
+                continue
+            placement = placed.pop(placed_id)
+            why = f"gang {gang!r} could not be placed whole"
+            try:
+                await self.release(placement.placement_id, "")
+                failures[placed_id] = [f"{why}; released"]
+            except SchedulerError as err:
+                failures[placed_id] = [f"{why}; release failed: {err}"]
+        unplaced = [
+            scheduler_pb2.Unplaced(request_id=m.request_id, reasons=failures[m.request_id])
+            for m in msgs
+            if m.request_id in failures
+        ]
+        return [placed[m.request_id] for m in msgs if m.request_id in placed], unplaced
+
+    def _parse_batch(self, msgs: list[placement_pb2.PlacementRequest]) -> list[PlacementRequest]:
+        violations: list[FieldViolation] = []
+        requests: list[PlacementRequest] = []
+        seen: set[str] = set()
+        for i, msg in enumerate(msgs):
+            prefix = f"requests[{i}]."
+            try:
+                requests.append(self._parse(msg, prefix))
+            except InvalidRequestError as err:
+                violations.extend(err.violations)
+            if msg.request_id in seen:
+                violations.append(
+                    FieldViolation(f"{prefix}request_id", f"{msg.request_id!r} appears twice")
+                )
+            seen.add(msg.request_id)
+        if violations:
+            raise InvalidRequestError(violations)
+        return requests
+
+    async def _commit_planned(
+        self, msg: placement_pb2.PlacementRequest, plan: Plan, prefix: str
+    ) -> placement_pb2.Placement:
+        """Commit a batch plan and prepare it; on a lost race, place the request alone."""
+        snapshot_records = await self._store.get_host(plan.host_id)
+        if snapshot_records is None:
+            return await self.place(msg, prefix)
+        placement_id = PlacementId(f"pl-{uuid.uuid4().hex[:16]}")
+        placement = placement_from_plan(
+            plan, placement_id=placement_id, request=msg, now_ms=self._clock_ms()
+        )
+        commit = await self._store.commit_reservation(
+            host_id=plan.host_id,
+            expected_alloc_generation=plan.expected_alloc_generation,
+            slots=list(plan.slots),
+            placement_id=placement_id,
+            placement=placement.SerializeToString(),
+            request_id=msg.request_id,
+            request_digest=request_digest(msg),
+            tenant=msg.tenant,
+        )
+        if commit.outcome is CommitOutcome.COMMITTED:
+            return await self._prepare(placement, snapshot_records)
+        log.debug("batch plan for %s lost its commit: %s", msg.request_id, commit.detail)
+        return await self.place(msg, prefix)
 
     async def _transition(
         self,

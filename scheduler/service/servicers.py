@@ -59,48 +59,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def PlaceBatch(  # noqa: N802
         self, request: scheduler_pb2.PlaceBatchRequest, context: Context
     ) -> scheduler_pb2.PlaceBatchResponse:
-        """Place many requests, highest priority first.
-
-        Requests are placed one after another; the joint CP-SAT batch comes
-        with the placement engine. With all_or_nothing, a failure releases
-        what the batch had placed, and every request is reported unplaced.
-        """
+        """Place many requests jointly: one CP-SAT batch, gangs all or nothing."""
         await _require(context, len(request.requests) > 0, "requests")
-        placed: dict[str, placement_pb2.Placement] = {}
-        unplaced: list[scheduler_pb2.Unplaced] = []
-        order = sorted(enumerate(request.requests), key=lambda item: -item[1].priority)
-        for index, msg in order:
-            try:
-                placement = await self._c.place(msg, prefix=f"requests[{index}].")
-                placed.setdefault(placement.placement_id, placement)
-            except Exception as err:  # every failure is this request's answer
-                if not isinstance(err, (SchedulerError, ValueError)):
-                    log.exception("placing %s", msg.request_id)
-                unplaced.append(
-                    scheduler_pb2.Unplaced(request_id=msg.request_id, reasons=[str(err)])
-                )
-                if request.all_or_nothing:
-                    break
-        if request.all_or_nothing and unplaced:
-            undo_errors: list[str] = []
-            for placement_id in placed:  # each placement once, even if repeated
-                try:
-                    await self._c.release(placement_id, "")
-                except Exception as err:
-                    log.exception("undoing batch placement %s", placement_id)
-                    undo_errors.append(f"{placement_id}: {err}")
-            failed = {u.request_id for u in unplaced}
-            unplaced += [
-                scheduler_pb2.Unplaced(
-                    request_id=m.request_id,
-                    reasons=["batch is all-or-nothing and another request failed"]
-                    + [f"could not undo {e}" for e in undo_errors],
-                )
-                for m in request.requests
-                if m.request_id not in failed
-            ]
-            placed = {}
-        return scheduler_pb2.PlaceBatchResponse(placements=list(placed.values()), unplaced=unplaced)
+        placements, unplaced = await _call(
+            context,
+            lambda: self._c.place_batch(list(request.requests), request.all_or_nothing),
+        )
+        return scheduler_pb2.PlaceBatchResponse(placements=placements, unplaced=unplaced)
 
     async def Release(  # noqa: N802
         self, request: scheduler_pb2.ReleaseRequest, context: Context
@@ -155,7 +120,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.ExplainResponse(
             placeable=True,
             placement=placement,
-            summary=f"fits on {result.host_id}",
+            summary=f"fits on {result.host_id} with score {result.score}",
+            # Why this host: each scorer's contribution, as a verdict that
+            # rejected nothing.
+            verdicts=[
+                scheduler_pb2.FilterVerdict(plugin=line.split(" ", 1)[0], reasons=[line])
+                for line in result.reasons
+            ],
         )
 
     async def ListHosts(  # noqa: N802

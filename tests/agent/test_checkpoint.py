@@ -42,3 +42,17 @@ def test_an_unknown_state_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="unknown state"):
         Checkpoint(path)
+
+
+def test_a_checkpoint_written_before_step_records_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "cp.json"
+    path.write_text(
+        '{"version": 1, "placements": {"a": {"state": "prepared", "bindings": '
+        '[{"address": "0000:01:00.0", "original_driver": "nvidia", "original_override": null}],'
+        ' "placement": "AHBsYWNlbWVudA=="}}}'
+    )
+
+    loaded = Checkpoint(path).get("a")
+
+    assert loaded == entry("a", "prepared")
+    assert loaded is not None and loaded.steps == ()

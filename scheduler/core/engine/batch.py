@@ -39,7 +39,7 @@ from fractions import Fraction
 
 from ortools.sat.python import cp_model
 
-from scheduler.core.engine.fastpath import Engine, HostFit, build_plan
+from scheduler.core.engine.fastpath import Engine, HostFit, build_plan, unschedulable
 from scheduler.core.identity import HostId, PlacementId, RequestId, TenantName
 from scheduler.core.mig_geometry import DEFAULT_INSTANCE_LIMITS
 from scheduler.core.occupancy import DOMAINS, domain_instance, mdev_free
@@ -161,9 +161,7 @@ def _greedy(
             request = requests[m]
             found, rejections = engine.candidates(trial, request, engine.feasible_hosts)
             if not found:
-                failed = Unschedulable(
-                    f"request {request.request_id}: no host fits", rejections.as_tuple()
-                )
+                failed = unschedulable(len(trial.hosts), request, rejections)
                 break
             best = min(found, key=lambda f: (-f.score, f.state.view.host_id))
             placed[m] = best
@@ -324,9 +322,7 @@ def solve_batch(
                 load[fit.state.view.host_id] += 1
                 columns.append(_Column(i, fit))
             if not found:
-                reasons[i] = Unschedulable(
-                    f"request {request.request_id}: no host fits", rejections.as_tuple()
-                )
+                reasons[i] = unschedulable(len(snapshot.hosts), request, rejections)
     greedy_columns = {}
     for i, fit in greedy.items():
         greedy_columns[i] = len(columns)

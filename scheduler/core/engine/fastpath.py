@@ -397,20 +397,25 @@ class Engine:
         """
         fits, rejections = self.candidates(snapshot, request, 0 if explain else self.feasible_hosts)
         if not fits:
-            wanted = ", ".join(
-                f"{c.count}x {c.kind.value} ({c.name}: "
-                f"{'/'.join(sorted(f.value for f in c.accepted_forms()))})"
-                for c in request.claims
-            )
-            found = rejections.as_tuple()
-            top = max(found, key=lambda r: r.count, default=None)
-            why = f"; most often {top.plugin}/{top.reason} ({top.count}x)" if top else ""
-            return Unschedulable(
-                f"no host can take {wanted} ({len(snapshot.hosts)} hosts considered{why})",
-                found,
-            )
+            return unschedulable(len(snapshot.hosts), request, rejections)
         best = min(fits, key=lambda f: (-f.score, f.state.view.host_id))
         return build_plan(best, request)
+
+
+def unschedulable(hosts: int, request: PlacementRequest, rejections: Rejections) -> Unschedulable:
+    """Why no host fits, led by a one-line summary naming the commonest reason."""
+    wanted = ", ".join(
+        f"{c.count}x {c.kind.value} ({c.name}: "
+        f"{'/'.join(sorted(f.value for f in c.accepted_forms()))})"
+        for c in request.claims
+    )
+    found = rejections.as_tuple()
+    # Lead with what stopped the hosts the request was meant for: hosts its
+    # selector or a lapsed lease ruled out say little about why it failed.
+    telling = [r for r in found if r.plugin not in ("host", "host-selector")] or list(found)
+    top = max(telling, key=lambda r: r.count, default=None)
+    why = f"; most often {top.plugin}/{top.reason} ({top.count}x)" if top else ""
+    return Unschedulable(f"no host can take {wanted} ({hosts} hosts considered{why})", found)
 
 
 def _mdev_uuid(state: HostState, request: PlacementRequest, unit: int) -> str:

@@ -229,3 +229,35 @@ def test_state_file_is_shared_between_instances(tmp_path: Path) -> None:
     gi = create(one, one.nvmlDeviceGetHandleByIndex(0), 14, 2, 2)
     info = other.nvmlGpuInstanceGetInfo(gi)
     assert (info.profileId, info.placement.start, info.placement.size) == (14, 2, 2)
+
+
+def test_compute_instance_profiles_of_a_4g_instance_skip_the_3_slice_one() -> None:
+    # HW_FACTS §9.2: a 4g GI offers CI profiles 0, 1 and 3, default 3 (4 slices).
+    nvml, handle = driver("A100-SXM4-40GB")
+    gi = create(nvml, handle, 5, 0, 4)
+    shared = pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED
+    offered = {}
+    for profile in range(pynvml.NVML_COMPUTE_INSTANCE_PROFILE_COUNT):
+        try:
+            info = nvml.nvmlGpuInstanceGetComputeInstanceProfileInfo(gi, profile, shared)
+        except pynvml.NVMLError_NotSupported:
+            continue
+        offered[info.id] = info.sliceCount
+    assert offered == {0: 1, 1: 2, 3: 4}
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        nvml.nvmlGpuInstanceGetComputeInstanceProfileInfo(
+            gi, pynvml.NVML_COMPUTE_INSTANCE_PROFILE_COUNT, shared
+        )
+
+
+def test_a_compute_instance_is_found_by_id_until_destroyed() -> None:
+    nvml, handle = driver("A100-SXM4-40GB")
+    gi = create(nvml, handle, 9, 0, 4)
+    ci = nvml.nvmlGpuInstanceCreateComputeInstance(gi, 2)
+    ci_id = nvml.nvmlComputeInstanceGetInfo(ci).id
+
+    found = nvml.nvmlGpuInstanceGetComputeInstanceById(gi, ci_id)
+    nvml.nvmlComputeInstanceDestroy(found)
+
+    with pytest.raises(pynvml.NVMLError_NotFound):
+        nvml.nvmlGpuInstanceGetComputeInstanceById(gi, ci_id)
