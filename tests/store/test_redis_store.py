@@ -513,10 +513,10 @@ def test_every_key_is_prefixed_and_per_host_keys_share_one_slot(
         assert all(k.startswith(schema.PREFIX) for k in keys)
         per_host = {k for k in keys if "{" in k}
         assert per_host == {
-        *schema.host_keys(H),
-        schema.placement_states(H),
-        schema.placement_tenants(H),
-    }
+            *schema.host_keys(H),
+            schema.placement_states(H),
+            schema.placement_tenants(H),
+        }
         assert len({key_slot(k.encode()) for k in per_host}) == 1
         assert keys - per_host == {
             schema.HOSTS,
