@@ -5,6 +5,8 @@ tessera place --tenant T --gpu 1   place a request (or --file REQUEST.json|yaml)
 tessera list | hosts               show placements, registered hosts
 tessera get ID | release ID        one placement; tear it down
 tessera explain --tenant T --gpu 1 where it would go, or why it cannot
+tessera plan --hosts DIR --requests FILE [--json] [--sequential]
+                                   what-if: place a batch offline, no store, no agents
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from google.protobuf import json_format
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 _STATES = {
+    placement_pb2.PLACEMENT_STATE_UNSPECIFIED: "planned",
     placement_pb2.PLACEMENT_STATE_PENDING: "pending",
     placement_pb2.PLACEMENT_STATE_READY: "ready",
     placement_pb2.PLACEMENT_STATE_RELEASING: "releasing",
@@ -47,38 +50,40 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def describe_slot(a: placement_pb2.ClaimAllocation) -> str:
+    """One allocation's slot in a few words: device, VF, mdev or MIG instance."""
+    kind = a.WhichOneof("slot")
+    if kind == "vf":
+        where = a.vf.vf_address or "(to be created)"
+        return f"VF {a.vf.vf_index} of {a.vf.pf_address} {where} on {a.vf.vfio_driver}"
+    if kind == "mdev":
+        return f"mdev {a.mdev.type_id} on {a.mdev.parent_address} {a.mdev.uuid}"
+    if kind == "mig":
+        m = a.mig
+        return f"MIG {m.profile_name}@{m.placement.start}+{m.placement.size} on {m.gpu_address}"
+    endpoints = ",".join(a.whole_device.group_endpoints)
+    return f"{a.whole_device.address} (group: {endpoints})"
+
+
 def format_placements(placements: Sequence[placement_pb2.Placement]) -> str:
-    """A readable table: one row per allocated device."""
+    """A readable table: one row per allocated unit."""
     rows: list[list[str]] = []
     for p in placements:
         for a in p.allocations:
-            slot = a.whole_device
             rows.append(
                 [
                     p.placement_id,
                     p.tenant,
                     p.host_id,
                     a.claim,
-                    slot.address,
-                    str(a.iommu_group),
-                    ",".join(slot.group_endpoints),
-                    a.vfio_path,
+                    describe_slot(a),
+                    str(a.iommu_group) if a.vfio_path else "-",
+                    a.vfio_path or a.mig.mig_uuid or "-",
                     str(a.numa_node),
                     _STATES.get(p.state, "?"),
                 ]
             )
-    headers = [
-        "PLACEMENT",
-        "TENANT",
-        "HOST",
-        "CLAIM",
-        "DEVICE",
-        "GROUP",
-        "ENDPOINTS",
-        "VFIO",
-        "NUMA",
-        "STATE",
-    ]
+    headers = ["PLACEMENT", "TENANT", "HOST", "CLAIM", "SLOT", "GROUP", "HANDLE", "NUMA", "STATE"]
     return _table(headers, rows) if rows else "(no placements)"
 
 
@@ -214,12 +219,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     get.add_argument("id")
     rel = sub.add_parser("release", help="release a placement")
     rel.add_argument("id")
+    plan = sub.add_parser("plan", help="place a batch offline (what-if), no store or agents")
+    plan.add_argument("--hosts", type=Path, required=True, help="directory of inventory JSON files")
+    plan.add_argument(
+        "--requests", type=Path, required=True, help="YAML/JSON list of PlacementRequest"
+    )
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument(
+        "--sequential", action="store_true", help="place in priority order, no joint solve"
+    )
+    plan.add_argument("--time-limit", type=float, default=10.0, help="solver seconds")
+    plan.add_argument("--workers", type=int, default=1, help="solver workers (1: deterministic)")
+    plan.add_argument("--seed", type=int, default=0, help="solver random seed")
     return p.parse_args(argv)
+
+
+def _cmd_plan(opts: argparse.Namespace) -> int:
+    from scheduler.core.engine.batch import BatchSettings
+    from scheduler.core.validation import InvalidRequestError
+    from scheduler.planning import (
+        PlanningInputError,
+        load_inventories,
+        load_requests,
+        plan_offline,
+    )
+
+    try:
+        report = plan_offline(
+            load_inventories(opts.hosts),
+            load_requests(opts.requests),
+            sequential=opts.sequential,
+            settings=BatchSettings(
+                time_limit_s=opts.time_limit, workers=opts.workers, seed=opts.seed
+            ),
+        )
+    except (PlanningInputError, InvalidRequestError) as err:
+        print(f"tessera plan: {err}", file=sys.stderr)
+        return 2
+    if opts.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    print(format_placements(report.placements))
+    for rid, reasons in report.unplaced:
+        print(f"unplaced {rid}: {reasons[0]}")
+        for reason in reasons[1:]:
+            print(f"  {reason}")
+    r = report.result
+    print(
+        f"{len(report.placements)} placed, {len(report.unplaced)} unplaced; solver {r.status}, "
+        f"objective {r.objective} (bound {r.bound}, greedy {r.greedy_objective}), "
+        f"{r.columns} columns, {r.wall_s:.2f}s"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of tessera."""
     opts = parse_args(argv)
+    if opts.command == "plan":
+        return _cmd_plan(opts)
     if opts.command == "demo":
         from scheduler.demo import run_demo
 

@@ -201,6 +201,8 @@ def plan_offline(
         for i, (rid, plan) in enumerate(result.plans.items())
     ]
     for p in placements:
+        # Nothing was reserved: the placement has no lifecycle state yet.
+        p.state = placement_pb2.PLACEMENT_STATE_UNSPECIFIED
         p.message = "planned offline; nothing was reserved"
     unplaced: list[tuple[RequestId, list[str]]] = []
     for m in messages:

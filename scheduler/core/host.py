@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
-from scheduler.core.mig import MigProfile
-from scheduler.core.mig_geometry import GpuInstance
+from scheduler.core.mig import GpuInstance, MigProfile
 from scheduler.core.request import DeviceKind
 
 

@@ -15,6 +15,9 @@ from typing import NewType
 
 MigProfileName = NewType("MigProfileName", str)
 
+#: A placement as nvidia-smi prints it: ``(start, size)`` in memory slices.
+Placement = tuple[int, int]
+
 #: Placements by slice count of a profile, identical on every listed GPU.
 _PLACEMENTS_1 = ((0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1))
 _PLACEMENTS_1_DOUBLE_MEMORY = ((0, 2), (2, 2), (4, 2), (6, 2))
@@ -73,3 +76,25 @@ MIG_TABLES: Mapping[str, tuple[MigProfile, ...]] = {
 KNOWN_PROFILE_NAMES: frozenset[str] = frozenset(
     p.name for table in MIG_TABLES.values() for p in table
 )
+
+
+@dataclass(frozen=True, order=True)
+class GpuInstance:
+    """One occupied GPU instance.
+
+    Attributes:
+        start: first memory slice it occupies.
+        size: memory slices it occupies.
+        profile_id: its GI profile ID (not the NVML index).
+        slices: compute slices it uses.
+    """
+
+    start: int
+    size: int
+    profile_id: int
+    slices: int
+
+    @property
+    def placement(self) -> Placement:
+        """Its ``(start, size)``."""
+        return (self.start, self.size)

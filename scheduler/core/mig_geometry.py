@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from types import MappingProxyType
 
-from scheduler.core.mig import MigProfile, MigProfileName
+from scheduler.core.mig import GpuInstance, MigProfile, MigProfileName, Placement
 
 #: Memory slices per GPU (placements count these).
 MEMORY_SLICES = 8
@@ -36,8 +36,6 @@ DEFAULT_INSTANCE_LIMITS: Mapping[int, int] = MappingProxyType(
     {19: 7, 20: 1, 15: 4, 14: 3, 9: 2, 5: 1, 0: 1}
 )
 
-#: A placement as nvidia-smi prints it: ``(start, size)`` in memory slices.
-Placement = tuple[int, int]
 
 REASON_PLACEMENT_NOT_ALLOWED = "mig-placement-not-allowed"
 REASON_OUT_OF_RANGE = "mig-placement-out-of-range"
@@ -57,28 +55,6 @@ class MigGeometryError(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason
         super().__init__(f"{reason}: {detail}")
-
-
-@dataclass(frozen=True, order=True)
-class GpuInstance:
-    """One occupied GPU instance.
-
-    Attributes:
-        start: first memory slice it occupies.
-        size: memory slices it occupies.
-        profile_id: its GI profile ID (not the NVML index).
-        slices: compute slices it uses.
-    """
-
-    start: int
-    size: int
-    profile_id: int
-    slices: int
-
-    @property
-    def placement(self) -> Placement:
-        """Its ``(start, size)``."""
-        return (self.start, self.size)
 
 
 def _mask(start: int, size: int) -> int:

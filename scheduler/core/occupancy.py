@@ -22,7 +22,8 @@ from types import MappingProxyType
 
 from scheduler.core.host import HostView, MdevParentView, PciFunctionView
 from scheduler.core.identity import IommuGroupNumber, PciAddress, PlacementId, TenantName
-from scheduler.core.mig_geometry import GpuInstance, MigGeometryError, MigLayout
+from scheduler.core.mig import GpuInstance
+from scheduler.core.mig_geometry import MigGeometryError, MigLayout
 from scheduler.core.request import ExclusivityDomain
 from scheduler.core.slots import ExclusiveSlot, GroupSlot, MdevSlot, MigSlot, VfSlot, parse_slot
 from scheduler.core.snapshot import HostState

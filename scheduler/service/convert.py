@@ -27,8 +27,7 @@ from scheduler.core.identity import (
     TenantName,
     vfio_group_path,
 )
-from scheduler.core.mig import MigProfile, MigProfileName
-from scheduler.core.mig_geometry import GpuInstance
+from scheduler.core.mig import GpuInstance, MigProfile, MigProfileName
 from scheduler.core.plan import (
     Assignment,
     MdevAssignment,

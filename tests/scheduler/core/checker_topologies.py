@@ -41,8 +41,7 @@ from scheduler.core.identity import (
     SlotKey,
     TenantName,
 )
-from scheduler.core.mig import MIG_TABLES
-from scheduler.core.mig_geometry import GpuInstance
+from scheduler.core.mig import MIG_TABLES, GpuInstance
 from scheduler.core.snapshot import ClusterSnapshot, HostState
 
 GPU_CLASS = 0x030200

@@ -41,8 +41,7 @@ from scheduler.core.identity import (
     iommu_group_slot,
     vfio_group_path,
 )
-from scheduler.core.mig import MIG_TABLES
-from scheduler.core.mig_geometry import GpuInstance
+from scheduler.core.mig import MIG_TABLES, GpuInstance
 from scheduler.core.plan import (
     Assignment,
     MdevAssignment,

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.core.mig import MIG_TABLES, MigProfile
+from scheduler.core.mig import MIG_TABLES, GpuInstance, MigProfile
 from scheduler.core.mig_geometry import (
     COMPUTE_SLICES,
     DEFAULT_INSTANCE_LIMITS,
@@ -23,7 +23,6 @@ from scheduler.core.mig_geometry import (
     REASON_MEMORY_OVERLAP,
     REASON_OUT_OF_RANGE,
     REASON_PLACEMENT_NOT_ALLOWED,
-    GpuInstance,
     MigGeometryError,
     MigLayout,
     best_placement,
