@@ -143,8 +143,35 @@ def cmd_fakehost(opts: argparse.Namespace) -> int:
     if not opts.name or not opts.dir:
         raise SystemExit("tessera-agent fakehost build NAME DIR")
     build(opts.name, Path(opts.dir))
+    if opts.mig:
+        _enable_mig(Path(opts.dir), opts.mig)
     print(f"built fake host {opts.name} in {opts.dir}")
     return 0
+
+
+def _enable_mig(root: Path, addresses: list[str]) -> None:
+    """Turn MIG mode on, as an operator's ``nvidia-smi -i N -mig 1`` would.
+
+    Goes through the fake driver's own nvmlDeviceSetMigMode, so a GPU that
+    cannot do MIG is refused the way NVML refuses it.
+    """
+    import pynvml
+
+    from agent.testing.nvml import FakeNvml, nvml_bus_id
+
+    nvml = FakeNvml.from_tree(root)
+    nvml.nvmlInit()
+    wanted = {nvml_bus_id(a): a for a in addresses}
+    for i in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(i)
+        bus_id = nvml.nvmlDeviceGetPciInfo(handle).busId
+        bus_id = bus_id.decode() if isinstance(bus_id, bytes) else str(bus_id)
+        if bus_id in wanted:
+            nvml.nvmlDeviceSetMigMode(handle, pynvml.NVML_DEVICE_MIG_ENABLE)
+            del wanted[bus_id]
+    nvml.nvmlShutdown()
+    if wanted:
+        raise SystemExit(f"--mig: no GPU at {', '.join(sorted(wanted.values()))}")
 
 
 async def _run(opts: argparse.Namespace) -> int:
@@ -232,6 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fake.add_argument("action", choices=["build", "list"])
     fake.add_argument("name", nargs="?")
     fake.add_argument("dir", nargs="?")
+    fake.add_argument(
+        "--mig", action="append", default=[], metavar="ADDRESS", help="enable MIG on this GPU"
+    )
     return p.parse_args(argv)
 
 

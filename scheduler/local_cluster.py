@@ -107,11 +107,19 @@ class LocalCluster:
         self.scheduler_address = self.scheduler_address or address
         return address
 
-    def build_fake_host(self, fixture: str, host_id: str) -> Path:
-        """Lay out a named fake host tree; returns its root."""
+    def build_fake_host(self, fixture: str, host_id: str, mig: tuple[str, ...] = ()) -> Path:
+        """Lay out a named fake host tree; returns its root.
+
+        Args:
+            fixture: the fake host's name (``tessera-agent fakehost list``).
+            host_id: the directory name under ``workdir/hosts``.
+            mig: GPUs to put in MIG mode, as an operator would before the
+                agent starts.
+        """
         root = self.workdir / "hosts" / host_id
+        flags = [arg for address in mig for arg in ("--mig", address)]
         result = subprocess.run(
-            [sys.executable, "-m", "agent", "fakehost", "build", fixture, str(root)],
+            [sys.executable, "-m", "agent", "fakehost", "build", fixture, str(root), *flags],
             capture_output=True,
             text=True,
             check=False,
