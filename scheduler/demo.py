@@ -1,9 +1,10 @@
 """tessera demo: a cluster on three fake hosts, end to end, in about ten seconds.
 
 Starts an embedded Valkey, a scheduler and three agents (each driving a fake
-host tree through the kernel emulator), places a few passthrough requests,
-shows where they went and what the host's drivers became, releases them and
-checks that every device is back on its original driver.
+host tree through the kernel emulator and a fake NVML), places whole devices,
+SR-IOV VFs, a vGPU mdev and MIG instances, shows where they went and what the
+host's drivers became, releases them and checks that every device is back on
+its original driver and every VF, mdev and MIG instance is gone.
 """
 
 from __future__ import annotations
@@ -19,12 +20,26 @@ from scheduler.cli import format_hosts, format_placements
 from scheduler.local_cluster import LocalCluster
 from tessera.v1 import placement_pb2, scheduler_pb2
 
-#: (host id, fixture, labels). Fixtures ship with the agent (agent.testing).
-DEMO_HOSTS = (
-    ("virt-01", "virt-2s", {"role": "virtualization", "rack": "r1"}),
-    ("dgx-01", "dgx-a100", {"role": "training", "rack": "r2"}),
-    ("ws-01", "gpu-workstation", {"role": "workstation", "rack": "r3"}),
+#: (host id, fixture, labels, GPUs in MIG mode). Fixtures ship with the agent
+#: (agent.testing); the operator put the virtualization host's A100 in MIG mode.
+DEMO_HOSTS: tuple[tuple[str, str, dict[str, str], tuple[str, ...]], ...] = (
+    ("virt-01", "virt-2s", {"role": "virtualization", "rack": "r1"}, ("0000:4b:00.0",)),
+    ("dgx-01", "dgx-a100", {"role": "training", "rack": "r2"}, ()),
+    ("ws-01", "gpu-workstation", {"role": "workstation", "rack": "r3"}, ()),
 )
+
+
+def _sliced(
+    name: str, kind: int, count: int, form: int, isolation: int, **choices: list[str]
+) -> placement_pb2.Claim:
+    return placement_pb2.Claim(
+        name=name,
+        kind=kind,  # type: ignore[arg-type]
+        count=count,
+        forms=[form],  # type: ignore[list-item]
+        min_isolation=isolation,  # type: ignore[arg-type]
+        **choices,  # type: ignore[arg-type]
+    )
 
 
 def _claim(name: str, kind: int, count: int, migratable: bool = False) -> placement_pb2.Claim:
@@ -73,6 +88,30 @@ def demo_requests() -> list[tuple[str, placement_pb2.PlacementRequest]]:
                 request_id="demo-hooli-1", tenant="hooli", claims=[_claim("qat", acc, 1)],
             ),
         ),
+        (
+            "two SR-IOV VFs (the agent enables the PF's VFs, binds each VF's own group)",
+            placement_pb2.PlacementRequest(
+                request_id="demo-stark-1", tenant="stark",
+                claims=[_sliced("vf", nic, 2, placement_pb2.DEVICE_FORM_VF,
+                                placement_pb2.ISOLATION_SHARED)],
+            ),
+        ),
+        (
+            "a time-sliced vGPU (mdev) on the Tesla P4",
+            placement_pb2.PlacementRequest(
+                request_id="demo-wayne-1", tenant="wayne",
+                claims=[_sliced("vgpu", gpu, 1, placement_pb2.DEVICE_FORM_MDEV,
+                                placement_pb2.ISOLATION_SHARED, mdev_types=["nvidia-63"])],
+            ),
+        ),
+        (
+            "two MIG 3g.40gb partitions of the A100 (placed where no 3g is stranded)",
+            placement_pb2.PlacementRequest(
+                request_id="demo-tyrell-1", tenant="tyrell",
+                claims=[_sliced("slice", gpu, 2, placement_pb2.DEVICE_FORM_MIG,
+                                placement_pb2.ISOLATION_PARTITIONED, mig_profiles=["3g.40gb"])],
+            ),
+        ),
     ]  # fmt: skip
 
 
@@ -88,16 +127,32 @@ def _drivers(cluster: LocalCluster, placements: list[placement_pb2.Placement]) -
         for a in p.allocations:
             for endpoint in a.whole_device.group_endpoints:
                 out[f"{p.host_id} {endpoint}"] = _driver(root, endpoint)
+            if a.vf.vf_address:
+                out[f"{p.host_id} {a.vf.vf_address} (VF)"] = _driver(root, a.vf.vf_address)
     return out
+
+
+def _sliced_left(cluster: LocalCluster, placements: list[placement_pb2.Placement]) -> list[str]:
+    """The placements' mdevs and VFs that still exist on their hosts."""
+    left: list[str] = []
+    for p in placements:
+        sys_root = cluster.workdir / "hosts" / p.host_id / "sys"
+        for a in p.allocations:
+            if a.mdev.uuid and (sys_root / "bus" / "mdev" / "devices" / a.mdev.uuid).exists():
+                left.append(f"mdev {a.mdev.uuid}")
+            vf = a.vf.vf_address
+            if vf and (sys_root / "bus" / "pci" / "devices" / vf).exists():
+                left.append(f"VF {vf}")
+    return left
 
 
 def _run(cluster: LocalCluster) -> int:
     print("starting embedded Valkey, scheduler and three agents on fake hosts ...")
     cluster.start_valkey()
     cluster.start_scheduler()
-    for host_id, fixture, labels in DEMO_HOSTS:
-        cluster.start_agent(host_id, cluster.build_fake_host(fixture, host_id), labels)
-    cluster.wait_for_hosts({h for h, _, _ in DEMO_HOSTS})
+    for host_id, fixture, labels, mig in DEMO_HOSTS:
+        cluster.start_agent(host_id, cluster.build_fake_host(fixture, host_id, mig), labels)
+    cluster.wait_for_hosts({h for h, _, _, _ in DEMO_HOSTS})
     stub = cluster.stub()
     print(f"\nscheduler {cluster.scheduler_address}, Redis {cluster.redis_url}\n")
     print(format_hosts(stub.ListHosts(scheduler_pb2.ListHostsRequest()).hosts))
@@ -107,7 +162,7 @@ def _run(cluster: LocalCluster) -> int:
         print(f"\nplace {request.request_id}: {what}")
         placed = stub.Place(scheduler_pb2.PlaceRequest(request=request), timeout=60).placement
         placements.append(placed)
-        print(f"  -> {placed.host_id}: {len(placed.allocations)} device(s), {placed.message}")
+        print(f"  -> {placed.host_id}: {len(placed.allocations)} unit(s), {placed.message}")
 
     print("\nrefused as it should be: a live-migratable GPU (passthrough cannot migrate)")
     try:
@@ -140,8 +195,10 @@ def _run(cluster: LocalCluster) -> int:
     for device, driver in sorted(restored.items()):
         print(f"  {device}: {driver}")
     ok = ok and all(d != "vfio-pci" for d in restored.values())
+    orphans = _sliced_left(cluster, placements)
+    print(f"VFs and mdevs left on the hosts: {orphans or 'none'}")
     left = stub.ListPlacements(scheduler_pb2.ListPlacementsRequest()).placements
-    ok = ok and not left
+    ok = ok and not left and not orphans
     print(f"\nplacements left: {len(left)}")
     print("demo OK" if ok else "demo FAILED: see above")
     return 0 if ok else 1
