@@ -97,10 +97,23 @@ def format_hosts(hosts: Sequence[scheduler_pb2.HostSummary]) -> str:
             f"{h.allocated_groups}/{h.assignable_groups}",
             f"{h.heartbeat_age_ms / 1000:.1f}s",
             ",".join(f"{k}={v}" for k, v in sorted(h.labels.items())),
+            " ".join(_mig_free(m) for m in h.mig) or "-",
         ]
         for h in hosts
     ]
-    return _table(["HOST", "AGENT", "SCHEDULABLE", "GROUPS USED", "HEARTBEAT", "LABELS"], rows)
+    headers = ["HOST", "AGENT", "SCHEDULABLE", "GROUPS USED", "HEARTBEAT", "LABELS", "MIG FREE"]
+    return _table(headers, rows)
+
+
+def _mig_free(m: scheduler_pb2.MigCapacity) -> str:
+    """What a MIG GPU can still take, largest profiles first, and its fragmentation."""
+    # The media-extension variants (+me) mirror their base profile: left out.
+    free = sorted(
+        ((name, n) for name, n in m.free.items() if "+" not in name),
+        key=lambda item: (-int(item[0].split("g", 1)[0]), item[0]),
+    )
+    counts = " ".join(f"{name}={n}" for name, n in free)
+    return f"{m.gpu_address}: {counts} (fragmentation {m.fragmentation:.2f})"
 
 
 def request_from_args(opts: argparse.Namespace) -> placement_pb2.PlacementRequest:

@@ -543,6 +543,12 @@ class PlacementCoordinator:
                     assignable_groups=len(assignable),
                     allocated_groups=allocated,
                     labels=dict(view.labels),
+                    mig=[
+                        scheduler_pb2.MigCapacity(
+                            gpu_address=address, free=free, fragmentation=fragmentation
+                        )
+                        for address, free, fragmentation in self._engine.mig_capacity(state)
+                    ],
                 )
             )
         return out

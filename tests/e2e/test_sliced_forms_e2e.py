@@ -124,6 +124,8 @@ def test_mig_instances_go_where_the_scheduler_says_and_the_gpu_is_then_partition
         forms=[placement_pb2.DEVICE_FORM_MIG], mig_profiles=["3g.40gb"],
         min_isolation=placement_pb2.ISOLATION_PARTITIONED,
     )  # fmt: skip
+    (before,) = stub.ListHosts(scheduler_pb2.ListHostsRequest()).hosts[0].mig
+    assert before.free["3g.40gb"] == 2 and before.free["7g.80gb"] == 1
     first = place(stub, request("mig-1", claim))
     (a,) = first.allocations
     assert a.mig.gpu_address == A100 and a.mig.mig_uuid.startswith("MIG-")
@@ -137,6 +139,11 @@ def test_mig_instances_go_where_the_scheduler_says_and_the_gpu_is_then_partition
         0,
         4,
     }
+    # Operators see what the GPU can still take: no more 3g, no 7g.
+    (host,) = stub.ListHosts(scheduler_pb2.ListHostsRequest()).hosts
+    (mig,) = host.mig
+    assert mig.gpu_address == A100
+    assert mig.free["3g.40gb"] == 0 and mig.free["7g.80gb"] == 0
     # Two 3g.40gb fill the GPU: a third is refused, and Explain says why.
     explained = stub.Explain(scheduler_pb2.ExplainRequest(request=request("mig-3", claim)))
     assert not explained.placeable

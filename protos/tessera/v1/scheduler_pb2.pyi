@@ -378,6 +378,7 @@ class HostSummary(_message.Message):
     ASSIGNABLE_GROUPS_FIELD_NUMBER: _builtins.int
     ALLOCATED_GROUPS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    MIG_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     agent_address: _builtins.str
     boot_id: _builtins.str
@@ -393,6 +394,10 @@ class HostSummary(_message.Message):
     allocated_groups: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def mig(self) -> _containers.RepeatedCompositeFieldContainer[Global___MigCapacity]:
+        """Every MIG-enabled GPU of the host and what it can still take."""
+
     def __init__(
         self,
         *,
@@ -405,14 +410,72 @@ class HostSummary(_message.Message):
         assignable_groups: _builtins.int = ...,
         allocated_groups: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        mig: _abc.Iterable[Global___MigCapacity] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "allocated_groups", b"allocated_groups", "assignable_groups", b"assignable_groups", "boot_id", b"boot_id", "heartbeat_age_ms", b"heartbeat_age_ms", "host_id", b"host_id", "inventory_generation", b"inventory_generation", "labels", b"labels", "schedulable", b"schedulable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "allocated_groups", b"allocated_groups", "assignable_groups", b"assignable_groups", "boot_id", b"boot_id", "heartbeat_age_ms", b"heartbeat_age_ms", "host_id", b"host_id", "inventory_generation", b"inventory_generation", "labels", b"labels", "mig", b"mig", "schedulable", b"schedulable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HostSummary: _TypeAlias = HostSummary  # noqa: Y015
+
+@_typing.final
+class MigCapacity(_message.Message):
+    """What one MIG-enabled GPU can still take."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FreeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    GPU_ADDRESS_FIELD_NUMBER: _builtins.int
+    FREE_FIELD_NUMBER: _builtins.int
+    FRAGMENTATION_FIELD_NUMBER: _builtins.int
+    gpu_address: _builtins.str
+    fragmentation: _builtins.float
+    """0 when the free space is as usable as it could be; 1 when free compute
+    is stranded behind memory slices no placement can use. See
+    scheduler/core/mig_geometry.py fragmentation_score.
+    """
+    @_builtins.property
+    def free(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Profile name -> how many more instances of that profile alone fit now,
+        as nvmlDeviceGetGpuInstanceRemainingCapacity counts them (allocations
+        the agent has not carried out yet included).
+        """
+
+    def __init__(
+        self,
+        *,
+        gpu_address: _builtins.str = ...,
+        free: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        fragmentation: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fragmentation", b"fragmentation", "free", b"free", "gpu_address", b"gpu_address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigCapacity: _TypeAlias = MigCapacity  # noqa: Y015
 
 @_typing.final
 class ListHostsResponse(_message.Message):

@@ -62,6 +62,7 @@ from scheduler.core.identity import (
     iommu_group_slot,
     vfio_group_path,
 )
+from scheduler.core.mig_geometry import capacity, fragmentation_score
 from scheduler.core.occupancy import Occupancy, build_occupancy, domain_instance
 from scheduler.core.plan import (
     Assignment,
@@ -205,6 +206,16 @@ class Engine:
     def occupancy(self, state: HostState) -> Occupancy:
         """The host state's occupancy."""
         return self.host_index(state).occupancy
+
+    def mig_capacity(self, state: HostState) -> list[tuple[PciAddress, dict[str, int], float]]:
+        """Per MIG-enabled GPU: more instances of each profile that fit, and fragmentation."""
+        occupancy = self.occupancy(state)
+        out: list[tuple[PciAddress, dict[str, int], float]] = []
+        for address, layout in sorted(occupancy.mig_layouts.items()):
+            table = state.view.gpus[address].mig_profiles
+            free = {str(name): n for name, n in capacity(layout, table).items()}
+            out.append((address, free, fragmentation_score(layout, table)))
+        return out
 
     # ------------------------------------------------------------ one host
 
