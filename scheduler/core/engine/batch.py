@@ -34,13 +34,15 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from ortools.sat.python import cp_model
 
 from scheduler.core.engine.fastpath import Engine, HostFit, build_plan, unschedulable
-from scheduler.core.identity import HostId, PlacementId, RequestId, TenantName
+from scheduler.core.engine.framework import Pick
+from scheduler.core.host import HostView
+from scheduler.core.identity import HostId, PciAddress, PlacementId, RequestId, TenantName
 from scheduler.core.mig_geometry import DEFAULT_INSTANCE_LIMITS
 from scheduler.core.occupancy import DOMAINS, domain_instance, mdev_free
 from scheduler.core.plan import Plan, Rejection, Unschedulable
@@ -112,6 +114,8 @@ class _Batch:
     gangs: Mapping[str, list[int]]
     started: float
     columns: list[_Column] = field(default_factory=list)
+    #: (column, pick index) -> the MIG placement the model chose.
+    mig_placements: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,11 @@ class _Resources:
     def __init__(self) -> None:
         self.capacity: dict[tuple[object, ...], int] = {}
         self.use: dict[tuple[object, ...], list[tuple[int, int]]] = defaultdict(list)
+        # MIG placements are chosen by the model, not fixed by the column: a
+        # column fitted alone would take the placement best for it alone, and
+        # columns sharing a GPU would collide where a joint choice fits all.
+        # (column, pick index, host, GPU, placements free at the start)
+        self.mig_choices: list[tuple[int, int, HostId, str, tuple[tuple[int, int], ...]]] = []
 
     def add(self, key: tuple[object, ...], cap: int, column: int, amount: int) -> None:
         self.capacity.setdefault(key, cap)
@@ -222,7 +231,7 @@ def _consume(
     occ = engine.occupancy(base)
     view = base.view
     per_pool: dict[tuple[object, ...], int] = defaultdict(int)
-    for pick in fit.picks:
+    for k, pick in enumerate(fit.picks):
         option = pick.option
         device = option.device.address
         if option.form is DeviceForm.WHOLE_DEVICE:
@@ -264,8 +273,12 @@ def _consume(
             gpu = view.gpus[device]
             profile = next(p for p in gpu.mig_profiles if p.name == option.variant)
             occupied = layout.occupied_mask
-            for s in range(pick.mig_start, pick.mig_start + pick.mig_size):
-                res.add(("mig-slice", host, device, s), 0 if occupied >> s & 1 else 1, column, 1)
+            open_placements = tuple(
+                (start, size)
+                for start, size in profile.placements
+                if not occupied & (((1 << size) - 1) << start)
+            )
+            res.mig_choices.append((column, k, host, device, open_placements))
             per_pool[("mig-compute", host, device)] += profile.slices
             res.capacity.setdefault(("mig-compute", host, device), layout.free_compute)
             limit = DEFAULT_INSTANCE_LIMITS.get(profile.profile_id)
@@ -356,6 +369,7 @@ def solve_batch(
         _consume(engine, snapshot, c, col, res)
     for key, uses in res.use.items():
         model.add(sum(amount * x[c] for c, amount in uses) <= max(0, res.capacity[key]))
+    mig_vars = _add_mig_placements(model, x, columns, res)
 
     _add_modes(model, x, columns)
     _add_exclusivity(model, x, columns, requests)
@@ -363,6 +377,10 @@ def solve_batch(
     model.maximize(sum((weights[col.request] + quality[c]) * x[c] for c, col in enumerate(columns)))
     for c in range(len(columns)):
         model.add_hint(x[c], 1 if columns[c].from_greedy else 0)
+    for (c, k), choices in mig_vars.items():
+        pick = columns[c].fit.picks[k]
+        for start, _, var in choices:
+            model.add_hint(var, 1 if columns[c].from_greedy and start == pick.mig_start else 0)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = settings.time_limit_s
     solver.parameters.num_workers = settings.workers
@@ -384,11 +402,46 @@ def solve_batch(
             greedy_objective=greedy_objective, status="GREEDY",
         )  # fmt: skip
     chosen = [c for c in range(len(columns)) if solver.value(x[c])]
+    for (c, k), choices in mig_vars.items():
+        for start, size, var in choices:
+            if solver.value(var):
+                batch.mig_placements[(c, k)] = (start, size)
     unplaced = {**reasons}
     return _finish(
         batch, chosen, unplaced, objective=objective, bound=bound,
         greedy_objective=greedy_objective, status=solver.status_name(status),
     )  # fmt: skip
+
+
+def _claimed(view: HostView, pick: Pick) -> tuple[PciAddress, ...]:
+    """The devices a pick takes: a whole device's every group endpoint, else its device."""
+    if pick.option.form is DeviceForm.WHOLE_DEVICE and pick.option.group is not None:
+        return view.group_endpoints(pick.option.group) or (pick.option.device.address,)
+    return (pick.option.device.address,)
+
+
+def _add_mig_placements(
+    model: cp_model.CpModel,
+    x: Sequence[cp_model.IntVar],
+    columns: Sequence[_Column],
+    res: _Resources,
+) -> dict[tuple[int, int], list[tuple[int, int, cp_model.IntVar]]]:
+    """A placement choice per MIG unit of a chosen column; memory slices never overlap."""
+    on_slice: dict[tuple[HostId, str, int], list[cp_model.IntVar]] = defaultdict(list)
+    out: dict[tuple[int, int], list[tuple[int, int, cp_model.IntVar]]] = {}
+    for c, k, host, gpu, free in res.mig_choices:
+        choices = []
+        for start, size in free:
+            var = model.new_bool_var(f"mig{c}.{k}@{start}")
+            choices.append((start, size, var))
+            for s in range(start, start + size):
+                on_slice[(host, gpu, s)].append(var)
+        # Exactly one placement if the column is chosen, none otherwise.
+        model.add(sum(v for _, _, v in choices) == x[c])
+        out[(c, k)] = choices
+    for vars_ in on_slice.values():
+        model.add_at_most_one(vars_)
+    return out
 
 
 def _add_modes(
@@ -399,9 +452,10 @@ def _add_modes(
         lambda: defaultdict(list)
     )
     for c, col in enumerate(columns):
-        host = col.fit.state.view.host_id
+        view = col.fit.state.view
         for pick in col.fit.picks:
-            modes[(host, pick.option.device.address)][pick.option.form].append(c)
+            for address in _claimed(view, pick):
+                modes[(view.host_id, address)][pick.option.form].append(c)
     for by_form in modes.values():
         if len(by_form) < 2:
             continue
@@ -429,11 +483,13 @@ def _add_exclusivity(
         request = requests[col.request]
         view = col.fit.state.view
         for pick in col.fit.picks:
-            for domain in DOMAINS:
-                key = (view.host_id, domain, domain_instance(view, pick.option.device, domain))
-                touching[key][request.tenant].append(c)
-                if domain is request.exclusivity:
-                    holds.append((c, key))
+            for address in _claimed(view, pick):
+                device = view.functions[address]
+                for domain in DOMAINS:
+                    key = (view.host_id, domain, domain_instance(view, device, domain))
+                    touching[key][request.tenant].append(c)
+                    if domain is request.exclusivity and address == pick.option.device.address:
+                        holds.append((c, key))
     present: dict[tuple[tuple[HostId, ExclusivityDomain, str], TenantName], cp_model.IntVar] = {}
     for c, key in holds:
         tenant = requests[columns[c].request].tenant
@@ -473,7 +529,13 @@ def _finish(
         state = current.hosts[host]
         # The same picks on the host as the batch left it so far: VF indexes
         # and mdev UUIDs are drawn afresh, distinct from earlier plans.
-        plan = build_plan(HostFit(state, col.fit.picks, col.fit.score, col.fit.reasons), request)
+        picks = tuple(
+            replace(pick, mig_start=where[0], mig_size=where[1])
+            if (where := batch.mig_placements.get((c, k))) is not None
+            else pick
+            for k, pick in enumerate(col.fit.picks)
+        )
+        plan = build_plan(HostFit(state, picks, col.fit.score, col.fit.reasons), request)
         plans[request.request_id] = plan
         current = with_reservation(current, host, plan.slots, _pseudo_id(request), request.tenant)
     out: dict[RequestId, Unschedulable] = {}

@@ -430,9 +430,23 @@ class CapacityPlugin:
         same_device = [p for p in picks if p.option.device.address == address]
         if any(p.option.form is not option.form for p in same_device):
             return None  # one device, one mode, within a request too
+        view = cycle.view
+        # Passthrough takes the device's whole group: nothing else in the
+        # request may use any of its members, nor it a member of theirs.
+        held_whole = {
+            member
+            for p in picks
+            if p.option.form is DeviceForm.WHOLE_DEVICE and p.option.group is not None
+            for member in view.group_endpoints(p.option.group)
+        }
         if option.form is DeviceForm.WHOLE_DEVICE:
-            taken = {p.option.group for p in picks if p.option.group is not None}
-            return None if same_device or option.group in taken else Pick(claim, option)
+            members = set(view.group_endpoints(option.group)) if option.group is not None else set()
+            in_use = {p.option.device.address for p in picks}
+            if same_device or members & (in_use | held_whole):
+                return None
+            return Pick(claim, option)
+        if address in held_whole:
+            return None
         if option.form is DeviceForm.VF:
             used = sum(1 for p in same_device)
             return Pick(claim, option) if used < option.free else None
