@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2
 
 from scheduler.service.agent_gateway import GrpcAgentGateway
 from scheduler.service.coordinator import Leases, PlacementCoordinator
+from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
 from scheduler.service.server import SERVICE_NAMES, build_server
 from scheduler.store.embedded import EmbeddedValkey
 from scheduler.store.redis_store import RedisStateStore
@@ -57,6 +58,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--heartbeat-interval", type=int, default=5, help="seconds between heartbeats")
     p.add_argument("--lease", type=int, default=20, help="seconds a silent host stays schedulable")
+    p.add_argument(
+        "--reap-pending-after",
+        type=float,
+        default=90.0,
+        help="seconds after which a placement stuck PENDING/RELEASING is torn down (reaper)",
+    )
+    p.add_argument(
+        "--housekeeping-interval", type=float, default=5.0, help="seconds between reaper rounds"
+    )
     p.add_argument("--log-level", default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
 
@@ -93,7 +103,19 @@ async def serve(opts: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # Every replica runs the housekeeper; only the lease holder acts.
+        housekeeper = Housekeeper(
+            RedisStateStore(client),
+            gateway,
+            HousekeepingSettings(
+                interval_s=opts.housekeeping_interval,
+                pending_after_s=opts.reap_pending_after,
+                releasing_after_s=opts.reap_pending_after,
+            ),
+        )
+        housekeeping = asyncio.create_task(housekeeper.run(stop))
         await stop.wait()
+        await housekeeping
         for name in (*SERVICE_NAMES, ""):
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(grace=5)

@@ -32,6 +32,26 @@ class AgentGateway(Protocol):
         ...
 
 
+class HousekeepingGateway(AgentGateway, Protocol):
+    """What the scheduler's background jobs need of agents, fenced by their term."""
+
+    async def get_state(self, address: str) -> list[str]:
+        """Placement ids the agent at ``address`` holds prepared."""
+        ...
+
+    async def prepare_fenced(
+        self, address: str, placement: placement_pb2.Placement, fencing_token: int
+    ) -> placement_pb2.Placement:
+        """Prepare, as a background job of term ``fencing_token``."""
+        ...
+
+    async def unprepare_fenced(
+        self, address: str, placement: placement_pb2.Placement, fencing_token: int
+    ) -> None:
+        """Unprepare, as a background job of term ``fencing_token``."""
+        ...
+
+
 class GrpcAgentGateway:
     """Talks to agents over gRPC with a deadline per call.
 
@@ -59,9 +79,20 @@ class GrpcAgentGateway:
         Raises:
             AgentCallError: the call failed or timed out.
         """
+        return await self.prepare_fenced(address, placement, 0)
+
+    async def prepare_fenced(
+        self, address: str, placement: placement_pb2.Placement, fencing_token: int
+    ) -> placement_pb2.Placement:
+        """Call Agent.Prepare with a background job's fencing token.
+
+        Raises:
+            AgentCallError: the call failed or timed out.
+        """
+        request = agent_pb2.PrepareRequest(placement=placement, fencing_token=fencing_token)
         try:
             response: agent_pb2.PrepareResponse = await self._stub(address).Prepare(
-                agent_pb2.PrepareRequest(placement=placement), timeout=self._timeout_s
+                request, timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as err:
             raise AgentCallError(address, err.code(), err.details() or "") from err
@@ -73,12 +104,35 @@ class GrpcAgentGateway:
         Raises:
             AgentCallError: the call failed or timed out.
         """
+        await self.unprepare_fenced(address, placement, 0)
+
+    async def unprepare_fenced(
+        self, address: str, placement: placement_pb2.Placement, fencing_token: int
+    ) -> None:
+        """Call Agent.Unprepare with a background job's fencing token.
+
+        Raises:
+            AgentCallError: the call failed or timed out.
+        """
+        request = agent_pb2.UnprepareRequest(placement=placement, fencing_token=fencing_token)
         try:
-            await self._stub(address).Unprepare(
-                agent_pb2.UnprepareRequest(placement=placement), timeout=self._timeout_s
+            await self._stub(address).Unprepare(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise AgentCallError(address, err.code(), err.details() or "") from err
+
+    async def get_state(self, address: str) -> list[str]:
+        """Call Agent.GetState: the placement ids the host holds prepared.
+
+        Raises:
+            AgentCallError: the call failed or timed out.
+        """
+        try:
+            response: agent_pb2.GetStateResponse = await self._stub(address).GetState(
+                agent_pb2.GetStateRequest(), timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as err:
             raise AgentCallError(address, err.code(), err.details() or "") from err
+        return list(response.prepared_placements)
 
     async def close(self) -> None:
         """Close every channel."""

@@ -96,6 +96,52 @@ class StoreError(RuntimeError):
     """The store found data it cannot interpret (corrupted or foreign keys)."""
 
 
+class FencedOutError(StoreError):
+    """A background job's write carried a stale fencing token: another replica leads."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A background job's leadership term, carried by each of its writes.
+
+    Attributes:
+        job: the job ("reaper").
+        token: the term's fencing token (from :meth:`RedisStateStore.acquire_lease`).
+    """
+
+    job: str
+    token: int
+
+
+# KEYS: lease, fence. ARGV: owner, ttl ms. Returns the owner's fencing token
+# (renewing the lease), a new token (taking a free lease), or 0 (held by
+# another replica).
+_LEASE_LUA = """#!lua
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  local token = redis.call('INCR', KEYS[2])
+  redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. token, 'PX', ARGV[2])
+  return token
+end
+local owner, token = string.match(holder, '^(%S+) (%d+)$')
+if owner == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(token)
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: owner. Gives the lease up if this owner holds it.
+_YIELD_LEASE_LUA = """#!lua
+local holder = redis.call('GET', KEYS[1])
+if holder and string.match(holder, '^(%S+) ') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
 _COMMIT_LUA = resources.files("scheduler.store").joinpath("commit.lua").read_text("utf-8")
 
 # Registration. A report for the same boot with a lower inventory generation is
@@ -134,16 +180,20 @@ redis.call('HSET', KEYS[1], 'last_heartbeat_ms', ARGV[2])
 return 1
 """
 
-# KEYS: placements, placement-states. ARGV: placement id, payload, new state,
-# then the states it may move from (none: any).
+# KEYS: placements, placement-states, fence. ARGV: placement id, payload, new
+# state, fencing token ('' for none), then the states it may move from (none:
+# any). Returns -3 when the token is stale: a newer leader runs the job.
 _UPDATE_PLACEMENT_LUA = """#!lua
+if ARGV[4] ~= '' and (redis.call('GET', KEYS[3]) or '') ~= ARGV[4] then
+  return -3
+end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
-if #ARGV > 3 then
+if #ARGV > 4 then
   local current = redis.call('HGET', KEYS[2], ARGV[1]) or ''
   local allowed = false
-  for i = 4, #ARGV do
+  for i = 5, #ARGV do
     if ARGV[i] == current then allowed = true end
   end
   if not allowed then
@@ -156,24 +206,28 @@ return 1
 """
 
 # KEYS: host, alloc, placements, placement-slots, placement-requests,
-#       request index, placement index, placement-states, placement-tenants.
-#       ARGV: placement id,
-# its request id (read beforehand; -1 asks the caller to re-read if it changed
-# meanwhile), then the states it may be released from (none: any; -2 if not).
+#       request index, placement index, placement-states, placement-tenants,
+#       fence. ARGV: placement id, its request id (read beforehand; -1 asks the
+# caller to re-read if it changed meanwhile), the fencing token ('' for none;
+# -3 when stale), then the states it may be released from (none: any; -2 if
+# not).
 _RELEASE_LUA = """#!lua
 local host_key, alloc_key, placements_key = KEYS[1], KEYS[2], KEYS[3]
 local slots_key, requests_key, request_key, index_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local placement_id, request_id = ARGV[1], ARGV[2]
+local placement_id, request_id, token = ARGV[1], ARGV[2], ARGV[3]
+if token ~= '' and (redis.call('GET', KEYS[10]) or '') ~= token then
+  return -3
+end
 if redis.call('HEXISTS', placements_key, placement_id) == 0 then
   return 0
 end
 if (redis.call('HGET', requests_key, placement_id) or '') ~= request_id then
   return -1
 end
-if #ARGV > 2 then
+if #ARGV > 3 then
   local current = redis.call('HGET', KEYS[8], placement_id) or ''
   local allowed = false
-  for i = 3, #ARGV do
+  for i = 4, #ARGV do
     if ARGV[i] == current then allowed = true end
   end
   if not allowed then
@@ -288,6 +342,8 @@ class RedisStateStore:
         self._touch = client.register_script(_TOUCH_HOST_LUA)
         self._update = client.register_script(_UPDATE_PLACEMENT_LUA)
         self._release = client.register_script(_RELEASE_LUA)
+        self._lease = client.register_script(_LEASE_LUA)
+        self._yield_lease = client.register_script(_YIELD_LEASE_LUA)
 
     # -- hosts ---------------------------------------------------------------
 
@@ -457,6 +513,7 @@ class RedisStateStore:
         *,
         state: str,
         from_states: Sequence[str] = (),
+        fence: Fence | None = None,
     ) -> bool:
         """Replace a placement's payload and state, compare-and-set on the state.
 
@@ -468,18 +525,38 @@ class RedisStateStore:
             placement: its new serialized ``Placement``.
             state: its new lifecycle state (``ready``, ``releasing``, ...).
             from_states: the states it may move from; empty allows any.
+            fence: a background job's term; the write is refused once a newer
+                term began.
 
         Returns:
             False if the placement no longer exists or is in another state
             (nothing is written).
+
+        Raises:
+            FencedOutError: ``fence`` is stale.
         """
         _check_host_id(host_id)
         _check_id("placement_id", placement_id)
-        result = await self._update(
-            keys=[schema.placements(host_id), schema.placement_states(host_id)],
-            args=[placement_id, placement, state, *from_states],
+        job = fence.job if fence else "none"
+        result = int(
+            await self._update(
+                keys=[
+                    schema.placements(host_id),
+                    schema.placement_states(host_id),
+                    schema.fence(job),
+                ],
+                args=[
+                    placement_id,
+                    placement,
+                    state,
+                    str(fence.token) if fence else "",
+                    *from_states,
+                ],
+            )
         )
-        return bool(result)
+        if result == -3:
+            raise FencedOutError(f"{job} fencing token {fence.token if fence else 0} is stale")
+        return result == 1
 
     async def placement_state(self, host_id: str, placement_id: str) -> str | None:
         """A placement's lifecycle state, or None if it does not exist."""
@@ -490,7 +567,12 @@ class RedisStateStore:
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     async def release(
-        self, host_id: str, placement_id: str, *, from_states: Sequence[str] = ()
+        self,
+        host_id: str,
+        placement_id: str,
+        *,
+        from_states: Sequence[str] = (),
+        fence: Fence | None = None,
     ) -> bool:
         """Atomically free a placement's slots and forget it.
 
@@ -502,10 +584,15 @@ class RedisStateStore:
             host_id: the placement's host.
             placement_id: the placement.
             from_states: release only from these states; empty allows any.
+            fence: a background job's term; the release is refused once a
+                newer term began.
 
         Returns:
             False if there was no such placement on that host, or it was in
             another state (nothing is written).
+
+        Raises:
+            FencedOutError: ``fence`` is stale.
         """
         _check_host_id(host_id)
         _check_id("placement_id", placement_id)
@@ -523,10 +610,18 @@ class RedisStateStore:
                         schema.placement_index(placement_id),
                         schema.placement_states(host_id),
                         schema.placement_tenants(host_id),
+                        schema.fence(fence.job if fence else "none"),
                     ],
-                    args=[placement_id, request_id, *from_states],
+                    args=[
+                        placement_id,
+                        request_id,
+                        str(fence.token) if fence else "",
+                        *from_states,
+                    ],
                 )
             )
+            if result == -3:
+                raise FencedOutError(f"{fence.job if fence else ''} fencing token is stale")
             if result == -2:
                 return False
             if result >= 0:
@@ -573,6 +668,30 @@ class RedisStateStore:
         if placement_id is None:
             return None
         return _text(placement_id), _text(digest)
+
+    async def acquire_lease(self, job: str, owner: str, ttl_ms: int) -> int:
+        """Take or renew the lease of a background job.
+
+        Args:
+            job: the job ("reaper").
+            owner: this replica's unique name.
+            ttl_ms: how long the lease lasts without renewal.
+
+        Returns:
+            The fencing token of this owner's term (a new, larger one when the
+            lease was free), or 0 when another replica holds it.
+        """
+        _check_id("job", job)
+        _check_id("owner", owner)
+        if " " in owner:
+            raise ValueError("owner must not contain spaces")
+        return int(
+            await self._lease(keys=[schema.lease(job), schema.fence(job)], args=[owner, ttl_ms])
+        )
+
+    async def yield_lease(self, job: str, owner: str) -> bool:
+        """Give a job's lease up (on shutdown), if this owner holds it."""
+        return bool(await self._yield_lease(keys=[schema.lease(job)], args=[owner]))
 
     async def list_placements(self, host_id: str | None = None) -> list[tuple[str, bytes]]:
         """Placements of one host or of all hosts, ordered by placement id.

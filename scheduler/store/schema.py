@@ -32,6 +32,11 @@ Global (not hash-tagged by host):
 ``tessera:hosts``                         set      every registered host id
 ``tessera:request:<request_id>``          hash     ``placement_id``, ``digest``, ``host_id``
 ``tessera:placement:<placement_id>``      string   host id holding the placement
+``tessera:lease:<job>``                   string   ``<owner> <token>`` of the replica running
+                                                   a background job (the reaper), with a TTL
+``tessera:fence:<job>``                   integer  the job's fencing token: bumped each time
+                                                   a new replica takes the lease; writes of
+                                                   the job carry it and are refused once stale
 ========================================  =======  ==========================================
 
 Cross-slot operations, and why they are acceptable for now:
@@ -196,6 +201,30 @@ def placement_index(placement_id: str) -> str:
         The key name.
     """
     return f"{PREFIX}placement:{placement_id}"
+
+
+def lease(job: str) -> str:
+    """String naming the replica that runs a background job, with a TTL.
+
+    Args:
+        job: the job ("reaper").
+
+    Returns:
+        The key name.
+    """
+    return f"{PREFIX}lease:{job}"
+
+
+def fence(job: str) -> str:
+    """Counter of a background job's leadership terms: its fencing token.
+
+    Args:
+        job: the job ("reaper").
+
+    Returns:
+        The key name.
+    """
+    return f"{PREFIX}fence:{job}"
 
 
 def host_keys(host_id: str) -> list[str]:

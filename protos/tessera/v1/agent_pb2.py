@@ -26,7 +26,7 @@ from tessera.v1 import inventory_pb2 as tessera_dot_v1_dot_inventory__pb2
 from tessera.v1 import placement_pb2 as tessera_dot_v1_dot_placement__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/agent.proto\x12\ntessera.v1\x1a\x1atessera/v1/inventory.proto\x1a\x1atessera/v1/placement.proto\":\n\x0ePrepareRequest\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\";\n\x0fPrepareResponse\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\"<\n\x10UnprepareRequest\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\"\x13\n\x11UnprepareResponse\"\x11\n\x0fGetStateRequest\"]\n\x10GetStateResponse\x12,\n\tinventory\x18\x01 \x01(\x0b\x32\x19.tessera.v1.HostInventory\x12\x1b\n\x13prepared_placements\x18\x02 \x03(\t2\xdc\x01\n\x05\x41gent\x12\x42\n\x07Prepare\x12\x1a.tessera.v1.PrepareRequest\x1a\x1b.tessera.v1.PrepareResponse\x12H\n\tUnprepare\x12\x1c.tessera.v1.UnprepareRequest\x1a\x1d.tessera.v1.UnprepareResponse\x12\x45\n\x08GetState\x12\x1b.tessera.v1.GetStateRequest\x1a\x1c.tessera.v1.GetStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tessera/v1/agent.proto\x12\ntessera.v1\x1a\x1atessera/v1/inventory.proto\x1a\x1atessera/v1/placement.proto\"Q\n\x0ePrepareRequest\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\";\n\x0fPrepareResponse\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\"S\n\x10UnprepareRequest\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\x12\x15\n\rfencing_token\x18\x02 \x01(\x04\"\x13\n\x11UnprepareResponse\"\x11\n\x0fGetStateRequest\"]\n\x10GetStateResponse\x12,\n\tinventory\x18\x01 \x01(\x0b\x32\x19.tessera.v1.HostInventory\x12\x1b\n\x13prepared_placements\x18\x02 \x03(\t2\xdc\x01\n\x05\x41gent\x12\x42\n\x07Prepare\x12\x1a.tessera.v1.PrepareRequest\x1a\x1b.tessera.v1.PrepareResponse\x12H\n\tUnprepare\x12\x1c.tessera.v1.UnprepareRequest\x1a\x1d.tessera.v1.UnprepareResponse\x12\x45\n\x08GetState\x12\x1b.tessera.v1.GetStateRequest\x1a\x1c.tessera.v1.GetStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.v1.agent_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREPAREREQUEST']._serialized_start=94
-  _globals['_PREPAREREQUEST']._serialized_end=152
-  _globals['_PREPARERESPONSE']._serialized_start=154
-  _globals['_PREPARERESPONSE']._serialized_end=213
-  _globals['_UNPREPAREREQUEST']._serialized_start=215
-  _globals['_UNPREPAREREQUEST']._serialized_end=275
-  _globals['_UNPREPARERESPONSE']._serialized_start=277
-  _globals['_UNPREPARERESPONSE']._serialized_end=296
-  _globals['_GETSTATEREQUEST']._serialized_start=298
-  _globals['_GETSTATEREQUEST']._serialized_end=315
-  _globals['_GETSTATERESPONSE']._serialized_start=317
-  _globals['_GETSTATERESPONSE']._serialized_end=410
-  _globals['_AGENT']._serialized_start=413
-  _globals['_AGENT']._serialized_end=633
+  _globals['_PREPAREREQUEST']._serialized_end=175
+  _globals['_PREPARERESPONSE']._serialized_start=177
+  _globals['_PREPARERESPONSE']._serialized_end=236
+  _globals['_UNPREPAREREQUEST']._serialized_start=238
+  _globals['_UNPREPAREREQUEST']._serialized_end=321
+  _globals['_UNPREPARERESPONSE']._serialized_start=323
+  _globals['_UNPREPARERESPONSE']._serialized_end=342
+  _globals['_GETSTATEREQUEST']._serialized_start=344
+  _globals['_GETSTATEREQUEST']._serialized_end=361
+  _globals['_GETSTATERESPONSE']._serialized_start=363
+  _globals['_GETSTATERESPONSE']._serialized_end=456
+  _globals['_AGENT']._serialized_start=459
+  _globals['_AGENT']._serialized_end=679
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,283 @@
+"""Background jobs: reap stuck placements, reconcile hosts with the store.
+
+Placing needs no leader: every replica plans and commits optimistically. The
+jobs here must run once, though, or two replicas would tear the same
+placement down twice or race a re-prepare against a release. So one replica
+at a time runs them, under a lease in Redis with a fencing token (Martin
+Kleppmann's fencing, as Chubby's sequencers): each term gets a larger token,
+every store write of the job carries it and is refused once a newer term
+began, and agents refuse calls with a token lower than the highest they saw.
+
+Each round, the leader:
+
+* **reaps** placements stuck in a transient state: PENDING longer than any
+  Prepare can take (the replica that committed it died before the agent
+  answered) is torn down on the host and released; RELEASING likewise is
+  finished. A host that cannot tear down leaves the placement FAILED with
+  its slots held (quarantine), never back in the pool;
+* **reconciles** hosts whose agent (re)registered since the last round, and
+  every host now and then: Redis holds the desired state, the host the actual.
+  A placement the host holds that the store does not know (released or reaped
+  while the agent was away) is torn down; a READY placement the host lost is
+  prepared again, or marked FAILED if that fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from scheduler.service.agent_gateway import AgentCallError, HousekeepingGateway
+from scheduler.store.redis_store import Fence, FencedOutError, HostRecord, RedisStateStore
+from tessera.v1 import placement_pb2
+
+log = logging.getLogger(__name__)
+
+#: The job's name in the store (lease and fence keys).
+JOB = "reaper"
+
+PENDING, READY, RELEASING, FAILED = "pending", "ready", "releasing", "failed"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class HousekeepingSettings:
+    """Cadence and patience of the background jobs.
+
+    Attributes:
+        interval_s: seconds between rounds; the lease lasts three rounds.
+        pending_after_s: a PENDING placement untouched this long is reaped;
+            longer than the agent Prepare deadline, so a live Place call has
+            always given up first.
+        releasing_after_s: likewise for RELEASING.
+        full_sweep_s: every host is reconciled at least this often.
+    """
+
+    interval_s: float = 5.0
+    pending_after_s: float = 90.0
+    releasing_after_s: float = 90.0
+    full_sweep_s: float = 300.0
+
+
+@dataclass
+class RoundReport:
+    """What one round did, for logs and tests."""
+
+    leader: bool = False
+    token: int = 0
+    reaped: int = 0
+    finished_releases: int = 0
+    quarantined: int = 0
+    orphans_torn_down: int = 0
+    reprepared: int = 0
+    hosts_reconciled: int = 0
+
+
+class Housekeeper:
+    """Runs the background jobs when this replica holds their lease.
+
+    Args:
+        store: the state store.
+        agents: reaches agents, with fencing.
+        settings: cadence.
+        owner: this replica's name in the lease (unique per process).
+        clock_ms: current time in ms (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        store: RedisStateStore,
+        agents: HousekeepingGateway,
+        settings: HousekeepingSettings | None = None,
+        owner: str = "",
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self._store = store
+        self._agents = agents
+        self._settings = settings or HousekeepingSettings()
+        self.owner = owner or f"replica-{uuid.uuid4().hex[:12]}"
+        self._clock_ms = clock_ms
+        # host -> (boot, agent address, inventory generation) last reconciled.
+        self._reconciled: dict[str, tuple[str, str, int]] = {}
+        self._last_sweep_ms = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run rounds until ``stop`` is set, then give the lease up."""
+        try:
+            while not stop.is_set():
+                try:
+                    report = await self.round()
+                    if report.leader and (report.reaped or report.orphans_torn_down):
+                        log.info("housekeeping round: %s", report)
+                except Exception:  # a round must never kill the scheduler
+                    log.exception("housekeeping round failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self._settings.interval_s)
+        finally:
+            try:
+                await self._store.yield_lease(JOB, self.owner)
+            except Exception:  # best effort: the lease expires anyway
+                log.debug("could not yield the %s lease", JOB, exc_info=True)
+
+    async def round(self) -> RoundReport:
+        """One round: take or renew the lease, then reap and reconcile if leader."""
+        ttl_ms = int(self._settings.interval_s * 3000)
+        token = await self._store.acquire_lease(JOB, self.owner, ttl_ms)
+        report = RoundReport(leader=token > 0, token=token)
+        if not token:
+            # Another replica leads; forget what we reconciled, so a term of
+            # ours later starts from a full sweep.
+            self._reconciled.clear()
+            self._last_sweep_ms = 0
+            return report
+        fence = Fence(JOB, token)
+        try:
+            hosts = (await self._store.snapshot()).hosts
+            await self._reap(hosts, fence, report)
+            await self._reconcile(hosts, fence, report)
+        except FencedOutError:
+            log.warning("lost the %s lease mid-round (token %d): stopping", JOB, token)
+            report.leader = False
+        return report
+
+    # -- reaping -------------------------------------------------------------
+
+    async def _reap(
+        self, records: Mapping[str, HostRecord], fence: Fence, report: RoundReport
+    ) -> None:
+        now = self._clock_ms()
+        for host_id, payload in await self._store.list_placements():
+            placement = placement_pb2.Placement.FromString(payload)
+            state = await self._store.placement_state(host_id, placement.placement_id)
+            age_s = (now - placement.updated_unix_ms) / 1000
+            if state == PENDING and age_s > self._settings.pending_after_s:
+                cause = f"reaped after {age_s:.0f}s pending: its scheduler never finished"
+            elif state == RELEASING and age_s > self._settings.releasing_after_s:
+                cause = f"release finished by the reaper after {age_s:.0f}s"
+            else:
+                continue
+            record = records.get(host_id)
+            if record is None:
+                continue  # host deregistered: nothing to tear down through
+            try:
+                await self._agents.unprepare_fenced(record.agent_address, placement, fence.token)
+            except AgentCallError as err:
+                moved = await self._mark_failed(
+                    placement, state or "", f"{cause}; teardown failed: {err.message}", fence
+                )
+                report.quarantined += int(moved)
+                continue
+            released = await self._store.release(
+                host_id, placement.placement_id, from_states=[state or ""], fence=fence
+            )
+            if released and state == PENDING:
+                report.reaped += 1
+            elif released:
+                report.finished_releases += 1
+            log.info("%s %s on %s", cause, placement.placement_id, host_id)
+
+    async def _mark_failed(
+        self, placement: placement_pb2.Placement, state: str, message: str, fence: Fence
+    ) -> bool:
+        failed = placement_pb2.Placement()
+        failed.CopyFrom(placement)
+        failed.state = placement_pb2.PLACEMENT_STATE_FAILED
+        failed.message = message
+        failed.updated_unix_ms = self._clock_ms()
+        return await self._store.update_placement(
+            placement.host_id,
+            placement.placement_id,
+            failed.SerializeToString(),
+            state=FAILED,
+            from_states=[state],
+            fence=fence,
+        )
+
+    # -- reconciling ---------------------------------------------------------
+
+    async def _reconcile(
+        self, records: Mapping[str, HostRecord], fence: Fence, report: RoundReport
+    ) -> None:
+        now = self._clock_ms()
+        sweep = now - self._last_sweep_ms >= self._settings.full_sweep_s * 1000
+        if sweep:
+            self._last_sweep_ms = now
+        for host_id, record in sorted(records.items()):
+            key = (record.boot_id, record.agent_address, record.inventory_generation)
+            if not sweep and self._reconciled.get(host_id) == key:
+                continue
+            try:
+                await self._reconcile_host(record, fence, report)
+            except AgentCallError as err:
+                log.info("cannot reconcile %s now: %s", host_id, err.message)
+                continue
+            self._reconciled[host_id] = key
+            report.hosts_reconciled += 1
+
+    async def _reconcile_host(self, record: HostRecord, fence: Fence, report: RoundReport) -> None:
+        # The host first, then the store: a placement the host holds was
+        # committed before GetState answered, so the store shows it unless it
+        # was released since.
+        held = set(await self._agents.get_state(record.agent_address))
+        stored = {
+            p.placement_id: p
+            for p in (
+                placement_pb2.Placement.FromString(payload)
+                for _, payload in await self._store.list_placements(record.host_id)
+            )
+        }
+        for placement_id in sorted(held - set(stored)):
+            orphan = placement_pb2.Placement(placement_id=placement_id, host_id=record.host_id)
+            await self._agents.unprepare_fenced(record.agent_address, orphan, fence.token)
+            report.orphans_torn_down += 1
+            log.info("tore down %s on %s: the store no longer has it", placement_id, record.host_id)
+        for placement_id, placement in sorted(stored.items()):
+            if placement_id in held:
+                continue
+            state = await self._store.placement_state(record.host_id, placement_id)
+            if state != READY:
+                continue  # PENDING and RELEASING are in flight; FAILED is held
+            await self._reprepare(record, placement, fence, report)
+
+    async def _reprepare(
+        self,
+        record: HostRecord,
+        placement: placement_pb2.Placement,
+        fence: Fence,
+        report: RoundReport,
+    ) -> None:
+        try:
+            prepared = await self._agents.prepare_fenced(
+                record.agent_address, placement, fence.token
+            )
+        except AgentCallError as err:
+            await self._mark_failed(
+                placement, READY, f"the host lost it and cannot prepare it again: {err.message}",
+                fence,
+            )  # fmt: skip
+            report.quarantined += 1
+            return
+        # Compare-and-set: if a Release moved it on meanwhile, the host must
+        # not keep what it just prepared.
+        still = await self._store.update_placement(
+            record.host_id,
+            placement.placement_id,
+            prepared.SerializeToString(),
+            state=READY,
+            from_states=[READY],
+            fence=fence,
+        )
+        if still:
+            report.reprepared += 1
+            log.info("prepared %s on %s again: the host had lost it",
+                     placement.placement_id, record.host_id)  # fmt: skip
+        else:
+            await self._agents.unprepare_fenced(record.agent_address, placement, fence.token)

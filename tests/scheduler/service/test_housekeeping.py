@@ -1,0 +1,221 @@
+"""The reaper and reconciler: one leader at a time, fenced, on a real Valkey."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from scheduler.service.agent_gateway import AgentCallError
+from scheduler.service.coordinator import PlacementCoordinator
+from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
+from scheduler.store.redis_store import Fence, FencedOutError, RedisStateStore
+from tessera.v1 import inventory_pb2, placement_pb2
+
+from ...conftest import Runner
+
+NOW_MS = 10_000_000
+
+
+class Host:
+    """One agent's side as the scheduler reaches it: what it holds, what it was asked."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.calls: list[tuple[str, str, int]] = []
+        self.fail_prepare = False
+        self.fail_unprepare = False
+
+    async def prepare(
+        self, address: str, placement: placement_pb2.Placement
+    ) -> placement_pb2.Placement:
+        return await self.prepare_fenced(address, placement, 0)
+
+    async def unprepare(self, address: str, placement: placement_pb2.Placement) -> None:
+        await self.unprepare_fenced(address, placement, 0)
+
+    async def prepare_fenced(
+        self, address: str, placement: placement_pb2.Placement, fencing_token: int
+    ) -> placement_pb2.Placement:
+        self.calls.append(("prepare", placement.placement_id, fencing_token))
+        if self.fail_prepare:
+            raise AgentCallError(address, grpc.StatusCode.INTERNAL, "bind failed")
+        self.held.add(placement.placement_id)
+        return placement
+
+    async def unprepare_fenced(
+        self, address: str, placement: placement_pb2.Placement, fencing_token: int
+    ) -> None:
+        self.calls.append(("unprepare", placement.placement_id, fencing_token))
+        if self.fail_unprepare:
+            raise AgentCallError(address, grpc.StatusCode.UNAVAILABLE, "agent down")
+        self.held.discard(placement.placement_id)
+
+    async def get_state(self, address: str) -> list[str]:
+        return sorted(self.held)
+
+
+def inventory() -> inventory_pb2.HostInventory:
+    return inventory_pb2.HostInventory(
+        host_id="h1", boot_id="b1", generation=1, iommu_present=True,
+        pci_functions=[
+            inventory_pb2.PciFunction(
+                address=f"0000:0{i}:00.0", vendor_id=0x10DE, class_code=0x030200,
+                iommu_group=i, has_iommu_group=True, role=inventory_pb2.PCI_ROLE_ENDPOINT,
+            )
+            for i in (1, 2)
+        ],
+        iommu_groups=[
+            inventory_pb2.IommuGroup(number=i, members=[f"0000:0{i}:00.0"]) for i in (1, 2)
+        ],
+    )  # fmt: skip
+
+
+def gpu(request_id: str) -> placement_pb2.PlacementRequest:
+    return placement_pb2.PlacementRequest(
+        request_id=request_id,
+        tenant="acme",
+        claims=[placement_pb2.Claim(name="g", kind=placement_pb2.DEVICE_KIND_GPU, count=1)],
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ms = NOW_MS
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+@pytest.fixture
+def parts(redis_client: aioredis.Redis) -> tuple[RedisStateStore, Host, Clock]:
+    return RedisStateStore(redis_client), Host(), Clock()
+
+
+SETTINGS = HousekeepingSettings(interval_s=1, pending_after_s=60, releasing_after_s=60)
+
+
+def keeper(store: RedisStateStore, host: Host, clock: Clock, owner: str) -> Housekeeper:
+    return Housekeeper(store, host, SETTINGS, owner=owner, clock_ms=clock)
+
+
+def test_one_replica_leads_and_a_successor_gets_a_larger_token_that_fences_the_old_one(
+    parts: tuple[RedisStateStore, Host, Clock], arun: Runner
+) -> None:
+    store, host, clock = parts
+
+    async def body() -> None:
+        coordinator = PlacementCoordinator(store, host, clock_ms=clock)
+        await coordinator.register(inventory(), "agent:1")
+        placed = await coordinator.place(gpu("r1"))
+        a, b = keeper(store, host, clock, "a"), keeper(store, host, clock, "b")
+        first = await a.round()
+        assert first.leader and not (await b.round()).leader
+        assert (await a.round()).token == first.token  # renewing keeps the term
+        await store.yield_lease("reaper", "a")
+        second = await b.round()
+        assert second.leader and second.token > first.token
+        # The deposed leader's writes are refused by the store.
+        with pytest.raises(FencedOutError):
+            await store.release("h1", placed.placement_id, fence=Fence("reaper", first.token))
+        assert len(await coordinator.list_placements()) == 1
+
+    arun(body())
+
+
+def test_a_placement_stuck_pending_is_torn_down_and_released(
+    parts: tuple[RedisStateStore, Host, Clock], arun: Runner
+) -> None:
+    store, host, clock = parts
+
+    async def body() -> None:
+        coordinator = PlacementCoordinator(store, host, clock_ms=clock)
+        await coordinator.register(inventory(), "agent:1")
+        placed = await coordinator.place(gpu("r1"))
+        # A replica died between commit and READY: the store says PENDING.
+        stuck = placement_pb2.Placement()
+        stuck.CopyFrom(placed)
+        stuck.state = placement_pb2.PLACEMENT_STATE_PENDING
+        await store.update_placement(
+            "h1", placed.placement_id, stuck.SerializeToString(), state="pending"
+        )
+        housekeeper = keeper(store, host, clock, "a")
+        assert (await housekeeper.round()).reaped == 0  # not stuck long enough yet
+        clock.ms += 61_000
+        report = await housekeeper.round()
+        assert report.reaped == 1
+        assert await coordinator.list_placements() == []
+        assert ("unprepare", placed.placement_id, report.token) in host.calls
+        assert host.held == set()
+
+    arun(body())
+
+
+def test_a_stuck_placement_whose_host_cannot_tear_down_is_quarantined(
+    parts: tuple[RedisStateStore, Host, Clock], arun: Runner
+) -> None:
+    store, host, clock = parts
+
+    async def body() -> None:
+        coordinator = PlacementCoordinator(store, host, clock_ms=clock)
+        await coordinator.register(inventory(), "agent:1")
+        placed = await coordinator.place(gpu("r1"))
+        releasing = placement_pb2.Placement()
+        releasing.CopyFrom(placed)
+        await store.update_placement(
+            "h1", placed.placement_id, releasing.SerializeToString(), state="releasing"
+        )
+        host.fail_unprepare = True
+        clock.ms += 61_000
+        report = await keeper(store, host, clock, "a").round()
+        assert report.quarantined == 1
+        (kept,) = await coordinator.list_placements()
+        assert kept.state == placement_pb2.PLACEMENT_STATE_FAILED
+        assert "teardown failed" in kept.message
+        # Its slot stays taken: the other GPU is all that is left.
+        await coordinator.register(inventory(), "agent:1")  # lease renewed after the wait
+        await coordinator.place(gpu("r2"))
+        with pytest.raises(Exception, match="iommu-group-allocated"):
+            await coordinator.place(gpu("r3"))
+
+    arun(body())
+
+
+def test_reconcile_tears_down_what_the_store_forgot_and_prepares_what_the_host_lost(
+    parts: tuple[RedisStateStore, Host, Clock], arun: Runner
+) -> None:
+    store, host, clock = parts
+
+    async def body() -> None:
+        coordinator = PlacementCoordinator(store, host, clock_ms=clock)
+        await coordinator.register(inventory(), "agent:1")
+        kept = await coordinator.place(gpu("r1"))
+        # While the agent was away: it lost r1, and still holds one released.
+        host.held = {"pl-released-long-ago"}
+        host.calls.clear()
+        report = await keeper(store, host, clock, "a").round()
+        assert report.orphans_torn_down == 1 and report.reprepared == 1
+        assert host.held == {kept.placement_id}
+        assert all(token == report.token for _, _, token in host.calls)
+
+    arun(body())
+
+
+def test_a_lost_placement_that_cannot_be_prepared_again_is_marked_failed(
+    parts: tuple[RedisStateStore, Host, Clock], arun: Runner
+) -> None:
+    store, host, clock = parts
+
+    async def body() -> None:
+        coordinator = PlacementCoordinator(store, host, clock_ms=clock)
+        await coordinator.register(inventory(), "agent:1")
+        await coordinator.place(gpu("r1"))
+        host.held = set()
+        host.fail_prepare = True
+        report = await keeper(store, host, clock, "a").round()
+        assert report.quarantined == 1
+        (failed,) = await coordinator.list_placements()
+        assert failed.state == placement_pb2.PLACEMENT_STATE_FAILED
+        assert "lost it" in failed.message
+
+    arun(body())
