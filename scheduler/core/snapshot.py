@@ -16,7 +16,9 @@ class HostState:
     Attributes:
         view: the host's last accepted inventory.
         alloc_generation: bumped by every commit on the host; a plan made
-            against one generation commits only if it is still current.
+            against one generation commits only if it is still current. Two
+            states of a host with the same view and generation hold the same
+            allocations: the engine's memos rely on it.
         allocations: slot -> the placement owning it.
         schedulable: False when the host's lease expired or it is draining.
         tenants: the tenant of each placement holding a slot here; what

@@ -177,6 +177,9 @@ class Engine:
     profile: EngineProfile = field(default_factory=default_profile)
     feasible_hosts: int = 4
     _index: dict[tuple[HostId, int, int], _HostIndex] = field(default_factory=dict, repr=False)
+    _fits: dict[tuple[object, ...], tuple[HostView, HostFit | None, Rejections]] = field(
+        default_factory=dict, repr=False
+    )
 
     # ------------------------------------------------------------ host index
 
@@ -267,7 +270,37 @@ class Engine:
     def fit(
         self, state: HostState, request: PlacementRequest, rejections: Rejections
     ) -> HostFit | None:
-        """The best assignment of ``request`` on one host, or None with reasons added."""
+        """The best assignment of ``request`` on one host, or None with reasons added.
+
+        Memoised per host state and request shape (Nomad's feasibility cache by
+        computed class, kube-scheduler's equivalence cache): a host that did
+        not change since it was judged for an equal request is judged the same.
+        Only the request id differs between equal shapes, and it plays no part
+        in fitting.
+        """
+        key = (
+            state.view.host_id,
+            state.alloc_generation,
+            id(state.view),
+            state.schedulable,
+            _shape(request),
+        )
+        cached = self._fits.get(key)
+        if cached is not None and cached[0] is state.view:
+            _, fit, seen = cached
+            rejections.merge(seen)
+            return fit
+        seen = Rejections()
+        fit = self._fit(state, request, seen)
+        rejections.merge(seen)
+        if len(self._fits) > 262_144:
+            self._fits.clear()  # bounded; stale generations are dead weight
+        self._fits[key] = (state.view, fit, seen)
+        return fit
+
+    def _fit(
+        self, state: HostState, request: PlacementRequest, rejections: Rejections
+    ) -> HostFit | None:
         index = self.host_index(state)
         cycle = Cycle(request, state, index.occupancy)
         for host_filter in self.profile.host_filters:
@@ -411,6 +444,18 @@ class Engine:
             return unschedulable(len(snapshot.hosts), request, rejections)
         best = min(fits, key=lambda f: (-f.score, f.state.view.host_id))
         return build_plan(best, request)
+
+
+def _shape(request: PlacementRequest) -> tuple[object, ...]:
+    """What of a request fitting depends on: all but its id (and priority)."""
+    return (
+        request.tenant,
+        request.claims,
+        request.numa_policy,
+        request.affinities,
+        request.exclusivity,
+        tuple(sorted(request.host_selector.items())),
+    )
 
 
 def unschedulable(hosts: int, request: PlacementRequest, rejections: Rejections) -> Unschedulable:
