@@ -68,7 +68,9 @@ class LocalCluster:
     redis_url: str = ""
     scheduler_address: str = ""
     agents: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     _procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    _valkey_args: list[str] = field(default_factory=list)
     _channel: grpc.Channel | None = None
 
     def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen[str], Path]:
@@ -85,16 +87,75 @@ class LocalCluster:
                 start_new_session=True,  # a Ctrl-C of the demo reaches us, not them
             )
         self._procs.append(proc)
+        self.processes[name] = proc
         return proc, log
 
-    def start_valkey(self) -> str:
-        """Start the embedded Valkey (AOF in workdir/valkey); returns its URL."""
-        proc, log = self._spawn(
-            "valkey",
-            ["-m", "scheduler.store.embedded", "--data-dir", str(self.workdir / "valkey")],
-        )
+    def start_valkey(self, appendfsync: str | None = None, port: int | None = None) -> str:
+        """Start the embedded Valkey (AOF in workdir/valkey); returns its URL.
+
+        Args:
+            appendfsync: the AOF fsync policy (``always``, ``everysec``, ``no``);
+                None keeps the embedded server's default.
+            port: TCP port; None picks a free one.
+        """
+        args = ["-m", "scheduler.store.embedded", "--data-dir", str(self.workdir / "valkey")]
+        if appendfsync is not None:
+            args += ["--appendfsync", appendfsync]
+        self._valkey_args = list(args)
+        if port is not None:
+            args += ["--port", str(port)]
+        proc, log = self._spawn("valkey", args)
         self.redis_url = _first_line(proc, 30, "Valkey", log)
         return self.redis_url
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send a signal (default SIGKILL) to a process of the cluster and reap it.
+
+        Args:
+            name: the process's name: ``valkey``, a scheduler's name,
+                ``agent-<host id>``.
+            sig: the signal.
+        """
+        proc = self.processes[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            proc.wait(timeout=30)
+
+    def valkey_server_pid(self) -> int:
+        """The pid of the valkey-server process (a child of the ``valkey`` wrapper)."""
+        wrapper = self.processes["valkey"].pid
+        children = Path(f"/proc/{wrapper}/task/{wrapper}/children").read_text().split()
+        if not children:
+            raise ClusterError("the embedded Valkey wrapper has no valkey-server child")
+        return int(children[0])
+
+    def kill_valkey(self) -> None:
+        """SIGKILL the valkey-server itself (a crash: no AOF flush, no shutdown).
+
+        Its wrapper (``python -m scheduler.store.embedded``) sees it die and
+        exits; both are reaped before this returns.
+        """
+        os.kill(self.valkey_server_pid(), signal.SIGKILL)
+        self.processes["valkey"].wait(timeout=30)
+
+    def restart_valkey(self) -> str:
+        """Start the embedded Valkey again on the same data dir, port and fsync policy.
+
+        Returns:
+            Its URL (the same as before).
+        """
+        if not self.redis_url:
+            raise ClusterError("Valkey was never started")
+        port = int(self.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+        old = self.processes.get("valkey")
+        if old is not None and old.poll() is None:
+            raise ClusterError("Valkey is still running; kill or stop it first")
+        proc, log = self._spawn("valkey", [*self._valkey_args, "--port", str(port)])
+        url = _first_line(proc, 60, "Valkey", log)
+        if url != self.redis_url:
+            raise ClusterError(f"Valkey came back at {url}, not {self.redis_url}")
+        return url
 
     def start_scheduler(self, name: str = "scheduler", *extra: str) -> str:
         """Start a scheduler on a free port; returns its address."""

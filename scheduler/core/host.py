@@ -82,12 +82,12 @@ class PciFunctionView:
         """An SR-IOV virtual function."""
         return self.physfn is not None
 
-    @property
+    @cached_property
     def root_port(self) -> PciAddress | None:
         """The root port above this function (first bridge of the chain)."""
         return self.bridge_chain[0] if self.bridge_chain else None
 
-    @property
+    @cached_property
     def switch(self) -> PciAddress | None:
         """The nearest switch upstream port above this function, if any.
 
@@ -100,7 +100,7 @@ class PciFunctionView:
         odd = [chain[i] for i in range(1, len(chain), 2)]
         return odd[-1] if odd else None
 
-    @property
+    @cached_property
     def switches(self) -> tuple[PciAddress, ...]:
         """Every switch above this function, by upstream port, outermost first.
 
@@ -223,6 +223,36 @@ class HostView:
     sriov_pfs: Mapping[PciAddress, SriovPfView] = field(default_factory=dict)
     mdev_parents: Mapping[PciAddress, MdevParentView] = field(default_factory=dict)
     gpus: Mapping[PciAddress, GpuView] = field(default_factory=dict)
+
+    @cached_property
+    def hardware_class(self) -> int:
+        """A fingerprint of everything but the host's name and labels.
+
+        Hosts of one class (the same hardware in the same state: a fleet of
+        identical servers) judge a request alike on an empty host, so the
+        engine decides once per class what such a host can never take
+        (Nomad's computed node class).
+        """
+        parents = tuple(
+            (
+                p.address,
+                p.single_type,
+                tuple(sorted(p.types.items())),
+                tuple(sorted(p.live.items())),
+            )
+            for p in sorted(self.mdev_parents.values(), key=lambda p: p.address)
+        )
+        return hash(
+            (
+                tuple(sorted(self.functions.items())),
+                tuple(sorted(self.iommu_groups.items())),
+                self.numa_nodes,
+                self.iommu_present,
+                tuple(sorted(self.sriov_pfs.items())),
+                parents,
+                tuple(sorted(self.gpus.items())),
+            )
+        )
 
     @cached_property
     def _whole_devices(self) -> Mapping[DeviceKind, tuple[PciFunctionView, ...]]:

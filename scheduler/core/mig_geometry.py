@@ -17,6 +17,7 @@ authoritative. Everything here is pure: no I/O, values in, values out.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -319,6 +320,17 @@ def fragmentation_score(layout: MigLayout, table: Sequence[MigProfile]) -> float
     Returns:
         A score in [0, 1].
     """
+    # Memoised: the same few layouts recur on thousands of GPUs.
+    return _fragmentation_cached(layout, tuple(table))
+
+
+@functools.lru_cache(maxsize=65536)
+def _fragmentation_cached(layout: MigLayout, table: tuple[MigProfile, ...]) -> float:
+    return _fragmentation_score(layout, table)
+
+
+def _fragmentation_score(layout: MigLayout, table: Sequence[MigProfile]) -> float:
+    # The computation behind fragmentation_score (see its docstring).
     ideal = max((p.slices for p in table if _packable(layout, p, table)), default=0)
     if ideal == 0:
         return 0.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from scheduler.core.engine.framework import (
     Cycle,
@@ -28,6 +28,7 @@ from scheduler.core.engine.framework import (
     UnitFilter,
 )
 from scheduler.core.engine.plugins import (
+    REASON_LEASE_EXPIRED,
     REASON_NO_MATCHING_DEVICE,
     REASON_TOO_FEW,
     REASON_TOPOLOGY,
@@ -59,6 +60,7 @@ from scheduler.core.identity import (
     HostId,
     PciAddress,
     SlotKey,
+    TenantName,
     iommu_group_slot,
     vfio_group_path,
 )
@@ -176,7 +178,12 @@ class Engine:
 
     profile: EngineProfile = field(default_factory=default_profile)
     feasible_hosts: int = 4
-    _index: dict[tuple[HostId, int, int], _HostIndex] = field(default_factory=dict, repr=False)
+    _index: dict[tuple[HostId, int], _HostIndex] = field(default_factory=dict, repr=False)
+    # (hardware class, static shape) -> why an empty host of the class can
+    # never take the shape, or None when it can.
+    _never: dict[tuple[int, tuple[object, ...]], Rejections | None] = field(
+        default_factory=dict, repr=False
+    )
     _fits: dict[tuple[object, ...], tuple[HostView, HostFit | None, Rejections]] = field(
         default_factory=dict, repr=False
     )
@@ -186,7 +193,7 @@ class Engine:
     def host_index(self, state: HostState) -> _HostIndex:
         """The memoised index of a host state."""
         view = state.view
-        key = (view.host_id, state.alloc_generation, id(view))
+        key = (view.host_id, state.alloc_generation)
         found = self._index.get(key)
         if found is not None and found.view is view:
             return found
@@ -385,24 +392,53 @@ class Engine:
 
     # ------------------------------------------------------------ cluster
 
-    def _host_order(self, snapshot: ClusterSnapshot, request: PlacementRequest) -> list[HostState]:
-        kinds = {c.kind for c in request.claims}
-        whole_only = {
-            c.kind: c.count
+    def _never_fits(self, state: HostState, request: PlacementRequest) -> Rejections | None:
+        """Why no state of this host's hardware class could take the request, or None.
+
+        Decided once per class and request shape on an empty host of the
+        class: allocations only ever take capacity away, so an empty host
+        that cannot fit means no state of the host can.
+        """
+        view = state.view
+        key = (view.hardware_class, _static_shape(request))
+        if key in self._never:
+            return self._never[key]
+        empty = HostState(view, alloc_generation=-1)
+        probe = replace(
+            request, tenant=TenantName(""), exclusivity=ExclusivityDomain.NONE, host_selector={}
+        )
+        seen = Rejections()
+        verdict = None if self._fit(empty, probe, seen) is not None else seen
+        self._never[key] = verdict
+        return verdict
+
+    def _host_order(
+        self, snapshot: ClusterSnapshot, request: PlacementRequest
+    ) -> tuple[list[HostState], list[tuple[HostState, Rejections]]]:
+        """Hosts in fast-path order, and those whose hardware can never fit.
+
+        Best fit: fewest idle devices of the request's kinds first; hosts
+        short of idle devices for a whole-device-only claim go last.
+        """
+        kinds = tuple({c.kind for c in request.claims})
+        whole_only = tuple(
+            (c.kind, c.count)
             for c in request.claims
             if c.accepted_forms() == frozenset({DeviceForm.WHOLE_DEVICE})
-        }
-        ranked: list[tuple[int, str, HostState]] = []
-        for host_id, state in snapshot.hosts.items():
-            idle = self.host_index(state).idle
-            ranked.append((sum(idle[k] for k in kinds), host_id, state))
-        ranked.sort(key=lambda r: (r[0], r[1]))
-        # Hosts that cannot hold a whole-device-only claim are tried last (the
-        # full fit still runs on them, so their reasons are reported).
-        ranked.sort(
-            key=lambda r: any(self.host_index(r[2]).idle[k] < n for k, n in whole_only.items())
         )
-        return [state for _, _, state in ranked]
+        ranked: list[tuple[bool, int, str, HostState]] = []
+        never: list[tuple[HostState, Rejections]] = []
+        host_index = self.host_index
+        for host_id, state in snapshot.hosts.items():
+            why = self._never_fits(state, request)
+            if why is not None:
+                never.append((state, why))
+                continue
+            idle = host_index(state).idle
+            short = any(idle[k] < n for k, n in whole_only)
+            ranked.append((short, sum(idle[k] for k in kinds), host_id, state))
+        ranked.sort(key=lambda r: (r[0], r[1], r[2]))
+        return [r[3] for r in ranked], never
 
     def candidates(
         self, snapshot: ClusterSnapshot, request: PlacementRequest, limit: int
@@ -414,12 +450,19 @@ class Engine:
         """
         rejections = Rejections()
         fits: list[HostFit] = []
-        for state in self._host_order(snapshot, request):
+        ordered, never = self._host_order(snapshot, request)
+        for state in ordered:
             fit = self.fit(state, request, rejections)
             if fit is not None:
                 fits.append(fit)
                 if limit and len(fits) >= limit:
-                    break
+                    return fits, rejections
+        # Every host that could was tried: the rest say why they never can.
+        for state, why in never:
+            if not state.schedulable:
+                rejections.add("host", REASON_LEASE_EXPIRED, state.view.host_id)
+            else:
+                rejections.merge(why)
         return fits, rejections
 
     def schedule(
@@ -456,6 +499,11 @@ def _shape(request: PlacementRequest) -> tuple[object, ...]:
         request.exclusivity,
         tuple(sorted(request.host_selector.items())),
     )
+
+
+def _static_shape(request: PlacementRequest) -> tuple[object, ...]:
+    """What of a request an empty host's hardware decides: claims and topology."""
+    return (request.claims, request.numa_policy, request.affinities)
 
 
 def unschedulable(hosts: int, request: PlacementRequest, rejections: Rejections) -> Unschedulable:

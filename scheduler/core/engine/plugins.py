@@ -491,6 +491,9 @@ class ExclusivityPlugin:
     def filter_option(self, cycle: Cycle, claim: Claim, option: Option) -> Verdict | None:
         """Reject an option inside another tenant's domain, or sharing the request's."""
         occ = cycle.occupancy
+        domain = cycle.request.exclusivity
+        if not occ.exclusive and domain is ExclusivityDomain.NONE:
+            return None  # nobody holds anything here, nor does the request ask
         tenant = cycle.request.tenant
         view = cycle.view
         for key in domain_keys(view, option.device):
@@ -501,7 +504,6 @@ class ExclusivityPlugin:
                     REASON_HELD_EXCLUSIVELY,
                     f"{key[0].value} {key[1]} is held by tenant {holder}",
                 )
-        domain = cycle.request.exclusivity
         if domain is ExclusivityDomain.NONE:
             return None
         key = (domain, domain_instance(view, option.device, domain))
