@@ -26,6 +26,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agent.allowlist import AllowList
 from agent.checkpoint import Checkpoint
 from agent.nvml import NullNvmlClient, NvmlClient, NvmlMigClient, open_nvml
 from agent.registration import RegistrationLoop
@@ -45,6 +46,15 @@ def _labels(pairs: list[str]) -> dict[str, str]:
             raise SystemExit(f"tessera-agent: --label {pair!r}: expected KEY=VALUE")
         out[key] = value
     return out
+
+
+def _allow(opts: argparse.Namespace) -> AllowList:
+    """The allow-list: ``--allow`` values, else ``TESSERA_AGENT_ALLOW``, else the default."""
+    entries = opts.allow or [os.environ.get("TESSERA_AGENT_ALLOW", "")]
+    try:
+        return AllowList.parse(entries)
+    except ValueError as err:
+        raise SystemExit(f"tessera-agent: --allow: {err}") from err
 
 
 def _sysfs(root: Path, fake_kernel: bool) -> Sysfs:
@@ -89,6 +99,7 @@ def _reporter(
         host_id=host_id,
         boot_id=read_boot_id(opts.sysfs_root, host_id),
         labels=_labels(opts.label),
+        allow=_allow(opts),
     )
 
 
@@ -105,6 +116,7 @@ def _summary(inv: inventory_pb2.HostInventory) -> str:
         lines.append(
             f"  {f.address}  {f.vendor_id:04x}:{f.device_id:04x}  class {f.class_code:06x}  "
             f"group {group:>3}  numa {f.numa_node:>2}  driver {f.driver or '(none)'}"
+            + (f"  not offered: {f.host_use}" if f.host_use else "")
         )
     for pf in inv.sriov_pfs:
         lines.append(f"SR-IOV PF {pf.address}: {pf.num_vfs}/{pf.total_vfs} VFs")
@@ -189,7 +201,10 @@ async def _run(opts: argparse.Namespace) -> int:
     host = opts.listen.rsplit(":", 1)[0]
     address = f"{opts.advertise or host}:{port}"
     registration = RegistrationLoop(channel, reporter, address)
-    servicer = AgentServicer(sysfs, reporter, checkpoint, on_change=registration.poke, nvml=nvml)
+    servicer = AgentServicer(
+        sysfs, reporter, checkpoint, on_change=registration.poke, nvml=nvml, allow=reporter.allow
+    )
+    log.info("allow-list: %s", reporter.allow)
     await asyncio.to_thread(servicer.recover)
     agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -228,6 +243,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
         sp.add_argument("--host-id", default="", help="name to register under (hostname)")
         sp.add_argument("--label", action="append", default=[], help="KEY=VALUE host label")
+        sp.add_argument(
+            "--allow",
+            action="append",
+            default=[],
+            metavar="SPEC",
+            help="a device the agent may hand over: PCI address, VENDOR:DEVICE (15b3:*) or "
+            "class=PREFIX (class=0302); repeatable [TESSERA_AGENT_ALLOW, comma-separated]; "
+            "default: the classes the scheduler offers (display, network, accelerators)",
+        )
 
     run = sub.add_parser("run", help="register, heartbeat and serve the Agent service")
     host_opts(run)

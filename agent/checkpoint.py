@@ -9,6 +9,20 @@ restart finds any ``started`` entry half done and rolls it back, undoing its
 steps in reverse; ``prepared`` entries are adopted. Writes are atomic (temp file, fsync,
 rename), so a crash leaves either the old or the new checkpoint, never a torn
 one.
+
+Beside the entries the checkpoint keeps a ledger of the objects the agent
+created on the host (VFs it enabled, mdevs, MIG partitions), keyed like their
+steps (``mdev:<uuid>``, ``mig:<gpu>:<profile>:<start>+<size>``,
+``sriov:<pf>``). An object is added to the ledger before the write that
+creates it and leaves it only once it is destroyed (or its creation failed), so
+at every instant each object the agent created is in the ledger. At start,
+after rolling ``started`` entries back, every ledger object that no entry's
+step owns is an orphan the agent made and nobody holds: it is destroyed, then
+forgotten. Objects the agent did not create (an mdev it adopted, an
+operator's GPU instance) never enter the ledger and are never touched. (An
+mdev UUID the scheduler derived with uuid5 cannot be told from any other UUID
+by looking at it, hence a ledger rather than a namespace test.) The ledger
+lives in the same file as the entries, so both change in one atomic write.
 """
 
 from __future__ import annotations
@@ -77,6 +91,7 @@ class Checkpoint:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._entries: dict[str, CheckpointEntry] = {}
+        self._created: dict[str, Mapping[str, Any]] = {}
         if path.exists():
             data = json.loads(path.read_text())
             if data.get("version") != _VERSION:
@@ -84,6 +99,8 @@ class Checkpoint:
             self._entries = {
                 pid: CheckpointEntry.from_json(pid, e) for pid, e in data["placements"].items()
             }
+            # Absent from checkpoints written before the ledger existed.
+            self._created = dict(data.get("created", {}))
 
     def entries(self) -> dict[str, CheckpointEntry]:
         """Every entry, by placement id."""
@@ -93,14 +110,41 @@ class Checkpoint:
         """One entry, or None."""
         return self._entries.get(placement_id)
 
-    def put(self, entry: CheckpointEntry) -> None:
-        """Add or replace an entry and persist."""
+    def put(
+        self,
+        entry: CheckpointEntry,
+        *,
+        remember: Mapping[str, Mapping[str, Any]] | None = None,
+        forget: str | None = None,
+    ) -> None:
+        """Add or replace an entry and persist, with ledger changes in the same write.
+
+        Args:
+            entry: the entry.
+            remember: created objects to add to (or update in) the ledger.
+            forget: a ledger key to drop.
+        """
         self._entries[entry.placement_id] = entry
+        self._created.update({k: dict(v) for k, v in (remember or {}).items()})
+        if forget is not None:
+            self._created.pop(forget, None)
         self._flush()
 
     def remove(self, placement_id: str) -> None:
         """Drop an entry (if present) and persist."""
         if self._entries.pop(placement_id, None) is not None:
+            self._flush()
+
+    def created(self) -> dict[str, Mapping[str, Any]]:
+        """The ledger: each object the agent created and has not destroyed, by key."""
+        return dict(self._created)
+
+    def forget(self, key: str) -> None:
+        """Drop an object from the ledger (if there) and persist.
+
+        Called once it is destroyed, or its creation failed.
+        """
+        if self._created.pop(key, None) is not None:
             self._flush()
 
     def _flush(self) -> None:
@@ -109,6 +153,7 @@ class Checkpoint:
             {
                 "version": _VERSION,
                 "placements": {pid: e.to_json() for pid, e in sorted(self._entries.items())},
+                "created": {k: dict(v) for k, v in sorted(self._created.items())},
             },
             indent=1,
         )

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from agent.allowlist import AllowList
 from agent.nvml import (
     GpuInstance,
     GpuInstanceProfile,
@@ -205,6 +206,7 @@ def discover(
     host_id: str,
     boot_id: str,
     labels: Mapping[str, str],
+    allow: AllowList | None = None,
 ) -> HostReport:
     """Probe the host.
 
@@ -214,6 +216,9 @@ def discover(
         host_id: the name the agent registers under.
         boot_id: the kernel's boot id.
         labels: operator labels.
+        allow: the operator's allow-list; functions outside it are reported
+            in ``host_use``. None: no restriction (the default list allows
+            every function the scheduler offers).
 
     Returns:
         The report; absent or unreadable subsystems are in its ``notes``.
@@ -267,6 +272,11 @@ def discover(
 
     gpus = _gpus(nvml, functions, notes)
 
+    in_use = {a: why for a in functions if (why := host_use(sysfs, a)) is not None}
+    if allow is not None:
+        # The host's own use is the stronger reason; keep it when both apply.
+        in_use = {**allow.refusals(functions), **in_use}
+
     return HostReport(
         host_id=host_id,
         boot_id=boot_id,
@@ -279,7 +289,7 @@ def discover(
         mdev_parents=mdev or (),
         vfio=vfio,
         migratability={a: migratability(f) for a, f in functions.items()},
-        host_use={a: why for a in functions if (why := host_use(sysfs, a)) is not None},
+        host_use=dict(sorted(in_use.items())),
         gpus=gpus,
         notes=tuple(notes),
     )

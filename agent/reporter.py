@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+from agent.allowlist import AllowList
 from agent.discovery import discover
 from agent.nvml import NvmlClient
 from agent.report import to_inventory
@@ -43,12 +44,14 @@ class HostReporter:
         host_id: str,
         boot_id: str,
         labels: Mapping[str, str],
+        allow: AllowList | None = None,
     ) -> None:
         self._sysfs = sysfs
         self._nvml = nvml
         self.host_id = host_id
         self.boot_id = boot_id
         self._labels = dict(labels)
+        self.allow = allow
         self._generation = int(time.time() * 1000)
         self._last: bytes | None = None
         self._lock = threading.Lock()
@@ -65,6 +68,7 @@ class HostReporter:
             host_id=self.host_id,
             boot_id=self.boot_id,
             labels=self._labels,
+            allow=self.allow,
         )
         with self._lock:
             inventory = to_inventory(report, generation=0)

@@ -1,8 +1,9 @@
 """The Agent gRPC service: carries placements out on this host.
 
 Thin over the actuation layer: it checks that the placement matches the host
-as discovered now (the agent never touches a device it was not told to, and
-never a group whose membership differs from what the scheduler saw), records
+as discovered now (the agent never touches a device it was not told to, nor
+one outside the operator's allow-list (:mod:`agent.allowlist`), and never a
+group whose membership differs from what the scheduler saw), records
 each host operation in the checkpoint before and after doing it, and answers
 with the handles. A Prepare that fails half way undoes its own steps, in
 reverse, before it answers; a crash half way is undone by :meth:`recover`.
@@ -15,6 +16,12 @@ Per slot kind (``placement.proto``):
 * ``mdev``: create the mdev (or adopt it when it exists with that type).
 * ``mig``: create the GPU instance at exactly the placement and one compute
   instance using all of it.
+
+Unprepare undoes the steps in reverse. A device leaving the VFIO driver is
+reset (when it has a reset method) before its host driver takes it back; a
+failed reset fails the Unprepare and keeps the entry, so it is retried.
+Objects the agent created are tracked in the checkpoint's ledger until
+destroyed, and :meth:`AgentServicer.recover` removes those no placement holds.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from agent.actuation.steps import (
     VfioBind,
 )
 from agent.actuation.vfio import BindingRecord, VfioActuationError, VfioBinder
+from agent.allowlist import AllowList
 from agent.checkpoint import Checkpoint, CheckpointEntry
 from agent.nvml import (
     GpuInstance,
@@ -55,7 +63,7 @@ from agent.nvml import (
     NvmlMigClient,
 )
 from agent.probes.host_use import host_use
-from agent.probes.pci import PciAddress, is_pci_address, read_function
+from agent.probes.pci import PciAddress, PciFunction, is_pci_address, read_function
 from agent.probes.vfio import VFIO_PCI, is_vfio_driver
 from agent.reporter import HostReporter
 from agent.sysfs import Sysfs
@@ -230,6 +238,13 @@ def _records(entry: CheckpointEntry) -> list[StepRecord]:
     return []
 
 
+def _creates(step: Step) -> bool:
+    """Whether the step creates a host object the ledger tracks."""
+    if isinstance(step, MdevCreate):
+        return step.created
+    return isinstance(step, SriovEnable | MigCreate)
+
+
 class _Journal:
     """One placement's checkpoint entry while it is prepared, a step at a time.
 
@@ -259,7 +274,21 @@ class _Journal:
         """Every record in the order it is undone backwards."""
         return self.leftover + self.records
 
-    def _put(self, state: str = "started", placement: bytes | None = None) -> None:
+    def _put(
+        self,
+        state: str = "started",
+        placement: bytes | None = None,
+        *,
+        created: Step | None = None,
+        forget: str | None = None,
+    ) -> None:
+        # A created object enters the ledger (see agent.checkpoint) in the
+        # same write as its started step: before the host write creating it.
+        remember = (
+            {created.key: StepRecord(created).to_dict()}
+            if created is not None and _creates(created)
+            else None
+        )
         self._checkpoint.put(
             CheckpointEntry(
                 self._id,
@@ -267,7 +296,9 @@ class _Journal:
                 (),
                 placement if placement is not None else self._request,
                 tuple(r.to_dict() for r in self.all()),
-            )
+            ),
+            remember=remember,
+            forget=forget,
         )
 
     def start(self) -> None:
@@ -277,12 +308,12 @@ class _Journal:
     def begin(self, step: Step) -> None:
         """Record a step as started, before its first host write."""
         self.records.append(StepRecord(step))
-        self._put()
+        self._put(created=step)
 
     def update(self, step: Step) -> None:
         """Record what a started step learned (a GPU-instance id)."""
         self.records[-1] = StepRecord(step)
-        self._put()
+        self._put(created=step)
 
     def done(self, step: Step) -> None:
         """Record a step as done, after its last host write."""
@@ -295,8 +326,9 @@ class _Journal:
         Undoing it would act on whatever is there now, which is not ours
         (the mdev UUID another created, the partition another holds).
         """
-        self.records.pop()
-        self._put()
+        # Out of the ledger with it: the next start must never destroy it.
+        step = self.records.pop().step
+        self._put(forget=step.key)
 
     def prepared(self, result: placement_pb2.Placement) -> None:
         """Mark the entry prepared, with the placement as answered."""
@@ -312,6 +344,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         checkpoint: the on-disk record of prepared placements.
         on_change: called after the host changed, to report it early.
         nvml: NVML, for MIG slots; without it (the default) they are refused.
+        allow: the operator's allow-list; a placement touching a function
+            outside it is refused. Default: :meth:`AllowList.default`.
     """
 
     def __init__(
@@ -319,10 +353,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         sysfs: Sysfs,
         reporter: HostReporter,
         checkpoint: Checkpoint,
+        *,
         on_change: Callable[[], None] = lambda: None,
         nvml: NvmlMigClient | None = None,
+        allow: AllowList | None = None,
     ) -> None:
         self._sysfs = sysfs
+        self._allow = allow if allow is not None else AllowList.default()
         self._binder = VfioBinder(sysfs)
         self._sriov = SriovConfigurator(sysfs)
         self._mdev = MdevManager(sysfs)
@@ -347,19 +384,22 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             record: the step.
             owner: the placement whose step it is.
             releasing: an Unprepare of a prepared placement (not a rollback):
-                an adopted mdev goes too, since the placement held it.
+                devices leaving VFIO are reset, and an adopted mdev goes too,
+                since the placement held it.
 
         Raises:
             ActuationError: a host write failed.
         """
         step = record.step
         if isinstance(step, VfioBind):
-            self._binder.restore(step.bindings)
+            # A tenant had the devices only when releasing: reset them then.
+            self._binder.restore(step.bindings, reset=releasing)
         elif isinstance(step, SriovEnable):
             self._undo_sriov(step, owner)
         elif isinstance(step, MdevCreate):
             if step.created or releasing:
                 self._mdev.remove(step.uuid)
+                self._checkpoint.forget(step.key)
         else:
             self._mig.destroy(
                 step.gpu_uuid,
@@ -368,6 +408,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 MigPlacement(step.start, step.size),
                 step.gi_id,
             )
+            self._checkpoint.forget(step.key)
 
     def _undo_sriov(self, step: SriovEnable, owner: str) -> None:
         """Disable the VFs the agent enabled, unless another placement still holds one.
@@ -388,6 +429,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             log.info("VFs of %s stay enabled for placement %s", step.pf, pid)
             return
         self._sriov.disable(step.pf, step.original_autoprobe)
+        self._checkpoint.forget(step.key)
 
     def _undo_all(self, records: Sequence[StepRecord], owner: str, *, releasing: bool) -> None:
         """Undo steps in reverse; stops at the first failure (the rest stay recorded)."""
@@ -395,12 +437,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             self._undo(record, owner, releasing=releasing)
 
     def recover(self) -> None:
-        """Roll back placements a crash left half done (``started`` entries).
+        """Roll back placements a crash left half done, then remove orphans.
 
-        Every step recorded is undone in reverse, whether it completed or
-        not; ``prepared`` placements are kept. One entry that cannot be
-        rolled back is logged and kept for the next start; it does not stop
-        the others nor the agent.
+        Every step recorded in a ``started`` entry is undone in reverse,
+        whether it completed or not; ``prepared`` placements are kept. One
+        entry that cannot be rolled back is logged and kept for the next
+        start; it does not stop the others nor the agent. Then every object
+        the ledger says the agent created and no entry holds is destroyed
+        (:meth:`_reconcile_locked`).
         """
         with self._lock:
             for pid in sorted(self._checkpoint.entries()):
@@ -416,6 +460,37 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     log.error("cannot roll back %s yet: %s", entry.placement_id, err)
                     continue
                 self._checkpoint.remove(entry.placement_id)
+            self._reconcile_locked()
+
+    def _reconcile_locked(self) -> None:
+        """Destroy what the agent created that no placement holds any more.
+
+        The ledger (see :mod:`agent.checkpoint`) lists every object the agent
+        created and has not destroyed; one that no entry's step owns is an
+        orphan. Objects the agent did not create are not in it, whatever
+        they are. A failure is logged and the object kept for the next start.
+        """
+        owned = {
+            record.step.key
+            for entry in self._checkpoint.entries().values()
+            for record in _records(entry)
+        }
+        for key, data in sorted(self._checkpoint.created().items()):
+            if key in owned:
+                continue
+            try:
+                step = StepRecord.from_dict(data).step
+            except ValueError as err:
+                log.error("ledger entry %s unreadable, kept: %s", key, err)
+                continue
+            log.warning("removing %s: created by this agent, held by no placement", key)
+            try:
+                # releasing: an orphan mdev in the ledger was created by the agent.
+                self._undo(StepRecord(step, "done"), "", releasing=True)
+            except ActuationError as err:
+                log.error("cannot remove orphan %s yet: %s", key, err)
+                continue
+            self._checkpoint.forget(key)
 
     # -- checking (reads only) ---------------------------------------------------
 
@@ -442,6 +517,27 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     def _device(self, address: str) -> Path:
         return self._sysfs.path("bus", "pci", "devices", address)
 
+    def _refuse_unless_allowed(self, where: str, address: str) -> None:
+        """Refuse a device outside the operator's allow-list.
+
+        Reads only the device, its PF and the other functions of its slot:
+        what :meth:`AllowList.refusal` needs.
+        """
+        if not self._sysfs.exists(self._device(address)):
+            return  # the caller reports a missing device in its own words
+        fn = read_function(self._sysfs, address)
+        slots = {address.rsplit(".", 1)[0]}
+        if fn.physfn is not None:
+            slots.add(fn.physfn.rsplit(".", 1)[0])
+        functions: dict[PciAddress, PciFunction] = {
+            PciAddress(a): fn if a == address else read_function(self._sysfs, a)
+            for a in self._sysfs.listdir(self._sysfs.path("bus", "pci", "devices"))
+            if a.rsplit(".", 1)[0] in slots
+        }
+        why = self._allow.refusal(address, functions)
+        if why is not None:
+            raise PlacementMismatchError(f"{where}: {address} is {why} ({self._allow})")
+
     def _group_endpoints(self, group: str) -> list[str]:
         members = self._sysfs.listdir(self._sysfs.path("kernel", "iommu_groups", group, "devices"))
         return sorted(m for m in members if not read_function(self._sysfs, m).is_bridge)
@@ -464,6 +560,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 f"{at}: group {alloc.iommu_group} has endpoints {endpoints}, "
                 f"the placement expects {sorted(slot.group_endpoints)}"
             )
+        for e in endpoints:
+            field = "address" if e == slot.address else "group_endpoints"
+            self._refuse_unless_allowed(f"{at}.whole_device.{field}", e)
         in_use = [
             f"{e} ({why})" for e in endpoints if (why := host_use(self._sysfs, PciAddress(e)))
         ]
@@ -516,6 +615,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         state = self._sriov.state(pf)
         if state is None:
             raise PlacementMismatchError(f"{at}.vf.pf_address: {pf} is not an SR-IOV PF here")
+        # A VF is allowed when its PF is: enabling it writes to the PF.
+        self._refuse_unless_allowed(f"{at}.vf.pf_address", pf)
         if slot.num_vfs > state.total_vfs:
             raise PlacementMismatchError(
                 f"{at}.vf.num_vfs: {pf} supports at most {state.total_vfs} VFs, not {slot.num_vfs}"
@@ -553,6 +654,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     ) -> _MdevPlan:
         slot = alloc.mdev
         uuid = slot.uuid.lower()
+        self._refuse_unless_allowed(f"{at}.mdev.parent_address", slot.parent_address)
         if uuid in held.mdevs:
             raise PlacementMismatchError(
                 f"{at}.mdev.uuid: mdev {uuid} is already handed out here "
@@ -590,6 +692,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self, at: str, alloc: placement_pb2.ClaimAllocation, held: _Held, journal: _Journal
     ) -> _MigPlan:
         slot = alloc.mig
+        self._refuse_unless_allowed(f"{at}.mig.gpu_address", slot.gpu_address)
         gpu = self._mig.gpu(slot.gpu_address)
         if gpu is None:
             why = (

@@ -38,7 +38,7 @@ class VfioActuationError(ActuationError):
     Attributes:
         address: the device.
         step: ``check``, ``unbind``, ``driver_override``, ``drivers_probe``,
-            ``bind`` or ``verify``.
+            ``bind``, ``verify`` or ``reset``.
         errno: the kernel's errno (``ETIMEDOUT`` for a write that blocked).
         message: what happened.
         rollback_failures: when a failed bind could not restore every device
@@ -297,7 +297,17 @@ class VfioBinder:
 
     # -- restoring -------------------------------------------------------
 
-    def _restore_one(self, record: BindingRecord) -> None:
+    def has_reset(self, address: str) -> bool:
+        """Whether the function can be reset (its ``reset_method`` names a method)."""
+        device = self._device(address)
+        return bool(self._sysfs.read(device / "reset_method")) and self._sysfs.exists(
+            device / "reset"
+        )
+
+    def _reset(self, address: str) -> None:
+        self._write(address, "reset", self._device(address) / "reset", "1")
+
+    def _restore_one(self, record: BindingRecord, reset: bool) -> None:
         address = record.address
         if not self._sysfs.exists(self._device(address)):
             # A VF removed with its PF's sriov_numvfs, say: nothing to restore.
@@ -307,6 +317,11 @@ class VfioBinder:
             return
         if driver is not None and driver != record.original_driver:
             self._unbind(address, driver)
+        if reset and driver != record.original_driver and self.has_reset(address):
+            # Off the tenant's driver and not yet on the host's: clear what
+            # the tenant left in the device (also when an earlier attempt
+            # unbound it and failed here: ``driver`` is then None).
+            self._reset(address)
         self._set_override(address, record.original_override)
         if record.original_driver is None:
             # It was unbound: probing would bind whatever matches now.
@@ -335,26 +350,36 @@ class VfioBinder:
                 f"bound to {now or 'no driver'}, not its original {record.original_driver}",
             )
 
-    def _restore_all(self, records: Iterable[BindingRecord]) -> list[VfioActuationError]:
+    def _restore_all(
+        self, records: Iterable[BindingRecord], reset: bool = False
+    ) -> list[VfioActuationError]:
         failures: list[VfioActuationError] = []
         for record in records:
             try:
-                self._restore_one(record)
+                self._restore_one(record, reset)
             except VfioActuationError as err:
                 failures.append(err)
         return failures
 
-    def restore(self, records: Sequence[BindingRecord]) -> None:
+    def restore(self, records: Sequence[BindingRecord], *, reset: bool = False) -> None:
         """Put devices back on their original drivers and overrides.
 
         Idempotent: a device already back as recorded is left alone, and a
         device that no longer exists is skipped. One device's failure does
         not stop the others.
 
+        Args:
+            records: the devices' original bindings.
+            reset: reset each device that has a reset method (write 1 to
+                ``reset``) after it leaves the VFIO driver and before its
+                original driver probes it, so a tenant's state never reaches
+                the host. A device whose reset fails is left unbound, on its
+                override, for a retry.
+
         Raises:
             VfioRestoreError: one or more devices could not be restored; its
-                ``failures`` lists each.
+                ``failures`` lists each (step ``reset`` for a failed reset).
         """
-        failures = self._restore_all(records)
+        failures = self._restore_all(records, reset)
         if failures:
             raise VfioRestoreError(failures)

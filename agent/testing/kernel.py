@@ -35,6 +35,9 @@ unbind, a VF removal or an mdev removal; here they succeed at once), DMA
 ownership conflicts at bind time (no process ever opens a group here) and
 no-IOMMU mode VFIO.
 
+With ``TESSERA_FAKE_CRASH_AFTER_WRITES=N`` the process is SIGKILLed right
+after the N-th write that took effect (:mod:`agent.testing.crash`).
+
 Each write is atomic: it is checked and planned on an in-memory view first,
 and the tree is only touched once nothing can fail any more. Writes from
 different threads or processes are serialised with ``flock`` on
@@ -57,6 +60,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent.sysfs import FAKE_HOST_MARKER
+from agent.testing.crash import after_write
 from agent.testing.fakesysfs import (
     MODE_RO,
     MODE_RW,
@@ -424,6 +428,8 @@ class KernelEmulator:
                 tmp = self.root / f".{FAKE_HOST_MARKER}.tmp"
                 tmp.write_text(json.dumps(st.meta, indent=1) + "\n")
                 os.replace(tmp, marker)
+        # Outside the lock: a process killed here must not hold the tree.
+        after_write(self.root)
 
 
 class _Write:

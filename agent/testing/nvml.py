@@ -12,7 +12,8 @@ therefore runs unchanged against it.
 The GPUs live in a JSON file in the fake host tree (:data:`STATE_FILE`),
 written by the fixture hosts (:func:`write_state`) and re-read on every call,
 so a separate agent process given the same root sees the same GPUs and MIG
-instances.
+instances. Each state change of a tree's driver counts as one write for
+:mod:`agent.testing.crash`.
 
 Tables are encoded here from the shared reference ``mig_profiles.json`` and
 HW_FACTS §9 (MIG User Guide v580, real ``nvidia-smi mig -lgip/-lgipp`` dumps);
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import pynvml
+
+from agent.testing.crash import after_write
 
 #: The fake NVML state file in a fake host tree's root.
 STATE_FILE = ".tessera-fake-nvml.json"
@@ -395,6 +398,8 @@ class FakeNvml:
     def _save(self) -> None:
         if self._path is not None:
             _write(self._path, self._state)
+            # Every state change saves once: count it (and maybe crash).
+            after_write(self._path.parent)
 
     def _gpu(self, handle: Any) -> tuple[dict[str, Any], GpuModel]:
         gpus = self._load()["gpus"]

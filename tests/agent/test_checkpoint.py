@@ -56,3 +56,21 @@ def test_a_checkpoint_written_before_step_records_still_loads(tmp_path: Path) ->
 
     assert loaded == entry("a", "prepared")
     assert loaded is not None and loaded.steps == ()
+
+
+def test_the_ledger_of_created_objects_survives_a_reload(tmp_path: Path) -> None:
+    path = tmp_path / "cp.json"
+    cp = Checkpoint(path)
+    cp.put(entry("a"), remember={"mdev:u1": {"uuid": "u1"}, "mdev:u2": {"uuid": "u2"}})
+    cp.put(entry("a"), forget="mdev:u1")
+    cp.remove("a")
+    cp.forget("mdev:absent")
+
+    assert Checkpoint(path).created() == {"mdev:u2": {"uuid": "u2"}}
+
+
+def test_a_checkpoint_written_before_the_ledger_loads_with_an_empty_one(tmp_path: Path) -> None:
+    path = tmp_path / "cp.json"
+    path.write_text('{"version": 1, "placements": {}}')
+
+    assert Checkpoint(path).created() == {}
