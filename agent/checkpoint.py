@@ -92,6 +92,7 @@ class Checkpoint:
         self._path = path
         self._entries: dict[str, CheckpointEntry] = {}
         self._created: dict[str, Mapping[str, Any]] = {}
+        self._fence = 0
         if path.exists():
             data = json.loads(path.read_text())
             if data.get("version") != _VERSION:
@@ -101,6 +102,7 @@ class Checkpoint:
             }
             # Absent from checkpoints written before the ledger existed.
             self._created = dict(data.get("created", {}))
+            self._fence = int(data.get("fence", 0))
 
     def entries(self) -> dict[str, CheckpointEntry]:
         """Every entry, by placement id."""
@@ -135,6 +137,17 @@ class Checkpoint:
         if self._entries.pop(placement_id, None) is not None:
             self._flush()
 
+    @property
+    def fence(self) -> int:
+        """The highest fencing token a scheduler background job has shown this agent."""
+        return self._fence
+
+    def raise_fence(self, token: int) -> None:
+        """Remember a higher fencing token (persisted before the job's call acts)."""
+        if token > self._fence:
+            self._fence = token
+            self._flush()
+
     def created(self) -> dict[str, Mapping[str, Any]]:
         """The ledger: each object the agent created and has not destroyed, by key."""
         return dict(self._created)
@@ -154,6 +167,7 @@ class Checkpoint:
                 "version": _VERSION,
                 "placements": {pid: e.to_json() for pid, e in sorted(self._entries.items())},
                 "created": {k: dict(v) for k, v in sorted(self._created.items())},
+                "fence": self._fence,
             },
             indent=1,
         )

@@ -82,6 +82,10 @@ class InvalidPlacementError(Exception):
     """The placement is malformed, whatever the host (INVALID_ARGUMENT)."""
 
 
+class StaleFenceError(Exception):
+    """A scheduler background job of an older term called (FAILED_PRECONDITION)."""
+
+
 class PlacementMismatchError(Exception):
     """The placement does not match the host (FAILED_PRECONDITION)."""
 
@@ -880,8 +884,29 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         out.mig.compute_instance_id = ci.ci_id
         out.mig.mig_uuid = ci.uuid
 
-    def _prepare(self, placement: placement_pb2.Placement) -> placement_pb2.Placement:
+    def _admit_fence(self, token: int) -> None:
+        """Refuse a scheduler background job whose term is older than one already seen.
+
+        Called under the host lock, so the check and the operation it admits
+        are one step for any other caller.
+
+        Raises:
+            StaleFenceError: ``token`` is lower than the highest seen.
+        """
+        if not token:
+            return  # an ordinary placement call, not a background job
+        if token < self._checkpoint.fence:
+            raise StaleFenceError(
+                f"fencing_token: {token} is stale; this host has seen {self._checkpoint.fence} "
+                "(another scheduler replica now runs the background jobs)"
+            )
+        self._checkpoint.raise_fence(token)
+
+    def _prepare(
+        self, placement: placement_pb2.Placement, fencing_token: int = 0
+    ) -> placement_pb2.Placement:
         with self._lock:
+            self._admit_fence(fencing_token)
             return self._prepare_locked(placement)
 
     def _prepare_locked(self, placement: placement_pb2.Placement) -> placement_pb2.Placement:
@@ -924,8 +949,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         journal.prepared(result)
         return result
 
-    def _unprepare(self, placement_id: str) -> None:
+    def _unprepare(self, placement_id: str, fencing_token: int = 0) -> None:
         with self._lock:
+            self._admit_fence(fencing_token)
             self._unprepare_locked(placement_id)
 
     def _unprepare_locked(self, placement_id: str) -> None:
@@ -953,7 +979,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "placement.allocations: at least one is required"
             )
         try:
-            result = await asyncio.to_thread(self._prepare, placement)
+            result = await asyncio.to_thread(self._prepare, placement, request.fencing_token)
+        except StaleFenceError as err:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except InvalidPlacementError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except PlacementMismatchError as err:
@@ -982,7 +1010,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "placement.placement_id: required"
             )
         try:
-            await asyncio.to_thread(self._unprepare, request.placement.placement_id)
+            await asyncio.to_thread(
+                self._unprepare, request.placement.placement_id, request.fencing_token
+            )
+        except StaleFenceError as err:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except ActuationError as err:
             log.error("unprepare %s failed: %s", request.placement.placement_id, err)
             await context.abort(grpc.StatusCode.INTERNAL, str(err))

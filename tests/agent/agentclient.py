@@ -37,18 +37,22 @@ class AgentClient:
         self._arun(self._channel.close())
         self._arun(self._server.stop(None))
 
-    def prepare(self, placement: placement_pb2.Placement) -> placement_pb2.Placement:
+    def prepare(
+        self, placement: placement_pb2.Placement, fencing_token: int = 0
+    ) -> placement_pb2.Placement:
         """Prepare; the placement as the agent answered it."""
+        request = agent_pb2.PrepareRequest(placement=placement, fencing_token=fencing_token)
 
         async def call() -> agent_pb2.PrepareResponse:
-            return await self._stub.Prepare(agent_pb2.PrepareRequest(placement=placement))
+            return await self._stub.Prepare(request)
 
         return self._arun(call()).placement
 
-    def unprepare(self, placement_id: str) -> None:
+    def unprepare(self, placement_id: str, fencing_token: int = 0) -> None:
         """Unprepare."""
         request = agent_pb2.UnprepareRequest(
-            placement=placement_pb2.Placement(placement_id=placement_id)
+            placement=placement_pb2.Placement(placement_id=placement_id),
+            fencing_token=fencing_token,
         )
 
         async def call() -> None:
