@@ -303,6 +303,9 @@ def bench_latency(
         t1 = time.perf_counter()
         empty = snapshot(fleet)
         t2 = time.perf_counter()
+        # Long-lived host views out of the collector's way, as the scheduler
+        # does after parsing new inventories (PlacementCoordinator.snapshot).
+        gc.freeze()
         # Empty first: its first call meets views fresh from snapshot_of (cold).
         # The filled run's engine is fresh too, but the views the fill used
         # are shared with the empty snapshot, as in a live scheduler.

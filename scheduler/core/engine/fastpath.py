@@ -10,6 +10,7 @@ preferred affinities before required-only. Pure: snapshot in, plan out.
 
 from __future__ import annotations
 
+import heapq
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -95,6 +96,11 @@ SEARCH_BUDGET = 20_000
 #: unique, because the generation moves with every commit on the host.
 MDEV_UUID_NAMESPACE = uuid.UUID("6f1c2a52-3c3e-4d4f-9a51-746573736572")
 
+#: Device kinds in a fixed order: per-host counts are tuples indexed by it
+#: (the hot loop over every host must not hash enums).
+_KINDS: tuple[DeviceKind, ...] = tuple(DeviceKind)
+_KIND_POSITION = {kind: i for i, kind in enumerate(_KINDS)}
+
 #: Forms in order of economy: the smallest footprint that satisfies a claim.
 _FORM_ORDER = {
     DeviceForm.VF: 0,
@@ -159,7 +165,8 @@ class _HostIndex:
 
     view: HostView
     occupancy: Occupancy
-    idle: Mapping[DeviceKind, int]
+    #: Idle devices (no use of any kind) per kind, in :data:`_KINDS` order.
+    idle: tuple[int, ...]
 
 
 @dataclass
@@ -181,9 +188,9 @@ class Engine:
     _index: dict[tuple[HostId, int], _HostIndex] = field(default_factory=dict, repr=False)
     # (hardware class, static shape) -> why an empty host of the class can
     # never take the shape, or None when it can.
-    _never: dict[tuple[int, tuple[object, ...]], Rejections | None] = field(
-        default_factory=dict, repr=False
-    )
+    _never: dict[tuple[int, int], Rejections | None] = field(default_factory=dict, repr=False)
+    # Static request shapes, interned: the hot loop keys on small ints.
+    _shape_ids: dict[tuple[object, ...], int] = field(default_factory=dict, repr=False)
     _fits: dict[tuple[object, ...], tuple[HostView, HostFit | None, Rejections]] = field(
         default_factory=dict, repr=False
     )
@@ -198,14 +205,10 @@ class Engine:
         if found is not None and found.view is view:
             return found
         occupancy = build_occupancy(state)
-        idle = {
-            kind: sum(
-                1
-                for d in view.whole_devices(kind)
-                if d.address not in occupancy.modes and not d.is_vf
-            )
-            for kind in DeviceKind
-        }
+        idle = tuple(
+            sum(1 for d in view.whole_devices(kind) if d.address not in occupancy.modes)
+            for kind in _KINDS
+        )
         index = _HostIndex(view, occupancy, idle)
         if len(self._index) > 4 * 65536:
             # Bounded: old generations are dead weight.
@@ -392,7 +395,9 @@ class Engine:
 
     # ------------------------------------------------------------ cluster
 
-    def _never_fits(self, state: HostState, request: PlacementRequest) -> Rejections | None:
+    def _never_fits(
+        self, state: HostState, request: PlacementRequest, shape_id: int
+    ) -> Rejections | None:
         """Why no state of this host's hardware class could take the request, or None.
 
         Decided once per class and request shape on an empty host of the
@@ -400,7 +405,7 @@ class Engine:
         that cannot fit means no state of the host can.
         """
         view = state.view
-        key = (view.hardware_class, _static_shape(request))
+        key = (view.hardware_class, shape_id)
         if key in self._never:
             return self._never[key]
         empty = HostState(view, alloc_generation=-1)
@@ -414,31 +419,56 @@ class Engine:
 
     def _host_order(
         self, snapshot: ClusterSnapshot, request: PlacementRequest
-    ) -> tuple[list[HostState], list[tuple[HostState, Rejections]]]:
-        """Hosts in fast-path order, and those whose hardware can never fit.
+    ) -> tuple[
+        list[tuple[bool, int, str]], dict[str, HostState], list[tuple[HostState, Rejections]]
+    ]:
+        """A heap of hosts in fast-path order, and those whose hardware can never fit.
 
         Best fit: fewest idle devices of the request's kinds first; hosts
-        short of idle devices for a whole-device-only claim go last.
+        short of idle devices for a whole-device-only claim go last. A heap,
+        not a sorted list: the fast path usually stops after a few hosts, so
+        ordering all of them would be wasted. This loop is the only per-host
+        work every request pays, so it stays lean: one index lookup, one
+        class lookup, no allocation but the heap entry.
         """
-        kinds = tuple({c.kind for c in request.claims})
+        kinds = tuple({_KIND_POSITION[c.kind] for c in request.claims})
         whole_only = tuple(
-            (c.kind, c.count)
+            (_KIND_POSITION[c.kind], c.count)
             for c in request.claims
             if c.accepted_forms() == frozenset({DeviceForm.WHOLE_DEVICE})
         )
-        ranked: list[tuple[bool, int, str, HostState]] = []
+        shape = _static_shape(request)
+        shape_id = self._shape_ids.setdefault(shape, len(self._shape_ids))
+        by_class: dict[int, Rejections | None] = {}
+        heap: list[tuple[bool, int, str]] = []
+        states: dict[str, HostState] = {}
         never: list[tuple[HostState, Rejections]] = []
-        host_index = self.host_index
+        index = self._index
         for host_id, state in snapshot.hosts.items():
-            why = self._never_fits(state, request)
+            view = state.view
+            cls = view.hardware_class
+            if cls in by_class:
+                why = by_class[cls]
+            else:
+                why = by_class[cls] = self._never_fits(state, request, shape_id)
             if why is not None:
                 never.append((state, why))
                 continue
-            idle = host_index(state).idle
-            short = any(idle[k] < n for k, n in whole_only)
-            ranked.append((short, sum(idle[k] for k in kinds), host_id, state))
-        ranked.sort(key=lambda r: (r[0], r[1], r[2]))
-        return [r[3] for r in ranked], never
+            found = index.get((host_id, state.alloc_generation))
+            if found is None or found.view is not view:
+                found = self.host_index(state)
+            idle = found.idle
+            short = False
+            for position, n in whole_only:
+                if idle[position] < n:
+                    short = True
+            total = 0
+            for position in kinds:
+                total += idle[position]
+            heap.append((short, total, host_id))
+            states[host_id] = state
+        heapq.heapify(heap)
+        return heap, states, never
 
     def candidates(
         self, snapshot: ClusterSnapshot, request: PlacementRequest, limit: int
@@ -450,8 +480,9 @@ class Engine:
         """
         rejections = Rejections()
         fits: list[HostFit] = []
-        ordered, never = self._host_order(snapshot, request)
-        for state in ordered:
+        heap, states, never = self._host_order(snapshot, request)
+        while heap:
+            state = states[heapq.heappop(heap)[2]]
             fit = self.fit(state, request, rejections)
             if fit is not None:
                 fits.append(fit)
