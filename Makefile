@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 .PHONY: help
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 .PHONY: install
 install: $(STAMP) ## Create .venv and install Tessera with its dev tools
@@ -42,6 +42,14 @@ demo: $(STAMP) ## Run a scheduler and three agents on fake hosts, end to end
 .PHONY: bench-place
 bench-place: $(STAMP) ## Placement latency: core picker at fleet sizes, Place/Release end to end
 	$(BIN)/python bench/place_latency.py
+
+.PHONY: bench-engine
+bench-engine: $(STAMP) ## Engine: single request on 1k/10k-host fleets, a CP-SAT batch of 1,000
+	$(BIN)/python bench/engine.py
+
+.PHONY: bench-engine-quick
+bench-engine-quick: $(STAMP) ## The engine benchmark at small sizes (about a minute)
+	$(BIN)/python bench/engine.py --quick --out bench/out/engine-quick.json
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches
