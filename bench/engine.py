@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ if __package__ in (None, ""):
     # Run as a script: make ``bench`` importable from the repository root.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.figures import latency_summary
 from bench.fleet import build_fleet, describe, fixture_inventory, snapshot
 from scheduler.core.checker import check_placements
 from scheduler.core.engine.batch import BatchResult, BatchSettings, solve_batch
@@ -182,22 +182,6 @@ def _with_priority(request: PlacementRequest, priority: int) -> PlacementRequest
 # ---------------------------------------------------------------- figures
 
 
-def _pct(samples: Sequence[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _summary(samples_s: Sequence[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in samples_s]
-    return {
-        "n": len(ms),
-        "p50_ms": round(_pct(ms, 0.50), 3),
-        "p99_ms": round(_pct(ms, 0.99), 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-        "max_ms": round(max(ms), 3),
-    }
-
-
 def commit(snap: ClusterSnapshot, request: PlacementRequest, plan: Plan) -> ClusterSnapshot:
     """The snapshot after ``plan`` commits."""
     return with_reservation(
@@ -288,7 +272,9 @@ def _latency(snap: ClusterSnapshot, per_shape: int) -> dict[str, Any]:
     return {
         "first_call_ms": round(first_s * 1000, 3),
         "first_call_placed": isinstance(first, Plan),
-        "shapes": {name: {**_summary(samples[name]), "placed": placed[name]} for name in SHAPES},
+        "shapes": {
+            name: {**latency_summary(samples[name]), "placed": placed[name]} for name in SHAPES
+        },
     }
 
 

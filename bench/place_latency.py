@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,11 @@ from typing import Any
 
 from google.protobuf import json_format
 
+if __package__ in (None, ""):
+    # Run as a script: make ``bench`` importable from the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.figures import latency_summary
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.identity import HostId, RequestId, TenantName
 from scheduler.core.request import Claim, DeviceKind, NumaPolicy, PlacementRequest
@@ -35,21 +39,6 @@ from scheduler.service.convert import host_view_from_inventory
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
 
 OUT = Path(__file__).parent / "out"
-
-
-def _pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _summary(samples_s: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in samples_s]
-    return {
-        "n": len(ms),
-        "p50_ms": round(_pct(ms, 0.50), 3),
-        "p99_ms": round(_pct(ms, 0.99), 3),
-        "mean_ms": round(statistics.fmean(ms), 3),
-    }
 
 
 def dgx_inventory(workdir: Path) -> inventory_pb2.HostInventory:
@@ -89,7 +78,7 @@ def bench_core(
                 t0 = time.perf_counter()
                 engine.schedule(snap, req)
                 samples.append(time.perf_counter() - t0)
-            results[f"{n}-hosts/{label}"] = _summary(samples)
+            results[f"{n}-hosts/{label}"] = latency_summary(samples)
     return results
 
 
@@ -132,7 +121,7 @@ def bench_e2e(workdir: Path, hosts: int, cycles: int, clients: int) -> dict[str,
         t0 = time.perf_counter()
         worker(0, cycles)
         seq_wall = time.perf_counter() - t0
-        sequential = {"place": _summary(place), "release": _summary(release),
+        sequential = {"place": latency_summary(place), "release": latency_summary(release),
                       "cycles_per_s": round(cycles / seq_wall, 1)}  # fmt: skip
         place.clear()
         release.clear()
@@ -144,8 +133,12 @@ def bench_e2e(workdir: Path, hosts: int, cycles: int, clients: int) -> dict[str,
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        concurrent = {"clients": clients, "place": _summary(place), "release": _summary(release),
-                      "cycles_per_s": round(clients * per / wall, 1)}  # fmt: skip
+        concurrent = {
+            "clients": clients,
+            "place": latency_summary(place),
+            "release": latency_summary(release),
+            "cycles_per_s": round(clients * per / wall, 1),
+        }
         return {"hosts": hosts, "sequential": sequential, "concurrent": concurrent}
 
 

@@ -45,6 +45,7 @@ from scheduler.core.plan import (
     Plan,
     VfAssignment,
     WholeDeviceAssignment,
+    assignment_device,
 )
 from scheduler.core.request import (
     AffinityScope,
@@ -247,15 +248,8 @@ def _add_placement(ledger: _Ledger, request: PlacementRequest, plan: Plan) -> No
 # --- topology helpers ------------------------------------------------------
 
 
-def _device_of(a: Assignment) -> PciAddress:
-    """The physical device an assignment lives on."""
-    if isinstance(a, WholeDeviceAssignment):
-        return a.address
-    if isinstance(a, VfAssignment):
-        return a.pf_address
-    if isinstance(a, MdevAssignment):
-        return a.parent_address
-    return a.gpu_address
+#: The physical device an assignment lives on (a plan's own vocabulary).
+_device_of = assignment_device
 
 
 def _form_of(a: Assignment) -> DeviceForm:

@@ -53,7 +53,7 @@ from scheduler.service.errors import (
     RequestIdReusedError,
     SchedulerError,
 )
-from scheduler.store.redis_store import CommitOutcome, HostRecord, RedisStateStore
+from scheduler.store.redis_store import CommitOutcome, CommitResult, HostRecord, RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
@@ -234,20 +234,7 @@ class PlacementCoordinator:
             result = self._engine.schedule(snapshot, request)
             if isinstance(result, Unschedulable):
                 raise NoCapacityError(result.summary, result.reasons())
-            placement_id = PlacementId(f"pl-{uuid.uuid4().hex[:16]}")
-            placement = placement_from_plan(
-                result, placement_id=placement_id, request=msg, now_ms=self._clock_ms()
-            )
-            commit = await self._store.commit_reservation(
-                host_id=result.host_id,
-                expected_alloc_generation=result.expected_alloc_generation,
-                slots=list(result.slots),
-                placement_id=placement_id,
-                placement=placement.SerializeToString(),
-                request_id=msg.request_id,
-                request_digest=digest,
-                tenant=msg.tenant,
-            )
+            commit, placement = await self._commit(msg, result, digest)
             if commit.outcome is CommitOutcome.COMMITTED:
                 return await self._prepare(placement, records[result.host_id])
             if commit.outcome is CommitOutcome.DUPLICATE:
@@ -360,27 +347,36 @@ class PlacementCoordinator:
         self, msg: placement_pb2.PlacementRequest, plan: Plan, prefix: str
     ) -> placement_pb2.Placement:
         """Commit a batch plan and prepare it; on a lost race, place the request alone."""
-        snapshot_records = await self._store.get_host(plan.host_id)
-        if snapshot_records is None:
+        record = await self._store.get_host(plan.host_id)
+        if record is None:
             return await self.place(msg, prefix)
-        placement_id = PlacementId(f"pl-{uuid.uuid4().hex[:16]}")
+        commit, placement = await self._commit(msg, plan, request_digest(msg))
+        if commit.outcome is CommitOutcome.COMMITTED:
+            return await self._prepare(placement, record)
+        log.debug("batch plan for %s lost its commit: %s", msg.request_id, commit.detail)
+        return await self.place(msg, prefix)
+
+    async def _commit(
+        self, msg: placement_pb2.PlacementRequest, plan: Plan, digest: str
+    ) -> tuple[CommitResult, placement_pb2.Placement]:
+        """Reserve a plan's slots as a new PENDING placement (the atomic applier)."""
         placement = placement_from_plan(
-            plan, placement_id=placement_id, request=msg, now_ms=self._clock_ms()
+            plan,
+            placement_id=PlacementId(f"pl-{uuid.uuid4().hex[:16]}"),
+            request=msg,
+            now_ms=self._clock_ms(),
         )
         commit = await self._store.commit_reservation(
             host_id=plan.host_id,
             expected_alloc_generation=plan.expected_alloc_generation,
             slots=list(plan.slots),
-            placement_id=placement_id,
+            placement_id=placement.placement_id,
             placement=placement.SerializeToString(),
             request_id=msg.request_id,
-            request_digest=request_digest(msg),
+            request_digest=digest,
             tenant=msg.tenant,
         )
-        if commit.outcome is CommitOutcome.COMMITTED:
-            return await self._prepare(placement, snapshot_records)
-        log.debug("batch plan for %s lost its commit: %s", msg.request_id, commit.detail)
-        return await self.place(msg, prefix)
+        return commit, placement
 
     async def _transition(
         self,
