@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from scheduler.core.engine.framework import (
@@ -85,6 +85,7 @@ from scheduler.core.request import (
 )
 from scheduler.core.slots import exclusive_slot, mdev_slot, mig_slot, vf_slot
 from scheduler.core.snapshot import ClusterSnapshot, HostState
+from scheduler.core.topology import TopologyGraph
 
 #: Upper bound on search steps per host and pass, so a pathological request
 #: cannot stall the scheduler; hosts have tens of devices and pools collapse
@@ -189,6 +190,8 @@ class Engine:
     # (hardware class, static shape) -> why an empty host of the class can
     # never take the shape, or None when it can.
     _never: dict[tuple[int, int], Rejections | None] = field(default_factory=dict, repr=False)
+    _topology: TopologyGraph = field(default_factory=TopologyGraph, repr=False)
+    _classes_in_graph: set[HostId] = field(default_factory=set, repr=False)
     # Static request shapes, interned: the hot loop keys on small ints.
     _shape_ids: dict[tuple[object, ...], int] = field(default_factory=dict, repr=False)
     _fits: dict[tuple[object, ...], tuple[HostView, HostFit | None, Rejections]] = field(
@@ -215,6 +218,29 @@ class Engine:
             self._index.clear()
         self._index[key] = index
         return index
+
+    def _distance(self, view: HostView) -> Callable[[PciAddress, PciAddress], int]:
+        """PCIe distance on a host, read from the topology graph of its hardware class.
+
+        The graph holds one node set per hardware class, not per host: hosts
+        of a class share their PCIe tree, and a networkx graph of every host
+        of a 10,000-host fleet would cost gigabytes. A class enters the graph
+        the first time a request needs a distance on it.
+        """
+        cls = view.hardware_class
+
+        def distance(a: PciAddress, b: PciAddress) -> int:
+            node = HostId(f"class:{cls & 0xFFFFFFFFFFFFFFFF:016x}")
+            if node not in self._classes_in_graph:
+                if len(self._classes_in_graph) >= 4096:
+                    for old in self._classes_in_graph:
+                        self._topology.remove_host(old)
+                    self._classes_in_graph.clear()
+                self._topology.upsert_host(replace(view, host_id=node, labels={}))
+                self._classes_in_graph.add(node)
+            return int(self._topology.pcie_distance(node, a, b))
+
+        return distance
 
     def occupancy(self, state: HostState) -> Occupancy:
         """The host state's occupancy."""
@@ -312,7 +338,7 @@ class Engine:
         self, state: HostState, request: PlacementRequest, rejections: Rejections
     ) -> HostFit | None:
         index = self.host_index(state)
-        cycle = Cycle(request, state, index.occupancy)
+        cycle = Cycle(request, state, index.occupancy, self._distance(state.view))
         for host_filter in self.profile.host_filters:
             verdict = host_filter.filter_host(cycle)
             if verdict is not None:

@@ -22,12 +22,12 @@ many hosts or devices each plugin turned away. Everything here is pure.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from scheduler.core.host import HostView, PciFunctionView
-from scheduler.core.identity import IommuGroupNumber
+from scheduler.core.identity import IommuGroupNumber, PciAddress
 from scheduler.core.occupancy import Occupancy
 from scheduler.core.plan import Rejection
 from scheduler.core.request import Affinity, Claim, DeviceForm, PlacementRequest
@@ -80,11 +80,21 @@ class Pick:
 
 @dataclass(frozen=True)
 class Cycle:
-    """One request being fitted onto one host: what every plugin reads."""
+    """One request being fitted onto one host: what every plugin reads.
+
+    Attributes:
+        request: the request.
+        state: the host and its allocations.
+        occupancy: what is taken on the host.
+        distance: how far apart two of the host's functions are on PCIe
+            (``nvidia-smi topo -m`` levels, 0 the same function to 5 across
+            NUMA nodes), read from the topology graph.
+    """
 
     request: PlacementRequest
     state: HostState
     occupancy: Occupancy
+    distance: Callable[[PciAddress, PciAddress], int] | None = None
 
     @property
     def view(self) -> HostView:

@@ -663,30 +663,26 @@ class LocalityScorer:
         nodes = {p.option.device.numa_node for p in picks}
         one_node = len(nodes) == 1 and -1 not in nodes
         # Units of different claims (a GPU and its NIC) talk to each other:
-        # every PCIe bridge their paths share is traffic kept off the root
-        # complex (nvidia-smi's PIX/PXB over PHB/NODE/SYS).
-        shared = 0
-        for i, a in enumerate(picks):
-            for b in picks[i + 1 :]:
-                if a.claim.name != b.claim.name:
-                    shared += _shared_bridges(a.option.device, b.option.device)
-        score = 50 * met + (40 if one_node else 0) + 5 * min(shared, 20)
+        # the closer on PCIe (nvidia-smi's PIX/PXB over PHB/NODE/SYS), the more
+        # of their traffic stays off the root complex and the interconnect.
+        closeness = 0
+        distance = cycle.distance
+        if distance is not None:
+            for i, a in enumerate(picks):
+                for b in picks[i + 1 :]:
+                    if a.claim.name != b.claim.name:
+                        closeness += _FARTHEST - distance(
+                            a.option.device.address, b.option.device.address
+                        )
+        score = 50 * met + (40 if one_node else 0) + 5 * min(closeness, 40)
         return score, (
             f"{met}/{len(preferred)} preferred affinities met, NUMA nodes {sorted(nodes)}, "
-            f"{shared} shared PCIe bridges between claims"
+            f"PCIe closeness {closeness} between claims"
         )
 
 
-def _shared_bridges(a: PciFunctionView, b: PciFunctionView) -> int:
-    """How many bridges from the root port down two devices' paths share."""
-    if a.root_bus != b.root_bus:
-        return 0
-    shared = 0
-    for x, y in zip(a.bridge_chain, b.bridge_chain, strict=False):
-        if x != y:
-            break
-        shared += 1
-    return shared
+#: The largest PCIe distance (SYS: across NUMA nodes).
+_FARTHEST = 5
 
 
 class MigFragmentationScorer:
