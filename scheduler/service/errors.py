@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import grpc
+import redis.exceptions
 
 from scheduler.core.validation import InvalidRequestError
 
@@ -52,6 +53,9 @@ STATUS_CODES: Mapping[type[Exception], grpc.StatusCode] = {
     ContentionError: grpc.StatusCode.ABORTED,
     PlacementBusyError: grpc.StatusCode.ABORTED,
     HostOperationError: grpc.StatusCode.UNAVAILABLE,
+    # The store restarting or unreachable: nothing was acknowledged, retry.
+    redis.exceptions.ConnectionError: grpc.StatusCode.UNAVAILABLE,
+    redis.exceptions.TimeoutError: grpc.StatusCode.UNAVAILABLE,
 }
 
 

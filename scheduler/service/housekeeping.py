@@ -53,7 +53,8 @@ class HousekeepingSettings:
     """Cadence and patience of the background jobs.
 
     Attributes:
-        interval_s: seconds between rounds; the lease lasts three rounds.
+        interval_s: seconds between rounds; the lease lasts three rounds
+            (at least 10 s) and is renewed before each host's work.
         pending_after_s: a PENDING placement untouched this long is reaped;
             longer than the agent Prepare deadline, so a live Place call has
             always given up first.
@@ -109,6 +110,13 @@ class Housekeeper:
         self._reconciled: dict[str, tuple[str, str, int]] = {}
         self._last_sweep_ms = 0
 
+    @property
+    def _ttl_ms(self) -> int:
+        # Three rounds, and never under 10 s: one agent call of a round may
+        # take seconds, and the lease must outlive it between renewals. A
+        # leader that dies is replaced once its lease runs out.
+        return int(max(self._settings.interval_s * 3, 10.0) * 1000)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run rounds until ``stop`` is set, then give the lease up."""
         try:
@@ -129,8 +137,7 @@ class Housekeeper:
 
     async def round(self) -> RoundReport:
         """One round: take or renew the lease, then reap and reconcile if leader."""
-        ttl_ms = int(self._settings.interval_s * 3000)
-        token = await self._store.acquire_lease(JOB, self.owner, ttl_ms)
+        token = await self._store.acquire_lease(JOB, self.owner, self._ttl_ms)
         report = RoundReport(leader=token > 0, token=token)
         if not token:
             # Another replica leads; forget what we reconciled, so a term of
@@ -167,6 +174,7 @@ class Housekeeper:
             record = records.get(host_id)
             if record is None:
                 continue  # host deregistered: nothing to tear down through
+            await self._renew(fence)
             try:
                 await self._agents.unprepare_fenced(record.agent_address, placement, fence.token)
             except AgentCallError as err:
@@ -183,6 +191,16 @@ class Housekeeper:
             elif released:
                 report.finished_releases += 1
             log.info("%s %s on %s", cause, placement.placement_id, host_id)
+
+    async def _renew(self, fence: Fence) -> None:
+        """Renew the lease before each host's work, so a long round keeps it.
+
+        Raises:
+            FencedOutError: another replica took the lease meanwhile.
+        """
+        token = await self._store.acquire_lease(JOB, self.owner, self._ttl_ms)
+        if token != fence.token:
+            raise FencedOutError(f"{JOB} lease now held by another replica")
 
     async def _mark_failed(
         self, placement: placement_pb2.Placement, state: str, message: str, fence: Fence
@@ -214,6 +232,7 @@ class Housekeeper:
             key = (record.boot_id, record.agent_address, record.inventory_generation)
             if not sweep and self._reconciled.get(host_id) == key:
                 continue
+            await self._renew(fence)
             try:
                 await self._reconcile_host(record, fence, report)
             except AgentCallError as err:

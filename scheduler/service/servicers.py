@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+import redis.exceptions
 
 from scheduler.core.identity import PlacementId
 from scheduler.core.plan import Unschedulable
@@ -30,6 +31,11 @@ async def _call(context: Context, fn: Callable[[], Awaitable[T]]) -> T:
         return await fn()
     except (SchedulerError, ValueError) as err:  # InvalidRequestError is a ValueError
         await context.abort(status_of(err), str(err))
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+        log.warning("state store unavailable: %s", err)
+        await context.abort(
+            status_of(err), f"the state store is unavailable ({err}); nothing was done, retry"
+        )
     except Exception:
         log.exception("internal error")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the scheduler log")

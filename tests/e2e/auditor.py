@@ -1,0 +1,529 @@
+"""An independent auditor of a Tessera cluster: the store and every fake host.
+
+It trusts no scheduler code. It reads the store with raw redis-py commands
+(key names from :mod:`scheduler.store.schema`, the only scheduler module it
+imports), decodes placements with the wire contract (``tessera.v1``), parses
+slot keys with its own reading of their grammar, and reads each fake host tree
+directly: driver links, mdev devices, ``sriov_numvfs`` and the fake NVML state
+file. It reports:
+
+* **double allocations**: a slot a placement lists that another placement owns;
+  one IOMMU group, VF, mdev or MIG memory slice held by two placements; a
+  device handed over whole while another placement holds a slice of it; mdevs
+  and MIG instances of different placements on one GPU;
+* **inconsistencies**: a placement whose slots are not all in the alloc hash
+  (owned by it), whose allocations and slots disagree, without a state, or
+  missing from the placement or request index;
+* **leaked on host** (host checks): a device bound to vfio-pci (or a variant),
+  an mdev or a MIG GPU instance that belongs to no PENDING, READY or RELEASING
+  placement; VFs left enabled on a PF no placement uses;
+* **lost acknowledged placements**: ids the caller got READY for, never
+  released, absent from the store;
+* **leaked slots**: alloc entries whose placement no longer exists, index keys
+  naming a placement that is gone, and (``final=True``, after every release)
+  anything left at all.
+
+Store reads are atomic (one MULTI), so store-only audits are exact while the
+cluster runs. Host checks compare two different instants of host and store:
+run them when no Place or Release is in flight (``check_hosts=True``).
+
+Example::
+
+    report = audit(redis_url, {"ws-0": Path(".../hosts/ws-0")}, check_hosts=True)
+    assert report.clean, report.text()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from scheduler.store import schema
+from tessera.v1 import placement_pb2
+
+LIVE_STATES = frozenset({"pending", "ready", "releasing"})
+KNOWN_STATES = LIVE_STATES | {"failed"}
+NVML_STATE = ".tessera-fake-nvml.json"
+
+
+@dataclass
+class AuditReport:
+    """What one audit found; every list empty means a clean cluster."""
+
+    double_allocations: list[str] = field(default_factory=list)
+    inconsistent: list[str] = field(default_factory=list)
+    leaked_on_host: list[str] = field(default_factory=list)
+    lost_acknowledged: list[str] = field(default_factory=list)
+    leaked_slots: list[str] = field(default_factory=list)
+    placements: int = 0
+    alloc_entries: int = 0
+    states: dict[str, int] = field(default_factory=dict)
+    hosts_checked: bool = False
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing at all was found."""
+        return not (
+            self.double_allocations
+            or self.inconsistent
+            or self.leaked_on_host
+            or self.lost_acknowledged
+            or self.leaked_slots
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Number of findings per category."""
+        return {
+            "double_allocations": len(self.double_allocations),
+            "inconsistent": len(self.inconsistent),
+            "leaked_on_host": len(self.leaked_on_host),
+            "lost_acknowledged": len(self.lost_acknowledged),
+            "leaked_slots": len(self.leaked_slots),
+        }
+
+    def text(self, limit: int = 20) -> str:
+        """A readable summary with the first findings of each category."""
+        lines = [f"audit: {self.counts()} placements={self.placements} states={self.states}"]
+        for name in self.counts():
+            for item in getattr(self, name)[:limit]:
+                lines.append(f"  {name}: {item}")
+        return "\n".join(lines)
+
+
+# -- store -------------------------------------------------------------------
+
+
+def _s(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+@dataclass
+class _HostData:
+    alloc: dict[str, str]
+    payloads: dict[str, bytes]
+    slots: dict[str, str]
+    requests: dict[str, str]
+    states: dict[str, str]
+    tenants: dict[str, str]
+    registered: bool
+
+
+@dataclass
+class StoreView:
+    """Every host's allocation keys and the index keys, read in one MULTI."""
+
+    hosts: dict[str, _HostData]
+    request_keys: set[str]
+    placement_keys: set[str]
+
+    def placement_ids(self) -> set[str]:
+        """Every placement id in any host's placements hash."""
+        return {pid for h in self.hosts.values() for pid in h.payloads}
+
+
+def read_store(client: redis.Redis) -> StoreView:
+    """Read the whole store atomically (MULTI/EXEC)."""
+    host_ids = sorted(_s(h) for h in client.smembers(schema.HOSTS))
+    pipe = client.pipeline(transaction=True)
+    pipe.keys(schema.request("*"))
+    pipe.keys(schema.placement_index("*"))
+    for h in host_ids:
+        pipe.exists(schema.host(h))
+        pipe.hgetall(schema.alloc(h))
+        pipe.hgetall(schema.placements(h))
+        pipe.hgetall(schema.placement_slots(h))
+        pipe.hgetall(schema.placement_requests(h))
+        pipe.hgetall(schema.placement_states(h))
+        pipe.hgetall(schema.placement_tenants(h))
+    replies = pipe.execute()
+    hosts: dict[str, _HostData] = {}
+    for i, h in enumerate(host_ids):
+        exists, alloc, payloads, slots, requests, states, tenants = replies[2 + 7 * i : 9 + 7 * i]
+        hosts[h] = _HostData(
+            alloc={_s(k): _s(v) for k, v in alloc.items()},
+            payloads={_s(k): bytes(v) for k, v in payloads.items()},
+            slots={_s(k): _s(v) for k, v in slots.items()},
+            requests={_s(k): _s(v) for k, v in requests.items()},
+            states={_s(k): _s(v) for k, v in states.items()},
+            tenants={_s(k): _s(v) for k, v in tenants.items()},
+            registered=bool(exists),
+        )
+    return StoreView(
+        hosts=hosts,
+        request_keys={_s(k) for k in replies[0]},
+        placement_keys={_s(k) for k in replies[1]},
+    )
+
+
+# -- slot keys (the auditor's own reading of the grammar) ----------------------
+
+
+def _slot_of_allocation(a: placement_pb2.ClaimAllocation) -> str | None:
+    kind = a.WhichOneof("slot")
+    if kind == "whole_device":
+        return f"iommu-group:{a.iommu_group}"
+    if kind == "vf":
+        return f"vf:{a.vf.pf_address}#{a.vf.vf_index}"
+    if kind == "mdev":
+        return f"mdev:{a.mdev.parent_address}#{a.mdev.type_id}#{a.mdev.uuid}"
+    if kind == "mig":
+        p = a.mig.placement
+        return f"mig:{a.mig.gpu_address}#{a.mig.profile_id}@{p.start}+{p.size}"
+    return None
+
+
+@dataclass
+class _Holdings:
+    """Physical resources of one host and which placements hold them."""
+
+    groups: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+    vfs: dict[tuple[str, int], set[str]] = field(default_factory=lambda: defaultdict(set))
+    vf_addresses: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    mdevs: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # device address -> placement holding it whole (every endpoint of its group)
+    whole: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    # device address -> mode -> placements slicing it (vf / mdev / mig)
+    sliced: dict[str, dict[str, set[str]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(set))
+    )
+    mig_slices: dict[tuple[str, int], set[str]] = field(default_factory=lambda: defaultdict(set))
+    mig_spans: dict[str, set[tuple[int, int]]] = field(default_factory=lambda: defaultdict(set))
+    pfs_with_vfs: set[str] = field(default_factory=set)
+
+
+def _holdings(
+    host_id: str, data: _HostData, placements: Mapping[str, placement_pb2.Placement]
+) -> _Holdings:
+    held = _Holdings()
+    for pid, placement in placements.items():
+        if data.states.get(pid) not in LIVE_STATES and data.states.get(pid) != "failed":
+            continue
+        for a in placement.allocations:
+            kind = a.WhichOneof("slot")
+            if kind == "whole_device":
+                held.groups[a.iommu_group].add(pid)
+                for address in {a.whole_device.address, *a.whole_device.group_endpoints}:
+                    held.whole[address].add(pid)
+            elif kind == "vf":
+                held.vfs[(a.vf.pf_address, a.vf.vf_index)].add(pid)
+                if a.vf.vf_address:
+                    # Known once the host enabled the VF (READY); a PENDING
+                    # payload has neither the VF address nor its group.
+                    held.vf_addresses[a.vf.vf_address].add(pid)
+                if a.vf.vf_address and data.states.get(pid) == "ready":
+                    # A VF's group number lasts as long as the VF: once torn
+                    # down (RELEASING) the kernel may give the number to a VF
+                    # enabled for another placement (lowest free, ida_alloc).
+                    held.groups[a.iommu_group].add(pid)
+                held.sliced[a.vf.pf_address]["vf"].add(pid)
+                held.pfs_with_vfs.add(a.vf.pf_address)
+            elif kind == "mdev":
+                held.mdevs[a.mdev.uuid].add(pid)
+                held.sliced[a.mdev.parent_address]["mdev"].add(pid)
+            elif kind == "mig":
+                p = a.mig.placement
+                held.sliced[a.mig.gpu_address]["mig"].add(pid)
+                held.mig_spans[a.mig.gpu_address].add((p.start, p.size))
+                for s in range(p.start, p.start + p.size):
+                    held.mig_slices[(a.mig.gpu_address, s)].add(pid)
+    return held
+
+
+def _check_store(view: StoreView, report: AuditReport) -> dict[str, _Holdings]:
+    """Store-only checks; returns each host's holdings for the host checks."""
+    holdings: dict[str, _Holdings] = {}
+    for h, data in sorted(view.hosts.items()):
+        report.placements += len(data.payloads)
+        report.alloc_entries += len(data.alloc)
+        placements: dict[str, placement_pb2.Placement] = {}
+        for pid, payload in data.payloads.items():
+            try:
+                placements[pid] = placement_pb2.Placement.FromString(payload)
+            except Exception as err:  # a corrupted payload is a finding, not a crash
+                report.inconsistent.append(f"{h}/{pid}: payload does not decode ({err})")
+        for pid in data.payloads:
+            state = data.states.get(pid)
+            report.states[state or "?"] = report.states.get(state or "?", 0) + 1
+            if state not in KNOWN_STATES:
+                report.inconsistent.append(f"{h}/{pid}: state {state!r}")
+            if schema.placement_index(pid) not in view.placement_keys:
+                report.inconsistent.append(f"{h}/{pid}: no placement index key")
+            rid = data.requests.get(pid, "")
+            if not rid:
+                report.inconsistent.append(f"{h}/{pid}: no request id")
+            elif schema.request(rid) not in view.request_keys:
+                report.inconsistent.append(f"{h}/{pid}: request {rid} has no request index")
+            try:
+                slots = [str(s) for s in json.loads(data.slots.get(pid, "null"))]
+            except (ValueError, TypeError):
+                report.inconsistent.append(f"{h}/{pid}: slot list {data.slots.get(pid)!r}")
+                continue
+            for slot in slots:
+                owner = data.alloc.get(slot)
+                if owner is None:
+                    report.inconsistent.append(f"{h}/{pid}: slot {slot} not in the alloc hash")
+                elif owner != pid:
+                    # Two placements claim one slot.
+                    report.double_allocations.append(
+                        f"{h}: slot {slot} listed by {pid} but owned by {owner}"
+                    )
+            placement = placements.get(pid)
+            if placement is not None:
+                if placement.placement_id != pid or placement.host_id != h:
+                    report.inconsistent.append(
+                        f"{h}/{pid}: payload names {placement.host_id}/{placement.placement_id}"
+                    )
+                for a in placement.allocations:
+                    expected = _slot_of_allocation(a)
+                    if expected is not None and expected not in slots:
+                        report.inconsistent.append(
+                            f"{h}/{pid}: allocation {expected} missing from its slot list"
+                        )
+        for pid in data.slots.keys() - data.payloads.keys():
+            report.inconsistent.append(f"{h}/{pid}: slot list of a placement that does not exist")
+        for pid in data.states.keys() - data.payloads.keys():
+            report.inconsistent.append(f"{h}/{pid}: state of a placement that does not exist")
+        for slot, owner in sorted(data.alloc.items()):
+            if owner not in data.payloads:
+                report.leaked_slots.append(f"{h}: slot {slot} owned by vanished placement {owner}")
+        held = _holdings(h, data, placements)
+        _check_holdings(h, held, report)
+        holdings[h] = held
+    # Index keys pointing at nothing (release deletes them in the same script).
+    live = view.placement_ids()
+    prefix = schema.placement_index("")
+    for key in sorted(view.placement_keys):
+        if key[len(prefix) :] not in live:
+            report.leaked_slots.append(f"placement index {key} names no placement")
+    return holdings
+
+
+def _check_holdings(h: str, held: _Holdings, report: AuditReport) -> None:
+    def twice(what: str, owners: set[str]) -> None:
+        if len(owners) > 1:
+            report.double_allocations.append(f"{h}: {what} held by {sorted(owners)}")
+
+    for group, owners in held.groups.items():
+        twice(f"IOMMU group {group}", owners)
+    for (pf, index), owners in held.vfs.items():
+        twice(f"VF {pf}#{index}", owners)
+    for address, owners in held.vf_addresses.items():
+        twice(f"VF {address}", owners)
+    for uuid, owners in held.mdevs.items():
+        twice(f"mdev {uuid}", owners)
+    for (gpu, s), owners in held.mig_slices.items():
+        twice(f"MIG memory slice {s} of {gpu}", owners)
+    for address, owners in held.whole.items():
+        twice(f"device {address} (whole)", owners)
+        slicers = set().union(*held.sliced.get(address, {}).values()) - owners
+        if slicers:
+            report.double_allocations.append(
+                f"{h}: device {address} held whole by {sorted(owners)} and sliced by "
+                f"{sorted(slicers)}"
+            )
+    for address, modes in held.sliced.items():
+        if modes.get("mdev") and modes.get("mig"):
+            report.double_allocations.append(
+                f"{h}: GPU {address} time-sliced by {sorted(modes['mdev'])} and partitioned "
+                f"by {sorted(modes['mig'])}"
+            )
+
+
+# -- hosts ---------------------------------------------------------------------
+
+
+def _driver(device: Path) -> str | None:
+    link = device / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+
+def is_vfio(driver: str | None) -> bool:
+    """vfio-pci or a VFIO variant driver (``mlx5_vfio_pci``)."""
+    return driver is not None and (driver == "vfio-pci" or driver.endswith("vfio_pci"))
+
+
+def _nvml_state(root: Path) -> dict[str, Any] | None:
+    path = root / NVML_STATE
+    for _ in range(20):
+        try:
+            state: dict[str, Any] = json.loads(path.read_text())
+            return state
+        except FileNotFoundError:
+            return None
+        except ValueError:  # caught mid-write
+            time.sleep(0.01)
+    raise RuntimeError(f"{path} does not parse")
+
+
+def _nvml_address(bus_id: str) -> str:
+    """``00000000:4B:00.0`` -> ``0000:4b:00.0``."""
+    return bus_id[-12:].lower()
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What a fake host tree holds now: vfio-bound devices, mdevs, GIs, VFs."""
+
+    vfio_devices: dict[str, int | None]  # address -> IOMMU group
+    mdevs: set[str]
+    gpu_instances: dict[str, list[tuple[int, int, int]]]  # gpu -> (start, size, profile)
+    numvfs: dict[str, int]  # PF -> sriov_numvfs
+
+
+def read_host(root: Path) -> HostFacts:
+    """Read one fake host tree."""
+    devices = root / "sys" / "bus" / "pci" / "devices"
+    vfio: dict[str, int | None] = {}
+    numvfs: dict[str, int] = {}
+    for device in sorted(devices.iterdir()) if devices.is_dir() else []:
+        try:
+            if is_vfio(_driver(device)):
+                group_link = device / "iommu_group"
+                group = (
+                    int(os.path.basename(os.readlink(group_link)))
+                    if group_link.is_symlink()
+                    else None
+                )
+                vfio[device.name] = group
+            count = device / "sriov_numvfs"
+            if count.exists():
+                numvfs[device.name] = int(count.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):  # a VF removed under us
+            continue
+    mdev_dir = root / "sys" / "bus" / "mdev" / "devices"
+    mdevs = {p.name for p in mdev_dir.iterdir()} if mdev_dir.is_dir() else set()
+    instances: dict[str, list[tuple[int, int, int]]] = {}
+    state = _nvml_state(root)
+    for gpu in (state or {}).get("gpus", []):
+        gis = [(int(i["start"]), int(i["size"]), int(i["profile_id"])) for i in gpu["instances"]]
+        if gis:
+            instances[_nvml_address(str(gpu["bus_id"]))] = gis
+    return HostFacts(vfio, mdevs, instances, numvfs)
+
+
+def _check_host(
+    h: str,
+    *,
+    facts: HostFacts,
+    held: _Holdings | None,
+    live: set[str],
+    baseline_numvfs: Mapping[str, int],
+    report: AuditReport,
+) -> None:
+    held = held or _Holdings()
+
+    def owners_live(owners: Iterable[str]) -> bool:
+        return any(o in live for o in owners)
+
+    for address, group in sorted(facts.vfio_devices.items()):
+        owners = set(held.whole.get(address, set())) | held.vf_addresses.get(address, set())
+        if group is not None:
+            owners |= held.groups.get(group, set())
+        if not owners_live(owners):
+            why = f" (held by {sorted(owners)}, not live)" if owners else ""
+            report.leaked_on_host.append(
+                f"{h}: {address} (group {group}) bound to vfio with no live placement{why}"
+            )
+    for uuid in sorted(facts.mdevs):
+        if not owners_live(held.mdevs.get(uuid, set())):
+            report.leaked_on_host.append(f"{h}: mdev {uuid} belongs to no live placement")
+    for gpu, gis in sorted(facts.gpu_instances.items()):
+        spans = held.mig_spans.get(gpu, set())
+        for start, size, profile in gis:
+            owners = held.mig_slices.get((gpu, start), set())
+            if (start, size) not in spans or not owners_live(owners):
+                report.leaked_on_host.append(
+                    f"{h}: GPU instance {gpu} profile {profile} at {start}+{size} belongs to "
+                    "no live placement"
+                )
+    for pf, count in sorted(facts.numvfs.items()):
+        if count > baseline_numvfs.get(pf, 0) and not owners_live(held.sliced[pf]["vf"]):
+            report.leaked_on_host.append(f"{h}: {count} VFs left enabled on {pf}")
+
+
+# -- the audit -------------------------------------------------------------------
+
+
+def audit(
+    redis_url: str,
+    host_roots: Mapping[str, Path],
+    *,
+    check_hosts: bool = False,
+    acknowledged: Iterable[str] = (),
+    release_started: Callable[[], Iterable[str]] | None = None,
+    final: bool = False,
+    baseline_numvfs: Mapping[str, Mapping[str, int]] | None = None,
+) -> AuditReport:
+    """Audit the store (and the hosts) once.
+
+    Args:
+        redis_url: the store.
+        host_roots: host id -> fake host tree root.
+        check_hosts: also compare every host tree with the store. Exact only
+            when no Place or Release is in flight.
+        acknowledged: placement ids the client got READY for and has not
+            started to release (taken before the store is read).
+        release_started: called after the store read: ids among
+            ``acknowledged`` whose release started meanwhile (not lost if gone).
+        final: every placement has been released: any placement, slot, index
+            key, vfio-bound device, mdev, GPU instance or enabled VF is a leak.
+        baseline_numvfs: host -> PF -> VFs enabled before the run.
+
+    Returns:
+        The report.
+    """
+    acked = set(acknowledged)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        view = read_store(client)
+    finally:
+        client.close()
+    released_meanwhile = set(release_started()) if release_started is not None else set()
+    report = AuditReport()
+    holdings = _check_store(view, report)
+    live = {
+        pid
+        for data in view.hosts.values()
+        for pid, state in data.states.items()
+        if state in LIVE_STATES and pid in data.payloads
+    }
+    existing = view.placement_ids()
+    for pid in sorted(acked - existing - released_meanwhile):
+        report.lost_acknowledged.append(f"{pid}: acknowledged READY, never released, not in store")
+    for h, data in sorted(view.hosts.items()):
+        for pid in sorted(acked & data.payloads.keys()):
+            if data.states.get(pid) not in ("ready", "releasing") and pid not in released_meanwhile:
+                report.lost_acknowledged.append(
+                    f"{h}/{pid}: acknowledged READY, now {data.states.get(pid)}"
+                )
+    if final:
+        for h, data in sorted(view.hosts.items()):
+            for slot, owner in sorted(data.alloc.items()):
+                report.leaked_slots.append(f"{h}: slot {slot} still owned by {owner}")
+            for pid in sorted(data.payloads):
+                report.leaked_slots.append(f"{h}/{pid}: placement left ({data.states.get(pid)})")
+        for key in sorted(view.request_keys):
+            report.leaked_slots.append(f"request index {key} left")
+    if check_hosts or final:
+        for h, root in sorted(host_roots.items()):
+            facts = read_host(root)
+            _check_host(
+                h,
+                facts=facts,
+                held=holdings.get(h),
+                live=live,
+                baseline_numvfs=(baseline_numvfs or {}).get(h, {}),
+                report=report,
+            )
+        report.hosts_checked = True
+    return report
