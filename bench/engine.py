@@ -441,7 +441,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT / "engine.json")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--workers", type=int, default=8)
+    p.add_argument(
+        "--batch-only",
+        type=int,
+        metavar="HOSTS",
+        help="only the batch of 1,000 requests, on this many hosts (e.g. 150: contended)",
+    )
     opts = p.parse_args(argv)
+    if opts.batch_only:
+        batch = bench_batch(opts.batch_only, 1_000, 30.0, opts.workers, opts.seed)
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(json.dumps({"batch": batch}, indent=2) + "\n")
+        for label in ("greedy_only", "solver"):
+            print(label, batch[label])
+        return 0
     if opts.quick:
         sizes, per_shape, fill_n = [200], 50, 100
         batch_hosts, batch_requests, limit = 200, 200, 5.0
