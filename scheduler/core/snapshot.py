@@ -23,6 +23,11 @@ class HostState:
         schedulable: False when the host's lease expired or it is draining.
         tenants: the tenant of each placement holding a slot here; what
             exclusivity domains and interference are judged by.
+        planned: empty for a state read from the store; for a state that
+            only exists in a plan (reservations not committed, see
+            :func:`with_reservation`), the placements assumed, in order. The
+            store may later reach the same generation with other contents,
+            so memos key on this too.
     """
 
     view: HostView
@@ -30,6 +35,7 @@ class HostState:
     allocations: Mapping[SlotKey, PlacementId] = field(default_factory=dict)
     schedulable: bool = True
     tenants: Mapping[PlacementId, TenantName] = field(default_factory=dict)
+    planned: tuple[PlacementId, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,5 +67,6 @@ def with_reservation(
         allocations=allocations,
         schedulable=state.schedulable,
         tenants={**state.tenants, placement_id: tenant},
+        planned=(*state.planned, placement_id),
     )
     return ClusterSnapshot(hosts={**snapshot.hosts, host_id: updated})

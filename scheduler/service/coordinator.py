@@ -295,15 +295,28 @@ class PlacementCoordinator:
         for rid, refusal in result.unplaced.items():
             failures[rid] = [refusal.summary, *refusal.reasons()]
         broken_gangs = {gang_of[RequestId(r)] for r in failures if RequestId(r) in gang_of}
+        # Plans on one host expect the generations their predecessors' commits
+        # leave. Once one of them did not commit as planned, a foreign commit
+        # can reach the generation a later plan expects with other contents:
+        # the host's remaining requests are planned afresh instead.
+        replan: set[str] = set()
         for rid, plan in result.plans.items():
             msg = msgs[index[rid]]
+            prefix = f"requests[{index[rid]}]."
             if gang_of.get(rid) in broken_gangs:
                 failures[rid] = [f"gang {gang_of[rid]!r} could not be placed whole"]
+                replan.add(plan.host_id)
                 continue
             try:
-                placed[rid] = await self._commit_planned(msg, plan, f"requests[{index[rid]}].")
+                if plan.host_id in replan:
+                    placed[rid] = await self.place(msg, prefix)
+                else:
+                    placed[rid], as_planned = await self._commit_planned(msg, plan, prefix)
+                    if not as_planned:
+                        replan.add(plan.host_id)
             except SchedulerError as err:
                 failures[rid] = [str(err)]
+                replan.add(plan.host_id)
                 if rid in gang_of:
                     broken_gangs.add(gang_of[rid])
         for placed_id in list(placed):
@@ -345,16 +358,20 @@ class PlacementCoordinator:
 
     async def _commit_planned(
         self, msg: placement_pb2.PlacementRequest, plan: Plan, prefix: str
-    ) -> placement_pb2.Placement:
-        """Commit a batch plan and prepare it; on a lost race, place the request alone."""
+    ) -> tuple[placement_pb2.Placement, bool]:
+        """Commit a batch plan and prepare it; on a lost race, place the request alone.
+
+        Returns:
+            The placement, and whether it was committed as planned.
+        """
         record = await self._store.get_host(plan.host_id)
         if record is None:
-            return await self.place(msg, prefix)
+            return await self.place(msg, prefix), False
         commit, placement = await self._commit(msg, plan, request_digest(msg))
         if commit.outcome is CommitOutcome.COMMITTED:
-            return await self._prepare(placement, record)
+            return await self._prepare(placement, record), True
         log.debug("batch plan for %s lost its commit: %s", msg.request_id, commit.detail)
-        return await self.place(msg, prefix)
+        return await self.place(msg, prefix), False
 
     async def _commit(
         self, msg: placement_pb2.PlacementRequest, plan: Plan, digest: str

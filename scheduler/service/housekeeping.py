@@ -273,30 +273,48 @@ class Housekeeper:
         fence: Fence,
         report: RoundReport,
     ) -> None:
+        # Claim it first (READY -> PENDING, "being prepared"): a Release now
+        # is refused as busy instead of freeing slots the host is about to
+        # hold again. Stamped now, so the reaper does not take it for stuck.
+        claimed = placement_pb2.Placement()
+        claimed.CopyFrom(placement)
+        claimed.state = placement_pb2.PLACEMENT_STATE_PENDING
+        claimed.message = "the host lost it; preparing it again"
+        claimed.updated_unix_ms = self._clock_ms()
+        if not await self._store.update_placement(
+            record.host_id,
+            placement.placement_id,
+            claimed.SerializeToString(),
+            state=PENDING,
+            from_states=[READY],
+            fence=fence,
+        ):
+            return  # released or changed meanwhile: nothing to restore
         try:
-            prepared = await self._agents.prepare_fenced(
-                record.agent_address, placement, fence.token
-            )
+            prepared = await self._agents.prepare_fenced(record.agent_address, claimed, fence.token)
         except AgentCallError as err:
             await self._mark_failed(
-                placement, READY, f"the host lost it and cannot prepare it again: {err.message}",
+                claimed, PENDING, f"the host lost it and cannot prepare it again: {err.message}",
                 fence,
             )  # fmt: skip
             report.quarantined += 1
             return
-        # Compare-and-set: if a Release moved it on meanwhile, the host must
-        # not keep what it just prepared.
-        still = await self._store.update_placement(
+        ready = placement_pb2.Placement()
+        ready.CopyFrom(prepared)
+        ready.state = placement_pb2.PLACEMENT_STATE_READY
+        ready.message = "ready (prepared again after the host lost it)"
+        ready.updated_unix_ms = self._clock_ms()
+        # Only this job moves a PENDING placement it claimed (Release refuses
+        # PENDING); if deposed meanwhile, FencedOutError leaves it PENDING and
+        # prepared, which the next leader's reaper tears down and releases.
+        if await self._store.update_placement(
             record.host_id,
             placement.placement_id,
-            prepared.SerializeToString(),
+            ready.SerializeToString(),
             state=READY,
-            from_states=[READY],
+            from_states=[PENDING],
             fence=fence,
-        )
-        if still:
+        ):
             report.reprepared += 1
             log.info("prepared %s on %s again: the host had lost it",
                      placement.placement_id, record.host_id)  # fmt: skip
-        else:
-            await self._agents.unprepare_fenced(record.agent_address, placement, fence.token)

@@ -41,6 +41,7 @@ from ortools.sat.python import cp_model
 
 from scheduler.core.engine.fastpath import Engine, HostFit, build_plan, unschedulable
 from scheduler.core.engine.framework import Pick
+from scheduler.core.engine.plugins import free_vfs
 from scheduler.core.host import HostView
 from scheduler.core.identity import HostId, PciAddress, PlacementId, RequestId, TenantName
 from scheduler.core.mig_geometry import DEFAULT_INSTANCE_LIMITS
@@ -237,13 +238,8 @@ def _consume(
         if option.form is DeviceForm.WHOLE_DEVICE:
             res.add(("group", host, option.group), 1, column, 1)
         elif option.form is DeviceForm.VF:
-            pf = view.sriov_pfs[device]
-            taken = occ.vfs_taken.get(device, frozenset())
-            free = (
-                sum(1 for v in pf.vfs if v.index not in taken)
-                if pf.num_vfs
-                else pf.total_vfs - len(taken)
-            )
+            # The same count the fast path offers (host-used VFs left out).
+            free = len(free_vfs(view, occ, device)[0])
             per_pool[("vf", host, device)] += 1
             res.capacity.setdefault(("vf", host, device), free)
         elif option.form is DeviceForm.MDEV:
@@ -448,14 +444,19 @@ def _add_modes(
     model: cp_model.CpModel, x: Sequence[cp_model.IntVar], columns: Sequence[_Column]
 ) -> None:
     """One device, one use: columns using a device in different modes exclude each other."""
-    modes: dict[tuple[HostId, str], dict[DeviceForm, list[int]]] = defaultdict(
+    modes: dict[tuple[HostId, str], dict[object, list[int]]] = defaultdict(
         lambda: defaultdict(list)
     )
     for c, col in enumerate(columns):
         view = col.fit.state.view
         for pick in col.fit.picks:
+            mode: object = pick.option.form
+            parent = view.mdev_parents.get(pick.option.device.address)
+            if pick.option.form is DeviceForm.MDEV and parent is not None and parent.single_type:
+                # One type at a time on such a parent: each type is its own mode.
+                mode = (pick.option.form, pick.option.variant)
             for address in _claimed(view, pick):
-                modes[(view.host_id, address)][pick.option.form].append(c)
+                modes[(view.host_id, address)][mode].append(c)
     for by_form in modes.values():
         if len(by_form) < 2:
             continue

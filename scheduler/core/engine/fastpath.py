@@ -60,6 +60,7 @@ from scheduler.core.host import HostView
 from scheduler.core.identity import (
     HostId,
     PciAddress,
+    PlacementId,
     SlotKey,
     TenantName,
     iommu_group_slot,
@@ -186,7 +187,9 @@ class Engine:
 
     profile: EngineProfile = field(default_factory=default_profile)
     feasible_hosts: int = 4
-    _index: dict[tuple[HostId, int], _HostIndex] = field(default_factory=dict, repr=False)
+    _index: dict[tuple[HostId, int, tuple[PlacementId, ...]], _HostIndex] = field(
+        default_factory=dict, repr=False
+    )
     # (hardware class, static shape) -> why an empty host of the class can
     # never take the shape, or None when it can.
     _never: dict[tuple[int, int], Rejections | None] = field(default_factory=dict, repr=False)
@@ -203,7 +206,7 @@ class Engine:
     def host_index(self, state: HostState) -> _HostIndex:
         """The memoised index of a host state."""
         view = state.view
-        key = (view.host_id, state.alloc_generation)
+        key = (view.host_id, state.alloc_generation, state.planned)
         found = self._index.get(key)
         if found is not None and found.view is view:
             return found
@@ -317,6 +320,7 @@ class Engine:
         key = (
             state.view.host_id,
             state.alloc_generation,
+            state.planned,
             id(state.view),
             state.schedulable,
             _shape(request),
@@ -480,7 +484,7 @@ class Engine:
             if why is not None:
                 never.append((state, why))
                 continue
-            found = index.get((host_id, state.alloc_generation))
+            found = index.get((host_id, state.alloc_generation, state.planned))
             if found is None or found.view is not view:
                 found = self.host_index(state)
             idle = found.idle
@@ -608,7 +612,10 @@ def _assignments(fit: HostFit, request: PlacementRequest) -> Iterator[tuple[Assi
             )
         elif option.form is DeviceForm.VF:
             pf = view.sriov_pfs[device.address]
-            queue = vf_queues.setdefault(pf.address, free_vfs(cycle, pf.address)[0])
+            queue = vf_queues.setdefault(pf.address, free_vfs(view, cycle.occupancy, pf.address)[0])
+            if not queue:
+                # The fit said there was room: a caller built it on another state.
+                raise RuntimeError(f"no free VF left on {pf.address} for {request.request_id}")
             index = queue.pop(0)
             existing = next((v for v in pf.vfs if v.index == index), None)
             yield (

@@ -47,7 +47,13 @@ from scheduler.core.mig_geometry import (
     fragmentation_score,
     with_instance,
 )
-from scheduler.core.occupancy import DeviceMode, domain_instance, domain_keys, mdev_free
+from scheduler.core.occupancy import (
+    DeviceMode,
+    Occupancy,
+    domain_instance,
+    domain_keys,
+    mdev_free,
+)
 from scheduler.core.request import (
     Affinity,
     AffinityScope,
@@ -162,7 +168,7 @@ class VfOptions:
             device = view.functions.get(pf.address)
             if device is None or device.kind is not claim.kind:
                 continue
-            free, driver = free_vfs(cycle, pf.address)
+            free, driver = free_vfs(view, cycle.occupancy, pf.address)
             yield Option(
                 self.form,
                 device,
@@ -173,7 +179,7 @@ class VfOptions:
             )
 
 
-def free_vfs(cycle: Cycle, pf_address: PciAddress) -> tuple[list[int], str]:
+def free_vfs(view: HostView, occupancy: Occupancy, pf_address: PciAddress) -> tuple[list[int], str]:
     """Free VF indexes of a PF, lowest first, and the VFIO driver they take.
 
     A PF with VFs offers those (the agent never resizes a PF in use); one
@@ -181,9 +187,8 @@ def free_vfs(cycle: Cycle, pf_address: PciAddress) -> tuple[list[int], str]:
     migratable only on a variant driver the agent reported for existing VFs,
     so VFs not created yet are plain vfio-pci.
     """
-    view = cycle.view
     pf = view.sriov_pfs[pf_address]
-    taken = cycle.occupancy.vfs_taken.get(pf.address, frozenset())
+    taken = occupancy.vfs_taken.get(pf.address, frozenset())
     if pf.num_vfs > 0:
         drivers: set[str] = set()
         free: list[int] = []
@@ -198,7 +203,7 @@ def free_vfs(cycle: Cycle, pf_address: PciAddress) -> tuple[list[int], str]:
         driver = drivers.pop() if len(drivers) == 1 else VFIO_PCI
         return free, driver
     whole_taken = (
-        view.functions[pf.address].iommu_group in cycle.occupancy.groups_taken
+        view.functions[pf.address].iommu_group in occupancy.groups_taken
         if pf.address in view.functions
         else False
     )

@@ -1,0 +1,87 @@
+"""Engine faults a review found, pinned: each test failed before its fix."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from scheduler.core.engine.batch import BatchSettings, solve_batch
+from scheduler.core.engine.fastpath import Engine
+from scheduler.core.identity import PlacementId, RequestId, TenantName
+from scheduler.core.plan import Plan, Unschedulable
+from scheduler.core.request import (
+    Claim,
+    DeviceForm,
+    DeviceKind,
+    ExclusivityDomain,
+    Isolation,
+    PlacementRequest,
+)
+from scheduler.core.snapshot import ClusterSnapshot, HostState
+
+from .checker_topologies import MDEV_SINGLE, VF_0, mixed
+from .topologies import dgx
+
+SOLVE = BatchSettings(workers=1, time_limit_s=5)
+
+
+def gpu(
+    rid: str, tenant: str, exclusivity: ExclusivityDomain = ExclusivityDomain.NONE
+) -> PlacementRequest:
+    return PlacementRequest(
+        RequestId(rid), TenantName(tenant), (Claim("gpu", DeviceKind.GPU, 1),),
+        exclusivity=exclusivity,
+    )  # fmt: skip
+
+
+def test_a_planned_state_never_answers_for_the_real_state_of_the_same_generation() -> None:
+    view = dgx("h1")
+    at7 = ClusterSnapshot(hosts={view.host_id: HostState(view, 7)})
+    engine = Engine()  # long-lived, as the coordinator's
+    # A batch plans two placements of tenant A: hypothetical states at 8 and 9.
+    solve_batch(engine, at7, [gpu("r1", "A"), gpu("r2", "A")], BatchSettings(use_solver=False))
+    # Meanwhile tenant B took the host exclusively: the store is at 8 too.
+    q = Engine().schedule(at7, gpu("q", "B", ExclusivityDomain.HOST))
+    assert isinstance(q, Plan)
+    real8 = HostState(
+        view, 8, allocations={s: PlacementId("pl-q") for s in q.slots},
+        tenants={PlacementId("pl-q"): TenantName("B")},
+    )  # fmt: skip
+    again = engine.schedule(ClusterSnapshot(hosts={view.host_id: real8}), gpu("r1", "A"))
+    assert isinstance(again, Unschedulable)
+    assert "exclusivity/domain-held-exclusively" in again.summary
+
+
+def vf_claim() -> Claim:
+    return Claim("nic", DeviceKind.NIC, 1, frozenset({DeviceForm.VF}),
+                 min_isolation=Isolation.SHARED, migratable=True)  # fmt: skip
+
+
+def test_a_batch_counts_only_the_vfs_the_host_does_not_use() -> None:
+    view = mixed("h")
+    vf0 = view.functions[VF_0]
+    view = replace(view, functions={**view.functions, VF_0: replace(vf0, host_use="mgmt link")})
+    snap = ClusterSnapshot(hosts={view.host_id: HostState(view, 0)})
+    requests = [PlacementRequest(RequestId(r), TenantName("A"), (vf_claim(),)) for r in "ab"]
+    result = solve_batch(Engine(), snap, requests, SOLVE)  # crashed in concretization before
+    assert len(result.plans) == 1 and len(result.unplaced) == 1
+
+
+def test_a_batch_keeps_one_mdev_type_on_a_single_type_parent() -> None:
+    view = mixed("h")
+    view = replace(
+        view, mdev_parents={MDEV_SINGLE: replace(view.mdev_parents[MDEV_SINGLE], live={})}
+    )
+    snap = ClusterSnapshot(hosts={view.host_id: HostState(view, 0)})
+    requests = [
+        PlacementRequest(
+            RequestId(rid), TenantName("A"),
+            (Claim("vgpu", DeviceKind.GPU, 1, frozenset({DeviceForm.MDEV}),
+                   mdev_types=frozenset({mdev_type}), min_isolation=Isolation.SHARED),),
+        )
+        for rid, mdev_type in (("a", "nvidia-1"), ("b", "nvidia-2"))
+    ]  # fmt: skip
+    result = solve_batch(Engine(), snap, requests, SOLVE)
+    types = {
+        a.type_id for p in result.plans.values() for a in p.assignments if hasattr(a, "type_id")
+    }
+    assert len(types) <= 1
