@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 
 from scheduler.service.agent_gateway import AgentCallError
 from scheduler.service.coordinator import PlacementCoordinator
+from scheduler.service.errors import PlacementBusyError
 from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
 from scheduler.store.redis_store import Fence, FencedOutError, RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
@@ -217,5 +218,37 @@ def test_a_lost_placement_that_cannot_be_prepared_again_is_marked_failed(
         (failed,) = await coordinator.list_placements()
         assert failed.state == placement_pb2.PLACEMENT_STATE_FAILED
         assert "lost it" in failed.message
+
+    arun(body())
+
+
+def test_a_placement_being_prepared_again_cannot_be_released_under_the_reconciler(
+    parts: tuple[RedisStateStore, Host, Clock], arun: Runner
+) -> None:
+    store, host, clock = parts
+
+    async def body() -> None:
+        coordinator = PlacementCoordinator(store, host, clock_ms=clock)
+        await coordinator.register(inventory(), "agent:1")
+        kept = await coordinator.place(gpu("r1"))
+        host.held = set()  # the host lost it
+        seen: list[str | None] = []
+        prepare = host.prepare_fenced
+
+        async def watching(
+            address: str, placement: placement_pb2.Placement, fencing_token: int
+        ) -> placement_pb2.Placement:
+            # While the host prepares it again, the store says "being prepared":
+            # a Release now is refused instead of freeing its slots under us.
+            seen.append(await store.placement_state("h1", placement.placement_id))
+            with pytest.raises(PlacementBusyError):
+                await coordinator.release(kept.placement_id, "")
+            return await prepare(address, placement, fencing_token)
+
+        host.prepare_fenced = watching  # type: ignore[method-assign]
+        report = await keeper(store, host, clock, "a").round()
+        assert seen == ["pending"] and report.reprepared == 1
+        (after,) = await coordinator.list_placements()
+        assert after.state == placement_pb2.PLACEMENT_STATE_READY
 
     arun(body())
