@@ -73,6 +73,9 @@ _WIRE_STATES = {
 MAX_COMMIT_ATTEMPTS = 16
 
 
+#: At most one collect-and-freeze of long-lived objects per interval.
+FREEZE_INTERVAL_MS = 300_000
+
 #: PlaceBatch's solver limits: a frontend waits on the call.
 DEFAULT_BATCH_SETTINGS = BatchSettings(time_limit_s=5.0, workers=4)
 
@@ -119,6 +122,7 @@ class PlacementCoordinator:
         # big inventory on every request would dominate placement latency.
         self._views: dict[tuple[str, str, int], HostState] = {}
         self._parsed = 0  # inventories parsed so far
+        self._frozen_ms = -FREEZE_INTERVAL_MS  # last gc.freeze (see snapshot)
         self._engine = engine if engine is not None else Engine()
         self._batch_settings = batch_settings
 
@@ -153,11 +157,16 @@ class PlacementCoordinator:
         now = self._clock_ms()
         parsed = self._parsed
         hosts = {HostId(h): self._host_state(r, now) for h, r in stored.hosts.items()}
-        if self._parsed != parsed:
-            # Host views live until their host reports again and hold no
-            # cycles: move them (and everything older) out of the cyclic
-            # collector's scans, whose full passes over millions of such
-            # objects otherwise stall placement for a second at 10k hosts.
+        if self._parsed != parsed and now - self._frozen_ms >= FREEZE_INTERVAL_MS:
+            # Host views live until their host reports again: move them out
+            # of the cyclic collector's scans, whose full passes over millions
+            # of such objects otherwise stall placement for a second at 10k
+            # hosts. Unfreeze and collect first, so nothing that became
+            # cyclic garbage since the last freeze stays frozen for good; at
+            # most once per interval, as that collection is the same pause.
+            self._frozen_ms = now
+            gc.unfreeze()
+            gc.collect()
             gc.freeze()
         return ClusterSnapshot(hosts=hosts), dict(stored.hosts)
 
