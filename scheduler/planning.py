@@ -20,13 +20,11 @@ from google.protobuf import json_format
 from scheduler.core.engine.batch import BatchResult, BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.identity import HostId, PlacementId, RequestId
-from scheduler.core.request import PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, HostState
-from scheduler.core.validation import FieldViolation, InvalidRequestError, validate_request
 from scheduler.service.convert import (
     host_view_from_inventory,
+    parsed_requests,
     placement_from_plan,
-    request_from_proto,
 )
 from tessera.v1 import inventory_pb2, placement_pb2
 
@@ -102,36 +100,6 @@ def snapshot_of(inventories: Sequence[inventory_pb2.HostInventory]) -> ClusterSn
     )
 
 
-def parse_requests(
-    messages: Sequence[placement_pb2.PlacementRequest],
-) -> list[PlacementRequest]:
-    """Domain requests, every problem of every request reported at once.
-
-    Raises:
-        InvalidRequestError: with field paths ``requests[i].<field>``.
-    """
-    out: list[PlacementRequest] = []
-    violations: list[FieldViolation] = []
-    seen: set[str] = set()
-    for i, msg in enumerate(messages):
-        prefix = f"requests[{i}]."
-        try:
-            request = request_from_proto(msg, prefix)
-        except InvalidRequestError as err:
-            violations.extend(err.violations)
-            continue
-        violations.extend(validate_request(request, prefix))
-        if msg.request_id in seen:
-            violations.append(
-                FieldViolation(f"{prefix}request_id", f"{msg.request_id!r} appears twice")
-            )
-        seen.add(msg.request_id)
-        out.append(request)
-    if violations:
-        raise InvalidRequestError(violations)
-    return out
-
-
 @dataclass(frozen=True)
 class PlanReport:
     """What an offline plan produced."""
@@ -178,7 +146,7 @@ def plan_offline(
     Raises:
         InvalidRequestError: a request is malformed (field paths named).
     """
-    requests = parse_requests(messages)
+    requests = parsed_requests(messages)
     settings = settings or BatchSettings(workers=1, seed=0)
     if sequential:
         settings = BatchSettings(

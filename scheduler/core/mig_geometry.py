@@ -127,6 +127,10 @@ class MigLayout:
             out |= _mask(gi.start, gi.size)
         return out
 
+    def memory_free(self, placement: Placement) -> bool:
+        """Whether no instance occupies a memory slice of ``placement``."""
+        return not self.occupied_mask & _mask(*placement)
+
     @property
     def free_memory_slices(self) -> tuple[int, ...]:
         """Indexes of the memory slices no instance occupies."""
@@ -162,7 +166,7 @@ class MigLayout:
 
 def _rejection(layout: MigLayout, profile: MigProfile, placement: Placement) -> str | None:
     """Why ``profile`` cannot go at ``placement`` (which it allows), or None."""
-    if layout.occupied_mask & _mask(*placement):
+    if not layout.memory_free(placement):
         return REASON_MEMORY_OVERLAP
     if profile.slices > layout.free_compute:
         return REASON_COMPUTE_BUDGET

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from scheduler.core.host import (
     GpuView,
@@ -47,7 +47,7 @@ from scheduler.core.request import (
     NumaPolicy,
     PlacementRequest,
 )
-from scheduler.core.validation import FieldViolation, InvalidRequestError
+from scheduler.core.validation import FieldViolation, InvalidRequestError, validate_request
 from tessera.v1 import inventory_pb2, placement_pb2
 
 _KINDS: Mapping[int, DeviceKind] = {
@@ -164,6 +164,47 @@ def request_from_proto(msg: placement_pb2.PlacementRequest, prefix: str = "") ->
         exclusivity=_EXCLUSIVITY[msg.exclusivity],
         host_selector=dict(msg.host_selector),
     )
+
+
+def parsed_request(msg: placement_pb2.PlacementRequest, prefix: str = "") -> PlacementRequest:
+    """A wire request converted and validated.
+
+    Raises:
+        InvalidRequestError: every problem, with field paths under ``prefix``.
+    """
+    request = request_from_proto(msg, prefix)
+    violations = validate_request(request, prefix)
+    if violations:
+        raise InvalidRequestError(violations)
+    return request
+
+
+def parsed_requests(
+    messages: Sequence[placement_pb2.PlacementRequest],
+) -> list[PlacementRequest]:
+    """A batch of wire requests, every problem of every request reported at once.
+
+    Raises:
+        InvalidRequestError: with field paths ``requests[i].<field>``, a
+            request id appearing twice included.
+    """
+    violations: list[FieldViolation] = []
+    requests: list[PlacementRequest] = []
+    seen: set[str] = set()
+    for i, msg in enumerate(messages):
+        prefix = f"requests[{i}]."
+        try:
+            requests.append(parsed_request(msg, prefix))
+        except InvalidRequestError as err:
+            violations.extend(err.violations)
+        if msg.request_id in seen:
+            violations.append(
+                FieldViolation(f"{prefix}request_id", f"{msg.request_id!r} appears twice")
+            )
+        seen.add(msg.request_id)
+    if violations:
+        raise InvalidRequestError(violations)
+    return requests
 
 
 def request_digest(msg: placement_pb2.PlacementRequest) -> str:
@@ -334,6 +375,29 @@ def allocation_from_assignment(a: Assignment) -> placement_pb2.ClaimAllocation:
         ),
         numa_node=a.numa_node,
     )
+
+
+# Lifecycle states as the store keeps them (compare-and-set in Lua): a
+# placement moves pending -> ready -> releasing -> (gone), or to failed.
+PENDING, READY, RELEASING, FAILED = "pending", "ready", "releasing", "failed"
+_WIRE_STATES: Mapping[str, placement_pb2.PlacementState.ValueType] = {
+    PENDING: placement_pb2.PLACEMENT_STATE_PENDING,
+    READY: placement_pb2.PLACEMENT_STATE_READY,
+    RELEASING: placement_pb2.PLACEMENT_STATE_RELEASING,
+    FAILED: placement_pb2.PLACEMENT_STATE_FAILED,
+}
+
+
+def with_state(
+    placement: placement_pb2.Placement, state: str, message: str, now_ms: int
+) -> placement_pb2.Placement:
+    """A copy of a placement in another lifecycle state (a store state name), stamped now."""
+    moved = placement_pb2.Placement()
+    moved.CopyFrom(placement)
+    moved.state = _WIRE_STATES[state]
+    moved.message = message
+    moved.updated_unix_ms = now_ms
+    return moved
 
 
 def placement_from_plan(

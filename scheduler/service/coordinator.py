@@ -29,20 +29,24 @@ from scheduler.core.identity import (
     iommu_group_slot,
 )
 from scheduler.core.plan import Plan, Unschedulable
-from scheduler.core.request import PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, HostState
 from scheduler.core.validation import (
     FieldViolation,
     InvalidRequestError,
     validate_identifier,
-    validate_request,
 )
 from scheduler.service.agent_gateway import AgentCallError, AgentGateway
 from scheduler.service.convert import (
+    FAILED,
+    PENDING,
+    READY,
+    RELEASING,
     host_view_from_inventory,
+    parsed_request,
+    parsed_requests,
     placement_from_plan,
     request_digest,
-    request_from_proto,
+    with_state,
 )
 from scheduler.service.errors import (
     ContentionError,
@@ -57,16 +61,6 @@ from scheduler.store.redis_store import CommitOutcome, CommitResult, HostRecord,
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
-
-# Lifecycle states as the store keeps them (compare-and-set in Lua): a
-# placement moves pending -> ready -> releasing -> (gone), or to failed.
-PENDING, READY, RELEASING, FAILED = "pending", "ready", "releasing", "failed"
-_WIRE_STATES = {
-    PENDING: placement_pb2.PLACEMENT_STATE_PENDING,
-    READY: placement_pb2.PLACEMENT_STATE_READY,
-    RELEASING: placement_pb2.PLACEMENT_STATE_RELEASING,
-    FAILED: placement_pb2.PLACEMENT_STATE_FAILED,
-}
 
 #: Commit attempts before giving up with ABORTED. Each lost race means
 #: another placement landed on the chosen host; replanning sees it.
@@ -172,13 +166,6 @@ class PlacementCoordinator:
 
     # -- placing ----------------------------------------------------------
 
-    def _parse(self, msg: placement_pb2.PlacementRequest, prefix: str = "") -> PlacementRequest:
-        request = request_from_proto(msg, prefix)
-        violations = validate_request(request, prefix)
-        if violations:
-            raise InvalidRequestError(violations)
-        return request
-
     async def _existing(
         self, msg: placement_pb2.PlacementRequest, digest: str
     ) -> placement_pb2.Placement | None:
@@ -211,7 +198,7 @@ class PlacementCoordinator:
 
     async def explain(self, msg: placement_pb2.PlacementRequest) -> Plan | Unschedulable:
         """Dry run: the plan the request would get now, or why it cannot be placed."""
-        request = self._parse(msg)
+        request = parsed_request(msg)
         snapshot, _ = await self.snapshot()
         return self._engine.schedule(snapshot, request, explain=True)
 
@@ -233,7 +220,7 @@ class PlacementCoordinator:
             ContentionError: every commit lost a race.
             HostOperationError: the agent failed; the reservation is released.
         """
-        request = self._parse(msg, prefix)
+        request = parsed_request(msg, prefix)
         digest = request_digest(msg)
         existing = await self._existing(msg, digest)
         if existing is not None:
@@ -272,7 +259,7 @@ class PlacementCoordinator:
         Raises:
             InvalidRequestError: any request is malformed; nothing is placed.
         """
-        requests = self._parse_batch(msgs)
+        requests = parsed_requests(msgs)
         placed: dict[str, placement_pb2.Placement] = {}
         failures: dict[str, list[str]] = {}
         todo: list[int] = []
@@ -346,25 +333,6 @@ class PlacementCoordinator:
         ]
         return [placed[m.request_id] for m in msgs if m.request_id in placed], unplaced
 
-    def _parse_batch(self, msgs: list[placement_pb2.PlacementRequest]) -> list[PlacementRequest]:
-        violations: list[FieldViolation] = []
-        requests: list[PlacementRequest] = []
-        seen: set[str] = set()
-        for i, msg in enumerate(msgs):
-            prefix = f"requests[{i}]."
-            try:
-                requests.append(self._parse(msg, prefix))
-            except InvalidRequestError as err:
-                violations.extend(err.violations)
-            if msg.request_id in seen:
-                violations.append(
-                    FieldViolation(f"{prefix}request_id", f"{msg.request_id!r} appears twice")
-                )
-            seen.add(msg.request_id)
-        if violations:
-            raise InvalidRequestError(violations)
-        return requests
-
     async def _commit_planned(
         self, msg: placement_pb2.PlacementRequest, plan: Plan, prefix: str
     ) -> tuple[placement_pb2.Placement, bool]:
@@ -417,11 +385,7 @@ class PlacementCoordinator:
             Whether the store took it (the placement was in one of
             ``from_states``), and the placement as it would now read.
         """
-        moved = placement_pb2.Placement()
-        moved.CopyFrom(placement)
-        moved.state = _WIRE_STATES[state]
-        moved.message = message
-        moved.updated_unix_ms = self._clock_ms()
+        moved = with_state(placement, state, message, self._clock_ms())
         ok = await self._store.update_placement(
             moved.host_id,
             moved.placement_id,

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from scheduler.service.agent_gateway import AgentCallError, HousekeepingGateway
+from scheduler.service.convert import FAILED, PENDING, READY, RELEASING, with_state
 from scheduler.store.redis_store import Fence, FencedOutError, HostRecord, RedisStateStore
 from tessera.v1 import placement_pb2
 
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 
 #: The job's name in the store (lease and fence keys).
 JOB = "reaper"
-
-PENDING, READY, RELEASING, FAILED = "pending", "ready", "releasing", "failed"
 
 
 def _now_ms() -> int:
@@ -202,22 +201,34 @@ class Housekeeper:
         if token != fence.token:
             raise FencedOutError(f"{JOB} lease now held by another replica")
 
+    async def _move(
+        self,
+        placement: placement_pb2.Placement,
+        state: str,
+        message: str,
+        from_state: str,
+        fence: Fence,
+    ) -> placement_pb2.Placement | None:
+        """Compare-and-set a placement from one state to another, under the fence.
+
+        Returns:
+            The placement as stored now, or None when it was not in ``from_state``.
+        """
+        moved = with_state(placement, state, message, self._clock_ms())
+        stored = await self._store.update_placement(
+            placement.host_id,
+            placement.placement_id,
+            moved.SerializeToString(),
+            state=state,
+            from_states=[from_state],
+            fence=fence,
+        )
+        return moved if stored else None
+
     async def _mark_failed(
         self, placement: placement_pb2.Placement, state: str, message: str, fence: Fence
     ) -> bool:
-        failed = placement_pb2.Placement()
-        failed.CopyFrom(placement)
-        failed.state = placement_pb2.PLACEMENT_STATE_FAILED
-        failed.message = message
-        failed.updated_unix_ms = self._clock_ms()
-        return await self._store.update_placement(
-            placement.host_id,
-            placement.placement_id,
-            failed.SerializeToString(),
-            state=FAILED,
-            from_states=[state],
-            fence=fence,
-        )
+        return await self._move(placement, FAILED, message, state, fence) is not None
 
     # -- reconciling ---------------------------------------------------------
 
@@ -276,19 +287,9 @@ class Housekeeper:
         # Claim it first (READY -> PENDING, "being prepared"): a Release now
         # is refused as busy instead of freeing slots the host is about to
         # hold again. Stamped now, so the reaper does not take it for stuck.
-        claimed = placement_pb2.Placement()
-        claimed.CopyFrom(placement)
-        claimed.state = placement_pb2.PLACEMENT_STATE_PENDING
-        claimed.message = "the host lost it; preparing it again"
-        claimed.updated_unix_ms = self._clock_ms()
-        if not await self._store.update_placement(
-            record.host_id,
-            placement.placement_id,
-            claimed.SerializeToString(),
-            state=PENDING,
-            from_states=[READY],
-            fence=fence,
-        ):
+        message = "the host lost it; preparing it again"
+        claimed = await self._move(placement, PENDING, message, READY, fence)
+        if claimed is None:
             return  # released or changed meanwhile: nothing to restore
         try:
             prepared = await self._agents.prepare_fenced(record.agent_address, claimed, fence.token)
@@ -299,22 +300,11 @@ class Housekeeper:
             )  # fmt: skip
             report.quarantined += 1
             return
-        ready = placement_pb2.Placement()
-        ready.CopyFrom(prepared)
-        ready.state = placement_pb2.PLACEMENT_STATE_READY
-        ready.message = "ready (prepared again after the host lost it)"
-        ready.updated_unix_ms = self._clock_ms()
         # Only this job moves a PENDING placement it claimed (Release refuses
         # PENDING); if deposed meanwhile, FencedOutError leaves it PENDING and
         # prepared, which the next leader's reaper tears down and releases.
-        if await self._store.update_placement(
-            record.host_id,
-            placement.placement_id,
-            ready.SerializeToString(),
-            state=READY,
-            from_states=[PENDING],
-            fence=fence,
-        ):
+        message = "ready (prepared again after the host lost it)"
+        if await self._move(prepared, READY, message, PENDING, fence) is not None:
             report.reprepared += 1
             log.info("prepared %s on %s again: the host had lost it",
                      placement.placement_id, record.host_id)  # fmt: skip

@@ -101,7 +101,6 @@ class BatchResult:
     status: str
     columns: int = 0
     wall_s: float = 0.0
-    snapshot: ClusterSnapshot | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -268,12 +267,7 @@ def _consume(
             layout = occ.mig_layouts[device]
             gpu = view.gpus[device]
             profile = next(p for p in gpu.mig_profiles if p.name == option.variant)
-            occupied = layout.occupied_mask
-            open_placements = tuple(
-                (start, size)
-                for start, size in profile.placements
-                if not occupied & (((1 << size) - 1) << start)
-            )
+            open_placements = tuple(p for p in profile.placements if layout.memory_free(p))
             res.mig_choices.append((column, k, host, device, open_placements))
             per_pool[("mig-compute", host, device)] += profile.slices
             res.capacity.setdefault(("mig-compute", host, device), layout.free_compute)
@@ -339,12 +333,16 @@ def solve_batch(
 
     quality = _quality(columns)
     greedy_objective = sum(weights[i] + quality[greedy_columns[i]] for i in greedy)
-    if not settings.use_solver or not columns:
+
+    def greedy_stands(bound: int) -> BatchResult:
         return _finish(
             batch, [greedy_columns[i] for i in greedy], refused,
-            objective=greedy_objective, bound=greedy_objective,
+            objective=greedy_objective, bound=bound,
             greedy_objective=greedy_objective, status="GREEDY",
         )  # fmt: skip
+
+    if not settings.use_solver or not columns:
+        return greedy_stands(greedy_objective)
 
     model = cp_model.CpModel()
     x = [model.new_bool_var(f"x{c}") for c in range(len(columns))]
@@ -383,28 +381,19 @@ def solve_batch(
     solver.parameters.random_seed = settings.seed
     status = solver.solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return _finish(
-            batch, [greedy_columns[i] for i in greedy], refused,
-            objective=greedy_objective, bound=greedy_objective,
-            greedy_objective=greedy_objective, status="GREEDY",
-        )  # fmt: skip
+        return greedy_stands(greedy_objective)
     objective = round(solver.objective_value)
     bound = round(solver.best_objective_bound)
     if objective < greedy_objective:
         # The hint should make this impossible; keep the better one regardless.
-        chosen = [greedy_columns[i] for i in greedy]
-        return _finish(
-            batch, chosen, refused, objective=greedy_objective, bound=bound,
-            greedy_objective=greedy_objective, status="GREEDY",
-        )  # fmt: skip
+        return greedy_stands(bound)
     chosen = [c for c in range(len(columns)) if solver.value(x[c])]
     for (c, k), choices in mig_vars.items():
         for start, size, var in choices:
             if solver.value(var):
                 batch.mig_placements[(c, k)] = (start, size)
-    unplaced = {**reasons}
     return _finish(
-        batch, chosen, unplaced, objective=objective, bound=bound,
+        batch, chosen, reasons, objective=objective, bound=bound,
         greedy_objective=greedy_objective, status=solver.status_name(status),
     )  # fmt: skip
 
@@ -567,5 +556,4 @@ def _finish(
         status=status,
         columns=len(columns),
         wall_s=time.perf_counter() - batch.started,
-        snapshot=current,
     )

@@ -284,7 +284,9 @@ class Engine:
             return None
         free = sum(o.free for o in kept)
         if free < claim.count:
-            if kept or not generated:
+            # With nothing kept, the filters that turned each option away
+            # have already said why.
+            if kept:
                 rejections.add(
                     "capacity",
                     REASON_TOO_FEW,

@@ -76,7 +76,8 @@ from scheduler.core.plan import (
     VfAssignment,
     WholeDeviceAssignment,
 )
-from scheduler.planning import PlanReport, parse_requests, plan_offline, snapshot_of
+from scheduler.planning import PlanReport, plan_offline, snapshot_of
+from scheduler.service.convert import parsed_requests
 from tessera.v1 import inventory_pb2, placement_pb2
 
 SCENARIO_DIR = Path(__file__).parent
@@ -326,7 +327,7 @@ def run(scenario: Scenario, workdir: Path) -> Outcome:
         sequential=scenario.sequential,
         settings=BatchSettings(workers=1, seed=0, time_limit_s=10.0),
     )
-    requests = {r.request_id: r for r in parse_requests(scenario.requests)}
+    requests = {r.request_id: r for r in parsed_requests(scenario.requests)}
     made = [(requests[rid], plan) for rid, plan in report.result.plans.items()]
     return Outcome(report, check_placements(snapshot_of(inventories), made))
 
