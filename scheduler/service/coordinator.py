@@ -29,6 +29,7 @@ from scheduler.core.identity import (
     iommu_group_slot,
 )
 from scheduler.core.plan import Plan, Unschedulable
+from scheduler.core.request import PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, HostState
 from scheduler.core.validation import (
     FieldViolation,
@@ -57,7 +58,14 @@ from scheduler.service.errors import (
     RequestIdReusedError,
     SchedulerError,
 )
-from scheduler.store.redis_store import CommitOutcome, CommitResult, HostRecord, RedisStateStore
+from scheduler.store import schema
+from scheduler.store.redis_store import (
+    ClaimOutcome,
+    CommitOutcome,
+    CommitResult,
+    HostRecord,
+    RedisStateStore,
+)
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,10 @@ log = logging.getLogger(__name__)
 #: Commit attempts before giving up with ABORTED. Each lost race means
 #: another placement landed on the chosen host; replanning sees it.
 MAX_COMMIT_ATTEMPTS = 16
+
+#: Claims of one request id before giving up: only a release racing the
+#: claim (the placement vanished between claim and read) makes another.
+MAX_CLAIM_ATTEMPTS = 3
 
 
 #: At most one collect-and-freeze of long-lived objects per interval.
@@ -76,6 +88,11 @@ DEFAULT_BATCH_SETTINGS = BatchSettings(time_limit_s=5.0, workers=4)
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _claimant() -> str:
+    """A unique name for one call's claim on its request id."""
+    return f"call-{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
@@ -169,15 +186,29 @@ class PlacementCoordinator:
     async def _existing(
         self, msg: placement_pb2.PlacementRequest, digest: str
     ) -> placement_pb2.Placement | None:
+        """The placement this request id already made, if any (a read, no claim)."""
         found = await self._store.placement_for_request(msg.request_id)
         if found is None:
             return None
         placement_id, stored_digest = found
-        if stored_digest != digest:
+        self._check_digest(msg, digest, stored_digest, placement_id)
+        return await self._answer(msg, placement_id)
+
+    @staticmethod
+    def _check_digest(
+        msg: placement_pb2.PlacementRequest, digest: str, stored: str, placement_id: str
+    ) -> None:
+        if stored != digest:
+            made = f" (placement {placement_id})" if placement_id else ""
             raise RequestIdReusedError(
-                f"request_id {msg.request_id!r} was already used for a different request "
-                f"(placement {placement_id}); choose a new request_id"
+                f"request_id {msg.request_id!r} was already used for a different request"
+                f"{made}; choose a new request_id"
             )
+
+    async def _answer(
+        self, msg: placement_pb2.PlacementRequest, placement_id: str
+    ) -> placement_pb2.Placement | None:
+        """What a repeated request is told: the placement its first call made."""
         stored = await self._store.get_placement(placement_id)
         if stored is None:
             return None
@@ -195,6 +226,34 @@ class PlacementCoordinator:
                 f"{placement.message}"
             )
         return placement
+
+    async def _claim(
+        self, msg: placement_pb2.PlacementRequest, digest: str, claimant: str
+    ) -> placement_pb2.Placement | None:
+        """Take the request id for this call (step 1 of the commit protocol).
+
+        Returns:
+            None when this call holds the claim and must place the request;
+            the first call's placement when the request was placed already.
+
+        Raises:
+            RequestIdReusedError: the id belongs to another request.
+            PlacementBusyError: another call is placing it right now.
+        """
+        for _ in range(MAX_CLAIM_ATTEMPTS):
+            claim = await self._store.claim_request(msg.request_id, digest, claimant)
+            self._check_digest(msg, digest, claim.digest, claim.placement_id)
+            if claim.outcome is ClaimOutcome.CLAIMED:
+                return None
+            if claim.outcome is ClaimOutcome.BUSY:
+                raise PlacementBusyError(
+                    f"request {msg.request_id!r} is being placed by another call; retry shortly"
+                )
+            answer = await self._answer(msg, claim.placement_id)
+            if answer is not None:
+                return answer
+            # Released between the claim and the read: claim it afresh.
+        raise ContentionError(f"request {msg.request_id!r} kept changing under its claim; retry")
 
     async def explain(self, msg: placement_pb2.PlacementRequest) -> Plan | Unschedulable:
         """Dry run: the plan the request would get now, or why it cannot be placed."""
@@ -222,28 +281,49 @@ class PlacementCoordinator:
         """
         request = parsed_request(msg, prefix)
         digest = request_digest(msg)
-        existing = await self._existing(msg, digest)
+        claimant = _claimant()
+        existing = await self._claim(msg, digest, claimant)
         if existing is not None:
             return existing
-        for attempt in range(MAX_COMMIT_ATTEMPTS):
-            snapshot, records = await self.snapshot()
-            result = self._engine.schedule(snapshot, request)
-            if isinstance(result, Unschedulable):
-                raise NoCapacityError(result.summary, result.reasons())
-            commit, placement = await self._commit(msg, result, digest)
-            if commit.outcome is CommitOutcome.COMMITTED:
-                return await self._prepare(placement, records[result.host_id])
-            if commit.outcome is CommitOutcome.DUPLICATE:
-                # A concurrent call with the same request_id won; answer as it did.
-                existing = await self._existing(msg, digest)
-                if existing is not None:
-                    return existing
-            log.debug("commit attempt %d lost: %s", attempt + 1, commit.detail)
-            # Back off a little so racing replicas do not replan in lockstep.
-            await asyncio.sleep(0.002 * (attempt + 1))
-        raise ContentionError(
-            f"the cluster changed under {MAX_COMMIT_ATTEMPTS} commit attempts; retry the request"
-        )
+        return await self._place_claimed(msg, request, digest, claimant)
+
+    async def _place_claimed(
+        self,
+        msg: placement_pb2.PlacementRequest,
+        request: PlacementRequest,
+        digest: str,
+        claimant: str,
+    ) -> placement_pb2.Placement:
+        """Plan and commit a request this call has claimed, replanning on lost races."""
+        try:
+            for attempt in range(MAX_COMMIT_ATTEMPTS):
+                snapshot, records = await self.snapshot()
+                result = self._engine.schedule(snapshot, request)
+                if isinstance(result, Unschedulable):
+                    raise NoCapacityError(result.summary, result.reasons())
+                commit, placement = await self._commit(msg, result, claimant)
+                if commit.outcome is CommitOutcome.COMMITTED:
+                    return await self._prepare(placement, records[result.host_id])
+                if commit.outcome is CommitOutcome.LOST:
+                    # This call stalled past its claim's deadline and another
+                    # took the request over: answer as it does, or claim again.
+                    existing = await self._claim(msg, digest, claimant)
+                    if existing is not None:
+                        return existing
+                log.debug("commit attempt %d lost: %s", attempt + 1, commit.detail)
+                # Back off a little so racing replicas do not replan in lockstep.
+                await asyncio.sleep(0.002 * (attempt + 1))
+            raise ContentionError(
+                f"the cluster changed under {MAX_COMMIT_ATTEMPTS} commit attempts; "
+                "retry the request"
+            )
+        except (NoCapacityError, ContentionError):
+            # Every commit of this call answered, and none landed: the id is
+            # free for a retry now rather than once the claim expires. After
+            # any other error a commit may have landed; the claim stays for
+            # the next caller or the housekeeper to resolve.
+            await self._store.abandon_claim(msg.request_id, claimant)
+            raise
 
     async def place_batch(
         self, msgs: list[placement_pb2.PlacementRequest], all_or_nothing: bool
@@ -341,22 +421,27 @@ class PlacementCoordinator:
         Returns:
             The placement, and whether it was committed as planned.
         """
+        digest = request_digest(msg)
+        claimant = _claimant()
+        existing = await self._claim(msg, digest, claimant)
+        if existing is not None:
+            return existing, True
         record = await self._store.get_host(plan.host_id)
-        if record is None:
-            return await self.place(msg, prefix), False
-        commit, placement = await self._commit(msg, plan, request_digest(msg))
-        if commit.outcome is CommitOutcome.COMMITTED:
-            return await self._prepare(placement, record), True
-        log.debug("batch plan for %s lost its commit: %s", msg.request_id, commit.detail)
-        return await self.place(msg, prefix), False
+        if record is not None:
+            commit, placement = await self._commit(msg, plan, claimant)
+            if commit.outcome is CommitOutcome.COMMITTED:
+                return await self._prepare(placement, record), True
+            log.debug("batch plan for %s lost its commit: %s", msg.request_id, commit.detail)
+        request = parsed_request(msg, prefix)
+        return await self._place_claimed(msg, request, digest, claimant), False
 
     async def _commit(
-        self, msg: placement_pb2.PlacementRequest, plan: Plan, digest: str
+        self, msg: placement_pb2.PlacementRequest, plan: Plan, claimant: str
     ) -> tuple[CommitResult, placement_pb2.Placement]:
         """Reserve a plan's slots as a new PENDING placement (the atomic applier)."""
         placement = placement_from_plan(
             plan,
-            placement_id=PlacementId(f"pl-{uuid.uuid4().hex[:16]}"),
+            placement_id=PlacementId(schema.placement_id(uuid.uuid4().hex[:16], plan.host_id)),
             request=msg,
             now_ms=self._clock_ms(),
         )
@@ -367,7 +452,7 @@ class PlacementCoordinator:
             placement_id=placement.placement_id,
             placement=placement.SerializeToString(),
             request_id=msg.request_id,
-            request_digest=digest,
+            claimant=claimant,
             tenant=msg.tenant,
         )
         return commit, placement

@@ -19,7 +19,9 @@ Each round, the leader:
   every host now and then: Redis holds the desired state, the host the actual.
   A placement the host holds that the store does not know (released or reaped
   while the agent was away) is torn down; a READY placement the host lost is
-  prepared again, or marked FAILED if that fails.
+  prepared again, or marked FAILED if that fails;
+* on each full sweep, **resolves request claims** whose caller died between
+  claiming a request id and finalizing its commit.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class RoundReport:
     orphans_torn_down: int = 0
     reprepared: int = 0
     hosts_reconciled: int = 0
+    claims_resolved: int = 0
 
 
 class Housekeeper:
@@ -147,6 +150,12 @@ class Housekeeper:
         fence = Fence(JOB, token)
         try:
             hosts = (await self._store.snapshot()).hosts
+            # Fenced writes are checked per host, against the newest term the
+            # host saw: raise it everywhere before acting anywhere, so from
+            # here on a deposed leader is refused on every host.
+            behind = [h for h, r in hosts.items() if r.fences.get(JOB, 0) < token]
+            if behind:
+                await self._store.raise_fences(behind, fence)
             await self._reap(hosts, fence, report)
             await self._reconcile(hosts, fence, report)
         except FencedOutError:
@@ -239,6 +248,10 @@ class Housekeeper:
         sweep = now - self._last_sweep_ms >= self._settings.full_sweep_s * 1000
         if sweep:
             self._last_sweep_ms = now
+            # Claims whose caller died between claim and finalize: those that
+            # committed are finalized (the reaper frees their placement like
+            # any stuck PENDING one), the rest are dropped.
+            report.claims_resolved = await self._store.resolve_stale_claims()
         for host_id, record in sorted(records.items()):
             key = (record.boot_id, record.agent_address, record.inventory_generation)
             if not sweep and self._reconciled.get(host_id) == key:

@@ -7,6 +7,11 @@ core plans against a snapshot and names the host's ``alloc_generation`` it saw;
 the commit succeeds only if that generation is still current and every slot is
 still free. Losers get CONFLICT and replan.
 
+Every script touches one hash slot (one host's keys, one request record, or
+one job's lease and fence), so the layout is ready for Redis Cluster; the
+request protocol that makes this possible is described in
+:mod:`scheduler.store.schema`.
+
 Payloads (inventories, placements) are opaque bytes here: this module does not
 import protobuf or gRPC and never parses them. Key names come from
 :mod:`scheduler.store.schema`.
@@ -41,6 +46,7 @@ class HostRecord:
             cannot commit).
         allocations: slot key (``iommu-group:12``) -> owning placement id.
         tenants: placement id -> its tenant, for the placements holding slots.
+        fences: background job -> the highest fencing token that wrote here.
     """
 
     host_id: str
@@ -52,6 +58,7 @@ class HostRecord:
     alloc_generation: int
     allocations: Mapping[str, str] = field(default_factory=dict)
     tenants: Mapping[str, str] = field(default_factory=dict)
+    fences: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,10 @@ class CommitOutcome(enum.Enum):
     """Written: the slots are the placement's now."""
     CONFLICT = "CONFLICT"
     """Nothing written: the host changed since the snapshot (replan)."""
-    DUPLICATE = "DUPLICATE"
-    """Nothing written: the request id already made a placement."""
+    EXPIRED = "EXPIRED"
+    """Nothing written: the claim's deadline passed before the commit (retry)."""
+    LOST = "LOST"
+    """Nothing written: the request's claim is no longer this caller's (claim again)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,7 @@ class CommitResult:
 
     Attributes:
         outcome: what happened.
-        placement_id: the new placement id, or the existing one for DUPLICATE.
+        placement_id: the placement id of the attempt.
         detail: human-readable reason (which slot was taken, how the
             generation moved).
     """
@@ -90,6 +99,34 @@ class CommitResult:
     outcome: CommitOutcome
     placement_id: str
     detail: str
+
+
+class ClaimOutcome(enum.Enum):
+    """What claiming a request id found."""
+
+    CLAIMED = "CLAIMED"
+    """The caller holds the request id now: plan and commit it."""
+    DUPLICATE = "DUPLICATE"
+    """The request id already made a placement (``placement_id``)."""
+    BUSY = "BUSY"
+    """Another call holds the claim and is within its deadline."""
+
+
+@dataclass(frozen=True)
+class RequestClaim:
+    """The answer of :meth:`RedisStateStore.claim_request`.
+
+    Attributes:
+        outcome: what the claim found.
+        digest: the digest the record holds: the caller's own for CLAIMED,
+            the first call's otherwise (compare it to detect a reused id).
+        placement_id: the placement the request made (DUPLICATE), or the one
+            the other call is committing (BUSY; may be empty).
+    """
+
+    outcome: ClaimOutcome
+    digest: str
+    placement_id: str = ""
 
 
 class StoreError(RuntimeError):
@@ -180,20 +217,65 @@ redis.call('HSET', KEYS[1], 'last_heartbeat_ms', ARGV[2])
 return 1
 """
 
-# KEYS: placements, placement-states, fence. ARGV: placement id, payload, new
-# state, fencing token ('' for none), then the states it may move from (none:
-# any). Returns -3 when the token is stale: a newer leader runs the job.
-_UPDATE_PLACEMENT_LUA = """#!lua
-if ARGV[4] ~= '' and (redis.call('GET', KEYS[3]) or '') ~= ARGV[4] then
+# A fenced write is checked against the highest token the host has seen
+# (kept in its hash, so the check stays in the host's slot): a lower one is
+# refused, a higher one raises the bar. A new leader raises it on every host
+# before it acts (see raise_fences), so a deposed one is refused everywhere.
+_FENCE_LUA = """
+local function fenced(host_key, job, token)
+  if token == '' then return true end
+  local field = 'fence:' .. job
+  local seen = tonumber(redis.call('HGET', host_key, field) or '0')
+  local mine = tonumber(token)
+  if mine < seen then return false end
+  if mine > seen and redis.call('EXISTS', host_key) == 1 then
+    redis.call('HSET', host_key, field, token)
+  end
+  return true
+end
+"""
+
+# KEYS: host, alloc, placement-tenants. One host's record, read atomically
+# inside its slot (a MULTI over many hosts would span slots).
+_READ_HOST_LUA = """#!lua flags=no-writes
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
+        redis.call('HGETALL', KEYS[3])}
+"""
+
+# The server's clock: deadlines of request claims are in server time, so
+# replicas' clocks never matter.
+_NOW_LUA = """
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+# KEYS: host. ARGV: job, token. Returns 0 when a newer term already wrote.
+_RAISE_FENCE_LUA = (
+    "#!lua"
+    + _FENCE_LUA
+    + """
+if fenced(KEYS[1], ARGV[1], ARGV[2]) then return 1 end
+return 0
+"""
+)
+
+# KEYS: placements, placement-states, host. ARGV: placement id, payload, new
+# state, job, fencing token ('' for none), then the states it may move from
+# (none: any). Returns -3 when the token is stale: a newer leader runs the job.
+_UPDATE_PLACEMENT_LUA = (
+    "#!lua"
+    + _FENCE_LUA
+    + """
+if not fenced(KEYS[3], ARGV[4], ARGV[5]) then
   return -3
 end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
-if #ARGV > 4 then
+if #ARGV > 5 then
   local current = redis.call('HGET', KEYS[2], ARGV[1]) or ''
   local allowed = false
-  for i = 5, #ARGV do
+  for i = 6, #ARGV do
     if ARGV[i] == current then allowed = true end
   end
   if not allowed then
@@ -204,34 +286,34 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 """
+)
 
 # KEYS: host, alloc, placements, placement-slots, placement-requests,
-#       request index, placement index, placement-states, placement-tenants,
-#       fence. ARGV: placement id, its request id (read beforehand; -1 asks the
-# caller to re-read if it changed meanwhile), the fencing token ('' for none;
-# -3 when stale), then the states it may be released from (none: any; -2 if
-# not).
-_RELEASE_LUA = """#!lua
+#       placement-states, placement-tenants. ARGV: placement id, job, fencing
+# token ('' for none), then the states it may be released from (none: any).
+# Returns {code, request id}: 1 released, 0 no such placement, -2 in another
+# state, -3 stale token.
+_RELEASE_LUA = (
+    "#!lua"
+    + _FENCE_LUA
+    + """
 local host_key, alloc_key, placements_key = KEYS[1], KEYS[2], KEYS[3]
-local slots_key, requests_key, request_key, index_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local placement_id, request_id, token = ARGV[1], ARGV[2], ARGV[3]
-if token ~= '' and (redis.call('GET', KEYS[10]) or '') ~= token then
-  return -3
+local slots_key, requests_key, states_key, tenants_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local placement_id = ARGV[1]
+if not fenced(host_key, ARGV[2], ARGV[3]) then
+  return {-3, ''}
 end
 if redis.call('HEXISTS', placements_key, placement_id) == 0 then
-  return 0
-end
-if (redis.call('HGET', requests_key, placement_id) or '') ~= request_id then
-  return -1
+  return {0, ''}
 end
 if #ARGV > 3 then
-  local current = redis.call('HGET', KEYS[8], placement_id) or ''
+  local current = redis.call('HGET', states_key, placement_id) or ''
   local allowed = false
   for i = 4, #ARGV do
     if ARGV[i] == current then allowed = true end
   end
   if not allowed then
-    return -2
+    return {-2, ''}
   end
 end
 local encoded = redis.call('HGET', slots_key, placement_id)
@@ -243,25 +325,160 @@ if encoded then
     end
   end
 end
+local request_id = redis.call('HGET', requests_key, placement_id) or ''
 redis.call('HDEL', placements_key, placement_id)
 redis.call('HDEL', slots_key, placement_id)
 redis.call('HDEL', requests_key, placement_id)
-redis.call('HDEL', KEYS[8], placement_id)
-redis.call('HDEL', KEYS[9], placement_id)
-if request_id ~= '' and redis.call('HGET', request_key, 'placement_id') == placement_id then
-  redis.call('DEL', request_key)
-end
-redis.call('DEL', index_key)
+redis.call('HDEL', states_key, placement_id)
+redis.call('HDEL', tenants_key, placement_id)
 if redis.call('EXISTS', host_key) == 1 then
   redis.call('HINCRBY', host_key, 'alloc_generation', 1)
 end
+return {1, request_id}
+"""
+)
+
+# The request protocol (see schema.py): each script is one key, the request
+# record. Fields: state, digest, claimant, deadline_ms, placement_id, host_id.
+
+# KEYS: request. ARGV: claimant, digest, ttl ms, skew margin ms.
+# Returns {verdict, digest, claimant, placement_id, host_id} with verdict
+# CLAIMED (new, or already the caller's: the deadline is renewed), COMMITTED
+# (the record names a committed placement), BUSY (another live claim) or
+# STALE (another claim past its deadline and the margin: no commit of it can
+# land any more; the caller resolves it).
+_CLAIM_LUA = (
+    "#!lua"
+    + _NOW_LUA
+    + """
+local key, claimant, digest = KEYS[1], ARGV[1], ARGV[2]
+local ttl, margin = tonumber(ARGV[3]), tonumber(ARGV[4])
+local r = redis.call('HMGET', key, 'state', 'digest', 'claimant', 'deadline_ms',
+                     'placement_id', 'host_id')
+if not r[1] then
+  redis.call('HSET', key, 'state', 'claimed', 'digest', digest, 'claimant', claimant,
+             'deadline_ms', now_ms + ttl)
+  return {'CLAIMED', digest, claimant, '', ''}
+end
+local verdict
+if r[1] == 'committed' then
+  verdict = 'COMMITTED'
+elseif r[3] == claimant then
+  redis.call('HSET', key, 'deadline_ms', now_ms + ttl)
+  verdict = 'CLAIMED'
+elseif now_ms <= tonumber(r[4] or '0') + margin then
+  verdict = 'BUSY'
+else
+  verdict = 'STALE'
+end
+return {verdict, r[2] or '', r[3] or '', r[5] or '', r[6] or ''}
+"""
+)
+
+# KEYS: request. ARGV: claimant, placement id, host id, ttl ms. Records the
+# placement about to be committed and renews the deadline. Returns the new
+# deadline (server ms), or -1 if the claim is not the caller's.
+_INTENT_LUA = (
+    "#!lua"
+    + _NOW_LUA
+    + """
+local r = redis.call('HMGET', KEYS[1], 'state', 'claimant')
+if r[1] ~= 'claimed' or r[2] ~= ARGV[1] then
+  return -1
+end
+local deadline = now_ms + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'placement_id', ARGV[2], 'host_id', ARGV[3], 'deadline_ms', deadline)
+return deadline
+"""
+)
+
+# KEYS: request. ARGV: claimant, placement id. The claim becomes committed
+# (also used to adopt a stale claim whose commit landed). Returns 1, or 0 if
+# the record names another claim or placement.
+_FINALIZE_LUA = """#!lua
+local r = redis.call('HMGET', KEYS[1], 'state', 'claimant', 'placement_id')
+if r[3] ~= ARGV[2] then
+  return 0
+end
+if r[1] == 'committed' then
+  return 1
+end
+if r[1] ~= 'claimed' or r[2] ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'committed')
+redis.call('HDEL', KEYS[1], 'claimant', 'deadline_ms')
 return 1
 """
 
+# KEYS: request. ARGV: expected state, expected claimant, expected placement
+# id ('*': any), then optionally new claimant, digest, ttl ms. Deletes the
+# record if it is still as expected, and with a new claimant claims it afresh.
+# Returns 1, or 0 if the record changed.
+_REPLACE_LUA = (
+    "#!lua"
+    + _NOW_LUA
+    + """
+local r = redis.call('HMGET', KEYS[1], 'state', 'claimant', 'placement_id')
+if (r[1] or '') ~= ARGV[1] or (r[2] or '') ~= ARGV[2] then
+  return 0
+end
+if ARGV[3] ~= '*' and (r[3] or '') ~= ARGV[3] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+if #ARGV > 3 then
+  redis.call('HSET', KEYS[1], 'state', 'claimed', 'digest', ARGV[5], 'claimant', ARGV[4],
+             'deadline_ms', now_ms + tonumber(ARGV[6]))
+end
+return 1
+"""
+)
 
-# A placement id re-used for another request between our read and the script
-# is the only reason to retry; it cannot keep happening.
-_RELEASE_ATTEMPTS = 8
+# KEYS: request. ARGV: placement id. Forgets a released placement's request
+# record if it still names that placement. Returns 1 if deleted.
+_FORGET_LUA = """#!lua
+if redis.call('HGET', KEYS[1], 'placement_id') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+#: How long a claim lasts without a renewal. Renewed by every commit attempt,
+#: which follows the renewal within milliseconds; a caller that stalls longer
+#: (a GC pause, a partition) has its commit refused by the host script.
+CLAIM_TTL_MS = 10_000
+
+#: Grace past a claim's deadline before another caller may resolve it: the
+#: request record and the host may live on different Cluster nodes, whose
+#: clocks differ by this much at most (NTP keeps them far closer).
+CLAIM_SKEW_MS = 2_000
+
+# A record that keeps changing under resolution (claims racing over an
+# expired one) settles within a few rounds; more is a bug.
+_CLAIM_ATTEMPTS = 8
+
+
+def _read_host_keys(host_id: str) -> list[str]:
+    return [schema.host(host_id), schema.alloc(host_id), schema.placement_tenants(host_id)]
+
+
+def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
+    """An HGETALL reply from a script (a flat list) as a mapping."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _host_reply(
+    reply: Sequence[Any],
+) -> tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any]]:
+    fields, allocs, tenants = reply
+    return _pairs(fields), _pairs(allocs), _pairs(tenants)
+
+
+def _fence_args(fence: Fence | None) -> list[str]:
+    """The job and token a fenced script takes ("", "" for an unfenced write)."""
+    return [fence.job, str(fence.token)] if fence else ["", ""]
 
 
 def _check_id(what: str, value: str) -> None:
@@ -317,6 +534,11 @@ def _record(
         alloc_generation=_int(by_name.get(schema.F_ALLOC_GENERATION)),
         allocations={_text(k): _text(v) for k, v in allocs.items()},
         tenants={_text(k): _text(v) for k, v in tenants.items()},
+        fences={
+            name[len(schema.F_FENCE_PREFIX) :]: _int(value)
+            for name, value in by_name.items()
+            if name.startswith(schema.F_FENCE_PREFIX)
+        },
     )
 
 
@@ -331,10 +553,21 @@ class RedisStateStore:
     Args:
         client: an asyncio client created with ``decode_responses=False``
             (payloads are bytes).
+        claim_ttl_ms: how long a request claim lasts without renewal.
+        claim_skew_ms: grace past a claim's deadline before another caller
+            may resolve it.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        claim_ttl_ms: int = CLAIM_TTL_MS,
+        claim_skew_ms: int = CLAIM_SKEW_MS,
+    ) -> None:
         self._client = client
+        self._claim_ttl_ms = claim_ttl_ms
+        self._claim_skew_ms = claim_skew_ms
         # register_script runs EVALSHA and loads the script on NOSCRIPT (a
         # restarted server, or a fresh one, has an empty script cache).
         self._commit = client.register_script(_COMMIT_LUA)
@@ -344,6 +577,13 @@ class RedisStateStore:
         self._release = client.register_script(_RELEASE_LUA)
         self._lease = client.register_script(_LEASE_LUA)
         self._yield_lease = client.register_script(_YIELD_LEASE_LUA)
+        self._raise_fence = client.register_script(_RAISE_FENCE_LUA)
+        self._read_host = client.register_script(_READ_HOST_LUA)
+        self._claim = client.register_script(_CLAIM_LUA)
+        self._intent = client.register_script(_INTENT_LUA)
+        self._finalize = client.register_script(_FINALIZE_LUA)
+        self._replace = client.register_script(_REPLACE_LUA)
+        self._forget = client.register_script(_FORGET_LUA)
 
     # -- hosts ---------------------------------------------------------------
 
@@ -406,11 +646,7 @@ class RedisStateStore:
             The record, or None if the host is not registered.
         """
         _check_host_id(host_id)
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(schema.host(host_id))
-            pipe.hgetall(schema.alloc(host_id))
-            pipe.hgetall(schema.placement_tenants(host_id))
-            fields, allocs, tenants = await pipe.execute()
+        fields, allocs, tenants = _host_reply(await self._read_host(keys=_read_host_keys(host_id)))
         if not fields:
             return None
         return _record(host_id, fields, allocs, tenants)
@@ -418,8 +654,9 @@ class RedisStateStore:
     async def snapshot(self) -> StoreSnapshot:
         """Every registered host with its allocations.
 
-        All hosts are read in one MULTI, so the snapshot is consistent across
-        hosts (the scheduler needs it per host only).
+        Each host is read atomically (one read-only script over its slot);
+        hosts are not read at one instant, which the scheduler does not need:
+        a plan names the generation it saw of its one host.
 
         Returns:
             The snapshot.
@@ -427,18 +664,131 @@ class RedisStateStore:
         host_ids = sorted(_text(h) for h in await self._client.smembers(schema.HOSTS))
         if not host_ids:
             return StoreSnapshot(hosts={})
-        async with self._client.pipeline(transaction=True) as pipe:
+        async with self._client.pipeline(transaction=False) as pipe:
             for host_id in host_ids:
-                pipe.hgetall(schema.host(host_id))
-                pipe.hgetall(schema.alloc(host_id))
-                pipe.hgetall(schema.placement_tenants(host_id))
+                await self._read_host(keys=_read_host_keys(host_id), client=pipe)
             replies = await pipe.execute()
         hosts: dict[str, HostRecord] = {}
-        for i, host_id in enumerate(host_ids):
-            fields, allocs, tenants = replies[3 * i : 3 * i + 3]
+        for host_id, reply in zip(host_ids, replies, strict=True):
+            fields, allocs, tenants = _host_reply(reply)
             if fields:
                 hosts[host_id] = _record(host_id, fields, allocs, tenants)
         return StoreSnapshot(hosts=hosts)
+
+    # -- requests --------------------------------------------------------------
+
+    async def claim_request(self, request_id: str, digest: str, claimant: str) -> RequestClaim:
+        """Step 1 of a reservation: take the request id for this call.
+
+        A claim past its deadline (plus the skew margin) is resolved here: if
+        its commit landed (the host holds the placement it named) the record
+        is finalized and the answer is DUPLICATE; otherwise the caller takes
+        the claim over. A committed record whose placement is gone (released,
+        and the release did not get to forget the record) is free again.
+
+        Args:
+            request_id: the client's idempotency key.
+            digest: digest of the request, recorded for a new claim.
+            claimant: this call's unique name (re-claiming renews it).
+
+        Returns:
+            CLAIMED, DUPLICATE or BUSY, with the record's digest.
+        """
+        _check_id("request_id", request_id)
+        _check_id("claimant", claimant)
+        key = schema.request(request_id)
+        fresh: list[str | int] = [claimant, digest, self._claim_ttl_ms]
+        for _ in range(_CLAIM_ATTEMPTS):
+            reply = await self._claim(
+                keys=[key], args=[claimant, digest, self._claim_ttl_ms, self._claim_skew_ms]
+            )
+            verdict, stored_digest, holder, placement_id, host_id = (_text(x) for x in reply)
+            if verdict == "CLAIMED":
+                return RequestClaim(ClaimOutcome.CLAIMED, stored_digest)
+            if verdict == "BUSY":
+                return RequestClaim(ClaimOutcome.BUSY, stored_digest, placement_id)
+            landed = bool(placement_id) and await self._holds(host_id, placement_id, request_id)
+            if verdict == "COMMITTED":
+                if landed:
+                    return RequestClaim(ClaimOutcome.DUPLICATE, stored_digest, placement_id)
+                taken = await self._replace(
+                    keys=[key],
+                    args=[schema.COMMITTED, "", placement_id, *fresh],
+                )
+            elif landed:  # STALE, and its commit landed: adopt it
+                if await self._finalize(keys=[key], args=[holder, placement_id]):
+                    return RequestClaim(ClaimOutcome.DUPLICATE, stored_digest, placement_id)
+                continue
+            else:  # STALE, and nothing can land any more: take it over
+                taken = await self._replace(
+                    keys=[key],
+                    args=[schema.CLAIMED, holder, placement_id, *fresh],
+                )
+            if taken:
+                return RequestClaim(ClaimOutcome.CLAIMED, digest)
+        raise StoreError(f"the record of request {request_id} kept changing under its claim; retry")
+
+    async def abandon_claim(self, request_id: str, claimant: str) -> bool:
+        """Drop this call's claim after every commit attempt failed for certain.
+
+        Only after definite outcomes (CONFLICT, EXPIRED, no capacity): after
+        an error the commit may have landed, and the claim must stay for the
+        next caller or the housekeeper to resolve.
+
+        Returns:
+            Whether the claim was this caller's and is gone.
+        """
+        _check_id("request_id", request_id)
+        return bool(
+            await self._replace(
+                keys=[schema.request(request_id)], args=[schema.CLAIMED, claimant, "*"]
+            )
+        )
+
+    async def resolve_stale_claims(self) -> int:
+        """Resolve every claim past its deadline (the housekeeper's sweep).
+
+        A claim whose commit landed is finalized (the reaper then deals with
+        the placement like any other); one whose commit never landed is
+        deleted. Live claims and committed records are left alone.
+
+        Returns:
+            How many claims were resolved.
+        """
+        seconds, micros = await self._client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        resolved = 0
+        async for raw in self._client.scan_iter(match=schema.request("*"), count=1000):
+            key = _text(raw)
+            state, holder, deadline, placement_id, host_id = (
+                _text(x)
+                for x in await self._client.hmget(
+                    key,
+                    [
+                        schema.F_STATE,
+                        schema.F_CLAIMANT,
+                        schema.F_DEADLINE_MS,
+                        schema.F_PLACEMENT_ID,
+                        schema.F_HOST_ID,
+                    ],
+                )
+            )
+            if state != schema.CLAIMED or _int(deadline) + self._claim_skew_ms >= now_ms:
+                continue
+            request_id = key[len(schema.request("")) :]
+            if placement_id and await self._holds(host_id, placement_id, request_id):
+                done = await self._finalize(keys=[key], args=[holder, placement_id])
+            else:
+                done = await self._replace(keys=[key], args=[schema.CLAIMED, holder, placement_id])
+            resolved += int(bool(done))
+        return resolved
+
+    async def _holds(self, host_id: str, placement_id: str, request_id: str) -> bool:
+        """Whether a host holds a placement made for this request."""
+        if not host_id:
+            return False
+        made_for = await self._client.hget(schema.placement_requests(host_id), placement_id)
+        return _text(made_for) == request_id
 
     # -- reservations ----------------------------------------------------------
 
@@ -451,43 +801,63 @@ class RedisStateStore:
         placement_id: str,
         placement: bytes,
         request_id: str,
-        request_digest: str,
+        claimant: str,
         tenant: str = "",
     ) -> CommitResult:
-        """Atomically reserve slots on a host for a new placement.
+        """Steps 2 and 3 of a reservation: commit on the host, finalize the request.
 
-        One Lua script checks, in order: the request id is new (else
-        DUPLICATE with the existing placement id, even if the generation
-        moved); the host is registered, its alloc generation is the expected
-        one, the placement id is unused and every slot is free (else
-        CONFLICT). Only then does it write the slot owners, the placement, the
-        request and placement indexes, and bump the alloc generation.
+        The request record first names the placement about to be committed
+        (renewing the claim's deadline; LOST if the claim is no longer this
+        caller's). One script on the host then checks, in order: the deadline
+        has not passed (EXPIRED), the host is registered, its alloc generation
+        is the expected one, the placement id is unused and every slot is free
+        (else CONFLICT); only then does it write the slot owners and the
+        placement and bump the alloc generation. Finally the request record
+        becomes committed.
 
         Args:
             host_id: the host the plan chose.
             expected_alloc_generation: the host's generation in the snapshot
                 the plan was made from.
             slots: slot keys the placement takes.
-            placement_id: the new placement's id (chosen by the caller).
+            placement_id: the new placement's id, naming the host
+                (:func:`scheduler.store.schema.placement_id`).
             placement: serialized ``Placement``.
-            request_id: the client's idempotency key.
-            request_digest: digest of the request, to detect a reused id.
+            request_id: the client's idempotency key, claimed by ``claimant``.
+            claimant: the caller's claim (:meth:`claim_request`).
             tenant: the placement's tenant, recorded beside it for snapshots.
 
         Returns:
             What happened, and why.
+
+        Raises:
+            ValueError: an empty id or slot, or a placement id not naming the host.
+            StoreError: the request record changed under a landed commit.
         """
         _check_host_id(host_id)
         _check_id("placement_id", placement_id)
         _check_id("request_id", request_id)
+        if schema.host_of_placement(placement_id) != host_id:
+            raise ValueError(f"placement_id {placement_id!r} does not name host {host_id!r}")
         for slot in slots:
             if not slot:
                 raise ValueError("slot keys must not be empty")
+        request_key = schema.request(request_id)
+        deadline = int(
+            await self._intent(
+                keys=[request_key],
+                args=[claimant, placement_id, host_id, self._claim_ttl_ms],
+            )
+        )
+        if deadline < 0:
+            return CommitResult(
+                CommitOutcome.LOST,
+                placement_id,
+                f"the claim on request {request_id} is no longer this call's",
+            )
         reply = await self._commit(
             keys=[
                 *schema.host_keys(host_id),
-                schema.request(request_id),
-                schema.placement_index(placement_id),
                 schema.placement_states(host_id),
                 schema.placement_tenants(host_id),
             ],
@@ -496,14 +866,23 @@ class RedisStateStore:
                 placement_id,
                 placement,
                 request_id,
-                request_digest,
                 host_id,
                 tenant,
+                deadline,
                 *slots,
             ],
         )
         outcome, pid, detail = (_text(x) for x in reply)
-        return CommitResult(CommitOutcome(outcome), pid, detail)
+        result = CommitResult(CommitOutcome(outcome), pid, detail)
+        if result.outcome is CommitOutcome.COMMITTED and not await self._finalize(
+            keys=[request_key], args=[claimant, placement_id]
+        ):
+            # Only a release of the new placement (an operator, the reaper)
+            # can have removed the record this fast; the placement is theirs.
+            raise StoreError(
+                f"request {request_id} changed while placement {placement_id} was committed"
+            )
+        return result
 
     async def update_placement(
         self,
@@ -537,25 +916,18 @@ class RedisStateStore:
         """
         _check_host_id(host_id)
         _check_id("placement_id", placement_id)
-        job = fence.job if fence else "none"
         result = int(
             await self._update(
                 keys=[
                     schema.placements(host_id),
                     schema.placement_states(host_id),
-                    schema.fence(job),
+                    schema.host(host_id),
                 ],
-                args=[
-                    placement_id,
-                    placement,
-                    state,
-                    str(fence.token) if fence else "",
-                    *from_states,
-                ],
+                args=[placement_id, placement, state, *_fence_args(fence), *from_states],
             )
         )
         if result == -3:
-            raise FencedOutError(f"{job} fencing token {fence.token if fence else 0} is stale")
+            raise FencedOutError(f"fencing token {fence} is stale on host {host_id}")
         return result == 1
 
     async def placement_state(self, host_id: str, placement_id: str) -> str | None:
@@ -576,9 +948,9 @@ class RedisStateStore:
     ) -> bool:
         """Atomically free a placement's slots and forget it.
 
-        Frees only the slots the placement still owns, deletes the placement,
-        its request index and placement index entries, and bumps the host's
-        alloc generation.
+        Frees only the slots the placement still owns, deletes the placement
+        and bumps the host's alloc generation (one script on the host); then
+        forgets the request record if it still names this placement.
 
         Args:
             host_id: the placement's host.
@@ -596,44 +968,28 @@ class RedisStateStore:
         """
         _check_host_id(host_id)
         _check_id("placement_id", placement_id)
-        # The script must be handed the request index key, so read the request
-        # id first; the script re-checks it and asks for a re-read (-1) if the
-        # placement was replaced in between.
-        for _ in range(_RELEASE_ATTEMPTS):
-            raw = await self._client.hget(schema.placement_requests(host_id), placement_id)
-            request_id = _text(raw)
-            result = int(
-                await self._release(
-                    keys=[
-                        *schema.host_keys(host_id),
-                        schema.request(request_id),
-                        schema.placement_index(placement_id),
-                        schema.placement_states(host_id),
-                        schema.placement_tenants(host_id),
-                        schema.fence(fence.job if fence else "none"),
-                    ],
-                    args=[
-                        placement_id,
-                        request_id,
-                        str(fence.token) if fence else "",
-                        *from_states,
-                    ],
-                )
-            )
-            if result == -3:
-                raise FencedOutError(f"{fence.job if fence else ''} fencing token is stale")
-            if result == -2:
-                return False
-            if result >= 0:
-                return result == 1
-        raise StoreError(
-            f"placement {placement_id} on host {host_id} kept changing under release; retry"
+        code, request_id = await self._release(
+            keys=[
+                *schema.host_keys(host_id),
+                schema.placement_states(host_id),
+                schema.placement_tenants(host_id),
+            ],
+            args=[placement_id, *_fence_args(fence), *from_states],
         )
+        if int(code) == -3:
+            raise FencedOutError(f"fencing token {fence} is stale on host {host_id}")
+        if int(code) != 1:
+            return False
+        if _text(request_id):
+            # A crash before this line leaves a record naming a placement that
+            # is gone: claim_request treats it as free.
+            await self._forget(keys=[schema.request(_text(request_id))], args=[placement_id])
+        return True
 
     # -- lookups ---------------------------------------------------------------
 
     async def get_placement(self, placement_id: str) -> tuple[str, bytes] | None:
-        """A placement by id.
+        """A placement by id (the id names its host).
 
         Args:
             placement_id: the placement.
@@ -641,33 +997,36 @@ class RedisStateStore:
         Returns:
             ``(host_id, payload)``, or None if there is none.
         """
-        if not placement_id:
-            return None
-        host_id = _text(await self._client.get(schema.placement_index(placement_id)))
-        if not host_id:
+        host_id = schema.host_of_placement(placement_id)
+        if not host_id or "{" in host_id or "}" in host_id:
             return None
         payload = await self._client.hget(schema.placements(host_id), placement_id)
-        if payload is None:  # released between the two reads
+        if payload is None:
             return None
         return host_id, _bytes(payload)
 
     async def placement_for_request(self, request_id: str) -> tuple[str, str] | None:
-        """The placement a request id made.
+        """The placement a request id made, once its commit landed.
 
         Args:
             request_id: the client's idempotency key.
 
         Returns:
-            ``(placement_id, request_digest)``, or None if the id is unused.
+            ``(placement_id, request_digest)``, or None if the id made no
+            placement that still exists.
         """
         if not request_id:
             return None
-        placement_id, digest = await self._client.hmget(
-            schema.request(request_id), [schema.F_PLACEMENT_ID, schema.F_DIGEST]
+        placement_id, host_id, digest = (
+            _text(x)
+            for x in await self._client.hmget(
+                schema.request(request_id),
+                [schema.F_PLACEMENT_ID, schema.F_HOST_ID, schema.F_DIGEST],
+            )
         )
-        if placement_id is None:
+        if not placement_id or not await self._holds(host_id, placement_id, request_id):
             return None
-        return _text(placement_id), _text(digest)
+        return placement_id, digest
 
     async def acquire_lease(self, job: str, owner: str, ttl_ms: int) -> int:
         """Take or renew the lease of a background job.
@@ -692,6 +1051,28 @@ class RedisStateStore:
     async def yield_lease(self, job: str, owner: str) -> bool:
         """Give a job's lease up (on shutdown), if this owner holds it."""
         return bool(await self._yield_lease(keys=[schema.lease(job)], args=[owner]))
+
+    async def raise_fences(self, host_ids: Sequence[str], fence: Fence) -> None:
+        """Record a new term's token on hosts, before the term acts on them.
+
+        Fenced writes are checked against the highest token their host has
+        seen, so a new leader raises it everywhere first: from then on the
+        deposed leader's writes are refused on every host, as if the check
+        read the global fence.
+
+        Raises:
+            FencedOutError: a host has seen a newer term.
+        """
+        async with self._client.pipeline(transaction=False) as pipe:
+            for host_id in host_ids:
+                _check_host_id(host_id)
+                await self._raise_fence(
+                    keys=[schema.host(host_id)], args=[fence.job, fence.token], client=pipe
+                )
+            replies = await pipe.execute()
+        stale = [h for h, ok in zip(host_ids, replies, strict=True) if not int(ok)]
+        if stale:
+            raise FencedOutError(f"fencing token {fence} is stale on hosts {stale[:5]}")
 
     async def list_placements(self, host_id: str | None = None) -> list[tuple[str, bytes]]:
         """Placements of one host or of all hosts, ordered by placement id.

@@ -26,40 +26,60 @@ key                                       type     content
                                                    domains and interference are judged by)
 ========================================  =======  ==========================================
 
-Global (not hash-tagged by host):
+The host hash also holds ``fence:<job>``: the highest fencing token of a
+background job that wrote to this host. A fenced write with a lower token is
+refused, so the check stays inside the host's slot (the resource remembers
+the newest term it saw, as Kleppmann's fencing has storage do).
+
+Per request (one key, so one slot):
 
 ========================================  =======  ==========================================
-``tessera:hosts``                         set      every registered host id
-``tessera:request:<request_id>``          hash     ``placement_id``, ``digest``, ``host_id``
-``tessera:placement:<placement_id>``      string   host id holding the placement
-``tessera:lease:<job>``                   string   ``<owner> <token>`` of the replica running
-                                                   a background job (the reaper), with a TTL
-``tessera:fence:<job>``                   integer  the job's fencing token: bumped each time
-                                                   a new replica takes the lease; writes of
-                                                   the job carry it and are refused once stale
+``tessera:request:<request_id>``          hash     ``state`` (``claimed`` or ``committed``),
+                                                   ``digest``, ``claimant``, ``deadline_ms``,
+                                                   ``placement_id``, ``host_id``
 ========================================  =======  ==========================================
 
-Cross-slot operations, and why they are acceptable for now:
+Per background job (hash tag ``{job:<job>}``, so lease and fence share a slot):
 
-* ``commit_reservation`` and ``release`` also write the request index and the
-  placement index, which live in other slots. Idempotency needs the request
-  check and the reservation to happen atomically: a retried request may be
-  planned onto a different host, so the request index cannot be per host.
-  Tessera targets a single Redis/Valkey primary today, where a Lua script over
-  any keys is atomic. Under Redis Cluster this would become a two-step
-  protocol (claim the request id in its own slot, then commit on the host,
-  undoing the claim on conflict).
+========================================  =======  ==========================================
+``tessera:{job:<job>}:lease``             string   ``<owner> <token>`` of the replica running
+                                                   the job (the reaper), with a TTL
+``tessera:{job:<job>}:fence``             integer  the job's fencing token: bumped each time
+                                                   a new replica takes the lease
+========================================  =======  ==========================================
+
+Global: ``tessera:hosts`` (set), every registered host id. It is written
+before the host record, so it is a superset of the registered hosts and
+readers skip ids without a record.
+
+Every write touches one hash slot, ready for Redis Cluster:
+
+* A **reservation** is committed in three single-slot steps, because
+  idempotency spans hosts (a retried request may be planned onto another
+  host). (1) *claim* the request id: its record becomes ``claimed`` by this
+  attempt, with a deadline in server time; (2) record the *intent* (the
+  placement id and host about to be committed; renews the deadline), then
+  *commit* on the host, whose script refuses once the deadline passed;
+  (3) *finalize*: the record becomes ``committed``. A caller finding a claim
+  past its deadline (plus a margin for clock skew between Cluster nodes)
+  knows no commit can still land: it adopts the placement if the host holds
+  it, or takes the claim over. The housekeeper resolves abandoned claims the
+  same way.
+* A **release** frees the host's slots, then forgets the request record if it
+  still names that placement. A crash in between leaves a record naming a
+  placement that is gone; readers treat it as free.
+* **Placement ids** name their host (``pl-<token>@<host_id>``), so a
+  placement is found by id without a global index.
 * ``snapshot`` reads all hosts in one MULTI, which is cross-slot; per-host
   consistency is all the scheduler needs, so under Cluster it would become one
-  MULTI per host.
-* ``tessera:hosts`` is written outside the host's commit (before the host
-  record), so it is a superset of the registered hosts and readers skip ids
-  without a record.
+  MULTI per host. Reads, not writes.
 
 The functions below are the only places key names are spelled out.
 """
 
 from __future__ import annotations
+
+import re
 
 PREFIX = "tessera:"
 
@@ -73,11 +93,22 @@ F_BOOT_ID = "boot_id"
 F_INVENTORY_GENERATION = "inventory_generation"
 F_LAST_HEARTBEAT_MS = "last_heartbeat_ms"
 F_ALLOC_GENERATION = "alloc_generation"
+F_FENCE_PREFIX = "fence:"
+"""Prefix of the host hash's per-job fence fields (``fence:reaper``)."""
 
-# Fields of a request index hash.
-F_PLACEMENT_ID = "placement_id"
+# Fields of a request record.
+F_STATE = "state"
 F_DIGEST = "digest"
+F_CLAIMANT = "claimant"
+F_DEADLINE_MS = "deadline_ms"
+F_PLACEMENT_ID = "placement_id"
 F_HOST_ID = "host_id"
+
+# States of a request record.
+CLAIMED = "claimed"
+COMMITTED = "committed"
+
+_PLACEMENT_ID = re.compile(r"^pl-([^@]+)@(.+)$", re.DOTALL)
 
 
 def _tag(host_id: str) -> str:
@@ -176,9 +207,9 @@ def placement_tenants(host_id: str) -> str:
 
 
 def request(request_id: str) -> str:
-    """Hash indexing a request id: ``placement_id``, ``digest``, ``host_id``.
+    """Hash of a request id's claim: state, digest, claimant, deadline, placement.
 
-    Global (cross-slot with the host keys): see the module docstring.
+    One key: every step of the request protocol is a single-key script.
 
     Args:
         request_id: the client's idempotency key.
@@ -189,42 +220,63 @@ def request(request_id: str) -> str:
     return f"{PREFIX}request:{request_id}"
 
 
-def placement_index(placement_id: str) -> str:
-    """String holding the host id of a placement, to find it by id alone.
-
-    Global (cross-slot with the host keys): see the module docstring.
+def placement_id(token: str, host_id: str) -> str:
+    """A placement id naming its host: ``pl-<token>@<host_id>``.
 
     Args:
-        placement_id: the placement.
+        token: unique part (no ``@``).
+        host_id: the host the placement is committed on.
 
     Returns:
-        The key name.
+        The placement id.
+
+    Raises:
+        ValueError: the token is empty or holds ``@``.
     """
-    return f"{PREFIX}placement:{placement_id}"
+    if not token or "@" in token:
+        raise ValueError(f"placement token {token!r} must be non-empty and hold no '@'")
+    return f"pl-{token}@{host_id}"
+
+
+def host_of_placement(placement_id: str) -> str | None:
+    """The host a placement id names, or None if it is not a placement id.
+
+    Args:
+        placement_id: as made by :func:`placement_id`.
+
+    Returns:
+        The host id.
+    """
+    found = _PLACEMENT_ID.match(placement_id)
+    return found.group(2) if found else None
 
 
 def lease(job: str) -> str:
     """String naming the replica that runs a background job, with a TTL.
 
+    Shares the fence's hash tag: both are written by one script.
+
     Args:
         job: the job ("reaper").
 
     Returns:
         The key name.
     """
-    return f"{PREFIX}lease:{job}"
+    return f"{PREFIX}{{job:{job}}}:lease"
 
 
 def fence(job: str) -> str:
     """Counter of a background job's leadership terms: its fencing token.
 
+    Shares the lease's hash tag: both are written by one script.
+
     Args:
         job: the job ("reaper").
 
     Returns:
         The key name.
     """
-    return f"{PREFIX}fence:{job}"
+    return f"{PREFIX}{{job:{job}}}:fence"
 
 
 def host_keys(host_id: str) -> list[str]:

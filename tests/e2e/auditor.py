@@ -12,18 +12,18 @@ file. It reports:
   device handed over whole while another placement holds a slice of it; mdevs
   and MIG instances of different placements on one GPU;
 * **inconsistencies**: a placement whose slots are not all in the alloc hash
-  (owned by it), whose allocations and slots disagree, without a state, or
-  missing from the placement or request index;
+  (owned by it), whose allocations and slots disagree, without a state, whose
+  id does not name its host, or whose request record does not name it;
 * **leaked on host** (host checks): a device bound to vfio-pci (or a variant),
   an mdev or a MIG GPU instance that belongs to no PENDING, READY or RELEASING
   placement; VFs left enabled on a PF no placement uses;
 * **lost acknowledged placements**: ids the caller got READY for, never
   released, absent from the store;
-* **leaked slots**: alloc entries whose placement no longer exists, index keys
-  naming a placement that is gone, and (``final=True``, after every release)
-  anything left at all.
+* **leaked slots**: alloc entries whose placement no longer exists, and
+  (``final=True``, after every release) anything left at all but claims of
+  calls that died before committing.
 
-Store reads are atomic (one MULTI), so store-only audits are exact while the
+Store reads are atomic (one script), so store-only audits are exact while the
 cluster runs. Host checks compare two different instants of host and store:
 run them when no Place or Release is in flight (``check_hosts=True``).
 
@@ -120,49 +120,73 @@ class _HostData:
 
 @dataclass
 class StoreView:
-    """Every host's allocation keys and the index keys, read in one MULTI."""
+    """Every host's allocation keys and every request record, read at one instant."""
 
     hosts: dict[str, _HostData]
-    request_keys: set[str]
-    placement_keys: set[str]
+    requests: dict[str, dict[str, str]]
 
     def placement_ids(self) -> set[str]:
         """Every placement id in any host's placements hash."""
         return {pid for h in self.hosts.values() for pid in h.payloads}
 
 
+# The auditor's own atomic read: one script sees the store at one instant
+# (a script on a single server; the auditor runs beside a plain Valkey).
+_READ_ALL_LUA = """
+local requests = {}
+for _, key in ipairs(redis.call('KEYS', ARGV[1])) do
+  requests[#requests + 1] = key
+  requests[#requests + 1] = redis.call('HGETALL', key)
+end
+local hosts = {}
+for i = 1, #KEYS do
+  if i % 7 == 1 then
+    hosts[#hosts + 1] = redis.call('EXISTS', KEYS[i])
+  else
+    hosts[#hosts + 1] = redis.call('HGETALL', KEYS[i])
+  end
+end
+return {requests, hosts}
+"""
+
+
+def _pairs(flat: list[Any]) -> dict[str, Any]:
+    return {_s(k): v for k, v in zip(flat[::2], flat[1::2], strict=True)}
+
+
 def read_store(client: redis.Redis) -> StoreView:
-    """Read the whole store atomically (MULTI/EXEC)."""
+    """Read the whole store atomically (one script)."""
     host_ids = sorted(_s(h) for h in client.smembers(schema.HOSTS))
-    pipe = client.pipeline(transaction=True)
-    pipe.keys(schema.request("*"))
-    pipe.keys(schema.placement_index("*"))
+    keys: list[str] = []
     for h in host_ids:
-        pipe.exists(schema.host(h))
-        pipe.hgetall(schema.alloc(h))
-        pipe.hgetall(schema.placements(h))
-        pipe.hgetall(schema.placement_slots(h))
-        pipe.hgetall(schema.placement_requests(h))
-        pipe.hgetall(schema.placement_states(h))
-        pipe.hgetall(schema.placement_tenants(h))
-    replies = pipe.execute()
+        keys += [
+            schema.host(h),
+            schema.alloc(h),
+            schema.placements(h),
+            schema.placement_slots(h),
+            schema.placement_requests(h),
+            schema.placement_states(h),
+            schema.placement_tenants(h),
+        ]
+    requests, flat = client.eval(_READ_ALL_LUA, len(keys), *keys, schema.request("*"))
     hosts: dict[str, _HostData] = {}
     for i, h in enumerate(host_ids):
-        exists, alloc, payloads, slots, requests, states, tenants = replies[2 + 7 * i : 9 + 7 * i]
+        exists, alloc, payloads, slots, reqs, states, tenants = flat[7 * i : 7 * i + 7]
         hosts[h] = _HostData(
-            alloc={_s(k): _s(v) for k, v in alloc.items()},
-            payloads={_s(k): bytes(v) for k, v in payloads.items()},
-            slots={_s(k): _s(v) for k, v in slots.items()},
-            requests={_s(k): _s(v) for k, v in requests.items()},
-            states={_s(k): _s(v) for k, v in states.items()},
-            tenants={_s(k): _s(v) for k, v in tenants.items()},
+            alloc={k: _s(v) for k, v in _pairs(alloc).items()},
+            payloads={k: bytes(v) for k, v in _pairs(payloads).items()},
+            slots={k: _s(v) for k, v in _pairs(slots).items()},
+            requests={k: _s(v) for k, v in _pairs(reqs).items()},
+            states={k: _s(v) for k, v in _pairs(states).items()},
+            tenants={k: _s(v) for k, v in _pairs(tenants).items()},
             registered=bool(exists),
         )
-    return StoreView(
-        hosts=hosts,
-        request_keys={_s(k) for k in replies[0]},
-        placement_keys={_s(k) for k in replies[1]},
-    )
+    prefix = schema.request("")
+    records = {
+        _s(key)[len(prefix) :]: {k: _s(v) for k, v in _pairs(fields).items()}
+        for key, fields in zip(requests[::2], requests[1::2], strict=True)
+    }
+    return StoreView(hosts=hosts, requests=records)
 
 
 # -- slot keys (the auditor's own reading of the grammar) ----------------------
@@ -256,13 +280,16 @@ def _check_store(view: StoreView, report: AuditReport) -> dict[str, _Holdings]:
             report.states[state or "?"] = report.states.get(state or "?", 0) + 1
             if state not in KNOWN_STATES:
                 report.inconsistent.append(f"{h}/{pid}: state {state!r}")
-            if schema.placement_index(pid) not in view.placement_keys:
-                report.inconsistent.append(f"{h}/{pid}: no placement index key")
+            if schema.host_of_placement(pid) != h:
+                report.inconsistent.append(f"{h}/{pid}: the id does not name its host")
             rid = data.requests.get(pid, "")
+            record = view.requests.get(rid, {})
             if not rid:
                 report.inconsistent.append(f"{h}/{pid}: no request id")
-            elif schema.request(rid) not in view.request_keys:
-                report.inconsistent.append(f"{h}/{pid}: request {rid} has no request index")
+            elif (record.get(schema.F_PLACEMENT_ID), record.get(schema.F_HOST_ID)) != (pid, h):
+                # Committed before finalized, forgotten after released: the
+                # record names a placement for as long as a host holds it.
+                report.inconsistent.append(f"{h}/{pid}: request {rid} record is {record}")
             try:
                 slots = [str(s) for s in json.loads(data.slots.get(pid, "null"))]
             except (ValueError, TypeError):
@@ -299,12 +326,6 @@ def _check_store(view: StoreView, report: AuditReport) -> dict[str, _Holdings]:
         held = _holdings(h, data, placements)
         _check_holdings(h, held, report)
         holdings[h] = held
-    # Index keys pointing at nothing (release deletes them in the same script).
-    live = view.placement_ids()
-    prefix = schema.placement_index("")
-    for key in sorted(view.placement_keys):
-        if key[len(prefix) :] not in live:
-            report.leaked_slots.append(f"placement index {key} names no placement")
     return holdings
 
 
@@ -512,8 +533,12 @@ def audit(
                 report.leaked_slots.append(f"{h}: slot {slot} still owned by {owner}")
             for pid in sorted(data.payloads):
                 report.leaked_slots.append(f"{h}/{pid}: placement left ({data.states.get(pid)})")
-        for key in sorted(view.request_keys):
-            report.leaked_slots.append(f"request index {key} left")
+        for rid, record in sorted(view.requests.items()):
+            # A claim whose call died before committing holds nothing (the
+            # housekeeper drops it); a committed record must be forgotten by
+            # the release of its placement.
+            if record.get(schema.F_STATE) != schema.CLAIMED:
+                report.leaked_slots.append(f"request record {rid} left: {record}")
     if check_hosts or final:
         for h, root in sorted(host_roots.items()):
             facts = read_host(root)

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+from importlib import resources
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from scheduler.store import schema
-from scheduler.store.redis_store import CommitOutcome, CommitResult, RedisStateStore
+from scheduler.store.redis_store import (
+    ClaimOutcome,
+    CommitOutcome,
+    CommitResult,
+    RedisStateStore,
+    RequestClaim,
+)
 
 from ..conftest import Runner
+
+
+def schema_dir() -> Any:
+    """Where the store's Lua scripts ship."""
+    return resources.files("scheduler.store")
+
 
 H = "host-a"
 INVENTORY = b"\x08\x01\x12\x06host-a\xff\x00"  # opaque bytes, not valid UTF-8
@@ -37,26 +51,44 @@ async def register(
     )
 
 
+def pid(token: str, host_id: str = H) -> str:
+    """The placement id of ``token`` on a host (ids name their host)."""
+    return schema.placement_id(token, host_id)
+
+
+async def claim(
+    store: RedisStateStore, request_id: str, claimant: str, digest: str = ""
+) -> RequestClaim:
+    return await store.claim_request(request_id, digest or f"digest-{request_id}", claimant)
+
+
 async def commit(
     store: RedisStateStore,
-    placement_id: str,
+    token: str,
     slots: list[str],
     *,
     host_id: str = H,
     generation: int | None = None,
     request_id: str | None = None,
+    claimant: str | None = None,
 ) -> CommitResult:
+    """Claim the request (unless ``claimant`` already holds it), then commit."""
     if generation is None:
         record = await store.get_host(host_id)
         generation = record.alloc_generation if record else 0
+    request_id = request_id or f"req-{token}"
+    if claimant is None:
+        claimant = f"call-{token}"
+        assert (await claim(store, request_id, claimant)).outcome is ClaimOutcome.CLAIMED
+    placement_id = pid(token, host_id)
     return await store.commit_reservation(
         host_id=host_id,
         expected_alloc_generation=generation,
         slots=slots,
         placement_id=placement_id,
         placement=b"payload-" + placement_id.encode(),
-        request_id=request_id or f"req-{placement_id}",
-        request_digest=f"digest-{placement_id}",
+        request_id=request_id,
+        claimant=claimant,
     )
 
 
@@ -174,13 +206,26 @@ def test_placement_and_request_ids_may_hold_any_characters(
     async def body() -> None:
         store = RedisStateStore(redis_client)
         await register(store)
-        result = await commit(store, "pl {x}:1", ["iommu-group:1"], request_id="{req}/é")
+        result = await commit(store, "x {y}:1", ["iommu-group:1"], request_id="{req}/é")
         assert result.outcome is CommitOutcome.COMMITTED
-        assert await store.placement_for_request("{req}/é") == ("pl {x}:1", "digest-pl {x}:1")
-        assert await store.release(H, "pl {x}:1")
+        p1 = pid("x {y}:1")
+        assert await store.placement_for_request("{req}/é") == (p1, "digest-{req}/é")
+        assert await store.get_placement(p1) == (H, b"payload-" + p1.encode())
+        assert await store.release(H, p1)
         assert await store.placement_for_request("{req}/é") is None
 
     arun(body())
+
+
+def test_placement_ids_name_their_host() -> None:
+    assert schema.placement_id("3f2a", "gpu-07.rack:2") == "pl-3f2a@gpu-07.rack:2"
+    assert schema.host_of_placement("pl-3f2a@gpu-07.rack:2") == "gpu-07.rack:2"
+    assert schema.host_of_placement("pl-3f2a@user@host") == "user@host"
+    for foreign in ("p1", "pl-@h", "pl-x", "x-1@h", ""):
+        assert schema.host_of_placement(foreign) is None, foreign
+    for bad in ("", "a@b"):
+        with pytest.raises(ValueError, match="token"):
+            schema.placement_id(bad, H)
 
 
 # -- commit ------------------------------------------------------------------
@@ -193,19 +238,50 @@ def test_a_commit_writes_everything_and_bumps_the_generation(
         store = RedisStateStore(redis_client)
         await register(store)
         result = await commit(store, "p1", ["iommu-group:1", "iommu-group:2"], generation=0)
+        p1 = pid("p1")
         assert result.outcome is CommitOutcome.COMMITTED
-        assert result.placement_id == "p1"
+        assert result.placement_id == p1
         assert "generation now 1" in result.detail
         record = await store.get_host(H)
         assert record is not None
         assert record.alloc_generation == 1
-        assert record.allocations == {"iommu-group:1": "p1", "iommu-group:2": "p1"}
-        assert await store.get_placement("p1") == (H, b"payload-p1")
-        assert await store.placement_for_request("req-p1") == ("p1", "digest-p1")
-        assert await store.list_placements() == [(H, b"payload-p1")]
-        owned = await redis_client.hget(schema.placement_slots(H), "p1")
+        assert record.allocations == {"iommu-group:1": p1, "iommu-group:2": p1}
+        assert await store.get_placement(p1) == (H, b"payload-" + p1.encode())
+        assert await store.placement_for_request("req-p1") == (p1, "digest-req-p1")
+        assert await store.list_placements() == [(H, b"payload-" + p1.encode())]
+        owned = await redis_client.hget(schema.placement_slots(H), p1)
         assert owned is not None
         assert json.loads(owned) == ["iommu-group:1", "iommu-group:2"]
+        # The request record is finalized: committed, naming the placement.
+        recorded = await redis_client.hgetall(schema.request("req-p1"))
+        assert recorded == {
+            b"state": b"committed",
+            b"digest": b"digest-req-p1",
+            b"placement_id": p1.encode(),
+            b"host_id": H.encode(),
+        }
+
+    arun(body())
+
+
+def test_a_placement_id_must_name_the_host_it_is_committed_on(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        await register(store)
+        await claim(store, "r1", "me")
+        with pytest.raises(ValueError, match="does not name host"):
+            await store.commit_reservation(
+                host_id=H,
+                expected_alloc_generation=0,
+                slots=["iommu-group:1"],
+                placement_id=pid("p1", "host-b"),
+                placement=b"x",
+                request_id="r1",
+                claimant="me",
+            )
+        assert await store.list_placements() == []
 
     arun(body())
 
@@ -217,14 +293,19 @@ def test_a_moved_generation_is_a_conflict_and_writes_nothing(
         store = RedisStateStore(redis_client)
         await register(store)
         assert (await commit(store, "p1", ["iommu-group:1"])).outcome is CommitOutcome.COMMITTED
+        await claim(store, "req-p2", "me")
         before = await dump(redis_client)
-        result = await commit(store, "p2", ["iommu-group:2"], generation=0)
+        result = await commit(store, "p2", ["iommu-group:2"], generation=0, claimant="me")
         assert result.outcome is CommitOutcome.CONFLICT
-        assert result.placement_id == "p2"
+        assert result.placement_id == pid("p2")
         assert "generation" in result.detail
         assert "is 1" in result.detail
         assert "expected 0" in result.detail
-        assert await dump(redis_client) == before
+        after = await dump(redis_client)
+        # Only the claim's intent moved (it names the attempt); the host is untouched.
+        assert {k: v for k, v in after.items() if k != schema.request("req-p2").encode()} == {
+            k: v for k, v in before.items() if k != schema.request("req-p2").encode()
+        }
 
     arun(body())
 
@@ -239,7 +320,7 @@ def test_a_taken_slot_is_a_conflict_naming_the_owner(
         result = await commit(store, "p2", ["iommu-group:1"])
         assert result.outcome is CommitOutcome.CONFLICT
         assert "iommu-group:1" in result.detail
-        assert "p1" in result.detail
+        assert pid("p1") in result.detail
 
     arun(body())
 
@@ -254,8 +335,10 @@ def test_a_commit_is_all_or_nothing(redis_client: aioredis.Redis, arun: Runner) 
         result = await commit(store, "p2", slots)
         assert result.outcome is CommitOutcome.CONFLICT
         assert "iommu-group:3" in result.detail
-        assert await dump(redis_client) == before
-        assert await store.get_placement("p2") is None
+        host_keys = {k for k in before if b"{" in k}
+        after = await dump(redis_client)
+        assert {k: after[k] for k in host_keys} == {k: before[k] for k in host_keys}
+        assert await store.get_placement(pid("p2")) is None
         assert await store.placement_for_request("req-p2") is None
 
     arun(body())
@@ -267,6 +350,9 @@ def test_an_unknown_host_is_a_conflict(redis_client: aioredis.Redis, arun: Runne
         result = await commit(store, "p1", ["iommu-group:1"], host_id="nowhere", generation=0)
         assert result.outcome is CommitOutcome.CONFLICT
         assert "not registered" in result.detail
+        # Only the request's claim exists; it is dropped when the caller gives up.
+        assert set(await dump(redis_client)) == {schema.request("req-p1").encode()}
+        assert await store.abandon_claim("req-p1", "call-p1")
         assert await dump(redis_client) == {}
 
     arun(body())
@@ -276,33 +362,146 @@ def test_a_placement_id_is_never_overwritten(redis_client: aioredis.Redis, arun:
     async def body() -> None:
         store = RedisStateStore(redis_client)
         await register(store)
-        await register(store, "host-b")
         await commit(store, "p1", ["iommu-group:1"])
-        result = await commit(store, "p1", ["iommu-group:1"], host_id="host-b", request_id="r2")
+        result = await commit(store, "p1", ["iommu-group:2"], request_id="r2")
         assert result.outcome is CommitOutcome.CONFLICT
         assert "already in use" in result.detail
-        assert await store.get_placement("p1") == (H, b"payload-p1")
+        assert await store.get_placement(pid("p1")) == (H, b"payload-" + pid("p1").encode())
 
     arun(body())
 
 
-def test_a_duplicate_request_returns_the_existing_placement(
+# -- request claims ----------------------------------------------------------
+
+
+def test_a_request_id_is_claimed_once_and_then_answers_with_its_placement(
     redis_client: aioredis.Redis, arun: Runner
 ) -> None:
     async def body() -> None:
         store = RedisStateStore(redis_client)
         await register(store)
         await register(store, "host-b")
-        first = await commit(store, "p1", ["iommu-group:1"], request_id="req")
+        assert await claim(store, "req", "a") == RequestClaim(ClaimOutcome.CLAIMED, "digest-req")
+        # The same call again renews; another call finds it busy.
+        assert (await claim(store, "req", "a")).outcome is ClaimOutcome.CLAIMED
+        assert await claim(store, "req", "b") == RequestClaim(ClaimOutcome.BUSY, "digest-req")
+        first = await commit(store, "p1", ["iommu-group:1"], request_id="req", claimant="a")
         assert first.outcome is CommitOutcome.COMMITTED
         before = await dump(redis_client)
-        # A retry planned against the old generation, even on another host.
-        again = await commit(store, "p9", ["iommu-group:7"], generation=0, request_id="req")
-        assert again == CommitResult(CommitOutcome.DUPLICATE, "p1", again.detail)
-        elsewhere = await commit(store, "p8", ["iommu-group:1"], host_id="host-b", request_id="req")
-        assert elsewhere.outcome is CommitOutcome.DUPLICATE
-        assert elsewhere.placement_id == "p1"
+        # A retry (any call, any digest) is told what the first call made.
+        assert await claim(store, "req", "c") == RequestClaim(
+            ClaimOutcome.DUPLICATE, "digest-req", pid("p1")
+        )
+        again = await claim(store, "req", "d", digest="other")
+        assert again.digest == "digest-req"  # the caller sees the id was reused
+        # Committing without the claim writes nothing.
+        lost = await commit(store, "p9", ["iommu-group:7"], request_id="req", claimant="c")
+        assert lost.outcome is CommitOutcome.LOST
+        elsewhere = await commit(
+            store, "p8", ["iommu-group:1"], host_id="host-b", request_id="req", claimant="c"
+        )
+        assert elsewhere.outcome is CommitOutcome.LOST
         assert await dump(redis_client) == before
+
+    arun(body())
+
+
+def test_a_stale_claim_whose_commit_landed_is_adopted(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client, claim_ttl_ms=100, claim_skew_ms=0)
+        await register(store)
+        await commit(store, "p1", ["iommu-group:1"], request_id="req")
+        # What a caller that died between the host commit and finalize leaves.
+        await redis_client.hset(
+            schema.request("req"), mapping={"state": "claimed", "claimant": "dead"}
+        )
+        await redis_client.hset(schema.request("req"), "deadline_ms", 1)
+        got = await claim(store, "req", "next")
+        assert got == RequestClaim(ClaimOutcome.DUPLICATE, "digest-req", pid("p1"))
+        assert await redis_client.hget(schema.request("req"), "state") == b"committed"
+
+    arun(body())
+
+
+def test_a_stale_claim_that_never_landed_is_taken_over_and_its_commit_refused(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client, claim_ttl_ms=50, claim_skew_ms=0)
+        await register(store)
+        assert (await claim(store, "req", "slow")).outcome is ClaimOutcome.CLAIMED
+        assert (await claim(store, "req", "next")).outcome is ClaimOutcome.BUSY
+        await asyncio.sleep(0.1)
+        assert (await claim(store, "req", "next")).outcome is ClaimOutcome.CLAIMED
+        late = await commit(store, "p1", ["iommu-group:1"], request_id="req", claimant="slow")
+        assert late.outcome is CommitOutcome.LOST
+        won = await commit(store, "p2", ["iommu-group:1"], request_id="req", claimant="next")
+        assert won.outcome is CommitOutcome.COMMITTED
+        assert await store.list_placements() == [(H, b"payload-" + pid("p2").encode())]
+
+    arun(body())
+
+
+def test_the_host_refuses_a_commit_past_the_claims_deadline(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    """A caller that stalls between recording its intent and the host commit."""
+
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        await register(store)
+        script = redis_client.register_script((schema_dir() / "commit.lua").read_text("utf-8"))
+        keys = [*schema.host_keys(H), schema.placement_states(H), schema.placement_tenants(H)]
+        seconds, _ = await redis_client.time()
+        past = int(seconds) * 1000 - 1000
+        reply = await script(
+            keys=keys, args=["0", pid("p1"), b"x", "req", H, "t", past, "iommu-group:1"]
+        )
+        assert reply[0] == b"EXPIRED"
+        assert b"expired" in reply[2]
+        assert await store.list_placements() == []
+
+    arun(body())
+
+
+def test_sixteen_calls_for_one_request_id_claim_it_once(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        results = await asyncio.gather(*(claim(store, "same", f"c{i}") for i in range(16)))
+        outcomes = sorted(r.outcome.value for r in results)
+        assert outcomes == ["BUSY"] * 15 + ["CLAIMED"]
+
+    arun(body())
+
+
+def test_stale_claims_are_resolved_by_the_sweep(redis_client: aioredis.Redis, arun: Runner) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client, claim_ttl_ms=50, claim_skew_ms=0)
+        await register(store)
+        # landed: committed on the host, never finalized.
+        await commit(store, "p1", ["iommu-group:1"], request_id="landed")
+        await redis_client.hset(
+            schema.request("landed"), mapping={"state": "claimed", "claimant": "dead"}
+        )
+        await redis_client.hset(schema.request("landed"), "deadline_ms", 1)
+        # lost: claimed with an intent whose commit never happened.
+        await claim(store, "lost", "dead")
+        await redis_client.hset(
+            schema.request("lost"), mapping={"placement_id": pid("p2"), "host_id": H}
+        )
+        await asyncio.sleep(0.1)
+        await claim(store, "live", "alive")  # within its deadline
+        await commit(store, "p3", ["iommu-group:3"], request_id="done")  # committed
+        assert await store.resolve_stale_claims() == 2
+        assert await redis_client.hget(schema.request("landed"), "state") == b"committed"
+        assert not await redis_client.exists(schema.request("lost"))
+        assert await redis_client.hget(schema.request("live"), "state") == b"claimed"
+        assert await redis_client.hget(schema.request("done"), "state") == b"committed"
+        assert await store.resolve_stale_claims() == 0
 
     arun(body())
 
@@ -347,28 +546,6 @@ def test_sixteen_racers_for_one_slot_yield_exactly_one_commit(
     arun(body())
 
 
-def test_sixteen_retries_of_one_request_yield_one_placement(
-    redis_client: aioredis.Redis, arun: Runner
-) -> None:
-    async def body() -> None:
-        store = RedisStateStore(redis_client)
-        await register(store)
-        # Different slots, so only idempotency (not the slot) can stop them;
-        # each racer reads the generation itself, so some see it moved.
-        results = await asyncio.gather(
-            *(commit(store, f"p{i}", [f"iommu-group:{i}"], request_id="same") for i in range(16))
-        )
-        won = [r for r in results if r.outcome is CommitOutcome.COMMITTED]
-        assert len(won) == 1
-        assert all(
-            r.outcome is not CommitOutcome.DUPLICATE or r.placement_id == won[0].placement_id
-            for r in results
-        )
-        assert len(await store.list_placements()) == 1
-
-    arun(body())
-
-
 # -- update and release ------------------------------------------------------
 
 
@@ -377,16 +554,17 @@ def test_update_replaces_the_payload_only(redis_client: aioredis.Redis, arun: Ru
         store = RedisStateStore(redis_client)
         await register(store)
         await commit(store, "p1", ["iommu-group:1"])
-        assert await store.placement_state(H, "p1") == "pending"
-        assert await store.update_placement(H, "p1", b"ready", state="ready")
-        assert await store.get_placement("p1") == (H, b"ready")
-        assert await store.placement_state(H, "p1") == "ready"
+        p1 = pid("p1")
+        assert await store.placement_state(H, p1) == "pending"
+        assert await store.update_placement(H, p1, b"ready", state="ready")
+        assert await store.get_placement(p1) == (H, b"ready")
+        assert await store.placement_state(H, p1) == "ready"
         record = await store.get_host(H)
         assert record is not None
         assert record.alloc_generation == 1  # a state change frees and takes nothing
-        assert await store.release(H, "p1")
-        assert not await store.update_placement(H, "p1", b"zombie", state="ready")
-        assert await store.get_placement("p1") is None
+        assert await store.release(H, p1)
+        assert not await store.update_placement(H, p1, b"zombie", state="ready")
+        assert await store.get_placement(p1) is None
         assert await redis_client.hgetall(schema.placements(H)) == {}
         assert await redis_client.hgetall(schema.placement_states(H)) == {}
 
@@ -400,18 +578,19 @@ def test_state_changes_and_release_are_compare_and_set(
         store = RedisStateStore(redis_client)
         await register(store)
         await commit(store, "p1", ["iommu-group:1"])
+        p1 = pid("p1")
         # A release that expects a prepared placement must not free a pending one.
-        assert not await store.release(H, "p1", from_states=["ready", "failed"])
+        assert not await store.release(H, p1, from_states=["ready", "failed"])
         assert not await store.update_placement(
-            H, "p1", b"x", state="releasing", from_states=["ready"]
+            H, p1, b"x", state="releasing", from_states=["ready"]
         )
-        assert await store.placement_state(H, "p1") == "pending"
-        assert await store.update_placement(H, "p1", b"r", state="ready", from_states=["pending"])
+        assert await store.placement_state(H, p1) == "pending"
+        assert await store.update_placement(H, p1, b"r", state="ready", from_states=["pending"])
         assert await store.update_placement(
-            H, "p1", b"x", state="releasing", from_states=["ready", "failed"]
+            H, p1, b"x", state="releasing", from_states=["ready", "failed"]
         )
-        assert await store.release(H, "p1", from_states=["releasing"])
-        assert await store.get_placement("p1") is None
+        assert await store.release(H, p1, from_states=["releasing"])
+        assert await store.get_placement(p1) is None
 
     arun(body())
 
@@ -424,20 +603,42 @@ def test_release_forgets_the_placement_and_frees_its_slots(
         await register(store)
         await commit(store, "p1", ["iommu-group:1", "iommu-group:2"])
         await commit(store, "p2", ["iommu-group:3"])
-        assert await store.release(H, "p1")
+        p1, p2 = pid("p1"), pid("p2")
+        assert await store.release(H, p1)
         record = await store.get_host(H)
         assert record is not None
-        assert record.allocations == {"iommu-group:3": "p2"}
+        assert record.allocations == {"iommu-group:3": p2}
         assert record.alloc_generation == 3
-        assert await store.get_placement("p1") is None
+        assert await store.get_placement(p1) is None
         assert await store.placement_for_request("req-p1") is None
-        assert await store.list_placements() == [(H, b"payload-p2")]
-        assert not await store.release(H, "p1")
+        assert not await redis_client.exists(schema.request("req-p1"))
+        assert await store.list_placements() == [(H, b"payload-" + p2.encode())]
+        assert not await store.release(H, p1)
         assert not await store.release(H, "never")
-        assert not await store.release("host-b", "p2")  # wrong host
+        assert not await store.release("host-b", p2)  # wrong host
         # The request id may be used again once released.
         again = await commit(store, "p3", ["iommu-group:1"], request_id="req-p1")
         assert again.outcome is CommitOutcome.COMMITTED
+
+    arun(body())
+
+
+def test_a_record_left_by_a_release_cut_short_frees_its_request_id(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        await register(store)
+        await commit(store, "p1", ["iommu-group:1"], request_id="req")
+        left = await redis_client.hgetall(schema.request("req"))
+        assert await store.release(H, pid("p1"))
+        # The release died between freeing the host's slots and forgetting the record.
+        for field, value in left.items():
+            await redis_client.hset(schema.request("req"), field, value)
+        assert await store.placement_for_request("req") is None
+        assert await claim(store, "req", "retry") == RequestClaim(
+            ClaimOutcome.CLAIMED, "digest-req"
+        )
 
     arun(body())
 
@@ -451,7 +652,7 @@ def test_release_frees_only_the_slots_the_placement_still_owns(
         await commit(store, "p1", ["iommu-group:1", "iommu-group:2"])
         # An operator moved a slot to another owner by hand.
         await redis_client.hset(schema.alloc(H), "iommu-group:2", "p-manual")
-        assert await store.release(H, "p1")
+        assert await store.release(H, pid("p1"))
         record = await store.get_host(H)
         assert record is not None
         assert record.allocations == {"iommu-group:2": "p-manual"}
@@ -466,23 +667,23 @@ def test_placements_are_listed_in_id_order_and_by_host(
         store = RedisStateStore(redis_client)
         await register(store, "host-a")
         await register(store, "host-b")
-        await commit(store, "pl-c", ["iommu-group:1"], host_id="host-a")
-        await commit(store, "pl-a", ["iommu-group:1"], host_id="host-b")
-        await commit(store, "pl-b", ["iommu-group:2"], host_id="host-a")
+        await commit(store, "c", ["iommu-group:1"], host_id="host-a")
+        await commit(store, "a", ["iommu-group:1"], host_id="host-b")
+        await commit(store, "b", ["iommu-group:2"], host_id="host-a")
         everything = await store.list_placements()
         assert everything == [
-            ("host-b", b"payload-pl-a"),
-            ("host-a", b"payload-pl-b"),
-            ("host-a", b"payload-pl-c"),
+            ("host-b", b"payload-pl-a@host-b"),
+            ("host-a", b"payload-pl-b@host-a"),
+            ("host-a", b"payload-pl-c@host-a"),
         ]
         assert await store.list_placements("host-a") == [
-            ("host-a", b"payload-pl-b"),
-            ("host-a", b"payload-pl-c"),
+            ("host-a", b"payload-pl-b@host-a"),
+            ("host-a", b"payload-pl-c@host-a"),
         ]
         assert await store.list_placements("host-z") == []
         snap = await store.snapshot()
         assert set(snap.hosts) == {"host-a", "host-b"}
-        assert snap.hosts["host-b"].allocations == {"iommu-group:1": "pl-a"}
+        assert snap.hosts["host-b"].allocations == {"iommu-group:1": "pl-a@host-b"}
 
     arun(body())
 
@@ -492,6 +693,8 @@ def test_lookups_of_unknown_ids_find_nothing(redis_client: aioredis.Redis, arun:
         store = RedisStateStore(redis_client)
         assert await store.get_placement("nope") is None
         assert await store.get_placement("") is None
+        assert await store.get_placement("pl-x@{bad}") is None
+        assert await store.get_placement(pid("x", "unknown-host")) is None
         assert await store.placement_for_request("nope") is None
         assert await store.list_placements() == []
         assert (await store.snapshot()).hosts == {}
@@ -509,19 +712,19 @@ def test_every_key_is_prefixed_and_per_host_keys_share_one_slot(
         store = RedisStateStore(redis_client)
         await register(store)
         await commit(store, "p1", ["iommu-group:1"])
+        token = await store.acquire_lease("reaper", "me", 10_000)
         keys = {k.decode() if isinstance(k, bytes) else k for k in await redis_client.keys("*")}
         assert all(k.startswith(schema.PREFIX) for k in keys)
-        per_host = {k for k in keys if "{" in k}
+        per_host = {k for k in keys if "{" + H + "}" in k}
         assert per_host == {
             *schema.host_keys(H),
             schema.placement_states(H),
             schema.placement_tenants(H),
         }
         assert len({key_slot(k.encode()) for k in per_host}) == 1
-        assert keys - per_host == {
-            schema.HOSTS,
-            schema.request("req-p1"),
-            schema.placement_index("p1"),
-        }
+        job = {schema.lease("reaper"), schema.fence("reaper")}
+        assert token and job <= keys
+        assert len({key_slot(k.encode()) for k in job}) == 1
+        assert keys - per_host - job == {schema.HOSTS, schema.request("req-p1")}
 
     arun(body())
