@@ -31,6 +31,7 @@ import base64
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +87,16 @@ class CheckpointEntry:
 
 
 class Checkpoint:
-    """A JSON file of :class:`CheckpointEntry`, rewritten atomically on every change."""
+    """A JSON file of :class:`CheckpointEntry`, rewritten atomically on every change.
+
+    Thread-safe: the agent carries out operations on different devices at
+    once, each changing its own entry; every change and its write to disk
+    are one step, so the file always holds the latest of every entry.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
+        self._lock = threading.RLock()
         self._entries: dict[str, CheckpointEntry] = {}
         self._created: dict[str, Mapping[str, Any]] = {}
         self._fence = 0
@@ -106,11 +113,13 @@ class Checkpoint:
 
     def entries(self) -> dict[str, CheckpointEntry]:
         """Every entry, by placement id."""
-        return dict(self._entries)
+        with self._lock:
+            return dict(self._entries)
 
     def get(self, placement_id: str) -> CheckpointEntry | None:
         """One entry, or None."""
-        return self._entries.get(placement_id)
+        with self._lock:
+            return self._entries.get(placement_id)
 
     def put(
         self,
@@ -126,41 +135,48 @@ class Checkpoint:
             remember: created objects to add to (or update in) the ledger.
             forget: a ledger key to drop.
         """
-        self._entries[entry.placement_id] = entry
-        self._created.update({k: dict(v) for k, v in (remember or {}).items()})
-        if forget is not None:
-            self._created.pop(forget, None)
-        self._flush()
+        with self._lock:
+            self._entries[entry.placement_id] = entry
+            self._created.update({k: dict(v) for k, v in (remember or {}).items()})
+            if forget is not None:
+                self._created.pop(forget, None)
+            self._flush()
 
     def remove(self, placement_id: str) -> None:
         """Drop an entry (if present) and persist."""
-        if self._entries.pop(placement_id, None) is not None:
-            self._flush()
+        with self._lock:
+            if self._entries.pop(placement_id, None) is not None:
+                self._flush()
 
     @property
     def fence(self) -> int:
         """The highest fencing token a scheduler background job has shown this agent."""
-        return self._fence
+        with self._lock:
+            return self._fence
 
     def raise_fence(self, token: int) -> None:
         """Remember a higher fencing token (persisted before the job's call acts)."""
-        if token > self._fence:
-            self._fence = token
-            self._flush()
+        with self._lock:
+            if token > self._fence:
+                self._fence = token
+                self._flush()
 
     def created(self) -> dict[str, Mapping[str, Any]]:
         """The ledger: each object the agent created and has not destroyed, by key."""
-        return dict(self._created)
+        with self._lock:
+            return dict(self._created)
 
     def forget(self, key: str) -> None:
         """Drop an object from the ledger (if there) and persist.
 
         Called once it is destroyed, or its creation failed.
         """
-        if self._created.pop(key, None) is not None:
-            self._flush()
+        with self._lock:
+            if self._created.pop(key, None) is not None:
+                self._flush()
 
     def _flush(self) -> None:
+        # Called with the lock held: the body and its place on disk are one step.
         self._path.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps(
             {

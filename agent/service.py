@@ -27,6 +27,7 @@ destroyed, and :meth:`AgentServicer.recover` removes those no placement holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import re
@@ -34,9 +35,10 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from agent.actuation import ActuationError
 from agent.actuation.mdev import MdevActuationError, MdevManager
@@ -54,6 +56,15 @@ from agent.actuation.steps import (
 from agent.actuation.vfio import BindingRecord, VfioActuationError, VfioBinder
 from agent.allowlist import AllowList
 from agent.checkpoint import Checkpoint, CheckpointEntry
+from agent.locks import (
+    LockSet,
+    ResourceLocks,
+    device_key,
+    group_key,
+    mdev_key,
+    placement_key,
+    vf_slot_key,
+)
 from agent.nvml import (
     GpuInstance,
     MigPlacement,
@@ -70,6 +81,8 @@ from agent.sysfs import Sysfs
 from tessera.v1 import agent_pb2, agent_pb2_grpc, placement_pb2
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     Context = grpc.aio.ServicerContext[Any, Any]
@@ -88,6 +101,22 @@ class StaleFenceError(Exception):
 
 class PlacementMismatchError(Exception):
     """The placement does not match the host (FAILED_PRECONDITION)."""
+
+
+class _RelockError(Exception):
+    """A check found the operation needs more locks than it holds; nothing was written.
+
+    Attributes:
+        locks: what it needs besides.
+    """
+
+    def __init__(self, locks: LockSet) -> None:
+        super().__init__(f"needs {locks}")
+        self.locks = locks
+
+
+#: Relock attempts before an operation takes the whole host instead.
+_RELOCK_ATTEMPTS = 3
 
 
 class RolledBackError(Exception):
@@ -249,6 +278,28 @@ def _creates(step: Step) -> bool:
     return isinstance(step, SriovEnable | MigCreate)
 
 
+def _record_locks(records: Iterable[StepRecord]) -> LockSet:
+    """What undoing (or redoing) step records touches.
+
+    Disabling a PF's VFs (an :class:`SriovEnable` undone) needs the PF
+    exclusive; a VF's bind needs it shared, so that its VFs stay.
+    """
+    locks = LockSet()
+    for record in records:
+        step = record.step
+        if isinstance(step, VfioBind):
+            locks.exclusive(*(device_key(b.address) for b in step.bindings))
+            if step.pf is not None:
+                locks.shared(device_key(step.pf))
+        elif isinstance(step, SriovEnable):
+            locks.exclusive(device_key(step.pf))
+        elif isinstance(step, MdevCreate):
+            locks.exclusive(device_key(step.parent), mdev_key(step.uuid))
+        else:
+            locks.exclusive(device_key(step.gpu_address))
+    return locks
+
+
 class _Journal:
     """One placement's checkpoint entry while it is prepared, a step at a time.
 
@@ -372,12 +423,16 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self._reporter = reporter
         self._checkpoint = checkpoint
         self._on_change = on_change
-        # One host operation at a time: sysfs writes on one device tree must
-        # not interleave (an unbind racing a drivers_probe on a group member).
-        # A thread lock, taken inside the worker thread: when a caller's
-        # deadline cancels the RPC, the thread goes on, and so must the lock,
+        # Host operations touching the same device, group, VF, mdev or
+        # placement run one at a time (an unbind must not race a
+        # drivers_probe on a group member; sriov_numvfs changes only while
+        # no operation uses a VF of the PF); others run side by side. See
+        # agent.locks. Taken inside the worker thread: when a caller's
+        # deadline cancels the RPC, the thread goes on, and so must the locks,
         # or an Unprepare could run beside the Prepare it is meant to undo.
-        self._lock = threading.Lock()
+        self._locks = ResourceLocks()
+        # The fence check and raise are one step for every caller.
+        self._fence_lock = threading.Lock()
 
     # -- undoing ---------------------------------------------------------------
 
@@ -418,7 +473,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         """Disable the VFs the agent enabled, unless another placement still holds one.
 
         Then the record moves to that placement, so whoever releases the
-        PF's last VF disables them.
+        PF's last VF disables them. The caller holds the PF exclusive (see
+        :func:`_record_locks`), so no operation on a VF of it runs meanwhile:
+        the entries read here are the PF's VF holders, and none is being
+        written.
         """
         for pid, entry in sorted(self._checkpoint.entries().items()):
             if pid == owner:
@@ -450,7 +508,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         the ledger says the agent created and no entry holds is destroyed
         (:meth:`_reconcile_locked`).
         """
-        with self._lock:
+        with self._locks.host():
             for pid in sorted(self._checkpoint.entries()):
                 # Read afresh: undoing one entry may hand its SR-IOV record
                 # to another.
@@ -547,7 +605,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         return sorted(m for m in members if not read_function(self._sysfs, m).is_bridge)
 
     def _check_whole_device(
-        self, at: str, alloc: placement_pb2.ClaimAllocation, held: _Held
+        self, at: str, alloc: placement_pb2.ClaimAllocation, held: _Held, locks: LockSet
     ) -> _WholeDevicePlan:
         slot = alloc.whole_device
         device = self._device(slot.address)
@@ -564,6 +622,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 f"{at}: group {alloc.iommu_group} has endpoints {endpoints}, "
                 f"the placement expects {sorted(slot.group_endpoints)}"
             )
+        for e in endpoints:
+            pf = self._physfn(e)
+            if pf is not None and not locks.holds_exclusive(device_key(pf)):
+                # A VF that appeared since the locks were taken.
+                needed = LockSet()
+                needed.exclusive(device_key(pf))
+                raise _RelockError(needed)
         for e in endpoints:
             field = "address" if e == slot.address else "group_endpoints"
             self._refuse_unless_allowed(f"{at}.whole_device.{field}", e)
@@ -608,7 +673,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         return int(group)
 
     def _check_vf(
-        self, at: str, alloc: placement_pb2.ClaimAllocation, held: _Held, journal: _Journal
+        self,
+        at: str,
+        alloc: placement_pb2.ClaimAllocation,
+        held: _Held,
+        journal: _Journal,
+        locks: LockSet,
     ) -> _VfPlan:
         slot = alloc.vf
         pf = slot.pf_address
@@ -627,6 +697,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             )
         ours = any(isinstance(r.step, SriovEnable) and r.step.pf == pf for r in journal.leftover)
         enable = state.num_vfs == 0 or ours
+        if enable and not locks.holds_exclusive(device_key(pf)):
+            # Only with no VF operation on the PF running: whoever holds it
+            # shared relies on its VFs staying as they are.
+            needed = LockSet()
+            needed.exclusive(device_key(pf))
+            raise _RelockError(needed)
         if not enable:
             # Never change a PF that has VFs: a new count means writing 0
             # first, which pulls every VF from under whoever uses it.
@@ -749,7 +825,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         return _MigPlan(at, gpu, slot.gpu_address, slot.profile_id, where, existing)
 
     def _check(
-        self, placement: placement_pb2.Placement, held: _Held, journal: _Journal
+        self,
+        placement: placement_pb2.Placement,
+        held: _Held,
+        journal: _Journal,
+        locks: LockSet,
     ) -> list[_Plan]:
         """Each allocation checked against the host as it is now; no writes.
 
@@ -765,9 +845,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             at = f"allocations[{i}]"
             kind = alloc.WhichOneof("slot")
             if kind == "whole_device":
-                plans.append(self._check_whole_device(at, alloc, held))
+                plans.append(self._check_whole_device(at, alloc, held, locks))
             elif kind == "vf":
-                plans.append(self._check_vf(at, alloc, held, journal))
+                plans.append(self._check_vf(at, alloc, held, journal, locks))
             elif kind == "mdev":
                 plans.append(self._check_mdev(at, alloc, held, journal))
             else:
@@ -887,29 +967,120 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     def _admit_fence(self, token: int) -> None:
         """Refuse a scheduler background job whose term is older than one already seen.
 
-        Called under the host lock, so the check and the operation it admits
-        are one step for any other caller.
+        Called with the operation's locks held, so the check and the
+        operation it admits are one step for any other caller touching the
+        same devices or placement.
 
         Raises:
             StaleFenceError: ``token`` is lower than the highest seen.
         """
         if not token:
             return  # an ordinary placement call, not a background job
-        if token < self._checkpoint.fence:
-            raise StaleFenceError(
-                f"fencing_token: {token} is stale; this host has seen {self._checkpoint.fence} "
-                "(another scheduler replica now runs the background jobs)"
-            )
-        self._checkpoint.raise_fence(token)
+        with self._fence_lock:
+            if token < self._checkpoint.fence:
+                raise StaleFenceError(
+                    f"fencing_token: {token} is stale; this host has seen "
+                    f"{self._checkpoint.fence} (another scheduler replica now runs the "
+                    "background jobs)"
+                )
+            self._checkpoint.raise_fence(token)
+
+    # -- locks -------------------------------------------------------------------
+
+    def _physfn(self, address: str) -> str | None:
+        """The PF of a VF, None for any other function (or a malformed address)."""
+        if not is_pci_address(address):
+            return None
+        return self._sysfs.link_name(self._device(address) / "physfn")
+
+    def _placement_locks(self, placement: placement_pb2.Placement) -> LockSet:
+        """What carrying out (or undoing) ``placement`` touches, before any host read.
+
+        Enabling a PF's VFs needs the PF exclusive; it is asked for only
+        once a check finds the PF has none (:class:`_RelockError`).
+        """
+        locks = LockSet()
+        locks.exclusive(placement_key(placement.placement_id))
+        for alloc in placement.allocations:
+            kind = alloc.WhichOneof("slot")
+            if kind == "whole_device":
+                slot = alloc.whole_device
+                addresses = {a for a in (slot.address, *slot.group_endpoints) if a}
+                locks.exclusive(group_key(alloc.iommu_group))
+                for address in addresses:
+                    locks.exclusive(device_key(address))
+                    pf = self._physfn(address)
+                    if pf is not None:
+                        # A VF handed over whole: its PF must not drop it meanwhile.
+                        locks.exclusive(device_key(pf))
+            elif kind == "vf":
+                vf = alloc.vf
+                locks.shared(device_key(vf.pf_address))
+                locks.exclusive(vf_slot_key(vf.pf_address, vf.vf_index))
+                if vf.vf_address:
+                    locks.exclusive(device_key(vf.vf_address))
+            elif kind == "mdev":
+                # One create at a time per parent: its available_instances
+                # check and the create are one step.
+                locks.exclusive(device_key(alloc.mdev.parent_address))
+                locks.exclusive(mdev_key(alloc.mdev.uuid))
+            elif kind == "mig":
+                locks.exclusive(device_key(alloc.mig.gpu_address))
+        return locks
+
+    def _entry_locks(self, placement_id: str) -> LockSet:
+        """What undoing (or redoing) a placement's checkpoint entry touches."""
+        locks = LockSet()
+        locks.exclusive(placement_key(placement_id))
+        entry = self._checkpoint.get(placement_id)
+        if entry is None:
+            return locks
+        # Undecodable: the records alone say what the entry touched.
+        with contextlib.suppress(DecodeError):
+            locks.update(self._placement_locks(placement_pb2.Placement.FromString(entry.placement)))
+        locks.update(_record_locks(_records(entry)))
+        return locks
+
+    def _locked(self, placement_id: str, base: LockSet, op: Callable[[LockSet], _T]) -> _T:
+        """Run ``op`` holding ``base``, the placement entry's locks and what checks ask for.
+
+        ``op`` raises :class:`_RelockError` (before any host write) when it
+        finds it needs more; it then runs again with those too, and after
+        :data:`_RELOCK_ATTEMPTS` with the whole host.
+        """
+        extra = LockSet()
+        for _ in range(_RELOCK_ATTEMPTS):
+            locks = LockSet()
+            locks.update(base)
+            locks.update(extra)
+            locks.update(self._entry_locks(placement_id))
+            with self._locks.hold(locks):
+                # The entry may have changed while this waited (an SR-IOV
+                # record moved to it): it must still be covered.
+                need = self._entry_locks(placement_id)
+                if not locks.covers(need):
+                    extra.update(need)
+                    continue
+                try:
+                    return op(locks)
+                except _RelockError as err:
+                    extra.update(err.locks)
+        everything = LockSet.everything()
+        with self._locks.hold(everything):
+            return op(everything)
 
     def _prepare(
         self, placement: placement_pb2.Placement, fencing_token: int = 0
     ) -> placement_pb2.Placement:
-        with self._lock:
+        def op(locks: LockSet) -> placement_pb2.Placement:
             self._admit_fence(fencing_token)
-            return self._prepare_locked(placement)
+            return self._prepare_locked(placement, locks)
 
-    def _prepare_locked(self, placement: placement_pb2.Placement) -> placement_pb2.Placement:
+        return self._locked(placement.placement_id, self._placement_locks(placement), op)
+
+    def _prepare_locked(
+        self, placement: placement_pb2.Placement, locks: LockSet
+    ) -> placement_pb2.Placement:
         existing = self._checkpoint.get(placement.placement_id)
         if existing is not None and existing.state == "prepared":
             return placement_pb2.Placement.FromString(existing.placement)
@@ -920,7 +1091,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         prior = _records(existing) if existing is not None else []
         journal = _Journal(self._checkpoint, placement, prior)
         held = self._held_elsewhere(placement.placement_id)
-        plans = self._check(placement, held, journal)
+        plans = self._check(placement, held, journal, locks)
         result = placement_pb2.Placement()
         result.CopyFrom(placement)
         # Record intent before any write, so a crash mid-way is rolled back.
@@ -950,9 +1121,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         return result
 
     def _unprepare(self, placement_id: str, fencing_token: int = 0) -> None:
-        with self._lock:
+        def op(_: LockSet) -> None:
             self._admit_fence(fencing_token)
             self._unprepare_locked(placement_id)
+
+        self._locked(placement_id, LockSet(), op)
 
     def _unprepare_locked(self, placement_id: str) -> None:
         entry = self._checkpoint.get(placement_id)

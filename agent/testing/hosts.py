@@ -580,6 +580,59 @@ def hgx_8gpu(root: Path) -> None:
     )
 
 
+#: PCIe A100 host: (root bus, NUMA node) of each GPU's root port [S].
+_PCIE_A100_ROOTS = ((0x17, 0), (0x31, 0), (0x98, 1), (0xB1, 1))
+
+
+def pcie_a100_mig(root: Path) -> None:
+    """A 2-socket PCIe GPU server: 4x A100 80GB PCIe (MIG-capable) and a ConnectX-6 Dx.
+
+    Synthetic layout [S] in the style of ``virt-2s`` (Sapphire Rapids class,
+    2x32C/64T, 2-socket SLIT 10/21, HW_FACTS §8); the GPU is the one
+    ``hosts/host_2s_virt_synthetic.json`` names (10de:20b5, nvidia, MIG
+    profiles of mig_profiles.json ``A100-80GB`` [C]). Each GPU sits alone
+    under its own ACS root port, two per socket, so each is its own IOMMU
+    group; there is no PCIe switch, so no GPU shares one with the NIC::
+
+        NUMA 0 ─ pci0000:17 ─ 17:01.0 RP ── 18:00.0 A100 80GB PCIe
+               ─ pci0000:31 ─ 31:01.0 RP ── 32:00.0 A100 80GB PCIe
+               ─ pci0000:4a ─ 4a:02.0 RP ─┬ 4b:00.0 CX-6 Dx PF0 mlx5_core, 8 VFs
+                                          └ 4b:00.1 CX-6 Dx PF1 mlx5_core, 8 VFs
+        NUMA 1 ─ pci0000:98 ─ 98:01.0 RP ── 99:00.0 A100 80GB PCIe
+               ─ pci0000:b1 ─ b1:01.0 RP ── b2:00.0 A100 80GB PCIe
+
+    MIG is off at boot (NVML's view); an operator switches it on per GPU.
+    """
+    fs = FakeSysfs(root, iommu_vendor="intel")
+    _two_socket_numa(fs, ("0-31,64-95", "32-63,96-127"), (263785472, 264209408))
+    for bus, node in (*_PCIE_A100_ROOTS, (0x4A, 0)):
+        fs.add_root_bus(f"pci0000:{bus:02x}", node)
+    fs.register_driver("nvidia", _NVIDIA_IDS)
+    fs.register_driver("mlx5_core", [PciId(0x15B3, 0x101D), PciId(0x15B3, 0x101E)])
+    fs.register_driver("mlx5_vfio_pci", _MLX5_VFIO_IDS)
+    gpus: list[str] = []
+    for bus, _node in _PCIE_A100_ROOTS:
+        rp = f"0000:{bus:02x}:01.0"
+        _root_port(fs, rp, device=0x352A, link=PciLink(_GEN4, 16, _GEN5, 16))
+        address = f"0000:{bus + 1:02x}:00.0"
+        fs.add_function(
+            address,
+            parent=rp,
+            vendor=0x10DE,
+            device=0x20B5,
+            class_code=0x030200,
+            driver="nvidia",
+            revision=0xA1,
+            link=PciLink(_GEN4, 16, _GEN4, 16),
+        )
+        gpus.append(address)
+    _root_port(fs, "0000:4a:02.0", device=0x347A)
+    _add_cx6dx(fs, 0x4B, "0000:4a:02.0")
+    fs.build()
+    # NVML's view: 4 A100 80GB PCIe, MIG disabled until an operator enables it [S].
+    write_state(root, [fake_gpu("A100-80GB-PCIe", a, seed="pcie-a100-mig") for a in gpus])
+
+
 def noacs_switch(root: Path) -> None:
     """Two GPUs behind a PLX switch under a root port without ACS: one shared group.
 
@@ -762,6 +815,9 @@ _HOSTS = (
     FixtureHost("dgx-a100", "DGX A100: 8 A100-SXM4 behind switches, 8 NUMA nodes", dgx_a100),
     FixtureHost("gpu-workstation", "2 GPUs, each grouped with its HDMI audio", gpu_workstation),
     FixtureHost("hgx-8gpu", "HGX H100: 8 GPUs, each sharing a switch with its NIC", hgx_8gpu),
+    FixtureHost(
+        "pcie-a100-mig", "4 A100 80GB PCIe (MIG-capable), 2 sockets, CX-6 Dx", pcie_a100_mig
+    ),
     FixtureHost("noacs-switch", "2 GPUs behind a switch without ACS: one group", noacs_switch),
     FixtureHost("vgpu", "mdev vGPU host: Tesla P4 + Quadro RTX 6000", vgpu),
     FixtureHost("sriov-nic", "ConnectX-6 Dx + E810 SR-IOV PFs", sriov_nic),

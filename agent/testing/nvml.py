@@ -25,17 +25,38 @@ placements (no source, [U]), vGPU, and the Hopper no-reset rule.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
+import threading
 import uuid as uuidlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pynvml
 
 from agent.testing.crash import after_write
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _mutating(method: _F) -> _F:
+    """One state change at a time: read, change and save under the driver's lock.
+
+    The real driver serialises its own state; without this, a thread
+    reloading the state file between another's change and its save would
+    make that save write the state without the change.
+    """
+
+    @functools.wraps(method)
+    def locked(self: FakeNvml, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
 
 #: The fake NVML state file in a fake host tree's root.
 STATE_FILE = ".tessera-fake-nvml.json"
@@ -367,6 +388,7 @@ class FakeNvml:
         self._state = state
         self._path = path
         self._initialized = 0
+        self._lock = threading.RLock()
 
     @classmethod
     def from_tree(cls, root: Path) -> FakeNvml:
@@ -392,7 +414,8 @@ class FakeNvml:
             raise _error(pynvml.NVML_ERROR_UNINITIALIZED)
         if self._path is not None:
             # Another process (an agent, a test) may have changed the GPUs.
-            self._state = json.loads(self._path.read_text())
+            with self._lock:
+                self._state = json.loads(self._path.read_text())
         return self._state
 
     def _save(self) -> None:
@@ -512,6 +535,7 @@ class FakeNvml:
         gpu, _ = self._mig_gpu(handle)
         return [int(gpu["mig_current"]), int(gpu["mig_pending"])]
 
+    @_mutating
     def nvmlDeviceSetMigMode(self, handle: Any, mode: int) -> int:
         """Set MIG mode; returns the activation status.
 
@@ -616,6 +640,7 @@ class FakeNvml:
         taken = {s for i in insts for s in range(i["start"], i["start"] + i["size"])}
         return not taken & set(range(start, start + size))
 
+    @_mutating
     def _create_gi(
         self, handle: Any, profile_id: int, placement: tuple[int, int] | None
     ) -> _GpuInstance:
@@ -710,6 +735,7 @@ class FakeNvml:
         info.placement.size = inst["size"]
         return info
 
+    @_mutating
     def nvmlGpuInstanceDestroy(self, gpuInstance: Any) -> int:
         """Destroy a GPU instance.
 
@@ -725,6 +751,7 @@ class FakeNvml:
 
     # -- compute instances -----------------------------------------------------
 
+    @_mutating
     def nvmlGpuInstanceCreateComputeInstance(
         self,
         gpuInstance: Any,
@@ -828,6 +855,7 @@ class FakeNvml:
         info.profileId = c["profile_id"]
         return info
 
+    @_mutating
     def nvmlComputeInstanceDestroy(self, computeInstance: Any) -> int:
         """Destroy a compute instance."""
         inst, c = self._ci(computeInstance)
