@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis.exceptions
+
 from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.identity import (
@@ -73,6 +75,10 @@ log = logging.getLogger(__name__)
 #: Commit attempts before giving up with ABORTED. Each lost race means
 #: another placement landed on the chosen host; replanning sees it.
 MAX_COMMIT_ATTEMPTS = 16
+
+#: Pauses between attempts to confirm a prepared placement READY while the
+#: store is unreachable (about 6 s in all: a Valkey restart or failover).
+READY_RETRY_DELAYS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 
 #: Claims of one request id before giving up: only a release racing the
 #: claim (the placement vanished between claim and read) makes another.
@@ -497,7 +503,7 @@ class PlacementCoordinator:
             # survives the cancellation.
             await asyncio.shield(self._abandon(placement, record, "the request was cancelled"))
             raise
-        ok, ready = await self._transition(prepared, READY, "ready", [PENDING])
+        ok, ready = await self._confirm_ready(prepared)
         if not ok:
             # Someone removed the reservation while the host carried it out
             # (an operator clearing state): undo the host side, do not answer
@@ -507,6 +513,30 @@ class PlacementCoordinator:
                 f"placement {ready.placement_id} was removed while being prepared; retry"
             )
         return ready
+
+    async def _confirm_ready(
+        self, prepared: placement_pb2.Placement
+    ) -> tuple[bool, placement_pb2.Placement]:
+        """PENDING -> READY once the host carried the placement out.
+
+        The devices are bound by now: a store that blinks (a failover, a
+        restart) must not leave them PENDING until the reaper tears them down,
+        so the compare-and-set is retried for a few seconds. It stays
+        PENDING only if the store stays away longer; the client then gets
+        UNAVAILABLE, and a retry with the same request id is answered once the
+        store is back (or the reaper frees it).
+        """
+        for delay in READY_RETRY_DELAYS_S:
+            try:
+                return await self._transition(prepared, READY, "ready", [PENDING])
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                log.warning(
+                    "store unreachable confirming %s READY; retrying in %.1f s",
+                    prepared.placement_id,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        return await self._transition(prepared, READY, "ready", [PENDING])
 
     async def _abandon(
         self, placement: placement_pb2.Placement, record: HostRecord, cause: str

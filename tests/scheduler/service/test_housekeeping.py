@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+from pathlib import Path
+
 import grpc
 import pytest
 import redis.asyncio as aioredis
@@ -10,6 +14,7 @@ from scheduler.service.agent_gateway import AgentCallError
 from scheduler.service.coordinator import PlacementCoordinator
 from scheduler.service.errors import PlacementBusyError
 from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
+from scheduler.store.embedded import EmbeddedValkey
 from scheduler.store.redis_store import Fence, FencedOutError, RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
 
@@ -252,3 +257,48 @@ def test_a_placement_being_prepared_again_cannot_be_released_under_the_reconcile
         assert after.state == placement_pb2.PLACEMENT_STATE_READY
 
     arun(body())
+
+
+class StoreBlinkingHost(Host):
+    """A host whose Prepare takes the store away for a moment (a restart, a failover)."""
+
+    def __init__(self, server: EmbeddedValkey, outage_s: float) -> None:
+        super().__init__()
+        self.server = server
+        self.outage_s = outage_s
+
+    async def prepare_fenced(
+        self, address: str, placement: placement_pb2.Placement, fencing_token: int
+    ) -> placement_pb2.Placement:
+        prepared = await super().prepare_fenced(address, placement, fencing_token)
+        self.server.stop()
+        threading.Timer(self.outage_s, self.server.start).start()
+        return prepared
+
+
+def test_a_prepared_placement_is_confirmed_ready_across_a_short_store_outage(
+    tmp_path: Path, arun: Runner
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = EmbeddedValkey(tmp_path / "valkey", port=port, appendfsync="always")
+    server.start()
+    try:
+
+        async def body() -> None:
+            client = aioredis.Redis.from_url(server.url, decode_responses=False)
+            try:
+                store = RedisStateStore(client)
+                host = StoreBlinkingHost(server, outage_s=1.0)
+                coordinator = PlacementCoordinator(store, host, clock_ms=Clock())
+                await coordinator.register(inventory(), "agent:1")
+                placed = await coordinator.place(gpu("r1"))
+                assert placed.state == placement_pb2.PLACEMENT_STATE_READY
+                assert await store.placement_state("h1", placed.placement_id) == "ready"
+            finally:
+                await client.aclose()
+
+        arun(body())
+    finally:
+        server.stop()
