@@ -39,6 +39,14 @@ test: $(STAMP) ## Run the test suite (real Valkey, real gRPC, fake hosts)
 demo: $(STAMP) ## Run a scheduler and three agents on fake hosts, end to end
 	$(BIN)/tessera demo
 
+.PHONY: bench
+bench: $(STAMP) ## Every benchmark part, full sizes: bench/out/*.json, BENCHMARKS.md, bench/plots/
+	$(BIN)/python bench/run.py
+
+.PHONY: bench-quick
+bench-quick: $(STAMP) ## Every benchmark part, small sizes (CI, under 5 min): bench/out/quick/
+	$(BIN)/python bench/run.py --quick
+
 .PHONY: bench-place
 bench-place: $(STAMP) ## Placement latency: core picker at fleet sizes, Place/Release end to end
 	$(BIN)/python bench/place_latency.py

@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +37,7 @@ if __package__ in (None, ""):
 
 from bench.figures import latency_summary
 from bench.fleet import build_fleet, describe, fixture_inventory, snapshot
+from bench.report import git_state, machine
 from scheduler.core.checker import check_placements
 from scheduler.core.engine.batch import BatchResult, BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine
@@ -368,35 +366,6 @@ def bench_batch(
 # ---------------------------------------------------------------- main
 
 
-def _git() -> dict[str, Any]:
-    """The commit measured, and whether the engine's code differs from it."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, check=True
-            )
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-        return done.stdout.strip()
-
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "scheduler_core_dirty": bool(git("status", "--porcelain", "scheduler/core")),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def report(result: Mapping[str, Any]) -> None:
     """The short printed report."""
     m = result["machine"]
@@ -469,13 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "mode": "quick" if opts.quick else "full",
         "seed": opts.seed,
-        "machine": {
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "cpu_model": _cpu_model(),
-            "platform": platform.platform(),
-        },
-        "git": _git(),
+        "machine": machine(),
+        "git": git_state(),
         "fixture_discovery_s": round(discover_s, 3),
         "latency": bench_latency(sizes, per_shape, fill_n, opts.seed),
     }

@@ -1,5 +1,11 @@
 """A reproducible synthetic fleet: thousands of hosts cloned from the fixture hosts.
 
+The default mix (:data:`DEFAULT_MIX`) has three families of hosts: 8-GPU
+HGX-class hosts whose GPUs pair with NICs under PCIe switches (``hgx-8gpu``,
+``dgx-a100``); virtualization hosts with SR-IOV NICs and vGPU (mdev) parents
+(``virt-2s``, ``sriov-nic``, ``vgpu``); and PCIe A100 servers for MIG
+(``pcie-a100-mig``).
+
 Each fixture type of ``agent/testing/hosts.py`` is built ONCE as a fake sysfs
 tree in a temporary directory and discovered with the real agent code (the
 same ``HostReporter`` that ``tessera-agent inventory --sysfs-root DIR
@@ -8,11 +14,13 @@ one). The discovered inventory is cached in memory and cloned per host with a
 new ``host_id`` (``host-00001`` ...), a boot id, and labels drawn from the
 seed (``zone``, ``rack``, ``tessera.io/fixture``).
 
-The fleet's state, not agent output: on a seeded fraction of GPU hosts, MIG
-mode is switched on (``mig_mode_current = MIG_MODE_ENABLED``, pending too) on
-some of their MIG-capable GPUs, as if an operator had enabled it. The MIG
-profiles and placements each GPU offers are already in the discovered
-inventory; no GPU instances exist yet (the layout is empty).
+The fleet's state, not agent output: on a seeded fraction of GPU hosts
+(:data:`MIG_HOST_FRACTION`; a larger one, :data:`MIG_FRACTION_BY_TYPE`, for
+the PCIe MIG servers, bought for partitioning), MIG mode is switched on
+(``mig_mode_current = MIG_MODE_ENABLED``, pending too) on some of their
+MIG-capable GPUs, as if an operator had enabled it. The MIG profiles and
+placements each GPU offers are already in the discovered inventory; no GPU
+instances exist yet (the layout is empty).
 
 Same ``(n_hosts, seed, mix)``, same fleet::
 
@@ -41,8 +49,9 @@ from tessera.v1 import inventory_pb2
 
 #: Share of each fixture type in the default fleet.
 DEFAULT_MIX: Mapping[str, float] = {
-    "hgx-8gpu": 0.40,
-    "dgx-a100": 0.20,
+    "hgx-8gpu": 0.30,
+    "dgx-a100": 0.15,
+    "pcie-a100-mig": 0.15,
     "virt-2s": 0.25,
     "sriov-nic": 0.10,
     "vgpu": 0.05,
@@ -50,6 +59,8 @@ DEFAULT_MIX: Mapping[str, float] = {
 
 #: Share of hosts with MIG-capable GPUs that run MIG on some of them.
 MIG_HOST_FRACTION = 0.25
+#: Per fixture type, where it differs from :data:`MIG_HOST_FRACTION`.
+MIG_FRACTION_BY_TYPE: Mapping[str, float] = {"pcie-a100-mig": 0.6}
 
 ZONES = ("zone-a", "zone-b", "zone-c", "zone-d")
 RACKS_PER_ZONE = 40
@@ -147,7 +158,9 @@ def build_fleet(
             f"rack-{zone * RACKS_PER_ZONE + rng.randrange(RACKS_PER_ZONE):03d}"
         )
         inventory.labels[FIXTURE_LABEL] = name
-        if rng.random() < MIG_HOST_FRACTION:
+        # One draw per host whatever its type, so the rest of the stream (and
+        # so every other host) does not depend on the per-type fractions.
+        if rng.random() < MIG_FRACTION_BY_TYPE.get(name, MIG_HOST_FRACTION):
             _enable_mig(inventory, rng)
         fleet.append(inventory)
     return fleet

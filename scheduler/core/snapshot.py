@@ -70,3 +70,31 @@ def with_reservation(
         planned=(*state.planned, placement_id),
     )
     return ClusterSnapshot(hosts={**snapshot.hosts, host_id: updated})
+
+
+def with_release(
+    snapshot: ClusterSnapshot, host_id: HostId, placement_id: PlacementId
+) -> ClusterSnapshot:
+    """The snapshot after a placement is released, as the store would record it.
+
+    Every slot the placement owns and its tenant entry go; the allocation
+    generation moves on, as it does on every commit. ``planned`` records the
+    release (``released:<id>``) rather than forgetting the placement, so a
+    state that only exists in a plan never looks like one read from the
+    store at the same generation (the engine's memos key on both).
+
+    Raises:
+        KeyError: ``placement_id`` holds nothing on the host.
+    """
+    state = snapshot.hosts[host_id]
+    if placement_id not in state.tenants and placement_id not in state.allocations.values():
+        raise KeyError(f"placement {placement_id!r} holds nothing on host {host_id!r}")
+    updated = HostState(
+        view=state.view,
+        alloc_generation=state.alloc_generation + 1,
+        allocations={s: p for s, p in state.allocations.items() if p != placement_id},
+        schedulable=state.schedulable,
+        tenants={p: t for p, t in state.tenants.items() if p != placement_id},
+        planned=(*state.planned, PlacementId(f"released:{placement_id}")),
+    )
+    return ClusterSnapshot(hosts={**snapshot.hosts, host_id: updated})

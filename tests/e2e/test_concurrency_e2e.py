@@ -11,9 +11,10 @@ acknowledged placements, leaked slots) and, every ``AUDIT_EVERY`` operations,
 pauses the clients between RPCs and compares every host tree with the store.
 At the end, with everything released, it must find nothing at all.
 
-``TESSERA_CONCURRENCY_PLACEMENTS`` overrides the count (default 800: about two
-and a half minutes on a two-core CI machine); ``bench/concurrency.py`` runs the
-full 2,000 with the same driver and writes ``bench/out/concurrency.json``.
+``TESSERA_CONCURRENCY_PLACEMENTS`` overrides the count (default 2,000, the
+figure the acceptance asks for: six to eight minutes on a two-core CI
+machine); ``bench/concurrency.py`` runs the same driver and writes
+``bench/out/concurrency.json``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 from .auditor import AuditReport, audit, read_host
 
 #: Placements made and released by the test (env override for the full run).
-PLACEMENTS = int(os.environ.get("TESSERA_CONCURRENCY_PLACEMENTS", "800"))
+PLACEMENTS = int(os.environ.get("TESSERA_CONCURRENCY_PLACEMENTS", "2000"))
 CLIENTS = 16
 AUDIT_EVERY = 200
 
@@ -476,7 +477,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalClu
         yield c, addresses
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_concurrent_clients_on_two_replicas_never_double_allocate(
     cluster: tuple[LocalCluster, list[str]],
 ) -> None:

@@ -1,0 +1,561 @@
+"""Single-request placement latency against fleet size: every policy in process, Tessera end to end.
+
+In process: on the same seeded fleets (bench/fleet.py; 100, 1,000, 5,000 and
+12,500 hosts, quick: 100 and 1,000) every policy of ``bench/policies.py``
+places the same request shapes (bench/engine.py's ``SHAPES``: 1 GPU, 2 GPUs
+on one NUMA node, GPU+NIC under one switch, MIG 1g.10gb, 2 VFs, 1 mdev),
+interleaved, each plan committed to the snapshot (``with_reservation``,
+untimed) before the next call: the steady state of a live scheduler. Each
+policy starts from the same empty snapshot with a fresh memo; its first call
+(which builds the host indexes it needs) is reported apart. Best fit scores
+up to ``nodes_to_score`` feasible hosts per call, seconds each at scale: its
+samples are capped (``BEST_FIT_BUDGET_S`` per fleet size, at least
+``BEST_FIT_MIN_ROUNDS`` rounds of shapes), and the result says how many it got.
+
+End to end (Tessera only: the baselines are not wired into the scheduler
+service): one scheduler process on an embedded Valkey, the fleet registered
+through the real Registry.Register RPC with its fake inventories, and one
+stub agent process answering Prepare/Unprepare for every host (no sysfs, no
+actuation: what is measured is gRPC, the store's snapshot read, the engine,
+the Lua commit and the READY transition). Place calls, sequential, the same
+shapes (the mdev one naming GRID P4-1Q: the service wants a type), placements
+kept (steady state). 100 and 1,000 hosts (quick: 100).
+
+    PYTHONPATH=. .venv/bin/python bench/latency.py [--quick] [--out bench/out/latency.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+if __package__ in (None, ""):
+    # Run as a script: make ``bench`` importable from the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import report
+from bench.engine import SHAPES, TENANTS, commit
+from bench.fleet import build_fleet, describe, snapshot
+from bench.policies import POLICIES
+from scheduler.core.plan import Plan
+from scheduler.core.request import (
+    AffinityScope,
+    DeviceForm,
+    DeviceKind,
+    ExclusivityDomain,
+    Isolation,
+    NumaPolicy,
+    PlacementRequest,
+)
+from scheduler.core.snapshot import ClusterSnapshot
+from scheduler.local_cluster import LocalCluster
+from tessera.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    inventory_pb2,
+    placement_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
+
+OUT = Path(__file__).parent / "out"
+SEED = 20261124
+
+#: Wall-clock budget of best fit's timed calls per fleet size, and its floor.
+BEST_FIT_BUDGET_S = 60.0
+BEST_FIT_MIN_ROUNDS = 3
+
+# ---------------------------------------------------------------- wire requests
+
+_KIND = {
+    DeviceKind.GPU: placement_pb2.DEVICE_KIND_GPU,
+    DeviceKind.NIC: placement_pb2.DEVICE_KIND_NIC,
+}
+_FORM = {
+    DeviceForm.WHOLE_DEVICE: placement_pb2.DEVICE_FORM_WHOLE_DEVICE,
+    DeviceForm.VF: placement_pb2.DEVICE_FORM_VF,
+    DeviceForm.MDEV: placement_pb2.DEVICE_FORM_MDEV,
+    DeviceForm.MIG: placement_pb2.DEVICE_FORM_MIG,
+}
+_ISOLATION = {
+    Isolation.EXCLUSIVE: placement_pb2.ISOLATION_EXCLUSIVE,
+    Isolation.PARTITIONED: placement_pb2.ISOLATION_PARTITIONED,
+    Isolation.SHARED: placement_pb2.ISOLATION_SHARED,
+}
+_NUMA = {
+    NumaPolicy.NONE: placement_pb2.NUMA_POLICY_NONE,
+    NumaPolicy.PREFERRED: placement_pb2.NUMA_POLICY_PREFERRED,
+    NumaPolicy.SINGLE_NUMA_NODE: placement_pb2.NUMA_POLICY_SINGLE_NUMA_NODE,
+    NumaPolicy.SOCKET: placement_pb2.NUMA_POLICY_SOCKET,
+}
+_SCOPE = {
+    AffinityScope.SAME_SWITCH: placement_pb2.AFFINITY_SCOPE_SAME_SWITCH,
+    AffinityScope.SAME_ROOT_PORT: placement_pb2.AFFINITY_SCOPE_SAME_ROOT_PORT,
+    AffinityScope.SAME_NUMA_NODE: placement_pb2.AFFINITY_SCOPE_SAME_NUMA_NODE,
+}
+_EXCLUSIVITY = {
+    ExclusivityDomain.NONE: placement_pb2.EXCLUSIVITY_DOMAIN_NONE,
+    ExclusivityDomain.DEVICE: placement_pb2.EXCLUSIVITY_DOMAIN_DEVICE,
+    ExclusivityDomain.PCIE_SWITCH: placement_pb2.EXCLUSIVITY_DOMAIN_PCIE_SWITCH,
+    ExclusivityDomain.NUMA_NODE: placement_pb2.EXCLUSIVITY_DOMAIN_NUMA_NODE,
+    ExclusivityDomain.HOST: placement_pb2.EXCLUSIVITY_DOMAIN_HOST,
+}
+
+
+#: The mdev type a wire request names when the core shape names none: the
+#: service requires one per MDEV claim (the engine does not). GRID P4-1Q is
+#: offered by every vGPU parent of the default fleet (virt-2s, vgpu).
+WIRE_MDEV_TYPE = "nvidia-63"
+
+
+def to_wire(request: PlacementRequest) -> placement_pb2.PlacementRequest:
+    """A core request as a client sends it (the inverse of ``request_from_proto``).
+
+    Covers what the benchmark shapes use: kinds GPU/NIC, forms, MIG profiles,
+    mdev types, isolation, NUMA policy, affinities, exclusivity, selectors.
+    An MDEV claim without types gets :data:`WIRE_MDEV_TYPE`; a ``+`` in the
+    request id (shape names) becomes ``-``, as the service allows no ``+``.
+    """
+    return placement_pb2.PlacementRequest(
+        request_id=request.request_id.replace("+", "-"),
+        tenant=request.tenant,
+        priority=request.priority,
+        claims=[
+            placement_pb2.Claim(
+                name=c.name,
+                kind=_KIND[c.kind],
+                count=c.count,
+                forms=sorted(_FORM[f] for f in c.forms),
+                mdev_types=sorted(c.mdev_types)
+                or ([WIRE_MDEV_TYPE] if DeviceForm.MDEV in c.forms else []),
+                mig_profiles=sorted(c.mig_profiles),
+                min_isolation=_ISOLATION[c.min_isolation],
+                migratable=c.migratable,
+            )
+            for c in request.claims
+        ],
+        numa_policy=_NUMA[request.numa_policy],
+        affinities=[
+            placement_pb2.Affinity(
+                claim_a=a.claim_a, claim_b=a.claim_b, scope=_SCOPE[a.scope], required=a.required
+            )
+            for a in request.affinities
+        ],
+        exclusivity=_EXCLUSIVITY[request.exclusivity],
+        host_selector=dict(request.host_selector),
+    )
+
+
+# ---------------------------------------------------------------- stub agent
+
+
+class StubAgent(agent_pb2_grpc.AgentServicer):
+    """An Agent service for every fake host at once: Prepare and Unprepare succeed at once.
+
+    Nothing is actuated, so end-to-end figures are the scheduler's own:
+    gRPC, store reads, engine, commit and the READY transition. GetState
+    answers nothing held; the benchmark's schedulers run their housekeeper
+    too rarely to ask.
+    """
+
+    def Prepare(  # noqa: N802 (gRPC method name)
+        self, request: agent_pb2.PrepareRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.PrepareResponse:
+        """Answer the placement as carried out (handles left as the scheduler sent them)."""
+        return agent_pb2.PrepareResponse(placement=request.placement)
+
+    def Unprepare(  # noqa: N802
+        self, request: agent_pb2.UnprepareRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.UnprepareResponse:
+        """Nothing to undo."""
+        return agent_pb2.UnprepareResponse()
+
+    def GetState(  # noqa: N802
+        self, request: agent_pb2.GetStateRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.GetStateResponse:
+        """Holds nothing (see the class doc)."""
+        return agent_pb2.GetStateResponse()
+
+
+def serve_stub_agent() -> int:
+    """Run a :class:`StubAgent` on a free port; the first stdout line names it."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    agent_pb2_grpc.add_AgentServicer_to_server(StubAgent(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"stub agent listening on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+    return 0
+
+
+@dataclass
+class E2eCluster:
+    """A Valkey, scheduler replicas and one stub agent serving a registered fleet.
+
+    Hosts are registered with the real Register RPC; the schedulers run with a
+    day-long lease and housekeeping interval, so no heartbeats are needed and
+    no background job competes with the clients during a run.
+
+    Args:
+        workdir: data and logs.
+        replicas: scheduler processes.
+    """
+
+    workdir: Path
+    replicas: int = 1
+    addresses: list[str] = field(default_factory=list)
+    agent_address: str = ""
+    _cluster: LocalCluster | None = None
+    _agent: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> E2eCluster:
+        self._cluster = LocalCluster(self.workdir)
+        try:
+            self._cluster.start_valkey()
+            quiet = (
+                "--lease",
+                "86400",
+                "--housekeeping-interval",
+                "86400",
+                "--log-level",
+                "WARNING",
+            )
+            self.addresses = [
+                self._cluster.start_scheduler(f"scheduler-{i}", *quiet)
+                for i in range(self.replicas)
+            ]
+            self._agent = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--stub-agent"],
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            assert self._agent.stdout is not None
+            self.agent_address = self._agent.stdout.readline().strip().rsplit(" ", 1)[-1]
+            if not self.agent_address:
+                raise RuntimeError("the stub agent did not start")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._agent is not None:
+            self._agent.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._agent.wait(timeout=10)
+            if self._agent.poll() is None:
+                self._agent.kill()
+                self._agent.wait()
+            self._agent = None
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
+
+    def register(self, fleet: Sequence[inventory_pb2.HostInventory]) -> float:
+        """Register every host through the first replica; returns the seconds it took."""
+        with grpc.insecure_channel(self.addresses[0]) as channel:
+            registry = scheduler_pb2_grpc.RegistryStub(channel)
+            started = time.perf_counter()
+            for inventory in fleet:
+                registry.Register(
+                    scheduler_pb2.RegisterRequest(
+                        inventory=inventory, agent_address=self.agent_address
+                    ),
+                    timeout=60,
+                )
+            return time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def stubs(self) -> Iterator[list[scheduler_pb2_grpc.SchedulerStub]]:
+        """One Scheduler client per replica, channels closed after."""
+        channels = [grpc.insecure_channel(a) for a in self.addresses]
+        try:
+            yield [scheduler_pb2_grpc.SchedulerStub(c) for c in channels]
+        finally:
+            for channel in channels:
+                channel.close()
+
+
+# ---------------------------------------------------------------- in process
+
+
+def _rounds(
+    policy_name: str, snap: ClusterSnapshot, per_shape: int, budget_s: float
+) -> dict[str, Any]:
+    """First call, then interleaved rounds of every shape, plans committed."""
+    policy = POLICIES[policy_name]()
+    capped = policy_name == "best-fit"
+    first_request = SHAPES["1-gpu"]("first", "tenant-first")
+    started = time.perf_counter()
+    first = policy.place(snap, first_request)
+    first_s = time.perf_counter() - started
+    if isinstance(first, Plan):
+        snap = commit(snap, first_request, first)
+    samples: dict[str, list[float]] = {name: [] for name in SHAPES}
+    placed = dict.fromkeys(SHAPES, 0)
+    spent = 0.0
+    rounds = 0
+    for rep in range(per_shape):
+        if capped and rep >= BEST_FIT_MIN_ROUNDS and spent >= budget_s:
+            break
+        for name, shape in SHAPES.items():
+            request = shape(f"{name}-{rep:04d}", f"tenant-{rep % TENANTS:02d}")
+            t0 = time.perf_counter()
+            result = policy.place(snap, request)
+            took = time.perf_counter() - t0
+            spent += took
+            samples[name].append(took)
+            if isinstance(result, Plan):
+                placed[name] += 1
+                snap = commit(snap, request, result)
+        rounds += 1
+    every = [s for values in samples.values() for s in values]
+    return {
+        "first_call_ms": round(first_s * 1000, 3),
+        "rounds": rounds,
+        "capped": capped and rounds < per_shape,
+        "all": report.summary_ms(every),
+        "shapes": {
+            name: {**report.summary_ms(samples[name]), "placed": placed[name]} for name in SHAPES
+        },
+    }
+
+
+def in_process(sizes: Sequence[int], per_shape: int, seed: int) -> dict[str, Any]:
+    """Every policy on every fleet size; same fleet and empty snapshot for all."""
+    out: dict[str, Any] = {}
+    for n in sizes:
+        t0 = time.perf_counter()
+        fleet = build_fleet(n, seed)
+        snap = snapshot(fleet)
+        # Long-lived host views out of the cyclic collector's way, as the
+        # scheduler does after parsing inventories (PlacementCoordinator).
+        gc.collect()
+        gc.freeze()
+        entry: dict[str, Any] = {
+            "fleet": describe(fleet),
+            "setup_s": round(time.perf_counter() - t0, 3),
+        }
+        policies: dict[str, Any] = {}
+        for name in POLICIES:
+            policies[name] = _rounds(name, snap, per_shape, BEST_FIT_BUDGET_S)
+            print(f"    {n} hosts {name}: {policies[name]['all']}", flush=True)
+        entry["policies"] = policies
+        out[str(n)] = entry
+        del fleet, snap
+        gc.unfreeze()
+        gc.collect()
+    return out
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def end_to_end(sizes: Sequence[int], per_shape: int, seed: int) -> dict[str, Any]:
+    """Tessera's Place over gRPC, sequential, on registered fleets of ``sizes``."""
+    out: dict[str, Any] = {}
+    for n in sizes:
+        fleet = build_fleet(n, seed)
+        with (
+            tempfile.TemporaryDirectory(prefix="tessera-latency-") as tmp,
+            E2eCluster(Path(tmp)) as cluster,
+            cluster.stubs() as stubs,
+        ):
+            register_s = cluster.register(fleet)
+            stub = stubs[0]
+            # The first Place parses every inventory and builds the
+            # engine's indexes: reported apart, like the in-process first call.
+            first = to_wire(SHAPES["1-gpu"]("e2e-first", "tenant-first"))
+            t0 = time.perf_counter()
+            stub.Place(scheduler_pb2.PlaceRequest(request=first), timeout=600)
+            first_s = time.perf_counter() - t0
+            samples: dict[str, list[float]] = {name: [] for name in SHAPES}
+            errors: dict[str, int] = {}
+            for rep in range(per_shape):
+                for name, shape in SHAPES.items():
+                    msg = to_wire(shape(f"e2e-{name}-{rep:04d}", f"tenant-{rep % TENANTS:02d}"))
+                    t1 = time.perf_counter()
+                    try:
+                        stub.Place(scheduler_pb2.PlaceRequest(request=msg), timeout=120)
+                    except grpc.RpcError as err:
+                        code = err.code().name if isinstance(err, grpc.Call) else "UNKNOWN"
+                        errors[code] = errors.get(code, 0) + 1
+                        continue
+                    samples[name].append(time.perf_counter() - t1)
+        every = [s for values in samples.values() for s in values]
+        out[str(n)] = {
+            "hosts": n,
+            "register_s": round(register_s, 3),
+            "first_place_ms": round(first_s * 1000, 3),
+            "all": report.summary_ms(every),
+            "shapes": {name: report.summary_ms(samples[name]) for name in SHAPES},
+            "errors": errors,
+        }
+        print(f"    e2e {n} hosts: {out[str(n)]['all']} errors {errors}", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------- part API
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Measure; a JSON-able result (see the module doc)."""
+    if quick:
+        sizes, per_shape, e2e_sizes, e2e_per_shape = [100, 1_000], 10, [100], 5
+    else:
+        sizes, per_shape, e2e_sizes, e2e_per_shape = (
+            [100, 1_000, 5_000, 12_500],
+            30,
+            [100, 1_000],
+            20,
+        )
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "mode": "quick" if quick else "full",
+        "seed": SEED,
+        "shapes": list(SHAPES),
+        "per_shape": per_shape,
+        "best_fit_budget_s": BEST_FIT_BUDGET_S,
+        "in_process": in_process(sizes, per_shape, SEED),
+        "end_to_end": end_to_end(e2e_sizes, e2e_per_shape, SEED),
+    }
+    result["wall_s"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def section(result: Mapping[str, Any], plots: Path) -> str:
+    """The Markdown section: tables per size and policy, plots against fleet size."""
+    inproc: Mapping[str, Any] = result["in_process"]
+    sizes = sorted(inproc, key=int)
+    policies = list(next(iter(inproc.values()))["policies"]) if inproc else []
+    rows: list[list[object]] = []
+    for n in sizes:
+        for name in policies:
+            p = inproc[n]["policies"][name]
+            rows.append(
+                [
+                    int(n),
+                    name,
+                    p["all"]["n"],
+                    p["all"]["p50_ms"],
+                    p["all"]["p99_ms"],
+                    p["first_call_ms"],
+                    "yes" if p["capped"] else "",
+                ]
+            )
+    series = {
+        name: [(float(n), float(inproc[n]["policies"][name]["all"]["p50_ms"])) for n in sizes]
+        for name in policies
+    }
+    series99 = {
+        f"{name} p99": [
+            (float(n), float(inproc[n]["policies"][name]["all"]["p99_ms"])) for n in sizes
+        ]
+        for name in policies
+    }
+    p50_plot = report.line_plot(
+        plots / "latency_p50.png",
+        "Single-request latency p50 (in process)",
+        "hosts",
+        "ms",
+        series,
+        logx=True,
+        logy=True,
+    )
+    p99_plot = report.line_plot(
+        plots / "latency_p99.png",
+        "Single-request latency p99 (in process)",
+        "hosts",
+        "ms",
+        series99,
+        logx=True,
+        logy=True,
+    )
+    shape_rows: list[list[object]] = []
+    largest = sizes[-1] if sizes else ""
+    for shape in result["shapes"]:
+        row: list[object] = [shape]
+        for name in policies:
+            s = inproc[largest]["policies"][name]["shapes"][shape]
+            row += [s["p50_ms"], f"{s['placed']}/{s['n']}"]
+        shape_rows.append(row)
+    e2e: Mapping[str, Any] = result["end_to_end"]
+    e2e_rows = [
+        [
+            e["hosts"],
+            e["all"]["n"],
+            e["all"]["p50_ms"],
+            e["all"]["p99_ms"],
+            e["first_place_ms"],
+            e["register_s"],
+            ", ".join(f"{k} {v}" for k, v in e["errors"].items()) or "none",
+        ]
+        for e in (e2e[k] for k in sorted(e2e, key=int))
+    ]
+    return "\n\n".join(
+        [
+            "## Single-request latency",
+            "Every policy of `bench/policies.py` on the same seeded fleets (bench/fleet.py), "
+            "in process, the six request shapes of bench/engine.py interleaved, each plan "
+            "committed to the snapshot before the next call (steady state). The first call "
+            "(index build for the hosts it touches) is reported apart. Best fit is capped at "
+            f"{result['best_fit_budget_s']:.0f} s of timed calls per fleet size (at least "
+            f"{BEST_FIT_MIN_ROUNDS} rounds): `capped` marks where it got fewer samples than the "
+            f"others ({result['per_shape']} rounds of {len(result['shapes'])} shapes).",
+            report.table(
+                ["hosts", "policy", "samples", "p50 ms", "p99 ms", "first call ms", "capped"],
+                rows,
+            ),
+            p50_plot,
+            p99_plot,
+            f"Per shape at {int(largest) if largest else 0:,} hosts (p50 ms, placed/asked):",
+            report.table(
+                ["shape", *[h for name in policies for h in (f"{name} p50", f"{name} placed")]],
+                shape_rows,
+            ),
+            "### End to end (Tessera)",
+            "Place over gRPC: one scheduler process, an embedded Valkey, the fleet registered "
+            "with the real Register RPC, one stub agent answering Prepare for every host (no "
+            "actuation). Sequential calls, the same shapes, placements kept. Only Tessera: the "
+            "baselines are not wired into the scheduler service. The first Place parses every "
+            "inventory and builds the engine's indexes.",
+            report.table(
+                ["hosts", "samples", "p50 ms", "p99 ms", "first Place ms", "register s", "errors"],
+                e2e_rows,
+            ),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run, write JSON, print a summary."""
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    p.add_argument("--out", type=Path, default=OUT / "latency.json")
+    p.add_argument("--stub-agent", action="store_true", help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    if opts.stub_agent:
+        return serve_stub_agent()
+    result = run(opts.quick)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {opts.out} ({result['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
