@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import subprocess
 import sys
 import tempfile
@@ -551,9 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.stub_agent:
         return serve_stub_agent()
     result = run(opts.quick)
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {opts.out} ({result['wall_s']} s)")
+    report.write_result(result, opts.out)
     return 0
 
 

@@ -8,6 +8,7 @@ repository root). ``bench/run.py`` runs the parts and assembles the file.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -58,6 +59,13 @@ def git_state() -> dict[str, Any]:
         "scheduler_core_dirty": bool(git("status", "--porcelain", "scheduler/core")),
         "dirty": bool(git("status", "--porcelain", "scheduler", "agent", "bench")),
     }
+
+
+def write_result(result: Mapping[str, Any], path: Path) -> None:
+    """Write a part's result as JSON, making its folder if need be, and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written {path} ({result.get('wall_s', '?')} s)")
 
 
 def _cpu_model() -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import tempfile
@@ -426,9 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT / "throughput.json")
     opts = p.parse_args(argv)
     result = run(opts.quick)
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {opts.out} ({result['wall_s']} s)")
+    report.write_result(result, opts.out)
     return 0
 
 
