@@ -135,13 +135,18 @@ class PlacementCoordinator:
         self._agents = agents
         self._leases = leases
         self._clock_ms = clock_ms
-        # Parsed host views by (host, boot, inventory generation): parsing a
-        # big inventory on every request would dominate placement latency.
-        self._views: dict[tuple[str, str, int], HostState] = {}
+        # Parsed host views by host, with the (boot, inventory generation)
+        # they were parsed from: parsing (and even reading) a big inventory on
+        # every request would dominate placement latency.
+        self._views: dict[str, tuple[str, int, HostState]] = {}
         self._parsed = 0  # inventories parsed so far
         self._frozen_ms = -FREEZE_INTERVAL_MS  # last gc.freeze (see snapshot)
         self._engine = engine if engine is not None else Engine()
         self._batch_settings = batch_settings
+        # Shared snapshot reads (see snapshot): the round callers join, and
+        # the task running rounds while any caller waits.
+        self._next_read: asyncio.Future[tuple[ClusterSnapshot, dict[str, HostRecord]]] | None = None
+        self._reader: asyncio.Task[None] | None = None
 
     @property
     def leases(self) -> Leases:
@@ -150,15 +155,19 @@ class PlacementCoordinator:
 
     # -- snapshot ---------------------------------------------------------
 
-    def _host_state(self, record: HostRecord, now_ms: int) -> HostState:
-        key = (record.host_id, record.boot_id, record.inventory_generation)
-        cached = self._views.get(key)
-        if cached is None:
+    async def _host_state(self, record: HostRecord, now_ms: int) -> HostState:
+        found = self._views.get(record.host_id)
+        if found is not None and found[:2] == (record.boot_id, record.inventory_generation):
+            cached = found[2]
+        else:
+            if not record.inventory:
+                # Left out for a version a concurrent call replaced meanwhile.
+                fresh = await self._store.get_host(record.host_id)
+                record = fresh if fresh is not None else record
             inventory = inventory_pb2.HostInventory.FromString(record.inventory)
             cached = HostState(view=host_view_from_inventory(inventory), alloc_generation=0)
             self._parsed += 1
-            self._views = {k: v for k, v in self._views.items() if k[0] != record.host_id}
-            self._views[key] = cached
+            self._views[record.host_id] = (record.boot_id, record.inventory_generation, cached)
         alive = now_ms - record.last_heartbeat_ms <= self._leases.lease_s * 1000
         return HostState(
             view=cached.view,
@@ -169,11 +178,55 @@ class PlacementCoordinator:
         )
 
     async def snapshot(self) -> tuple[ClusterSnapshot, dict[str, HostRecord]]:
-        """Read every host and its allocations into an immutable snapshot."""
-        stored = await self._store.snapshot()
+        """Every host and its allocations as an immutable snapshot, read after this call began.
+
+        Concurrent calls share reads: a caller arriving while a read is in
+        flight waits for the next one, which starts as soon as that read ends
+        and serves everyone who came meanwhile. Each caller thus sees the
+        store as it was after it asked (a replan after a lost commit sees the
+        winner), and a replica under load reads the store once per round of
+        callers instead of once per caller.
+        """
+        loop = asyncio.get_running_loop()
+        if self._next_read is None or self._next_read.get_loop() is not loop:
+            self._next_read = loop.create_future()
+        if self._reader is None or self._reader.done() or self._reader.get_loop() is not loop:
+            self._reader = loop.create_task(self._read_rounds())
+        # Shielded: a caller that gives up must not cancel its round for the others.
+        snapshot, records = await asyncio.shield(self._next_read)
+        return snapshot, dict(records)
+
+    async def _read_rounds(self) -> None:
+        """Serve the waiting callers one read at a time until none wait."""
+        try:
+            while self._next_read is not None:
+                round_, self._next_read = self._next_read, None
+                try:
+                    result = await self._read_snapshot()
+                except asyncio.CancelledError:
+                    # Shutting down: nobody waits for ever on a round that
+                    # will not be read.
+                    round_.cancel()
+                    if self._next_read is not None:
+                        self._next_read.cancel()
+                        self._next_read = None
+                    raise
+                except Exception as err:  # every waiter of the round gets it
+                    round_.set_exception(err)
+                    # Nobody may be waiting any more (all cancelled): mark it
+                    # seen, so asyncio does not log it as never retrieved.
+                    round_.exception()
+                else:
+                    round_.set_result(result)
+        finally:
+            self._reader = None
+
+    async def _read_snapshot(self) -> tuple[ClusterSnapshot, dict[str, HostRecord]]:
+        known = {h: (boot, generation) for h, (boot, generation, _) in self._views.items()}
+        stored = await self._store.snapshot(known)
         now = self._clock_ms()
         parsed = self._parsed
-        hosts = {HostId(h): self._host_state(r, now) for h, r in stored.hosts.items()}
+        hosts = {HostId(h): await self._host_state(r, now) for h, r in stored.hosts.items()}
         if self._parsed != parsed and now - self._frozen_ms >= FREEZE_INTERVAL_MS:
             # Host views live until their host reports again: move them out
             # of the cyclic collector's scans, whose full passes over millions

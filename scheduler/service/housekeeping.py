@@ -149,7 +149,7 @@ class Housekeeper:
             return report
         fence = Fence(JOB, token)
         try:
-            hosts = (await self._store.snapshot()).hosts
+            hosts = (await self._store.snapshot(inventories=False)).hosts
             # Fenced writes are checked per host, against the newest term the
             # host saw: raise it everywhere before acting anywhere, so from
             # here on a deposed leader is refused on every host.

@@ -36,7 +36,9 @@ class HostRecord:
 
     Attributes:
         host_id: the host.
-        inventory: serialized ``tessera.v1.HostInventory``.
+        inventory: serialized ``tessera.v1.HostInventory``; empty when the
+            reader said it holds this boot's and generation's inventory
+            already (see :meth:`RedisStateStore.snapshot`).
         agent_address: where the host's agent listens.
         boot_id: the kernel boot the inventory was taken in.
         inventory_generation: the agent's inventory counter within that boot.
@@ -237,9 +239,30 @@ end
 
 # KEYS: host, alloc, placement-tenants. One host's record, read atomically
 # inside its slot (a MULTI over many hosts would span slots).
+# ARGV: the boot id and inventory generation whose inventory the caller
+# already holds ('' none, '*' any): the inventory, kilobytes a host, is then
+# left out of the reply, so reading every host for each placement moves only
+# allocations over the wire.
 _READ_HOST_LUA = """#!lua flags=no-writes
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
-        redis.call('HGETALL', KEYS[3])}
+local fields = redis.call('HGETALL', KEYS[1])
+if ARGV[1] ~= '' then
+  local boot, generation = '', ''
+  for i = 1, #fields, 2 do
+    if fields[i] == 'boot_id' then boot = fields[i + 1] end
+    if fields[i] == 'inventory_generation' then generation = fields[i + 1] end
+  end
+  if ARGV[1] == '*' or (boot == ARGV[1] and generation == ARGV[2]) then
+    local kept = {}
+    for i = 1, #fields, 2 do
+      if fields[i] ~= 'inventory' then
+        kept[#kept + 1] = fields[i]
+        kept[#kept + 1] = fields[i + 1]
+      end
+    end
+    fields = kept
+  end
+end
+return {fields, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
 """
 
 # The server's clock: deadlines of request claims are in server time, so
@@ -522,11 +545,11 @@ def _record(
 ) -> HostRecord:
     by_name = {_text(k): v for k, v in fields.items()}
     inventory = by_name.get(schema.F_INVENTORY)
-    if inventory is None:
+    if inventory is None and schema.F_BOOT_ID not in by_name:
         raise StoreError(f"host record {schema.host(host_id)} has no inventory field")
     return HostRecord(
         host_id=host_id,
-        inventory=_bytes(inventory),
+        inventory=_bytes(inventory) if inventory is not None else b"",
         agent_address=_text(by_name.get(schema.F_AGENT_ADDRESS)),
         boot_id=_text(by_name.get(schema.F_BOOT_ID)),
         inventory_generation=_int(by_name.get(schema.F_INVENTORY_GENERATION)),
@@ -651,12 +674,21 @@ class RedisStateStore:
             return None
         return _record(host_id, fields, allocs, tenants)
 
-    async def snapshot(self) -> StoreSnapshot:
+    async def snapshot(
+        self, known: Mapping[str, tuple[str, int]] | None = None, *, inventories: bool = True
+    ) -> StoreSnapshot:
         """Every registered host with its allocations.
 
         Each host is read atomically (one read-only script over its slot);
         hosts are not read at one instant, which the scheduler does not need:
         a plan names the generation it saw of its one host.
+
+        Args:
+            known: host -> (boot id, inventory generation) whose inventory
+                the caller holds already: those records come with an empty
+                ``inventory`` (the caller's copy is current).
+            inventories: False leaves every inventory out (for callers that
+                only need allocations and liveness).
 
         Returns:
             The snapshot.
@@ -664,9 +696,17 @@ class RedisStateStore:
         host_ids = sorted(_text(h) for h in await self._client.smembers(schema.HOSTS))
         if not host_ids:
             return StoreSnapshot(hosts={})
+        known = known or {}
         async with self._client.pipeline(transaction=False) as pipe:
             for host_id in host_ids:
-                await self._read_host(keys=_read_host_keys(host_id), client=pipe)
+                if not inventories:
+                    held = ["*", ""]
+                elif host_id in known:
+                    boot_id, generation = known[host_id]
+                    held = [boot_id, str(generation)]
+                else:
+                    held = ["", ""]
+                await self._read_host(keys=_read_host_keys(host_id), args=held, client=pipe)
             replies = await pipe.execute()
         hosts: dict[str, HostRecord] = {}
         for host_id, reply in zip(host_ids, replies, strict=True):

@@ -728,3 +728,29 @@ def test_every_key_is_prefixed_and_per_host_keys_share_one_slot(
         assert keys - per_host - job == {schema.HOSTS, schema.request("req-p1")}
 
     arun(body())
+
+
+def test_a_snapshot_leaves_out_inventories_the_reader_holds(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        await register(store, "host-a", generation=1)
+        await register(store, "host-b", generation=1)
+        await register(store, "host-c", generation=1)
+        await commit(store, "p1", ["iommu-group:1"], host_id="host-b")
+        snap = await store.snapshot({"host-a": ("boot-1", 1), "host-b": ("boot-0", 1)})
+        assert snap.hosts["host-a"].inventory == b""  # held: left out
+        assert snap.hosts["host-b"].inventory == INVENTORY  # another boot: sent
+        assert snap.hosts["host-c"].inventory == INVENTORY  # unknown: sent
+        assert snap.hosts["host-b"].allocations == {"iommu-group:1": pid("p1", "host-b")}
+        bare = await store.snapshot(inventories=False)
+        assert {h: r.inventory for h, r in bare.hosts.items()} == dict.fromkeys(snap.hosts, b"")
+        assert bare.hosts["host-a"].boot_id == "boot-1"
+        assert bare.hosts["host-b"].alloc_generation == 1
+        # A newer report of a held host is sent again.
+        await register(store, "host-a", generation=2, inventory=b"new")
+        again = await store.snapshot({"host-a": ("boot-1", 1)})
+        assert again.hosts["host-a"].inventory == b"new"
+
+    arun(body())

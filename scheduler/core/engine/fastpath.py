@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -548,8 +549,20 @@ class Engine:
         fits, rejections = self.candidates(snapshot, request, 0 if explain else self.feasible_hosts)
         if not fits:
             return unschedulable(len(snapshot.hosts), request, rejections)
-        best = min(fits, key=lambda f: (-f.score, f.state.view.host_id))
+        # Equal scores are common (identical hosts, equally full): break the
+        # tie by a hash of request and host rather than by name, so that
+        # concurrent replicas placing different requests on one snapshot
+        # spread over the tied hosts instead of all racing for the first.
+        # Still a pure function of snapshot and request.
+        best = min(
+            fits, key=lambda f: (-f.score, _tie_break(request.request_id, f.state.view.host_id))
+        )
         return build_plan(best, request)
+
+
+def _tie_break(request_id: str, host_id: str) -> tuple[int, str]:
+    """A host's rank among equally scored ones, stable per request."""
+    return zlib.crc32(f"{request_id}\x00{host_id}".encode()), host_id
 
 
 def _shape(request: PlacementRequest) -> tuple[object, ...]:
