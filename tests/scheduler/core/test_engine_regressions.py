@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import PlacementId, RequestId, TenantName
+from scheduler.core.identity import HostId, PlacementId, RequestId, TenantName
 from scheduler.core.plan import Plan, Unschedulable
 from scheduler.core.request import (
     Claim,
@@ -85,3 +85,23 @@ def test_a_batch_keeps_one_mdev_type_on_a_single_type_parent() -> None:
         a.type_id for p in result.plans.values() for a in p.assignments if hasattr(a, "type_id")
     }
     assert len(types) <= 1
+
+
+def test_requests_on_identical_hosts_spread_over_the_tied_ones_and_each_choice_is_stable() -> None:
+    """Concurrent replicas plan different requests on one snapshot: ties must not all
+    name the same host, or every commit but one loses the race."""
+    snapshot = ClusterSnapshot(
+        hosts={HostId(f"h{i}"): HostState(dgx(f"h{i}"), 0) for i in range(4)}
+    )
+    engine = Engine()
+    chosen = {}
+    for i in range(16):
+        plan = engine.schedule(snapshot, gpu(f"r{i}", "A"))
+        assert isinstance(plan, Plan)
+        chosen[f"r{i}"] = plan.host_id
+    assert len(set(chosen.values())) > 1, chosen
+    # A pure function of snapshot and request: a fresh engine answers the same.
+    again = Engine()
+    for rid, host in chosen.items():
+        plan = again.schedule(snapshot, gpu(rid, "A"))
+        assert isinstance(plan, Plan) and plan.host_id == host
