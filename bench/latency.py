@@ -215,6 +215,7 @@ class E2eCluster:
 
     workdir: Path
     replicas: int = 1
+    policy: str = "tessera"
     addresses: list[str] = field(default_factory=list)
     agent_address: str = ""
     _cluster: LocalCluster | None = None
@@ -231,6 +232,8 @@ class E2eCluster:
                 "86400",
                 "--log-level",
                 "WARNING",
+                "--policy",
+                self.policy,
             )
             self.addresses = [
                 self._cluster.start_scheduler(f"scheduler-{i}", *quiet)
@@ -365,47 +368,60 @@ def in_process(sizes: Sequence[int], per_shape: int, seed: int) -> dict[str, Any
 
 
 def end_to_end(sizes: Sequence[int], per_shape: int, seed: int) -> dict[str, Any]:
-    """Tessera's Place over gRPC, sequential, on registered fleets of ``sizes``."""
+    """Place over gRPC, sequential, on registered fleets of ``sizes``, per policy.
+
+    Each policy runs in the scheduler service itself (``--policy``), so every
+    one pays the same RPC, snapshot read, commit and Prepare path.
+    """
     out: dict[str, Any] = {}
     for n in sizes:
         fleet = build_fleet(n, seed)
-        with (
-            tempfile.TemporaryDirectory(prefix="tessera-latency-") as tmp,
-            E2eCluster(Path(tmp)) as cluster,
-            cluster.stubs() as stubs,
-        ):
-            register_s = cluster.register(fleet)
-            stub = stubs[0]
-            # The first Place parses every inventory and builds the
-            # engine's indexes: reported apart, like the in-process first call.
-            first = to_wire(SHAPES["1-gpu"]("e2e-first", "tenant-first"))
-            t0 = time.perf_counter()
-            stub.Place(scheduler_pb2.PlaceRequest(request=first), timeout=600)
-            first_s = time.perf_counter() - t0
-            samples: dict[str, list[float]] = {name: [] for name in SHAPES}
-            errors: dict[str, int] = {}
-            for rep in range(per_shape):
-                for name, shape in SHAPES.items():
-                    msg = to_wire(shape(f"e2e-{name}-{rep:04d}", f"tenant-{rep % TENANTS:02d}"))
-                    t1 = time.perf_counter()
-                    try:
-                        stub.Place(scheduler_pb2.PlaceRequest(request=msg), timeout=120)
-                    except grpc.RpcError as err:
-                        code = err.code().name if isinstance(err, grpc.Call) else "UNKNOWN"
-                        errors[code] = errors.get(code, 0) + 1
-                        continue
-                    samples[name].append(time.perf_counter() - t1)
-        every = [s for values in samples.values() for s in values]
-        out[str(n)] = {
-            "hosts": n,
-            "register_s": round(register_s, 3),
-            "first_place_ms": round(first_s * 1000, 3),
-            "all": report.summary_ms(every),
-            "shapes": {name: report.summary_ms(samples[name]) for name in SHAPES},
-            "errors": errors,
-        }
-        print(f"    e2e {n} hosts: {out[str(n)]['all']} errors {errors}", flush=True)
+        out[str(n)] = {}
+        for policy in POLICIES:
+            out[str(n)][policy] = _end_to_end_one(fleet, policy, per_shape)
+            print(f"    e2e {n} hosts {policy}: {out[str(n)][policy]['all']}", flush=True)
     return out
+
+
+def _end_to_end_one(
+    fleet: Sequence[inventory_pb2.HostInventory], policy: str, per_shape: int
+) -> dict[str, Any]:
+    with (
+        tempfile.TemporaryDirectory(prefix="tessera-latency-") as tmp,
+        E2eCluster(Path(tmp), policy=policy) as cluster,
+        cluster.stubs() as stubs,
+    ):
+        register_s = cluster.register(fleet)
+        stub = stubs[0]
+        # The first Place parses every inventory and builds the engine's
+        # indexes: reported apart, like the in-process first call.
+        first = to_wire(SHAPES["1-gpu"]("e2e-first", "tenant-first"))
+        t0 = time.perf_counter()
+        stub.Place(scheduler_pb2.PlaceRequest(request=first), timeout=600)
+        first_s = time.perf_counter() - t0
+        samples: dict[str, list[float]] = {name: [] for name in SHAPES}
+        errors: dict[str, int] = {}
+        for rep in range(per_shape):
+            for name, shape in SHAPES.items():
+                msg = to_wire(shape(f"e2e-{name}-{rep:04d}", f"tenant-{rep % TENANTS:02d}"))
+                t1 = time.perf_counter()
+                try:
+                    stub.Place(scheduler_pb2.PlaceRequest(request=msg), timeout=120)
+                except grpc.RpcError as err:
+                    code = err.code().name if isinstance(err, grpc.Call) else "UNKNOWN"
+                    errors[code] = errors.get(code, 0) + 1
+                    continue
+                samples[name].append(time.perf_counter() - t1)
+    every = [s for values in samples.values() for s in values]
+    return {
+        "hosts": len(fleet),
+        "policy": policy,
+        "register_s": round(register_s, 3),
+        "first_place_ms": round(first_s * 1000, 3),
+        "all": report.summary_ms(every),
+        "shapes": {name: report.summary_ms(samples[name]) for name in SHAPES},
+        "errors": errors,
+    }
 
 
 # ---------------------------------------------------------------- part API
@@ -496,6 +512,7 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
     e2e_rows = [
         [
             e["hosts"],
+            e["policy"],
             e["all"]["n"],
             e["all"]["p50_ms"],
             e["all"]["p99_ms"],
@@ -503,7 +520,8 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
             e["register_s"],
             ", ".join(f"{k} {v}" for k, v in e["errors"].items()) or "none",
         ]
-        for e in (e2e[k] for k in sorted(e2e, key=int))
+        for size in sorted(e2e, key=int)
+        for e in e2e[size].values()
     ]
     return "\n\n".join(
         [
@@ -526,14 +544,23 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
                 ["shape", *[h for name in policies for h in (f"{name} p50", f"{name} placed")]],
                 shape_rows,
             ),
-            "### End to end (Tessera)",
-            "Place over gRPC: one scheduler process, an embedded Valkey, the fleet registered "
-            "with the real Register RPC, one stub agent answering Prepare for every host (no "
-            "actuation). Sequential calls, the same shapes, placements kept. Only Tessera: the "
-            "baselines are not wired into the scheduler service. The first Place parses every "
-            "inventory and builds the engine's indexes.",
+            "### End to end",
+            "Place over gRPC: one scheduler process running the policy (`tessera-scheduler "
+            "--policy NAME`), an embedded Valkey, the fleet registered with the real Register "
+            "RPC, one stub agent answering Prepare for every host (no actuation). Sequential "
+            "calls, the same shapes, placements kept. The first Place parses every inventory "
+            "and builds the engine's indexes.",
             report.table(
-                ["hosts", "samples", "p50 ms", "p99 ms", "first Place ms", "register s", "errors"],
+                [
+                    "hosts",
+                    "policy",
+                    "samples",
+                    "p50 ms",
+                    "p99 ms",
+                    "first Place ms",
+                    "register s",
+                    "errors",
+                ],
                 e2e_rows,
             ),
         ]

@@ -148,19 +148,26 @@ def _e2e_load(cluster: E2eCluster, clients: int, duration_s: float, seed: int) -
 
 
 def end_to_end(hosts: int, duration_s: float, clients: Sequence[int], seed: int) -> dict[str, Any]:
-    """Two replicas, a registered fleet of ``hosts``, each client count in turn."""
+    """Two replicas running each policy, a registered fleet of ``hosts``, each client count."""
     fleet = build_fleet(hosts, seed)
-    with (
-        tempfile.TemporaryDirectory(prefix="tessera-throughput-") as tmp,
-        E2eCluster(Path(tmp), replicas=2) as cluster,
-    ):
-        register_s = cluster.register(fleet)
-        # Warm both replicas: parse every inventory, build the engine's indexes.
-        _e2e_load(cluster, 2, 0.5, seed)
-        runs = {str(c): _e2e_load(cluster, c, duration_s, seed + c) for c in clients}
-    for c, r in runs.items():
-        print(f"    e2e {c} clients: {r['placements_per_s']}/s {r['place']} {r['errors']}")
-    return {"hosts": hosts, "replicas": 2, "register_s": round(register_s, 3), "runs": runs}
+    policies: dict[str, Any] = {}
+    for policy in POLICIES:
+        with (
+            tempfile.TemporaryDirectory(prefix="tessera-throughput-") as tmp,
+            E2eCluster(Path(tmp), replicas=2, policy=policy) as cluster,
+        ):
+            register_s = cluster.register(fleet)
+            # Warm both replicas: parse every inventory, build the engine's indexes.
+            _e2e_load(cluster, 2, 0.5, seed)
+            runs = {str(c): _e2e_load(cluster, c, duration_s, seed + c) for c in clients}
+        for c, r in runs.items():
+            print(
+                f"    e2e {policy} {c} clients: {r['placements_per_s']}/s {r['place']} "
+                f"{r['errors']}",
+                flush=True,
+            )
+        policies[policy] = {"register_s": round(register_s, 3), "runs": runs}
+    return {"hosts": hosts, "replicas": 2, "policies": policies}
 
 
 # ---------------------------------------------------------------- in process
@@ -370,6 +377,7 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
     e2e: Mapping[str, Any] = result["end_to_end"]
     e2e_rows = [
         [
+            policy,
             int(c),
             r["placements"],
             r["placements_per_s"],
@@ -377,7 +385,8 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
             r["place"]["p99_ms"],
             ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "none",
         ]
-        for c, r in e2e["runs"].items()
+        for policy, entry in e2e["policies"].items()
+        for c, r in entry["runs"].items()
     ]
     return "\n\n".join(
         [
@@ -405,14 +414,32 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
             ),
             rate_plot,
             conflict_plot,
-            "### End to end (Tessera)",
-            f"Two scheduler replicas, {e2e['hosts']:,} registered hosts, one stub agent (no "
-            "actuation), real gRPC and Valkey; client threads alternate replicas and run place "
-            "-> release cycles of the mixed shapes for a fixed time. Only Tessera: the "
-            "baselines are not wired into the scheduler service.",
+            "### End to end",
+            f"Two scheduler replicas running the policy (`tessera-scheduler --policy NAME`), "
+            f"{e2e['hosts']:,} registered hosts, one stub agent (no actuation), real gRPC and "
+            "Valkey; client threads alternate replicas and run place -> release cycles of the "
+            "mixed shapes for a fixed time.",
             report.table(
-                ["clients", "placements", "placements/s", "Place p50 ms", "Place p99 ms", "errors"],
+                [
+                    "policy",
+                    "clients",
+                    "placements",
+                    "placements/s",
+                    "Place p50 ms",
+                    "Place p99 ms",
+                    "errors",
+                ],
                 e2e_rows,
+            ),
+            report.bar_plot(
+                plots / "throughput_e2e.png",
+                "Placements/s end to end (2 replicas, gRPC, Valkey)",
+                "placements/s",
+                [f"{c} clients" for c in clients],
+                {
+                    policy: [float(entry["runs"][str(c)]["placements_per_s"]) for c in clients]
+                    for policy, entry in e2e["policies"].items()
+                },
             ),
         ]
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
 
+from scheduler.core.engine.policies import POLICIES
 from scheduler.service.agent_gateway import GrpcAgentGateway
 from scheduler.service.coordinator import Leases, PlacementCoordinator
 from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
@@ -67,6 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--housekeeping-interval", type=float, default=5.0, help="seconds between reaper rounds"
     )
+    p.add_argument(
+        "--policy",
+        choices=sorted(POLICIES),
+        default="tessera",
+        help="how Place chooses: tessera, or a baseline (first-fit as Kubernetes DRA "
+        "allocates, best-fit as kube-scheduler MostAllocated, random) to compare with",
+    )
     p.add_argument("--log-level", default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
 
@@ -93,7 +101,10 @@ async def serve(opts: argparse.Namespace) -> int:
             RedisStateStore(client),
             gateway,
             Leases(heartbeat_interval_s=opts.heartbeat_interval, lease_s=opts.lease),
+            policy=POLICIES[opts.policy](),
         )
+        if opts.policy != "tessera":
+            log.warning("placing with the %s baseline policy, not Tessera's", opts.policy)
         server, port, health_servicer = build_server(coordinator, opts.listen)
         await server.start()
         host = opts.listen.rsplit(":", 1)[0]

@@ -22,6 +22,7 @@ import redis.exceptions
 
 from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine
+from scheduler.core.engine.policies import Policy, TesseraPolicy
 from scheduler.core.identity import (
     HostId,
     PlacementId,
@@ -119,6 +120,9 @@ class PlacementCoordinator:
         clock_ms: current time in ms (injectable for lease tests).
         engine: the placement engine (its host index is reused across calls).
         batch_settings: CP-SAT limits for PlaceBatch.
+        policy: how Place chooses (default Tessera's engine); the baselines
+            of :mod:`scheduler.core.engine.policies` are there for comparing
+            on the same service. PlaceBatch and Explain always use the engine.
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class PlacementCoordinator:
         *,
         engine: Engine | None = None,
         batch_settings: BatchSettings = DEFAULT_BATCH_SETTINGS,
+        policy: Policy | None = None,
     ) -> None:
         self._store = store
         self._agents = agents
@@ -142,6 +147,7 @@ class PlacementCoordinator:
         self._parsed = 0  # inventories parsed so far
         self._frozen_ms = -FREEZE_INTERVAL_MS  # last gc.freeze (see snapshot)
         self._engine = engine if engine is not None else Engine()
+        self._policy: Policy = policy if policy is not None else TesseraPolicy(engine=self._engine)
         self._batch_settings = batch_settings
         # Shared snapshot reads (see snapshot): the round callers join, and
         # the task running rounds while any caller waits.
@@ -357,7 +363,7 @@ class PlacementCoordinator:
         try:
             for attempt in range(MAX_COMMIT_ATTEMPTS):
                 snapshot, records = await self.snapshot()
-                result = self._engine.schedule(snapshot, request)
+                result = self._policy.place(snapshot, request)
                 if isinstance(result, Unschedulable):
                     raise NoCapacityError(result.summary, result.reasons())
                 commit, placement = await self._commit(msg, result, claimant)

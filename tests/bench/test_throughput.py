@@ -18,10 +18,13 @@ def test_every_policy_commits_and_e2e_places(tmp_path: Path) -> None:
             assert r["placements"] > 0
             assert r["commit_outcomes"].get("COMMITTED", 0) == r["placements"]
     e2e = throughput.end_to_end(hosts=8, duration_s=1.0, clients=(2,), seed=1)
-    run = e2e["runs"]["2"]
-    assert run["placements"] > 0
-    assert not {k for k in run["errors"] if k.startswith("release-") or k == "INVALID_ARGUMENT"}
-    md = throughput.section({"in_process": inproc, "end_to_end": e2e, "clients": [2, 4]}, tmp_path)
+    assert set(e2e["policies"]) == set(POLICIES)
+    for entry in e2e["policies"].values():
+        run = entry["runs"]["2"]
+        assert run["placements"] > 0
+        bad = {k for k in run["errors"] if k.startswith("release-") or k == "INVALID_ARGUMENT"}
+        assert not bad, run["errors"]
+    md = throughput.section({"in_process": inproc, "end_to_end": e2e, "clients": [2]}, tmp_path)
     for name in POLICIES:
         assert f"| {name} |" in md
     assert (tmp_path / "throughput_inprocess.png").exists()
