@@ -100,6 +100,82 @@ def load_results(out: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _policy_row(label: str, values: Mapping[str, Any], fmt: str = "{:,.3g}") -> list[object]:
+    return [label, *(fmt.format(values[p]) if p in values else "n/a" for p in _POLICY_ORDER)]
+
+
+#: Column order of the headline tables.
+_POLICY_ORDER = ("tessera", "first-fit", "best-fit", "random")
+
+
+def headlines(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """One table of the figures that matter most, every policy side by side.
+
+    Read from each part's JSON; a part not run (or shaped otherwise) leaves
+    its rows out rather than failing the report.
+    """
+    rows: list[list[object]] = []
+    a, b, c, d = (results.get(k, {}) for k in "abcd")
+    try:
+        size = max(a["in_process"], key=int)
+        pols = a["in_process"][size]["policies"]
+        rows.append(
+            _policy_row(
+                f"(a) p50 ms, one request, {int(size):,} hosts, in process",
+                {p: v["all"]["p50_ms"] for p, v in pols.items()},
+            )
+        )
+        size = max(a["end_to_end"], key=int)
+        rows.append(
+            _policy_row(
+                f"(a) p50 ms, Place over gRPC, {int(size):,} hosts",
+                {p: v["all"]["p50_ms"] for p, v in a["end_to_end"][size].items()},
+            )
+        )
+    except (KeyError, ValueError):
+        pass
+    try:
+        for clients in b["clients"]:
+            rows.append(
+                _policy_row(
+                    f"(b) placements/s end to end, {clients} clients",
+                    {
+                        p: v["runs"][str(clients)]["placements_per_s"]
+                        for p, v in b["end_to_end"]["policies"].items()
+                    },
+                )
+            )
+    except KeyError:
+        pass
+    try:
+        for case in c["cases"]:
+            placed = {p: v["placed"] for p, v in case["policies"].items()}
+            batch = case["tessera-batch"]
+            rows.append(
+                _policy_row(
+                    f"(c) placed of {case['requests']:,} on {case['hosts']:,} hosts "
+                    f"(CP-SAT batch: {batch['placed']:,}, {batch['gap']:.2%} from its bound)",
+                    placed,
+                    "{:,}",
+                )
+            )
+    except KeyError:
+        pass
+    try:
+        pols = d["policies"]
+        for key, label in (
+            ("acceptance", "(d) Alibaba trace: tasks accepted"),
+            ("fragmented_of_free_busy_mean", "(d) free GPU capacity fragmented"),
+            ("numa_aligned", "(d) multi-GPU placements on one NUMA node"),
+        ):
+            rows.append(_policy_row(label, {p: v[key] for p, v in pols.items()}, "{:.3f}"))
+    except KeyError:
+        pass
+    if not rows:
+        return "No part has been run yet."
+    return table(["figure", *_POLICY_ORDER], rows)
+
+
 def render(results: Mapping[str, Mapping[str, Any]], plots: Path, quick: bool) -> str:
     """BENCHMARKS.md: machine, how to reproduce, then each part's section."""
     metas = [r.get("meta", {}) for r in results.values()]
@@ -154,6 +230,7 @@ def render(results: Mapping[str, Mapping[str, Any]], plots: Path, quick: bool) -
         ),
         "",
     ]
+    lines += ["## Headlines", "", headlines(results), ""]
     for letter, (module_name, title) in PARTS.items():
         lines += [f"## {title}", ""]
         result = results.get(letter)
