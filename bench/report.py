@@ -8,12 +8,13 @@ repository root). ``bench/run.py`` runs the parts and assembles the file.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,22 @@ def write_result(result: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {path} ({result.get('wall_s', '?')} s)")
+
+
+def part_main(
+    argv: list[str] | None,
+    doc: str | None,
+    run: Callable[[bool], Mapping[str, Any]],
+    default_out: Path,
+    quick_help: str,
+) -> int:
+    """The command line of a part with no options of its own: ``--quick``, ``--out``."""
+    p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, default=default_out)
+    opts = p.parse_args(argv)
+    write_result(run(opts.quick), opts.out)
+    return 0
 
 
 def _cpu_model() -> str:

@@ -28,7 +28,6 @@ host (re-parse + a new snapshot with that host replaced), and one commit
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -283,13 +282,7 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run, write JSON, print a summary."""
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1,000 hosts")
-    p.add_argument("--out", type=Path, default=OUT / "state_cost.json")
-    opts = p.parse_args(argv)
-    result = run(opts.quick)
-    report.write_result(result, opts.out)
-    return 0
+    return report.part_main(argv, __doc__, run, OUT / "state_cost.json", "1,000 hosts")
 
 
 if __name__ == "__main__":

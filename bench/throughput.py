@@ -22,7 +22,6 @@ Placements are kept (no release), on a fleet large enough not to fill.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import sys
@@ -447,13 +446,7 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run, write JSON, print a summary."""
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, for CI")
-    p.add_argument("--out", type=Path, default=OUT / "throughput.json")
-    opts = p.parse_args(argv)
-    result = run(opts.quick)
-    report.write_result(result, opts.out)
-    return 0
+    return report.part_main(argv, __doc__, run, OUT / "throughput.json", "small sizes, for CI")
 
 
 if __name__ == "__main__":
