@@ -12,6 +12,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from scheduler.core.engine.policies import POLICIES
 from scheduler.service.agent_gateway import GrpcAgentGateway
@@ -88,7 +90,15 @@ async def serve(opts: argparse.Namespace) -> int:
         embedded.start()
         url = embedded.url
         log.info("started embedded Valkey at %s (data in %s)", url, opts.data_dir)
-    client = aioredis.Redis.from_url(url, decode_responses=False)
+    client = aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        # After a Redis restart or failover every pooled connection is dead:
+        # ping one idle for a while before use, and retry a command on a
+        # fresh connection a few times before a caller sees UNAVAILABLE.
+        health_check_interval=5,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=6),
+    )
     gateway = GrpcAgentGateway()
     try:
         try:

@@ -30,8 +30,8 @@ def chain(host: FakeHost, bdf: str) -> str:
 
 def test_the_registry_names_every_fixture() -> None:
     assert sorted(hosts.FIXTURE_HOSTS) == [
-        "dgx-a100", "gpu-workstation", "hgx-8gpu", "no-iommu", "noacs-switch", "sriov-large",
-        "sriov-nic", "vgpu", "virt-2s",
+        "dgx-a100", "gpu-workstation", "hgx-8gpu", "no-iommu", "noacs-switch", "pcie-a100-mig",
+        "sriov-large", "sriov-nic", "vgpu", "virt-2s",
     ]  # fmt: skip
     assert all(h.summary and h.build is hosts.FIXTURE_HOSTS[n] for n, h in hosts.FIXTURES.items())
     for build in hosts.FIXTURE_HOSTS.values():
