@@ -68,6 +68,7 @@ from scheduler.store.redis_store import (
     CommitResult,
     HostRecord,
     RedisStateStore,
+    StoreError,
 )
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
 
@@ -161,15 +162,15 @@ class PlacementCoordinator:
 
     # -- snapshot ---------------------------------------------------------
 
-    async def _host_state(self, record: HostRecord, now_ms: int) -> HostState:
+    def _host_state(self, record: HostRecord, now_ms: int) -> HostState:
         found = self._views.get(record.host_id)
         if found is not None and found[:2] == (record.boot_id, record.inventory_generation):
             cached = found[2]
         else:
             if not record.inventory:
-                # Left out for a version a concurrent call replaced meanwhile.
-                fresh = await self._store.get_host(record.host_id)
-                record = fresh if fresh is not None else record
+                # The store leaves an inventory out only for the version the
+                # cache was asked with, and reads run one at a time.
+                raise StoreError(f"host {record.host_id}: inventory left out but not cached")
             inventory = inventory_pb2.HostInventory.FromString(record.inventory)
             cached = HostState(view=host_view_from_inventory(inventory), alloc_generation=0)
             self._parsed += 1
@@ -232,7 +233,7 @@ class PlacementCoordinator:
         stored = await self._store.snapshot(known)
         now = self._clock_ms()
         parsed = self._parsed
-        hosts = {HostId(h): await self._host_state(r, now) for h, r in stored.hosts.items()}
+        hosts = {HostId(h): self._host_state(r, now) for h, r in stored.hosts.items()}
         if self._parsed != parsed and now - self._frozen_ms >= FREEZE_INTERVAL_MS:
             # Host views live until their host reports again: move them out
             # of the cyclic collector's scans, whose full passes over millions
@@ -490,7 +491,9 @@ class PlacementCoordinator:
         claimant = _claimant()
         existing = await self._claim(msg, digest, claimant)
         if existing is not None:
-            return existing, True
+            # Another call placed it, perhaps elsewhere: this host's later
+            # plans cannot assume the generation this plan would have left.
+            return existing, False
         record = await self._store.get_host(plan.host_id)
         if record is not None:
             commit, placement = await self._commit(msg, plan, claimant)

@@ -747,24 +747,19 @@ class RedisStateStore:
                 return RequestClaim(ClaimOutcome.CLAIMED, stored_digest)
             if verdict == "BUSY":
                 return RequestClaim(ClaimOutcome.BUSY, stored_digest, placement_id)
-            landed = bool(placement_id) and await self._holds(host_id, placement_id, request_id)
-            if verdict == "COMMITTED":
-                if landed:
-                    return RequestClaim(ClaimOutcome.DUPLICATE, stored_digest, placement_id)
-                taken = await self._replace(
-                    keys=[key],
-                    args=[schema.COMMITTED, "", placement_id, *fresh],
+            if verdict == "STALE":
+                landed, settled = await self._settle(
+                    request_id, holder, placement_id, host_id, successor=fresh
                 )
-            elif landed:  # STALE, and its commit landed: adopt it
-                if await self._finalize(keys=[key], args=[holder, placement_id]):
-                    return RequestClaim(ClaimOutcome.DUPLICATE, stored_digest, placement_id)
+                if settled:
+                    if landed:
+                        return RequestClaim(ClaimOutcome.DUPLICATE, stored_digest, placement_id)
+                    return RequestClaim(ClaimOutcome.CLAIMED, digest)
                 continue
-            else:  # STALE, and nothing can land any more: take it over
-                taken = await self._replace(
-                    keys=[key],
-                    args=[schema.CLAIMED, holder, placement_id, *fresh],
-                )
-            if taken:
+            # COMMITTED: the answer, unless its placement is gone since.
+            if bool(placement_id) and await self._holds(host_id, placement_id, request_id):
+                return RequestClaim(ClaimOutcome.DUPLICATE, stored_digest, placement_id)
+            if await self._replace(keys=[key], args=[schema.COMMITTED, "", placement_id, *fresh]):
                 return RequestClaim(ClaimOutcome.CLAIMED, digest)
         raise StoreError(f"the record of request {request_id} kept changing under its claim; retry")
 
@@ -816,12 +811,36 @@ class RedisStateStore:
             if state != schema.CLAIMED or _int(deadline) + self._claim_skew_ms >= now_ms:
                 continue
             request_id = key[len(schema.request("")) :]
-            if placement_id and await self._holds(host_id, placement_id, request_id):
-                done = await self._finalize(keys=[key], args=[holder, placement_id])
-            else:
-                done = await self._replace(keys=[key], args=[schema.CLAIMED, holder, placement_id])
-            resolved += int(bool(done))
+            _, settled = await self._settle(request_id, holder, placement_id, host_id)
+            resolved += int(settled)
         return resolved
+
+    async def _settle(
+        self,
+        request_id: str,
+        holder: str,
+        placement_id: str,
+        host_id: str,
+        *,
+        successor: Sequence[str | int] = (),
+    ) -> tuple[bool, bool]:
+        """Settle a claim past its deadline: no commit of it can land any more.
+
+        If its commit landed (the host holds the placement it named), the
+        record is finalized; otherwise it is dropped, or handed to
+        ``successor`` (claimant, digest, ttl) as a fresh claim.
+
+        Returns:
+            Whether its commit had landed, and whether the record was settled
+            (False: it changed meanwhile, read it again).
+        """
+        key = schema.request(request_id)
+        if placement_id and await self._holds(host_id, placement_id, request_id):
+            return True, bool(await self._finalize(keys=[key], args=[holder, placement_id]))
+        replaced = await self._replace(
+            keys=[key], args=[schema.CLAIMED, holder, placement_id, *successor]
+        )
+        return False, bool(replaced)
 
     async def _holds(self, host_id: str, placement_id: str, request_id: str) -> bool:
         """Whether a host holds a placement made for this request."""
