@@ -1,0 +1,301 @@
+"""Mutual TLS from a directory: ``ca.pem``, ``cert.pem``, ``key.pem``, reloaded when they change.
+
+Every Tessera process takes ``--tls-dir DIR`` (``TESSERA_TLS_DIR``). Servers
+require a client certificate signed by the CA and read the caller's identity
+from it; clients check the server's certificate names the identity they meant
+(``scheduler.tessera``, or ``<host>.agent.tessera`` for one host's agent).
+
+Rotation without restart: servers get their certificate through gRPC's dynamic
+credentials, asked again at each new handshake; clients rebuild their channels
+when the files change. A half-written rotation (a new certificate with the old
+key) is never used: the pair is checked before it replaces the one in use.
+
+Without a TLS directory a process serves plaintext, which :func:`check_listen`
+allows on loopback only unless the operator passes ``--insecure``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tessera.security.certs import CA_CERT, CERT, KEY
+from tessera.security.identity import Identity, IdentityError
+
+log = logging.getLogger(__name__)
+
+#: How often at most a client looks at the files for a rotation.
+_STAT_EVERY_S = 1.0
+
+
+class TlsConfigError(ValueError):
+    """A TLS directory that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """One consistent set of PEM files and the identity they prove."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+    identity: Identity
+    not_after: float
+
+
+def identity_of_pem(cert_pem: bytes) -> Identity:
+    """The Tessera identity in a certificate's URI SAN.
+
+    Raises:
+        IdentityError: no single ``spiffe://tessera/...`` URI SAN.
+    """
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise IdentityError("the certificate has no subject alternative names") from None
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    if len(uris) != 1:
+        raise IdentityError(f"the certificate must carry one URI SAN, it has {len(uris)}")
+    return Identity.parse(uris[0])
+
+
+def _fingerprint(directory: Path) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for name in (CA_CERT, CERT, KEY):
+        try:
+            st = (directory / name).stat()
+        except OSError:
+            out.append((0, 0, 0))
+            continue
+        out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def load_material(directory: Path) -> TlsMaterial:
+    """Read and check a TLS directory.
+
+    Raises:
+        TlsConfigError: a file is missing or unreadable, the key does not match
+            the certificate, or the certificate names no Tessera identity.
+    """
+    blobs: dict[str, bytes] = {}
+    for name in (CA_CERT, CERT, KEY):
+        try:
+            blobs[name] = (directory / name).read_bytes()
+        except OSError as err:
+            raise TlsConfigError(f"--tls-dir {directory}: {name}: {err.strerror}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(blobs[CERT])
+        x509.load_pem_x509_certificates(blobs[CA_CERT])
+        key = serialization.load_pem_private_key(blobs[KEY], password=None)
+    except ValueError as err:
+        raise TlsConfigError(f"--tls-dir {directory}: unreadable PEM ({err})") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ) != cert.public_key().public_bytes(serialization.Encoding.DER, public):
+        raise TlsConfigError(f"--tls-dir {directory}: {KEY} does not match {CERT}")
+    try:
+        identity = identity_of_pem(blobs[CERT])
+    except IdentityError as err:
+        raise TlsConfigError(f"--tls-dir {directory}: {CERT}: {err}") from None
+    return TlsMaterial(
+        ca=blobs[CA_CERT],
+        cert=blobs[CERT],
+        key=blobs[KEY],
+        identity=identity,
+        not_after=cert.not_valid_after_utc.timestamp(),
+    )
+
+
+class TlsDir:
+    """A process's TLS directory, reloaded when its files change.
+
+    Args:
+        directory: holds ``ca.pem``, ``cert.pem`` and ``key.pem``.
+
+    Raises:
+        TlsConfigError: the files cannot be used now (checked at start, so a
+            process refuses to start on a bad directory).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._material = load_material(directory)
+        self._seen = _fingerprint(directory)
+        self._checked = time.monotonic()
+        self.generation = 0
+        if self._material.not_after < time.time():
+            log.warning("%s: the certificate has expired; peers will refuse it", directory)
+
+    @property
+    def identity(self) -> Identity:
+        """Who this process is."""
+        return self._material.identity
+
+    def material(self) -> TlsMaterial:
+        """The files in use, reloaded first if they changed (at most once a second)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked < _STAT_EVERY_S:
+                return self._material
+            self._checked = now
+            seen = _fingerprint(self.directory)
+            if seen == self._seen:
+                return self._material
+            try:
+                fresh = load_material(self.directory)
+            except TlsConfigError as err:
+                # Mid-rotation, or a broken one: keep serving with what works.
+                log.warning("TLS files changed but cannot be used yet (%s); keeping the old", err)
+                return self._material
+            if fresh.identity != self._material.identity:
+                log.warning(
+                    "TLS files now name %s, not %s; keeping the old identity",
+                    fresh.identity,
+                    self._material.identity,
+                )
+                self._seen = seen
+                return self._material
+            self._seen = seen
+            self._material = fresh
+            self.generation += 1
+            log.info("reloaded TLS files from %s (rotation %d)", self.directory, self.generation)
+            return fresh
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials that require a client certificate from the CA, rotating."""
+        first = self.material()
+
+        def config(m: TlsMaterial) -> grpc.ServerCertificateConfiguration:
+            return grpc.ssl_server_certificate_configuration([(m.key, m.cert)], m.ca)
+
+        served = [first.ca, first.cert, first.key]
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Asked by gRPC at every new handshake: None keeps the current one.
+            m = self.material()
+            if [m.ca, m.cert, m.key] == served:
+                return None
+            served[:] = [m.ca, m.cert, m.key]
+            return config(m)
+
+        return grpc.dynamic_ssl_server_credentials(
+            config(first),
+            fetch,  # type: ignore[arg-type]  # gRPC documents None as "unchanged"
+            require_client_authentication=True,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Client credentials: this identity's certificate, the CA to check servers."""
+        m = self.material()
+        return grpc.ssl_channel_credentials(m.ca, m.key, m.cert)
+
+
+def channel_options(server_name: str) -> list[tuple[str, str]]:
+    """Options that make the client verify ``server_name`` in the server's certificate."""
+    return [("grpc.ssl_target_name_override", server_name)]
+
+
+class ChannelCache:
+    """Asyncio channels by address, rebuilt when the TLS files rotate.
+
+    Args:
+        tls: the process's TLS directory; None for plaintext (development).
+    """
+
+    def __init__(self, tls: TlsDir | None) -> None:
+        self._tls = tls
+        self._channels: dict[tuple[str, str], tuple[int, grpc.aio.Channel]] = {}
+        self._retired: list[grpc.aio.Channel] = []
+
+    def get(self, address: str, server_name: str) -> grpc.aio.Channel:
+        """A channel to ``address`` whose server must be ``server_name``.
+
+        Args:
+            address: host:port.
+            server_name: the DNS SAN the server's certificate must carry
+                (ignored in plaintext).
+        """
+        key = (address, server_name)
+        generation = -1
+        if self._tls is not None:
+            self._tls.material()
+            generation = self._tls.generation
+        cached = self._channels.get(key)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        if cached is not None:
+            # Calls in flight finish on the old channel; it closes with the cache.
+            self._retired.append(cached[1])
+        if self._tls is None:
+            channel = grpc.aio.insecure_channel(address)
+        else:
+            channel = grpc.aio.secure_channel(
+                address, self._tls.channel_credentials(), options=channel_options(server_name)
+            )
+        self._channels[key] = (generation, channel)
+        return channel
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for _, channel in self._channels.values():
+            await channel.close()
+        for channel in self._retired:
+            await channel.close()
+        self._channels.clear()
+        self._retired.clear()
+
+
+def sync_channel(address: str, tls: TlsDir | None, server_name: str) -> grpc.Channel:
+    """A blocking channel (CLI, tests): TLS when ``tls`` is given."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(
+        address, tls.channel_credentials(), options=channel_options(server_name)
+    )
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a ``host:port`` listen address is reachable from this machine only."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(listen: str, tls: TlsDir | None, insecure: bool, program: str) -> str | None:
+    """Whether a process may serve on ``listen``; the warning to log, if any.
+
+    Raises:
+        TlsConfigError: plaintext on a non-loopback address without ``--insecure``.
+    """
+    if tls is not None:
+        return None
+    if is_loopback(listen):
+        return (
+            f"{program}: no --tls-dir: serving plaintext on loopback {listen}; every local "
+            "caller is trusted with every role (development only)"
+        )
+    if not insecure:
+        raise TlsConfigError(
+            f"--listen {listen}: serving plaintext beyond loopback needs --tls-dir "
+            "(mutual TLS), or --insecure to accept that anyone on the network can call"
+        )
+    return (
+        f"{program}: INSECURE: serving plaintext on {listen} without authentication; anyone "
+        "who reaches it can act as any tenant, agent or scheduler"
+    )
