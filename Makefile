@@ -32,7 +32,8 @@ check: $(STAMP) ## Lint, format, mypy --strict, import boundaries, proto drift
 	$(BIN)/python scripts/gen_protos.py --check
 
 .PHONY: test
-test: $(STAMP) ## Run the test suite (real Valkey, real gRPC, fake hosts)
+test: $(STAMP) ## Run the test suite (real Valkey, real gRPC with mutual TLS, fake hosts)
+	scripts/test_deps.sh
 	$(BIN)/pytest
 
 .PHONY: demo

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -32,8 +33,13 @@ from agent.nvml import NullNvmlClient, NvmlClient, NvmlMigClient, open_nvml
 from agent.registration import RegistrationLoop
 from agent.reporter import HostReporter, read_boot_id
 from agent.service import AgentServicer
-from agent.sysfs import FAKE_HOST_MARKER, Sysfs, SysfsWriter
-from tessera.v1 import agent_pb2, agent_pb2_grpc, inventory_pb2
+from agent.sysfs import FAKE_HOST_MARKER, NotASysfsTreeError, Sysfs, SysfsWriter
+from tessera.security.audit import AuditLog
+from tessera.security.identity import SCHEDULER_DNS_NAME, Role
+from tessera.security.interceptor import AccessInterceptor
+from tessera.security.policy import AccessPolicy
+from tessera.security.tls import ChannelCache, TlsConfigError, TlsDir, check_listen
+from tessera.v1 import agent_pb2, agent_pb2_grpc, inventory_pb2, placement_pb2
 
 log = logging.getLogger("tessera.agent")
 
@@ -46,6 +52,22 @@ def _labels(pairs: list[str]) -> dict[str, str]:
             raise SystemExit(f"tessera-agent: --label {pair!r}: expected KEY=VALUE")
         out[key] = value
     return out
+
+
+def _check_sysfs_root(root: Path) -> None:
+    """Exit 2 with one line unless ``root`` holds a sysfs tree.
+
+    Without this, a mistyped ``--sysfs-root`` would be discovered as a host
+    without devices and registered as such.
+    """
+    try:
+        Sysfs(root).check_tree()
+    except NotASysfsTreeError as err:
+        print(
+            f"tessera-agent: --sysfs-root {root}: not a sysfs tree (no {err.missing})",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
 
 
 def _allow(opts: argparse.Namespace) -> AllowList:
@@ -190,20 +212,38 @@ async def _run(opts: argparse.Namespace) -> int:
     sysfs = _sysfs(opts.sysfs_root, opts.fake_kernel)
     # One NVML for discovery and MIG actuation: both see the same driver.
     nvml = _nvml(opts.sysfs_root)
+    tls = _tls(opts)
     reporter = _reporter(opts, sysfs, nvml)
     state_dir: Path = opts.state_dir
     checkpoint = Checkpoint(state_dir / f"{reporter.host_id}.checkpoint.json")
-    channel = grpc.aio.insecure_channel(opts.scheduler)
-    server = grpc.aio.server()
+    channels = ChannelCache(tls)
+    audit = AuditLog(opts.audit_log or None, "agent")
+    # Only a scheduler identity may drive this host (see tessera.security.policy).
+    interceptor = AccessInterceptor(
+        AccessPolicy(),
+        tls=tls is not None,
+        audit=audit,
+        resources={
+            f"/{agent_pb2.DESCRIPTOR.services_by_name['Agent'].full_name}/{name}": _audited
+            for name in ("Prepare", "Unprepare", "GetState")
+        },
+    )
+    server = grpc.aio.server(interceptors=[interceptor])
     # Bind first: the registration loop advertises the bound port, and the
     # servicer pokes that loop whenever it changed the host.
-    port = server.add_insecure_port(opts.listen)
+    if tls is None:
+        port = server.add_insecure_port(opts.listen)
+    else:
+        port = server.add_secure_port(opts.listen, tls.server_credentials())
     host = opts.listen.rsplit(":", 1)[0]
     address = f"{opts.advertise or host}:{port}"
-    registration = RegistrationLoop(channel, reporter, address)
+    registration = RegistrationLoop(
+        lambda: channels.get(opts.scheduler, SCHEDULER_DNS_NAME), reporter, address
+    )
     servicer = AgentServicer(
         sysfs, reporter, checkpoint, on_change=registration.poke, nvml=nvml, allow=reporter.allow
     )
+    registration.on_fence = servicer.learn_fence
     log.info("allow-list: %s", reporter.allow)
     await asyncio.to_thread(servicer.recover)
     agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
@@ -225,8 +265,51 @@ async def _run(opts: argparse.Namespace) -> int:
         await registration.run(stop)
     finally:
         await server.stop(grace=5)
-        await channel.close()
+        await channels.close()
+        audit.close()
     return 0
+
+
+def _audited(request: Any, response: Any) -> dict[str, object]:
+    """What an audit record of an Agent call names: the placement and the job's term."""
+    placement = getattr(request, "placement", None)
+    if not isinstance(placement, placement_pb2.Placement):
+        return {}
+    return {
+        "placement_id": placement.placement_id,
+        "tenant": placement.tenant,
+        "fencing_token": getattr(request, "fencing_token", 0),
+    }
+
+
+def _tls(opts: argparse.Namespace) -> TlsDir | None:
+    """The agent's TLS directory, checked against its host id; exit 2 with one line if unusable.
+
+    With TLS the host id is the name in the agent's certificate: ``--host-id``
+    may be left out, and one that differs is refused (the scheduler would
+    refuse every registration anyway).
+    """
+    try:
+        tls = TlsDir(opts.tls_dir) if opts.tls_dir is not None else None
+        if tls is not None:
+            identity = tls.identity
+            if identity.role is not Role.AGENT:
+                raise TlsConfigError(
+                    f"--tls-dir {opts.tls_dir}: the certificate is {identity}, not an agent"
+                )
+            if opts.host_id and opts.host_id != identity.name:
+                raise TlsConfigError(
+                    f"--host-id {opts.host_id[:64]!r}: the certificate in {opts.tls_dir} is for "
+                    f"host {identity.name!r}"
+                )
+            opts.host_id = identity.name
+        warning = check_listen(opts.listen, tls, opts.insecure, "tessera-agent")
+    except TlsConfigError as err:
+        print(f"tessera-agent: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if warning:
+        log.warning("%s", warning)
+    return tls
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -273,6 +356,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="drive a fake host tree through the kernel emulator (tests and demos)",
     )
+    run.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=Path(os.environ["TESSERA_TLS_DIR"]) if os.environ.get("TESSERA_TLS_DIR") else None,
+        help="mutual TLS: ca.pem, cert.pem (agent/<host-id>), key.pem; reloaded when they "
+        "change [TESSERA_TLS_DIR]; without it, plaintext on loopback only",
+    )
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext on a non-loopback --listen (anyone who reaches it can drive "
+        "this host's devices)",
+    )
+    run.add_argument(
+        "--audit-log",
+        default=os.environ.get("TESSERA_AUDIT_LOG", ""),
+        help="audit records (JSON lines) to this file, or - for stdout [TESSERA_AUDIT_LOG]",
+    )
     run.add_argument("--log-level", default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"))
 
     inv = sub.add_parser("inventory", help="print what the agent would report")
@@ -292,6 +393,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of tessera-agent."""
     opts = parse_args(argv)
+    if opts.command in ("run", "inventory"):
+        _check_sysfs_root(opts.sysfs_root)
     if opts.command == "inventory":
         return cmd_inventory(opts)
     if opts.command == "fakehost":

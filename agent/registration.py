@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -25,7 +26,8 @@ class RegistrationLoop:
     sends the agent back to Register.
 
     Args:
-        channel: channel to the scheduler.
+        channel: gives the channel to the scheduler for each call (a new one
+            once the TLS files rotate).
         reporter: discovers the host.
         agent_address: where this agent's Agent service listens.
         debounce_s: after a poke, wait this long before reporting, so a burst
@@ -35,18 +37,24 @@ class RegistrationLoop:
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        channel: Callable[[], grpc.aio.Channel],
         reporter: HostReporter,
         agent_address: str,
         debounce_s: float = 1.0,
     ) -> None:
-        self._stub = scheduler_pb2_grpc.RegistryStub(channel)
+        self._channel = channel
         self._reporter = reporter
         self._address = agent_address
         self._interval_s = 5.0
         self._debounce_s = debounce_s
         self._wake = asyncio.Event()
         self.registered = asyncio.Event()
+        #: Told the newest fencing token the scheduler reports (the servicer
+        #: bounds the tokens it accepts by it).
+        self.on_fence: Callable[[int], None] = lambda token: None
+
+    def _stub(self) -> scheduler_pb2_grpc.RegistryAsyncStub:
+        return scheduler_pb2_grpc.RegistryStub(self._channel())
 
     def poke(self) -> None:
         """Report now instead of at the next interval (the host just changed)."""
@@ -54,11 +62,12 @@ class RegistrationLoop:
 
     async def _register(self) -> None:
         inventory, _ = await asyncio.to_thread(self._reporter.report)
-        response = await self._stub.Register(
+        response = await self._stub().Register(
             scheduler_pb2.RegisterRequest(inventory=inventory, agent_address=self._address),
             timeout=10,
         )
         self._interval_s = float(response.heartbeat_interval_s or 5)
+        self.on_fence(response.fence)
         log.info(
             "registered %s (generation %d) with the scheduler",
             inventory.host_id,
@@ -73,7 +82,8 @@ class RegistrationLoop:
         )
         if changed:
             request.inventory.CopyFrom(inventory)
-        response = await self._stub.Heartbeat(request, timeout=10)
+        response = await self._stub().Heartbeat(request, timeout=10)
+        self.on_fence(response.fence)
         return not response.reregister
 
     async def run(self, stop: asyncio.Event) -> None:

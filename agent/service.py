@@ -99,6 +99,12 @@ class StaleFenceError(Exception):
     """A scheduler background job of an older term called (FAILED_PRECONDITION)."""
 
 
+#: How far above the newest token the scheduler reported a fencing token may
+#: be: a few leadership changes between two heartbeats. Anything beyond is not
+#: a term the scheduler issued; persisting it would lock every later term out.
+FENCE_STEP = 16
+
+
 class PlacementMismatchError(Exception):
     """The placement does not match the host (FAILED_PRECONDITION)."""
 
@@ -433,6 +439,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self._locks = ResourceLocks()
         # The fence check and raise are one step for every caller.
         self._fence_lock = threading.Lock()
+        # The newest fencing token the scheduler reported (Register and
+        # Heartbeat answers): tokens far above it are refused, not persisted.
+        self._reported_fence = 0
 
     # -- undoing ---------------------------------------------------------------
 
@@ -972,7 +981,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         same devices or placement.
 
         Raises:
-            StaleFenceError: ``token`` is lower than the highest seen.
+            StaleFenceError: ``token`` is lower than the highest seen, or
+                further above the newest the scheduler reported than any
+                term it issued can be (see :data:`FENCE_STEP`).
         """
         if not token:
             return  # an ordinary placement call, not a background job
@@ -983,7 +994,18 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     f"{self._checkpoint.fence} (another scheduler replica now runs the "
                     "background jobs)"
                 )
+            ceiling = max(self._checkpoint.fence, self._reported_fence) + FENCE_STEP
+            if token > ceiling:
+                raise StaleFenceError(
+                    f"fencing_token: {token} is beyond any term the scheduler has issued "
+                    f"(it reported {self._reported_fence}); refused and not remembered"
+                )
             self._checkpoint.raise_fence(token)
+
+    def learn_fence(self, token: int) -> None:
+        """Remember the newest fencing token the scheduler reported (never persisted)."""
+        with self._fence_lock:
+            self._reported_fence = max(self._reported_fence, token)
 
     # -- locks -------------------------------------------------------------------
 

@@ -20,6 +20,27 @@ from typing import Protocol
 FAKE_HOST_MARKER = ".tessera-fake-host"
 
 
+#: Directories every sysfs tree has, relative to the root: the PCI bus's
+#: device list (where discovery starts) and the device hierarchy its entries
+#: link into. A root without them is a wrong ``--sysfs-root``, not a host
+#: without devices.
+REQUIRED_DIRS = ("sys/bus/pci/devices", "sys/devices")
+
+
+class NotASysfsTreeError(Exception):
+    """The root holds no sysfs tree (a typo in ``--sysfs-root``, an empty dir).
+
+    Args:
+        root: the root given.
+        missing: the first required directory it lacks, relative to the root.
+    """
+
+    def __init__(self, root: Path, missing: str) -> None:
+        self.root = root
+        self.missing = missing
+        super().__init__(f"{root}: not a sysfs tree (no {missing})")
+
+
 class SysfsWriter(Protocol):
     """Performs one sysfs attribute write, as a single ``write(2)``.
 
@@ -71,6 +92,22 @@ class Sysfs:
         self.sys = root / "sys"
         self.dev = root / "dev"
         self._writer: SysfsWriter = writer if writer is not None else OsSysfsWriter(root)
+
+    def check_tree(self) -> None:
+        """Refuse a root that holds no sysfs tree.
+
+        Discovery reads an absent directory as "nothing there", which is
+        right for an optional subsystem but would make an agent started on a
+        mistyped root register a host without devices. Callers that report a
+        host check the root once, up front.
+
+        Raises:
+            NotASysfsTreeError: a directory of :data:`REQUIRED_DIRS` is
+                missing (or the root is not a directory at all).
+        """
+        for relative in REQUIRED_DIRS:
+            if not (self.root / relative).is_dir():
+                raise NotASysfsTreeError(self.root, relative)
 
     def path(self, *parts: str) -> Path:
         """Path of ``/sys/<parts...>`` under the root."""

@@ -43,7 +43,7 @@ def main() -> int:
         with cluster:
             load = driver.Load(
                 cluster.redis_url,
-                addresses,
+                [cluster.channel(a) for a in addresses],
                 driver.host_roots(cluster),
                 opts.placements,
                 clients=opts.clients,

@@ -21,6 +21,12 @@ the Lua commit and the READY transition). Place calls, sequential, the same
 shapes (the mdev one naming GRID P4-1Q: the service wants a type), placements
 kept (steady state). 100 and 1,000 hosts (quick: 100).
 
+The end-to-end cluster runs mutual TLS, as production does (``E2eCluster(tls=True)``,
+the default): every host registers as its own ``agent/<host>`` identity, the
+clients call as an admin, and the stub agent serves one certificate valid for
+every host's agent name. ``E2eCluster(tls=False)`` runs it all plaintext on
+loopback; bench/tls_cost.py sets the two side by side.
+
     PYTHONPATH=. .venv/bin/python bench/latency.py [--quick] [--out bench/out/latency.json]
 """
 
@@ -61,6 +67,9 @@ from scheduler.core.request import (
 )
 from scheduler.core.snapshot import ClusterSnapshot
 from scheduler.local_cluster import LocalCluster
+from tessera.security.certs import CA_CERT, CERT, KEY, issue
+from tessera.security.identity import TRUST_DOMAIN, Role
+from tessera.security.tls import TlsDir
 from tessera.v1 import (
     agent_pb2,
     agent_pb2_grpc,
@@ -189,11 +198,41 @@ class StubAgent(agent_pb2_grpc.AgentServicer):
         return agent_pb2.GetStateResponse()
 
 
-def serve_stub_agent() -> int:
-    """Run a :class:`StubAgent` on a free port; the first stdout line names it."""
+#: The stub agent's identity name (its URI SAN); it answers for every host.
+STUB_AGENT_NAME = "stub"
+
+#: The DNS SAN that makes the stub agent's certificate valid for every host's
+#: agent name (``<host>.agent.tessera``): a wildcard covers one DNS label, so
+#: host ids with a dot are not covered (:meth:`E2eCluster.register` refuses them).
+STUB_AGENT_WILDCARD = f"*.{Role.AGENT.value}.{TRUST_DOMAIN}"
+
+#: Who the benchmark clients are: the requests name many tenants, and an admin
+#: acts for all of them (a tenant identity acts for itself only).
+CLIENT_ROLE = "admin"
+CLIENT_NAME = "bench"
+
+
+def serve_stub_agent(tls_dir: Path | None = None) -> int:
+    """Run a :class:`StubAgent` on a free port; the first stdout line names it.
+
+    Args:
+        tls_dir: ``ca.pem``, ``cert.pem``, ``key.pem``: serve mutual TLS,
+            requiring a client certificate from that CA, as a real agent
+            does; None serves plaintext.
+    """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     agent_pb2_grpc.add_AgentServicer_to_server(StubAgent(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls_dir is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        # Static credentials: the certificate outlives any benchmark run, so
+        # the rotation a real agent supports (TlsDir) buys nothing here.
+        credentials = grpc.ssl_server_credentials(
+            [((tls_dir / KEY).read_bytes(), (tls_dir / CERT).read_bytes())],
+            root_certificates=(tls_dir / CA_CERT).read_bytes(),
+            require_client_auth=True,
+        )
+        port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     print(f"stub agent listening on 127.0.0.1:{port}", flush=True)
     server.wait_for_termination()
@@ -208,21 +247,34 @@ class E2eCluster:
     day-long lease and housekeeping interval, so no heartbeats are needed and
     no background job competes with the clients during a run.
 
+    With ``tls`` every process serves mutual TLS from the cluster's own CA
+    (:class:`LocalCluster`): each host registers as its own ``agent/<host>``
+    identity (the access policy lets an agent speak for its own host only),
+    the clients call as ``admin/bench``, and the stub agent's certificate
+    carries :data:`STUB_AGENT_WILDCARD`, so the scheduler's check that it
+    reached ``<host>.agent.tessera`` passes for every host.
+
     Args:
-        workdir: data and logs.
+        workdir: data, certificates and logs.
         replicas: scheduler processes.
+        policy: the schedulers' ``--policy``.
+        tls: mutual TLS everywhere (production's way); False: plaintext on loopback.
     """
 
     workdir: Path
     replicas: int = 1
     policy: str = "tessera"
+    tls: bool = True
     addresses: list[str] = field(default_factory=list)
     agent_address: str = ""
+    #: Seconds spent issuing the hosts' agent certificates (TLS only), kept
+    #: out of :meth:`register`'s time: an operator issues them beforehand.
+    certs_s: float = 0.0
     _cluster: LocalCluster | None = None
     _agent: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> E2eCluster:
-        self._cluster = LocalCluster(self.workdir)
+        self._cluster = LocalCluster(self.workdir, tls=self.tls)
         try:
             self._cluster.start_valkey()
             quiet = (
@@ -239,8 +291,19 @@ class E2eCluster:
                 self._cluster.start_scheduler(f"scheduler-{i}", *quiet)
                 for i in range(self.replicas)
             ]
+            command = [sys.executable, str(Path(__file__).resolve()), "--stub-agent"]
+            if self.tls:
+                stub_dir = self.workdir / "tls" / "stub-agent"
+                issue(
+                    self._cluster.ca_dir,
+                    Role.AGENT.value,
+                    STUB_AGENT_NAME,
+                    stub_dir,
+                    dns_names=[STUB_AGENT_WILDCARD],
+                )
+                command += ["--tls-dir", str(stub_dir)]
             self._agent = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--stub-agent"],
+                command,
                 stdout=subprocess.PIPE,
                 text=True,
                 start_new_session=True,
@@ -267,24 +330,57 @@ class E2eCluster:
             self._cluster.stop()
             self._cluster = None
 
+    @property
+    def local(self) -> LocalCluster:
+        """The processes (only while the cluster is up)."""
+        if self._cluster is None:
+            raise RuntimeError("the E2eCluster is not started: use it as a context manager")
+        return self._cluster
+
     def register(self, fleet: Sequence[inventory_pb2.HostInventory]) -> float:
-        """Register every host through the first replica; returns the seconds it took."""
-        with grpc.insecure_channel(self.addresses[0]) as channel:
-            registry = scheduler_pb2_grpc.RegistryStub(channel)
+        """Register every host through the first replica; returns the seconds it took.
+
+        Each host registers on a channel of its own, as its agent would (with
+        TLS, as its ``agent/<host>`` identity). With TLS the hosts'
+        certificates are issued first, timed apart in :attr:`certs_s`.
+
+        Raises:
+            ValueError: with TLS, a host id holding a dot: the stub agent's
+                wildcard certificate would not cover its agent name.
+        """
+        cluster = self.local
+        if self.tls:
+            dotted = [inv.host_id for inv in fleet if "." in inv.host_id]
+            if dotted:
+                raise ValueError(
+                    f"host ids with a dot ({dotted[:3]}) are not covered by the stub agent's "
+                    f"{STUB_AGENT_WILDCARD} certificate"
+                )
             started = time.perf_counter()
             for inventory in fleet:
-                registry.Register(
+                cluster.tls_dir(Role.AGENT.value, inventory.host_id)
+            self.certs_s += time.perf_counter() - started
+        started = time.perf_counter()
+        for inventory in fleet:
+            with cluster.channel(self.addresses[0], Role.AGENT.value, inventory.host_id) as channel:
+                scheduler_pb2_grpc.RegistryStub(channel).Register(
                     scheduler_pb2.RegisterRequest(
                         inventory=inventory, agent_address=self.agent_address
                     ),
                     timeout=60,
                 )
-            return time.perf_counter() - started
+        return time.perf_counter() - started
+
+    def client_tls(self) -> TlsDir | None:
+        """The clients' TLS directory (``admin/bench``), loaded; None in plaintext."""
+        if not self.tls:
+            return None
+        return TlsDir(self.local.tls_dir(CLIENT_ROLE, CLIENT_NAME))
 
     @contextlib.contextmanager
     def stubs(self) -> Iterator[list[scheduler_pb2_grpc.SchedulerStub]]:
-        """One Scheduler client per replica, channels closed after."""
-        channels = [grpc.insecure_channel(a) for a in self.addresses]
+        """One Scheduler client per replica (as ``admin/bench``), channels closed after."""
+        channels = [self.local.channel(a, CLIENT_ROLE, CLIENT_NAME) for a in self.addresses]
         try:
             yield [scheduler_pb2_grpc.SchedulerStub(c) for c in channels]
         finally:
@@ -383,6 +479,82 @@ def end_to_end(sizes: Sequence[int], per_shape: int, seed: int) -> dict[str, Any
     return out
 
 
+@dataclass
+class SequentialRun:
+    """What one sequential client saw: Place (and Release) durations, failed calls.
+
+    Attributes:
+        place_s: seconds per successful Place, by shape.
+        release_s: seconds per successful Release (none when placements are kept).
+        errors: failed calls by status code (``release-<CODE>`` for Release).
+    """
+
+    place_s: dict[str, list[float]]
+    release_s: list[float]
+    errors: dict[str, int]
+
+    @property
+    def every_place_s(self) -> list[float]:
+        """Every Place duration, all shapes together."""
+        return [s for values in self.place_s.values() for s in values]
+
+
+def first_place(stub: scheduler_pb2_grpc.SchedulerStub, request_id: str) -> float:
+    """The seconds of a first Place (1 GPU), kept: it parses every inventory.
+
+    The first Place after registration builds the engine's indexes: it is
+    reported apart, like the in-process first call.
+    """
+    first = to_wire(SHAPES["1-gpu"](request_id, "tenant-first"))
+    t0 = time.perf_counter()
+    stub.Place(scheduler_pb2.PlaceRequest(request=first), timeout=600)
+    return time.perf_counter() - t0
+
+
+def sequential(
+    stub: scheduler_pb2_grpc.SchedulerStub, per_shape: int, prefix: str, *, release: bool = False
+) -> SequentialRun:
+    """``per_shape`` rounds of every shape, one call at a time, through ``stub``.
+
+    Args:
+        stub: the client.
+        per_shape: rounds; each places every shape of ``SHAPES`` once.
+        prefix: of the request ids, unique per call of this function: a
+            request id seen before answers the first call's placement.
+        release: release each placement right after it is placed (timed
+            apart), so repeated runs see the same state; else keep them.
+    """
+    run = SequentialRun({name: [] for name in SHAPES}, [], {})
+
+    def failed(code: str) -> None:
+        run.errors[code] = run.errors.get(code, 0) + 1
+
+    for rep in range(per_shape):
+        for name, shape in SHAPES.items():
+            msg = to_wire(shape(f"{prefix}-{name}-{rep:04d}", f"tenant-{rep % TENANTS:02d}"))
+            t1 = time.perf_counter()
+            try:
+                placed = stub.Place(scheduler_pb2.PlaceRequest(request=msg), timeout=120)
+            except grpc.RpcError as err:
+                failed(err.code().name if isinstance(err, grpc.Call) else "UNKNOWN")
+                continue
+            run.place_s[name].append(time.perf_counter() - t1)
+            if not release:
+                continue
+            t2 = time.perf_counter()
+            try:
+                stub.Release(
+                    scheduler_pb2.ReleaseRequest(placement_id=placed.placement.placement_id),
+                    timeout=120,
+                )
+            except grpc.RpcError as err:
+                code = err.code().name if isinstance(err, grpc.Call) else "UNKNOWN"
+                failed(f"release-{code}")
+                continue
+            run.release_s.append(time.perf_counter() - t2)
+    return run
+
+
 def _end_to_end_one(
     fleet: Sequence[inventory_pb2.HostInventory], policy: str, per_shape: int
 ) -> dict[str, Any]:
@@ -392,35 +564,18 @@ def _end_to_end_one(
         cluster.stubs() as stubs,
     ):
         register_s = cluster.register(fleet)
-        stub = stubs[0]
-        # The first Place parses every inventory and builds the engine's
-        # indexes: reported apart, like the in-process first call.
-        first = to_wire(SHAPES["1-gpu"]("e2e-first", "tenant-first"))
-        t0 = time.perf_counter()
-        stub.Place(scheduler_pb2.PlaceRequest(request=first), timeout=600)
-        first_s = time.perf_counter() - t0
-        samples: dict[str, list[float]] = {name: [] for name in SHAPES}
-        errors: dict[str, int] = {}
-        for rep in range(per_shape):
-            for name, shape in SHAPES.items():
-                msg = to_wire(shape(f"e2e-{name}-{rep:04d}", f"tenant-{rep % TENANTS:02d}"))
-                t1 = time.perf_counter()
-                try:
-                    stub.Place(scheduler_pb2.PlaceRequest(request=msg), timeout=120)
-                except grpc.RpcError as err:
-                    code = err.code().name if isinstance(err, grpc.Call) else "UNKNOWN"
-                    errors[code] = errors.get(code, 0) + 1
-                    continue
-                samples[name].append(time.perf_counter() - t1)
-    every = [s for values in samples.values() for s in values]
+        first_s = first_place(stubs[0], "e2e-first")
+        run = sequential(stubs[0], per_shape, "e2e")
     return {
         "hosts": len(fleet),
         "policy": policy,
+        "tls": cluster.tls,
+        "certs_s": round(cluster.certs_s, 3),
         "register_s": round(register_s, 3),
         "first_place_ms": round(first_s * 1000, 3),
-        "all": report.summary_ms(every),
-        "shapes": {name: report.summary_ms(samples[name]) for name in SHAPES},
-        "errors": errors,
+        "all": report.summary_ms(run.every_place_s),
+        "shapes": {name: report.summary_ms(run.place_s[name]) for name in SHAPES},
+        "errors": run.errors,
     }
 
 
@@ -547,9 +702,10 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
             "### End to end",
             "Place over gRPC: one scheduler process running the policy (`tessera-scheduler "
             "--policy NAME`), an embedded Valkey, the fleet registered with the real Register "
-            "RPC, one stub agent answering Prepare for every host (no actuation). Sequential "
-            "calls, the same shapes, placements kept. The first Place parses every inventory "
-            "and builds the engine's indexes.",
+            "RPC, one stub agent answering Prepare for every host (no actuation), mutual TLS "
+            "between every process as in production (part (f) sets it beside plaintext). "
+            "Sequential calls, the same shapes, placements kept. The first Place parses every "
+            "inventory and builds the engine's indexes.",
             report.table(
                 [
                     "hosts",
@@ -573,9 +729,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, for CI")
     p.add_argument("--out", type=Path, default=OUT / "latency.json")
     p.add_argument("--stub-agent", action="store_true", help=argparse.SUPPRESS)
+    # With --stub-agent: serve mutual TLS from this directory (else plaintext).
+    p.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.stub_agent:
-        return serve_stub_agent()
+        return serve_stub_agent(opts.tls_dir)
     result = run(opts.quick)
     report.write_result(result, opts.out)
     return 0

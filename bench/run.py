@@ -16,6 +16,7 @@ b         ``bench/throughput.py`` sustained placements per second, 16 and 64 cli
 c         ``bench/batches.py``    batches of 1,000 and 10,000: wall time, gap to bound
 d         ``bench/trace_replay``  Alibaba 2023 GPU trace replay: acceptance, fragmentation
 e         ``bench/state_cost.py`` cluster state at 12,500 hosts: build, memory, updates
+f         ``bench/tls_cost.py``   mutual TLS beside plaintext: latency, placements/s, set-up
 ========  ======================  ===============================================
 
 Each part's ``run(quick)`` result is written to ``OUT/<part>.json`` with the
@@ -52,6 +53,7 @@ PARTS: Mapping[str, tuple[str, str]] = {
     "c": ("batches", "(c) Batches of 1,000 and 10,000 requests"),
     "d": ("trace_replay", "(d) Replay of the Alibaba 2023 GPU trace"),
     "e": ("state_cost", "(e) Cluster state at 12,500 hosts"),
+    "f": ("tls_cost", "(f) Cost of mutual TLS"),
 }
 
 _COMMANDS = """\

@@ -2,8 +2,8 @@
 
 End to end (Tessera only; the baselines are not wired into the scheduler
 service): two scheduler replicas on one embedded Valkey, a registered fleet
-and one stub agent (bench/latency.py's ``E2eCluster``: real gRPC, real Lua
-commits, no actuation). Each client thread alternates between the replicas
+and one stub agent (bench/latency.py's ``E2eCluster``: real gRPC over mutual
+TLS, real Lua commits, no actuation). Each client thread alternates between the replicas
 and runs place -> release cycles of the mixed shapes for a fixed time;
 ABORTED / RESOURCE_EXHAUSTED / UNAVAILABLE answers are counted and retried.
 
@@ -84,8 +84,15 @@ def request_stream(rng: random.Random, prefix: str) -> PlacementRequest:
 # ---------------------------------------------------------------- end to end
 
 
-def _e2e_load(cluster: E2eCluster, clients: int, duration_s: float, seed: int) -> dict[str, Any]:
-    """``clients`` threads of place -> release cycles for ``duration_s``."""
+def e2e_load(cluster: E2eCluster, clients: int, duration_s: float, seed: int) -> dict[str, Any]:
+    """``clients`` threads of place -> release cycles for ``duration_s`` (bench/tls_cost.py too).
+
+    Args:
+        cluster: up, its fleet registered.
+        clients: threads; each alternates between the replicas.
+        duration_s: how long new cycles start.
+        seed: of the request stream (each client its own).
+    """
     lock = threading.Lock()
     place_s: list[float] = []
     errors: dict[str, int] = {}
@@ -157,15 +164,20 @@ def end_to_end(hosts: int, duration_s: float, clients: Sequence[int], seed: int)
         ):
             register_s = cluster.register(fleet)
             # Warm both replicas: parse every inventory, build the engine's indexes.
-            _e2e_load(cluster, 2, 0.5, seed)
-            runs = {str(c): _e2e_load(cluster, c, duration_s, seed + c) for c in clients}
+            e2e_load(cluster, 2, 0.5, seed)
+            runs = {str(c): e2e_load(cluster, c, duration_s, seed + c) for c in clients}
         for c, r in runs.items():
             print(
                 f"    e2e {policy} {c} clients: {r['placements_per_s']}/s {r['place']} "
                 f"{r['errors']}",
                 flush=True,
             )
-        policies[policy] = {"register_s": round(register_s, 3), "runs": runs}
+        policies[policy] = {
+            "tls": cluster.tls,
+            "certs_s": round(cluster.certs_s, 3),
+            "register_s": round(register_s, 3),
+            "runs": runs,
+        }
     return {"hosts": hosts, "replicas": 2, "policies": policies}
 
 

@@ -10,19 +10,26 @@ import signal
 import sys
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from scheduler.core.engine.policies import POLICIES
 from scheduler.service.agent_gateway import GrpcAgentGateway
 from scheduler.service.coordinator import Leases, PlacementCoordinator
 from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
+from scheduler.service.operator_config import (
+    OperatorConfig,
+    OperatorConfigError,
+    load_operator_config,
+)
 from scheduler.service.server import SERVICE_NAMES, build_server
+from scheduler.service.store_health import StoreHealthWatcher
+from scheduler.store.connection import StoreTls, StoreUnusableError, connect_store
 from scheduler.store.embedded import EmbeddedValkey
 from scheduler.store.redis_store import RedisStateStore
 from scheduler.store.safety import UnsafeStoreConfig, check_durability
+from tessera.security.audit import AuditLog
+from tessera.security.identity import Role
+from tessera.security.tls import ChannelCache, TlsConfigError, TlsDir, check_listen
 
 log = logging.getLogger("tessera.scheduler")
 
@@ -57,7 +64,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--allow-unsafe-redis",
         action="store_true",
-        help="start even if Redis may lose acknowledged writes or evict keys",
+        help="start even if Redis may lose acknowledged writes or evict keys, or its "
+        "rediss:// URL turns certificate checks off (ssl_cert_reqs=none)",
+    )
+    p.add_argument(
+        "--redis-ca",
+        type=Path,
+        default=_env_path("TESSERA_REDIS_CA"),
+        help="rediss://: CA (PEM) that signed the Redis server's certificate; same as "
+        "ssl_ca_certs= in the URL; default the system's CAs [TESSERA_REDIS_CA]",
+    )
+    p.add_argument(
+        "--redis-cert",
+        type=Path,
+        default=_env_path("TESSERA_REDIS_CERT"),
+        help="rediss://: client certificate (PEM), for a Redis that requires one "
+        "[TESSERA_REDIS_CERT]",
+    )
+    p.add_argument(
+        "--redis-key",
+        type=Path,
+        default=_env_path("TESSERA_REDIS_KEY"),
+        help="rediss://: the client certificate's key (PEM) [TESSERA_REDIS_KEY]",
+    )
+    p.add_argument(
+        "--redis-wait",
+        type=float,
+        default=10.0,
+        help="seconds to wait at start for a Redis that does not answer yet (default 10)",
     )
     p.add_argument("--heartbeat-interval", type=int, default=5, help="seconds between heartbeats")
     p.add_argument("--lease", type=int, default=20, help="seconds a silent host stays schedulable")
@@ -77,29 +111,85 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how Place chooses: tessera, or a baseline (first-fit as Kubernetes DRA "
         "allocates, best-fit as kube-scheduler MostAllocated, random) to compare with",
     )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=_env_path("TESSERA_TLS_DIR"),
+        help="mutual TLS: ca.pem, cert.pem (a scheduler identity), key.pem; reloaded when "
+        "they change [TESSERA_TLS_DIR]; without it, plaintext on loopback only",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext on a non-loopback --listen (anyone who reaches it is trusted)",
+    )
+    p.add_argument(
+        "--operator-config",
+        type=Path,
+        default=_env_path("TESSERA_OPERATOR_CONFIG"),
+        help="YAML: tenants each frontend acts for, labels per host [TESSERA_OPERATOR_CONFIG]",
+    )
+    p.add_argument(
+        "--audit-log",
+        default=os.environ.get("TESSERA_AUDIT_LOG", ""),
+        help="audit records (JSON lines) to this file, or - for stdout [TESSERA_AUDIT_LOG]",
+    )
     p.add_argument("--log-level", default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "")
+    return Path(value) if value else None
+
+
+def _security(opts: argparse.Namespace) -> tuple[TlsDir | None, OperatorConfig]:
+    """The TLS directory and operator config, checked; SystemExit(2) with one line if unusable."""
+    try:
+        tls = TlsDir(opts.tls_dir) if opts.tls_dir is not None else None
+        if tls is not None and tls.identity.role is not Role.SCHEDULER:
+            raise TlsConfigError(
+                f"--tls-dir {opts.tls_dir}: the certificate is {tls.identity}, "
+                "not a scheduler identity"
+            )
+        warning = check_listen(opts.listen, tls, opts.insecure, "tessera-scheduler")
+        operator = load_operator_config(opts.operator_config)
+    except (TlsConfigError, OperatorConfigError) as err:
+        print(f"tessera-scheduler: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if warning:
+        log.warning("%s", warning)
+    if tls is not None:
+        log.info("mutual TLS as %s (%s)", tls.identity.uri, opts.tls_dir)
+    return tls, operator
+
+
 async def serve(opts: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT."""
+    tls, operator = _security(opts)
+    audit = AuditLog(opts.audit_log or None, "scheduler")
     embedded: EmbeddedValkey | None = None
     url = opts.redis_url
     if not url:
         embedded = EmbeddedValkey(opts.data_dir)
         embedded.start()
         url = embedded.url
-        log.info("started embedded Valkey at %s (data in %s)", url, opts.data_dir)
-    client = aioredis.Redis.from_url(
-        url,
-        decode_responses=False,
-        # After a Redis restart or failover every pooled connection is dead:
-        # ping one idle for a while before use, and retry a command on a
-        # fresh connection a few times before a caller sees UNAVAILABLE.
-        health_check_interval=5,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=6),
-    )
-    gateway = GrpcAgentGateway()
+        # The URL holds the embedded server's password: never log it whole.
+        log.info("started embedded Valkey at %s (data in %s)", embedded.redacted_url, opts.data_dir)
+    try:
+        client = await connect_store(
+            url,
+            tls=StoreTls(opts.redis_ca, opts.redis_cert, opts.redis_key),
+            allow_unsafe=opts.allow_unsafe_redis,
+            wait_s=opts.redis_wait,
+        )
+    except StoreUnusableError as err:
+        print(f"tessera-scheduler: refusing to start: {err}", file=sys.stderr)
+        audit.close()
+        if embedded is not None:
+            embedded.stop()
+        return 2
+    gateway = GrpcAgentGateway(ChannelCache(tls))
     try:
         try:
             for warning in await check_durability(client, allow_unsafe=opts.allow_unsafe_redis):
@@ -115,15 +205,19 @@ async def serve(opts: argparse.Namespace) -> int:
         )
         if opts.policy != "tessera":
             log.warning("placing with the %s baseline policy, not Tessera's", opts.policy)
-        server, port, health_servicer = build_server(coordinator, opts.listen)
+        server, port, health_servicer = build_server(
+            coordinator, opts.listen, tls=tls, audit=audit, operator=operator
+        )
         await server.start()
-        host = opts.listen.rsplit(":", 1)[0]
-        # The first stdout line is the address: the demo and tests wait for it.
-        print(f"tessera-scheduler listening on {host}:{port}", flush=True)
+        # Handlers before the address line: whoever reads that line may stop
+        # us at once, and must get a clean shutdown (embedded Valkey too).
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        host = opts.listen.rsplit(":", 1)[0]
+        # The first stdout line is the address: the demo and tests wait for it.
+        print(f"tessera-scheduler listening on {host}:{port}", flush=True)
         # Every replica runs the housekeeper; only the lease holder acts.
         housekeeper = Housekeeper(
             RedisStateStore(client),
@@ -133,16 +227,23 @@ async def serve(opts: argparse.Namespace) -> int:
                 pending_after_s=opts.reap_pending_after,
                 releasing_after_s=opts.reap_pending_after,
             ),
+            audit=audit,
         )
         housekeeping = asyncio.create_task(housekeeper.run(stop))
+        # NOT_SERVING while the store is down, frozen or refuses us.
+        store_health = asyncio.create_task(
+            StoreHealthWatcher(client, health_servicer, (*SERVICE_NAMES, "")).run(stop)
+        )
         await stop.wait()
         await housekeeping
+        await store_health
         for name in (*SERVICE_NAMES, ""):
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(grace=5)
         return 0
     finally:
         await gateway.close()
+        audit.close()
         await client.aclose()
         if embedded is not None:
             embedded.stop()

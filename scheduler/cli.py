@@ -5,8 +5,12 @@ tessera place --tenant T --gpu 1   place a request (or --file REQUEST.json|yaml)
 tessera list | hosts               show placements, registered hosts
 tessera get ID | release ID        one placement; tear it down
 tessera explain --tenant T --gpu 1 where it would go, or why it cannot
+tessera host cordon|uncordon|drain|forget ID
+                                   take a host out of scheduling, back in, empty it, remove it
 tessera plan --hosts DIR --requests FILE [--json] [--sequential]
                                    what-if: place a batch offline, no store, no agents
+tessera certs ca DIR | issue --ca DIR --role R --name N OUT | show DIR
+                                   a CA and certificates for mutual TLS
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +28,9 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
+from tessera.security.certs import CertificateError, create_ca, issue
+from tessera.security.identity import SCHEDULER_DNS_NAME, Role
+from tessera.security.tls import TlsConfigError, TlsDir, load_material, sync_channel
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 _STATES = {
@@ -93,7 +101,8 @@ def format_hosts(hosts: Sequence[scheduler_pb2.HostSummary]) -> str:
         [
             h.host_id,
             h.agent_address,
-            "yes" if h.schedulable else "NO (lease expired)",
+            _schedulable(h),
+            f"{h.cordon_reason or 'yes'} ({h.cordoned_by})" if h.cordoned else "-",
             f"{h.allocated_groups}/{h.assignable_groups}",
             f"{h.heartbeat_age_ms / 1000:.1f}s",
             ",".join(f"{k}={v}" for k, v in sorted(h.labels.items())),
@@ -101,8 +110,31 @@ def format_hosts(hosts: Sequence[scheduler_pb2.HostSummary]) -> str:
         ]
         for h in hosts
     ]
-    headers = ["HOST", "AGENT", "SCHEDULABLE", "GROUPS USED", "HEARTBEAT", "LABELS", "MIG FREE"]
+    headers = [
+        "HOST", "AGENT", "SCHEDULABLE", "CORDONED", "GROUPS USED", "HEARTBEAT", "LABELS",
+        "MIG FREE",
+    ]  # fmt: skip
     return _table(headers, rows)
+
+
+def _schedulable(h: scheduler_pb2.HostSummary) -> str:
+    """Whether new placements may land on a host, and if not, why."""
+    if h.schedulable:
+        return "yes"
+    return "NO (cordoned)" if h.cordoned else "NO (lease expired)"
+
+
+def format_drain(response: scheduler_pb2.DrainHostResponse) -> str:
+    """What a drain did: one row per placement, released or still there and why."""
+    rows = [[p.placement_id, p.tenant, "released", p.message] for p in response.released]
+    rows += [[f.placement_id, "", "NOT released", f.reason] for f in response.failed]
+    table = _table(["PLACEMENT", "TENANT", "OUTCOME", "DETAIL"], rows) if rows else ""
+    summary = (
+        f"drained {response.host.host_id}: {len(response.released)} released, "
+        f"{len(response.failed)} not released"
+        + ("; drain again once they settle" if response.failed else "")
+    )
+    return f"{table}\n{summary}" if table else summary
 
 
 def _mig_free(m: scheduler_pb2.MigCapacity) -> str:
@@ -157,7 +189,35 @@ def request_from_args(opts: argparse.Namespace) -> placement_pb2.PlacementReques
 
 
 def _stub(opts: argparse.Namespace) -> scheduler_pb2_grpc.SchedulerStub:
-    return scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(opts.scheduler))
+    tls = TlsDir(opts.tls_dir) if opts.tls_dir is not None else None
+    return scheduler_pb2_grpc.SchedulerStub(sync_channel(opts.scheduler, tls, SCHEDULER_DNS_NAME))
+
+
+def _cmd_certs(opts: argparse.Namespace) -> int:
+    """``tessera certs ca|issue|show``: one line of outcome, or one line of error and exit 2."""
+    try:
+        if opts.action == "ca":
+            create_ca(opts.dir, days=opts.days)
+            print(f"created a CA in {opts.dir} (keep {opts.dir / 'ca-key.pem'} offline)")
+        elif opts.action == "issue":
+            identity = issue(
+                opts.ca,
+                opts.role,
+                opts.name,
+                opts.out,
+                days=opts.days,
+                dns_names=opts.dns,
+                ip_addresses=opts.ip,
+            )
+            print(f"issued {identity.uri} into {opts.out}")
+        else:
+            material = load_material(opts.dir)
+            expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(material.not_after))
+            print(f"{material.identity.uri} (expires {expires})")
+    except (CertificateError, TlsConfigError, OSError) as err:
+        print(f"tessera certs: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _fail(err: grpc.RpcError) -> int:
@@ -165,8 +225,42 @@ def _fail(err: grpc.RpcError) -> int:
     return 1
 
 
+def _cmd_host(stub: scheduler_pb2_grpc.SchedulerStub, opts: argparse.Namespace) -> int:
+    """``tessera host ACTION ID``: one line of outcome (a table for a drain)."""
+    if opts.action == "cordon":
+        h = stub.CordonHost(
+            scheduler_pb2.CordonHostRequest(host_id=opts.id, reason=opts.reason), timeout=30
+        )
+        print(f"cordoned {h.host_id}" + (f": {h.cordon_reason}" if h.cordon_reason else ""))
+    elif opts.action == "uncordon":
+        h = stub.UncordonHost(scheduler_pb2.UncordonHostRequest(host_id=opts.id), timeout=30)
+        print(f"uncordoned {h.host_id} (schedulable: {_schedulable(h)})")
+    elif opts.action == "drain":
+        # Each placement is torn down on the host first: allow for many.
+        d = stub.DrainHost(
+            scheduler_pb2.DrainHostRequest(host_id=opts.id, reason=opts.reason), timeout=600
+        )
+        print(format_drain(d))
+        # Non-zero while placements remain, so "drain && forget" stops there.
+        return 1 if d.failed else 0
+    elif opts.action == "forget":
+        f = stub.ForgetHost(
+            scheduler_pb2.ForgetHostRequest(host_id=opts.id, force=opts.force), timeout=60
+        )
+        dropped = f.dropped_placement_ids
+        print(
+            f"forgot {f.host_id}"
+            + (f"; dropped {len(dropped)} placement(s): {' '.join(dropped)}" if dropped else "")
+        )
+    return 0
+
+
 def _cmd_rpc(opts: argparse.Namespace) -> int:
-    stub = _stub(opts)
+    try:
+        stub = _stub(opts)
+    except TlsConfigError as err:
+        print(f"tessera: {err}", file=sys.stderr)
+        return 2
     try:
         if opts.command == "place":
             r = stub.Place(scheduler_pb2.PlaceRequest(request=request_from_args(opts)), timeout=60)
@@ -191,6 +285,8 @@ def _cmd_rpc(opts: argparse.Namespace) -> int:
         elif opts.command == "release":
             rel = stub.Release(scheduler_pb2.ReleaseRequest(placement_id=opts.id), timeout=60)
             print(f"released {rel.placement.placement_id} on {rel.placement.host_id}")
+        elif opts.command == "host":
+            return _cmd_host(stub, opts)
     except grpc.RpcError as err:
         return _fail(err)
     return 0
@@ -219,7 +315,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("TESSERA_SCHEDULER", "127.0.0.1:50051"),
         help="scheduler address [TESSERA_SCHEDULER]",
     )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=Path(os.environ["TESSERA_TLS_DIR"]) if os.environ.get("TESSERA_TLS_DIR") else None,
+        help="mutual TLS: ca.pem, cert.pem (a tenant, frontend or admin identity), key.pem "
+        "[TESSERA_TLS_DIR]; without it, plaintext (a scheduler on loopback)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
+    certs = sub.add_parser("certs", help="create a CA, issue certificates, show one")
+    certs_sub = certs.add_subparsers(dest="action", required=True)
+    ca = certs_sub.add_parser("ca", help="create a CA in DIR (ca.pem, ca-key.pem)")
+    ca.add_argument("dir", type=Path)
+    ca.add_argument("--days", type=int, default=3650)
+    iss = certs_sub.add_parser("issue", help="issue a key and certificate for one identity")
+    iss.add_argument("--ca", type=Path, required=True, help="the CA directory")
+    iss.add_argument("--role", required=True, choices=[r.value for r in Role])
+    iss.add_argument("--name", required=True, help="host id (agent), tenant name, ...")
+    iss.add_argument("--days", type=int, default=365)
+    iss.add_argument("--dns", action="append", default=[], help="extra DNS SAN (repeatable)")
+    iss.add_argument("--ip", action="append", default=[], help="extra IP SAN (repeatable)")
+    iss.add_argument("out", type=Path, help="directory for ca.pem, cert.pem, key.pem")
+    show = certs_sub.add_parser("show", help="the identity and expiry of a TLS directory")
+    show.add_argument("dir", type=Path)
     demo = sub.add_parser("demo", help="run a scheduler and three agents on fake hosts")
     demo.add_argument("--workdir", type=Path, help="keep the cluster's files here")
     _request_flags(sub.add_parser("place", help="place a request"))
@@ -232,6 +350,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     get.add_argument("id")
     rel = sub.add_parser("release", help="release a placement")
     rel.add_argument("id")
+    host = sub.add_parser("host", help="cordon, uncordon, drain or forget a host (admin)")
+    actions = host.add_subparsers(dest="action", required=True)
+    cordon = actions.add_parser("cordon", help="no new placements on the host; its own stay")
+    cordon.add_argument("id", help="host id")
+    cordon.add_argument("--reason", default="", help="why (shown by tessera hosts)")
+    actions.add_parser("uncordon", help="let new placements land again").add_argument(
+        "id", help="host id"
+    )
+    drain = actions.add_parser("drain", help="cordon, then release every placement on the host")
+    drain.add_argument("id", help="host id")
+    drain.add_argument("--reason", default="", help="the cordon's reason (default: drained)")
+    forget = actions.add_parser("forget", help="remove a host without placements from the store")
+    forget.add_argument("id", help="host id")
+    forget.add_argument(
+        "--force",
+        action="store_true",
+        help="drop its placements too (not torn down: the agent's reconciler does that "
+        "if it registers again)",
+    )
     plan = sub.add_parser("plan", help="place a batch offline (what-if), no store or agents")
     plan.add_argument("--hosts", type=Path, required=True, help="directory of inventory JSON files")
     plan.add_argument(
@@ -291,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     if opts.command == "plan":
         return _cmd_plan(opts)
+    if opts.command == "certs":
+        return _cmd_certs(opts)
     if opts.command == "demo":
         from scheduler.demo import run_demo
 

@@ -18,7 +18,8 @@ import grpc
 
 from scheduler.cli import format_hosts, format_placements
 from scheduler.local_cluster import LocalCluster
-from tessera.v1 import placement_pb2, scheduler_pb2
+from scheduler.store.connection import redact_url
+from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 #: (host id, fixture, labels, GPUs in MIG mode). Fixtures ship with the agent
 #: (agent.testing); the operator put the virtualization host's A100 in MIG mode.
@@ -154,7 +155,11 @@ def _run(cluster: LocalCluster) -> int:
         cluster.start_agent(host_id, cluster.build_fake_host(fixture, host_id, mig), labels)
     cluster.wait_for_hosts({h for h, _, _, _ in DEMO_HOSTS})
     stub = cluster.stub()
-    print(f"\nscheduler {cluster.scheduler_address}, Redis {cluster.redis_url}\n")
+    print(f"\nscheduler {cluster.scheduler_address}, Redis {redact_url(cluster.redis_url)}")
+    print(
+        f"mutual TLS everywhere: CA in {cluster.ca_dir}; the scheduler, each agent and this "
+        "client (admin/admin) prove who they are with their own certificate\n"
+    )
     print(format_hosts(stub.ListHosts(scheduler_pb2.ListHostsRequest()).hosts))
 
     placements: list[placement_pb2.Placement] = []
@@ -180,6 +185,23 @@ def _run(cluster: LocalCluster) -> int:
     except grpc.RpcError as err:
         print(f"  -> {err.code().name}: {err.details()}")
 
+    print("\nrefused as it should be: another tenant reading and releasing that placement")
+    victim = placements[0]
+    with cluster.channel(role="tenant", name="intruder") as channel:
+        intruder = scheduler_pb2_grpc.SchedulerStub(channel)
+        for rpc, call in (
+            ("GetPlacement", lambda: intruder.GetPlacement(
+                scheduler_pb2.GetPlacementRequest(placement_id=victim.placement_id))),
+            ("Release", lambda: intruder.Release(
+                scheduler_pb2.ReleaseRequest(placement_id=victim.placement_id))),
+        ):  # fmt: skip
+            try:
+                call()
+                print(f"  !! tenant/intruder's {rpc} went through")
+                return 1
+            except grpc.RpcError as err:
+                print(f"  -> {rpc}: {err.code().name}: {err.details()}")
+
     listed = stub.ListPlacements(scheduler_pb2.ListPlacementsRequest()).placements
     print("\nplacements\n" + format_placements(listed))
     bound = _drivers(cluster, placements)
@@ -200,6 +222,10 @@ def _run(cluster: LocalCluster) -> int:
     left = stub.ListPlacements(scheduler_pb2.ListPlacementsRequest()).placements
     ok = ok and not left and not orphans
     print(f"\nplacements left: {len(left)}")
+    audit_log = cluster.workdir / "logs" / "scheduler.audit.jsonl"
+    records = audit_log.read_text().splitlines() if audit_log.exists() else []
+    refused = sum('"PERMISSION_DENIED"' in r for r in records)
+    print(f"audit log: {len(records)} records, {refused} refusals ({audit_log.name})")
     print("demo OK" if ok else "demo FAILED: see above")
     return 0 if ok else 1
 

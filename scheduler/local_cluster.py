@@ -24,6 +24,9 @@ from typing import IO
 
 import grpc
 
+from tessera.security.certs import CA_KEY, CERT, create_ca, issue
+from tessera.security.identity import SCHEDULER_DNS_NAME
+from tessera.security.tls import TlsDir, sync_channel
 from tessera.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -60,11 +63,19 @@ def _first_line(proc: subprocess.Popen[str], timeout_s: float, what: str, log: P
 class LocalCluster:
     """Processes of one local cluster, stopped together.
 
+    With ``tls`` (the default) the cluster has its own CA under
+    ``workdir/tls/ca``; every scheduler and agent gets a certificate for its
+    identity and serves mutual TLS, and :meth:`channel` calls as any identity
+    (an admin by default). Each scheduler writes its audit log to
+    ``workdir/logs/<name>.audit.jsonl``.
+
     Args:
         workdir: where data, fake hosts, checkpoints and logs go.
+        tls: mutual TLS everywhere; False runs plaintext on loopback.
     """
 
     workdir: Path
+    tls: bool = True
     redis_url: str = ""
     scheduler_address: str = ""
     agents: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
@@ -73,10 +84,35 @@ class LocalCluster:
     _valkey_args: list[str] = field(default_factory=list)
     _channel: grpc.Channel | None = None
 
-    def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen[str], Path]:
+    @property
+    def ca_dir(self) -> Path:
+        """The cluster's CA (created on first use)."""
+        ca = self.workdir / "tls" / "ca"
+        if not (ca / CA_KEY).exists():
+            create_ca(ca, common_name=f"Tessera local cluster CA ({self.workdir.name})")
+        return ca
+
+    def tls_dir(self, role: str, name: str) -> Path:
+        """A TLS directory for one identity, issued by the cluster's CA on first use."""
+        out = self.workdir / "tls" / f"{role}-{name}"
+        if not (out / CERT).exists():
+            issue(self.ca_dir, role, name, out)
+        return out
+
+    def channel(self, address: str = "", role: str = "admin", name: str = "admin") -> grpc.Channel:
+        """A blocking channel to a scheduler (default: the first) as ``role/name``."""
+        tls = TlsDir(self.tls_dir(role, name)) if self.tls else None
+        return sync_channel(address or self.scheduler_address, tls, SCHEDULER_DNS_NAME)
+
+    def _tls_args(self, role: str, name: str) -> list[str]:
+        return ["--tls-dir", str(self.tls_dir(role, name))] if self.tls else []
+
+    def _spawn(
+        self, name: str, args: list[str], env_extra: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[str], Path]:
         log = self.workdir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
         with log.open("a") as err:
             proc = subprocess.Popen(
                 [sys.executable, *args],
@@ -159,10 +195,17 @@ class LocalCluster:
 
     def start_scheduler(self, name: str = "scheduler", *extra: str) -> str:
         """Start a scheduler on a free port; returns its address."""
+        audit = self.workdir / "logs" / f"{name}.audit.jsonl"
         proc, log = self._spawn(
             name,
-            ["-m", "scheduler", "--listen", "127.0.0.1:0", "--redis-url", self.redis_url, *extra],
-        )
+            [
+                "-m", "scheduler", "--listen", "127.0.0.1:0",
+                "--audit-log", str(audit), *self._tls_args("scheduler", name), *extra,
+            ],
+            # In the environment, not on the command line: the URL carries the
+            # embedded Valkey's password, and argv is world-readable in ps.
+            env_extra={"REDIS_URL": self.redis_url},
+        )  # fmt: skip
         line = _first_line(proc, 30, "scheduler", log)
         address = line.rsplit(" ", 1)[-1]
         self.scheduler_address = self.scheduler_address or address
@@ -195,6 +238,8 @@ class LocalCluster:
             "-m", "agent", "run", "--fake-kernel", "--sysfs-root", str(root),
             "--host-id", host_id, "--scheduler", self.scheduler_address,
             "--state-dir", str(self.workdir / "agent-state"),
+            "--audit-log", str(self.workdir / "logs" / f"agent-{host_id}.audit.jsonl"),
+            *self._tls_args("agent", host_id),
         ]  # fmt: skip
         for key, value in sorted((labels or {}).items()):
             args += ["--label", f"{key}={value}"]
@@ -204,9 +249,9 @@ class LocalCluster:
         return line.rsplit(" ", 1)[-1]
 
     def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
-        """A Scheduler client for the first scheduler (one shared channel)."""
+        """A Scheduler client for the first scheduler as an admin (one shared channel)."""
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.scheduler_address)
+            self._channel = self.channel()
         return scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     def wait_for_hosts(self, host_ids: set[str], timeout_s: float = 30) -> None:

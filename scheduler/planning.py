@@ -21,11 +21,13 @@ from scheduler.core.engine.batch import BatchResult, BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.identity import HostId, PlacementId, RequestId
 from scheduler.core.snapshot import ClusterSnapshot, HostState
+from scheduler.core.validation import InvalidRequestError
 from scheduler.service.convert import (
     host_view_from_inventory,
     parsed_requests,
     placement_from_plan,
 )
+from scheduler.service.inventory_check import inventory_violations
 from tessera.v1 import inventory_pb2, placement_pb2
 
 
@@ -36,9 +38,15 @@ class PlanningInputError(ValueError):
 def load_inventories(directory: Path) -> list[inventory_pb2.HostInventory]:
     """Every ``*.json`` inventory in a directory, in file-name order.
 
+    Each inventory is checked as Register checks it
+    (:mod:`scheduler.service.inventory_check`): a plan on a report the
+    scheduler would refuse (a function whose IOMMU group is missing hands a
+    device out without its group mates) would be a plan nothing can carry out.
+
     Raises:
         PlanningInputError: the directory has none, a file is not a
-            HostInventory, or two files report the same host.
+            HostInventory or is one the scheduler refuses (the message names
+            the file and the fields), or two files report the same host.
     """
     if not directory.is_dir():
         raise PlanningInputError(f"--hosts: {directory} is not a directory")
@@ -48,9 +56,13 @@ def load_inventories(directory: Path) -> list[inventory_pb2.HostInventory]:
         try:
             inv = json_format.Parse(path.read_text(), inventory_pb2.HostInventory())
         except (json_format.ParseError, UnicodeDecodeError) as err:
-            raise PlanningInputError(f"{path}: not a HostInventory: {err}") from err
-        if not inv.host_id:
-            raise PlanningInputError(f"{path}: host_id: required")
+            # One line, cut: the parser's message may quote the offending value whole.
+            why = " ".join(str(err).split())
+            why = why if len(why) <= 300 else f"{why[:300]}..."
+            raise PlanningInputError(f"{path}: not a HostInventory: {why}") from err
+        violations, more = inventory_violations(inv)
+        if violations:
+            raise PlanningInputError(f"{path}: {InvalidRequestError(violations, more)}")
         if inv.host_id in seen:
             raise PlanningInputError(
                 f"{path}: host_id {inv.host_id!r} is also reported by {seen[inv.host_id]}"

@@ -59,8 +59,31 @@ class MigGeometryError(ValueError):
 
 
 def _mask(start: int, size: int) -> int:
-    """Bit ``i`` set for each memory slice ``i`` in ``[start, start+size)``."""
+    """Bit ``i`` set for each memory slice ``i`` in ``[start, start+size)``.
+
+    Only for placements inside the GPU (:func:`_inside`): a shift by an
+    untrusted size would allocate an integer of that many bits.
+    """
     return ((1 << size) - 1) << start
+
+
+def _inside(start: int, size: int) -> bool:
+    """Whether ``[start, start+size)`` is a non-empty run of the GPU's memory slices."""
+    return start >= 0 and size >= 1 and start + size <= MEMORY_SLICES
+
+
+def _legal(placements: Iterable[Placement]) -> tuple[Placement, ...]:
+    """A profile's placements that fit the GPU, each once, the first 8 of them.
+
+    Profiles come from the agent's report. The registry refuses placements
+    outside the 8 memory slices and duplicates, but geometry does not rely on
+    it: a placement outside the GPU is one nothing can use, and no real
+    profile lists more placements than there are memory slices, so anything
+    past that is dropped rather than searched (the searches below are
+    combinatorial in the number of placements).
+    """
+    legal = dict.fromkeys(p for p in placements if _inside(*p))
+    return tuple(legal)[:MEMORY_SLICES]
 
 
 @dataclass(frozen=True)
@@ -128,8 +151,11 @@ class MigLayout:
         return out
 
     def memory_free(self, placement: Placement) -> bool:
-        """Whether no instance occupies a memory slice of ``placement``."""
-        return not self.occupied_mask & _mask(*placement)
+        """Whether no instance occupies a memory slice of ``placement``.
+
+        A placement outside the GPU's memory slices is never free.
+        """
+        return _inside(*placement) and not self.occupied_mask & _mask(*placement)
 
     @property
     def free_memory_slices(self) -> tuple[int, ...]:
@@ -156,7 +182,11 @@ class MigLayout:
         """How many more of ``profile`` compute slices and its instance limit allow.
 
         Memory is not considered; see :func:`capacity` for the full count.
+        A profile that says it uses no compute slice (only a malformed report
+        can) has no headroom rather than a division by zero.
         """
+        if profile.slices < 1:
+            return 0
         by_compute = self.free_compute // profile.slices
         limit = self.instance_limits.get(profile.profile_id)
         if limit is None:
@@ -166,6 +196,8 @@ class MigLayout:
 
 def _rejection(layout: MigLayout, profile: MigProfile, placement: Placement) -> str | None:
     """Why ``profile`` cannot go at ``placement`` (which it allows), or None."""
+    if not _inside(*placement):
+        return REASON_OUT_OF_RANGE
     if not layout.memory_free(placement):
         return REASON_MEMORY_OVERLAP
     if profile.slices > layout.free_compute:
@@ -187,8 +219,9 @@ def placements_available(layout: MigLayout, profile: MigProfile) -> tuple[Placem
         The profile's allowed placements (in its table order, ascending start)
         that overlap no occupied memory slice, provided the compute budget
         and the profile's instance limit leave room for one more; empty if not.
+        Placements outside the GPU and repeats are left out (:func:`_legal`).
     """
-    return tuple(p for p in profile.placements if _rejection(layout, profile, p) is None)
+    return tuple(p for p in _legal(profile.placements) if _rejection(layout, profile, p) is None)
 
 
 def with_instance(layout: MigLayout, profile: MigProfile, start: int) -> MigLayout:
@@ -284,7 +317,7 @@ def _packable(layout: MigLayout, extra: MigProfile, table: Sequence[MigProfile])
             fixed |= _mask(gi.start, gi.size)
     for profile_id, count in wanted.items():
         if profile_id in by_id:
-            groups.append((by_id[profile_id].placements, count))
+            groups.append((_legal(by_id[profile_id].placements), count))
     # Most constrained first (largest footprint), so dead ends die early.
     groups.sort(key=lambda g: -g[0][0][1] if g[0] else 0)
 

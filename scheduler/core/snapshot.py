@@ -20,7 +20,9 @@ class HostState:
             states of a host with the same view and generation hold the same
             allocations: the engine's memos rely on it.
         allocations: slot -> the placement owning it.
-        schedulable: False when the host's lease expired or it is draining.
+        schedulable: False when the host's lease expired or it is cordoned.
+        cordoned: an operator took the host out of scheduling (so an
+            unschedulable host is reported as cordoned, not as silent).
         tenants: the tenant of each placement holding a slot here; what
             exclusivity domains and interference are judged by.
         planned: empty for a state read from the store; for a state that
@@ -34,6 +36,7 @@ class HostState:
     alloc_generation: int
     allocations: Mapping[SlotKey, PlacementId] = field(default_factory=dict)
     schedulable: bool = True
+    cordoned: bool = False
     tenants: Mapping[PlacementId, TenantName] = field(default_factory=dict)
     planned: tuple[PlacementId, ...] = ()
 
@@ -66,6 +69,7 @@ def with_reservation(
         alloc_generation=state.alloc_generation + 1,
         allocations=allocations,
         schedulable=state.schedulable,
+        cordoned=state.cordoned,
         tenants={**state.tenants, placement_id: tenant},
         planned=(*state.planned, placement_id),
     )
@@ -94,6 +98,7 @@ def with_release(
         alloc_generation=state.alloc_generation + 1,
         allocations={s: p for s, p in state.allocations.items() if p != placement_id},
         schedulable=state.schedulable,
+        cordoned=state.cordoned,
         tenants={p: t for p, t in state.tenants.items() if p != placement_id},
         planned=(*state.planned, PlacementId(f"released:{placement_id}")),
     )

@@ -6,6 +6,8 @@ from typing import Protocol
 
 import grpc
 
+from tessera.security.identity import IdentityError, agent_dns_name
+from tessera.security.tls import ChannelCache
 from tessera.v1 import agent_pb2, agent_pb2_grpc, placement_pb2
 
 
@@ -35,8 +37,8 @@ class AgentGateway(Protocol):
 class HousekeepingGateway(AgentGateway, Protocol):
     """What the scheduler's background jobs need of agents, fenced by their term."""
 
-    async def get_state(self, address: str) -> list[str]:
-        """Placement ids the agent at ``address`` holds prepared."""
+    async def get_state(self, address: str, host_id: str) -> list[str]:
+        """Placement ids the agent of ``host_id`` at ``address`` holds prepared."""
         ...
 
     async def prepare_fenced(
@@ -55,21 +57,34 @@ class HousekeepingGateway(AgentGateway, Protocol):
 class GrpcAgentGateway:
     """Talks to agents over gRPC with a deadline per call.
 
+    With TLS, each call checks the agent at the address is the one certified
+    for the placement's host (``<host>.agent.tessera``): a host that advertised
+    another host's agent address gets nothing prepared there.
+
     Args:
+        channels: channels by address (TLS or plaintext, rotating).
         timeout_s: deadline of one Prepare or Unprepare; binding a device can
             take seconds (a driver's remove path), so this is generous.
     """
 
-    def __init__(self, timeout_s: float = 30.0) -> None:
+    def __init__(self, channels: ChannelCache, timeout_s: float = 30.0) -> None:
         self._timeout_s = timeout_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = channels
 
-    def _stub(self, address: str) -> agent_pb2_grpc.AgentAsyncStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address)
-            self._channels[address] = channel
-        return agent_pb2_grpc.AgentStub(channel)
+    def _stub(self, address: str, host_id: str) -> agent_pb2_grpc.AgentAsyncStub:
+        """A stub for the agent of ``host_id`` at ``address``.
+
+        Raises:
+            AgentCallError: the host id cannot name an agent identity (only a
+                plaintext scheduler can have registered such a host).
+        """
+        try:
+            server_name = agent_dns_name(host_id)
+        except IdentityError as err:
+            raise AgentCallError(
+                address, grpc.StatusCode.FAILED_PRECONDITION, f"host id: {err}"
+            ) from None
+        return agent_pb2_grpc.AgentStub(self._channels.get(address, server_name))
 
     async def prepare(
         self, address: str, placement: placement_pb2.Placement
@@ -91,7 +106,8 @@ class GrpcAgentGateway:
         """
         request = agent_pb2.PrepareRequest(placement=placement, fencing_token=fencing_token)
         try:
-            response: agent_pb2.PrepareResponse = await self._stub(address).Prepare(
+            stub = self._stub(address, placement.host_id)
+            response: agent_pb2.PrepareResponse = await stub.Prepare(
                 request, timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as err:
@@ -116,18 +132,18 @@ class GrpcAgentGateway:
         """
         request = agent_pb2.UnprepareRequest(placement=placement, fencing_token=fencing_token)
         try:
-            await self._stub(address).Unprepare(request, timeout=self._timeout_s)
+            await self._stub(address, placement.host_id).Unprepare(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as err:
             raise AgentCallError(address, err.code(), err.details() or "") from err
 
-    async def get_state(self, address: str) -> list[str]:
+    async def get_state(self, address: str, host_id: str) -> list[str]:
         """Call Agent.GetState: the placement ids the host holds prepared.
 
         Raises:
             AgentCallError: the call failed or timed out.
         """
         try:
-            response: agent_pb2.GetStateResponse = await self._stub(address).GetState(
+            response: agent_pb2.GetStateResponse = await self._stub(address, host_id).GetState(
                 agent_pb2.GetStateRequest(), timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as err:
@@ -136,6 +152,4 @@ class GrpcAgentGateway:
 
     async def close(self) -> None:
         """Close every channel."""
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self._channels.close()

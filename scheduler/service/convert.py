@@ -47,7 +47,21 @@ from scheduler.core.request import (
     NumaPolicy,
     PlacementRequest,
 )
-from scheduler.core.validation import FieldViolation, InvalidRequestError, validate_request
+from scheduler.core.validation import (
+    MAX_AFFINITIES,
+    MAX_BATCH,
+    MAX_CLAIM_LIST,
+    MAX_CLAIMS,
+    MAX_IDENT,
+    MAX_REPORTED,
+    MAX_SELECTOR_LABELS,
+    FieldViolation,
+    InvalidRequestError,
+    check_length,
+    shown,
+    validate_request,
+    validate_text,
+)
 from tessera.v1 import inventory_pb2, placement_pb2
 
 _KINDS: Mapping[int, DeviceKind] = {
@@ -110,14 +124,38 @@ def _enum(
         )
 
 
+def _wire_sizes(msg: placement_pb2.PlacementRequest, prefix: str) -> list[FieldViolation]:
+    """Lists of a wire request over their bounds (the domain's frozensets hide duplicates)."""
+    out: list[FieldViolation] = []
+    check_length(msg.claims, MAX_CLAIMS, f"{prefix}claims", out)
+    check_length(msg.affinities, MAX_AFFINITIES, f"{prefix}affinities", out)
+    check_length(msg.host_selector, MAX_SELECTOR_LABELS, f"{prefix}host_selector", out)
+    for i, c in enumerate(msg.claims[: MAX_CLAIMS + 1]):
+        path = f"{prefix}claims[{i}]"
+        check_length(c.forms, MAX_CLAIM_LIST, f"{path}.forms", out)
+        check_length(c.mdev_types, MAX_CLAIM_LIST, f"{path}.mdev_types", out)
+        check_length(c.mig_profiles, MAX_CLAIM_LIST, f"{path}.mig_profiles", out)
+        check_length(c.selector.device_ids, MAX_CLAIM_LIST, f"{path}.selector.device_ids", out)
+        check_length(c.selector.models, MAX_CLAIM_LIST, f"{path}.selector.models", out)
+    return out
+
+
 def request_from_proto(msg: placement_pb2.PlacementRequest, prefix: str = "") -> PlacementRequest:
     """Convert a wire request to the domain.
 
+    Lists are bounded first: nothing is converted (and no violation listed
+    per entry) for a request whose lists are longer than the contract
+    allows, so the work stays small whatever the client sent.
+
     Raises:
-        InvalidRequestError: an enum is unspecified or unknown (the domain has
-            no value for it); semantic checks are validate_request's.
+        InvalidRequestError: a list is too long, the gang name too long, or
+            an enum is unspecified or unknown (the domain has no value for
+            it); semantic checks are validate_request's.
     """
-    out: list[FieldViolation] = []
+    out = _wire_sizes(msg, prefix)
+    if out:
+        raise InvalidRequestError(out)
+    out += validate_text(msg.gang, f"{prefix}gang", MAX_IDENT)
     claims: list[Claim] = []
     for i, c in enumerate(msg.claims):
         path = f"{prefix}claims[{i}]"
@@ -182,28 +220,38 @@ def parsed_request(msg: placement_pb2.PlacementRequest, prefix: str = "") -> Pla
 def parsed_requests(
     messages: Sequence[placement_pb2.PlacementRequest],
 ) -> list[PlacementRequest]:
-    """A batch of wire requests, every problem of every request reported at once.
+    """A batch of wire requests, the problems of every request reported at once.
 
     Raises:
         InvalidRequestError: with field paths ``requests[i].<field>``, a
-            request id appearing twice included.
+            request id appearing twice included; the first
+            :data:`MAX_REPORTED` problems are kept, the others counted.
     """
     violations: list[FieldViolation] = []
+    # Problems past the ones reported are only counted: a batch of a million
+    # bad requests must not build a million violations.
+    more = 0
+    if not check_length(messages, MAX_BATCH, "requests", violations):
+        raise InvalidRequestError(violations)
     requests: list[PlacementRequest] = []
     seen: set[str] = set()
     for i, msg in enumerate(messages):
         prefix = f"requests[{i}]."
+        found: list[FieldViolation] = []
         try:
             requests.append(parsed_request(msg, prefix))
         except InvalidRequestError as err:
-            violations.extend(err.violations)
+            found.extend(err.violations)
         if msg.request_id in seen:
-            violations.append(
-                FieldViolation(f"{prefix}request_id", f"{msg.request_id!r} appears twice")
+            found.append(
+                FieldViolation(f"{prefix}request_id", f"{shown(msg.request_id)} appears twice")
             )
         seen.add(msg.request_id)
+        room = max(0, MAX_REPORTED - len(violations))
+        violations.extend(found[:room])
+        more += len(found) - len(found[:room])
     if violations:
-        raise InvalidRequestError(violations)
+        raise InvalidRequestError(violations, more)
     return requests
 
 
@@ -220,18 +268,31 @@ def request_digest(msg: placement_pb2.PlacementRequest) -> str:
 _MAX_INSTANCE = re.compile(r"max_instance=(\d+)")
 
 
+def stated_max_instances(description: str) -> int | None:
+    """The per-parent limit an mdev type's description states (``max_instance=N``), if any.
+
+    A number of more than 9 digits is no instance count (only a malformed
+    report has one) and reads as not stated, so this never raises (``int``
+    refuses over 4,300 digits) nor hands the engine a huge number.
+    """
+    stated = _MAX_INSTANCE.search(description)
+    if stated is None or len(stated.group(1)) > 9:
+        return None
+    return int(stated.group(1))
+
+
 def _mdev_parent(parent: inventory_pb2.MdevParent) -> MdevParentView:
     live = {i.uuid: i.type_id for i in parent.instances}
     types: dict[str, MdevTypeView] = {}
     for t in parent.types:
-        stated = _MAX_INSTANCE.search(t.description)
+        stated = stated_max_instances(t.description)
         # Without the vendor's figure, what an empty parent holds is what is
         # free now plus what this type already uses.
         inferred = t.available_instances + sum(1 for v in live.values() if v == t.id)
         types[t.id] = MdevTypeView(
             type_id=t.id,
             available=t.available_instances,
-            max_instances=int(stated.group(1)) if stated else inferred,
+            max_instances=stated if stated is not None else inferred,
             migratable=t.migratable,
         )
     return MdevParentView(PciAddress(parent.address), types, live, parent.single_type)

@@ -35,9 +35,14 @@ from scheduler.core.plan import Plan, Unschedulable
 from scheduler.core.request import PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, HostState
 from scheduler.core.validation import (
+    MAX_IDENT,
+    MAX_TEXT,
     FieldViolation,
     InvalidRequestError,
+    shown,
     validate_identifier,
+    validate_lookup,
+    validate_text,
 )
 from scheduler.service.agent_gateway import AgentCallError, AgentGateway
 from scheduler.service.convert import (
@@ -54,6 +59,8 @@ from scheduler.service.convert import (
 )
 from scheduler.service.errors import (
     ContentionError,
+    HostBusyError,
+    HostNotFoundError,
     HostOperationError,
     NoCapacityError,
     PlacementBusyError,
@@ -61,11 +68,13 @@ from scheduler.service.errors import (
     RequestIdReusedError,
     SchedulerError,
 )
+from scheduler.service.inventory_check import check_inventory, inventory_violations
 from scheduler.store import schema
 from scheduler.store.redis_store import (
     ClaimOutcome,
     CommitOutcome,
     CommitResult,
+    ForgetOutcome,
     HostRecord,
     RedisStateStore,
     StoreError,
@@ -92,6 +101,11 @@ FREEZE_INTERVAL_MS = 300_000
 
 #: PlaceBatch's solver limits: a frontend waits on the call.
 DEFAULT_BATCH_SETTINGS = BatchSettings(time_limit_s=5.0, workers=4)
+
+#: Releases a drain runs at once: the agent tears down placements on
+#: different devices side by side, and a host with hundreds of VF placements
+#: should not take hundreds of round trips one after the other.
+DRAIN_CONCURRENCY = 8
 
 
 def _now_ms() -> int:
@@ -180,7 +194,10 @@ class PlacementCoordinator:
             view=cached.view,
             alloc_generation=record.alloc_generation,
             allocations={SlotKey(k): PlacementId(v) for k, v in record.allocations.items()},
-            schedulable=alive,
+            # A cordoned host takes nothing new, whatever its lease; what it
+            # holds stays and can be released.
+            schedulable=alive and not record.cordoned,
+            cordoned=record.cordoned,
             tenants={PlacementId(k): TenantName(v) for k, v in record.tenants.items()},
         )
 
@@ -267,7 +284,8 @@ class PlacementCoordinator:
         if stored != digest:
             made = f" (placement {placement_id})" if placement_id else ""
             raise RequestIdReusedError(
-                f"request_id {msg.request_id!r} was already used for a different request"
+                f"request_id {shown(msg.request_id, MAX_IDENT)} was already used for a "
+                "different request"
                 f"{made}; choose a new request_id"
             )
 
@@ -283,12 +301,12 @@ class PlacementCoordinator:
         if state == PENDING:
             # Another call with this request_id is carrying it out right now.
             raise PlacementBusyError(
-                f"request {msg.request_id!r} is still being prepared on host "
+                f"request {shown(msg.request_id, MAX_IDENT)} is still being prepared on host "
                 f"{placement.host_id} (placement {placement_id}); retry shortly"
             )
         if state == FAILED:
             raise HostOperationError(
-                f"request {msg.request_id!r} failed on host {placement.host_id}: "
+                f"request {shown(msg.request_id, MAX_IDENT)} failed on host {placement.host_id}: "
                 f"{placement.message}"
             )
         return placement
@@ -313,13 +331,16 @@ class PlacementCoordinator:
                 return None
             if claim.outcome is ClaimOutcome.BUSY:
                 raise PlacementBusyError(
-                    f"request {msg.request_id!r} is being placed by another call; retry shortly"
+                    f"request {shown(msg.request_id, MAX_IDENT)} is being placed by another "
+                    "call; retry shortly"
                 )
             answer = await self._answer(msg, claim.placement_id)
             if answer is not None:
                 return answer
             # Released between the claim and the read: claim it afresh.
-        raise ContentionError(f"request {msg.request_id!r} kept changing under its claim; retry")
+        raise ContentionError(
+            f"request {shown(msg.request_id, MAX_IDENT)} kept changing under its claim; retry"
+        )
 
     async def explain(self, msg: placement_pb2.PlacementRequest) -> Plan | Unschedulable:
         """Dry run: the plan the request would get now, or why it cannot be placed."""
@@ -446,7 +467,7 @@ class PlacementCoordinator:
             msg = msgs[index[rid]]
             prefix = f"requests[{index[rid]}]."
             if gang_of.get(rid) in broken_gangs:
-                failures[rid] = [f"gang {gang_of[rid]!r} could not be placed whole"]
+                failures[rid] = [f"gang {shown(gang_of[rid], MAX_IDENT)} could not be placed whole"]
                 replan.add(plan.host_id)
                 continue
             try:
@@ -466,7 +487,7 @@ class PlacementCoordinator:
             if gang is None or gang not in broken_gangs:
                 continue
             placement = placed.pop(placed_id)
-            why = f"gang {gang!r} could not be placed whole"
+            why = f"gang {shown(gang, MAX_IDENT)} could not be placed whole"
             try:
                 await self.release(placement.placement_id, "")
                 failures[placed_id] = [f"{why}; released"]
@@ -629,22 +650,34 @@ class PlacementCoordinator:
         """A placement by its id or by the request id that made it.
 
         Raises:
+            InvalidRequestError: an id no placement could have (too long, odd
+                characters): refused before it reaches a key or a message.
             PlacementNotFoundError: there is none.
         """
+        if violations := validate_lookup(placement_id=placement_id, request_id=request_id):
+            raise InvalidRequestError(violations)
         if not placement_id and request_id:
             found = await self._store.placement_for_request(request_id)
             placement_id = found[0] if found else ""
         stored = await self._store.get_placement(placement_id) if placement_id else None
         if stored is None:
-            what = f"placement_id {placement_id!r}" if placement_id else f"request {request_id!r}"
+            what = (
+                f"placement_id {shown(placement_id)}"
+                if placement_id
+                else f"request {shown(request_id)}"
+            )
             raise PlacementNotFoundError(f"no placement for {what}")
         return placement_pb2.Placement.FromString(stored[1])
 
     async def list_placements(
         self, tenant: str = "", host_id: str = ""
     ) -> list[placement_pb2.Placement]:
-        """Placements, optionally of one tenant or host."""
-        if host_id and (violations := validate_identifier(host_id, "host_id")):
+        """Placements, optionally of one tenant or host.
+
+        Raises:
+            InvalidRequestError: the tenant or host id is not an id.
+        """
+        if violations := validate_lookup(tenant=tenant, host_id=host_id):
             raise InvalidRequestError(violations)
         rows = await self._store.list_placements(host_id or None)
         out = [placement_pb2.Placement.FromString(payload) for _, payload in rows]
@@ -658,11 +691,14 @@ class PlacementCoordinator:
         Prepare in flight is about to bind.
 
         Raises:
+            InvalidRequestError: an id no placement could have.
             PlacementNotFoundError: there is none.
             PlacementBusyError: it is being prepared or released right now.
             HostOperationError: teardown failed; the placement is FAILED and
                 its slots stay quarantined.
         """
+        if violations := validate_lookup(placement_id=placement_id, request_id=request_id):
+            raise InvalidRequestError(violations)
         placement = await self.get(placement_id, request_id)
         record = await self._store.get_host(placement.host_id)
         if record is None:
@@ -692,52 +728,237 @@ class PlacementCoordinator:
         return releasing
 
     async def hosts(self) -> list[scheduler_pb2.HostSummary]:
-        """Every registered host with its lease and allocation state."""
+        """Every registered host with its lease, cordon and allocation state."""
         snapshot, records = await self.snapshot()
         now = self._clock_ms()
-        out = []
-        for host_id in sorted(snapshot.hosts):
-            state, record = snapshot.hosts[host_id], records[host_id]
-            view = state.view
-            assignable = {
-                f.iommu_group
-                for f in view.functions.values()
-                if f.kind is not None and not f.is_vf and f.iommu_group is not None
-            }
-            allocated = sum(1 for g in assignable if iommu_group_slot(g) in state.allocations)
-            out.append(
-                scheduler_pb2.HostSummary(
-                    host_id=host_id,
-                    agent_address=record.agent_address,
-                    boot_id=record.boot_id,
-                    inventory_generation=record.inventory_generation,
-                    heartbeat_age_ms=now - record.last_heartbeat_ms,
-                    schedulable=state.schedulable,
-                    assignable_groups=len(assignable),
-                    allocated_groups=allocated,
-                    labels=dict(view.labels),
-                    mig=[
-                        scheduler_pb2.MigCapacity(
-                            gpu_address=address, free=free, fragmentation=fragmentation
-                        )
-                        for address, free, fragmentation in self._engine.mig_capacity(state)
-                    ],
+        return [
+            self._summary(snapshot.hosts[host_id], records[host_id], now)
+            for host_id in sorted(snapshot.hosts)
+        ]
+
+    def _summary(
+        self, state: HostState, record: HostRecord, now_ms: int
+    ) -> scheduler_pb2.HostSummary:
+        """One host as operators see it: lease, cordon, allocations, MIG capacity."""
+        view = state.view
+        assignable = {
+            f.iommu_group
+            for f in view.functions.values()
+            if f.kind is not None and not f.is_vf and f.iommu_group is not None
+        }
+        allocated = sum(1 for g in assignable if iommu_group_slot(g) in state.allocations)
+        return scheduler_pb2.HostSummary(
+            host_id=record.host_id,
+            agent_address=record.agent_address,
+            boot_id=record.boot_id,
+            inventory_generation=record.inventory_generation,
+            heartbeat_age_ms=now_ms - record.last_heartbeat_ms,
+            schedulable=state.schedulable,
+            assignable_groups=len(assignable),
+            allocated_groups=allocated,
+            labels=dict(view.labels),
+            mig=[
+                scheduler_pb2.MigCapacity(
+                    gpu_address=address, free=free, fragmentation=fragmentation
                 )
+                for address, free, fragmentation in self._engine.mig_capacity(state)
+            ],
+            cordoned=record.cordoned,
+            cordon_reason=record.cordon_reason,
+            cordoned_by=record.cordoned_by,
+            cordoned_unix_ms=record.cordoned_ms,
+        )
+
+    # -- host administration ------------------------------------------------
+
+    @staticmethod
+    def _check_host_admin(host_id: str, reason: str = "") -> None:
+        """Refuse a host id that cannot name a host, or an over-long reason."""
+        violations = validate_identifier(host_id, "host_id")
+        violations += validate_text(reason, "reason", MAX_TEXT)
+        if violations:
+            raise InvalidRequestError(violations)
+
+    async def host_summary(self, host_id: str) -> scheduler_pb2.HostSummary:
+        """One registered host as ListHosts shows it, read now.
+
+        Raises:
+            InvalidRequestError: the id cannot name a host.
+            HostNotFoundError: no host is registered under it.
+        """
+        self._check_host_admin(host_id)
+        record = await self._store.get_host(host_id)
+        if record is None:
+            raise HostNotFoundError(f"host {host_id} is not registered")
+        now = self._clock_ms()
+        return self._summary(self._host_state(record, now), record, now)
+
+    async def cordon(self, host_id: str, reason: str, by: str) -> scheduler_pb2.HostSummary:
+        """Take a host out of scheduling; its placements stay and can be released.
+
+        The cordon outlives re-registrations and heartbeats of the host's
+        agent: only :meth:`uncordon` lifts it. Cordoning a cordoned host
+        replaces its reason.
+
+        Args:
+            host_id: the host.
+            reason: why, shown by ListHosts.
+            by: who asked (the caller's identity).
+
+        Raises:
+            InvalidRequestError: a malformed id or an over-long reason.
+            HostNotFoundError: no host is registered under that id.
+        """
+        self._check_host_admin(host_id, reason)
+        if not await self._store.cordon_host(
+            host_id, reason=reason, by=by, now_ms=self._clock_ms()
+        ):
+            raise HostNotFoundError(f"host {host_id} is not registered")
+        log.info("host %s cordoned by %s: %s", host_id, by, reason or "(no reason given)")
+        return await self.host_summary(host_id)
+
+    async def uncordon(self, host_id: str, by: str) -> scheduler_pb2.HostSummary:
+        """Let new placements land on a cordoned host again (idempotent).
+
+        Args:
+            host_id: the host.
+            by: who asked.
+
+        Raises:
+            InvalidRequestError: the id cannot name a host.
+            HostNotFoundError: no host is registered under that id.
+        """
+        self._check_host_admin(host_id)
+        if not await self._store.uncordon_host(host_id):
+            raise HostNotFoundError(f"host {host_id} is not registered")
+        log.info("host %s uncordoned by %s", host_id, by)
+        return await self.host_summary(host_id)
+
+    async def drain(
+        self, host_id: str, reason: str, by: str
+    ) -> tuple[
+        scheduler_pb2.HostSummary, list[placement_pb2.Placement], list[scheduler_pb2.DrainFailure]
+    ]:
+        """Cordon a host, then release every placement on it through :meth:`release`.
+
+        The cordon comes first, so nothing new lands while the host empties;
+        a host cordoned already keeps its cordon (reason, who, when). Each
+        release tears the placement down on the host before freeing its
+        slots, exactly as a client's Release does. A placement being prepared
+        or released right now, or whose teardown fails (it stays FAILED with
+        its slots quarantined), is reported instead; draining again later
+        picks it up.
+
+        Args:
+            host_id: the host.
+            reason: the cordon's reason if the host is not cordoned yet
+                (empty: "drained").
+            by: who asked.
+
+        Returns:
+            The host as the drain left it, the placements released and the
+            ones still there with why, each in placement id order.
+
+        Raises:
+            InvalidRequestError: a malformed id or an over-long reason.
+            HostNotFoundError: no host is registered under that id.
+        """
+        self._check_host_admin(host_id, reason)
+        if not await self._store.cordon_host(
+            host_id, reason=reason or "drained", by=by, now_ms=self._clock_ms(), keep=True
+        ):
+            raise HostNotFoundError(f"host {host_id} is not registered")
+        placements = [
+            placement_pb2.Placement.FromString(payload)
+            for _, payload in await self._store.list_placements(host_id)
+        ]
+        released: list[placement_pb2.Placement] = []
+        failed: list[scheduler_pb2.DrainFailure] = []
+        gate = asyncio.Semaphore(DRAIN_CONCURRENCY)
+
+        async def release_one(placement: placement_pb2.Placement) -> None:
+            async with gate:
+                try:
+                    released.append(await self.release(placement.placement_id, ""))
+                except PlacementNotFoundError:
+                    # Released by someone else meanwhile: off the host all the same.
+                    placement.message = "already released"
+                    released.append(placement)
+                except SchedulerError as err:
+                    failed.append(
+                        scheduler_pb2.DrainFailure(
+                            placement_id=placement.placement_id, reason=str(err)
+                        )
+                    )
+
+        await asyncio.gather(*(release_one(p) for p in placements))
+        released.sort(key=lambda p: p.placement_id)
+        failed.sort(key=lambda f: f.placement_id)
+        log.info(
+            "host %s drained by %s: %d released, %d left",
+            host_id, by, len(released), len(failed),
+        )  # fmt: skip
+        return await self.host_summary(host_id), released, failed
+
+    async def forget(self, host_id: str, force: bool, by: str) -> list[str]:
+        """Remove a host and every key of it from the store.
+
+        Only a host without placements, in any state, is forgotten (drain it
+        first), unless ``force``: its placements are then dropped from the
+        store with their request ids, without a teardown on the host. An
+        agent still running finds its heartbeat refused and registers the host
+        again, as a new host (uncordoned, nothing allocated); the reconciler
+        then tears down what the host holds that the store no longer knows.
+
+        Args:
+            host_id: the host.
+            force: drop its placements with it.
+            by: who asked.
+
+        Returns:
+            The placement ids dropped (empty unless forced).
+
+        Raises:
+            InvalidRequestError: the id cannot name a host.
+            HostNotFoundError: the store holds nothing of that host.
+            HostBusyError: it holds placements and ``force`` is off.
+        """
+        self._check_host_admin(host_id)
+        result = await self._store.forget_host(host_id, force=force)
+        if result.outcome is ForgetOutcome.NOT_FOUND:
+            raise HostNotFoundError(f"host {host_id} is not registered")
+        if result.outcome is ForgetOutcome.BUSY:
+            held = [f"{pid} ({state})" for pid, state in sorted(result.placements.items())]
+            more = f" and {len(held) - 5} more" if len(held) > 5 else ""
+            raise HostBusyError(
+                f"host {host_id} holds {len(held)} placement(s): {', '.join(held[:5])}{more}; "
+                "drain it first (or forget it with force, which does not tear them down)"
             )
-        return out
+        # This replica's parsed copy of the host goes too: a host registering
+        # under the id again is a new one.
+        self._views.pop(host_id, None)
+        dropped = sorted(result.placements)
+        log.warning(
+            "host %s forgotten by %s%s",
+            host_id, by, f"; dropped placements {dropped}" if dropped else "",
+        )  # fmt: skip
+        return dropped
 
     # -- registry -----------------------------------------------------------
+
+    async def fence(self) -> int:
+        """The newest fencing token of the background jobs, told to agents (0: none yet)."""
+        return await self._store.current_fence(schema.BACKGROUND_JOB)
 
     async def register(self, inventory: inventory_pb2.HostInventory, agent_address: str) -> bool:
         """Record a host's report; False if it is older than the stored one.
 
         Raises:
-            InvalidRequestError: the host or boot id cannot name a host.
+            InvalidRequestError: the inventory is malformed, out of bounds or
+                inconsistent (see :mod:`scheduler.service.inventory_check`);
+                nothing was read from or written to the store.
         """
-        violations = validate_identifier(inventory.host_id, "inventory.host_id")
-        violations += validate_identifier(inventory.boot_id, "inventory.boot_id")
-        if violations:
-            raise InvalidRequestError(violations)
+        check_inventory(inventory)
         before = await self._store.get_host(inventory.host_id)
         accepted = await self._store.upsert_host(
             inventory.host_id,
@@ -776,18 +997,27 @@ class PlacementCoordinator:
         Returns:
             False when the scheduler does not know this host or boot: the
             agent must register again.
+
+        Raises:
+            InvalidRequestError: a malformed host id, or an inventory that
+                is not this host's or that Register would refuse; nothing was
+                read from or written to the store.
         """
         violations = validate_identifier(host_id, "host_id")
+        more = 0
+        if inventory is not None:
+            found, more = inventory_violations(inventory)
+            violations += found
         if inventory is not None and (inventory.host_id, inventory.boot_id) != (host_id, boot_id):
             violations.append(
                 FieldViolation(
                     "inventory",
-                    f"reports host {inventory.host_id!r} boot {inventory.boot_id!r}, "
-                    f"the heartbeat is for host {host_id!r} boot {boot_id!r}",
+                    f"reports host {shown(inventory.host_id)} boot {shown(inventory.boot_id)}, "
+                    f"the heartbeat is for host {shown(host_id)} boot {shown(boot_id)}",
                 )
             )
         if violations:
-            raise InvalidRequestError(violations)
+            raise InvalidRequestError(violations, more)
         now = self._clock_ms()
         if inventory is not None:
             record = await self._store.get_host(host_id)

@@ -8,6 +8,7 @@ import grpc
 import redis.exceptions
 
 from scheduler.core.validation import InvalidRequestError
+from tessera.security.policy import AccessDeniedError
 
 
 class SchedulerError(Exception):
@@ -44,15 +45,26 @@ class HostOperationError(SchedulerError):
     """The agent could not carry the placement out (or tear it down)."""
 
 
+class HostNotFoundError(SchedulerError):
+    """No host is registered under that id."""
+
+
+class HostBusyError(SchedulerError):
+    """The host still holds placements; drain it first (or force)."""
+
+
 #: Exception type -> status code. The first matching entry wins.
 STATUS_CODES: Mapping[type[Exception], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    AccessDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     NoCapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     RequestIdReusedError: grpc.StatusCode.ALREADY_EXISTS,
     PlacementNotFoundError: grpc.StatusCode.NOT_FOUND,
     ContentionError: grpc.StatusCode.ABORTED,
     PlacementBusyError: grpc.StatusCode.ABORTED,
     HostOperationError: grpc.StatusCode.UNAVAILABLE,
+    HostNotFoundError: grpc.StatusCode.NOT_FOUND,
+    HostBusyError: grpc.StatusCode.FAILED_PRECONDITION,
     # The store restarting or unreachable: nothing was acknowledged, retry.
     redis.exceptions.ConnectionError: grpc.StatusCode.UNAVAILABLE,
     redis.exceptions.TimeoutError: grpc.StatusCode.UNAVAILABLE,

@@ -36,13 +36,15 @@ from dataclasses import dataclass
 
 from scheduler.service.agent_gateway import AgentCallError, HousekeepingGateway
 from scheduler.service.convert import FAILED, PENDING, READY, RELEASING, with_state
+from scheduler.store import schema
 from scheduler.store.redis_store import Fence, FencedOutError, HostRecord, RedisStateStore
+from tessera.security.audit import AuditLog
 from tessera.v1 import placement_pb2
 
 log = logging.getLogger(__name__)
 
 #: The job's name in the store (lease and fence keys).
-JOB = "reaper"
+JOB = schema.BACKGROUND_JOB
 
 
 def _now_ms() -> int:
@@ -93,6 +95,8 @@ class Housekeeper:
         settings: cadence.
         owner: this replica's name in the lease (unique per process).
         clock_ms: current time in ms (injectable for tests).
+        audit: where a record of each placement the job reaps, tears down or
+            prepares again goes.
     """
 
     def __init__(
@@ -100,10 +104,14 @@ class Housekeeper:
         store: RedisStateStore,
         agents: HousekeepingGateway,
         settings: HousekeepingSettings | None = None,
+        *,
         owner: str = "",
         clock_ms: Callable[[], int] = _now_ms,
+        audit: AuditLog | None = None,
     ) -> None:
         self._store = store
+        # What the job does to tenants' placements is audited like an API call.
+        self._audit = audit or AuditLog(None, "scheduler")
         self._agents = agents
         self._settings = settings or HousekeepingSettings()
         self.owner = owner or f"replica-{uuid.uuid4().hex[:12]}"
@@ -186,10 +194,10 @@ class Housekeeper:
             try:
                 await self._agents.unprepare_fenced(record.agent_address, placement, fence.token)
             except AgentCallError as err:
-                moved = await self._mark_failed(
-                    placement, state or "", f"{cause}; teardown failed: {err.message}", fence
-                )
+                detail = f"{cause}; teardown failed: {err.message}"
+                moved = await self._mark_failed(placement, state or "", detail, fence)
                 report.quarantined += int(moved)
+                self._record("reap", fence, placement, "UNAVAILABLE", detail)
                 continue
             released = await self._store.release(
                 host_id, placement.placement_id, from_states=[state or ""], fence=fence
@@ -199,6 +207,28 @@ class Housekeeper:
             elif released:
                 report.finished_releases += 1
             log.info("%s %s on %s", cause, placement.placement_id, host_id)
+            self._record("reap", fence, placement, "OK" if released else "ABORTED", cause)
+
+    def _record(
+        self,
+        action: str,
+        fence: Fence,
+        placement: placement_pb2.Placement,
+        outcome: str,
+        detail: str,
+    ) -> None:
+        """One audit record of the job acting on a placement."""
+        self._audit.record(
+            who=f"{self.owner} ({fence.job} job, fencing token {fence.token})",
+            action=action,
+            outcome=outcome,
+            resources={
+                "placement_id": placement.placement_id,
+                "host_id": placement.host_id,
+                "tenant": placement.tenant,
+            },
+            detail=detail,
+        )
 
     async def _renew(self, fence: Fence) -> None:
         """Renew the lease before each host's work, so a long round keeps it.
@@ -269,7 +299,7 @@ class Housekeeper:
         # The host first, then the store: a placement the host holds was
         # committed before GetState answered, so the store shows it unless it
         # was released since.
-        held = set(await self._agents.get_state(record.agent_address))
+        held = set(await self._agents.get_state(record.agent_address, record.host_id))
         stored = {
             p.placement_id: p
             for p in (
@@ -282,6 +312,7 @@ class Housekeeper:
             await self._agents.unprepare_fenced(record.agent_address, orphan, fence.token)
             report.orphans_torn_down += 1
             log.info("tore down %s on %s: the store no longer has it", placement_id, record.host_id)
+            self._record("tear-down-orphan", fence, orphan, "OK", "the store no longer has it")
         for placement_id, placement in sorted(stored.items()):
             if placement_id in held:
                 continue
@@ -307,11 +338,10 @@ class Housekeeper:
         try:
             prepared = await self._agents.prepare_fenced(record.agent_address, claimed, fence.token)
         except AgentCallError as err:
-            await self._mark_failed(
-                claimed, PENDING, f"the host lost it and cannot prepare it again: {err.message}",
-                fence,
-            )  # fmt: skip
+            detail = f"the host lost it and cannot prepare it again: {err.message}"
+            await self._mark_failed(claimed, PENDING, detail, fence)
             report.quarantined += 1
+            self._record("prepare-again", fence, placement, "UNAVAILABLE", detail)
             return
         # Only this job moves a PENDING placement it claimed (Release refuses
         # PENDING); if deposed meanwhile, FencedOutError leaves it PENDING and
@@ -321,3 +351,4 @@ class Housekeeper:
             report.reprepared += 1
             log.info("prepared %s on %s again: the host had lost it",
                      placement.placement_id, record.host_id)  # fmt: skip
+            self._record("prepare-again", fence, placement, "OK", "the host had lost it")

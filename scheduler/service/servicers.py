@@ -12,9 +12,13 @@ import redis.exceptions
 
 from scheduler.core.identity import PlacementId
 from scheduler.core.plan import Unschedulable
+from scheduler.core.validation import validate_identifier
 from scheduler.service.convert import placement_from_plan
 from scheduler.service.coordinator import PlacementCoordinator
 from scheduler.service.errors import SchedulerError, status_of
+from scheduler.service.operator_config import OperatorConfig
+from tessera.security.interceptor import current_principal
+from tessera.security.policy import AccessDeniedError, require_owner
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -24,17 +28,36 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: Most bytes of status details as gRPC sends them. Details travel in
+#: trailing metadata, percent-encoded (a byte outside printable ASCII takes
+#: three), and a client refuses metadata past its limit (8 KiB by default)
+#: with RESOURCE_EXHAUSTED instead of the status the server meant.
+MAX_DETAILS_BYTES = 2048
+
+
+def _details(text: str) -> str:
+    """``text`` cut so that it stays within :data:`MAX_DETAILS_BYTES` on the wire."""
+    budget = MAX_DETAILS_BYTES - 64  # room for the note saying where it was cut
+    size = 0
+    for i, ch in enumerate(text):
+        size += 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode(errors="replace"))
+        if size > budget:
+            return f"{text[:i]}… (cut at {i:,} of {len(text):,} characters)"
+    return text
+
 
 async def _call(context: Context, fn: Callable[[], Awaitable[T]]) -> T:
     """Run a use case; turn a domain failure into its status code."""
     try:
         return await fn()
-    except (SchedulerError, ValueError) as err:  # InvalidRequestError is a ValueError
-        await context.abort(status_of(err), str(err))
+    # InvalidRequestError is a ValueError; AccessDeniedError the OWNER scope's refusal.
+    except (SchedulerError, AccessDeniedError, ValueError) as err:
+        await context.abort(status_of(err), _details(str(err)))
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
         log.warning("state store unavailable: %s", err)
         await context.abort(
-            status_of(err), f"the state store is unavailable ({err}); nothing was done, retry"
+            status_of(err),
+            _details(f"the state store is unavailable ({err}); nothing was done, retry"),
         )
     except Exception:
         log.exception("internal error")
@@ -53,6 +76,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     def __init__(self, coordinator: PlacementCoordinator) -> None:
         self._c = coordinator
+
+    async def _owned(self, placement_id: str, request_id: str) -> placement_pb2.Placement:
+        """The placement, if the caller acts for its tenant (the policy's OWNER scope).
+
+        Raises:
+            PlacementNotFoundError: there is none.
+            AccessDeniedError: it belongs to a tenant the caller does not act for.
+        """
+        placement = await self._c.get(placement_id, request_id)
+        require_owner(
+            current_principal(), placement.tenant, f"placement {placement_id or request_id}"
+        )
+        return placement
 
     async def Place(  # noqa: N802 - gRPC method names are CamelCase
         self, request: scheduler_pb2.PlaceRequest, context: Context
@@ -78,9 +114,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.ReleaseResponse:
         """Release a placement."""
         await _require(context, bool(request.placement_id or request.request_id), "placement_id")
-        placement = await _call(
-            context, lambda: self._c.release(request.placement_id, request.request_id)
-        )
+
+        async def release() -> placement_pb2.Placement:
+            # Owner first: the placement's tenant never changes, so the id
+            # checked here is the one released.
+            owned = await self._owned(request.placement_id, request.request_id)
+            return await self._c.release(owned.placement_id, "")
+
+        placement = await _call(context, release)
         return scheduler_pb2.ReleaseResponse(placement=placement)
 
     async def GetPlacement(  # noqa: N802
@@ -88,7 +129,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> placement_pb2.Placement:
         """Look a placement up."""
         await _require(context, bool(request.placement_id or request.request_id), "placement_id")
-        return await _call(context, lambda: self._c.get(request.placement_id, request.request_id))
+        return await _call(context, lambda: self._owned(request.placement_id, request.request_id))
 
     async def ListPlacements(  # noqa: N802
         self, request: scheduler_pb2.ListPlacementsRequest, context: Context
@@ -97,7 +138,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         rows = await _call(
             context, lambda: self._c.list_placements(request.tenant, request.host_id)
         )
-        return scheduler_pb2.ListPlacementsResponse(placements=rows)
+        # The policy checked a named tenant; an empty filter lists only the
+        # tenants this caller acts for.
+        caller = current_principal()
+        return scheduler_pb2.ListPlacementsResponse(
+            placements=[p for p in rows if caller.acts_for(p.tenant)]
+        )
 
     async def Explain(  # noqa: N802
         self, request: scheduler_pb2.ExplainRequest, context: Context
@@ -139,14 +185,83 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.ListHostsRequest, context: Context
     ) -> scheduler_pb2.ListHostsResponse:
         """List registered hosts."""
-        return scheduler_pb2.ListHostsResponse(hosts=await _call(context, self._c.hosts))
+        hosts = await _call(context, self._c.hosts)
+        if not current_principal().sees_everything:
+            # Frontends see capacity, not where agents listen or what they run.
+            for host in hosts:
+                host.ClearField("agent_address")
+                host.ClearField("boot_id")
+                host.ClearField("labels")
+                host.ClearField("cordoned_by")
+        return scheduler_pb2.ListHostsResponse(hosts=hosts)
+
+    # -- host administration (admin only: see tessera.security.policy) ------
+
+    @staticmethod
+    def _who(context: Context) -> str:
+        """The caller, as a cordon and the log record it (``admin/alice``)."""
+        identity = current_principal().identity
+        # A plaintext (development) server has no identities: name the peer.
+        return str(identity) if identity else f"unauthenticated {context.peer()}"
+
+    @staticmethod
+    async def _host_id(context: Context, host_id: str) -> None:
+        """Abort with INVALID_ARGUMENT unless ``host_id`` can name a host."""
+        if violations := validate_identifier(host_id, "host_id"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(violations[0]))
+
+    async def CordonHost(  # noqa: N802
+        self, request: scheduler_pb2.CordonHostRequest, context: Context
+    ) -> scheduler_pb2.HostSummary:
+        """Take a host out of scheduling; its placements stay."""
+        await self._host_id(context, request.host_id)
+        who = self._who(context)
+        return await _call(context, lambda: self._c.cordon(request.host_id, request.reason, who))
+
+    async def UncordonHost(  # noqa: N802
+        self, request: scheduler_pb2.UncordonHostRequest, context: Context
+    ) -> scheduler_pb2.HostSummary:
+        """Let new placements land on a host again."""
+        await self._host_id(context, request.host_id)
+        who = self._who(context)
+        return await _call(context, lambda: self._c.uncordon(request.host_id, who))
+
+    async def DrainHost(  # noqa: N802
+        self, request: scheduler_pb2.DrainHostRequest, context: Context
+    ) -> scheduler_pb2.DrainHostResponse:
+        """Cordon a host and release every placement on it."""
+        await self._host_id(context, request.host_id)
+        who = self._who(context)
+        host, released, failed = await _call(
+            context, lambda: self._c.drain(request.host_id, request.reason, who)
+        )
+        return scheduler_pb2.DrainHostResponse(host=host, released=released, failed=failed)
+
+    async def ForgetHost(  # noqa: N802
+        self, request: scheduler_pb2.ForgetHostRequest, context: Context
+    ) -> scheduler_pb2.ForgetHostResponse:
+        """Remove a host (and, forced, its placements) from the store."""
+        await self._host_id(context, request.host_id)
+        who = self._who(context)
+        dropped = await _call(context, lambda: self._c.forget(request.host_id, request.force, who))
+        return scheduler_pb2.ForgetHostResponse(
+            host_id=request.host_id, dropped_placement_ids=dropped
+        )
 
 
 class RegistryServicer(scheduler_pb2_grpc.RegistryServicer):
-    """The Registry service for agents."""
+    """The Registry service for agents.
 
-    def __init__(self, coordinator: PlacementCoordinator) -> None:
+    The access policy lets an agent speak only for the host in its
+    certificate; the labels that select placement are the operator's (see
+    :class:`OperatorConfig`), applied to every inventory before it is stored.
+    """
+
+    def __init__(
+        self, coordinator: PlacementCoordinator, operator: OperatorConfig | None = None
+    ) -> None:
         self._c = coordinator
+        self._operator = operator or OperatorConfig()
 
     async def Register(  # noqa: N802
         self, request: scheduler_pb2.RegisterRequest, context: Context
@@ -155,10 +270,13 @@ class RegistryServicer(scheduler_pb2_grpc.RegistryServicer):
         await _require(context, bool(request.inventory.host_id), "inventory.host_id")
         await _require(context, bool(request.inventory.boot_id), "inventory.boot_id")
         await _require(context, bool(request.agent_address), "agent_address")
+        self._operator.apply(request.inventory)
         await _call(context, lambda: self._c.register(request.inventory, request.agent_address))
         leases = self._c.leases
         return scheduler_pb2.RegisterResponse(
-            heartbeat_interval_s=leases.heartbeat_interval_s, lease_s=leases.lease_s
+            heartbeat_interval_s=leases.heartbeat_interval_s,
+            lease_s=leases.lease_s,
+            fence=await _call(context, self._c.fence),
         )
 
     async def Heartbeat(  # noqa: N802
@@ -167,7 +285,11 @@ class RegistryServicer(scheduler_pb2_grpc.RegistryServicer):
         """Renew a host's lease."""
         await _require(context, bool(request.host_id), "host_id")
         inventory = request.inventory if request.HasField("inventory") else None
+        if inventory is not None:
+            self._operator.apply(inventory)
         known = await _call(
             context, lambda: self._c.heartbeat(request.host_id, request.boot_id, inventory)
         )
-        return scheduler_pb2.HeartbeatResponse(reregister=not known)
+        return scheduler_pb2.HeartbeatResponse(
+            reregister=not known, fence=await _call(context, self._c.fence)
+        )

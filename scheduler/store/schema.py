@@ -31,6 +31,12 @@ background job that wrote to this host. A fenced write with a lower token is
 refused, so the check stays inside the host's slot (the resource remembers
 the newest term it saw, as Kleppmann's fencing has storage do).
 
+An operator's **cordon** lives in the host hash too: ``cordoned`` (``1``),
+``cordon_reason``, ``cordoned_by`` and ``cordoned_ms``, absent when the host is
+not cordoned. Registration and heartbeats write only their own fields, so only
+an uncordon removes them; reading them with the rest of the record keeps a
+cordoned host out of every snapshot's schedulable hosts.
+
 Per request (one key, so one slot):
 
 ========================================  =======  ==========================================
@@ -50,7 +56,9 @@ Per background job (hash tag ``{job:<job>}``, so lease and fence share a slot):
 
 Global: ``tessera:hosts`` (set), every registered host id. It is written
 before the host record, so it is a superset of the registered hosts and
-readers skip ids without a record.
+readers skip ids without a record; a registration that creates the record
+writes it again after, so that forgetting the host at the same moment (its
+delete, then its removal from the set) cannot leave a record out of it.
 
 Every write touches one hash slot, ready for Redis Cluster:
 
@@ -68,6 +76,12 @@ Every write touches one hash slot, ready for Redis Cluster:
 * A **release** frees the host's slots, then forgets the request record if it
   still names that placement. A crash in between leaves a record naming a
   placement that is gone; readers treat it as free.
+* **Forgetting a host** deletes every per-host key (:func:`all_host_keys`) in
+  one script on the host's slot, then each dropped placement's request record
+  (one command per record: each is its own slot), then the id in
+  ``tessera:hosts``. A crash in between leaves records naming placements that
+  are gone (free, as after a release) or an index entry without a record
+  (skipped).
 * **Placement ids** name their host (``pl-<token>@<host_id>``), so a
   placement is found by id without a global index.
 * ``snapshot`` reads all hosts in one MULTI, which is cross-slot; per-host
@@ -95,6 +109,11 @@ F_LAST_HEARTBEAT_MS = "last_heartbeat_ms"
 F_ALLOC_GENERATION = "alloc_generation"
 F_FENCE_PREFIX = "fence:"
 """Prefix of the host hash's per-job fence fields (``fence:reaper``)."""
+F_CORDONED = "cordoned"
+"""``1`` while an operator keeps the host out of scheduling; absent otherwise."""
+F_CORDON_REASON = "cordon_reason"
+F_CORDONED_BY = "cordoned_by"
+F_CORDONED_MS = "cordoned_ms"
 
 # Fields of a request record.
 F_STATE = "state"
@@ -251,6 +270,10 @@ def host_of_placement(placement_id: str) -> str | None:
     return found.group(2) if found else None
 
 
+#: The scheduler's background job (reaper and reconciler): one lease, one fence.
+BACKGROUND_JOB = "reaper"
+
+
 def lease(job: str) -> str:
     """String naming the replica that runs a background job, with a TTL.
 
@@ -295,3 +318,18 @@ def host_keys(host_id: str) -> list[str]:
         placement_slots(host_id),
         placement_requests(host_id),
     ]
+
+
+def all_host_keys(host_id: str) -> list[str]:
+    """Every key that belongs to a host: what forgetting the host deletes.
+
+    A new per-host key must be added here, or a forgotten host leaves it
+    behind (``tests/store`` scans for leftovers with the host's hash tag).
+
+    Args:
+        host_id: the host.
+
+    Returns:
+        :func:`host_keys`, then ``placement_states`` and ``placement_tenants``.
+    """
+    return [*host_keys(host_id), placement_states(host_id), placement_tenants(host_id)]

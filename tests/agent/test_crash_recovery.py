@@ -40,6 +40,9 @@ from agent.sysfs import Sysfs
 from agent.testing.crash import CRASH_ENV, writes_counted
 from agent.testing.hosts import build
 from agent.testing.nvml import STATE_FILE, FakeNvml
+from tessera.security.certs import create_ca, issue
+from tessera.security.identity import agent_dns_name
+from tessera.security.tls import TlsDir, sync_channel
 from tessera.v1 import agent_pb2, agent_pb2_grpc, placement_pb2
 
 from .test_service_slots import PF, THREE_G, UUID_A, VF1, mdev, mig, placement, vf
@@ -157,7 +160,12 @@ def request(op: Operation) -> placement_pb2.Placement:
 
 
 class AgentProcess:
-    """``tessera-agent run --fake-kernel`` on a tree, and a gRPC stub to it."""
+    """``tessera-agent run --fake-kernel`` on a tree, and a gRPC stub to it.
+
+    Mutual TLS as in production: the agent serves ``agent/virt``, the stub
+    calls as a scheduler (the only role the Agent service admits), both
+    certified by the workdir's CA (``tls/`` beside the state dir).
+    """
 
     def __init__(self, root: Path, state: Path, crash_after: int | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if k not in (CRASH_ENV, "TESSERA_AGENT_ALLOW")}
@@ -168,13 +176,18 @@ class AgentProcess:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--fake-kernel",
              "--sysfs-root", str(root), "--state-dir", str(state), "--host-id", "virt",
-             "--scheduler", "127.0.0.1:1", "--listen", "127.0.0.1:0"],
+             "--scheduler", "127.0.0.1:1", "--listen", "127.0.0.1:0",
+             "--tls-dir", str(state.parent / "tls" / "agent")],
             stdout=subprocess.PIPE, stderr=self._log, env=env,
         )  # fmt: skip
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline().decode()
         assert "listening on" in line, f"the agent did not start: {line!r}"
-        self._channel = grpc.insecure_channel(line.rsplit(" ", 1)[1].strip())
+        self._channel = sync_channel(
+            line.rsplit(" ", 1)[1].strip(),
+            TlsDir(state.parent / "tls" / "scheduler"),
+            agent_dns_name("virt"),
+        )
         self._stub = agent_pb2_grpc.AgentStub(self._channel)
 
     def prepare(self, want: placement_pb2.Placement) -> placement_pb2.Placement:
@@ -213,6 +226,9 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     nvml.nvmlInit()
     nvml.nvmlDeviceSetMigMode(nvml.nvmlDeviceGetHandleByIndex(0), nvml.NVML_DEVICE_MIG_ENABLE)
     nvml.nvmlShutdown()
+    create_ca(work / "tls" / "ca")
+    issue(work / "tls" / "ca", "agent", "virt", work / "tls" / "agent")
+    issue(work / "tls" / "ca", "scheduler", "crash-test", work / "tls" / "scheduler")
     yield work
     shutil.rmtree(work, ignore_errors=True)
 

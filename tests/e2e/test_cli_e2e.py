@@ -31,6 +31,11 @@ def test_the_demo_exits_zero_and_prints_placements() -> None:
     assert "demo OK" in result.stdout
 
 
+def as_identity(cluster: LocalCluster, role: str = "admin", name: str = "admin") -> tuple[str, ...]:
+    """The CLI flags that call the cluster's scheduler as ``role/name``."""
+    return ("--scheduler", cluster.scheduler_address, "--tls-dir", str(cluster.tls_dir(role, name)))
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with LocalCluster(tmp_path_factory.mktemp("cli")) as c:
@@ -42,7 +47,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def test_place_list_release_through_the_cli(cluster: LocalCluster) -> None:
-    at = ("--scheduler", cluster.scheduler_address)
+    at = as_identity(cluster)
     placed = tessera(*at, "place", "--tenant", "acme", "--gpu", "2", "--numa", "single-numa-node",
                      "--request-id", "cli-1")  # fmt: skip
     assert placed.returncode == 0, placed.stderr
@@ -57,11 +62,27 @@ def test_place_list_release_through_the_cli(cluster: LocalCluster) -> None:
 
 
 def test_the_cli_reports_a_bad_request_with_the_field(cluster: LocalCluster) -> None:
-    result = tessera(
-        "--scheduler", cluster.scheduler_address, "place", "--tenant", "", "--gpu", "1"
-    )
+    result = tessera(*as_identity(cluster), "place", "--tenant", "", "--gpu", "1")
     assert result.returncode == 1
     assert "INVALID_ARGUMENT: tenant:" in result.stderr
+
+
+def test_a_tenant_places_as_itself_and_cannot_name_another(cluster: LocalCluster) -> None:
+    at = as_identity(cluster, "tenant", "initech")
+    placed = tessera(*at, "place", "--gpu", "1", "--request-id", "cli-tenant")
+    assert placed.returncode == 0, placed.stderr
+    assert "initech" in placed.stdout  # filled in from the certificate
+    other = tessera(*at, "place", "--tenant", "acme", "--gpu", "1")
+    assert other.returncode == 1 and "PERMISSION_DENIED" in other.stderr
+    assert tessera(*at, "release", placed.stdout.splitlines()[2].split()[0]).returncode == 0
+
+
+def test_the_cli_refuses_a_missing_tls_dir_in_one_line(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    result = tessera("--scheduler", cluster.scheduler_address, "--tls-dir", str(tmp_path), "list")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "ca.pem" in result.stderr
 
 
 def test_a_placement_file_in_yaml_is_accepted(cluster: LocalCluster, tmp_path: Path) -> None:
@@ -71,7 +92,7 @@ def test_a_placement_file_in_yaml_is_accepted(cluster: LocalCluster, tmp_path: P
         "claims:\n- name: gpu\n  kind: DEVICE_KIND_GPU\n  count: 1\n"
         "hostSelector:\n  role: training\n"
     )
-    at = ("--scheduler", cluster.scheduler_address)
+    at = as_identity(cluster)
     explained = tessera(*at, "explain", "--file", str(request))
     assert explained.returncode == 0 and "fits on dgx" in explained.stdout
     placed = tessera(*at, "place", "--file", str(request))

@@ -235,7 +235,7 @@ class Load:
     def __init__(
         self,
         redis_url: str,
-        addresses: list[str],
+        channels: list[grpc.Channel],
         roots: dict[str, Path],
         target: int,
         *,
@@ -244,7 +244,7 @@ class Load:
         seed: int = 7,
     ) -> None:
         self.redis_url = redis_url
-        self.channels = [grpc.insecure_channel(a) for a in addresses]
+        self.channels = channels
         self.stubs = [scheduler_pb2_grpc.SchedulerStub(c) for c in self.channels]
         self.roots = roots
         self.target = target
@@ -482,7 +482,7 @@ def test_concurrent_clients_on_two_replicas_never_double_allocate(
     cluster: tuple[LocalCluster, list[str]],
 ) -> None:
     c, addresses = cluster
-    load = Load(c.redis_url, addresses, host_roots(c), PLACEMENTS)
+    load = Load(c.redis_url, [c.channel(a) for a in addresses], host_roots(c), PLACEMENTS)
     result = load.run()
     summary_text = report(result)
     print(summary_text)
@@ -503,7 +503,7 @@ def test_the_auditor_finds_what_it_must(cluster: tuple[LocalCluster, list[str]])
     c, addresses = cluster
     roots = host_roots(c)
     assert audit(c.redis_url, roots, final=True).clean
-    channel = grpc.insecure_channel(addresses[0])
+    channel = c.channel(addresses[0])
     stub = scheduler_pb2_grpc.SchedulerStub(channel)
     client = redis.Redis.from_url(c.redis_url)
     req = make_request("whole", "auditor-probe", "acme", random.Random(1))

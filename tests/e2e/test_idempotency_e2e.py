@@ -43,7 +43,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalClu
 def stubs(
     cluster: tuple[LocalCluster, list[str]],
 ) -> Iterator[list[scheduler_pb2_grpc.SchedulerStub]]:
-    channels = [grpc.insecure_channel(a) for a in cluster[1]]
+    channels = [cluster[0].channel(a) for a in cluster[1]]
     yield [scheduler_pb2_grpc.SchedulerStub(ch) for ch in channels]
     for ch in channels:
         ch.close()

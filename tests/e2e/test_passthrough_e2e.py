@@ -238,7 +238,7 @@ def test_explain_says_why_a_migratable_gpu_cannot_be_placed(
 
 
 def test_reflection_lists_the_services_and_health_is_serving(cluster: LocalCluster) -> None:
-    channel = grpc.insecure_channel(cluster.scheduler_address)
+    channel = cluster.channel()
     services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {"tessera.v1.Scheduler", "tessera.v1.Registry", "grpc.health.v1.Health"} <= services
     health = health_pb2_grpc.HealthStub(channel)

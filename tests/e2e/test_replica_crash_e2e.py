@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import redis
 
@@ -45,7 +44,7 @@ def test_a_replica_killed_mid_placement_loses_nothing_acknowledged_and_the_clust
 ) -> None:
     c, addresses = cluster
     roots: dict[str, Path] = {h: c.workdir / "hosts" / h for h in HOSTS}
-    clients = Clients(addresses)
+    clients = Clients([c.channel(a) for a in addresses])
     clients.start()
     try:
         time.sleep(5)  # load on both replicas
@@ -69,7 +68,7 @@ def test_a_replica_killed_mid_placement_loses_nothing_acknowledged_and_the_clust
     assert not lost, f"acknowledged placements lost with the replica: {sorted(lost)}"
 
     # Everything released through the survivor: nothing may be left anywhere.
-    with grpc.insecure_channel(addresses[1]) as channel:
+    with c.channel(addresses[1]) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         for pid in sorted(stored):
             stub.Release(scheduler_pb2.ReleaseRequest(placement_id=pid), timeout=30)

@@ -71,8 +71,8 @@ def request(rid: str, rng: random.Random, kind: str = "") -> placement_pb2.Place
 class Clients:
     """Client threads placing and releasing until stopped."""
 
-    def __init__(self, addresses: list[str]) -> None:
-        self.channels = [grpc.insecure_channel(a) for a in addresses]
+    def __init__(self, channels: list[grpc.Channel]) -> None:
+        self.channels = channels
         self.stubs = [scheduler_pb2_grpc.SchedulerStub(ch) for ch in self.channels]
         self.lock = threading.Lock()
         self.acked: dict[str, float] = {}  # placement id -> when READY came back
@@ -185,7 +185,7 @@ def test_acknowledged_placements_survive_a_valkey_kill_and_the_cluster_converges
 ) -> None:
     c, addresses = cluster
     roots = {h: c.workdir / "hosts" / h for h in HOSTS}
-    clients = Clients(addresses)
+    clients = Clients([c.channel(a) for a in addresses])
     clients.start()
     try:
         time.sleep(6)  # load builds up
@@ -229,7 +229,7 @@ def test_acknowledged_placements_survive_a_valkey_kill_and_the_cluster_converges
     assert report.clean and converge_s <= CONVERGE_S, report.text()
     assert not report.states.get("pending") and not report.states.get("releasing"), report.states
     # Release everything still held; nothing may be left anywhere.
-    channel = grpc.insecure_channel(addresses[0])
+    channel = c.channel(addresses[0])
     stub = scheduler_pb2_grpc.SchedulerStub(channel)
     try:
         for p in stub.ListPlacements(scheduler_pb2.ListPlacementsRequest(), timeout=10).placements:

@@ -143,3 +143,32 @@ def test_the_whole_placement_path_stays_within_one_slot_per_write(
         assert await store.list_placements() == []
 
     arun(body())
+
+
+def test_host_administration_stays_within_one_slot_per_write(
+    cluster_client: aioredis.Redis, arun: Runner
+) -> None:
+    """Cordon, uncordon, drain, forget (plain and forced) and coming back."""
+
+    async def body() -> None:
+        store = RedisStateStore(cluster_client)
+        host, clock = Host(), Clock()
+        coordinator = PlacementCoordinator(store, host, clock_ms=clock)
+        await coordinator.register(inventory(), "agent:1")
+        first = await coordinator.place(gpu("r1"))
+        assert (await coordinator.cordon("h1", "maintenance", "admin/ops")).cordoned
+        assert not (await coordinator.uncordon("h1", "admin/ops")).cordoned
+        await coordinator.place(gpu("r2"))
+        summary, released, failed = await coordinator.drain("h1", "", "admin/ops")
+        assert summary.cordoned and len(released) == 2 and not failed
+        assert first.placement_id in {p.placement_id for p in released}
+        assert await coordinator.forget("h1", False, "admin/ops") == []
+
+        # Back as new; then a forced forget drops a placement and its request record.
+        await coordinator.register(inventory(), "agent:1")
+        third = await coordinator.place(gpu("r3"))
+        assert await coordinator.forget("h1", True, "admin/ops") == [third.placement_id]
+        assert await cluster_client.keys("tessera:{h1}:*") == []
+        assert await cluster_client.keys("tessera:request:*") == []
+
+    arun(body())

@@ -26,7 +26,8 @@ def _answers(url: str) -> bool:
 
 def test_it_starts_with_a_durable_loopback_configuration(tmp_path: Path) -> None:
     with EmbeddedValkey(tmp_path / "data") as server:
-        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        password = server.password_path.read_text().strip()
+        assert server.url == f"redis://:{password}@127.0.0.1:{server.port}/0"
         with redis.Redis.from_url(server.url, decode_responses=True) as client:
             assert client.ping()
             config = {
@@ -151,8 +152,9 @@ def test_the_module_prints_its_url_first_and_stops_on_sigterm(tmp_path: Path) ->
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
-        assert url.startswith("redis://127.0.0.1:")
+        assert url.startswith("redis://:")
         assert url.endswith("/0")
+        assert "@127.0.0.1:" in url
         with redis.Redis.from_url(url) as client:
             client.set("tessera:test:via-module", b"1")
         proc.send_signal(signal.SIGTERM)

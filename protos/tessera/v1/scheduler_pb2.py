@@ -26,7 +26,7 @@ from tessera.v1 import inventory_pb2 as tessera_dot_v1_dot_inventory__pb2
 from tessera.v1 import placement_pb2 as tessera_dot_v1_dot_placement__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atessera/v1/scheduler.proto\x12\ntessera.v1\x1a\x1atessera/v1/inventory.proto\x1a\x1atessera/v1/placement.proto\"=\n\x0cPlaceRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.tessera.v1.PlacementRequest\"9\n\rPlaceResponse\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\"[\n\x11PlaceBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.tessera.v1.PlacementRequest\x12\x16\n\x0e\x61ll_or_nothing\x18\x02 \x01(\x08\"/\n\x08Unplaced\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07reasons\x18\x02 \x03(\t\"g\n\x12PlaceBatchResponse\x12)\n\nplacements\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Placement\x12&\n\x08unplaced\x18\x02 \x03(\x0b\x32\x14.tessera.v1.Unplaced\":\n\x0eReleaseRequest\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\";\n\x0fReleaseResponse\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\"?\n\x13GetPlacementRequest\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"8\n\x15ListPlacementsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\"C\n\x16ListPlacementsResponse\x12)\n\nplacements\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Placement\"?\n\x0e\x45xplainRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.tessera.v1.PlacementRequest\"B\n\rFilterVerdict\x12\x0e\n\x06plugin\x18\x01 \x01(\t\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12\x0f\n\x07reasons\x18\x03 \x03(\t\"\x8c\x01\n\x0f\x45xplainResponse\x12\x11\n\tplaceable\x18\x01 \x01(\x08\x12(\n\tplacement\x18\x02 \x01(\x0b\x32\x15.tessera.v1.Placement\x12+\n\x08verdicts\x18\x03 \x03(\x0b\x32\x19.tessera.v1.FilterVerdict\x12\x0f\n\x07summary\x18\x04 \x01(\t\"\x12\n\x10ListHostsRequest\"\xd2\x02\n\x0bHostSummary\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x15\n\ragent_address\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\x12\x1c\n\x14inventory_generation\x18\x04 \x01(\x04\x12\x18\n\x10heartbeat_age_ms\x18\x05 \x01(\x03\x12\x13\n\x0bschedulable\x18\x06 \x01(\x08\x12\x19\n\x11\x61ssignable_groups\x18\x07 \x01(\r\x12\x18\n\x10\x61llocated_groups\x18\x08 \x01(\r\x12\x33\n\x06labels\x18\t \x03(\x0b\x32#.tessera.v1.HostSummary.LabelsEntry\x12$\n\x03mig\x18\n \x03(\x0b\x32\x17.tessera.v1.MigCapacity\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x0bMigCapacity\x12\x13\n\x0bgpu_address\x18\x01 \x01(\t\x12/\n\x04\x66ree\x18\x02 \x03(\x0b\x32!.tessera.v1.MigCapacity.FreeEntry\x12\x15\n\rfragmentation\x18\x03 \x01(\x01\x1a+\n\tFreeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\";\n\x11ListHostsResponse\x12&\n\x05hosts\x18\x01 \x03(\x0b\x32\x17.tessera.v1.HostSummary\"V\n\x0fRegisterRequest\x12,\n\tinventory\x18\x01 \x01(\x0b\x32\x19.tessera.v1.HostInventory\x12\x15\n\ragent_address\x18\x02 \x01(\t\"A\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\r\x12\x0f\n\x07lease_s\x18\x02 \x01(\r\"v\n\x10HeartbeatRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12,\n\tinventory\x18\x04 \x01(\x0b\x32\x19.tessera.v1.HostInventory\"\'\n\x11HeartbeatResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\x32\x89\x04\n\tScheduler\x12<\n\x05Place\x12\x18.tessera.v1.PlaceRequest\x1a\x19.tessera.v1.PlaceResponse\x12K\n\nPlaceBatch\x12\x1d.tessera.v1.PlaceBatchRequest\x1a\x1e.tessera.v1.PlaceBatchResponse\x12\x42\n\x07Release\x12\x1a.tessera.v1.ReleaseRequest\x1a\x1b.tessera.v1.ReleaseResponse\x12\x46\n\x0cGetPlacement\x12\x1f.tessera.v1.GetPlacementRequest\x1a\x15.tessera.v1.Placement\x12W\n\x0eListPlacements\x12!.tessera.v1.ListPlacementsRequest\x1a\".tessera.v1.ListPlacementsResponse\x12\x42\n\x07\x45xplain\x12\x1a.tessera.v1.ExplainRequest\x1a\x1b.tessera.v1.ExplainResponse\x12H\n\tListHosts\x12\x1c.tessera.v1.ListHostsRequest\x1a\x1d.tessera.v1.ListHostsResponse2\x9b\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.tessera.v1.RegisterRequest\x1a\x1c.tessera.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.tessera.v1.HeartbeatRequest\x1a\x1d.tessera.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atessera/v1/scheduler.proto\x12\ntessera.v1\x1a\x1atessera/v1/inventory.proto\x1a\x1atessera/v1/placement.proto\"=\n\x0cPlaceRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.tessera.v1.PlacementRequest\"9\n\rPlaceResponse\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\"[\n\x11PlaceBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.tessera.v1.PlacementRequest\x12\x16\n\x0e\x61ll_or_nothing\x18\x02 \x01(\x08\"/\n\x08Unplaced\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07reasons\x18\x02 \x03(\t\"g\n\x12PlaceBatchResponse\x12)\n\nplacements\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Placement\x12&\n\x08unplaced\x18\x02 \x03(\x0b\x32\x14.tessera.v1.Unplaced\":\n\x0eReleaseRequest\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\";\n\x0fReleaseResponse\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\"?\n\x13GetPlacementRequest\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"8\n\x15ListPlacementsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\"C\n\x16ListPlacementsResponse\x12)\n\nplacements\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Placement\"?\n\x0e\x45xplainRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.tessera.v1.PlacementRequest\"B\n\rFilterVerdict\x12\x0e\n\x06plugin\x18\x01 \x01(\t\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12\x0f\n\x07reasons\x18\x03 \x03(\t\"\x8c\x01\n\x0f\x45xplainResponse\x12\x11\n\tplaceable\x18\x01 \x01(\x08\x12(\n\tplacement\x18\x02 \x01(\x0b\x32\x15.tessera.v1.Placement\x12+\n\x08verdicts\x18\x03 \x03(\x0b\x32\x19.tessera.v1.FilterVerdict\x12\x0f\n\x07summary\x18\x04 \x01(\t\"\x12\n\x10ListHostsRequest\"\xaa\x03\n\x0bHostSummary\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x15\n\ragent_address\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\x12\x1c\n\x14inventory_generation\x18\x04 \x01(\x04\x12\x18\n\x10heartbeat_age_ms\x18\x05 \x01(\x03\x12\x13\n\x0bschedulable\x18\x06 \x01(\x08\x12\x19\n\x11\x61ssignable_groups\x18\x07 \x01(\r\x12\x18\n\x10\x61llocated_groups\x18\x08 \x01(\r\x12\x33\n\x06labels\x18\t \x03(\x0b\x32#.tessera.v1.HostSummary.LabelsEntry\x12$\n\x03mig\x18\n \x03(\x0b\x32\x17.tessera.v1.MigCapacity\x12\x10\n\x08\x63ordoned\x18\x0b \x01(\x08\x12\x15\n\rcordon_reason\x18\x0c \x01(\t\x12\x13\n\x0b\x63ordoned_by\x18\r \x01(\t\x12\x18\n\x10\x63ordoned_unix_ms\x18\x0e \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x0bMigCapacity\x12\x13\n\x0bgpu_address\x18\x01 \x01(\t\x12/\n\x04\x66ree\x18\x02 \x03(\x0b\x32!.tessera.v1.MigCapacity.FreeEntry\x12\x15\n\rfragmentation\x18\x03 \x01(\x01\x1a+\n\tFreeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\";\n\x11ListHostsResponse\x12&\n\x05hosts\x18\x01 \x03(\x0b\x32\x17.tessera.v1.HostSummary\"4\n\x11\x43ordonHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x13UncordonHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"3\n\x10\x44rainHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x0c\x44rainFailure\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8d\x01\n\x11\x44rainHostResponse\x12%\n\x04host\x18\x01 \x01(\x0b\x32\x17.tessera.v1.HostSummary\x12\'\n\x08released\x18\x02 \x03(\x0b\x32\x15.tessera.v1.Placement\x12(\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32\x18.tessera.v1.DrainFailure\"3\n\x11\x46orgetHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"D\n\x12\x46orgetHostResponse\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x1d\n\x15\x64ropped_placement_ids\x18\x02 \x03(\t\"V\n\x0fRegisterRequest\x12,\n\tinventory\x18\x01 \x01(\x0b\x32\x19.tessera.v1.HostInventory\x12\x15\n\ragent_address\x18\x02 \x01(\t\"P\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\r\x12\x0f\n\x07lease_s\x18\x02 \x01(\r\x12\r\n\x05\x66\x65nce\x18\x03 \x01(\x04\"v\n\x10HeartbeatRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12,\n\tinventory\x18\x04 \x01(\x0b\x32\x19.tessera.v1.HostInventory\"6\n\x11HeartbeatResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x04\x32\xb0\x06\n\tScheduler\x12<\n\x05Place\x12\x18.tessera.v1.PlaceRequest\x1a\x19.tessera.v1.PlaceResponse\x12K\n\nPlaceBatch\x12\x1d.tessera.v1.PlaceBatchRequest\x1a\x1e.tessera.v1.PlaceBatchResponse\x12\x42\n\x07Release\x12\x1a.tessera.v1.ReleaseRequest\x1a\x1b.tessera.v1.ReleaseResponse\x12\x46\n\x0cGetPlacement\x12\x1f.tessera.v1.GetPlacementRequest\x1a\x15.tessera.v1.Placement\x12W\n\x0eListPlacements\x12!.tessera.v1.ListPlacementsRequest\x1a\".tessera.v1.ListPlacementsResponse\x12\x42\n\x07\x45xplain\x12\x1a.tessera.v1.ExplainRequest\x1a\x1b.tessera.v1.ExplainResponse\x12H\n\tListHosts\x12\x1c.tessera.v1.ListHostsRequest\x1a\x1d.tessera.v1.ListHostsResponse\x12\x44\n\nCordonHost\x12\x1d.tessera.v1.CordonHostRequest\x1a\x17.tessera.v1.HostSummary\x12H\n\x0cUncordonHost\x12\x1f.tessera.v1.UncordonHostRequest\x1a\x17.tessera.v1.HostSummary\x12H\n\tDrainHost\x12\x1c.tessera.v1.DrainHostRequest\x1a\x1d.tessera.v1.DrainHostResponse\x12K\n\nForgetHost\x12\x1d.tessera.v1.ForgetHostRequest\x1a\x1e.tessera.v1.ForgetHostResponse2\x9b\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.tessera.v1.RegisterRequest\x1a\x1c.tessera.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.tessera.v1.HeartbeatRequest\x1a\x1d.tessera.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -66,25 +66,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTHOSTSREQUEST']._serialized_start=1056
   _globals['_LISTHOSTSREQUEST']._serialized_end=1074
   _globals['_HOSTSUMMARY']._serialized_start=1077
-  _globals['_HOSTSUMMARY']._serialized_end=1415
-  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_start=1370
-  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_end=1415
-  _globals['_MIGCAPACITY']._serialized_start=1418
-  _globals['_MIGCAPACITY']._serialized_end=1569
-  _globals['_MIGCAPACITY_FREEENTRY']._serialized_start=1526
-  _globals['_MIGCAPACITY_FREEENTRY']._serialized_end=1569
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=1571
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=1630
-  _globals['_REGISTERREQUEST']._serialized_start=1632
-  _globals['_REGISTERREQUEST']._serialized_end=1718
-  _globals['_REGISTERRESPONSE']._serialized_start=1720
-  _globals['_REGISTERRESPONSE']._serialized_end=1785
-  _globals['_HEARTBEATREQUEST']._serialized_start=1787
-  _globals['_HEARTBEATREQUEST']._serialized_end=1905
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1907
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1946
-  _globals['_SCHEDULER']._serialized_start=1949
-  _globals['_SCHEDULER']._serialized_end=2470
-  _globals['_REGISTRY']._serialized_start=2473
-  _globals['_REGISTRY']._serialized_end=2628
+  _globals['_HOSTSUMMARY']._serialized_end=1503
+  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_start=1458
+  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_end=1503
+  _globals['_MIGCAPACITY']._serialized_start=1506
+  _globals['_MIGCAPACITY']._serialized_end=1657
+  _globals['_MIGCAPACITY_FREEENTRY']._serialized_start=1614
+  _globals['_MIGCAPACITY_FREEENTRY']._serialized_end=1657
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=1659
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=1718
+  _globals['_CORDONHOSTREQUEST']._serialized_start=1720
+  _globals['_CORDONHOSTREQUEST']._serialized_end=1772
+  _globals['_UNCORDONHOSTREQUEST']._serialized_start=1774
+  _globals['_UNCORDONHOSTREQUEST']._serialized_end=1812
+  _globals['_DRAINHOSTREQUEST']._serialized_start=1814
+  _globals['_DRAINHOSTREQUEST']._serialized_end=1865
+  _globals['_DRAINFAILURE']._serialized_start=1867
+  _globals['_DRAINFAILURE']._serialized_end=1919
+  _globals['_DRAINHOSTRESPONSE']._serialized_start=1922
+  _globals['_DRAINHOSTRESPONSE']._serialized_end=2063
+  _globals['_FORGETHOSTREQUEST']._serialized_start=2065
+  _globals['_FORGETHOSTREQUEST']._serialized_end=2116
+  _globals['_FORGETHOSTRESPONSE']._serialized_start=2118
+  _globals['_FORGETHOSTRESPONSE']._serialized_end=2186
+  _globals['_REGISTERREQUEST']._serialized_start=2188
+  _globals['_REGISTERREQUEST']._serialized_end=2274
+  _globals['_REGISTERRESPONSE']._serialized_start=2276
+  _globals['_REGISTERRESPONSE']._serialized_end=2356
+  _globals['_HEARTBEATREQUEST']._serialized_start=2358
+  _globals['_HEARTBEATREQUEST']._serialized_end=2476
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2478
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2532
+  _globals['_SCHEDULER']._serialized_start=2535
+  _globals['_SCHEDULER']._serialized_end=3351
+  _globals['_REGISTRY']._serialized_start=3354
+  _globals['_REGISTRY']._serialized_end=3509
 # @@protoc_insertion_point(module_scope)

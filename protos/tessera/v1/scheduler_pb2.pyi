@@ -379,6 +379,10 @@ class HostSummary(_message.Message):
     ALLOCATED_GROUPS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     MIG_FIELD_NUMBER: _builtins.int
+    CORDONED_FIELD_NUMBER: _builtins.int
+    CORDON_REASON_FIELD_NUMBER: _builtins.int
+    CORDONED_BY_FIELD_NUMBER: _builtins.int
+    CORDONED_UNIX_MS_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     agent_address: _builtins.str
     boot_id: _builtins.str
@@ -386,12 +390,20 @@ class HostSummary(_message.Message):
     heartbeat_age_ms: _builtins.int
     """Milliseconds since the last heartbeat."""
     schedulable: _builtins.bool
-    """Within its lease: new placements may land here."""
+    """Within its lease and not cordoned: new placements may land here."""
     assignable_groups: _builtins.int
     """IOMMU groups that hold a device offered to tenants, and how many of
     them are allocated.
     """
     allocated_groups: _builtins.int
+    cordoned: _builtins.bool
+    """Taken out of scheduling by an operator (CordonHost, DrainHost): not
+    schedulable whatever its lease.
+    """
+    cordon_reason: _builtins.str
+    """Why, who and when (Unix ms); empty and 0 when not cordoned."""
+    cordoned_by: _builtins.str
+    cordoned_unix_ms: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -411,10 +423,14 @@ class HostSummary(_message.Message):
         allocated_groups: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         mig: _abc.Iterable[Global___MigCapacity] | None = ...,
+        cordoned: _builtins.bool = ...,
+        cordon_reason: _builtins.str = ...,
+        cordoned_by: _builtins.str = ...,
+        cordoned_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "allocated_groups", b"allocated_groups", "assignable_groups", b"assignable_groups", "boot_id", b"boot_id", "heartbeat_age_ms", b"heartbeat_age_ms", "host_id", b"host_id", "inventory_generation", b"inventory_generation", "labels", b"labels", "mig", b"mig", "schedulable", b"schedulable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "allocated_groups", b"allocated_groups", "assignable_groups", b"assignable_groups", "boot_id", b"boot_id", "cordon_reason", b"cordon_reason", "cordoned", b"cordoned", "cordoned_by", b"cordoned_by", "cordoned_unix_ms", b"cordoned_unix_ms", "heartbeat_age_ms", b"heartbeat_age_ms", "host_id", b"host_id", "inventory_generation", b"inventory_generation", "labels", b"labels", "mig", b"mig", "schedulable", b"schedulable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -498,6 +514,182 @@ class ListHostsResponse(_message.Message):
 Global___ListHostsResponse: _TypeAlias = ListHostsResponse  # noqa: Y015
 
 @_typing.final
+class CordonHostRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    reason: _builtins.str
+    """Shown by ListHosts; a cordon of a cordoned host replaces it."""
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CordonHostRequest: _TypeAlias = CordonHostRequest  # noqa: Y015
+
+@_typing.final
+class UncordonHostRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UncordonHostRequest: _TypeAlias = UncordonHostRequest  # noqa: Y015
+
+@_typing.final
+class DrainHostRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    reason: _builtins.str
+    """Recorded as the cordon's reason unless the host is cordoned already
+    (that cordon is kept as it is). Empty: "drained".
+    """
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainHostRequest: _TypeAlias = DrainHostRequest  # noqa: Y015
+
+@_typing.final
+class DrainFailure(_message.Message):
+    """A placement a drain could not release, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLACEMENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    placement_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        placement_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["placement_id", b"placement_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainFailure: _TypeAlias = DrainFailure  # noqa: Y015
+
+@_typing.final
+class DrainHostResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def host(self) -> Global___HostSummary:
+        """The host as the drain left it (cordoned)."""
+
+    @_builtins.property
+    def released(self) -> _containers.RepeatedCompositeFieldContainer[_placement_pb2.Placement]:
+        """Placements torn down and released."""
+
+    @_builtins.property
+    def failed(self) -> _containers.RepeatedCompositeFieldContainer[Global___DrainFailure]:
+        """Placements still on the host."""
+
+    def __init__(
+        self,
+        *,
+        host: Global___HostSummary | None = ...,
+        released: _abc.Iterable[_placement_pb2.Placement] | None = ...,
+        failed: _abc.Iterable[Global___DrainFailure] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "host", b"host", "released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainHostResponse: _TypeAlias = DrainHostResponse  # noqa: Y015
+
+@_typing.final
+class ForgetHostRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    force: _builtins.bool
+    """Forget it even though it holds placements: they are dropped from the
+    store with their request ids, and not torn down on the host (its agent's
+    reconciler tears them down if it registers again).
+    """
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "host_id", b"host_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetHostRequest: _TypeAlias = ForgetHostRequest  # noqa: Y015
+
+@_typing.final
+class ForgetHostResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    DROPPED_PLACEMENT_IDS_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    @_builtins.property
+    def dropped_placement_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Placements dropped with the host (force only)."""
+
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        dropped_placement_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_placement_ids", b"dropped_placement_ids", "host_id", b"host_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetHostResponse: _TypeAlias = ForgetHostResponse  # noqa: Y015
+
+@_typing.final
 class RegisterRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -527,19 +719,26 @@ class RegisterResponse(_message.Message):
 
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
     LEASE_S_FIELD_NUMBER: _builtins.int
+    FENCE_FIELD_NUMBER: _builtins.int
     heartbeat_interval_s: _builtins.int
     """Seconds between heartbeats."""
     lease_s: _builtins.int
     """Seconds after which a silent host gets no new placements."""
+    fence: _builtins.int
+    """The newest fencing token the scheduler's background jobs hold. The agent
+    refuses a fencing_token far above it (and never persists one), so no
+    caller can lock the jobs out of a host with a huge token.
+    """
     def __init__(
         self,
         *,
         heartbeat_interval_s: _builtins.int = ...,
         lease_s: _builtins.int = ...,
+        fence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_s", b"heartbeat_interval_s", "lease_s", b"lease_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "heartbeat_interval_s", b"heartbeat_interval_s", "lease_s", b"lease_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -582,16 +781,20 @@ class HeartbeatResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REREGISTER_FIELD_NUMBER: _builtins.int
+    FENCE_FIELD_NUMBER: _builtins.int
     reregister: _builtins.bool
     """The scheduler does not know this host (or its boot): register again."""
+    fence: _builtins.int
+    """As RegisterResponse.fence, kept current."""
     def __init__(
         self,
         *,
         reregister: _builtins.bool = ...,
+        fence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reregister", b"reregister"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fence", b"fence", "reregister", b"reregister"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

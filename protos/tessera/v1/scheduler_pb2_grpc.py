@@ -33,7 +33,8 @@ class SchedulerStub(object):
     be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
-    reservation is released).
+    reservation is released); NOT_FOUND for an unknown host and
+    FAILED_PRECONDITION for a host that still holds placements (host admin).
     """
 
     def __init__(self, channel):
@@ -77,6 +78,26 @@ class SchedulerStub(object):
                 request_serializer=tessera_dot_v1_dot_scheduler__pb2.ListHostsRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_scheduler__pb2.ListHostsResponse.FromString,
                 _registered_method=True)
+        self.CordonHost = channel.unary_unary(
+                '/tessera.v1.Scheduler/CordonHost',
+                request_serializer=tessera_dot_v1_dot_scheduler__pb2.CordonHostRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_scheduler__pb2.HostSummary.FromString,
+                _registered_method=True)
+        self.UncordonHost = channel.unary_unary(
+                '/tessera.v1.Scheduler/UncordonHost',
+                request_serializer=tessera_dot_v1_dot_scheduler__pb2.UncordonHostRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_scheduler__pb2.HostSummary.FromString,
+                _registered_method=True)
+        self.DrainHost = channel.unary_unary(
+                '/tessera.v1.Scheduler/DrainHost',
+                request_serializer=tessera_dot_v1_dot_scheduler__pb2.DrainHostRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_scheduler__pb2.DrainHostResponse.FromString,
+                _registered_method=True)
+        self.ForgetHost = channel.unary_unary(
+                '/tessera.v1.Scheduler/ForgetHost',
+                request_serializer=tessera_dot_v1_dot_scheduler__pb2.ForgetHostRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_scheduler__pb2.ForgetHostResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer(object):
@@ -86,7 +107,8 @@ class SchedulerServicer(object):
     be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
-    reservation is released).
+    reservation is released); NOT_FOUND for an unknown host and
+    FAILED_PRECONDITION for a host that still holds placements (host admin).
     """
 
     def Place(self, request, context):
@@ -137,6 +159,44 @@ class SchedulerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CordonHost(self, request, context):
+        """Takes a host out of scheduling (admin): no new placement lands on it,
+        its placements stay and can be released. Idempotent; a re-registration
+        or a heartbeat of its agent keeps it cordoned, only UncordonHost undoes
+        it. NOT_FOUND for an unknown host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonHost(self, request, context):
+        """Lets new placements land on a cordoned host again (admin). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainHost(self, request, context):
+        """Cordons a host, then releases every placement on it, each torn down on
+        the host first (admin). Those that cannot be released now (being
+        prepared or released, teardown failed) are listed with the reason: call
+        it again once they settle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetHost(self, request, context):
+        """Removes a host and every key of it from the store (admin).
+        FAILED_PRECONDITION while it holds a placement in any state (drain it
+        first), unless force: its placements are then dropped from the store
+        without a teardown. NOT_FOUND for an unknown host. An agent still
+        running registers the host again, as a new and uncordoned host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +235,26 @@ def add_SchedulerServicer_to_server(servicer, server):
                     request_deserializer=tessera_dot_v1_dot_scheduler__pb2.ListHostsRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_scheduler__pb2.ListHostsResponse.SerializeToString,
             ),
+            'CordonHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonHost,
+                    request_deserializer=tessera_dot_v1_dot_scheduler__pb2.CordonHostRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_scheduler__pb2.HostSummary.SerializeToString,
+            ),
+            'UncordonHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonHost,
+                    request_deserializer=tessera_dot_v1_dot_scheduler__pb2.UncordonHostRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_scheduler__pb2.HostSummary.SerializeToString,
+            ),
+            'DrainHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainHost,
+                    request_deserializer=tessera_dot_v1_dot_scheduler__pb2.DrainHostRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_scheduler__pb2.DrainHostResponse.SerializeToString,
+            ),
+            'ForgetHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetHost,
+                    request_deserializer=tessera_dot_v1_dot_scheduler__pb2.ForgetHostRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_scheduler__pb2.ForgetHostResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tessera.v1.Scheduler', rpc_method_handlers)
@@ -190,7 +270,8 @@ class Scheduler(object):
     be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
-    reservation is released).
+    reservation is released); NOT_FOUND for an unknown host and
+    FAILED_PRECONDITION for a host that still holds placements (host admin).
     """
 
     @staticmethod
@@ -372,6 +453,114 @@ class Scheduler(object):
             '/tessera.v1.Scheduler/ListHosts',
             tessera_dot_v1_dot_scheduler__pb2.ListHostsRequest.SerializeToString,
             tessera_dot_v1_dot_scheduler__pb2.ListHostsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Scheduler/CordonHost',
+            tessera_dot_v1_dot_scheduler__pb2.CordonHostRequest.SerializeToString,
+            tessera_dot_v1_dot_scheduler__pb2.HostSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Scheduler/UncordonHost',
+            tessera_dot_v1_dot_scheduler__pb2.UncordonHostRequest.SerializeToString,
+            tessera_dot_v1_dot_scheduler__pb2.HostSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Scheduler/DrainHost',
+            tessera_dot_v1_dot_scheduler__pb2.DrainHostRequest.SerializeToString,
+            tessera_dot_v1_dot_scheduler__pb2.DrainHostResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Scheduler/ForgetHost',
+            tessera_dot_v1_dot_scheduler__pb2.ForgetHostRequest.SerializeToString,
+            tessera_dot_v1_dot_scheduler__pb2.ForgetHostResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,7 +34,8 @@ class SchedulerStub:
     be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
-    reservation is released).
+    reservation is released); NOT_FOUND for an unknown host and
+    FAILED_PRECONDITION for a host that still holds placements (host admin).
     """
 
     @_typing.overload
@@ -55,6 +56,27 @@ class SchedulerStub:
     """Dry run: where a request would go, or why it cannot. Changes nothing."""
     ListHosts: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListHostsRequest, _scheduler_pb2.ListHostsResponse]
     """The registered hosts and how much of each is allocated."""
+    CordonHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CordonHostRequest, _scheduler_pb2.HostSummary]
+    """Takes a host out of scheduling (admin): no new placement lands on it,
+    its placements stay and can be released. Idempotent; a re-registration
+    or a heartbeat of its agent keeps it cordoned, only UncordonHost undoes
+    it. NOT_FOUND for an unknown host.
+    """
+    UncordonHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.UncordonHostRequest, _scheduler_pb2.HostSummary]
+    """Lets new placements land on a cordoned host again (admin). Idempotent."""
+    DrainHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DrainHostRequest, _scheduler_pb2.DrainHostResponse]
+    """Cordons a host, then releases every placement on it, each torn down on
+    the host first (admin). Those that cannot be released now (being
+    prepared or released, teardown failed) are listed with the reason: call
+    it again once they settle.
+    """
+    ForgetHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ForgetHostRequest, _scheduler_pb2.ForgetHostResponse]
+    """Removes a host and every key of it from the store (admin).
+    FAILED_PRECONDITION while it holds a placement in any state (drain it
+    first), unless force: its placements are then dropped from the store
+    without a teardown. NOT_FOUND for an unknown host. An agent still
+    running registers the host again, as a new and uncordoned host.
+    """
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -64,7 +86,8 @@ class SchedulerAsyncStub(SchedulerStub):
     be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
-    reservation is released).
+    reservation is released); NOT_FOUND for an unknown host and
+    FAILED_PRECONDITION for a host that still holds placements (host admin).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -82,6 +105,27 @@ class SchedulerAsyncStub(SchedulerStub):
     """Dry run: where a request would go, or why it cannot. Changes nothing."""
     ListHosts: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListHostsRequest, _scheduler_pb2.ListHostsResponse]  # type: ignore[assignment]
     """The registered hosts and how much of each is allocated."""
+    CordonHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CordonHostRequest, _scheduler_pb2.HostSummary]  # type: ignore[assignment]
+    """Takes a host out of scheduling (admin): no new placement lands on it,
+    its placements stay and can be released. Idempotent; a re-registration
+    or a heartbeat of its agent keeps it cordoned, only UncordonHost undoes
+    it. NOT_FOUND for an unknown host.
+    """
+    UncordonHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.UncordonHostRequest, _scheduler_pb2.HostSummary]  # type: ignore[assignment]
+    """Lets new placements land on a cordoned host again (admin). Idempotent."""
+    DrainHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DrainHostRequest, _scheduler_pb2.DrainHostResponse]  # type: ignore[assignment]
+    """Cordons a host, then releases every placement on it, each torn down on
+    the host first (admin). Those that cannot be released now (being
+    prepared or released, teardown failed) are listed with the reason: call
+    it again once they settle.
+    """
+    ForgetHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ForgetHostRequest, _scheduler_pb2.ForgetHostResponse]  # type: ignore[assignment]
+    """Removes a host and every key of it from the store (admin).
+    FAILED_PRECONDITION while it holds a placement in any state (drain it
+    first), unless force: its placements are then dropped from the store
+    without a teardown. NOT_FOUND for an unknown host. An agent still
+    running registers the host again, as a new and uncordoned host.
+    """
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     """Places tenant requests on hosts.
@@ -90,7 +134,8 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
-    reservation is released).
+    reservation is released); NOT_FOUND for an unknown host and
+    FAILED_PRECONDITION for a host that still holds placements (host admin).
     """
 
     @_abc_1.abstractmethod
@@ -148,6 +193,51 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.ListHostsResponse, _abc.Awaitable[_scheduler_pb2.ListHostsResponse]]:
         """The registered hosts and how much of each is allocated."""
+
+    @_abc_1.abstractmethod
+    def CordonHost(
+        self,
+        request: _scheduler_pb2.CordonHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.HostSummary, _abc.Awaitable[_scheduler_pb2.HostSummary]]:
+        """Takes a host out of scheduling (admin): no new placement lands on it,
+        its placements stay and can be released. Idempotent; a re-registration
+        or a heartbeat of its agent keeps it cordoned, only UncordonHost undoes
+        it. NOT_FOUND for an unknown host.
+        """
+
+    @_abc_1.abstractmethod
+    def UncordonHost(
+        self,
+        request: _scheduler_pb2.UncordonHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.HostSummary, _abc.Awaitable[_scheduler_pb2.HostSummary]]:
+        """Lets new placements land on a cordoned host again (admin). Idempotent."""
+
+    @_abc_1.abstractmethod
+    def DrainHost(
+        self,
+        request: _scheduler_pb2.DrainHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.DrainHostResponse, _abc.Awaitable[_scheduler_pb2.DrainHostResponse]]:
+        """Cordons a host, then releases every placement on it, each torn down on
+        the host first (admin). Those that cannot be released now (being
+        prepared or released, teardown failed) are listed with the reason: call
+        it again once they settle.
+        """
+
+    @_abc_1.abstractmethod
+    def ForgetHost(
+        self,
+        request: _scheduler_pb2.ForgetHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ForgetHostResponse, _abc.Awaitable[_scheduler_pb2.ForgetHostResponse]]:
+        """Removes a host and every key of it from the store (admin).
+        FAILED_PRECONDITION while it holds a placement in any state (drain it
+        first), unless force: its placements are then dropped from the store
+        without a teardown. NOT_FOUND for an unknown host. An agent still
+        running registers the host again, as a new and uncordoned host.
+        """
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -57,6 +57,10 @@ REASON_GANG_INCOMPLETE = "gang-incomplete"
 #: Quality of one column is squeezed into [0, QUALITY_RANGE].
 QUALITY_RANGE = 1000
 
+#: The finest unit an mdev parent's share is counted in (1/scale of the
+#: parent), so that share sums stay far inside CP-SAT's 64-bit integers.
+MAX_SHARE_SCALE = 1 << 30
+
 
 @dataclass(frozen=True)
 class BatchSettings:
@@ -250,7 +254,16 @@ def _consume(
                 ("mdev-type", host, device, option.variant),
                 mdev_free(parent, option.variant, used, pending),
             )
-            scale = math.lcm(*(max(1, t.max_instances) for t in parent.types.values()))
+            # Shares in units of 1/scale of the parent: exact with the lcm of
+            # the types' limits, which real parents keep small (vGPU types
+            # allow 1 to 24 instances, shared/reference/mdev_types.json). Limits
+            # from a malformed report could make it overflow the solver's
+            # 64-bit coefficients; then a coarser scale with each instance's
+            # share rounded up keeps the parent from being overfilled.
+            scale = min(
+                math.lcm(*(max(1, t.max_instances) for t in parent.types.values())),
+                MAX_SHARE_SCALE,
+            )
             fill = sum(
                 (
                     Fraction(n, max(1, parent.types[t].max_instances))
@@ -259,8 +272,8 @@ def _consume(
                 ),
                 Fraction(0),
             )
-            per_pool[("mdev-share", host, device)] += scale // max(
-                1, parent.types[option.variant].max_instances
+            per_pool[("mdev-share", host, device)] += -(
+                -scale // max(1, parent.types[option.variant].max_instances)
             )
             res.capacity.setdefault(("mdev-share", host, device), math.floor((1 - fill) * scale))
         else:

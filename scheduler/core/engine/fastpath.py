@@ -30,6 +30,7 @@ from scheduler.core.engine.framework import (
     UnitFilter,
 )
 from scheduler.core.engine.plugins import (
+    REASON_CORDONED,
     REASON_LEASE_EXPIRED,
     REASON_NO_MATCHING_DEVICE,
     REASON_TOO_FEW,
@@ -39,6 +40,7 @@ from scheduler.core.engine.plugins import (
     CapacityPlugin,
     DeviceMatchPlugin,
     ExclusivityPlugin,
+    FreeVfIndexes,
     HostSelectorPlugin,
     HostUsePlugin,
     InterferencePlugin,
@@ -524,7 +526,8 @@ class Engine:
         # Every host that could was tried: the rest say why they never can.
         for state, why in never:
             if not state.schedulable:
-                rejections.add("host", REASON_LEASE_EXPIRED, state.view.host_id)
+                reason = REASON_CORDONED if state.cordoned else REASON_LEASE_EXPIRED
+                rejections.add("host", reason, state.view.host_id)
             else:
                 rejections.merge(why)
         return fits, rejections
@@ -606,7 +609,7 @@ def _mdev_uuid(state: HostState, request: PlacementRequest, unit: int) -> str:
 def _assignments(fit: HostFit, request: PlacementRequest) -> Iterator[tuple[Assignment, SlotKey]]:
     state = fit.state
     view = state.view
-    vf_queues: dict[PciAddress, list[int]] = {}
+    vf_queues: dict[PciAddress, FreeVfIndexes] = {}
     cycle = Cycle(request, state, build_occupancy(state))
     for unit, pick in enumerate(fit.picks):
         option = pick.option

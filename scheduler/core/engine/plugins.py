@@ -22,6 +22,7 @@ Soft preferences are the scorers at the end of the module.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 from scheduler.core.engine.framework import (
@@ -65,6 +66,7 @@ from scheduler.core.request import (
 
 # Named reasons, stable for operators and metrics.
 REASON_LEASE_EXPIRED = "lease-expired"
+REASON_CORDONED = "cordoned"
 REASON_LABELS_MISMATCH = "labels-mismatch"
 REASON_NO_IOMMU = "no-iommu"
 REASON_NO_MATCHING_DEVICE = "no-matching-device"
@@ -119,7 +121,8 @@ class LeasePlugin:
     def filter_host(self, cycle: Cycle) -> Verdict | None:
         """Reject a host that is not schedulable."""
         if not cycle.state.schedulable:
-            return (self.name, REASON_LEASE_EXPIRED, cycle.view.host_id)
+            why = REASON_CORDONED if cycle.state.cordoned else REASON_LEASE_EXPIRED
+            return (self.name, why, cycle.view.host_id)
         return None
 
 
@@ -179,7 +182,76 @@ class VfOptions:
             )
 
 
-def free_vfs(view: HostView, occupancy: Occupancy, pf_address: PciAddress) -> tuple[list[int], str]:
+class FreeVfIndexes:
+    """Free VF indexes of a PF, lowest first: counted at once, handed out one at a time.
+
+    A PF without VFs offers every index below its ``total_vfs`` that no
+    placement holds. ``total_vfs`` is the agent's word (the registry refuses
+    more than the 16-bit TotalVFs field allows, but the engine does not rely
+    on that): the indexes are never listed, so memory stays proportional to
+    the VFs placements hold and the VFs the PF really has, not to what it
+    claims it could have.
+
+    Used like the list it replaces: ``len()``, truth, iteration (lazy, not
+    consuming) and ``pop(0)`` to take the lowest.
+
+    Args:
+        listed: free indexes of existing VFs, ascending (a PF with VFs).
+        below: every index in ``[0, below)`` not in ``taken`` is free too
+            (a PF without VFs).
+        taken: indexes placements hold.
+    """
+
+    def __init__(
+        self,
+        listed: Sequence[int] = (),
+        *,
+        below: int = 0,
+        taken: frozenset[int] = frozenset(),
+    ) -> None:
+        self._listed = deque(listed)
+        self._next = 0
+        self._stop = max(0, below)
+        self._skip = taken
+        held = sum(1 for i in taken if 0 <= i < self._stop)
+        self._count = len(self._listed) + self._stop - held
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self._listed
+        for i in range(self._next, self._stop):
+            if i not in self._skip:
+                yield i
+
+    def pop(self, index: int = 0) -> int:
+        """Take the lowest free index.
+
+        Raises:
+            IndexError: none is left, or ``index`` is not 0 (only the lowest
+                is ever taken).
+        """
+        if index != 0:
+            raise IndexError("only the lowest free VF index can be taken")
+        if self._count <= 0:
+            raise IndexError("no free VF index left")
+        self._count -= 1
+        if self._listed:
+            return self._listed.popleft()
+        i = self._next
+        while i in self._skip:
+            i += 1
+        self._next = i + 1
+        return i
+
+
+def free_vfs(
+    view: HostView, occupancy: Occupancy, pf_address: PciAddress
+) -> tuple[FreeVfIndexes, str]:
     """Free VF indexes of a PF, lowest first, and the VFIO driver they take.
 
     A PF with VFs offers those (the agent never resizes a PF in use); one
@@ -201,15 +273,15 @@ def free_vfs(view: HostView, occupancy: Occupancy, pf_address: PciAddress) -> tu
             if vf.index not in taken:
                 free.append(vf.index)
         driver = drivers.pop() if len(drivers) == 1 else VFIO_PCI
-        return free, driver
+        return FreeVfIndexes(free), driver
     whole_taken = (
         view.functions[pf.address].iommu_group in occupancy.groups_taken
         if pf.address in view.functions
         else False
     )
     if whole_taken:
-        return [], VFIO_PCI
-    return [i for i in range(pf.total_vfs) if i not in taken], VFIO_PCI
+        return FreeVfIndexes(), VFIO_PCI
+    return FreeVfIndexes(below=pf.total_vfs, taken=taken), VFIO_PCI
 
 
 class MdevOptions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from pathlib import Path
@@ -16,6 +17,7 @@ from scheduler.service.errors import PlacementBusyError
 from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
 from scheduler.store.embedded import EmbeddedValkey
 from scheduler.store.redis_store import Fence, FencedOutError, RedisStateStore
+from tessera.security.audit import AuditLog
 from tessera.v1 import inventory_pb2, placement_pb2
 
 from ...conftest import Runner
@@ -57,7 +59,7 @@ class Host:
             raise AgentCallError(address, grpc.StatusCode.UNAVAILABLE, "agent down")
         self.held.discard(placement.placement_id)
 
-    async def get_state(self, address: str) -> list[str]:
+    async def get_state(self, address: str, host_id: str) -> list[str]:
         return sorted(self.held)
 
 
@@ -155,6 +157,35 @@ def test_a_placement_stuck_pending_is_torn_down_and_released(
         assert host.held == set()
 
     arun(body())
+
+
+def test_what_the_reaper_does_to_a_placement_is_in_the_audit_log(
+    parts: tuple[RedisStateStore, Host, Clock], arun: Runner, tmp_path: Path
+) -> None:
+    store, host, clock = parts
+    audit = AuditLog(str(tmp_path / "audit.jsonl"), "scheduler")
+
+    async def body() -> str:
+        coordinator = PlacementCoordinator(store, host, clock_ms=clock)
+        await coordinator.register(inventory(), "agent:1")
+        placed = await coordinator.place(gpu("r1"))
+        stuck = placement_pb2.Placement()
+        stuck.CopyFrom(placed)
+        await store.update_placement(
+            "h1", placed.placement_id, stuck.SerializeToString(), state="pending"
+        )
+        clock.ms += 61_000
+        housekeeper = Housekeeper(store, host, SETTINGS, owner="a", clock_ms=clock, audit=audit)
+        assert (await housekeeper.round()).reaped == 1
+        return placed.placement_id
+
+    placement_id = arun(body())
+    audit.close()
+    (record,) = [json.loads(line) for line in (tmp_path / "audit.jsonl").open()]
+    assert record["action"] == "reap" and record["outcome"] == "OK"
+    assert record["who"].startswith("a (reaper job, fencing token ")
+    assert record["resources"] == {"placement_id": placement_id, "host_id": "h1", "tenant": "acme"}
+    assert "pending" in record["detail"]
 
 
 def test_a_stuck_placement_whose_host_cannot_tear_down_is_quarantined(

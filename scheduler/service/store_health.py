@@ -1,0 +1,142 @@
+"""Serve NOT_SERVING while the state store does not answer.
+
+Every call the scheduler serves reads or writes the store, so while the store
+is down, frozen or refusing us (a changed password), the scheduler cannot do
+its job. Its gRPC health must say so: a load balancer or orchestrator then
+sends callers to another replica instead of letting them wait for
+UNAVAILABLE. :class:`StoreHealthWatcher` PINGs the store every couple of
+seconds with a short timeout (a frozen store accepts connections and never
+answers: only a timeout tells) and flips every health service name between
+SERVING and NOT_SERVING, logging each transition once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = logging.getLogger("tessera.scheduler.store_health")
+
+
+class HealthStatusSetter(Protocol):
+    """What the watcher needs of grpc_health's ``HealthServicer``."""
+
+    def set(self, service: str, status: int) -> None:
+        """Set the serving status of ``service`` (``""`` is the whole server)."""
+
+
+class StoreHealthWatcher:
+    """PINGs the store and mirrors the outcome in the gRPC health service.
+
+    The server starts SERVING (the store was checked before it started), so
+    the watcher starts from there and only acts on a change.
+
+    Args:
+        client: the scheduler's store client; the watcher probes through a
+            client of its own with the same connection settings.
+        health: the server's health servicer.
+        names: every service name to flip, ``""`` (the server) included.
+        interval_s: seconds between probes.
+        timeout_s: how long one PING may take before the store counts as
+            unreachable.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        health: HealthStatusSetter,
+        names: Sequence[str],
+        *,
+        interval_s: float = 2.0,
+        timeout_s: float = 1.0,
+    ) -> None:
+        # A client of its own, on the same server with the same credentials
+        # and TLS: a probe must not wait for a connection of the busy pool,
+        # and must fail at once (no retries) so the log says why, not only
+        # "no answer".
+        pool = client.connection_pool
+        self._client = aioredis.Redis(
+            connection_pool=aioredis.ConnectionPool(
+                connection_class=pool.connection_class,
+                max_connections=2,
+                **{
+                    **pool.connection_kwargs,
+                    "retry": Retry(NoBackoff(), 0),
+                    "socket_connect_timeout": timeout_s,
+                    "socket_timeout": timeout_s,
+                },
+            )
+        )
+        self._health = health
+        self._names = tuple(names)
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._serving = True
+
+    @property
+    def serving(self) -> bool:
+        """Whether the last probe found the store answering."""
+        return self._serving
+
+    async def probe(self) -> str | None:
+        """PING the store once.
+
+        Returns:
+            None if it answered in time, else why not (for the log).
+        """
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._client.ping()
+        except TimeoutError:
+            return f"no answer to PING within {self._timeout_s:g} s"
+        except (RedisError, OSError) as err:
+            return " ".join(str(err).split()) or type(err).__name__
+        return None
+
+    def _set(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self._names:
+            self._health.set(name, status)
+        self._serving = serving
+
+    async def check(self) -> None:
+        """Probe once and flip the health status if it changed."""
+        problem = await self.probe()
+        if problem is None and not self._serving:
+            self._set(True)
+            log.warning("the store answers again: health is SERVING")
+        elif problem is not None and self._serving:
+            self._set(False)
+            log.error("the store is unusable (%s): health is NOT_SERVING", problem)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Probe every ``interval_s`` until ``stop`` is set, then close.
+
+        Args:
+            stop: set when the server shuts down; the caller then sets the
+                final NOT_SERVING itself.
+        """
+        try:
+            while not stop.is_set():
+                await self.check()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._interval_s)
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the probe's connections (``run`` does it when it ends)."""
+        await self._client.aclose(close_connection_pool=True)

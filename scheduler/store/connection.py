@@ -1,0 +1,534 @@
+"""Connect to the state store: check its URL, build the client, make sure it answers.
+
+:func:`connect_store` is the one place the scheduler's Redis client is made.
+It refuses, with one line that says what to fix, a store the scheduler could
+not use anyway, before anything is served:
+
+* a URL redis-py would misread or ignore: another scheme, a port out of range,
+  a database that is not a number (redis-py quietly uses 0), a misspelt query
+  parameter (redis-py passes it on and fails later, at the first command);
+* TLS that would not verify the server: ``ssl_cert_reqs=none`` or
+  ``ssl_check_hostname=false`` unless the operator allows unsafe Redis; TLS
+  files that are missing; TLS files given for a plaintext ``redis://`` URL;
+* a store that refuses us: wrong password or user (AUTH), a user without the
+  commands we need (NOPERM), a database that does not exist (SELECT), a
+  certificate that does not verify, a plaintext server behind ``rediss://``;
+* a store that does not answer within the start-up wait (refused, timed out),
+  retried meanwhile so a store that is just coming up is waited for.
+
+Every message has the password redacted (:func:`redact_url`).
+
+Only one endpoint is supported: ``redis://``, ``rediss://`` and ``unix://``.
+Sentinel and Redis Cluster URLs are out of scope (the client is not a cluster
+client yet; see the README's "Not yet").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger("tessera.store")
+
+_SCHEMES = ("redis", "rediss", "unix")
+_FORM = (
+    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) "
+    "or unix:///PATH/TO/SOCKET[?db=DB]"
+)
+#: Query parameters redis-py understands that make sense for the scheduler.
+#: Anything else is refused: redis-py would pass it on as a keyword argument
+#: and fail at the first command, or (``protocol=3``) change reply shapes.
+_QUERY_PARAMS = frozenset(
+    {
+        "db",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "max_connections",
+        "health_check_interval",
+        "client_name",
+    }
+)
+#: TLS parameters: only with ``rediss://`` (a plaintext connection rejects them).
+_TLS_QUERY_PARAMS = frozenset(
+    {
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_password",
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+        "ssl_ciphers",
+    }
+)
+_CERT_REQS = ("none", "optional", "required")
+_FALSE = ("0", "f", "false", "n", "no", "off")
+_UNSAFE = "pass --allow-unsafe-redis to accept that"
+#: Seconds one start-up attempt may take to connect or to get an answer.
+_PROBE_TIMEOUT_S = 2.0
+_PROBE_PAUSE_S = 0.5
+
+
+class StoreUnusableError(RuntimeError):
+    """The state store cannot be used: its URL, TLS files, credentials or reachability.
+
+    The message is one line naming the problem and, where one is clear, the
+    fix; the store's password never appears in it.
+    """
+
+
+@dataclass(frozen=True)
+class StoreTls:
+    """TLS files given outside the URL (``--redis-ca``, ``--redis-cert``, ``--redis-key``).
+
+    Attributes:
+        ca_certs: PEM file of the CA that signed the server's certificate.
+        certfile: PEM client certificate, for servers that require one.
+        keyfile: the client certificate's private key.
+    """
+
+    ca_certs: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What the URL points at, for messages and the start-up check."""
+
+    url: str
+    scheme: str
+    host: str | None  # None for a Unix socket
+    port: int
+    db: int
+    username: str
+    password: str
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str, str] | None:
+    """``(scheme://, userinfo, host:port, path and query)`` split by hand, or None.
+
+    Done without urllib so that even a URL urllib cannot parse is redacted.
+    """
+    head, sep, tail = url.partition("://")
+    if not sep:
+        return None
+    end = len(tail)
+    for stop in "/?#":
+        index = tail.find(stop)
+        if index != -1:
+            end = min(end, index)
+    netloc, rest = tail[:end], tail[end:]
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at:
+        return None
+    return head + sep, userinfo, hostport, rest
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (and any ``ssl_password``) replaced by ``***``.
+
+    Args:
+        url: a store URL, well-formed or not.
+
+    Returns:
+        The URL fit for a log line or an error message.
+    """
+    split = _split_userinfo(url)
+    if split is not None:
+        head, userinfo, hostport, rest = split
+        user, colon, _password = userinfo.partition(":")
+        # No colon: redis-py reads the whole userinfo as a user name; some
+        # write a bare password there, so hide it all the same.
+        url = f"{head}{user}:***@{hostport}{rest}" if colon else f"{head}***@{hostport}{rest}"
+    if "ssl_password=" in url:
+        head, _, query = url.partition("?")
+        fields = [
+            f"{name}=***" if name == "ssl_password" else field
+            for field in query.split("&")
+            for name in [field.partition("=")[0]]
+        ]
+        url = f"{head}?{'&'.join(fields)}"
+    return url
+
+
+def _refuse(target_url: str, problem: str, *secrets: str) -> StoreUnusableError:
+    """One line naming the store (redacted) and the problem, secrets scrubbed.
+
+    The password is scrubbed from the problem too, as given and URL-encoded:
+    a server's or a library's message might echo it. (Not one of a few
+    characters: that would garble the message and hides nothing worth it.)
+    """
+    message = f"store {redact_url(target_url)}: {problem}"
+    for secret in secrets:
+        for form in {secret, quote(secret, safe="")}:
+            if len(form) >= 4:
+                message = message.replace(form, "***")
+    return StoreUnusableError(" ".join(message.split()))
+
+
+def _query(url: str, query: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name in params:
+            raise _refuse(url, f"query parameter {name!r} is given twice")
+        params[name] = value
+    return params
+
+
+def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dict[str, Any]]:
+    """Check the URL and the TLS options; the target and extra client arguments.
+
+    Raises:
+        StoreUnusableError: the URL or the TLS options would not work, or
+            would not verify the server.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as err:
+        raise _refuse(url, f"not a URL ({err}); expected {_FORM}") from None
+    scheme = parts.scheme.lower()
+    if "://" not in url or not scheme:
+        raise _refuse(url, f"not a URL; expected {_FORM}")
+    if scheme not in _SCHEMES:
+        raise _refuse(
+            url,
+            f"unsupported scheme {scheme}://; expected {_FORM} "
+            "(Sentinel and Redis Cluster URLs are not supported)",
+        )
+    password = unquote(parts.password or "")
+    username = unquote(parts.username or "")
+    params = _query(url, parts.query)
+    for name in params:
+        if name in _TLS_QUERY_PARAMS and scheme != "rediss":
+            raise _refuse(url, f"{name} needs TLS: use rediss://", password)
+        if name not in _QUERY_PARAMS | _TLS_QUERY_PARAMS:
+            known = ", ".join(sorted(_QUERY_PARAMS | _TLS_QUERY_PARAMS))
+            raise _refuse(url, f"unknown query parameter {name!r} (known: {known})", password)
+
+    if scheme == "unix":
+        if not parts.path:
+            raise _refuse(url, f"no socket path; expected {_FORM}", password)
+        host, port = None, 0
+        db_text = params.get("db", "0")
+    else:
+        if not parts.hostname:
+            raise _refuse(url, f"no host; expected {_FORM}", password)
+        try:
+            port = 6379 if parts.port is None else parts.port
+        except ValueError:
+            raise _refuse(url, "the port must be a number in 1..65535", password) from None
+        # urllib accepts port 0; no server listens there.
+        if not 1 <= port <= 65535:
+            raise _refuse(url, "the port must be a number in 1..65535", password)
+        host = unquote(parts.hostname)
+        path_db = parts.path.strip("/")
+        if "db" in params and path_db and path_db != params["db"]:
+            raise _refuse(
+                url, f"two databases: /{path_db} in the path and db={params['db']}", password
+            )
+        db_text = params.get("db", path_db or "0")
+    # redis-py reads a path that is not a number as database 0, silently.
+    if not db_text.isdigit() or not db_text.isascii():
+        raise _refuse(url, f"the database must be a number (0, 1, ...), not {db_text!r}", password)
+    db = int(db_text)
+
+    extra: dict[str, Any] = {}
+    if scheme == "rediss":
+        extra = _tls_arguments(url, params, tls, password, allow_unsafe=allow_unsafe)
+    elif tls != StoreTls():
+        raise _refuse(
+            url,
+            "TLS files were given (--redis-ca, --redis-cert, --redis-key) but the URL is "
+            "plaintext: use rediss://",
+            password,
+        )
+    # redis-py's own parsing, for the value types it checks (socket_timeout=abc).
+    try:
+        parse_url(url)
+    except ValueError as err:
+        raise _refuse(url, str(err), password) from None
+    target = _Target(url, scheme, host, port, db, username, password)
+    return target, extra
+
+
+def _tls_arguments(
+    url: str, params: dict[str, str], tls: StoreTls, password: str, *, allow_unsafe: bool
+) -> dict[str, Any]:
+    """Client TLS arguments merged from the URL and the flags, each checked."""
+    # Exactly as redis-py spells them: it refuses "NONE" only at connect time.
+    cert_reqs = params.get("ssl_cert_reqs", "required")
+    if cert_reqs not in _CERT_REQS:
+        raise _refuse(url, f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}", password)
+    if cert_reqs == "none" and not allow_unsafe:
+        raise _refuse(
+            url,
+            "ssl_cert_reqs=none does not verify the server's certificate: anyone on the path "
+            "can pose as the store; give its CA (ssl_ca_certs= or --redis-ca) or "
+            f"{_UNSAFE}",
+            password,
+        )
+    if params.get("ssl_check_hostname", "true").lower() in _FALSE and not allow_unsafe:
+        raise _refuse(
+            url,
+            "ssl_check_hostname=false accepts any certificate the CA signed, for any host; "
+            f"remove it or {_UNSAFE}",
+            password,
+        )
+    extra: dict[str, Any] = {}
+    for param, flag, given in (
+        ("ssl_ca_certs", "--redis-ca", tls.ca_certs),
+        ("ssl_certfile", "--redis-cert", tls.certfile),
+        ("ssl_keyfile", "--redis-key", tls.keyfile),
+    ):
+        in_url = params.get(param)
+        if given is not None and in_url is not None and Path(in_url) != given:
+            raise _refuse(url, f"{param}={in_url} and {flag} {given} disagree; give one", password)
+        path = Path(in_url) if in_url is not None else given
+        if path is None:
+            continue
+        if not os.access(path, os.R_OK) or not path.is_file():
+            raise _refuse(url, f"{param} ({flag}): cannot read {path}", password)
+        extra[param] = str(path)
+    if ("ssl_keyfile" in extra) and ("ssl_certfile" not in extra):
+        raise _refuse(
+            url, "a client key (--redis-key) without its certificate (--redis-cert)", password
+        )
+    return extra
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised from or during."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _explain(err: BaseException, target: _Target) -> tuple[bool, str]:
+    """Whether ``err`` is worth retrying at start, and what it means in a sentence."""
+    text = " ".join(str(err).split())
+    user = f"user {target.username!r}" if target.username else "the default user"
+    if isinstance(err, AuthenticationError):
+        lowered = text.lower()
+        if "without any password configured" in lowered or "no password is set" in lowered:
+            return False, "the URL has a password but the server has none set"
+        if "noauth" in lowered or "required" in lowered or "must be called" in lowered:
+            return False, "the server requires a password and the URL has none"
+        return False, f"authentication as {user} failed ({text})"
+    if isinstance(err, NoPermissionError):
+        return False, f"{user} may not run a command the scheduler needs ({text})"
+    if isinstance(err, BusyLoadingError):
+        return True, "the server is still loading its data"
+    if isinstance(err, ResponseError):
+        return False, f"the server refused a start-up command ({text})"
+    for cause in _causes(err):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return False, (
+                f"TLS: the server's certificate did not verify ({cause.verify_message}); "
+                "is ssl_ca_certs / --redis-ca the CA that signed it?"
+            )
+        if isinstance(cause, ssl.SSLError):
+            reason = str(cause.reason or cause)
+            hint = (
+                ": the server wants a client certificate (--redis-cert, --redis-key)"
+                if "CERTIFICATE_REQUIRED" in reason
+                else ""
+            )
+            return False, f"TLS handshake failed ({reason}){hint}"
+        if isinstance(cause, ConnectionRefusedError):
+            return True, "connection refused (is the server running, on this port?)"
+        if isinstance(cause, socket.gaierror):
+            return True, f"cannot resolve the host ({cause.strerror})"
+        if isinstance(cause, FileNotFoundError) and target.scheme == "unix":
+            return True, "no socket at that path"
+        if isinstance(cause, ConnectionResetError):
+            hint = " (a TLS port? use rediss://)" if target.scheme != "rediss" else ""
+            return True, f"the server closed the connection{hint}"
+        if isinstance(cause, TimeoutError | RedisTimeoutError):
+            return True, f"no answer within {_PROBE_TIMEOUT_S:g} s"
+    if isinstance(err, RedisConnectionError | OSError):
+        return True, f"cannot connect ({text})"
+    return False, text
+
+
+async def _answers_plaintext(target: _Target) -> bool:
+    """True if ``host:port`` answers a plaintext PING: not a TLS port."""
+    if target.host is None:
+        return False
+    try:
+        async with asyncio.timeout(1.0):
+            reader, writer = await asyncio.open_connection(target.host, target.port)
+            try:
+                writer.write(b"PING\r\n")
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+    # +PONG, or -NOAUTH / -ERR from a server that wants a password first.
+    return line[:1] in (b"+", b"-")
+
+
+async def _check_once(target: _Target, extra: dict[str, Any]) -> None:
+    """PING, then SELECT the database; raises what redis-py raises."""
+    pool = aioredis.ConnectionPool.from_url(
+        target.url,
+        decode_responses=False,
+        # Each attempt fails fast and on its own; the caller decides to retry.
+        retry=Retry(NoBackoff(), 0),
+        socket_connect_timeout=_PROBE_TIMEOUT_S,
+        socket_timeout=_PROBE_TIMEOUT_S,
+        **extra,
+    )
+    # Connect to database 0 and SELECT the asked one explicitly: its error
+    # (and the server's number of databases) can then be told apart from a
+    # failed connection.
+    pool.connection_kwargs["db"] = 0
+    probe = aioredis.Redis.from_pool(pool)
+    try:
+        async with asyncio.timeout(2 * _PROBE_TIMEOUT_S + 1):
+            await probe.ping()
+            # redis-py has no select(): a pooled connection must not change
+            # database under its pool.
+            command: Callable[..., Awaitable[Any]] = probe.execute_command
+            try:
+                await command("SELECT", target.db)
+            except ResponseError as err:
+                raise _DatabaseRefused(str(err), await _database_count(probe)) from None
+    finally:
+        await probe.aclose()
+
+
+class _DatabaseRefused(Exception):  # noqa: N818 - internal, never escapes
+    def __init__(self, reply: str, count: int | None) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.count = count
+
+
+async def _database_count(client: aioredis.Redis) -> int | None:
+    """``CONFIG GET databases``, or None where CONFIG is forbidden (managed Redis)."""
+    try:
+        reply: Mapping[Any, Any] = await client.config_get("databases")
+    except RedisError:
+        return None
+    value = reply.get(b"databases", reply.get("databases"))
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+async def _wait_until_usable(target: _Target, extra: dict[str, Any], wait_s: float) -> None:
+    """Check the store, retrying what may pass (a store coming up) for ``wait_s``.
+
+    Raises:
+        StoreUnusableError: a refusal that will not pass, or still failing at
+            the end of the wait.
+    """
+    deadline = time.monotonic() + wait_s
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            await _check_once(target, extra)
+            return
+        except _DatabaseRefused as err:
+            have = f" (the server has {err.count}: 0..{err.count - 1})" if err.count else ""
+            raise _refuse(
+                target.url, f"database {target.db} cannot be selected: {err.reply}{have}"
+            ) from None
+        except (RedisError, OSError, TimeoutError) as err:
+            retry, problem = _explain(err, target)
+            # A plaintext server waits for the rest of our TLS hello and never
+            # answers: say so instead of "no answer".
+            if (
+                target.scheme == "rediss"
+                and "TLS" not in problem
+                and await _answers_plaintext(target)
+            ):
+                raise _refuse(
+                    target.url,
+                    "the server answers in plaintext, not TLS: use redis://, or the "
+                    "server's TLS port",
+                    target.password,
+                ) from None
+            if not retry:
+                raise _refuse(target.url, problem, target.password) from None
+            if time.monotonic() >= deadline:
+                raise _refuse(
+                    target.url,
+                    f"{problem}; still failing after {wait_s:g} s ({attempts} attempts)",
+                    target.password,
+                ) from None
+            log.debug("store %s not usable yet: %s", redact_url(target.url), problem)
+        await asyncio.sleep(max(0.0, min(_PROBE_PAUSE_S, deadline - time.monotonic())))
+
+
+async def connect_store(
+    url: str,
+    *,
+    tls: StoreTls | None = None,
+    allow_unsafe: bool = False,
+    wait_s: float = 10.0,
+) -> aioredis.Redis:
+    """The scheduler's client for the store at ``url``, checked usable.
+
+    Args:
+        url: ``redis://``, ``rediss://`` or ``unix://`` URL; user and password
+            in it are sent with AUTH (an ACL user or ``requirepass``).
+            ``rediss://`` verifies the server's certificate against
+            ``ssl_ca_certs`` (or ``tls.ca_certs``), else the system's CAs.
+        tls: TLS files given outside the URL; only with ``rediss://``.
+        allow_unsafe: accept ``ssl_cert_reqs=none`` and
+            ``ssl_check_hostname=false`` (the operator's ``--allow-unsafe-redis``).
+        wait_s: how long to retry a store that does not answer yet.
+
+    Returns:
+        An asyncio client (bytes replies) that pings idle connections and
+        retries a command on a fresh connection after a store restart.
+
+    Raises:
+        StoreUnusableError: the URL, the TLS options, the credentials or the
+            database are wrong, or the store did not answer within ``wait_s``.
+    """
+    target, extra = _parse(url.strip(), tls or StoreTls(), allow_unsafe=allow_unsafe)
+    await _wait_until_usable(target, extra, wait_s)
+    return aioredis.Redis.from_url(
+        target.url,
+        decode_responses=False,
+        # After a Redis restart or failover every pooled connection is dead:
+        # ping one idle for a while before use, and retry a command on a
+        # fresh connection a few times before a caller sees UNAVAILABLE.
+        health_check_interval=5,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=6),
+        **extra,
+    )
