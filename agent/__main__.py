@@ -247,11 +247,14 @@ async def _run(opts: argparse.Namespace) -> int:
     log.info("allow-list: %s", reporter.allow)
     await asyncio.to_thread(servicer.recover)
     agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
+    # The asyncio servicer: the blocking one holds a worker thread for every
+    # Watch stream, even a cancelled one, and this agent's host operations
+    # run on those threads.
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
-    health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )

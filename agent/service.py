@@ -99,9 +99,10 @@ class StaleFenceError(Exception):
     """A scheduler background job of an older term called (FAILED_PRECONDITION)."""
 
 
-#: How far above the newest token the scheduler reported a fencing token may
-#: be: a few leadership changes between two heartbeats. Anything beyond is not
-#: a term the scheduler issued; persisting it would lock every later term out.
+#: How far above the newest token the scheduler reported (Register and
+#: Heartbeat answers) a fencing token may be: a few leadership changes between
+#: two heartbeats. Anything beyond is not a term the scheduler issued;
+#: persisting it would lock every later term out.
 FENCE_STEP = 16
 
 
@@ -994,7 +995,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     f"{self._checkpoint.fence} (another scheduler replica now runs the "
                     "background jobs)"
                 )
-            ceiling = max(self._checkpoint.fence, self._reported_fence) + FENCE_STEP
+            # From what the scheduler reported only: a ceiling from the
+            # highest token seen would let a caller climb it step by step.
+            ceiling = self._reported_fence + FENCE_STEP
             if token > ceiling:
                 raise StaleFenceError(
                     f"fencing_token: {token} is beyond any term the scheduler has issued "

@@ -10,8 +10,6 @@ import signal
 import sys
 from pathlib import Path
 
-from grpc_health.v1 import health_pb2
-
 from scheduler.core.engine.policies import POLICIES
 from scheduler.service.agent_gateway import GrpcAgentGateway
 from scheduler.service.coordinator import Leases, PlacementCoordinator
@@ -205,7 +203,7 @@ async def serve(opts: argparse.Namespace) -> int:
         )
         if opts.policy != "tessera":
             log.warning("placing with the %s baseline policy, not Tessera's", opts.policy)
-        server, port, health_servicer = build_server(
+        server, port, health_servicer = await build_server(
             coordinator, opts.listen, tls=tls, audit=audit, operator=operator
         )
         await server.start()
@@ -237,8 +235,7 @@ async def serve(opts: argparse.Namespace) -> int:
         await stop.wait()
         await housekeeping
         await store_health
-        for name in (*SERVICE_NAMES, ""):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)
         return 0
     finally:

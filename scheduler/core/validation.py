@@ -153,6 +153,20 @@ def validate_text(value: str, field: str, limit: int = MAX_IDENT) -> list[FieldV
     return out
 
 
+#: ``host:port``, ``[v6]:port``: where an agent listens, as it advertises it.
+_ADDRESS = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?):([0-9]{1,5})"
+)
+
+
+def validate_address(value: str, field: str) -> list[FieldViolation]:
+    """Problems of a ``host:port`` an agent advertises, or an empty list."""
+    found = _ADDRESS.fullmatch(value) if len(value) <= 262 else None
+    if found is None or not 1 <= int(found.group(1)) <= 65535:
+        return [FieldViolation(field, f"{shown(value)} must be host:port (or [v6]:port)")]
+    return []
+
+
 def validate_lookup(
     placement_id: str = "", request_id: str = "", tenant: str = "", host_id: str = ""
 ) -> list[FieldViolation]:

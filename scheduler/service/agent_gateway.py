@@ -65,10 +65,17 @@ class GrpcAgentGateway:
         channels: channels by address (TLS or plaintext, rotating).
         timeout_s: deadline of one Prepare or Unprepare; binding a device can
             take seconds (a driver's remove path), so this is generous.
+        state_timeout_s: deadline of GetState (the agent discovers its host
+            for it): under the housekeeper's lease (10 s at least), so one
+            agent that never answers cannot make the reaper lose its lease at
+            every round.
     """
 
-    def __init__(self, channels: ChannelCache, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, channels: ChannelCache, timeout_s: float = 30.0, state_timeout_s: float = 8.0
+    ) -> None:
         self._timeout_s = timeout_s
+        self._state_timeout_s = state_timeout_s
         self._channels = channels
 
     def _stub(self, address: str, host_id: str) -> agent_pb2_grpc.AgentAsyncStub:
@@ -144,7 +151,7 @@ class GrpcAgentGateway:
         """
         try:
             response: agent_pb2.GetStateResponse = await self._stub(address, host_id).GetState(
-                agent_pb2.GetStateRequest(), timeout=self._timeout_s
+                agent_pb2.GetStateRequest(), timeout=self._state_timeout_s
             )
         except grpc.aio.AioRpcError as err:
             raise AgentCallError(address, err.code(), err.details() or "") from err

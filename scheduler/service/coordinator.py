@@ -40,6 +40,7 @@ from scheduler.core.validation import (
     FieldViolation,
     InvalidRequestError,
     shown,
+    validate_address,
     validate_identifier,
     validate_lookup,
     validate_text,
@@ -274,19 +275,17 @@ class PlacementCoordinator:
         if found is None:
             return None
         placement_id, stored_digest = found
-        self._check_digest(msg, digest, stored_digest, placement_id)
+        self._check_digest(msg, digest, stored_digest)
         return await self._answer(msg, placement_id)
 
     @staticmethod
-    def _check_digest(
-        msg: placement_pb2.PlacementRequest, digest: str, stored: str, placement_id: str
-    ) -> None:
+    def _check_digest(msg: placement_pb2.PlacementRequest, digest: str, stored: str) -> None:
         if stored != digest:
-            made = f" (placement {placement_id})" if placement_id else ""
+            # Not which placement it made: the first caller may be another
+            # tenant, and its placement id names the host it runs on.
             raise RequestIdReusedError(
                 f"request_id {shown(msg.request_id, MAX_IDENT)} was already used for a "
-                "different request"
-                f"{made}; choose a new request_id"
+                "different request; choose a new request_id"
             )
 
     async def _answer(
@@ -326,7 +325,7 @@ class PlacementCoordinator:
         """
         for _ in range(MAX_CLAIM_ATTEMPTS):
             claim = await self._store.claim_request(msg.request_id, digest, claimant)
-            self._check_digest(msg, digest, claim.digest, claim.placement_id)
+            self._check_digest(msg, digest, claim.digest)
             if claim.outcome is ClaimOutcome.CLAIMED:
                 return None
             if claim.outcome is ClaimOutcome.BUSY:
@@ -959,6 +958,8 @@ class PlacementCoordinator:
                 nothing was read from or written to the store.
         """
         check_inventory(inventory)
+        if violations := validate_address(agent_address, "agent_address"):
+            raise InvalidRequestError(violations)
         before = await self._store.get_host(inventory.host_id)
         accepted = await self._store.upsert_host(
             inventory.host_id,

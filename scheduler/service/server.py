@@ -59,14 +59,14 @@ def audit_resources(request: Any, response: Any) -> dict[str, object]:
     return out
 
 
-def build_server(
+async def build_server(
     coordinator: PlacementCoordinator,
     listen: str,
     *,
     tls: TlsDir | None = None,
     audit: AuditLog | None = None,
     operator: OperatorConfig | None = None,
-) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Create (not start) the server.
 
     Args:
@@ -93,10 +93,12 @@ def build_server(
     scheduler_pb2_grpc.add_RegistryServicer_to_server(
         RegistryServicer(coordinator, operator), server
     )
-    health_servicer = health.HealthServicer()
+    # The asyncio servicer: the blocking one holds a worker thread for every
+    # Watch stream, even a cancelled one, until the few threads are gone.
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*SERVICE_NAMES, ""):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )

@@ -30,7 +30,7 @@ log = logging.getLogger("tessera.scheduler.store_health")
 class HealthStatusSetter(Protocol):
     """What the watcher needs of grpc_health's ``HealthServicer``."""
 
-    def set(self, service: str, status: int) -> None:
+    async def set(self, service: str, status: int) -> None:
         """Set the serving status of ``service`` (``""`` is the whole server)."""
 
 
@@ -102,24 +102,24 @@ class StoreHealthWatcher:
             return " ".join(str(err).split()) or type(err).__name__
         return None
 
-    def _set(self, serving: bool) -> None:
+    async def _set(self, serving: bool) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in self._names:
-            self._health.set(name, status)
+            await self._health.set(name, status)
         self._serving = serving
 
     async def check(self) -> None:
         """Probe once and flip the health status if it changed."""
         problem = await self.probe()
         if problem is None and not self._serving:
-            self._set(True)
+            await self._set(True)
             log.warning("the store answers again: health is SERVING")
         elif problem is not None and self._serving:
-            self._set(False)
+            await self._set(False)
             log.error("the store is unusable (%s): health is NOT_SERVING", problem)
 
     async def run(self, stop: asyncio.Event) -> None:

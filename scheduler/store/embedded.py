@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import signal
@@ -52,6 +53,8 @@ _FSYNC_POLICIES = ("always", "everysec", "no")
 # How many fresh ports to try when a picked free port is taken before the
 # server binds it (another process won the race).
 _PORT_ATTEMPTS = 5
+
+log = logging.getLogger(__name__)
 
 
 class EmbeddedValkeyError(RuntimeError):
@@ -311,8 +314,14 @@ class EmbeddedValkey:
         """
         if self._proc is not None:
             raise EmbeddedValkeyError("the embedded Valkey is already running")
-        # The AOF and the password are nobody else's business.
+        # The AOF and the password are nobody else's business. mkdir's mode
+        # does not reach a directory that exists (one an older release made
+        # 0755): close it too, when it is ours to close.
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = self.data_dir.stat()
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            log.warning("%s was open to other users; making it 0700", self.data_dir)
+            self.data_dir.chmod(0o700)
         self._acquire_lock()
         try:
             self._prepare_password()

@@ -16,7 +16,7 @@ import pytest
 from agent.checkpoint import Checkpoint
 from agent.nvml import NullNvmlClient
 from agent.reporter import HostReporter
-from agent.service import AgentServicer
+from agent.service import FENCE_STEP, AgentServicer
 from agent.sysfs import Sysfs
 from agent.testing.hosts import build
 from agent.testing.kernel import KernelEmulator
@@ -79,3 +79,31 @@ def test_the_highest_token_survives_an_agent_restart(
         assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         again.close()
+
+
+def test_a_token_far_above_the_reported_fence_is_refused_and_never_remembered(
+    host: Sysfs, tmp_path: Path, arun: Runner
+) -> None:
+    servicer = AgentServicer(
+        host,
+        HostReporter(host, NullNvmlClient(), host_id="virt", boot_id="b", labels={}),
+        Checkpoint(tmp_path / "cp.json"),
+    )
+    servicer.learn_fence(40)  # what the scheduler's last heartbeat answer said
+    agent = AgentClient(arun, servicer)
+    try:
+        for token in (2**64 - 1, 2**40, 40 + FENCE_STEP + 1):
+            with pytest.raises(grpc.RpcError) as far:
+                agent.unprepare("x", fencing_token=token)
+            assert far.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "beyond any term the scheduler has issued" in (far.value.details() or "")
+        assert Checkpoint(tmp_path / "cp.json").fence == 0  # nothing persisted
+        agent.unprepare("x", fencing_token=41)  # the next term, a leader change away
+        # No climbing: the ceiling is the reported fence's, not the highest seen.
+        agent.unprepare("x", fencing_token=40 + FENCE_STEP)
+        with pytest.raises(grpc.RpcError):
+            agent.unprepare("x", fencing_token=40 + FENCE_STEP + 1)
+        servicer.learn_fence(100)  # the store moved on: so does the ceiling
+        agent.unprepare("x", fencing_token=100 + FENCE_STEP)
+    finally:
+        agent.close()

@@ -322,7 +322,9 @@ def test_an_expired_admin_certificate_is_refused(
     assert attempt_with(attacked, rpc, tls_files(tmp_path)) is grpc.StatusCode.UNAVAILABLE
 
 
-def _cert_without_identity(ca_dir: Path, out: Path, uri: str | None) -> tuple[bytes, ...]:
+def _cert_without_identity(
+    ca_dir: Path, out: Path, sans: list[x509.GeneralName]
+) -> tuple[bytes, ...]:
     """A certificate the cluster's CA really signed, naming no Tessera identity."""
     ca_cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
@@ -338,10 +340,8 @@ def _cert_without_identity(ca_dir: Path, out: Path, uri: str | None) -> tuple[by
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=1))
     )
-    if uri is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
-        )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -354,17 +354,32 @@ def _cert_without_identity(ca_dir: Path, out: Path, uri: str | None) -> tuple[by
     )
 
 
+URI = x509.UniformResourceIdentifier
+ADMIN_TEXT = "spiffe://tessera/admin/evil"
+NO_IDENTITY = {
+    "no-san": [],
+    "other-trust-domain": [URI("spiffe://other-domain/admin/admin")],
+    "unknown-role": [URI("spiffe://tessera/root/admin")],
+    "not-spiffe": [URI("urn:admin")],
+    "two-identities": [URI("spiffe://tessera/tenant/a"), URI("spiffe://tessera/admin/b")],
+    # What an operator's CA may sign for anyone asking for a host name: text
+    # that reads as an identity, in a SAN that is not a URI.
+    "identity-text-in-a-dns-san": [x509.DNSName(ADMIN_TEXT)],
+    "identity-text-in-an-email-san": [x509.RFC822Name(ADMIN_TEXT)],
+    "https-uri-and-identity-text-in-a-dns-san": [
+        URI("https://web.example"),
+        x509.DNSName(ADMIN_TEXT),
+    ],
+}
+
+
 @pytest.mark.usefixtures("unchanged")
-@pytest.mark.parametrize(
-    "uri",
-    [None, "spiffe://other-domain/admin/admin", "spiffe://tessera/root/admin", "urn:admin"],
-    ids=["no-uri", "other-trust-domain", "unknown-role", "not-spiffe"],
-)
+@pytest.mark.parametrize("sans", list(NO_IDENTITY.values()), ids=list(NO_IDENTITY))
 @pytest.mark.parametrize("rpc", RPCS, ids=lambda r: r.name)
 def test_a_ca_signed_certificate_without_a_tessera_identity_is_unauthenticated(
-    attacked: Attacked, rpc: Rpc, uri: str | None, tmp_path: Path
+    attacked: Attacked, rpc: Rpc, sans: list[x509.GeneralName], tmp_path: Path
 ) -> None:
-    material = _cert_without_identity(attacked.cluster.ca_dir, tmp_path / "key.pem", uri)
+    material = _cert_without_identity(attacked.cluster.ca_dir, tmp_path / "key.pem", sans)
     assert attempt_with(attacked, rpc, material) is grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -436,6 +451,29 @@ def test_a_tenant_cannot_read_list_or_release_another_tenants_placement(
 
 
 @pytest.mark.usefixtures("unchanged")
+def test_a_reused_request_id_does_not_reveal_whose_placement_it_made(attacked: Attacked) -> None:
+    with attacked.cluster.channel(role="tenant", name="globex") as channel:
+        place: grpc.UnaryUnaryMultiCallable[Message, Message] = channel.unary_unary(
+            S + "Place",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=scheduler_pb2.PlaceResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            place(scheduler_pb2.PlaceRequest(request=gpu_request("victim-1", "")), timeout=15)
+        batch = call(
+            channel,
+            S + "PlaceBatch",
+            scheduler_pb2.PlaceBatchRequest(requests=[gpu_request("victim-1", "")]),
+            scheduler_pb2.PlaceBatchResponse,
+        )
+    assert err.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    assert isinstance(batch, scheduler_pb2.PlaceBatchResponse) and not batch.placements
+    for text in (err.value.details() or "", " ".join(batch.unplaced[0].reasons)):
+        assert "already used" in text
+        assert attacked.victim.placement_id not in text and "alpha" not in text
+
+
+@pytest.mark.usefixtures("unchanged")
 def test_a_frontend_acts_only_for_the_tenants_granted_to_it(attacked: Attacked) -> None:
     with attacked.cluster.channel(role="frontend", name="portal") as channel:
         for rpc, request in [
@@ -493,6 +531,35 @@ def test_an_undecodable_body_is_an_invalid_argument_not_a_crash(attacked: Attack
             with pytest.raises(grpc.RpcError) as err:
                 raw(body, timeout=10)
             assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.usefixtures("unchanged")
+@pytest.mark.parametrize(
+    "address", ["x" * (3 << 20) + ":1", "", "beta", "127.0.0.1:0", "a b:1", "127.0.0.1:1\n"]
+)
+def test_an_agent_cannot_register_a_malformed_agent_address(
+    attacked: Attacked, address: str
+) -> None:
+    inventory = _stored_inventory(attacked.cluster, "beta")
+    inventory.generation += 1
+    with channel_with(
+        attacked.cluster.scheduler_address,
+        SCHEDULER_DNS_NAME,
+        *tls_files(attacked.cluster.tls_dir("agent", "beta")),
+    ) as channel:
+        register: grpc.UnaryUnaryMultiCallable[Message, Message] = channel.unary_unary(
+            BY_NAME["Register"].method,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=scheduler_pb2.RegisterResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            register(
+                scheduler_pb2.RegisterRequest(inventory=inventory, agent_address=address),
+                timeout=15,
+            )
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith("agent_address:")
+    assert len(err.value.details() or "") < 300
 
 
 def test_every_refusal_is_in_the_audit_logs(attacked: Attacked) -> None:

@@ -396,6 +396,24 @@ def test_a_plaintext_channel_cache_keeps_one_channel_per_address(arun: Runner) -
     arun(body())
 
 
+def test_the_channel_cache_keeps_a_bounded_number_of_channels(arun: Runner) -> None:
+    # Agents choose the addresses: one re-registering at new ports must not
+    # grow the scheduler's channels for ever.
+    cache = ChannelCache(None, limit=2)
+
+    async def body() -> None:
+        first = cache.get("127.0.0.1:1", SCHEDULER_DNS_NAME)
+        second = cache.get("127.0.0.1:2", SCHEDULER_DNS_NAME)
+        assert cache.get("127.0.0.1:1", SCHEDULER_DNS_NAME) is first  # now the newest
+        for port in range(3, 10):
+            cache.get(f"127.0.0.1:{port}", SCHEDULER_DNS_NAME)
+        assert cache.get("127.0.0.1:2", SCHEDULER_DNS_NAME) is not second
+        await asyncio.sleep(0)  # let the background closes run
+        await cache.close()
+
+    arun(body())
+
+
 # -- where plaintext may listen ---------------------------------------------------------
 
 LISTEN: dict[str, tuple[str, bool, str]] = {

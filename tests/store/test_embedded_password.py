@@ -114,6 +114,16 @@ def test_a_password_file_others_could_read_is_replaced(tmp_path: Path) -> None:
             assert client.ping()
 
 
+def test_a_data_dir_an_older_release_left_open_is_closed_to_other_users(tmp_path: Path) -> None:
+    data = tmp_path / "valkey"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)  # as a plain mkdir under umask 022 made it
+    with EmbeddedValkey(data) as server:
+        assert _mode(data) == 0o700
+        with redis.Redis.from_url(server.url) as client:
+            assert client.ping()
+
+
 def test_the_module_prints_the_password_only_in_its_url_line(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "scheduler.store.embedded", "--data-dir", str(tmp_path)],

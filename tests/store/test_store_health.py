@@ -54,9 +54,9 @@ def test_health_follows_a_frozen_a_dead_and_a_restarted_store(
     caplog.set_level(logging.INFO, logger="tessera.scheduler.store_health")
 
     async def body() -> None:
-        servicer = health.HealthServicer()
+        servicer = health.aio.HealthServicer()
         for name in NAMES:
-            servicer.set(name, SERVING)
+            await servicer.set(name, SERVING)
         grpc_server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, grpc_server)
         port = grpc_server.add_insecure_port("127.0.0.1:0")
@@ -118,7 +118,7 @@ def test_health_follows_a_frozen_a_dead_and_a_restarted_store(
 
 def test_the_watcher_stops_when_asked(server: EmbeddedValkey, arun: Runner) -> None:
     async def body() -> None:
-        servicer = health.HealthServicer()
+        servicer = health.aio.HealthServicer()
         client = await connect_store(server.url)
         try:
             watcher = StoreHealthWatcher(client, servicer, NAMES, interval_s=60)

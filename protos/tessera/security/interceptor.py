@@ -21,6 +21,7 @@ far: the TLS handshake fails and the caller sees UNAVAILABLE.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import logging
 import time
@@ -34,6 +35,7 @@ from google.protobuf.message import DecodeError, Message
 from tessera.security.audit import AuditLog
 from tessera.security.identity import Identity, IdentityError
 from tessera.security.policy import AccessDeniedError, AccessPolicy, Principal, Rule
+from tessera.security.tls import identity_of_pem
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +97,22 @@ def _identity(context: Context) -> Identity:
     Raises:
         IdentityError: the certificate names no (single) Tessera identity.
     """
-    auth = context.auth_context()
-    uris = [u.decode(errors="replace") for u in auth.get("peer_spiffe_id", [])]
-    if not uris:
-        sans = auth.get("x509_subject_alternative_name", [])
-        uris = [u.decode(errors="replace") for u in sans if u.startswith(b"spiffe://")]
-    if len(uris) != 1:
-        raise IdentityError("the client certificate carries no single spiffe://tessera/ identity")
-    return Identity.parse(uris[0])
+    # The verified certificate itself, read for URI SANs only: gRPC's
+    # x509_subject_alternative_name mixes every SAN type, and a DNS or email
+    # SAN that reads "spiffe://tessera/admin/x" must never stand for an identity.
+    pems = list(context.auth_context().get("x509_pem_cert", []))
+    if len(pems) != 1:
+        raise IdentityError("no client certificate")
+    return _identity_of_pem(bytes(pems[0]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity_of_pem(pem: bytes) -> Identity:
+    """:func:`identity_of_pem`, remembered: a peer shows the same certificate on every call."""
+    try:
+        return identity_of_pem(pem)
+    except ValueError as err:  # IdentityError is one; a PEM cryptography cannot read too
+        raise IdentityError(f"the client certificate names no Tessera identity: {err}") from None
 
 
 class AccessInterceptor(grpc.aio.ServerInterceptor):

@@ -16,6 +16,7 @@ allows on loopback only unless the operator passes ``--insecure``.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import threading
@@ -212,12 +213,17 @@ class ChannelCache:
 
     Args:
         tls: the process's TLS directory; None for plaintext (development).
+        limit: channels kept at most; the least recently used beyond it are
+            closed (agents choose their addresses: a host re-registering at
+            ever new ports must not grow this for ever).
     """
 
-    def __init__(self, tls: TlsDir | None) -> None:
+    def __init__(self, tls: TlsDir | None, limit: int = 4096) -> None:
         self._tls = tls
+        self._limit = limit
         self._channels: dict[tuple[str, str], tuple[int, grpc.aio.Channel]] = {}
         self._retired: list[grpc.aio.Channel] = []
+        self._closing: set[asyncio.Task[None]] = set()
 
     def get(self, address: str, server_name: str) -> grpc.aio.Channel:
         """A channel to ``address`` whose server must be ``server_name``.
@@ -232,12 +238,13 @@ class ChannelCache:
         if self._tls is not None:
             self._tls.material()
             generation = self._tls.generation
-        cached = self._channels.get(key)
+        cached = self._channels.pop(key, None)
         if cached is not None and cached[0] == generation:
+            self._channels[key] = cached  # most recently used last
             return cached[1]
         if cached is not None:
-            # Calls in flight finish on the old channel; it closes with the cache.
-            self._retired.append(cached[1])
+            # Calls in flight finish on the old channel; it closes later.
+            self._retire(cached[1])
         if self._tls is None:
             channel = grpc.aio.insecure_channel(address)
         else:
@@ -245,7 +252,20 @@ class ChannelCache:
                 address, self._tls.channel_credentials(), options=channel_options(server_name)
             )
         self._channels[key] = (generation, channel)
+        while len(self._channels) > self._limit:
+            oldest = next(iter(self._channels))
+            self._retire(self._channels.pop(oldest)[1])
         return channel
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        """Keep ``channel`` for calls in flight; close the oldest retired beyond the limit."""
+        self._retired.append(channel)
+        while len(self._retired) > self._limit:
+            stale = self._retired.pop(0)
+            # Nothing awaits it: closing is best effort, in the background.
+            task = asyncio.get_running_loop().create_task(stale.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         """Close every channel."""

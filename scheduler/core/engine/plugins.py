@@ -576,10 +576,11 @@ class ExclusivityPlugin:
         for key in domain_keys(view, option.device):
             holder = occ.held_by_other(key, tenant)
             if holder is not None:
+                # Never the holder's name: the caller is another tenant.
                 return (
                     self.name,
                     REASON_HELD_EXCLUSIVELY,
-                    f"{key[0].value} {key[1]} is held by tenant {holder}",
+                    f"{key[0].value} {key[1]} is held exclusively by another tenant",
                 )
         if domain is ExclusivityDomain.NONE:
             return None
@@ -589,7 +590,7 @@ class ExclusivityPlugin:
             return (
                 self.name,
                 REASON_OTHER_TENANTS,
-                f"{domain.value} {key[1]} has tenant {sorted(others)[0]}",
+                f"{domain.value} {key[1]} has {len(others)} other tenant(s)",
             )
         return None
 
