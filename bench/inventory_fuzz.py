@@ -64,6 +64,7 @@ if __package__ in (None, ""):
     # Run as a script: make ``bench`` and the project importable from the root.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.protowire import varint
 from scheduler.local_cluster import LocalCluster
 from scheduler.store import schema
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -697,7 +698,7 @@ class _Client(threading.Thread):
             except DecodeError:
                 envelope = scheduler_pb2.RegisterRequest(agent_address=AGENT_ADDRESS)
                 # Field 1 (inventory), length-delimited: the bytes that do not decode.
-                inventory = b"\x0a" + _varint(len(trial)) + bytes(trial)
+                inventory = b"\x0a" + varint(len(trial)) + bytes(trial)
                 body = envelope.SerializeToString() + inventory
                 break
         try:
@@ -775,16 +776,6 @@ class _Client(threading.Thread):
                 self.query_codes[err.code().name] += 1
                 if err.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
                     self.result.problem(f"{name} answered {err.code().name}: {err.details()}")
-
-
-def _varint(n: int) -> bytes:
-    """``n`` as a protobuf varint (the length of a nested message)."""
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _check_store(url: str, clients: Sequence[_Client]) -> dict[str, Any]:

@@ -66,6 +66,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import report
+from bench.protowire import varint
 from scheduler.local_cluster import LocalCluster
 from scheduler.service.servicers import MAX_DETAILS_BYTES
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -349,15 +350,6 @@ def _mutate(rng: random.Random, msg: Message, changes: int) -> None:
 # -- raw bodies -----------------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _raw(rng: random.Random, valid: bytes, cls: type[Message]) -> bytes:
     """Bytes that may or may not decode as ``cls``: random, cut or corrupted."""
     op = rng.randrange(5)
@@ -376,7 +368,7 @@ def _raw(rng: random.Random, valid: bytes, cls: type[Message]) -> bytes:
         strings = [f.number for f in cls.DESCRIPTOR.fields if f.type == T.TYPE_STRING]
         number = rng.choice(strings) if strings else rng.randint(1, 2**29 - 1)
         bad = bytes([0xFF, 0xFE, 0xC0, 0x80])[: rng.randint(1, 4)]
-        return valid + _varint(number << 3 | 2) + _varint(len(bad)) + bad
+        return valid + varint(number << 3 | 2) + varint(len(bad)) + bad
     # Wire types 6 and 7 do not exist; a length past the end of the body.
     return valid + rng.choice((b"\x0e", b"\x0f", b"\x0a\xff\xff\xff\x0f", b"\x08\xff"))
 
@@ -657,8 +649,10 @@ def store_contents(url: str) -> dict[bytes, Any]:
     """Every key of the store with its value, read per type.
 
     The hosts' ``last_heartbeat_ms`` is left out: heartbeats go on during the
-    burst and are no request's doing. TTLs are left out too (the reaper's lease
-    is renewed with the same value).
+    burst and are no request's doing; so are the ``fence:<job>`` fields, which
+    the reaper raises on every host in its first round as leader, whenever
+    that falls. TTLs are left out too (the reaper's lease is renewed with the
+    same value).
     """
     client = redis.Redis.from_url(url)
     out: dict[bytes, Any] = {}
@@ -672,6 +666,8 @@ def store_contents(url: str) -> dict[bytes, Any]:
                 value = client.hgetall(key)
                 if key.endswith(b":host"):
                     value.pop(b"last_heartbeat_ms", None)
+                    for field in [f for f in value if f.startswith(b"fence:")]:
+                        del value[field]
             elif kind == b"set":
                 value = sorted(client.smembers(key))
             elif kind == b"list":

@@ -109,6 +109,11 @@ DEFAULT_BATCH_SETTINGS = BatchSettings(time_limit_s=5.0, workers=4)
 DRAIN_CONCURRENCY = 8
 
 
+def _request_key(msg: placement_pb2.PlacementRequest) -> str:
+    """The store's name of a request's id: its tenant's (see ``schema.tenant_request``)."""
+    return schema.tenant_request(msg.tenant, msg.request_id)
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -271,7 +276,7 @@ class PlacementCoordinator:
         self, msg: placement_pb2.PlacementRequest, digest: str
     ) -> placement_pb2.Placement | None:
         """The placement this request id already made, if any (a read, no claim)."""
-        found = await self._store.placement_for_request(msg.request_id)
+        found = await self._store.placement_for_request(_request_key(msg))
         if found is None:
             return None
         placement_id, stored_digest = found
@@ -324,7 +329,7 @@ class PlacementCoordinator:
             PlacementBusyError: another call is placing it right now.
         """
         for _ in range(MAX_CLAIM_ATTEMPTS):
-            claim = await self._store.claim_request(msg.request_id, digest, claimant)
+            claim = await self._store.claim_request(_request_key(msg), digest, claimant)
             self._check_digest(msg, digest, claim.digest)
             if claim.outcome is ClaimOutcome.CLAIMED:
                 return None
@@ -408,7 +413,7 @@ class PlacementCoordinator:
             # free for a retry now rather than once the claim expires. After
             # any other error a commit may have landed; the claim stays for
             # the next caller or the housekeeper to resolve.
-            await self._store.abandon_claim(msg.request_id, claimant)
+            await self._store.abandon_claim(_request_key(msg), claimant)
             raise
 
     async def place_batch(
@@ -539,7 +544,7 @@ class PlacementCoordinator:
             slots=list(plan.slots),
             placement_id=placement.placement_id,
             placement=placement.SerializeToString(),
-            request_id=msg.request_id,
+            request_id=_request_key(msg),
             claimant=claimant,
             tenant=msg.tenant,
         )
@@ -645,18 +650,30 @@ class PlacementCoordinator:
 
     # -- lookups and release ------------------------------------------------
 
-    async def get(self, placement_id: str, request_id: str) -> placement_pb2.Placement:
-        """A placement by its id or by the request id that made it.
+    async def get(
+        self, placement_id: str, request_id: str, tenant: str = ""
+    ) -> placement_pb2.Placement:
+        """A placement by its id or by the request id (of ``tenant``) that made it.
 
         Raises:
             InvalidRequestError: an id no placement could have (too long, odd
-                characters): refused before it reaches a key or a message.
+                characters): refused before it reaches a key or a message; a
+                request id without its tenant.
             PlacementNotFoundError: there is none.
         """
-        if violations := validate_lookup(placement_id=placement_id, request_id=request_id):
+        violations = validate_lookup(
+            placement_id=placement_id, request_id=request_id, tenant=tenant
+        )
+        if request_id and not placement_id and not tenant and not violations:
+            violations.append(
+                FieldViolation("tenant", "is required with request_id (request ids are per tenant)")
+            )
+        if violations:
             raise InvalidRequestError(violations)
         if not placement_id and request_id:
-            found = await self._store.placement_for_request(request_id)
+            found = await self._store.placement_for_request(
+                schema.tenant_request(tenant, request_id)
+            )
             placement_id = found[0] if found else ""
         stored = await self._store.get_placement(placement_id) if placement_id else None
         if stored is None:
@@ -682,7 +699,9 @@ class PlacementCoordinator:
         out = [placement_pb2.Placement.FromString(payload) for _, payload in rows]
         return [p for p in out if not tenant or p.tenant == tenant]
 
-    async def release(self, placement_id: str, request_id: str) -> placement_pb2.Placement:
+    async def release(
+        self, placement_id: str, request_id: str, tenant: str = ""
+    ) -> placement_pb2.Placement:
         """Tear a placement down on its host, then free its slots.
 
         Only a READY or FAILED placement can be released: one still being
@@ -696,9 +715,7 @@ class PlacementCoordinator:
             HostOperationError: teardown failed; the placement is FAILED and
                 its slots stay quarantined.
         """
-        if violations := validate_lookup(placement_id=placement_id, request_id=request_id):
-            raise InvalidRequestError(violations)
-        placement = await self.get(placement_id, request_id)
+        placement = await self.get(placement_id, request_id, tenant)
         record = await self._store.get_host(placement.host_id)
         if record is None:
             raise HostOperationError(f"host {placement.host_id} is not registered")

@@ -77,14 +77,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, coordinator: PlacementCoordinator) -> None:
         self._c = coordinator
 
-    async def _owned(self, placement_id: str, request_id: str) -> placement_pb2.Placement:
+    async def _owned(
+        self, placement_id: str, request_id: str, tenant: str
+    ) -> placement_pb2.Placement:
         """The placement, if the caller acts for its tenant (the policy's OWNER scope).
 
         Raises:
             PlacementNotFoundError: there is none.
             AccessDeniedError: it belongs to a tenant the caller does not act for.
         """
-        placement = await self._c.get(placement_id, request_id)
+        placement = await self._c.get(placement_id, request_id, tenant)
         require_owner(
             current_principal(), placement.tenant, f"placement {placement_id or request_id}"
         )
@@ -118,7 +120,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         async def release() -> placement_pb2.Placement:
             # Owner first: the placement's tenant never changes, so the id
             # checked here is the one released.
-            owned = await self._owned(request.placement_id, request.request_id)
+            owned = await self._owned(request.placement_id, request.request_id, request.tenant)
             return await self._c.release(owned.placement_id, "")
 
         placement = await _call(context, release)
@@ -129,7 +131,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> placement_pb2.Placement:
         """Look a placement up."""
         await _require(context, bool(request.placement_id or request.request_id), "placement_id")
-        return await _call(context, lambda: self._owned(request.placement_id, request.request_id))
+        return await _call(
+            context, lambda: self._owned(request.placement_id, request.request_id, request.tenant)
+        )
 
     async def ListPlacements(  # noqa: N802
         self, request: scheduler_pb2.ListPlacementsRequest, context: Context

@@ -225,13 +225,32 @@ def placement_tenants(host_id: str) -> str:
     return f"{_tag(host_id)}:placement-tenants"
 
 
+def tenant_request(tenant: str, request_id: str) -> str:
+    """The store's name of a tenant's request id: ``<tenant>|<request id>``.
+
+    Request ids are each tenant's own: two tenants using the same id never
+    meet, so one can neither squat another's ids nor learn whether an id is
+    in use. ``|`` is in neither a tenant nor a request id, so the pair is
+    unambiguous. Every request key and record field holds this form; the
+    placement itself keeps the client's request id.
+
+    Args:
+        tenant: the request's tenant.
+        request_id: the client's idempotency key.
+
+    Returns:
+        The id the request protocol's keys and records use.
+    """
+    return f"{tenant}|{request_id}"
+
+
 def request(request_id: str) -> str:
     """Hash of a request id's claim: state, digest, claimant, deadline, placement.
 
     One key: every step of the request protocol is a single-key script.
 
     Args:
-        request_id: the client's idempotency key.
+        request_id: a tenant's request id as :func:`tenant_request` names it.
 
     Returns:
         The key name.

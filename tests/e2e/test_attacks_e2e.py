@@ -428,9 +428,11 @@ def test_a_tenant_cannot_read_list_or_release_another_tenants_placement(
         for rpc, request in [
             (BY_NAME["GetPlacement"], scheduler_pb2.GetPlacementRequest(
                 placement_id=victim.placement_id)),
-            (BY_NAME["GetPlacement"], scheduler_pb2.GetPlacementRequest(request_id="victim-1")),
+            (BY_NAME["GetPlacement"], scheduler_pb2.GetPlacementRequest(
+                request_id="victim-1", tenant="acme")),
             (BY_NAME["Release"], scheduler_pb2.ReleaseRequest(placement_id=victim.placement_id)),
-            (BY_NAME["Release"], scheduler_pb2.ReleaseRequest(request_id="victim-1")),
+            (BY_NAME["Release"], scheduler_pb2.ReleaseRequest(
+                request_id="victim-1", tenant="acme")),
             (BY_NAME["ListPlacements"], scheduler_pb2.ListPlacementsRequest(tenant="acme")),
             (BY_NAME["Place"], scheduler_pb2.PlaceRequest(request=gpu_request("g-1", "acme"))),
             (BY_NAME["PlaceBatch"], scheduler_pb2.PlaceBatchRequest(requests=[
@@ -439,6 +441,14 @@ def test_a_tenant_cannot_read_list_or_release_another_tenants_placement(
         ]:  # fmt: skip
             got = code_of(call(channel, rpc.method, request, rpc.response))
             assert got is grpc.StatusCode.PERMISSION_DENIED, (rpc.name, request)
+        # Its own "victim-1" is no one's: request ids are each tenant's own,
+        # so another's neither answers nor shows it is in use.
+        for rpc, request in [
+            (BY_NAME["GetPlacement"], scheduler_pb2.GetPlacementRequest(request_id="victim-1")),
+            (BY_NAME["Release"], scheduler_pb2.ReleaseRequest(request_id="victim-1")),
+        ]:
+            got = code_of(call(channel, rpc.method, request, rpc.response))
+            assert got is grpc.StatusCode.NOT_FOUND, rpc.name
         # Listing without a filter shows only globex's own (none).
         listed = call(
             channel,
@@ -450,27 +460,35 @@ def test_a_tenant_cannot_read_list_or_release_another_tenants_placement(
         assert list(listed.placements) == []
 
 
-@pytest.mark.usefixtures("unchanged")
-def test_a_reused_request_id_does_not_reveal_whose_placement_it_made(attacked: Attacked) -> None:
+def test_another_tenants_request_id_is_neither_squatted_nor_revealed(attacked: Attacked) -> None:
+    """Request ids are each tenant's own: globex's "victim-1" is a new request of its own."""
     with attacked.cluster.channel(role="tenant", name="globex") as channel:
-        place: grpc.UnaryUnaryMultiCallable[Message, Message] = channel.unary_unary(
-            S + "Place",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=scheduler_pb2.PlaceResponse.FromString,
-        )
-        with pytest.raises(grpc.RpcError) as err:
-            place(scheduler_pb2.PlaceRequest(request=gpu_request("victim-1", "")), timeout=15)
-        batch = call(
+        mine = call(
             channel,
-            S + "PlaceBatch",
-            scheduler_pb2.PlaceBatchRequest(requests=[gpu_request("victim-1", "")]),
-            scheduler_pb2.PlaceBatchResponse,
+            S + "Place",
+            scheduler_pb2.PlaceRequest(request=gpu_request("victim-1", "")),
+            scheduler_pb2.PlaceResponse,
         )
-    assert err.value.code() is grpc.StatusCode.ALREADY_EXISTS
-    assert isinstance(batch, scheduler_pb2.PlaceBatchResponse) and not batch.placements
-    for text in (err.value.details() or "", " ".join(batch.unplaced[0].reasons)):
-        assert "already used" in text
-        assert attacked.victim.placement_id not in text and "alpha" not in text
+        assert isinstance(mine, scheduler_pb2.PlaceResponse), mine
+        assert mine.placement.tenant == "globex"
+        assert mine.placement.placement_id != attacked.victim.placement_id
+        released = call(
+            channel,
+            S + "Release",
+            scheduler_pb2.ReleaseRequest(request_id="victim-1"),
+            scheduler_pb2.ReleaseResponse,
+        )
+        assert isinstance(released, scheduler_pb2.ReleaseResponse), released
+    with attacked.cluster.channel(role="tenant", name="acme") as channel:
+        theirs = call(
+            channel,
+            S + "GetPlacement",
+            scheduler_pb2.GetPlacementRequest(request_id="victim-1"),
+            placement_pb2.Placement,
+        )
+    assert isinstance(theirs, placement_pb2.Placement)
+    assert theirs.placement_id == attacked.victim.placement_id
+    assert theirs.state == placement_pb2.PLACEMENT_STATE_READY
 
 
 @pytest.mark.usefixtures("unchanged")

@@ -104,13 +104,16 @@ def release(stub: scheduler_pb2_grpc.SchedulerStub, placement_id: str) -> None:
 
 def assert_exactly_one(c: LocalCluster, rid: str, placement: placement_pb2.Placement) -> None:
     """One placement for ``rid`` in the store, owning its slots; one on the host."""
+    stored_rid = schema.tenant_request(placement.tenant, rid)  # request ids are per tenant
     client = redis.Redis.from_url(c.redis_url)
     try:
         view = read_store(client)
-        indexed = client.hget(schema.request(rid), schema.F_PLACEMENT_ID)
+        indexed = client.hget(schema.request(stored_rid), schema.F_PLACEMENT_ID)
     finally:
         client.close()
-    mine = [(h, pid) for h, d in view.hosts.items() for pid, r in d.requests.items() if r == rid]
+    mine = [
+        (h, pid) for h, d in view.hosts.items() for pid, r in d.requests.items() if r == stored_rid
+    ]
     assert mine == [(placement.host_id, placement.placement_id)]
     assert indexed == placement.placement_id.encode()
     every = [(h, pid) for h, d in view.hosts.items() for pid in d.payloads]
@@ -231,7 +234,7 @@ def test_a_retry_after_a_lost_response_gets_the_one_placement(
     again = place_until_ready(stubs[0], req)
     assert again.placement_id == placement.placement_id
     found = stubs[0].GetPlacement(
-        scheduler_pb2.GetPlacementRequest(request_id=req.request_id), timeout=10
+        scheduler_pb2.GetPlacementRequest(request_id=req.request_id, tenant=req.tenant), timeout=10
     )
     assert found.placement_id == placement.placement_id
     assert list(found.allocations) == list(placement.allocations)

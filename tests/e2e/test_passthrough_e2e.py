@@ -217,11 +217,18 @@ def test_the_same_request_id_gives_the_same_placement(
     assert [p.placement_id for p in listed] == [first.placement_id]
     reused = placement_pb2.PlacementRequest()
     reused.CopyFrom(req)
-    reused.tenant = "someone-else"
+    reused.claims[0].count = 2  # the same id for another request of the same tenant
     with pytest.raises(grpc.RpcError) as err:
         place(stub, reused)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    stub.Release(scheduler_pb2.ReleaseRequest(request_id="idem-1"), timeout=60)
+    # Request ids are each tenant's own: another tenant's "idem-1" is its own.
+    other = placement_pb2.PlacementRequest()
+    other.CopyFrom(req)
+    other.tenant = "someone-else"
+    theirs = place(stub, other)
+    assert theirs.placement_id != first.placement_id
+    for tenant in ("initech", "someone-else"):
+        stub.Release(scheduler_pb2.ReleaseRequest(request_id="idem-1", tenant=tenant), timeout=60)
 
 
 def test_explain_says_why_a_migratable_gpu_cannot_be_placed(

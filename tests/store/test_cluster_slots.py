@@ -116,7 +116,7 @@ def test_the_whole_placement_path_stays_within_one_slot_per_write(
             first.placement_id,
             second.placement_id,
         }
-        assert (await coordinator.get("", "r2")).placement_id == second.placement_id
+        assert (await coordinator.get("", "r2", "acme")).placement_id == second.placement_id
         await coordinator.release(first.placement_id, "")
         assert len((await store.snapshot()).hosts["h1"].allocations) == 1
 

@@ -14,7 +14,9 @@ scope              the caller may act when
                    empty)
 ``OWNER``          the placement it addresses belongs to a tenant it acts
                    for (checked once the placement is loaded:
-                   :func:`require_owner`)
+                   :func:`require_owner`); a request id is looked up among
+                   the ids of the tenant the request names, which must be
+                   one it acts for (a tenant's own name filled in)
 =================  ==========================================================
 
 A tenant acts for itself, a frontend for the tenants the operator granted it
@@ -149,6 +151,17 @@ def _list_tenants(msg: Message) -> Sequence[TenantField]:
     return [TenantField(msg.tenant, lambda t: None)] if msg.tenant else []
 
 
+def _lookup_tenants(msg: Message) -> Sequence[TenantField]:
+    assert isinstance(msg, scheduler_pb2.GetPlacementRequest | scheduler_pb2.ReleaseRequest)
+    if not msg.request_id:
+        return []  # by placement id: the owner is checked once it is loaded
+
+    def fill(tenant: str) -> None:
+        msg.tenant = tenant
+
+    return [TenantField(msg.tenant, fill)]
+
+
 def _register_host(msg: Message) -> Sequence[str]:
     assert isinstance(msg, scheduler_pb2.RegisterRequest)
     return [msg.inventory.host_id]
@@ -173,8 +186,8 @@ RULES: Mapping[str, Rule] = {
     "/tessera.v1.Scheduler/PlaceBatch": Rule(_USERS, Scope.TENANTS, True, _batch_tenants),
     "/tessera.v1.Scheduler/Explain": Rule(_USERS, Scope.TENANTS, False, _place_tenants),
     "/tessera.v1.Scheduler/ListPlacements": Rule(_USERS, Scope.TENANTS, False, _list_tenants),
-    "/tessera.v1.Scheduler/GetPlacement": Rule(_USERS, Scope.OWNER),
-    "/tessera.v1.Scheduler/Release": Rule(_USERS, Scope.OWNER, True),
+    "/tessera.v1.Scheduler/GetPlacement": Rule(_USERS, Scope.OWNER, False, _lookup_tenants),
+    "/tessera.v1.Scheduler/Release": Rule(_USERS, Scope.OWNER, True, _lookup_tenants),
     # Frontends see capacity without the agents' addresses and boot ids.
     "/tessera.v1.Scheduler/ListHosts": Rule(frozenset({F, A})),
     "/tessera.v1.Scheduler/CordonHost": Rule(_ADMIN, Scope.ANY, True),
@@ -253,7 +266,9 @@ class AccessPolicy:
                         f"{principal.identity} speaks for host {principal.identity.name!r} "
                         f"only, not {_shown(host)}"
                     )
-        if rule.scope is Scope.TENANTS and rule.tenants is not None:
+        # The tenants a request names: under TENANTS its whole scope, under
+        # OWNER the tenant a request id belongs to (the owner is checked too).
+        if rule.tenants is not None:
             for tenant in rule.tenants(request):
                 if not tenant.value and principal.identity.role is Role.TENANT:
                     tenant.fill(principal.identity.name)

@@ -139,18 +139,24 @@ class ReleaseRequest(_message.Message):
 
     PLACEMENT_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     placement_id: _builtins.str
     """Either the placement id or the request id that created it."""
     request_id: _builtins.str
+    tenant: _builtins.str
+    """Whose request_id it is: request ids are each tenant's own. Filled in
+    for a tenant identity; required of others with request_id.
+    """
     def __init__(
         self,
         *,
         placement_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["placement_id", b"placement_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["placement_id", b"placement_id", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -182,18 +188,22 @@ class GetPlacementRequest(_message.Message):
 
     PLACEMENT_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     placement_id: _builtins.str
     """Either the placement id or the request id that created it."""
     request_id: _builtins.str
+    tenant: _builtins.str
+    """As ReleaseRequest.tenant."""
     def __init__(
         self,
         *,
         placement_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["placement_id", b"placement_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["placement_id", b"placement_id", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -83,7 +83,7 @@ def test_a_release_while_prepare_is_in_flight_is_refused_and_frees_nothing(
         await coordinator.register(inventory(), "agent:1")
         place = asyncio.create_task(coordinator.place(gpu("r1")))
         await agents.entered.wait()
-        pending = await coordinator.get("", "r1")
+        pending = await coordinator.get("", "r1", "acme")
         with pytest.raises(PlacementBusyError):
             await coordinator.release(pending.placement_id, "")
         with pytest.raises(PlacementBusyError):  # a retry of r1 meanwhile

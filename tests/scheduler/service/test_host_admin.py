@@ -173,7 +173,7 @@ def test_a_drain_releases_what_it_can_and_says_why_not_for_the_rest(
         agents.hold_prepare = True
         pending = asyncio.create_task(coordinator.place(gpu("pending")))
         await agents.preparing.wait()
-        in_flight = await coordinator.get("", "pending")
+        in_flight = await coordinator.get("", "pending", "acme")
 
         summary, released, failed = await coordinator.drain("h1", "", "admin/ops")
         assert summary.cordoned and summary.cordon_reason == "drained"
