@@ -153,16 +153,21 @@ def _summary(inv: inventory_pb2.HostInventory) -> str:
 
 def cmd_inventory(opts: argparse.Namespace) -> int:
     """Print the inventory (read-only: the writer is never used)."""
-    # Piped into head or less: exit quietly when the reader goes away.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sysfs = Sysfs(opts.sysfs_root)
     inventory, _ = _reporter(opts, sysfs).report()
     if opts.json:
         # Zero values (NUMA node 0, group 0) are facts here, not absences.
         body = json_format.MessageToDict(inventory, always_print_fields_with_no_presence=True)
-        print(json.dumps(body, indent=2, sort_keys=True))
+        text = json.dumps(body, indent=2, sort_keys=True)
     else:
-        print(_summary(inventory))
+        text = _summary(inventory)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Piped into head or less: exit quietly when the reader goes away.
+        # Not by restoring SIGPIPE's default: callers in the same process
+        # (tests) would then die on any write to a closed socket.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
