@@ -174,8 +174,10 @@ async def scheduler_server(pki: Pki, *, tls: bool = True) -> AsyncIterator[Serve
         audit=audit,
         resources={method: audit_resources for method in RULES},
     )
-    health_servicer = health.HealthServicer()  # the synchronous one, as the scheduler serves it
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    # The asyncio one, as the scheduler serves it (a blocking Watch would pin
+    # a worker thread until the process exits).
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     def register(server: grpc.aio.Server) -> None:
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
@@ -574,7 +576,7 @@ async def first_watch_status(channel: grpc.aio.Channel) -> Any:
     return None
 
 
-def test_a_watch_reaches_the_synchronous_health_servicer_the_scheduler_serves(
+def test_a_watch_reaches_the_health_servicer_the_scheduler_serves(
     pki: Pki, arun: Runner
 ) -> None:
     async def test(served: Served) -> None:
