@@ -576,9 +576,7 @@ async def first_watch_status(channel: grpc.aio.Channel) -> Any:
     return None
 
 
-def test_a_watch_reaches_the_health_servicer_the_scheduler_serves(
-    pki: Pki, arun: Runner
-) -> None:
+def test_a_watch_reaches_the_health_servicer_the_scheduler_serves(pki: Pki, arun: Runner) -> None:
     async def test(served: Served) -> None:
         async with served.channel(served.credentials(pki.issue(Role.AGENT, "dgx-07"))) as ch:
             assert await first_watch_status(ch) == health_pb2.HealthCheckResponse.SERVING
