@@ -20,6 +20,7 @@ far: the TLS handshake fails and the caller sees UNAVAILABLE.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -72,6 +73,17 @@ class _Call:
     context: Context
     request: Any
     principal: Principal | None = None
+
+
+@contextlib.contextmanager
+def _acting_as(call: _Call) -> Iterator[None]:
+    """Bind the admitted caller to :data:`CURRENT_PRINCIPAL` while its handler runs."""
+    assert call.principal is not None  # set by the admission check
+    token = CURRENT_PRINCIPAL.set(call.principal)
+    try:
+        yield
+    finally:
+        CURRENT_PRINCIPAL.reset(token)
 
 
 class _RateLimitedLog:
@@ -268,30 +280,24 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             def run_sync(request: Any, context: Any) -> Any:
                 call = _Call(method, context, request)
                 self._admit_sync(call)
-                assert call.principal is not None
-                token = CURRENT_PRINCIPAL.set(call.principal)
-                try:
+                with _acting_as(call):
                     return behavior(request, context)
-                finally:
-                    CURRENT_PRINCIPAL.reset(token)
 
             return run_sync
 
         async def run(request: Any, context: Context) -> Any:
             call = _Call(method, context, request)
             rule = await self._admit(call)
-            assert call.principal is not None
-            token = CURRENT_PRINCIPAL.set(call.principal)
             response = None
             error: BaseException | None = None
             try:
-                response = await behavior(request, context)
+                with _acting_as(call):
+                    response = await behavior(request, context)
                 return response
             except BaseException as err:
                 error = err
                 raise
             finally:
-                CURRENT_PRINCIPAL.reset(token)
                 self._finish(call, rule, response, error)
 
         return run
@@ -302,25 +308,17 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             def run_sync(request: Any, context: Any) -> Iterator[Any]:
                 call = _Call(method, context, request)
                 self._admit_sync(call)
-                assert call.principal is not None
-                token = CURRENT_PRINCIPAL.set(call.principal)
-                try:
+                with _acting_as(call):
                     yield from behavior(request, context)
-                finally:
-                    CURRENT_PRINCIPAL.reset(token)
 
             return run_sync
 
         async def run(request: Any, context: Context) -> AsyncIterator[Any]:
             call = _Call(method, context, request)
             await self._admit(call)
-            assert call.principal is not None
-            token = CURRENT_PRINCIPAL.set(call.principal)
-            try:
+            with _acting_as(call):
                 async for item in _each(behavior(request, context)):
                     yield item
-            finally:
-                CURRENT_PRINCIPAL.reset(token)
 
         return run
 
@@ -330,25 +328,17 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             def run_sync(requests: Any, context: Any) -> Iterator[Any]:
                 call = _Call(method, context, None)
                 self._admit_sync(call)
-                assert call.principal is not None
-                token = CURRENT_PRINCIPAL.set(call.principal)
-                try:
+                with _acting_as(call):
                     yield from behavior(self._decoded_sync(call, requests), context)
-                finally:
-                    CURRENT_PRINCIPAL.reset(token)
 
             return run_sync
 
         async def run(requests: Any, context: Context) -> AsyncIterator[Any]:
             call = _Call(method, context, None)
             await self._admit(call)
-            assert call.principal is not None
-            token = CURRENT_PRINCIPAL.set(call.principal)
-            try:
+            with _acting_as(call):
                 async for item in _each(behavior(self._decoded(call, requests), context)):
                     yield item
-            finally:
-                CURRENT_PRINCIPAL.reset(token)
 
         return run
 
