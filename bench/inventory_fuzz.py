@@ -799,7 +799,14 @@ def _check_store(url: str, clients: Sequence[_Client]) -> dict[str, Any]:
             got = inventory_pb2.HostInventory.FromString(raw) if raw else None
             if got != stored.inventory and host_id not in shared:
                 mismatched.append(host_id)
-    allowed = {schema.HOSTS, *(schema.host(h) for h in expected)}
+    # An accepted host brings its shard's change feed, and its guard versions
+    # once a report of it changed.
+    allowed = {
+        schema.HOSTS,
+        *(schema.host(h) for h in expected),
+        *(schema.versions(h) for h in expected),
+        *(key for h in expected for key in schema.feed_keys(h)),
+    }
     # Background jobs keep their lease and fence under their own tag.
     unexpected = sorted(k for k in keys - allowed if not k.startswith("tessera:{job:"))
     leaked = sorted(

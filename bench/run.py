@@ -17,6 +17,7 @@ c         ``bench/batches.py``    batches of 1,000 and 10,000: wall time, gap to
 d         ``bench/trace_replay``  Alibaba 2023 GPU trace replay: acceptance, fragmentation
 e         ``bench/state_cost.py`` cluster state at 12,500 hosts: build, memory, updates
 f         ``bench/tls_cost.py``   mutual TLS beside plaintext: latency, placements/s, set-up
+g         ``bench/place_server``  Place inside the scheduler, before and after the live model
 ========  ======================  ===============================================
 
 Each part's ``run(quick)`` result is written to ``OUT/<part>.json`` with the
@@ -54,6 +55,7 @@ PARTS: Mapping[str, tuple[str, str]] = {
     "d": ("trace_replay", "(d) Replay of the Alibaba 2023 GPU trace"),
     "e": ("state_cost", "(e) Cluster state at 12,500 hosts"),
     "f": ("tls_cost", "(f) Cost of mutual TLS"),
+    "g": ("place_server", "(g) Place inside the scheduler: the live cluster model"),
 }
 
 _COMMANDS = """\

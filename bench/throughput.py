@@ -45,9 +45,10 @@ from bench.engine import MIXED, TENANTS
 from bench.fleet import build_fleet
 from bench.latency import E2eCluster, to_wire
 from bench.policies import POLICIES, Policy
+from scheduler.core import guards
 from scheduler.core.identity import PlacementId
 from scheduler.core.plan import Plan
-from scheduler.core.request import PlacementRequest
+from scheduler.core.request import ExclusivityDomain, PlacementRequest
 from scheduler.service.agent_gateway import AgentGateway
 from scheduler.service.convert import placement_from_plan
 from scheduler.service.coordinator import PlacementCoordinator
@@ -233,9 +234,16 @@ async def _policy_load(
                     now_ms=int(time.time() * 1000),
                 )
                 c0 = time.perf_counter()
+                planned_on = snap.hosts[result.host_id]
+                keys = guards.guards(
+                    planned_on.view,
+                    result.slots,
+                    exclusive=request.exclusivity is not ExclusivityDomain.NONE,
+                )
                 done = await store.commit_reservation(
                     host_id=result.host_id,
-                    expected_alloc_generation=result.expected_alloc_generation,
+                    guards={key: planned_on.versions.get(key, 0) for key in keys},
+                    bumps=guards.changed_by(planned_on.view, result.slots),
                     slots=list(result.slots),
                     placement_id=placement.placement_id,
                     placement=placement.SerializeToString(),

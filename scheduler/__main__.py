@@ -224,6 +224,7 @@ async def serve(opts: argparse.Namespace) -> int:
                 interval_s=opts.housekeeping_interval,
                 pending_after_s=opts.reap_pending_after,
                 releasing_after_s=opts.reap_pending_after,
+                lease_s=opts.lease,
             ),
             audit=audit,
         )

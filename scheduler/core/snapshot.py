@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from scheduler.core import guards
 from scheduler.core.host import HostView
 from scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
 
@@ -30,6 +32,10 @@ class HostState:
             :func:`with_reservation`), the placements assumed, in order. The
             store may later reach the same generation with other contents,
             so memos key on this too.
+        versions: version of each guard key (:mod:`scheduler.core.guards`:
+            the host's epoch, its devices, its tenants and exclusive holds)
+            as the store held them; a plan's commit checks the versions of
+            the keys it depends on instead of the whole host's generation.
     """
 
     view: HostView
@@ -39,13 +45,47 @@ class HostState:
     cordoned: bool = False
     tenants: Mapping[PlacementId, TenantName] = field(default_factory=dict)
     planned: tuple[PlacementId, ...] = ()
+    versions: Mapping[str, int] = field(default_factory=dict)
+
+
+class HostChanges(Protocol):
+    """A live cluster model's record of which hosts changed, by revision.
+
+    A snapshot taken from a model that lives across requests names the model
+    and the revision it was taken at, so an engine that indexed an earlier
+    snapshot of the same model can bring its indexes up to date by visiting
+    only the hosts that changed since, instead of every host.
+    """
+
+    def changed_since(self, revision: int) -> Set[HostId] | None:
+        """Hosts added, changed or removed after ``revision``.
+
+        Args:
+            revision: a revision of this model an earlier snapshot carried.
+
+        Returns:
+            The host ids, or None when the model no longer remembers that far
+            back (or was rebuilt since): the caller must compare every host.
+        """
+        ...
 
 
 @dataclass(frozen=True)
 class ClusterSnapshot:
-    """Every host's state, read at one moment."""
+    """Every host's state, read at one moment.
+
+    Attributes:
+        hosts: host id -> state.
+        revision: the live model's revision this snapshot was taken at (0:
+            not taken from a live model).
+        changes: the live model it was taken from, or None (a snapshot read
+            whole, or derived by :func:`with_reservation`). Results never
+            depend on it: it only lets memos skip hosts that did not change.
+    """
 
     hosts: Mapping[HostId, HostState]
+    revision: int = 0
+    changes: HostChanges | None = field(default=None, compare=False, repr=False)
 
 
 def with_reservation(
@@ -57,8 +97,9 @@ def with_reservation(
 ) -> ClusterSnapshot:
     """The snapshot after a reservation commits, as the store would record it.
 
-    The host's allocation generation moves on, exactly as the commit script
-    bumps it; used to plan several requests in a row without a store.
+    The host's allocation generation and the versions of what the slots
+    touch move on, exactly as the commit script bumps them; used to plan
+    several requests in a row without a store.
     """
     state = snapshot.hosts[host_id]
     allocations = dict(state.allocations)
@@ -72,6 +113,11 @@ def with_reservation(
         cordoned=state.cordoned,
         tenants={**state.tenants, placement_id: tenant},
         planned=(*state.planned, placement_id),
+        versions=guards.bumped(
+            state.versions,
+            guards.changed_by(state.view, slots),
+            new_tenant=tenant not in state.tenants.values(),
+        ),
     )
     return ClusterSnapshot(hosts={**snapshot.hosts, host_id: updated})
 
@@ -93,6 +139,7 @@ def with_release(
     state = snapshot.hosts[host_id]
     if placement_id not in state.tenants and placement_id not in state.allocations.values():
         raise KeyError(f"placement {placement_id!r} holds nothing on host {host_id!r}")
+    held = [s for s, p in state.allocations.items() if p == placement_id]
     updated = HostState(
         view=state.view,
         alloc_generation=state.alloc_generation + 1,
@@ -101,5 +148,6 @@ def with_release(
         cordoned=state.cordoned,
         tenants={p: t for p, t in state.tenants.items() if p != placement_id},
         planned=(*state.planned, PlacementId(f"released:{placement_id}")),
+        versions=guards.bumped(state.versions, guards.changed_by(state.view, held)),
     )
     return ClusterSnapshot(hosts={**snapshot.hosts, host_id: updated})

@@ -368,22 +368,7 @@ class TopologyGraph:
             UnknownHostError: the host is not in the graph.
             UnknownFunctionError: either function is not in its inventory.
         """
-        fa, fb = self.function(host, a), self.function(host, b)
-        if a == b:
-            return Locality.SELF
-        pa, pb = self._path(host, fa), self._path(host, fb)
-        shared = len(_common_prefix(pa, pb))
-        if shared:
-            # The path crosses the meeting bridge and everything below it.
-            units = {_unit(pa, i) for i in range(shared - 1, len(pa))}
-            units |= {_unit(pb, i) for i in range(shared - 1, len(pb))}
-            return Locality.PIX if len(units) <= 1 else Locality.PXB
-        view = self.view(host)
-        if _root_bus(view, fa) == _root_bus(view, fb):
-            return Locality.PHB
-        if fa.numa_node == fb.numa_node and fa.numa_node != NO_NUMA:
-            return Locality.NODE
-        return Locality.SYS
+        return pcie_distance(self.view(host), a, b)
 
     def _path(self, host: HostId, f: PciFunctionView) -> tuple[PciAddress, ...]:
         return _path(self.view(host), f)
@@ -405,6 +390,41 @@ class TopologyGraph:
         Lets a request drop hosts with too few devices before looking at any.
         """
         return self._counts.get(kind, _EMPTY_COUNTS)
+
+
+# -- distances without the graph ---------------------------------------------
+
+
+def pcie_distance(view: HostView, a: PciAddress, b: PciAddress) -> Locality:
+    """How far apart two functions of one host are, from its inventory alone.
+
+    What :meth:`TopologyGraph.pcie_distance` answers (the levels are
+    documented there), without a graph: the answer depends only on the
+    functions' bridge chains, root buses and NUMA nodes, all in the view. So
+    the placement engine computes it once per hardware class (every host of
+    a class has the same PCIe tree) and never builds a graph on the hot path.
+
+    Raises:
+        UnknownFunctionError: either function is not in the view.
+    """
+    try:
+        fa, fb = view.functions[a], view.functions[b]
+    except KeyError as missing:
+        raise UnknownFunctionError(f"{view.host_id}/{missing.args[0]}") from None
+    if a == b:
+        return Locality.SELF
+    pa, pb = _path(view, fa), _path(view, fb)
+    shared = len(_common_prefix(pa, pb))
+    if shared:
+        # The path crosses the meeting bridge and everything below it.
+        units = {_unit(pa, i) for i in range(shared - 1, len(pa))}
+        units |= {_unit(pb, i) for i in range(shared - 1, len(pb))}
+        return Locality.PIX if len(units) <= 1 else Locality.PXB
+    if _root_bus(view, fa) == _root_bus(view, fb):
+        return Locality.PHB
+    if fa.numa_node == fb.numa_node and fa.numa_node != NO_NUMA:
+        return Locality.NODE
+    return Locality.SYS
 
 
 # -- building one host's subgraph --------------------------------------------

@@ -1,39 +1,40 @@
 """From request to device: validate, plan on a snapshot, commit, prepare, confirm.
 
-The coordinator is the scheduler's use-case layer. It reads an immutable
-snapshot from the store, asks the pure core for a plan, commits the plan with
-the store's atomic generation-checked applier (Nomad's optimistic workers with
-one serial verifier, here the Lua script), and only then asks the agent to
-carry it out: reserve (PENDING) -> agent Prepare -> READY. Losing a commit race
-means planning again on fresher state, a bounded number of times.
+The coordinator is the scheduler's use-case layer. It plans on the replica's
+live model of the cluster (:mod:`scheduler.service.cluster_model`, brought up
+to date from the store's change feed before each plan), asks the pure core for
+a plan, commits the plan with the store's atomic generation-checked applier
+(Nomad's optimistic workers with one serial verifier, here the Lua script),
+and only then asks the agent to carry it out: reserve (PENDING) -> agent
+Prepare -> READY. Losing a commit race means planning again on fresher state,
+a bounded number of times.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.exceptions
 
+from scheduler.core import guards
 from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.engine.policies import Policy, TesseraPolicy
 from scheduler.core.identity import (
-    HostId,
     PlacementId,
     RequestId,
-    SlotKey,
     TenantName,
     iommu_group_slot,
 )
 from scheduler.core.plan import Plan, Unschedulable
 from scheduler.core.request import PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
 from scheduler.core.validation import (
     MAX_IDENT,
     MAX_TEXT,
@@ -46,12 +47,12 @@ from scheduler.core.validation import (
     validate_text,
 )
 from scheduler.service.agent_gateway import AgentCallError, AgentGateway
+from scheduler.service.cluster_model import LiveCluster
 from scheduler.service.convert import (
     FAILED,
     PENDING,
     READY,
     RELEASING,
-    host_view_from_inventory,
     parsed_request,
     parsed_requests,
     placement_from_plan,
@@ -96,9 +97,6 @@ READY_RETRY_DELAYS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 #: claim (the placement vanished between claim and read) makes another.
 MAX_CLAIM_ATTEMPTS = 3
 
-
-#: At most one collect-and-freeze of long-lived objects per interval.
-FREEZE_INTERVAL_MS = 300_000
 
 #: PlaceBatch's solver limits: a frontend waits on the call.
 DEFAULT_BATCH_SETTINGS = BatchSettings(time_limit_s=5.0, workers=4)
@@ -161,60 +159,49 @@ class PlacementCoordinator:
         self._agents = agents
         self._leases = leases
         self._clock_ms = clock_ms
-        # Parsed host views by host, with the (boot, inventory generation)
-        # they were parsed from: parsing (and even reading) a big inventory on
-        # every request would dominate placement latency.
-        self._views: dict[str, tuple[str, int, HostState]] = {}
-        self._parsed = 0  # inventories parsed so far
-        self._frozen_ms = -FREEZE_INTERVAL_MS  # last gc.freeze (see snapshot)
+        # The cluster as this replica plans on it, followed through the feed.
+        self._model = LiveCluster(store, clock_ms)
         self._engine = engine if engine is not None else Engine()
         self._policy: Policy = policy if policy is not None else TesseraPolicy(engine=self._engine)
         self._batch_settings = batch_settings
-        # Shared snapshot reads (see snapshot): the round callers join, and
-        # the task running rounds while any caller waits.
-        self._next_read: asyncio.Future[tuple[ClusterSnapshot, dict[str, HostRecord]]] | None = None
+        # Shared refreshes of the model (see refreshed): the round callers
+        # join, and the task running rounds while any caller waits.
+        self._next_read: asyncio.Future[None] | None = None
         self._reader: asyncio.Task[None] | None = None
+        # Commit outcomes so far (COMMITTED, CONFLICT, ...): the conflict
+        # rate shows how often replicas (or this one) planned on moved state.
+        self.commit_outcomes: Counter[str] = Counter()
 
     @property
     def leases(self) -> Leases:
         """Heartbeat settings handed to agents."""
         return self._leases
 
+    @property
+    def model(self) -> LiveCluster:
+        """The replica's live model of the cluster."""
+        return self._model
+
     # -- snapshot ---------------------------------------------------------
 
-    def _host_state(self, record: HostRecord, now_ms: int) -> HostState:
-        found = self._views.get(record.host_id)
-        if found is not None and found[:2] == (record.boot_id, record.inventory_generation):
-            cached = found[2]
-        else:
-            if not record.inventory:
-                # The store leaves an inventory out only for the version the
-                # cache was asked with, and reads run one at a time.
-                raise StoreError(f"host {record.host_id}: inventory left out but not cached")
-            inventory = inventory_pb2.HostInventory.FromString(record.inventory)
-            cached = HostState(view=host_view_from_inventory(inventory), alloc_generation=0)
-            self._parsed += 1
-            self._views[record.host_id] = (record.boot_id, record.inventory_generation, cached)
-        alive = now_ms - record.last_heartbeat_ms <= self._leases.lease_s * 1000
-        return HostState(
-            view=cached.view,
-            alloc_generation=record.alloc_generation,
-            allocations={SlotKey(k): PlacementId(v) for k, v in record.allocations.items()},
-            # A cordoned host takes nothing new, whatever its lease; what it
-            # holds stays and can be released.
-            schedulable=alive and not record.cordoned,
-            cordoned=record.cordoned,
-            tenants={PlacementId(k): TenantName(v) for k, v in record.tenants.items()},
-        )
-
     async def snapshot(self) -> tuple[ClusterSnapshot, dict[str, HostRecord]]:
-        """Every host and its allocations as an immutable snapshot, read after this call began.
+        """The model, brought up to date after this call began, as an immutable snapshot.
 
-        Concurrent calls share reads: a caller arriving while a read is in
-        flight waits for the next one, which starts as soon as that read ends
-        and serves everyone who came meanwhile. Each caller thus sees the
+        Returns:
+            The snapshot, and every host's record as last read (inventories
+            left out).
+        """
+        await self.refreshed()
+        return self._model.frozen(), self._model.records()
+
+    async def refreshed(self) -> None:
+        """Bring the model up to what the store held at some point after this call began.
+
+        Concurrent calls share refreshes: a caller arriving while one is in
+        flight waits for the next, which starts as soon as that one ends and
+        serves everyone who came meanwhile. Each caller thus plans on the
         store as it was after it asked (a replan after a lost commit sees the
-        winner), and a replica under load reads the store once per round of
+        winner), and a replica under load reads the feed once per round of
         callers instead of once per caller.
         """
         loop = asyncio.get_running_loop()
@@ -223,16 +210,15 @@ class PlacementCoordinator:
         if self._reader is None or self._reader.done() or self._reader.get_loop() is not loop:
             self._reader = loop.create_task(self._read_rounds())
         # Shielded: a caller that gives up must not cancel its round for the others.
-        snapshot, records = await asyncio.shield(self._next_read)
-        return snapshot, dict(records)
+        await asyncio.shield(self._next_read)
 
     async def _read_rounds(self) -> None:
-        """Serve the waiting callers one read at a time until none wait."""
+        """Serve the waiting callers one refresh at a time until none wait."""
         try:
             while self._next_read is not None:
                 round_, self._next_read = self._next_read, None
                 try:
-                    result = await self._read_snapshot()
+                    await self._model.refresh()
                 except asyncio.CancelledError:
                     # Shutting down: nobody waits for ever on a round that
                     # will not be read.
@@ -247,28 +233,9 @@ class PlacementCoordinator:
                     # seen, so asyncio does not log it as never retrieved.
                     round_.exception()
                 else:
-                    round_.set_result(result)
+                    round_.set_result(None)
         finally:
             self._reader = None
-
-    async def _read_snapshot(self) -> tuple[ClusterSnapshot, dict[str, HostRecord]]:
-        known = {h: (boot, generation) for h, (boot, generation, _) in self._views.items()}
-        stored = await self._store.snapshot(known)
-        now = self._clock_ms()
-        parsed = self._parsed
-        hosts = {HostId(h): self._host_state(r, now) for h, r in stored.hosts.items()}
-        if self._parsed != parsed and now - self._frozen_ms >= FREEZE_INTERVAL_MS:
-            # Host views live until their host reports again: move them out
-            # of the cyclic collector's scans, whose full passes over millions
-            # of such objects otherwise stall placement for a second at 10k
-            # hosts. Unfreeze and collect first, so nothing that became
-            # cyclic garbage since the last freeze stays frozen for good; at
-            # most once per interval, as that collection is the same pause.
-            self._frozen_ms = now
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
-        return ClusterSnapshot(hosts=hosts), dict(stored.hosts)
 
     # -- placing ----------------------------------------------------------
 
@@ -349,8 +316,8 @@ class PlacementCoordinator:
     async def explain(self, msg: placement_pb2.PlacementRequest) -> Plan | Unschedulable:
         """Dry run: the plan the request would get now, or why it cannot be placed."""
         request = parsed_request(msg)
-        snapshot, _ = await self.snapshot()
-        return self._engine.schedule(snapshot, request, explain=True)
+        await self.refreshed()
+        return self._engine.schedule(self._model.live(), request, explain=True)
 
     async def place(
         self, msg: placement_pb2.PlacementRequest, prefix: str = ""
@@ -388,13 +355,23 @@ class PlacementCoordinator:
         """Plan and commit a request this call has claimed, replanning on lost races."""
         try:
             for attempt in range(MAX_COMMIT_ATTEMPTS):
-                snapshot, records = await self.snapshot()
-                result = self._policy.place(snapshot, request)
+                await self.refreshed()
+                # Planned without yielding: the live model cannot move under it.
+                live = self._model.live()
+                result = self._policy.place(live, request)
                 if isinstance(result, Unschedulable):
                     raise NoCapacityError(result.summary, result.reasons())
-                commit, placement = await self._commit(msg, result, claimant)
+                record = self._model.record(result.host_id)
+                if record is None:  # the engine only plans on hosts the model holds
+                    raise StoreError(f"host {result.host_id} planned on but not in the model")
+                state = live.hosts[result.host_id]
+                commit, placement = await self._commit(msg, result, claimant, state)
                 if commit.outcome is CommitOutcome.COMMITTED:
-                    return await self._prepare(placement, records[result.host_id])
+                    return await self._prepare(placement, record)
+                if commit.outcome is CommitOutcome.CONFLICT:
+                    # The model is behind the store on this host (or the
+                    # store lost it): read it again before the next plan.
+                    self._model.mark_stale(result.host_id)
                 if commit.outcome is CommitOutcome.LOST:
                     # This call stalled past its claim's deadline and another
                     # took the request over: answer as it does, or claim again.
@@ -450,6 +427,9 @@ class PlacementCoordinator:
             if all_or_nothing or m.gang
         }
         snapshot, _ = await self.snapshot()
+        # Each host's state as the batch's commits so far leave it: the next
+        # plan on the host expects the versions they bumped.
+        predicted = dict(snapshot.hosts)
         result = solve_batch(
             self._engine, snapshot, [requests[i] for i in todo], self._batch_settings, gang_of
         )
@@ -478,8 +458,18 @@ class PlacementCoordinator:
                 if plan.host_id in replan:
                     placed[rid] = await self.place(msg, prefix)
                 else:
-                    placed[rid], as_planned = await self._commit_planned(msg, plan, prefix)
-                    if not as_planned:
+                    placed[rid], as_planned = await self._commit_planned(
+                        msg, plan, prefix, predicted[plan.host_id]
+                    )
+                    if as_planned:
+                        predicted[plan.host_id] = with_reservation(
+                            ClusterSnapshot(hosts={plan.host_id: predicted[plan.host_id]}),
+                            plan.host_id,
+                            plan.slots,
+                            PlacementId(placed[rid].placement_id),
+                            TenantName(msg.tenant),
+                        ).hosts[plan.host_id]
+                    else:
                         replan.add(plan.host_id)
             except SchedulerError as err:
                 failures[rid] = [str(err)]
@@ -505,7 +495,7 @@ class PlacementCoordinator:
         return [placed[m.request_id] for m in msgs if m.request_id in placed], unplaced
 
     async def _commit_planned(
-        self, msg: placement_pb2.PlacementRequest, plan: Plan, prefix: str
+        self, msg: placement_pb2.PlacementRequest, plan: Plan, prefix: str, state: HostState
     ) -> tuple[placement_pb2.Placement, bool]:
         """Commit a batch plan and prepare it; on a lost race, place the request alone.
 
@@ -521,7 +511,7 @@ class PlacementCoordinator:
             return existing, False
         record = await self._store.get_host(plan.host_id)
         if record is not None:
-            commit, placement = await self._commit(msg, plan, claimant)
+            commit, placement = await self._commit(msg, plan, claimant, state)
             if commit.outcome is CommitOutcome.COMMITTED:
                 return await self._prepare(placement, record), True
             log.debug("batch plan for %s lost its commit: %s", msg.request_id, commit.detail)
@@ -529,25 +519,57 @@ class PlacementCoordinator:
         return await self._place_claimed(msg, request, digest, claimant), False
 
     async def _commit(
-        self, msg: placement_pb2.PlacementRequest, plan: Plan, claimant: str
+        self,
+        msg: placement_pb2.PlacementRequest,
+        plan: Plan,
+        claimant: str,
+        state: HostState,
     ) -> tuple[CommitResult, placement_pb2.Placement]:
-        """Reserve a plan's slots as a new PENDING placement (the atomic applier)."""
+        """Reserve a plan's slots as a new PENDING placement (the atomic applier).
+
+        The commit checks the versions, as ``state`` (the state the plan was
+        made on) has them, of what the plan depends on: the devices it takes
+        slots of, the host's epoch and exclusive holds, and its tenants when
+        the request holds a domain exclusively. While the commit is in
+        flight the model assumes it, so this replica's next plans leave its
+        slots alone.
+        """
         placement = placement_from_plan(
             plan,
             placement_id=PlacementId(schema.placement_id(uuid.uuid4().hex[:16], plan.host_id)),
             request=msg,
             now_ms=self._clock_ms(),
         )
-        commit = await self._store.commit_reservation(
-            host_id=plan.host_id,
-            expected_alloc_generation=plan.expected_alloc_generation,
-            slots=list(plan.slots),
-            placement_id=placement.placement_id,
-            placement=placement.SerializeToString(),
-            request_id=_request_key(msg),
-            claimant=claimant,
-            tenant=msg.tenant,
+        placement_id = PlacementId(placement.placement_id)
+        tenant = TenantName(msg.tenant)
+        keys = guards.guards(
+            state.view,
+            plan.slots,
+            exclusive=msg.exclusivity != placement_pb2.EXCLUSIVITY_DOMAIN_NONE,
         )
+        self._model.assume(plan.host_id, plan.slots, placement_id, tenant)
+        committed = 0
+        try:
+            commit = await self._store.commit_reservation(
+                host_id=plan.host_id,
+                guards={key: state.versions.get(key, 0) for key in keys},
+                bumps=guards.changed_by(state.view, plan.slots),
+                slots=list(plan.slots),
+                placement_id=placement.placement_id,
+                placement=placement.SerializeToString(),
+                request_id=_request_key(msg),
+                claimant=claimant,
+                tenant=msg.tenant,
+            )
+            self.commit_outcomes[commit.outcome.name] += 1
+            if commit.outcome is CommitOutcome.COMMITTED:
+                committed = commit.alloc_generation
+        finally:
+            # Committed: the model takes it as the store now holds it (or
+            # keeps assuming it until the feed brings it). Otherwise, or on
+            # an error, the assumption goes: an error's commit may have
+            # landed, and the feed will say so.
+            self._model.settle(plan.host_id, placement_id, committed)
         return commit, placement
 
     async def _transition(
@@ -744,12 +766,15 @@ class PlacementCoordinator:
         return releasing
 
     async def hosts(self) -> list[scheduler_pb2.HostSummary]:
-        """Every registered host with its lease, cordon and allocation state."""
-        snapshot, records = await self.snapshot()
+        """Every registered host with its lease, cordon and allocation state, read now.
+
+        Read from the store, not the model: heartbeat ages are not on the feed.
+        """
+        stored = await self._store.snapshot(self._model.known())
         now = self._clock_ms()
         return [
-            self._summary(snapshot.hosts[host_id], records[host_id], now)
-            for host_id in sorted(snapshot.hosts)
+            self._summary(self._model.state_of(record), record, now)
+            for _, record in sorted(stored.hosts.items())
         ]
 
     def _summary(
@@ -807,7 +832,7 @@ class PlacementCoordinator:
         if record is None:
             raise HostNotFoundError(f"host {host_id} is not registered")
         now = self._clock_ms()
-        return self._summary(self._host_state(record, now), record, now)
+        return self._summary(self._model.state_of(record), record, now)
 
     async def cordon(self, host_id: str, reason: str, by: str) -> scheduler_pb2.HostSummary:
         """Take a host out of scheduling; its placements stay and can be released.
@@ -952,7 +977,7 @@ class PlacementCoordinator:
             )
         # This replica's parsed copy of the host goes too: a host registering
         # under the id again is a new one.
-        self._views.pop(host_id, None)
+        self._model.forget(host_id)
         dropped = sorted(result.placements)
         log.warning(
             "host %s forgotten by %s%s",

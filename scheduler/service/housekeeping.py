@@ -10,6 +10,8 @@ began, and agents refuse calls with a token lower than the highest they saw.
 
 Each round, the leader:
 
+* **expires the leases** of hosts silent for longer than the lease (an event
+  on the change feed, so replicas stop planning on them);
 * **reaps** placements stuck in a transient state: PENDING longer than any
   Prepare can take (the replica that committed it died before the agent
   answered) is torn down on the host and released; RELEASING likewise is
@@ -63,12 +65,15 @@ class HousekeepingSettings:
             always given up first.
         releasing_after_s: likewise for RELEASING.
         full_sweep_s: every host is reconciled at least this often.
+        lease_s: a host silent this long has its lease marked expired (an
+            event on the change feed: replicas stop planning on it).
     """
 
     interval_s: float = 5.0
     pending_after_s: float = 90.0
     releasing_after_s: float = 90.0
     full_sweep_s: float = 300.0
+    lease_s: float = 20.0
 
 
 @dataclass
@@ -84,6 +89,7 @@ class RoundReport:
     reprepared: int = 0
     hosts_reconciled: int = 0
     claims_resolved: int = 0
+    leases_expired: int = 0
 
 
 class Housekeeper:
@@ -127,18 +133,35 @@ class Housekeeper:
         # leader that dies is replaced once its lease runs out.
         return int(max(self._settings.interval_s * 3, 10.0) * 1000)
 
+    @property
+    def _expiry_interval_s(self) -> float:
+        # Leases are checked a few times per lease, so a silent host leaves
+        # every replica's plans within about a quarter lease of running out;
+        # never more often than 4 times a second, never less than each round.
+        return min(self._settings.interval_s, max(0.25, self._settings.lease_s / 4))
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Run rounds until ``stop`` is set, then give the lease up."""
+        """Run rounds until ``stop`` is set, then give the lease up.
+
+        Between full rounds, lease sweeps (:meth:`expire_leases`) run at the
+        lease's own cadence.
+        """
+        next_round = 0.0
+        loop = asyncio.get_running_loop()
         try:
             while not stop.is_set():
                 try:
-                    report = await self.round()
-                    if report.leader and (report.reaped or report.orphans_torn_down):
-                        log.info("housekeeping round: %s", report)
+                    if loop.time() >= next_round:
+                        next_round = loop.time() + self._settings.interval_s
+                        report = await self.round()
+                        if report.leader and (report.reaped or report.orphans_torn_down):
+                            log.info("housekeeping round: %s", report)
+                    else:
+                        await self.expire_leases()
                 except Exception:  # a round must never kill the scheduler
                     log.exception("housekeeping round failed")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self._settings.interval_s)
+                    await asyncio.wait_for(stop.wait(), timeout=self._expiry_interval_s)
         finally:
             try:
                 await self._store.yield_lease(JOB, self.owner)
@@ -164,12 +187,43 @@ class Housekeeper:
             behind = [h for h, r in hosts.items() if r.fences.get(JOB, 0) < token]
             if behind:
                 await self._store.raise_fences(behind, fence)
+            await self._expire(hosts, report)
             await self._reap(hosts, fence, report)
             await self._reconcile(hosts, fence, report)
         except FencedOutError:
             log.warning("lost the %s lease mid-round (token %d): stopping", JOB, token)
             report.leader = False
         return report
+
+    # -- leases --------------------------------------------------------------
+
+    async def expire_leases(self) -> RoundReport:
+        """A lease sweep alone: if this replica leads, mark silent hosts expired."""
+        token = await self._store.acquire_lease(JOB, self.owner, self._ttl_ms)
+        report = RoundReport(leader=token > 0, token=token)
+        if token:
+            await self._expire((await self._store.snapshot(inventories=False)).hosts, report)
+        return report
+
+    async def _expire(self, records: Mapping[str, HostRecord], report: RoundReport) -> None:
+        """Mark the leases of hosts silent for longer than the lease expired.
+
+        Each expiry is one script on the host that checks the heartbeat again
+        (one may have come since the read) and puts the change on the feed,
+        so every replica stops planning on the host; its next heartbeat or
+        registration brings it back. Not fenced: it depends on the heartbeat
+        only, so a deposed leader marking it too marks the same truth.
+        """
+        deadline = self._clock_ms() - int(self._settings.lease_s * 1000)
+        for host_id, record in sorted(records.items()):
+            if record.lease_expired or record.last_heartbeat_ms >= deadline:
+                continue
+            if await self._store.expire_host(host_id, deadline):
+                report.leases_expired += 1
+                log.info(
+                    "lease of host %s expired: no heartbeat for %.0f s",
+                    host_id, (self._clock_ms() - record.last_heartbeat_ms) / 1000,
+                )  # fmt: skip
 
     # -- reaping -------------------------------------------------------------
 
@@ -295,30 +349,78 @@ class Housekeeper:
             self._reconciled[host_id] = key
             report.hosts_reconciled += 1
 
-    async def _reconcile_host(self, record: HostRecord, fence: Fence, report: RoundReport) -> None:
-        # The host first, then the store: a placement the host holds was
-        # committed before GetState answered, so the store shows it unless it
-        # was released since.
-        held = set(await self._agents.get_state(record.agent_address, record.host_id))
-        stored = {
-            p.placement_id: p
-            for p in (
-                placement_pb2.Placement.FromString(payload)
-                for _, payload in await self._store.list_placements(record.host_id)
-            )
+    async def _stored_placements(self, host_id: str) -> dict[str, bytes]:
+        """One read of a host's placements in the store: id -> serialized payload."""
+        return {
+            placement_pb2.Placement.FromString(payload).placement_id: payload
+            for _, payload in await self._store.list_placements(host_id)
         }
-        for placement_id in sorted(held - set(stored)):
-            orphan = placement_pb2.Placement(placement_id=placement_id, host_id=record.host_id)
+
+    async def _reconcile_host(self, record: HostRecord, fence: Fence, report: RoundReport) -> None:
+        """Bring one host in line with the store: tear orphans down, prepare lost ones again.
+
+        Raises:
+            AgentCallError: the host could not be asked or could not tear an
+                orphan down; the host is reconciled again next round.
+            FencedOutError: a newer term of the job began.
+        """
+        # The host and the store move on their own while they are read, and
+        # the two rules need opposite orders: the store is therefore read on
+        # both sides of the host, S1 -> GetState (H) -> S2. Each read is one
+        # instant (HGETALL is atomic; GetState answers about one moment
+        # between the end of S1 and the start of S2).
+        #
+        # Orphan = held in H, absent from S2. A host holds only what it was
+        # asked to prepare, and a placement is committed before any host is
+        # asked; so one held at H was in the store before H, and its absence
+        # at S2 means it was released, reaped or abandoned since: gone for
+        # good, as placement ids are never reused. Tearing it down is right,
+        # and harmless if its release did so already (Unprepare is idempotent).
+        #
+        # Lost = READY in S1, READY in S2 with the very same payload, absent
+        # from H. A placement enters READY only from PENDING, once its host
+        # finished Prepare (a Place, or this job's re-prepare); it enters
+        # PENDING only by a commit (a new id) or this job's claim (never while
+        # this host is being read; a deposed leader's claim is refused, as the
+        # round raised every host's fence before acting). So READY at S1 and
+        # at S2 means READY throughout, at H too, and prepared before S1: if H
+        # lacks it, the host lost it. The payload's equality (every move
+        # rewrites it, stamped) is a generation check besides, should READY
+        # ever be re-entered another way. A Place that completes after S1 is
+        # PENDING there; a Release after S1 is RELEASING or gone at S2: neither
+        # is taken for lost. Reading the host before the store instead (as
+        # this did once), a placement confirmed READY just after GetState was
+        # flipped back to PENDING and prepared again, its Release refused
+        # meanwhile; a leader dying then left its successor's reaper to tear a
+        # live placement down (issue 12, item 7).
+        #
+        # A loss that begins during these reads (not yet READY at S1, say) is
+        # missed here and caught the next time this host is reconciled.
+        host_id = record.host_id
+        # S1: READY by the payload's state; every writer stamps it in the
+        # same store script that sets the state hash, so the two agree.
+        before = {
+            placement_id: payload
+            for placement_id, payload in (await self._stored_placements(host_id)).items()
+            if placement_pb2.Placement.FromString(payload).state
+            == placement_pb2.PLACEMENT_STATE_READY
+        }
+        held = set(await self._agents.get_state(record.agent_address, host_id))  # H
+        after = await self._stored_placements(host_id)  # S2
+        for placement_id in sorted(held - set(after)):
+            orphan = placement_pb2.Placement(placement_id=placement_id, host_id=host_id)
             await self._agents.unprepare_fenced(record.agent_address, orphan, fence.token)
             report.orphans_torn_down += 1
-            log.info("tore down %s on %s: the store no longer has it", placement_id, record.host_id)
+            log.info("tore down %s on %s: the store no longer has it", placement_id, host_id)
             self._record("tear-down-orphan", fence, orphan, "OK", "the store no longer has it")
-        for placement_id, placement in sorted(stored.items()):
-            if placement_id in held:
+        for placement_id, payload in sorted(before.items()):
+            if placement_id in held or after.get(placement_id) != payload:
+                continue  # held, or it moved while the host was read: not known lost
+            # The state hash is authoritative (the payload's state mirrors
+            # it); the re-prepare's claim compares-and-sets on it again.
+            if await self._store.placement_state(host_id, placement_id) != READY:
                 continue
-            state = await self._store.placement_state(record.host_id, placement_id)
-            if state != READY:
-                continue  # PENDING and RELEASING are in flight; FAILED is held
+            placement = placement_pb2.Placement.FromString(payload)
             await self._reprepare(record, placement, fence, report)
 
     async def _reprepare(

@@ -54,6 +54,9 @@ class HostRecord:
         cordon_reason: why (empty when not cordoned).
         cordoned_by: who (the caller's identity as the scheduler saw it).
         cordoned_ms: when, scheduler clock (0 when not cordoned).
+        lease_expired: the housekeeper found the lease run out and no
+            heartbeat or registration came since.
+        versions: guard key -> version (:mod:`scheduler.core.guards`).
     """
 
     host_id: str
@@ -70,6 +73,40 @@ class HostRecord:
     cordon_reason: str = ""
     cordoned_by: str = ""
     cordoned_ms: int = 0
+    lease_expired: bool = False
+    versions: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FeedCursor:
+    """Where a reader stands in one shard's change feed.
+
+    Attributes:
+        shard: the shard.
+        entry_id: the stream id of the last entry read (``0-0``: none).
+        seq: that entry's sequence number (0: none).
+    """
+
+    shard: int
+    entry_id: str = "0-0"
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class FeedEntry:
+    """One change on a shard's feed: a host whose state moved.
+
+    Attributes:
+        shard: the shard.
+        entry_id: its stream id.
+        seq: its sequence number (one more than the entry before it).
+        host_id: the host that changed (added, changed or forgotten).
+    """
+
+    shard: int
+    entry_id: str
+    seq: int
+    host_id: str
 
 
 @dataclass(frozen=True)
@@ -89,7 +126,7 @@ class CommitOutcome(enum.Enum):
     COMMITTED = "COMMITTED"
     """Written: the slots are the placement's now."""
     CONFLICT = "CONFLICT"
-    """Nothing written: the host changed since the snapshot (replan)."""
+    """Nothing written: what the plan depended on changed since (replan)."""
     EXPIRED = "EXPIRED"
     """Nothing written: the claim's deadline passed before the commit (retry)."""
     LOST = "LOST"
@@ -103,13 +140,17 @@ class CommitResult:
     Attributes:
         outcome: what happened.
         placement_id: the placement id of the attempt.
-        detail: human-readable reason (which slot was taken, how the
-            generation moved).
+        detail: human-readable reason (which slot was taken, which guard
+            moved).
+        alloc_generation: the host's alloc generation after a commit (0
+            otherwise): the commit's state is the one before plus its slots
+            exactly when the generation moved by one.
     """
 
     outcome: CommitOutcome
     placement_id: str
     detail: str
+    alloc_generation: int = 0
 
 
 class ClaimOutcome(enum.Enum):
@@ -216,45 +257,112 @@ return 0
 """
 
 
-_COMMIT_LUA = resources.files("scheduler.store").joinpath("commit.lua").read_text("utf-8")
+# Appends one host's change to its shard's feed (the shard's two keys are
+# always the script's last two KEYS, in the host's hash slot). The sequence
+# number lets a reader tell a complete run of entries from one with a hole.
+_FEED_LUA = f"""
+local function feed_append(feed_key, seq_key, host_id)
+  local n = redis.call('INCR', seq_key)
+  redis.call('XADD', feed_key, 'MAXLEN', '~', {schema.FEED_MAXLEN}, '*',
+             '{schema.F_FEED_HOST}', host_id, '{schema.F_FEED_SEQ}', n)
+end
+"""
+
+
+def _with_feed(script: str) -> str:
+    """A script (first line its shebang) with :data:`_FEED_LUA` after the shebang."""
+    shebang, _, body = script.partition("\n")
+    return f"{shebang}\n{_FEED_LUA}\n{body}"
+
+
+_COMMIT_LUA = _with_feed(
+    resources.files("scheduler.store").joinpath("commit.lua").read_text("utf-8")
+)
 
 # Registration. A report for the same boot with a lower inventory generation is
 # stale (an old RPC delivered late) and must not overwrite a newer one; a new
 # boot always wins because generations restart at boot. Allocations are kept:
 # the agent reconciles them against its checkpoint after a reboot, and so is
-# an operator's cordon (only uncordon clears it). Returns 0 (stale), 1
-# (updated) or 2 (created: the host is new, or was forgotten).
-_UPSERT_HOST_LUA = """#!lua
+# an operator's cordon (only uncordon clears it). A report clears an expired
+# lease. Anything that changed (new host, inventory, boot, address, lease)
+# goes on the feed. KEYS: host, versions, feed, feed-seq. ARGV: inventory,
+# generation, boot id, address, now ms, host id. Returns 0 (stale), 1 (updated) or 2
+# (created: the host is new, or was forgotten).
+_UPSERT_HOST_LUA = _with_feed("""#!lua
 local key = KEYS[1]
 local inventory, generation, boot_id = ARGV[1], ARGV[2], ARGV[3]
-local address, now_ms = ARGV[4], ARGV[5]
+local address, now_ms, host_id = ARGV[4], ARGV[5], ARGV[6]
 local exists = redis.call('EXISTS', key) == 1
-local bump = false
+local bump, changed = false, not exists
 if exists then
-  local old = redis.call('HMGET', key, 'boot_id', 'inventory_generation', 'inventory')
+  local old = redis.call('HMGET', key, 'boot_id', 'inventory_generation', 'inventory',
+                         'agent_address', 'lease_expired')
   if old[1] == boot_id and tonumber(old[2] or '0') > tonumber(generation) then
     return 0
   end
   -- A plan computed against the old inventory must not commit on the new one.
   bump = old[1] ~= boot_id or old[3] ~= inventory
+  changed = bump or old[4] ~= address or old[5] == '1'
+  if old[5] == '1' then
+    redis.call('HDEL', key, 'lease_expired')
+  end
 end
 redis.call('HSET', key, 'inventory', inventory, 'inventory_generation', generation,
            'boot_id', boot_id, 'agent_address', address, 'last_heartbeat_ms', now_ms)
 if not exists then
   redis.call('HSET', key, 'alloc_generation', 0)
-  return 2
 elseif bump then
   redis.call('HINCRBY', key, 'alloc_generation', 1)
+  redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+end
+if changed then
+  feed_append(KEYS[3], KEYS[4], host_id)
+end
+if not exists then
+  return 2
 end
 return 1
-"""
+""")
 
-_TOUCH_HOST_LUA = """#!lua
+# Heartbeat. KEYS: host, feed, feed-seq. ARGV: boot id, now ms, host id.
+# Renewing a live lease changes nothing a replica plans on: only a lease that
+# had expired goes on the feed, as it comes back.
+_TOUCH_HOST_LUA = _with_feed("""#!lua
 if redis.call('HGET', KEYS[1], 'boot_id') ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'last_heartbeat_ms', ARGV[2])
+if redis.call('HGET', KEYS[1], 'lease_expired') == '1' then
+  redis.call('HDEL', KEYS[1], 'lease_expired')
+  feed_append(KEYS[2], KEYS[3], ARGV[3])
+end
 return 1
+""")
+
+# Lease expiry, the housekeeper's sweep. KEYS: host, versions, feed, feed-seq. ARGV:
+# host id, heartbeat deadline ms (scheduler clock, as heartbeats record).
+# Marks the host expired if its last heartbeat is older than the deadline,
+# bumping the alloc generation (a plan made while it was alive must not
+# commit on it) and appending to the feed. Returns 1 if it expired now.
+_EXPIRE_HOST_LUA = _with_feed("""#!lua
+local r = redis.call('HMGET', KEYS[1], 'last_heartbeat_ms', 'lease_expired', 'boot_id')
+if not r[3] or r[2] == '1' or tonumber(r[1] or '0') >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'lease_expired', '1')
+redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
+redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+feed_append(KEYS[3], KEYS[4], ARGV[1])
+return 1
+""")
+
+# KEYS: feed, feed-seq. The shard's last sequence number and the id of its
+# last entry, read together so that a reader starting there misses nothing.
+_FEED_HEAD_LUA = """#!lua flags=no-writes
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local id = '0-0'
+if #last > 0 then id = last[1][1] end
+return {tonumber(redis.call('GET', KEYS[2]) or '0'), id}
 """
 
 # A fenced write is checked against the highest token the host has seen
@@ -275,7 +383,7 @@ local function fenced(host_key, job, token)
 end
 """
 
-# KEYS: host, alloc, placement-tenants. One host's record, read atomically
+# KEYS: host, alloc, placement-tenants, versions. One host's record, read atomically
 # inside its slot (a MULTI over many hosts would span slots).
 # ARGV: the boot id and inventory generation whose inventory the caller
 # already holds ('' none, '*' any): the inventory, kilobytes a host, is then
@@ -300,7 +408,8 @@ if ARGV[1] ~= '' then
     fields = kept
   end
 end
-return {fields, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
+return {fields, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
+        redis.call('HGETALL', KEYS[4])}
 """
 
 # The server's clock: deadlines of request claims are in server time, so
@@ -350,11 +459,12 @@ return 1
 )
 
 # KEYS: host, alloc, placements, placement-slots, placement-requests,
-#       placement-states, placement-tenants. ARGV: placement id, job, fencing
-# token ('' for none), then the states it may be released from (none: any).
-# Returns {code, request id}: 1 released, 0 no such placement, -2 in another
-# state, -3 stale token.
-_RELEASE_LUA = (
+#       placement-states, placement-tenants, versions, placement-bumps, feed,
+#       feed-seq. ARGV: placement
+# id, job, fencing token ('' for none), host id, then the states it may be
+# released from (none: any). Returns {code, request id}: 1 released, 0 no
+# such placement, -2 in another state, -3 stale token.
+_RELEASE_LUA = _with_feed(
     "#!lua"
     + _FENCE_LUA
     + """
@@ -367,10 +477,10 @@ end
 if redis.call('HEXISTS', placements_key, placement_id) == 0 then
   return {0, ''}
 end
-if #ARGV > 3 then
+if #ARGV > 4 then
   local current = redis.call('HGET', states_key, placement_id) or ''
   local allowed = false
-  for i = 4, #ARGV do
+  for i = 5, #ARGV do
     if ARGV[i] == current then allowed = true end
   end
   if not allowed then
@@ -386,6 +496,14 @@ if encoded then
     end
   end
 end
+local bumps = redis.call('HGET', KEYS[9], placement_id)
+if bumps then
+  -- What depended on the devices it held sees them change again.
+  for _, key in ipairs(cjson.decode(bumps)) do
+    redis.call('HINCRBY', KEYS[8], key, 1)
+  end
+  redis.call('HDEL', KEYS[9], placement_id)
+end
 local request_id = redis.call('HGET', requests_key, placement_id) or ''
 redis.call('HDEL', placements_key, placement_id)
 redis.call('HDEL', slots_key, placement_id)
@@ -394,6 +512,7 @@ redis.call('HDEL', states_key, placement_id)
 redis.call('HDEL', tenants_key, placement_id)
 if redis.call('EXISTS', host_key) == 1 then
   redis.call('HINCRBY', host_key, 'alloc_generation', 1)
+  feed_append(KEYS[10], KEYS[11], ARGV[4])
 end
 return {1, request_id}
 """
@@ -506,9 +625,10 @@ end
 return 0
 """
 
-# KEYS: host. ARGV: reason, by, now ms, keep ('1': leave a cordon already
-# there as it is). Returns 0 for an unknown host, else 1.
-_CORDON_LUA = """#!lua
+# KEYS: host, versions, feed, feed-seq. ARGV: reason, by, now ms, keep ('1':
+# leave a cordon already there as it is), host id. Returns 0 for an unknown host,
+# else 1.
+_CORDON_LUA = _with_feed("""#!lua
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
@@ -522,28 +642,36 @@ if not already then
   -- A plan made on a snapshot from before the cordon must not commit here:
   -- it conflicts, and its replan sees the host cordoned.
   redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
+  redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+  feed_append(KEYS[3], KEYS[4], ARGV[5])
 end
 return 1
-"""
+""")
 
-# KEYS: host. Returns 0 for an unknown host, else 1.
-_UNCORDON_LUA = """#!lua
+# KEYS: host, feed, feed-seq. ARGV: host id. Returns 0 for an unknown host,
+# else 1.
+_UNCORDON_LUA = _with_feed("""#!lua
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
-redis.call('HDEL', KEYS[1], 'cordoned', 'cordon_reason', 'cordoned_by', 'cordoned_ms')
+if redis.call('HGET', KEYS[1], 'cordoned') == '1' then
+  redis.call('HDEL', KEYS[1], 'cordoned', 'cordon_reason', 'cordoned_by', 'cordoned_ms')
+  feed_append(KEYS[2], KEYS[3], ARGV[1])
+end
 return 1
-"""
+""")
 
 # KEYS: every per-host key (schema.all_host_keys): host, alloc, placements,
-# placement-slots, placement-requests, placement-states, placement-tenants.
-# ARGV: force ('1' or '0'). Returns {code, pairs}: 0 when no key of the host
+# placement-slots, placement-requests, placement-states, placement-tenants,
+# versions, placement-bumps; then feed, feed-seq. ARGV: force ('1' or '0'),
+# host id. Returns {code, pairs}: 0 when no key of the host
 # exists; -1 when it holds placements and force is off (pairs: placement id,
 # state); 1 when every key is deleted (pairs: placement id, request id of
 # each placement dropped with it).
-_FORGET_HOST_LUA = """#!lua
+_FORGET_HOST_LUA = _with_feed("""#!lua
+local host_keys = {unpack(KEYS, 1, 9)}
 local present = false
-for i = 1, #KEYS do
+for i = 1, #host_keys do
   if redis.call('EXISTS', KEYS[i]) == 1 then present = true end
 end
 if not present then
@@ -564,9 +692,10 @@ end
 if busy then
   return {-1, found}
 end
-redis.call('DEL', unpack(KEYS))
+redis.call('DEL', unpack(host_keys))
+feed_append(KEYS[10], KEYS[11], ARGV[2])
 return {1, found}
-"""
+""")
 
 #: How long a claim lasts without a renewal. Renewed by every commit attempt,
 #: which follows the renewal within milliseconds; a caller that stalls longer
@@ -584,7 +713,12 @@ _CLAIM_ATTEMPTS = 8
 
 
 def _read_host_keys(host_id: str) -> list[str]:
-    return [schema.host(host_id), schema.alloc(host_id), schema.placement_tenants(host_id)]
+    return [
+        schema.host(host_id),
+        schema.alloc(host_id),
+        schema.placement_tenants(host_id),
+        schema.versions(host_id),
+    ]
 
 
 def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
@@ -594,9 +728,18 @@ def _pairs(flat: Sequence[Any]) -> dict[Any, Any]:
 
 def _host_reply(
     reply: Sequence[Any],
-) -> tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any]]:
-    fields, allocs, tenants = reply
-    return _pairs(fields), _pairs(allocs), _pairs(tenants)
+) -> tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any], dict[Any, Any]]:
+    fields, allocs, tenants, versions = reply
+    return _pairs(fields), _pairs(allocs), _pairs(tenants), _pairs(versions)
+
+
+def _streams(reply: Any) -> list[tuple[Any, Any]]:
+    """An XREAD reply as (key, entries) pairs: RESP2 answers a list, RESP3 a map."""
+    if not reply:
+        return []
+    if isinstance(reply, Mapping):
+        return list(reply.items())
+    return [(key, entries) for key, entries in reply]
 
 
 def _fence_args(fence: Fence | None) -> list[str]:
@@ -642,6 +785,7 @@ def _record(
     fields: Mapping[Any, Any],
     allocs: Mapping[Any, Any],
     tenants: Mapping[Any, Any],
+    versions: Mapping[Any, Any],
 ) -> HostRecord:
     by_name = {_text(k): v for k, v in fields.items()}
     inventory = by_name.get(schema.F_INVENTORY)
@@ -666,6 +810,8 @@ def _record(
         cordon_reason=_text(by_name.get(schema.F_CORDON_REASON)),
         cordoned_by=_text(by_name.get(schema.F_CORDONED_BY)),
         cordoned_ms=_int(by_name.get(schema.F_CORDONED_MS)),
+        lease_expired=_text(by_name.get(schema.F_LEASE_EXPIRED)) == "1",
+        versions={_text(k): _int(v) for k, v in versions.items()},
     )
 
 
@@ -714,6 +860,12 @@ class RedisStateStore:
         self._cordon = client.register_script(_CORDON_LUA)
         self._uncordon = client.register_script(_UNCORDON_LUA)
         self._forget_host = client.register_script(_FORGET_HOST_LUA)
+        self._expire_host = client.register_script(_EXPIRE_HOST_LUA)
+        self._feed_head = client.register_script(_FEED_HEAD_LUA)
+        # Whether the server runs in cluster mode (read once): a multi-key
+        # XREAD over every shard's feed is one command on a plain server,
+        # one per shard where shards live in different slots.
+        self._cluster_mode: bool | None = None
 
     # -- hosts ---------------------------------------------------------------
 
@@ -747,8 +899,8 @@ class RedisStateStore:
         await self._client.sadd(schema.HOSTS, host_id)
         result = int(
             await self._upsert(
-                keys=[schema.host(host_id)],
-                args=[inventory, inventory_generation, boot_id, agent_address, now_ms],
+                keys=[schema.host(host_id), schema.versions(host_id), *schema.feed_keys(host_id)],
+                args=[inventory, inventory_generation, boot_id, agent_address, now_ms, host_id],
             )
         )
         if result == 2:
@@ -771,7 +923,12 @@ class RedisStateStore:
             agent must register again.
         """
         _check_host_id(host_id)
-        return bool(await self._touch(keys=[schema.host(host_id)], args=[boot_id, now_ms]))
+        return bool(
+            await self._touch(
+                keys=[schema.host(host_id), *schema.feed_keys(host_id)],
+                args=[boot_id, now_ms, host_id],
+            )
+        )
 
     async def cordon_host(
         self, host_id: str, *, reason: str, by: str, now_ms: int, keep: bool = False
@@ -796,7 +953,10 @@ class RedisStateStore:
         _check_host_id(host_id)
         keep_arg = "1" if keep else "0"
         return bool(
-            await self._cordon(keys=[schema.host(host_id)], args=[reason, by, now_ms, keep_arg])
+            await self._cordon(
+                keys=[schema.host(host_id), schema.versions(host_id), *schema.feed_keys(host_id)],
+                args=[reason, by, now_ms, keep_arg, host_id],
+            )
         )
 
     async def uncordon_host(self, host_id: str) -> bool:
@@ -806,7 +966,11 @@ class RedisStateStore:
             False if the host is not registered.
         """
         _check_host_id(host_id)
-        return bool(await self._uncordon(keys=[schema.host(host_id)]))
+        return bool(
+            await self._uncordon(
+                keys=[schema.host(host_id), *schema.feed_keys(host_id)], args=[host_id]
+            )
+        )
 
     async def forget_host(self, host_id: str, *, force: bool = False) -> ForgetResult:
         """Remove a host and every key of it, if it holds no placement.
@@ -829,7 +993,8 @@ class RedisStateStore:
         """
         _check_host_id(host_id)
         code, flat = await self._forget_host(
-            keys=schema.all_host_keys(host_id), args=["1" if force else "0"]
+            keys=[*schema.all_host_keys(host_id), *schema.feed_keys(host_id)],
+            args=["1" if force else "0", host_id],
         )
         placements = {_text(k): _text(v) for k, v in _pairs(flat).items()}
         if int(code) == 0:
@@ -860,10 +1025,12 @@ class RedisStateStore:
             The record, or None if the host is not registered.
         """
         _check_host_id(host_id)
-        fields, allocs, tenants = _host_reply(await self._read_host(keys=_read_host_keys(host_id)))
+        fields, allocs, tenants, versions = _host_reply(
+            await self._read_host(keys=_read_host_keys(host_id))
+        )
         if not fields:
             return None
-        return _record(host_id, fields, allocs, tenants)
+        return _record(host_id, fields, allocs, tenants, versions)
 
     async def snapshot(
         self, known: Mapping[str, tuple[str, int]] | None = None, *, inventories: bool = True
@@ -885,11 +1052,33 @@ class RedisStateStore:
             The snapshot.
         """
         host_ids = sorted(_text(h) for h in await self._client.smembers(schema.HOSTS))
+        found = await self.read_hosts(host_ids, known, inventories=inventories)
+        return StoreSnapshot(hosts={h: r for h, r in found.items() if r is not None})
+
+    async def read_hosts(
+        self,
+        host_ids: Sequence[str],
+        known: Mapping[str, tuple[str, int]] | None = None,
+        *,
+        inventories: bool = True,
+    ) -> dict[str, HostRecord | None]:
+        """Some hosts with their allocations, each read atomically, in one pipeline.
+
+        Args:
+            host_ids: the hosts.
+            known: host -> (boot id, inventory generation) whose inventory
+                the caller holds already (left out of those records).
+            inventories: False leaves every inventory out.
+
+        Returns:
+            host id -> record, or None for a host that is not registered.
+        """
         if not host_ids:
-            return StoreSnapshot(hosts={})
+            return {}
         known = known or {}
         async with self._client.pipeline(transaction=False) as pipe:
             for host_id in host_ids:
+                _check_host_id(host_id)
                 if not inventories:
                     held = ["*", ""]
                 elif host_id in known:
@@ -899,12 +1088,92 @@ class RedisStateStore:
                     held = ["", ""]
                 await self._read_host(keys=_read_host_keys(host_id), args=held, client=pipe)
             replies = await pipe.execute()
-        hosts: dict[str, HostRecord] = {}
+        hosts: dict[str, HostRecord | None] = {}
         for host_id, reply in zip(host_ids, replies, strict=True):
-            fields, allocs, tenants = _host_reply(reply)
-            if fields:
-                hosts[host_id] = _record(host_id, fields, allocs, tenants)
-        return StoreSnapshot(hosts=hosts)
+            fields, allocs, tenants, versions = _host_reply(reply)
+            hosts[host_id] = _record(host_id, fields, allocs, tenants, versions) if fields else None
+        return hosts
+
+    async def expire_host(self, host_id: str, heartbeat_before_ms: int) -> bool:
+        """Mark a host's lease expired if its last heartbeat is older than a deadline.
+
+        The expiry bumps the alloc generation (a plan made while the host was
+        alive does not commit) and goes on the feed; the next heartbeat or
+        registration brings the host back.
+
+        Args:
+            host_id: the host.
+            heartbeat_before_ms: the deadline, scheduler clock.
+
+        Returns:
+            True if the lease expired now (False: renewed since, expired
+            already, or no such host).
+        """
+        _check_host_id(host_id)
+        return bool(
+            await self._expire_host(
+                keys=[schema.host(host_id), schema.versions(host_id), *schema.feed_keys(host_id)],
+                args=[host_id, heartbeat_before_ms],
+            )
+        )
+
+    # -- the change feed ---------------------------------------------------------
+
+    async def feed_heads(self) -> list[FeedCursor]:
+        """Every shard's feed as it ends now: where a reader that has read everything stands.
+
+        Read before a full read of the hosts, these cursors make the feed
+        replay whatever changed during that read.
+        """
+        async with self._client.pipeline(transaction=False) as pipe:
+            for shard in range(schema.FEED_SHARDS):
+                await self._feed_head(
+                    keys=[schema.feed(shard), schema.feed_seq(shard)], client=pipe
+                )
+            replies = await pipe.execute()
+        return [
+            FeedCursor(shard, _text(entry_id), int(seq))
+            for shard, (seq, entry_id) in enumerate(replies)
+        ]
+
+    async def read_feed(
+        self, cursors: Sequence[FeedCursor], count: int
+    ) -> dict[int, list[FeedEntry]]:
+        """The entries after each cursor, at most ``count`` per shard.
+
+        Args:
+            cursors: one per shard to read.
+            count: the most entries to return per shard.
+
+        Returns:
+            shard -> its entries in order (shards with none are left out).
+        """
+        streams = {schema.feed(c.shard): c.entry_id for c in cursors}
+        shard_of_key = {schema.feed(c.shard): c.shard for c in cursors}
+        if self._cluster_mode is None:
+            info = await self._client.info("cluster")
+            self._cluster_mode = bool(int(info.get("cluster_enabled", 0) or 0))
+        if self._cluster_mode:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, entry_id in streams.items():
+                    pipe.xread({key: entry_id}, count=count)
+                replies = await pipe.execute()
+            found = [stream for reply in replies for stream in _streams(reply)]
+        else:
+            found = _streams(await self._client.xread(streams, count=count))  # type: ignore[arg-type]
+        out: dict[int, list[FeedEntry]] = {}
+        for key, entries in found:
+            shard = shard_of_key[_text(key)]
+            out[shard] = [
+                FeedEntry(
+                    shard,
+                    _text(entry_id),
+                    _int(fields.get(schema.F_FEED_SEQ.encode())),
+                    _text(fields.get(schema.F_FEED_HOST.encode())),
+                )
+                for entry_id, fields in entries
+            ]
+        return out
 
     # -- requests --------------------------------------------------------------
 
@@ -1046,7 +1315,8 @@ class RedisStateStore:
         self,
         *,
         host_id: str,
-        expected_alloc_generation: int,
+        guards: Mapping[str, int],
+        bumps: Sequence[str],
         slots: Sequence[str],
         placement_id: str,
         placement: bytes,
@@ -1059,16 +1329,19 @@ class RedisStateStore:
         The request record first names the placement about to be committed
         (renewing the claim's deadline; LOST if the claim is no longer this
         caller's). One script on the host then checks, in order: the deadline
-        has not passed (EXPIRED), the host is registered, its alloc generation
-        is the expected one, the placement id is unused and every slot is free
-        (else CONFLICT); only then does it write the slot owners and the
-        placement and bump the alloc generation. Finally the request record
-        becomes committed.
+        has not passed (EXPIRED), the host is registered, every guard is at
+        the version the plan saw, the placement id is unused and every slot
+        is free (else CONFLICT); only then does it write the slot owners and
+        the placement, bump the versions of ``bumps`` (and of ``tenants`` for
+        a tenant new to the host) and the alloc generation, and put the host
+        on the change feed. Finally the request record becomes committed.
 
         Args:
             host_id: the host the plan chose.
-            expected_alloc_generation: the host's generation in the snapshot
-                the plan was made from.
+            guards: guard key -> the version the plan saw
+                (:func:`scheduler.core.guards.guards`).
+            bumps: the keys the commit changes (:func:`scheduler.core.guards.changed_by`);
+                the release bumps them again.
             slots: slot keys the placement takes.
             placement_id: the new placement's id, naming the host
                 (:func:`scheduler.store.schema.placement_id`).
@@ -1081,7 +1354,8 @@ class RedisStateStore:
             What happened, and why.
 
         Raises:
-            ValueError: an empty id or slot, or a placement id not naming the host.
+            ValueError: an empty id, slot or guard key, or a placement id not
+                naming the host.
             StoreError: the request record changed under a landed commit.
         """
         _check_host_id(host_id)
@@ -1089,9 +1363,9 @@ class RedisStateStore:
         _check_id("request_id", request_id)
         if schema.host_of_placement(placement_id) != host_id:
             raise ValueError(f"placement_id {placement_id!r} does not name host {host_id!r}")
-        for slot in slots:
-            if not slot:
-                raise ValueError("slot keys must not be empty")
+        for what in (*slots, *guards, *bumps):
+            if not what:
+                raise ValueError("slot and guard keys must not be empty")
         request_key = schema.request(request_id)
         deadline = int(
             await self._intent(
@@ -1105,25 +1379,28 @@ class RedisStateStore:
                 placement_id,
                 f"the claim on request {request_id} is no longer this call's",
             )
+        guard_args: list[str | int] = [len(guards)]
+        for key, version in sorted(guards.items()):
+            guard_args += [key, str(version)]
         reply = await self._commit(
-            keys=[
-                *schema.host_keys(host_id),
-                schema.placement_states(host_id),
-                schema.placement_tenants(host_id),
-            ],
+            keys=[*schema.all_host_keys(host_id), *schema.feed_keys(host_id)],
             args=[
-                str(expected_alloc_generation),
                 placement_id,
                 placement,
                 request_id,
                 host_id,
                 tenant,
                 deadline,
+                *guard_args,
+                len(bumps),
+                *bumps,
                 *slots,
             ],
         )
-        outcome, pid, detail = (_text(x) for x in reply)
-        result = CommitResult(CommitOutcome(outcome), pid, detail)
+        outcome, pid, detail, generation = reply
+        result = CommitResult(
+            CommitOutcome(_text(outcome)), _text(pid), _text(detail), int(generation)
+        )
         if result.outcome is CommitOutcome.COMMITTED and not await self._finalize(
             keys=[request_key], args=[claimant, placement_id]
         ):
@@ -1219,12 +1496,8 @@ class RedisStateStore:
         _check_host_id(host_id)
         _check_id("placement_id", placement_id)
         code, request_id = await self._release(
-            keys=[
-                *schema.host_keys(host_id),
-                schema.placement_states(host_id),
-                schema.placement_tenants(host_id),
-            ],
-            args=[placement_id, *_fence_args(fence), *from_states],
+            keys=[*schema.all_host_keys(host_id), *schema.feed_keys(host_id)],
+            args=[placement_id, *_fence_args(fence), host_id, *from_states],
         )
         if int(code) == -3:
             raise FencedOutError(f"fencing token {fence} is stale on host {host_id}")

@@ -1,30 +1,55 @@
 """Every Redis key the scheduler writes, in one place.
 
-All keys start with ``tessera:``. Keys that belong to one host carry the hash
-tag ``{host_id}``, so every per-host key of a host lives in one Redis Cluster
-hash slot: the commit of a reservation, which must check and write the host's
-generation, slot owners and placements together, stays inside that slot.
+All keys start with ``tessera:``. Hosts are spread over :data:`FEED_SHARDS`
+shards (by a CRC32 of the host id), and every key of a host carries its
+shard's hash tag ``{sNN}``: the commit of a reservation, which must check and
+write the host's generation, slot owners and placements, and append to the
+shard's change feed, stays inside one Redis Cluster hash slot.
 
-Per host (hash tag ``{host_id}``):
+Per host (hash tag ``{sNN}`` of its shard; ``H`` is the host id):
 
-========================================  =======  ==========================================
-key                                       type     content
-========================================  =======  ==========================================
-``tessera:{H}:host``                      hash     ``inventory`` (serialized HostInventory),
-                                                   ``agent_address``, ``boot_id``,
-                                                   ``inventory_generation``,
-                                                   ``last_heartbeat_ms``, ``alloc_generation``
-``tessera:{H}:alloc``                     hash     slot key (``iommu-group:12``) -> placement id
-``tessera:{H}:placements``                hash     placement id -> serialized Placement
-``tessera:{H}:placement-slots``           hash     placement id -> JSON array of the slot keys
-                                                   the placement owns (release frees exactly
-                                                   these)
-``tessera:{H}:placement-requests``        hash     placement id -> request id that made it
-``tessera:{H}:placement-states``          hash     placement id -> ``pending``, ``ready``,
-                                                   ``releasing`` or ``failed``
-``tessera:{H}:placement-tenants``         hash     placement id -> tenant (what exclusivity
-                                                   domains and interference are judged by)
-========================================  =======  ==========================================
+=========================================  =======  =========================================
+key                                        type     content
+=========================================  =======  =========================================
+``tessera:{sNN}:H:host``                   hash     ``inventory`` (serialized HostInventory),
+                                                    ``agent_address``, ``boot_id``,
+                                                    ``inventory_generation``,
+                                                    ``last_heartbeat_ms``,
+                                                    ``alloc_generation``
+``tessera:{sNN}:H:alloc``                  hash     slot key (``iommu-group:12``) ->
+                                                    placement id
+``tessera:{sNN}:H:placements``             hash     placement id -> serialized Placement
+``tessera:{sNN}:H:placement-slots``        hash     placement id -> JSON array of the slot
+                                                    keys the placement owns (release frees
+                                                    exactly these)
+``tessera:{sNN}:H:placement-requests``     hash     placement id -> request id that made it
+``tessera:{sNN}:H:placement-states``       hash     placement id -> ``pending``, ``ready``,
+                                                    ``releasing`` or ``failed``
+``tessera:{sNN}:H:placement-tenants``      hash     placement id -> tenant (what exclusivity
+                                                    domains and interference are judged by)
+``tessera:{sNN}:H:versions``               hash     guard key (``epoch``, ``group:12``,
+                                                    ``tenants``, ``exclusive``) -> version
+                                                    (see :mod:`scheduler.core.guards`)
+``tessera:{sNN}:H:placement-bumps``        hash     placement id -> JSON array of the guard
+                                                    keys its commit bumped (its release
+                                                    bumps them again)
+=========================================  =======  =========================================
+
+Per shard (hash tag ``{sNN}``), the change feed replicas follow:
+
+=========================================  =======  =========================================
+``tessera:{sNN}:feed``                     stream   one entry per change of a host of the
+                                                    shard: ``h`` host id, ``n`` sequence
+``tessera:{sNN}:feed-seq``                 integer  the last sequence number given out
+=========================================  =======  =========================================
+
+A write that changes what a replica plans on appends to its shard's feed in
+the same script: commits, releases, registrations that change the inventory,
+boot or address, cordon and uncordon, a lease expiring (the housekeeper's
+sweep) or coming back (the next heartbeat), forgetting a host. Heartbeats that
+change nothing do not. A replica keeps the cluster in memory, reads the feeds
+from its cursors before planning and re-reads only the hosts named there; the
+commit's generation check stays the safety net for anything it has not seen.
 
 The host hash also holds ``fence:<job>``: the highest fencing token of a
 background job that wrote to this host. A fenced write with a lower token is
@@ -84,9 +109,9 @@ Every write touches one hash slot, ready for Redis Cluster:
   (skipped).
 * **Placement ids** name their host (``pl-<token>@<host_id>``), so a
   placement is found by id without a global index.
-* ``snapshot`` reads all hosts in one MULTI, which is cross-slot; per-host
-  consistency is all the scheduler needs, so under Cluster it would become one
-  MULTI per host. Reads, not writes.
+* ``snapshot`` reads each host with one read-only script on its slot (per-host
+  consistency is all the scheduler needs), pipelined; the feed is read one
+  stream per shard.
 
 The functions below are the only places key names are spelled out.
 """
@@ -94,8 +119,24 @@ The functions below are the only places key names are spelled out.
 from __future__ import annotations
 
 import re
+import zlib
 
 PREFIX = "tessera:"
+
+FEED_SHARDS = 64
+"""How many change feeds the hosts are spread over (fixed: it names keys).
+
+Every host belongs to one shard, and every per-host key carries the shard's
+hash tag, so a script that changes a host can append to its shard's feed in
+the same hash slot. A replica follows all of them.
+"""
+
+FEED_MAXLEN = 4096
+"""Entries each feed keeps (approximately: trimmed with ``MAXLEN ~``).
+
+At a thousand changes a second over 64 shards that is about four minutes of
+history; a replica further behind than that resyncs in full.
+"""
 
 HOSTS = f"{PREFIX}hosts"
 """Set of every registered host id (global)."""
@@ -114,6 +155,14 @@ F_CORDONED = "cordoned"
 F_CORDON_REASON = "cordon_reason"
 F_CORDONED_BY = "cordoned_by"
 F_CORDONED_MS = "cordoned_ms"
+F_LEASE_EXPIRED = "lease_expired"
+"""``1`` once the housekeeper found the host's lease run out; a heartbeat or
+registration clears it. Expiry is thus an event (on the feed), not something
+every reader computes from the heartbeat clock."""
+
+# Fields of a feed entry.
+F_FEED_HOST = "h"
+F_FEED_SEQ = "n"
 
 # Fields of a request record.
 F_STATE = "state"
@@ -130,9 +179,72 @@ COMMITTED = "committed"
 _PLACEMENT_ID = re.compile(r"^pl-([^@]+)@(.+)$", re.DOTALL)
 
 
+def shard_of(host_id: str) -> int:
+    """The feed shard a host belongs to (stable across processes and versions).
+
+    Args:
+        host_id: the host.
+
+    Returns:
+        0 .. FEED_SHARDS - 1.
+    """
+    return zlib.crc32(host_id.encode("utf-8")) % FEED_SHARDS
+
+
+def _shard_tag(shard: int) -> str:
+    return f"{PREFIX}{{s{shard:02d}}}"
+
+
 def _tag(host_id: str) -> str:
     # Braces in an id would move the hash tag; ids are validated before use.
-    return f"{PREFIX}{{{host_id}}}"
+    # The host id follows the tag, and every suffix below is free of ':',
+    # so no two (host, suffix) pairs spell the same key.
+    return f"{_shard_tag(shard_of(host_id))}:{host_id}"
+
+
+def feed(shard: int) -> str:
+    """Stream of one shard's host changes: entries ``h`` (host id), ``n`` (sequence).
+
+    Appended by every script that changes what a replica plans on (a commit,
+    a release, a registration that changed something, a cordon, a lease
+    expiring or coming back, forgetting a host), in the same atomic step.
+
+    Args:
+        shard: the shard (:func:`shard_of`).
+
+    Returns:
+        The key name.
+    """
+    return f"{_shard_tag(shard)}:feed"
+
+
+def feed_seq(shard: int) -> str:
+    """Counter of one shard's feed entries: each entry carries the next value.
+
+    A reader that finds the entries after its cursor not numbered on from its
+    own count knows it missed some (trimmed, or the store lost data) and
+    resyncs.
+
+    Args:
+        shard: the shard.
+
+    Returns:
+        The key name.
+    """
+    return f"{_shard_tag(shard)}:feed-seq"
+
+
+def feed_keys(host_id: str) -> list[str]:
+    """The shard keys a script changing a host appends to: feed and its sequence.
+
+    Args:
+        host_id: the host.
+
+    Returns:
+        ``[feed, feed_seq]`` of the host's shard.
+    """
+    shard = shard_of(host_id)
+    return [feed(shard), feed_seq(shard)]
 
 
 def host(host_id: str) -> str:
@@ -223,6 +335,34 @@ def placement_tenants(host_id: str) -> str:
         The key name.
     """
     return f"{_tag(host_id)}:placement-tenants"
+
+
+def versions(host_id: str) -> str:
+    """Hash of a host's guard versions: guard key -> counter.
+
+    A commit checks the versions of the keys its plan depends on (the
+    devices it touches, the host's epoch and exclusive holds) and bumps those
+    it changes, so plans for different devices of one host do not collide.
+
+    Args:
+        host_id: the host.
+
+    Returns:
+        The key name.
+    """
+    return f"{_tag(host_id)}:versions"
+
+
+def placement_bumps(host_id: str) -> str:
+    """Hash of the guard keys each placement's commit bumped: placement id -> JSON array.
+
+    Args:
+        host_id: the host.
+
+    Returns:
+        The key name.
+    """
+    return f"{_tag(host_id)}:placement-bumps"
 
 
 def tenant_request(tenant: str, request_id: str) -> str:
@@ -349,6 +489,13 @@ def all_host_keys(host_id: str) -> list[str]:
         host_id: the host.
 
     Returns:
-        :func:`host_keys`, then ``placement_states`` and ``placement_tenants``.
+        :func:`host_keys`, then ``placement_states``, ``placement_tenants``,
+        ``versions`` and ``placement_bumps``: the order the Lua scripts expect.
     """
-    return [*host_keys(host_id), placement_states(host_id), placement_tenants(host_id)]
+    return [
+        *host_keys(host_id),
+        placement_states(host_id),
+        placement_tenants(host_id),
+        versions(host_id),
+        placement_bumps(host_id),
+    ]

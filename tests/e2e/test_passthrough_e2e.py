@@ -194,7 +194,7 @@ def test_a_malformed_request_names_the_field_and_changes_nothing(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (err.value.details() or "").startswith(f"{field}:")
     after = _store_dump(cluster.redis_url)
-    # Heartbeats refresh the host records (tessera:{H}:host) meanwhile;
+    # Heartbeats refresh the host records (tessera:{sNN}:H:host) meanwhile;
     # nothing else may change: no slot, placement or request index.
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     assert all(k.endswith(b":host") for k in changed), changed

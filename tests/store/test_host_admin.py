@@ -9,6 +9,8 @@ placements it drops.
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as aioredis
 
 from scheduler.store import schema
@@ -27,10 +29,15 @@ def _key(key: bytes | str) -> bytes:
     return key if isinstance(key, bytes) else key.encode()
 
 
+def _host_prefix(host_id: str) -> str:
+    """What every key of the host starts with: its shard's hash tag, then its id."""
+    return schema.host(host_id).removesuffix(":host") + ":"
+
+
 async def host_keys_left(client: aioredis.Redis, host_id: str) -> list[bytes]:
-    """Every key carrying the host's hash tag, found by SCAN."""
+    """Every key of the host (its shard's tag and its id), found by SCAN."""
     # SCAN's MATCH is a glob: escape the braces of the hash tag.
-    pattern = f"{schema.PREFIX}\\{{{host_id}\\}}*"
+    pattern = _host_prefix(host_id).replace("{", "\\{").replace("}", "\\}") + "*"
     return sorted([key async for key in client.scan_iter(match=pattern, count=1000)])
 
 
@@ -90,9 +97,9 @@ def test_a_plan_made_before_a_cordon_cannot_commit(
         before = await store.get_host(H)
         assert before is not None
         assert await store.cordon_host(H, reason="", by="admin/ops", now_ms=5000)
-        result = await commit(store, "late", ["iommu-group:1"], generation=before.alloc_generation)
+        result = await commit(store, "late", ["iommu-group:1"], seen=before.versions)
         assert result.outcome is CommitOutcome.CONFLICT
-        assert "alloc generation" in result.detail
+        assert "epoch" in result.detail
         # Cordoning again does not move the generation once more.
         after = await store.get_host(H)
         assert await store.cordon_host(H, reason="again", by="admin/ops", now_ms=6000)
@@ -160,7 +167,7 @@ def test_a_host_with_placements_is_not_forgotten_and_nothing_is_written(
     arun(body())
 
 
-def test_forgetting_a_host_removes_every_key_with_its_hash_tag(
+def test_forgetting_a_host_removes_every_key_of_it_and_says_so_on_the_feed(
     redis_client: aioredis.Redis, arun: Runner
 ) -> None:
     async def body() -> None:
@@ -171,20 +178,32 @@ def test_forgetting_a_host_removes_every_key_with_its_hash_tag(
         assert await store.release(H, pid("a"))
         assert await store.cordon_host(H, reason="gone", by="admin/ops", now_ms=1)
         assert await host_keys_left(redis_client, H)  # the premise: there are some
-        tag = f"{{{H}}}".encode()
-        untouched = {k: v for k, v in (await dump(redis_client)).items() if tag not in _key(k)}
+        mine = _host_prefix(H).encode()
+        feed = set(map(str.encode, schema.feed_keys(H)))
+        untouched = {
+            k: v
+            for k, v in (await dump(redis_client)).items()
+            if not _key(k).startswith(mine) and _key(k) not in feed
+        }
+        entries = await redis_client.xlen(schema.feed(schema.shard_of(H)))
         result = await store.forget_host(H)
         assert result.outcome is ForgetOutcome.FORGOTTEN and result.placements == {}
         assert await host_keys_left(redis_client, H) == []
         assert await redis_client.smembers(schema.HOSTS) == {b"other"}
         assert await store.get_host(H) is None
         assert set((await store.snapshot()).hosts) == {"other"}
-        # Only the forgotten host's keys (and its entry in the index) went.
+        # Only the forgotten host's keys (and its entry in the index) went,
+        # and its shard's feed says it changed.
         after = await dump(redis_client)
         hosts_key = schema.HOSTS.encode()
-        assert {k: v for k, v in after.items() if _key(k) != hosts_key} == {
+        assert {k: v for k, v in after.items() if _key(k) not in {hosts_key, *feed}} == {
             k: v for k, v in untouched.items() if _key(k) != hosts_key
         }
+        last: list[Any] = list(
+            await redis_client.xrevrange(schema.feed(schema.shard_of(H)), count=1) or []
+        )
+        assert await redis_client.xlen(schema.feed(schema.shard_of(H))) == entries + 1
+        assert last[0][1][schema.F_FEED_HOST.encode()] == H.encode()
 
     arun(body())
 

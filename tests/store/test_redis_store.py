@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from importlib import resources
-from typing import Any
+from collections.abc import Mapping
 
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from scheduler.store import schema
+from scheduler.store import redis_store, schema
 from scheduler.store.redis_store import (
     ClaimOutcome,
     CommitOutcome,
@@ -21,12 +20,6 @@ from scheduler.store.redis_store import (
 )
 
 from ..conftest import Runner
-
-
-def schema_dir() -> Any:
-    """Where the store's Lua scripts ship."""
-    return resources.files("scheduler.store")
-
 
 H = "host-a"
 INVENTORY = b"\x08\x01\x12\x06host-a\xff\x00"  # opaque bytes, not valid UTF-8
@@ -68,14 +61,21 @@ async def commit(
     slots: list[str],
     *,
     host_id: str = H,
-    generation: int | None = None,
+    seen: Mapping[str, int] | None = None,
     request_id: str | None = None,
     claimant: str | None = None,
 ) -> CommitResult:
-    """Claim the request (unless ``claimant`` already holds it), then commit."""
-    if generation is None:
+    """Claim the request (unless ``claimant`` already holds it), then commit.
+
+    The plan is taken to have seen the host's guard versions ``seen`` (None:
+    as the store holds them now); it guards the epoch, exclusive holds and
+    the IOMMU groups it takes, as :mod:`scheduler.core.guards` names them.
+    """
+    if seen is None:
         record = await store.get_host(host_id)
-        generation = record.alloc_generation if record else 0
+        seen = record.versions if record else {}
+    groups = [f"group:{s.split(':', 1)[1]}" for s in slots if s.startswith("iommu-group:")]
+    keys = {"epoch", "exclusive", *groups}
     request_id = request_id or f"req-{token}"
     if claimant is None:
         claimant = f"call-{token}"
@@ -83,7 +83,8 @@ async def commit(
     placement_id = pid(token, host_id)
     return await store.commit_reservation(
         host_id=host_id,
-        expected_alloc_generation=generation,
+        guards={key: seen.get(key, 0) for key in keys},
+        bumps=sorted(set(groups)),
         slots=slots,
         placement_id=placement_id,
         placement=b"payload-" + placement_id.encode(),
@@ -101,6 +102,8 @@ async def dump(client: aioredis.Redis) -> dict[bytes | str, object]:
             out[key] = await client.hgetall(key)
         elif kind == b"set":
             out[key] = await client.smembers(key)
+        elif kind == b"stream":
+            out[key] = await client.xrange(key)
         else:
             out[key] = await client.get(key)
     return out
@@ -168,10 +171,11 @@ def test_an_inventory_change_invalidates_plans_made_before_it(
     async def body() -> None:
         store = RedisStateStore(redis_client)
         await register(store, generation=1)
-        planned_at = 0
+        planned_at = (await store.get_host(H)).versions  # type: ignore[union-attr]
         assert await register(store, generation=2, inventory=b"one GPU fewer")
-        result = await commit(store, "p1", ["iommu-group:1"], generation=planned_at)
+        result = await commit(store, "p1", ["iommu-group:1"], seen=planned_at)
         assert result.outcome is CommitOutcome.CONFLICT
+        assert "epoch" in result.detail
 
     arun(body())
 
@@ -237,14 +241,16 @@ def test_a_commit_writes_everything_and_bumps_the_generation(
     async def body() -> None:
         store = RedisStateStore(redis_client)
         await register(store)
-        result = await commit(store, "p1", ["iommu-group:1", "iommu-group:2"], generation=0)
+        result = await commit(store, "p1", ["iommu-group:1", "iommu-group:2"], seen={})
         p1 = pid("p1")
         assert result.outcome is CommitOutcome.COMMITTED
         assert result.placement_id == p1
-        assert "generation now 1" in result.detail
+        assert "generation now 1" in result.detail and result.alloc_generation == 1
         record = await store.get_host(H)
         assert record is not None
         assert record.alloc_generation == 1
+        # The devices it took moved on, and so did the host's tenants (a new one).
+        assert record.versions == {"group:1": 1, "group:2": 1, "tenants": 1}
         assert record.allocations == {"iommu-group:1": p1, "iommu-group:2": p1}
         assert await store.get_placement(p1) == (H, b"payload-" + p1.encode())
         assert await store.placement_for_request("req-p1") == (p1, "digest-req-p1")
@@ -274,7 +280,8 @@ def test_a_placement_id_must_name_the_host_it_is_committed_on(
         with pytest.raises(ValueError, match="does not name host"):
             await store.commit_reservation(
                 host_id=H,
-                expected_alloc_generation=0,
+                guards={},
+                bumps=[],
                 slots=["iommu-group:1"],
                 placement_id=pid("p1", "host-b"),
                 placement=b"x",
@@ -286,21 +293,38 @@ def test_a_placement_id_must_name_the_host_it_is_committed_on(
     arun(body())
 
 
-def test_a_moved_generation_is_a_conflict_and_writes_nothing(
+def test_a_plan_for_another_device_of_a_host_that_moved_still_commits(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        await register(store)
+        assert (await commit(store, "p1", ["iommu-group:1"], seen={})).outcome is (
+            CommitOutcome.COMMITTED
+        )
+        # Planned before p1 landed, on the other GPU: p1 changed nothing it relied on.
+        result = await commit(store, "p2", ["iommu-group:2"], seen={})
+        assert result.outcome is CommitOutcome.COMMITTED and result.alloc_generation == 2
+
+    arun(body())
+
+
+def test_a_moved_device_is_a_conflict_and_writes_nothing(
     redis_client: aioredis.Redis, arun: Runner
 ) -> None:
     async def body() -> None:
         store = RedisStateStore(redis_client)
         await register(store)
         assert (await commit(store, "p1", ["iommu-group:1"])).outcome is CommitOutcome.COMMITTED
+        assert await store.release(H, pid("p1"))  # the group is free again, at version 2
         await claim(store, "req-p2", "me")
         before = await dump(redis_client)
-        result = await commit(store, "p2", ["iommu-group:2"], generation=0, claimant="me")
+        result = await commit(store, "p2", ["iommu-group:1"], seen={}, claimant="me")
         assert result.outcome is CommitOutcome.CONFLICT
         assert result.placement_id == pid("p2")
-        assert "generation" in result.detail
-        assert "is 1" in result.detail
-        assert "expected 0" in result.detail
+        assert "group:1" in result.detail
+        assert "version 2" in result.detail
+        assert "saw 0" in result.detail
         after = await dump(redis_client)
         # Only the claim's intent moved (it names the attempt); the host is untouched.
         assert {k: v for k, v in after.items() if k != schema.request("req-p2").encode()} == {
@@ -347,7 +371,7 @@ def test_a_commit_is_all_or_nothing(redis_client: aioredis.Redis, arun: Runner) 
 def test_an_unknown_host_is_a_conflict(redis_client: aioredis.Redis, arun: Runner) -> None:
     async def body() -> None:
         store = RedisStateStore(redis_client)
-        result = await commit(store, "p1", ["iommu-group:1"], host_id="nowhere", generation=0)
+        result = await commit(store, "p1", ["iommu-group:1"], host_id="nowhere", seen={})
         assert result.outcome is CommitOutcome.CONFLICT
         assert "not registered" in result.detail
         # Only the request's claim exists; it is dropped when the caller gives up.
@@ -452,12 +476,13 @@ def test_the_host_refuses_a_commit_past_the_claims_deadline(
     async def body() -> None:
         store = RedisStateStore(redis_client)
         await register(store)
-        script = redis_client.register_script((schema_dir() / "commit.lua").read_text("utf-8"))
-        keys = [*schema.host_keys(H), schema.placement_states(H), schema.placement_tenants(H)]
+        script = redis_client.register_script(redis_store._COMMIT_LUA)
+        keys = [*schema.all_host_keys(H), *schema.feed_keys(H)]
         seconds, _ = await redis_client.time()
         past = int(seconds) * 1000 - 1000
+        # No guards, no bumps, one slot: only the deadline can refuse it.
         reply = await script(
-            keys=keys, args=["0", pid("p1"), b"x", "req", H, "t", past, "iommu-group:1"]
+            keys=keys, args=[pid("p1"), b"x", "req", H, "t", past, 0, 0, "iommu-group:1"]
         )
         assert reply[0] == b"EXPIRED"
         assert b"expired" in reply[2]
@@ -528,7 +553,7 @@ def test_sixteen_racers_for_one_slot_yield_exactly_one_commit(
 
         async def racer(i: int) -> CommitResult:
             await start.wait()
-            return await commit(store, f"p{i}", ["iommu-group:1"], generation=0)
+            return await commit(store, f"p{i}", ["iommu-group:1"], seen={})
 
         tasks = [asyncio.create_task(racer(i)) for i in range(16)]
         await asyncio.sleep(0)
@@ -705,7 +730,7 @@ def test_lookups_of_unknown_ids_find_nothing(redis_client: aioredis.Redis, arun:
 # -- schema ------------------------------------------------------------------
 
 
-def test_every_key_is_prefixed_and_per_host_keys_share_one_slot(
+def test_every_key_is_prefixed_and_a_hosts_keys_share_one_slot_with_its_feed(
     redis_client: aioredis.Redis, arun: Runner
 ) -> None:
     async def body() -> None:
@@ -715,17 +740,15 @@ def test_every_key_is_prefixed_and_per_host_keys_share_one_slot(
         token = await store.acquire_lease("reaper", "me", 10_000)
         keys = {k.decode() if isinstance(k, bytes) else k for k in await redis_client.keys("*")}
         assert all(k.startswith(schema.PREFIX) for k in keys)
-        per_host = {k for k in keys if "{" + H + "}" in k}
-        assert per_host == {
-            *schema.host_keys(H),
-            schema.placement_states(H),
-            schema.placement_tenants(H),
-        }
-        assert len({key_slot(k.encode()) for k in per_host}) == 1
+        per_host = {k for k in keys if k.startswith(schema.host(H).removesuffix("host"))}
+        assert per_host == set(schema.all_host_keys(H))
+        feed = set(schema.feed_keys(H))
+        assert feed <= keys
+        assert len({key_slot(k.encode()) for k in per_host | feed}) == 1
         job = {schema.lease("reaper"), schema.fence("reaper")}
         assert token and job <= keys
         assert len({key_slot(k.encode()) for k in job}) == 1
-        assert keys - per_host - job == {schema.HOSTS, schema.request("req-p1")}
+        assert keys - per_host - feed - job == {schema.HOSTS, schema.request("req-p1")}
 
     arun(body())
 

@@ -1,11 +1,16 @@
 """The engine's fast path: one request, indexed filter, search, score, best choice.
 
-Hosts are visited most-packed first (best fit) using a per-host index of idle
-devices by kind, built once per host state and reused across requests; the
-first few hosts that fit are scored in full and the best wins. Within a host,
-a depth-first search assigns each claim unit an option (a whole device, or a
-pool of interchangeable slices), trying NUMA domains in preference order and
-preferred affinities before required-only. Pure: snapshot in, plan out.
+Hosts are visited most-packed first (best fit). The engine keeps, across
+requests, its hosts grouped by hardware class, each class's hosts sorted in
+that order, and brings these indexes up to date from each snapshot by
+visiting only the hosts that changed; a request merges the lists of the
+classes that can take it and stops after the first few fits, which are
+scored in full, and the best wins. Hosts with the same hardware in the same
+state share one judgement per request shape. Within a host, a depth-first
+search assigns each claim unit an option (a whole device, or a pool of
+interchangeable slices), trying NUMA domains in preference order and
+preferred affinities before required-only. Pure: snapshot in, plan out; the
+indexes only save work, they never change a result.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from __future__ import annotations
 import heapq
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from bisect import bisect_left, insort
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import compress, count
+from operator import is_not
 
 from scheduler.core.engine.framework import (
     Cycle,
@@ -70,7 +78,7 @@ from scheduler.core.identity import (
     vfio_group_path,
 )
 from scheduler.core.mig_geometry import capacity, fragmentation_score
-from scheduler.core.occupancy import Occupancy, build_occupancy, domain_instance
+from scheduler.core.occupancy import DomainKey, Occupancy, build_occupancy, domain_instance
 from scheduler.core.plan import (
     Assignment,
     MdevAssignment,
@@ -88,8 +96,8 @@ from scheduler.core.request import (
     PlacementRequest,
 )
 from scheduler.core.slots import exclusive_slot, mdev_slot, mig_slot, vf_slot
-from scheduler.core.snapshot import ClusterSnapshot, HostState
-from scheduler.core.topology import TopologyGraph
+from scheduler.core.snapshot import ClusterSnapshot, HostChanges, HostState
+from scheduler.core.topology import pcie_distance
 
 #: Upper bound on search steps per host and pass, so a pathological request
 #: cannot stall the scheduler; hosts have tens of devices and pools collapse
@@ -164,23 +172,117 @@ class HostFit:
     reasons: tuple[str, ...]
 
 
+#: Upper bound on memoised judgements (all classes together) before the memo
+#: is dropped and rebuilt: old occupancies are dead weight.
+_MEMO_LIMIT = 262_144
+
+#: A host's place in fast-path order for one request: (short of idle devices
+#: for a whole-device-only claim, idle devices of the request's kinds, host).
+_OrderEntry = tuple[bool, int, str]
+
+#: What a request's order depends on: the kind positions it counts, and the
+#: (kind position, count) of its whole-device-only claims.
+_OrderKey = tuple[tuple[int, ...], tuple[tuple[int, int], ...]]
+
+
 @dataclass(frozen=True)
 class _HostIndex:
-    """Per host state: its occupancy and idle devices by kind (the hot-path index)."""
+    """Per host state: its class, occupancy and idle devices (the hot-path index).
+
+    Attributes:
+        view: the host's inventory view.
+        occupancy: what is taken on the host.
+        idle: idle devices (no use of any kind) per kind, in :data:`_KINDS`
+            order.
+        hardware: the host's hardware class.
+        signature: the occupancy, host name aside, interned: hosts of one
+            class with one signature judge every request alike.
+        exclusive: some tenant holds an exclusivity domain here (then who
+            asks matters, see :meth:`Engine._judge`).
+        tenancy: who holds what, host name aside, interned.
+    """
 
     view: HostView
     occupancy: Occupancy
-    #: Idle devices (no use of any kind) per kind, in :data:`_KINDS` order.
     idle: tuple[int, ...]
+    hardware: _HardwareClass
+    signature: int
+    exclusive: bool
+    tenancy: int
+
+
+@dataclass(frozen=True)
+class _Judgement:
+    """A request judged on one occupancy of a hardware class: shared by its hosts.
+
+    Attributes:
+        picks: the best assignment, or None when it does not fit.
+        score: its score.
+        reasons: its score lines.
+        seen: the rejections the judging counted.
+        host: the host it was judged on; ``seen`` names it, and the name is
+            swapped for the asking host's when another host reuses it.
+    """
+
+    picks: tuple[Pick, ...] | None
+    score: int
+    reasons: tuple[str, ...]
+    seen: Rejections
+    host: HostId
+
+
+@dataclass(eq=False)
+class _HardwareClass:
+    """Hosts with the same hardware (their views equal, name and labels aside).
+
+    Attributes:
+        uid: a small number naming the class within one engine.
+        view: the first view seen of the class; stands in for all of them.
+        members: the indexed hosts of the class, with their indexes.
+        orders: per order key, the members in fast-path order, kept sorted
+            as hosts change (built the first time a request needs the key).
+        judged: (signature, request shape[, tenancy]) -> judgement.
+        never: request shape -> why no state of the class can take it, or
+            None when an empty host can.
+        distances: PCIe distances between functions, computed once per class.
+    """
+
+    uid: int
+    view: HostView
+    members: dict[HostId, _HostIndex] = field(default_factory=dict)
+    orders: dict[_OrderKey, list[_OrderEntry]] = field(default_factory=dict)
+    judged: dict[tuple[object, ...], _Judgement] = field(default_factory=dict)
+    never: dict[int, Rejections | None] = field(default_factory=dict)
+    distances: dict[tuple[PciAddress, PciAddress], int] = field(default_factory=dict)
+
+    def order(self, key: _OrderKey) -> list[_OrderEntry]:
+        """The members in fast-path order for ``key``, sorted."""
+        found = self.orders.get(key)
+        if found is None:
+            found = sorted(_order_entry(key, i.idle, h) for h, i in self.members.items())
+            self.orders[key] = found
+        return found
 
 
 @dataclass
 class Engine:
     """Places requests on a cluster snapshot.
 
-    Holds a memo of per-host indexes keyed by host, allocation generation and
-    inventory view, so consecutive requests on a mostly unchanged cluster do
-    not rebuild them; results never depend on the memo.
+    The engine keeps indexes across calls, brought up to date from each
+    snapshot by visiting only the hosts that changed (see :meth:`_sync`):
+
+    * hosts grouped by hardware class, each class keeping its hosts in
+      fast-path order per request kind signature, so a request merges the
+      classes' sorted lists and stops after :attr:`feasible_hosts` fits,
+      touching candidates, not every host;
+    * judgements (the best assignment or the rejections) keyed by hardware
+      class, occupancy signature and request shape, so identical hosts in
+      identical states are fitted once;
+    * per class, what it can never take (feasibility on an empty host, no
+      scoring) and its PCIe distances.
+
+    Results never depend on these indexes: a fresh engine returns the same
+    plans as a warm one, with or without change tracking in the snapshot.
 
     Attributes:
         profile: the plugins.
@@ -190,19 +292,44 @@ class Engine:
 
     profile: EngineProfile = field(default_factory=default_profile)
     feasible_hosts: int = 4
+    # (host, generation, planned) -> index of that host state.
     _index: dict[tuple[HostId, int, tuple[PlacementId, ...]], _HostIndex] = field(
         default_factory=dict, repr=False
     )
-    # (hardware class, static shape) -> why an empty host of the class can
-    # never take the shape, or None when it can.
-    _never: dict[tuple[int, int], Rejections | None] = field(default_factory=dict, repr=False)
-    _topology: TopologyGraph = field(default_factory=TopologyGraph, repr=False)
-    _classes_in_graph: set[HostId] = field(default_factory=set, repr=False)
-    # Static request shapes, interned: the hot loop keys on small ints.
-    _shape_ids: dict[tuple[object, ...], int] = field(default_factory=dict, repr=False)
-    _fits: dict[tuple[object, ...], tuple[HostView, HostFit | None, Rejections]] = field(
+    # hardware_class (a hash) -> the classes with it (more than one only on
+    # a collision: classes are told apart by comparing views).
+    _classes: dict[int, list[_HardwareClass]] = field(default_factory=dict, repr=False)
+    # id(view) -> (view, its class): a view is compared once, not per state.
+    _view_classes: dict[int, tuple[HostView, _HardwareClass]] = field(
         default_factory=dict, repr=False
     )
+    # Classes with indexed hosts, by uid.
+    _live: dict[int, _HardwareClass] = field(default_factory=dict, repr=False)
+    # Per order key, the first entry of each live class's list: the heap a
+    # request starts from, kept up to date as hosts change.
+    _heads: dict[_OrderKey, dict[int, tuple[_OrderEntry, int, int]]] = field(
+        default_factory=dict, repr=False
+    )
+    _class_count: int = field(default=0, repr=False)
+    _judged_count: int = field(default=0, repr=False)
+    # Occupancy and tenancy signatures, interned to small ints.
+    _signatures: dict[tuple[object, ...], int] = field(default_factory=dict, repr=False)
+    _tenancies: dict[tuple[object, ...], int] = field(default_factory=dict, repr=False)
+    # Static request shapes, interned: the hot loop keys on small ints.
+    _shape_ids: dict[tuple[object, ...], int] = field(default_factory=dict, repr=False)
+    # What the indexes reflect: host -> state and its index.
+    _states: dict[HostId, HostState] = field(default_factory=dict, repr=False)
+    _entries: dict[HostId, _HostIndex] = field(default_factory=dict, repr=False)
+    # The hosts mapping last synced, its keys and values in order (a diff
+    # against the next snapshot's runs at C speed when keys line up).
+    _synced: Mapping[HostId, HostState] | None = field(default=None, repr=False)
+    _keys: list[HostId] | None = field(default=None, repr=False)
+    _values: list[HostState] = field(default_factory=list, repr=False)
+    # The live model last synced from, its revision, and the hosts synced
+    # from other snapshots since (where the indexes may differ from it).
+    _model: HostChanges | None = field(default=None, repr=False)
+    _model_revision: int = field(default=0, repr=False)
+    _dirty: set[HostId] = field(default_factory=set, repr=False)
 
     # ------------------------------------------------------------ host index
 
@@ -218,33 +345,66 @@ class Engine:
             sum(1 for d in view.whole_devices(kind) if d.address not in occupancy.modes)
             for kind in _KINDS
         )
-        index = _HostIndex(view, occupancy, idle)
+        signature = self._signatures.setdefault(
+            _occupancy_signature(occupancy), len(self._signatures)
+        )
+        tenancy = self._tenancies.setdefault(
+            _tenancy_signature(occupancy, view.host_id), len(self._tenancies)
+        )
+        index = _HostIndex(
+            view,
+            occupancy,
+            idle,
+            self._hardware_class(view),
+            signature,
+            bool(occupancy.exclusive),
+            tenancy,
+        )
         if len(self._index) > 4 * 65536:
-            # Bounded: old generations are dead weight.
+            # Bounded: old generations are dead weight (indexed hosts keep
+            # their own reference).
             self._index.clear()
         self._index[key] = index
         return index
 
-    def _distance(self, view: HostView) -> Callable[[PciAddress, PciAddress], int]:
-        """PCIe distance on a host, read from the topology graph of its hardware class.
+    def _hardware_class(self, view: HostView) -> _HardwareClass:
+        """The class of a view: its hardware fingerprint, confirmed by comparing views.
 
-        The graph holds one node set per hardware class, not per host: hosts
-        of a class share their PCIe tree, and a networkx graph of every host
-        of a 10,000-host fleet would cost gigabytes. A class enters the graph
-        the first time a request needs a distance on it.
+        ``hardware_class`` is a hash; hosts that share a class share
+        judgements, so a collision must not merge two classes: a new view is
+        compared with the class's first view once (then remembered by
+        identity, views being immutable and long-lived).
         """
-        cls = view.hardware_class
+        found = self._view_classes.get(id(view))
+        if found is not None and found[0] is view:
+            return found[1]
+        candidates = self._classes.setdefault(view.hardware_class, [])
+        for cls in candidates:
+            if _same_hardware(cls.view, view):
+                break
+        else:
+            self._class_count += 1
+            cls = _HardwareClass(self._class_count, view)
+            candidates.append(cls)
+        if len(self._view_classes) > 4 * 65536:
+            self._view_classes.clear()
+        self._view_classes[id(view)] = (view, cls)
+        return cls
+
+    def _distance(self, cls: _HardwareClass) -> Callable[[PciAddress, PciAddress], int]:
+        """PCIe distance on the hosts of a class, computed once per class and pair.
+
+        Hosts of a class share their PCIe tree, so a distance read on the
+        class's first view holds for all of them.
+        """
+        cache = cls.distances
+        view = cls.view
 
         def distance(a: PciAddress, b: PciAddress) -> int:
-            node = HostId(f"class:{cls & 0xFFFFFFFFFFFFFFFF:016x}")
-            if node not in self._classes_in_graph:
-                if len(self._classes_in_graph) >= 4096:
-                    for old in self._classes_in_graph:
-                        self._topology.remove_host(old)
-                    self._classes_in_graph.clear()
-                self._topology.upsert_host(replace(view, host_id=node, labels={}))
-                self._classes_in_graph.add(node)
-            return int(self._topology.pcie_distance(node, a, b))
+            found = cache.get((a, b))
+            if found is None:
+                found = cache[(a, b)] = int(pcie_distance(view, a, b))
+            return found
 
         return distance
 
@@ -261,6 +421,103 @@ class Engine:
             free = {str(name): n for name, n in capacity(layout, table).items()}
             out.append((address, free, fragmentation_score(layout, table)))
         return out
+
+    # ------------------------------------------------------------ sync
+
+    def _sync(self, snapshot: ClusterSnapshot) -> None:
+        """Bring the indexes to the snapshot, visiting only hosts that changed.
+
+        From a snapshot of the live model synced last: the hosts the model
+        says changed since, plus those synced from other snapshots since.
+        Otherwise a diff against the last snapshot synced, by identity of
+        host states (derived snapshots share every state but one).
+        """
+        hosts = snapshot.hosts
+        if hosts is self._synced:
+            return
+        model = snapshot.changes
+        changed: Iterable[HostId] | None = None
+        if model is not None and model is self._model:
+            since = model.changed_since(self._model_revision)
+            if since is not None:
+                changed = set(since) | self._dirty
+                # The ordered lists no longer mirror the indexes.
+                self._keys = None
+        if changed is None:
+            changed = self._diff(hosts)
+            if model is None:
+                self._dirty.update(changed)
+        for host_id in changed:
+            self._put(host_id, hosts.get(host_id))
+        if model is not None:
+            self._model = model
+            self._model_revision = snapshot.revision
+            self._dirty.clear()
+        self._synced = hosts
+
+    def _diff(self, hosts: Mapping[HostId, HostState]) -> list[HostId]:
+        """Hosts whose state differs from what the indexes reflect."""
+        keys = list(hosts)
+        old = self._values
+        if keys == self._keys:
+            # Same hosts in the same order (a snapshot derived from the last
+            # one): compare states pairwise by identity, in C, and patch the
+            # list rather than copy it.
+            at = list(compress(count(), map(is_not, hosts.values(), old)))
+            for i in at:
+                old[i] = hosts[keys[i]]
+            return [keys[i] for i in at]
+        states = self._states
+        values = list(hosts.values())
+        changed = [h for h, s in zip(keys, values, strict=True) if states.get(h) is not s]
+        if len(states) + len(changed) != len(keys):
+            changed.extend(h for h in states if h not in hosts)
+        self._keys, self._values = keys, values
+        return changed
+
+    def _put(self, host_id: HostId, state: HostState | None) -> None:
+        """Index one host's state (None: the host is gone)."""
+        if state is self._states.get(host_id):
+            return
+        old = self._entries.get(host_id)
+        if state is None:
+            del self._states[host_id]
+            if old is not None:
+                del self._entries[host_id]
+                self._unplace(host_id, old)
+            return
+        self._states[host_id] = state
+        index = self.host_index(state)
+        if index is old:
+            return
+        if old is not None:
+            self._unplace(host_id, old)
+        self._entries[host_id] = index
+        cls = index.hardware
+        cls.members[host_id] = index
+        for key, entries in cls.orders.items():
+            entry = _order_entry(key, index.idle, host_id)
+            insort(entries, entry)
+            if entries[0] is entry:
+                self._heads[key][cls.uid] = (entry, cls.uid, 0)
+        if cls.uid not in self._live:
+            # A class with hosts again: it joins every request's heap.
+            self._live[cls.uid] = cls
+            for key, heads in self._heads.items():
+                heads[cls.uid] = (cls.order(key)[0], cls.uid, 0)
+
+    def _unplace(self, host_id: HostId, index: _HostIndex) -> None:
+        cls = index.hardware
+        del cls.members[host_id]
+        if not cls.members:
+            del self._live[cls.uid]
+            for heads in self._heads.values():
+                heads.pop(cls.uid, None)
+        for key, entries in cls.orders.items():
+            at = bisect_left(entries, _order_entry(key, index.idle, host_id))
+            del entries[at]
+            if at == 0 and entries:
+                self._heads[key][cls.uid] = (entries[0], cls.uid, 0)
 
     # ------------------------------------------------------------ one host
 
@@ -316,43 +573,78 @@ class Engine:
     ) -> HostFit | None:
         """The best assignment of ``request`` on one host, or None with reasons added.
 
-        Memoised per host state and request shape (Nomad's feasibility cache by
-        computed class, kube-scheduler's equivalence cache): a host that did
-        not change since it was judged for an equal request is judged the same.
-        Only the request id differs between equal shapes, and it plays no part
-        in fitting.
+        Judged once per hardware class, occupancy and request shape (Nomad's
+        feasibility cache by computed class, kube-scheduler's equivalence
+        cache): hosts with the same hardware in the same state are judged
+        alike, so the first one's judgement serves the others. Only the
+        request id differs between equal shapes, and it plays no part in
+        fitting.
         """
-        key = (
-            state.view.host_id,
-            state.alloc_generation,
-            state.planned,
-            id(state.view),
-            state.schedulable,
-            _shape(request),
+        return self._judge(
+            state, self.host_index(state), request, self._shape_id(request), rejections
         )
-        cached = self._fits.get(key)
-        if cached is not None and cached[0] is state.view:
-            _, fit, seen = cached
-            rejections.merge(seen)
-            return fit
-        seen = Rejections()
-        fit = self._fit(state, request, seen)
-        rejections.merge(seen)
-        if len(self._fits) > 262_144:
-            self._fits.clear()  # bounded; stale generations are dead weight
-        self._fits[key] = (state.view, fit, seen)
-        return fit
 
-    def _fit(
-        self, state: HostState, request: PlacementRequest, rejections: Rejections
+    def _shape_id(self, request: PlacementRequest) -> int:
+        return self._shape_ids.setdefault(_static_shape(request), len(self._shape_ids))
+
+    def _judge(
+        self,
+        state: HostState,
+        index: _HostIndex,
+        request: PlacementRequest,
+        shape_id: int,
+        rejections: Rejections,
     ) -> HostFit | None:
-        index = self.host_index(state)
-        cycle = Cycle(request, state, index.occupancy, self._distance(state.view))
+        """:meth:`fit` on an indexed host state."""
+        # Host filters read what the class does not fix (lease, labels), so
+        # they run per host; everything after them is the class's.
+        cycle = Cycle(request, state, index.occupancy)
         for host_filter in self.profile.host_filters:
             verdict = host_filter.filter_host(cycle)
             if verdict is not None:
                 rejections.add_verdict(verdict)
                 return None
+        key: tuple[object, ...]
+        if index.exclusive or request.exclusivity is not ExclusivityDomain.NONE:
+            # Exclusivity is the one judgement that asks who is who.
+            key = (index.signature, shape_id, request.tenant, request.exclusivity, index.tenancy)
+        else:
+            key = (index.signature, shape_id)
+        cls = index.hardware
+        judged = cls.judged.get(key)
+        if judged is None:
+            seen = Rejections()
+            picks = self._search_host(state, index, request, seen)
+            score: int = 0
+            reasons: tuple[str, ...] = ()
+            if picks is not None:
+                # Back to the request's claim order, which plans and
+                # placements keep.
+                order = {c.name: i for i, c in enumerate(request.claims)}
+                picks = tuple(sorted(picks, key=lambda p: order[p.claim.name]))
+                score, reasons = self._score(state, index, request, picks)
+            judged = _Judgement(picks, score, reasons, seen, state.view.host_id)
+            self._judged_count += 1
+            if self._judged_count > _MEMO_LIMIT:
+                for old in self._classes.values():
+                    for c in old:
+                        c.judged.clear()
+                self._judged_count = 1
+            cls.judged[key] = judged
+        _merge_renamed(rejections, judged.seen, judged.host, state.view.host_id)
+        if judged.picks is None:
+            return None
+        return HostFit(state, judged.picks, judged.score, judged.reasons)
+
+    def _search_host(
+        self,
+        state: HostState,
+        index: _HostIndex,
+        request: PlacementRequest,
+        rejections: Rejections,
+    ) -> tuple[Pick, ...] | None:
+        """A complete assignment of ``request`` on the host, host filters passed, or None."""
+        cycle = Cycle(request, state, index.occupancy)
         options: dict[str, list[Option]] = {}
         for claim in request.claims:
             kept = self._options(cycle, claim, rejections)
@@ -369,7 +661,7 @@ class Engine:
             for affinities in passes:
                 picks = self._search(cycle, units, options, SearchPass(nodes, affinities))
                 if picks is not None:
-                    return self._scored(cycle, picks)
+                    return picks
         rejections.add(
             "topology",
             REASON_TOPOLOGY,
@@ -416,120 +708,115 @@ class Engine:
 
         return tuple(picks) if step(0, 0) else None
 
-    def _scored(self, cycle: Cycle, picks: tuple[Pick, ...]) -> HostFit:
-        # Back to the request's claim order, which plans and placements keep.
-        order = {c.name: i for i, c in enumerate(cycle.request.claims)}
-        picks = tuple(sorted(picks, key=lambda p: order[p.claim.name]))
+    def _score(
+        self,
+        state: HostState,
+        index: _HostIndex,
+        request: PlacementRequest,
+        picks: tuple[Pick, ...],
+    ) -> tuple[int, tuple[str, ...]]:
+        """The score of a complete assignment, summed over the scorers, and their lines."""
+        cycle = Cycle(request, state, index.occupancy, self._distance(index.hardware))
         total = 0
         reasons: list[str] = []
         for scorer in self.profile.scorers:
             value, why = scorer.score(cycle, picks)
             total += value
             reasons.append(f"{scorer.name} {value:+d}: {why}")
-        return HostFit(cycle.state, picks, total, tuple(reasons))
+        return total, tuple(reasons)
 
     # ------------------------------------------------------------ cluster
 
     def _never_fits(
-        self, state: HostState, request: PlacementRequest, shape_id: int
+        self, cls: _HardwareClass, request: PlacementRequest, shape_id: int
     ) -> Rejections | None:
-        """Why no state of this host's hardware class could take the request, or None.
+        """Why no state of a hardware class could take the request, or None.
 
         Decided once per class and request shape on an empty host of the
         class: allocations only ever take capacity away, so an empty host
-        that cannot fit means no state of the host can.
+        that cannot fit means no state of the host can. Feasibility only: no
+        scoring, no distances.
         """
-        view = state.view
-        key = (view.hardware_class, shape_id)
-        if key in self._never:
-            return self._never[key]
-        empty = HostState(view, alloc_generation=-1)
+        if shape_id in cls.never:
+            return cls.never[shape_id]
+        empty = HostState(cls.view, alloc_generation=-1)
         probe = replace(
             request, tenant=TenantName(""), exclusivity=ExclusivityDomain.NONE, host_selector={}
         )
+        index = self.host_index(empty)
         seen = Rejections()
-        verdict = None if self._fit(empty, probe, seen) is not None else seen
-        self._never[key] = verdict
-        return verdict
-
-    def _host_order(
-        self, snapshot: ClusterSnapshot, request: PlacementRequest
-    ) -> tuple[
-        list[tuple[bool, int, str]], dict[str, HostState], list[tuple[HostState, Rejections]]
-    ]:
-        """A heap of hosts in fast-path order, and those whose hardware can never fit.
-
-        Best fit: fewest idle devices of the request's kinds first; hosts
-        short of idle devices for a whole-device-only claim go last. A heap,
-        not a sorted list: the fast path usually stops after a few hosts, so
-        ordering all of them would be wasted. This loop is the only per-host
-        work every request pays, so it stays lean: one index lookup, one
-        class lookup, no allocation but the heap entry.
-        """
-        kinds = tuple({_KIND_POSITION[c.kind] for c in request.claims})
-        whole_only = tuple(
-            (_KIND_POSITION[c.kind], c.count)
-            for c in request.claims
-            if c.accepted_forms() == frozenset({DeviceForm.WHOLE_DEVICE})
-        )
-        shape = _static_shape(request)
-        shape_id = self._shape_ids.setdefault(shape, len(self._shape_ids))
-        by_class: dict[int, Rejections | None] = {}
-        heap: list[tuple[bool, int, str]] = []
-        states: dict[str, HostState] = {}
-        never: list[tuple[HostState, Rejections]] = []
-        index = self._index
-        for host_id, state in snapshot.hosts.items():
-            view = state.view
-            cls = view.hardware_class
-            if cls in by_class:
-                why = by_class[cls]
-            else:
-                why = by_class[cls] = self._never_fits(state, request, shape_id)
-            if why is not None:
-                never.append((state, why))
-                continue
-            found = index.get((host_id, state.alloc_generation, state.planned))
-            if found is None or found.view is not view:
-                found = self.host_index(state)
-            idle = found.idle
-            short = False
-            for position, n in whole_only:
-                if idle[position] < n:
-                    short = True
-            total = 0
-            for position in kinds:
-                total += idle[position]
-            heap.append((short, total, host_id))
-            states[host_id] = state
-        heapq.heapify(heap)
-        return heap, states, never
+        cycle = Cycle(probe, empty, index.occupancy)
+        verdicts = (f.filter_host(cycle) for f in self.profile.host_filters)
+        verdict = next((v for v in verdicts if v is not None), None)
+        if verdict is not None:
+            seen.add_verdict(verdict)
+            why: Rejections | None = seen
+        else:
+            why = None if self._search_host(empty, index, probe, seen) is not None else seen
+        cls.never[shape_id] = why
+        return why
 
     def candidates(
         self, snapshot: ClusterSnapshot, request: PlacementRequest, limit: int
     ) -> tuple[list[HostFit], Rejections]:
         """Up to ``limit`` fitting hosts in fast-path order, with every rejection seen.
 
-        With ``limit`` 0 every host is fitted (what Explain and batch
-        candidate generation want).
+        Fast-path order is best fit: fewest idle devices of the request's
+        kinds first; hosts short of idle devices for a whole-device-only
+        claim last; then host name. Each hardware class keeps its hosts in
+        that order, so the request merges the classes' lists (dropping a
+        class that can never take it at its first host) and stops after
+        ``limit`` fits. With ``limit`` 0 every host is fitted (what Explain
+        and batch candidate generation want).
         """
+        self._sync(snapshot)
         rejections = Rejections()
         fits: list[HostFit] = []
-        heap, states, never = self._host_order(snapshot, request)
+        shape_id = self._shape_id(request)
+        key = _order_key(request)
+        hosts = snapshot.hosts
+        live = self._live
+        heads = self._heads.get(key)
+        if heads is None:
+            heads = {uid: (cls.order(key)[0], uid, 0) for uid, cls in live.items()}
+            self._heads[key] = heads
+        heap = list(heads.values())
+        heapq.heapify(heap)
+        never: set[int] = set()
         while heap:
-            state = states[heapq.heappop(heap)[2]]
-            fit = self.fit(state, request, rejections)
+            entry, uid, at = heap[0]
+            cls = live[uid]
+            if at == 0 and self._never_fits(cls, request, shape_id) is not None:
+                heapq.heappop(heap)
+                never.add(uid)
+                continue
+            entries = cls.orders[key]
+            if at + 1 < len(entries):
+                heapq.heapreplace(heap, (entries[at + 1], uid, at + 1))
+            else:
+                heapq.heappop(heap)
+            host_id = HostId(entry[2])
+            fit = self._judge(hosts[host_id], cls.members[host_id], request, shape_id, rejections)
             if fit is not None:
                 fits.append(fit)
                 if limit and len(fits) >= limit:
                     return fits, rejections
-        # Every host that could was tried: the rest say why they never can.
-        for state, why in never:
-            if not state.schedulable:
-                reason = REASON_CORDONED if state.cordoned else REASON_LEASE_EXPIRED
-                rejections.add("host", reason, state.view.host_id)
-            else:
-                rejections.merge(why)
+        if never:
+            # Every host that could was tried: the rest say why they never
+            # can, in snapshot order (the first example detail wins).
+            entries_of = self._entries
+            for host_id, state in hosts.items():
+                cls = entries_of[host_id].hardware
+                if cls.uid not in never:
+                    continue
+                if not state.schedulable:
+                    reason = REASON_CORDONED if state.cordoned else REASON_LEASE_EXPIRED
+                    rejections.add("host", reason, host_id)
+                else:
+                    why = cls.never[shape_id]
+                    assert why is not None
+                    # Judged on the class's first view: name this host.
+                    _merge_renamed(rejections, why, cls.view.host_id, host_id)
         return fits, rejections
 
     def schedule(
@@ -568,21 +855,89 @@ def _tie_break(request_id: str, host_id: str) -> tuple[int, str]:
     return zlib.crc32(f"{request_id}\x00{host_id}".encode()), host_id
 
 
-def _shape(request: PlacementRequest) -> tuple[object, ...]:
-    """What of a request fitting depends on: all but its id (and priority)."""
-    return (
-        request.tenant,
-        request.claims,
-        request.numa_policy,
-        request.affinities,
-        request.exclusivity,
-        tuple(sorted(request.host_selector.items())),
-    )
-
-
 def _static_shape(request: PlacementRequest) -> tuple[object, ...]:
     """What of a request an empty host's hardware decides: claims and topology."""
     return (request.claims, request.numa_policy, request.affinities)
+
+
+def _order_key(request: PlacementRequest) -> _OrderKey:
+    """What a request's fast-path order depends on (see :meth:`Engine.candidates`)."""
+    kinds = tuple(sorted({_KIND_POSITION[c.kind] for c in request.claims}))
+    whole_only = tuple(
+        sorted(
+            (_KIND_POSITION[c.kind], c.count)
+            for c in request.claims
+            if c.accepted_forms() == frozenset({DeviceForm.WHOLE_DEVICE})
+        )
+    )
+    return kinds, whole_only
+
+
+def _order_entry(key: _OrderKey, idle: tuple[int, ...], host_id: str) -> _OrderEntry:
+    """A host's place in the order of ``key``."""
+    kinds, whole_only = key
+    short = any(idle[position] < n for position, n in whole_only)
+    return short, sum(idle[position] for position in kinds), host_id
+
+
+def _occupancy_signature(occupancy: Occupancy) -> tuple[object, ...]:
+    """What of an occupancy a judgement reads, except tenants (see :func:`_tenancy_signature`)."""
+    return (
+        occupancy.groups_taken,
+        frozenset(occupancy.modes.items()),
+        frozenset(occupancy.vfs_taken.items()),
+        frozenset((a, frozenset(c.items())) for a, c in occupancy.mdev_used.items() if c),
+        frozenset((a, frozenset(c.items())) for a, c in occupancy.mdev_pending.items() if c),
+        frozenset((a, layout.instances) for a, layout in occupancy.mig_layouts.items()),
+        occupancy.unusable,
+    )
+
+
+def _tenancy_signature(occupancy: Occupancy, host_id: HostId) -> tuple[object, ...]:
+    """Who holds what in which domain, the host's own name left out.
+
+    The host domain's instance is the host's name: dropped, so two hosts of
+    a class with the same tenants in the same places share a signature.
+    """
+    if not occupancy.tenants and not occupancy.exclusive:
+        return ()
+
+    def anonymous(key: DomainKey) -> DomainKey:
+        return (key[0], "") if key[0] is ExclusivityDomain.HOST else key
+
+    return (
+        frozenset((anonymous(k), v) for k, v in occupancy.tenants.items()),
+        frozenset((anonymous(k), v) for k, v in occupancy.exclusive.items()),
+    )
+
+
+def _same_hardware(a: HostView, b: HostView) -> bool:
+    """Whether two views have the same hardware: everything but name and labels."""
+    return a is b or (
+        a.functions == b.functions
+        and a.iommu_groups == b.iommu_groups
+        and a.numa_nodes == b.numa_nodes
+        and a.iommu_present == b.iommu_present
+        and a.sriov_pfs == b.sriov_pfs
+        and a.mdev_parents == b.mdev_parents
+        and a.gpus == b.gpus
+    )
+
+
+def _merge_renamed(into: Rejections, seen: Rejections, judged_on: HostId, host: HostId) -> None:
+    """Add a judgement's rejections as if it had been made on ``host``.
+
+    Details that name the host the judgement was made on name ``host``
+    instead; only the first detail per reason is kept, so only those that
+    become first are rewritten.
+    """
+    if not seen.counts:
+        return
+    into.counts.update(seen.counts)
+    details = into.details
+    for key, detail in seen.details.items():
+        if key not in details:
+            details[key] = detail if judged_on == host else detail.replace(judged_on, host)
 
 
 def unschedulable(hosts: int, request: PlacementRequest, rejections: Rejections) -> Unschedulable:

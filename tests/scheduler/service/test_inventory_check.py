@@ -29,6 +29,7 @@ from scheduler.service.inventory_check import (
     check_inventory,
     inventory_violations,
 )
+from scheduler.store import schema
 from scheduler.store.redis_store import RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
 
@@ -605,12 +606,12 @@ def test_heartbeat_refuses_a_hostile_inventory_and_keeps_the_one_stored(
 
     async def body() -> None:
         assert await coordinator.register(good, "agent:1")
-        stored = await redis_client.hget("tessera:{h1}:host", "inventory")
+        stored = await redis_client.hget(schema.host("h1"), "inventory")
         bad = hostile()
         bad.generation = 2
         with pytest.raises(InvalidRequestError, match=r"inventory\.sriov_pfs\[2\]\.total_vfs"):
             await coordinator.heartbeat("h1", "b1", bad)
-        assert await redis_client.hget("tessera:{h1}:host", "inventory") == stored
+        assert await redis_client.hget(schema.host("h1"), "inventory") == stored
         hosts = await coordinator.hosts()
         assert [h.host_id for h in hosts] == ["h1"]
 

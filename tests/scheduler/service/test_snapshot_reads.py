@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 
 from scheduler.core.identity import HostId
 from scheduler.service.coordinator import PlacementCoordinator
+from scheduler.store import schema
 from scheduler.store.redis_store import RedisStateStore
 
 from ...conftest import Runner
@@ -51,12 +52,12 @@ def test_a_failed_read_reaches_every_caller_of_its_round_and_the_next_call_reads
         await coordinator.register(inventory(), "agent:1")
         # A host record without its fields: the read fails to interpret it.
         await redis_client.sadd("tessera:hosts", "broken")
-        await redis_client.hset("tessera:{broken}:host", "alloc_generation", 1)
+        await redis_client.hset(schema.host("broken"), "alloc_generation", 1)
         outcomes = await asyncio.gather(
             *(coordinator.snapshot() for _ in range(4)), return_exceptions=True
         )
         assert all(isinstance(o, Exception) and "broken" in str(o) for o in outcomes), outcomes
-        await redis_client.delete("tessera:{broken}:host")
+        await redis_client.delete(schema.host("broken"))
         snap, _ = await coordinator.snapshot()
         assert set(snap.hosts) == {"h1"}
 
