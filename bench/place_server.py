@@ -91,7 +91,7 @@ async def _worker(hosts: int, sequential: int, seconds: float, seed: int) -> dic
     from bench.engine import SHAPES
     from bench.fleet import build_fleet
     from bench.latency import to_wire
-    from scheduler.service.coordinator import PlacementCoordinator
+    from scheduler.service.coordinator import Leases, PlacementCoordinator
     from scheduler.service.errors import SchedulerError
     from scheduler.store.embedded import EmbeddedValkey
     from scheduler.store.redis_store import RedisStateStore
@@ -103,7 +103,9 @@ async def _worker(hosts: int, sequential: int, seconds: float, seed: int) -> dic
     ):
         client = aioredis.Redis.from_url(server.url, decode_responses=False)
         store = RedisStateStore(client)
-        coordinator = PlacementCoordinator(store, _StubAgents())
+        # No heartbeats in this harness: a lease of a day keeps every host
+        # live (the baseline judged leases at each read).
+        coordinator = PlacementCoordinator(store, _StubAgents(), Leases(lease_s=86_400))
         t0 = time.perf_counter()
         for inventory in fleet:
             await coordinator.register(inventory, f"{inventory.host_id}:7000")

@@ -225,6 +225,8 @@ class LiveCluster:
         assert self._cursors is not None
         cursors = list(self._cursors)
         moved = set(stale)
+        # host -> its generation after the last change the feed names.
+        reached: dict[str, int] = {}
         pending = list(cursors)
         for _ in range(MAX_FEED_ROUNDS):
             found = await self._store.read_feed(pending, FEED_BATCH)
@@ -241,6 +243,7 @@ class LiveCluster:
                     )  # fmt: skip
                     return False
                 moved.update(e.host_id for e in entries)
+                reached.update((e.host_id, e.generation) for e in entries)
                 last = entries[-1]
                 cursors[shard] = FeedCursor(shard, last.entry_id, last.seq)
                 if len(entries) == FEED_BATCH:
@@ -251,7 +254,17 @@ class LiveCluster:
             return False  # further behind than a few batches: one full read is cheaper
         if len(moved) > max(64, len(self._records) // 2):
             return False
-        await self._reload(sorted(moved))
+        # Every change on the feed moves the host's generation: a host the
+        # model holds at the generation of its last change (this replica's
+        # own commit, taken at once) is current, and is not read again.
+        current = {
+            h
+            for h, generation in reached.items()
+            if h not in stale
+            and (base := self._base.get(HostId(h))) is not None
+            and base.alloc_generation == generation
+        }
+        await self._reload(sorted(moved - current))
         self._cursors = cursors
         return True
 

@@ -43,9 +43,10 @@ class HostRecord:
         boot_id: the kernel boot the inventory was taken in.
         inventory_generation: the agent's inventory counter within that boot.
         last_heartbeat_ms: scheduler clock at the last registration or heartbeat.
-        alloc_generation: bumped by every commit and release on this host, and
-            by an inventory change (so a plan made against an older inventory
-            cannot commit).
+        alloc_generation: bumped by every change that goes on the change
+            feed (commit, release, a changed report, cordon, uncordon, a lease
+            expiring or coming back): two reads of a host at one generation
+            hold the same state.
         allocations: slot key (``iommu-group:12``) -> owning placement id.
         tenants: placement id -> its tenant, for the placements holding slots.
         fences: background job -> the highest fencing token that wrote here.
@@ -101,12 +102,15 @@ class FeedEntry:
         entry_id: its stream id.
         seq: its sequence number (one more than the entry before it).
         host_id: the host that changed (added, changed or forgotten).
+        generation: the host's alloc generation after the change (-1: the
+            host is gone).
     """
 
     shard: int
     entry_id: str
     seq: int
     host_id: str
+    generation: int = -1
 
 
 @dataclass(frozen=True)
@@ -258,13 +262,17 @@ return 0
 
 
 # Appends one host's change to its shard's feed (the shard's two keys are
-# always the script's last two KEYS, in the host's hash slot). The sequence
-# number lets a reader tell a complete run of entries from one with a hole.
+# always the script's last two KEYS, in the host's hash slot), with the
+# host's alloc generation after it (-1: the host is gone). Every change that
+# goes on the feed bumps that generation, so a reader holding the host at it
+# already (its own commit) need not read the host again. The sequence number
+# lets a reader tell a complete run of entries from one with a hole.
 _FEED_LUA = f"""
-local function feed_append(feed_key, seq_key, host_id)
+local function feed_append(feed_key, seq_key, host_id, generation)
   local n = redis.call('INCR', seq_key)
   redis.call('XADD', feed_key, 'MAXLEN', '~', {schema.FEED_MAXLEN}, '*',
-             '{schema.F_FEED_HOST}', host_id, '{schema.F_FEED_SEQ}', n)
+             '{schema.F_FEED_HOST}', host_id, '{schema.F_FEED_SEQ}', n,
+             '{schema.F_FEED_GENERATION}', generation)
 end
 """
 
@@ -309,14 +317,17 @@ if exists then
 end
 redis.call('HSET', key, 'inventory', inventory, 'inventory_generation', generation,
            'boot_id', boot_id, 'agent_address', address, 'last_heartbeat_ms', now_ms)
+local alloc_generation = 0
 if not exists then
   redis.call('HSET', key, 'alloc_generation', 0)
-elseif bump then
-  redis.call('HINCRBY', key, 'alloc_generation', 1)
+elseif changed then
+  alloc_generation = redis.call('HINCRBY', key, 'alloc_generation', 1)
+end
+if bump then
   redis.call('HINCRBY', KEYS[2], 'epoch', 1)
 end
 if changed then
-  feed_append(KEYS[3], KEYS[4], host_id)
+  feed_append(KEYS[3], KEYS[4], host_id, alloc_generation)
 end
 if not exists then
   return 2
@@ -334,7 +345,8 @@ end
 redis.call('HSET', KEYS[1], 'last_heartbeat_ms', ARGV[2])
 if redis.call('HGET', KEYS[1], 'lease_expired') == '1' then
   redis.call('HDEL', KEYS[1], 'lease_expired')
-  feed_append(KEYS[2], KEYS[3], ARGV[3])
+  local generation = redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
+  feed_append(KEYS[2], KEYS[3], ARGV[3], generation)
 end
 return 1
 """)
@@ -350,9 +362,9 @@ if not r[3] or r[2] == '1' or tonumber(r[1] or '0') >= tonumber(ARGV[2]) then
   return 0
 end
 redis.call('HSET', KEYS[1], 'lease_expired', '1')
-redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
+local generation = redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
 redis.call('HINCRBY', KEYS[2], 'epoch', 1)
-feed_append(KEYS[3], KEYS[4], ARGV[1])
+feed_append(KEYS[3], KEYS[4], ARGV[1], generation)
 return 1
 """)
 
@@ -511,8 +523,8 @@ redis.call('HDEL', requests_key, placement_id)
 redis.call('HDEL', states_key, placement_id)
 redis.call('HDEL', tenants_key, placement_id)
 if redis.call('EXISTS', host_key) == 1 then
-  redis.call('HINCRBY', host_key, 'alloc_generation', 1)
-  feed_append(KEYS[10], KEYS[11], ARGV[4])
+  local generation = redis.call('HINCRBY', host_key, 'alloc_generation', 1)
+  feed_append(KEYS[10], KEYS[11], ARGV[4], generation)
 end
 return {1, request_id}
 """
@@ -641,9 +653,9 @@ redis.call('HSET', KEYS[1], 'cordoned', '1', 'cordon_reason', ARGV[1],
 if not already then
   -- A plan made on a snapshot from before the cordon must not commit here:
   -- it conflicts, and its replan sees the host cordoned.
-  redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
+  local generation = redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
   redis.call('HINCRBY', KEYS[2], 'epoch', 1)
-  feed_append(KEYS[3], KEYS[4], ARGV[5])
+  feed_append(KEYS[3], KEYS[4], ARGV[5], generation)
 end
 return 1
 """)
@@ -656,7 +668,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 if redis.call('HGET', KEYS[1], 'cordoned') == '1' then
   redis.call('HDEL', KEYS[1], 'cordoned', 'cordon_reason', 'cordoned_by', 'cordoned_ms')
-  feed_append(KEYS[2], KEYS[3], ARGV[1])
+  local generation = redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
+  feed_append(KEYS[2], KEYS[3], ARGV[1], generation)
 end
 return 1
 """)
@@ -693,7 +706,7 @@ if busy then
   return {-1, found}
 end
 redis.call('DEL', unpack(host_keys))
-feed_append(KEYS[10], KEYS[11], ARGV[2])
+feed_append(KEYS[10], KEYS[11], ARGV[2], -1)
 return {1, found}
 """)
 
@@ -1170,6 +1183,7 @@ class RedisStateStore:
                     _text(entry_id),
                     _int(fields.get(schema.F_FEED_SEQ.encode())),
                     _text(fields.get(schema.F_FEED_HOST.encode())),
+                    int(_text(fields.get(schema.F_FEED_GENERATION.encode())) or -1),
                 )
                 for entry_id, fields in entries
             ]

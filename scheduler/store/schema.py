@@ -39,7 +39,8 @@ Per shard (hash tag ``{sNN}``), the change feed replicas follow:
 
 =========================================  =======  =========================================
 ``tessera:{sNN}:feed``                     stream   one entry per change of a host of the
-                                                    shard: ``h`` host id, ``n`` sequence
+                                                    shard: ``h`` host id, ``n`` sequence,
+                                                    ``g`` its alloc generation after it
 ``tessera:{sNN}:feed-seq``                 integer  the last sequence number given out
 =========================================  =======  =========================================
 
@@ -123,7 +124,7 @@ import zlib
 
 PREFIX = "tessera:"
 
-FEED_SHARDS = 64
+FEED_SHARDS = 16
 """How many change feeds the hosts are spread over (fixed: it names keys).
 
 Every host belongs to one shard, and every per-host key carries the shard's
@@ -131,10 +132,10 @@ hash tag, so a script that changes a host can append to its shard's feed in
 the same hash slot. A replica follows all of them.
 """
 
-FEED_MAXLEN = 4096
+FEED_MAXLEN = 16384
 """Entries each feed keeps (approximately: trimmed with ``MAXLEN ~``).
 
-At a thousand changes a second over 64 shards that is about four minutes of
+At a thousand changes a second over 16 shards that is about a minute of
 history; a replica further behind than that resyncs in full.
 """
 
@@ -163,6 +164,7 @@ every reader computes from the heartbeat clock."""
 # Fields of a feed entry.
 F_FEED_HOST = "h"
 F_FEED_SEQ = "n"
+F_FEED_GENERATION = "g"
 
 # Fields of a request record.
 F_STATE = "state"

@@ -87,8 +87,12 @@ def test_a_replica_plans_around_its_own_commit_before_the_feed_brings_it_back(
         first = await a.place(gpu("r1"))
         # No refresh since: the model took the commit itself.
         assert first.placement_id in held(a, "h1")
+        reloaded = a.model.stats.hosts_reloaded
         second = await a.place(gpu("r2"))
         assert held(a, "h1") >= {first.placement_id, second.placement_id}
+        # The feed named h1 (the first commit) at the generation the model
+        # held already: it was not read again.
+        assert a.model.stats.hosts_reloaded == reloaded
 
     arun(body())
 
