@@ -803,6 +803,7 @@ def _check_store(url: str, clients: Sequence[_Client]) -> dict[str, Any]:
     # once a report of it changed.
     allowed = {
         schema.HOSTS,
+        schema.LAYOUT,
         *(schema.host(h) for h in expected),
         *(schema.versions(h) for h in expected),
         *(key for h in expected for key in schema.feed_keys(h)),

@@ -304,7 +304,8 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
             "`one host's update`: another writer cordons and uncordons one host, then the "
             "replica brings its state up to date (the baseline reads every host). "
             f"{CLIENTS} tasks place at once on the replica's event loop for the throughput "
-            "column.",
+            "column; `failed calls` are theirs: refused for want of capacity (the smallest "
+            "fleet fills up) or given up after 16 lost commit races.",
             table(headers, rows),
         ]
     )

@@ -23,7 +23,7 @@ from scheduler.service.server import SERVICE_NAMES, build_server
 from scheduler.service.store_health import StoreHealthWatcher
 from scheduler.store.connection import StoreTls, StoreUnusableError, connect_store
 from scheduler.store.embedded import EmbeddedValkey
-from scheduler.store.redis_store import RedisStateStore
+from scheduler.store.redis_store import LayoutMismatchError, RedisStateStore
 from scheduler.store.safety import UnsafeStoreConfig, check_durability
 from tessera.security.audit import AuditLog
 from tessera.security.identity import Role
@@ -193,6 +193,11 @@ async def serve(opts: argparse.Namespace) -> int:
             for warning in await check_durability(client, allow_unsafe=opts.allow_unsafe_redis):
                 log.warning("%s", warning)
         except UnsafeStoreConfig as err:
+            print(f"tessera-scheduler: refusing to start: {err}", file=sys.stderr)
+            return 2
+        try:
+            await RedisStateStore(client).claim_layout()
+        except LayoutMismatchError as err:
             print(f"tessera-scheduler: refusing to start: {err}", file=sys.stderr)
             return 2
         coordinator = PlacementCoordinator(

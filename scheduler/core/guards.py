@@ -12,10 +12,17 @@ depends on:
   group: a group is the unit of isolation, so a whole-device claim of it and
   a VF, mdev or MIG slot of a function in it meet on one version);
 * the host's **epoch**: its inventory and boot, its cordon and its lease;
+  and its **incarnation**: a host forgotten and registered again (or a store
+  that lost its data) starts a new one, so versions counted anew from zero
+  never match a plan made on the old host;
 * **exclusive holds** on the host (a tenant holding a domain keeps others
   out of devices the plan did not touch);
-* for a plan that holds a domain exclusively, **which tenants** the host has:
-  another tenant arriving anywhere in the domain breaks it.
+* for a plan that holds a domain exclusively, **every device of the domain**
+  (another tenant arriving on any of them, even one already on the host,
+  breaks the hold) and **which tenants** the host has.
+
+A VF's use, and the use of an mdev whose parent is a VF, count on its PF's
+device: the PF's VF pool and the VF's own function are one physical device.
 
 The store keeps one counter per such key beside the host
 (:mod:`scheduler.store.schema`); the commit checks the plan's guards and bumps
@@ -26,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from scheduler.core.host import HostView
+from scheduler.core.host import HostView, domain_instance
 from scheduler.core.identity import PciAddress, SlotKey
 from scheduler.core.slots import ExclusiveSlot, GroupSlot, MdevSlot, MigSlot, VfSlot, parse_slot
 
@@ -40,38 +47,68 @@ TENANTS = "tenants"
 EXCLUSIVE = "exclusive"
 """Bumped by a commit or release of a placement holding a domain exclusively."""
 
+INCARNATION = "incarnation"
+"""Set once, when the store creates the host's record (server time in µs)."""
 
-def device_key(view: HostView, slot: SlotKey) -> str | None:
-    """The version key of the physical device a slot is on (None: no device).
+
+def _function_keys(view: HostView, address: PciAddress) -> set[str]:
+    """The version keys of one function: its IOMMU group's, and its PF's for a VF."""
+    function = view.functions.get(address)
+    if function is None:
+        return {f"device:{address}"}
+    group = function.iommu_group
+    keys = {f"device:{address}" if group is None else f"group:{group}"}
+    if function.physfn is not None:
+        keys |= _function_keys(view, function.physfn)
+    return keys
+
+
+def device_keys(view: HostView, slot: SlotKey) -> set[str]:
+    """The version keys of the physical device(s) a slot is on (empty: an exclusive hold).
 
     Args:
         view: the host the slot is on.
         slot: a slot key (:mod:`scheduler.core.slots`).
 
     Returns:
-        ``group:<N>`` for a device in IOMMU group N, ``device:<address>`` for
-        a device the view does not know, None for an exclusive hold.
+        ``group:<N>`` of each IOMMU group involved (for a VF, or an mdev on a
+        VF, its PF's too; for a whole group holding VFs, their PFs' too),
+        ``device:<address>`` for a device the view does not know.
     """
     parsed = parse_slot(slot)
     if parsed is None:
         # An unknown kind of slot: its own key, so it is guarded at all.
-        return f"slot:{slot}"
+        return {f"slot:{slot}"}
     if isinstance(parsed, ExclusiveSlot):
-        return None
+        return set()
     if isinstance(parsed, GroupSlot):
-        return f"group:{parsed.group}"
-    address: PciAddress
+        keys = {f"group:{parsed.group}"}
+        group = view.iommu_groups.get(parsed.group)
+        for member in group.members if group is not None else ():
+            keys |= _function_keys(view, member)
+        return keys
     if isinstance(parsed, VfSlot):
-        address = parsed.pf
-    elif isinstance(parsed, MdevSlot):
-        address = parsed.parent
-    else:
-        assert isinstance(parsed, MigSlot)
-        address = parsed.gpu
-    function = view.functions.get(address)
-    if function is None or function.iommu_group is None:
-        return f"device:{address}"
-    return f"group:{function.iommu_group}"
+        return _function_keys(view, parsed.pf)
+    if isinstance(parsed, MdevSlot):
+        return _function_keys(view, parsed.parent)
+    assert isinstance(parsed, MigSlot)
+    return _function_keys(view, parsed.gpu)
+
+
+def domain_keys(view: HostView, slot: SlotKey) -> set[str]:
+    """For an exclusive hold, the version keys of every device in the domain it holds.
+
+    Any commit of another tenant in the domain takes a slot on one of them
+    and so bumps its key: the hold's commit then conflicts.
+    """
+    parsed = parse_slot(slot)
+    if not isinstance(parsed, ExclusiveSlot):
+        return set()
+    keys: set[str] = set()
+    for function in view.functions.values():
+        if domain_instance(view, function, parsed.domain) == parsed.instance:
+            keys |= _function_keys(view, function.address)
+    return keys
 
 
 def changed_by(view: HostView, slots: Iterable[SlotKey]) -> tuple[str, ...]:
@@ -82,8 +119,8 @@ def changed_by(view: HostView, slots: Iterable[SlotKey]) -> tuple[str, ...]:
     """
     keys: set[str] = set()
     for slot in slots:
-        key = device_key(view, slot)
-        keys.add(EXCLUSIVE if key is None else key)
+        found = device_keys(view, slot)
+        keys |= found if found else {EXCLUSIVE}
     return tuple(sorted(keys))
 
 
@@ -96,9 +133,12 @@ def guards(view: HostView, slots: Iterable[SlotKey], *, exclusive: bool) -> tupl
         exclusive: the request holds a domain exclusively (its validity then
             depends on which tenants the host has).
     """
-    keys = {EPOCH, EXCLUSIVE, *changed_by(view, slots)}
+    slots = tuple(slots)
+    keys = {EPOCH, INCARNATION, EXCLUSIVE, *changed_by(view, slots)}
     if exclusive:
         keys.add(TENANTS)
+        for slot in slots:
+            keys |= domain_keys(view, slot)
     return tuple(sorted(keys))
 
 

@@ -13,7 +13,7 @@ from functools import cached_property
 
 from scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
 from scheduler.core.mig import GpuInstance, MigProfile
-from scheduler.core.request import DeviceKind
+from scheduler.core.request import DeviceKind, ExclusivityDomain
 
 
 class PciRole(enum.Enum):
@@ -360,3 +360,21 @@ class HostView:
                     seen.setdefault(other, socket)
             socket += 1
         return seen.get(numa_node, 0)
+
+
+def domain_instance(view: HostView, device: PciFunctionView, domain: ExclusivityDomain) -> str:
+    """The instance of ``domain`` that ``device`` belongs to.
+
+    The switch domain is the outermost switch: nested switch levels share
+    its upstream link, so that is the blast radius. A device under no switch
+    belongs to its root port's "switch" domain (or its root bus's when it has
+    no port): the nearest shared PCIe element.
+    """
+    if domain is ExclusivityDomain.DEVICE:
+        return device.address
+    if domain is ExclusivityDomain.PCIE_SWITCH:
+        outermost = device.switches[0] if device.switches else None
+        return outermost or device.root_port or device.root_bus or device.address
+    if domain is ExclusivityDomain.NUMA_NODE:
+        return str(device.numa_node)
+    return view.host_id

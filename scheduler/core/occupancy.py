@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
 
-from scheduler.core.host import HostView, MdevParentView, PciFunctionView
+from scheduler.core.host import HostView, MdevParentView, PciFunctionView, domain_instance
 from scheduler.core.identity import IommuGroupNumber, PciAddress, PlacementId, TenantName
 from scheduler.core.mig import GpuInstance
 from scheduler.core.mig_geometry import MigGeometryError, MigLayout
@@ -48,24 +48,6 @@ DOMAINS = (
     ExclusivityDomain.NUMA_NODE,
     ExclusivityDomain.HOST,
 )
-
-
-def domain_instance(view: HostView, device: PciFunctionView, domain: ExclusivityDomain) -> str:
-    """The instance of ``domain`` that ``device`` belongs to.
-
-    The switch domain is the outermost switch: nested switch levels share
-    its upstream link, so that is the blast radius. A device under no switch
-    belongs to its root port's "switch" domain (or its root bus's when it has
-    no port): the nearest shared PCIe element.
-    """
-    if domain is ExclusivityDomain.DEVICE:
-        return device.address
-    if domain is ExclusivityDomain.PCIE_SWITCH:
-        outermost = device.switches[0] if device.switches else None
-        return outermost or device.root_port or device.root_bus or device.address
-    if domain is ExclusivityDomain.NUMA_NODE:
-        return str(device.numa_node)
-    return view.host_id
 
 
 def domain_keys(view: HostView, device: PciFunctionView) -> tuple[DomainKey, ...]:

@@ -96,7 +96,9 @@ class LiveCluster:
         # or landed but not read back yet (kube-scheduler's assumed pods).
         self._base: dict[HostId, HostState] = {}
         self._states: dict[HostId, HostState] = {}
-        self._assumed: dict[HostId, dict[PlacementId, tuple[tuple[SlotKey, ...], TenantName]]] = {}
+        # Per host, the reservations assumed: slots, tenant, and the host's
+        # generation after the commit once it landed (0 while in flight).
+        self._assumed: dict[HostId, dict[PlacementId, _Assumed]] = {}
         self._records: dict[str, HostRecord] = {}
         self._cursors: list[FeedCursor] | None = None  # None: resync first
         # Hosts to read again on the next refresh whatever the feed says
@@ -225,8 +227,8 @@ class LiveCluster:
         assert self._cursors is not None
         cursors = list(self._cursors)
         moved = set(stale)
-        # host -> its generation after the last change the feed names.
-        reached: dict[str, int] = {}
+        # host -> its (incarnation, generation) after the last change the feed names.
+        reached: dict[str, tuple[int, int]] = {}
         pending = list(cursors)
         for _ in range(MAX_FEED_ROUNDS):
             found = await self._store.read_feed(pending, FEED_BATCH)
@@ -243,7 +245,7 @@ class LiveCluster:
                     )  # fmt: skip
                     return False
                 moved.update(e.host_id for e in entries)
-                reached.update((e.host_id, e.generation) for e in entries)
+                reached.update((e.host_id, (e.incarnation, e.generation)) for e in entries)
                 last = entries[-1]
                 cursors[shard] = FeedCursor(shard, last.entry_id, last.seq)
                 if len(entries) == FEED_BATCH:
@@ -259,10 +261,12 @@ class LiveCluster:
         # own commit, taken at once) is current, and is not read again.
         current = {
             h
-            for h, generation in reached.items()
+            for h, (incarnation, generation) in reached.items()
             if h not in stale
+            and generation >= 0
             and (base := self._base.get(HostId(h))) is not None
-            and base.alloc_generation == generation
+            and (base.versions.get(guards.INCARNATION, 0), base.alloc_generation)
+            == (incarnation, generation)
         }
         await self._reload(sorted(moved - current))
         self._cursors = cursors
@@ -313,6 +317,9 @@ class LiveCluster:
             previous = self._base.get(key)
             if previous is not None and _same(previous, state):
                 return
+            if previous is not None and _incarnation(previous) != _incarnation(state):
+                # Another host under the same id: nothing assumed on the old one holds.
+                self._assumed.pop(key, None)
             self._base[key] = state
         self._derive(key)
 
@@ -325,9 +332,15 @@ class LiveCluster:
                 self._changed(key)
             return
         if assumed:
-            # Assumptions the store's state shows already are done with.
+            # Assumptions the store's state shows already are done with, and
+            # so are landed ones the store has moved past without showing
+            # them (released since).
             held = set(base.allocations.values())
-            for placement_id in [p for p in assumed if p in held]:
+            for placement_id in [
+                p
+                for p, (_, _, landed) in assumed.items()
+                if p in held or 0 < landed <= base.alloc_generation
+            ]:
                 del assumed[placement_id]
         if not assumed:
             self._assumed.pop(key, None)
@@ -335,7 +348,7 @@ class LiveCluster:
         else:
             allocations = dict(base.allocations)
             tenants = dict(base.tenants)
-            for placement_id, (slots, tenant) in assumed.items():
+            for placement_id, (slots, tenant, _) in assumed.items():
                 for slot in slots:
                     allocations.setdefault(slot, placement_id)
                 tenants[placement_id] = tenant
@@ -381,7 +394,7 @@ class LiveCluster:
         key = HostId(host_id)
         if key not in self._base:
             return
-        self._assumed.setdefault(key, {})[placement_id] = (tuple(slots), tenant)
+        self._assumed.setdefault(key, {})[placement_id] = (tuple(slots), tenant, 0)
         self._derive(key)
 
     def settle(self, host_id: str, placement_id: PlacementId, generation: int) -> None:
@@ -405,8 +418,10 @@ class LiveCluster:
                 self._stale.add(host_id)  # an error may hide a landed commit
         elif base.alloc_generation == generation - 1:
             # Nothing else moved the host since the state the model holds:
-            # the store's state now is exactly that plus this reservation.
-            slots, tenant = found
+            # the store's state now is exactly that plus this reservation
+            # (the commit checked the incarnation the plan, and so the model,
+            # saw).
+            slots, tenant, _ = found
             allocations = dict(base.allocations)
             for slot in slots:
                 allocations[slot] = placement_id
@@ -423,8 +438,10 @@ class LiveCluster:
             )
             self._local[host_id] = generation
         else:
-            # Others moved the host too: keep assuming it until the feed
-            # brings the host back with it.
+            # Others moved the host too: keep assuming it until the host is
+            # read back at or past the commit's generation (with it, or
+            # without it once released).
+            assumed[placement_id] = (found[0], found[1], generation)
             self._stale.add(host_id)
         self._derive(key)
 
@@ -444,6 +461,15 @@ class LiveCluster:
         gc.unfreeze()
         gc.collect()
         gc.freeze()
+
+
+#: An assumed reservation: its slots, tenant, and the generation its commit
+#: left (0: not landed yet).
+_Assumed = tuple[tuple[SlotKey, ...], TenantName, int]
+
+
+def _incarnation(state: HostState) -> int:
+    return state.versions.get(guards.INCARNATION, 0)
 
 
 def _same(a: HostState, b: HostState) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from scheduler.core.host import (
     GpuView,
@@ -27,6 +28,7 @@ from scheduler.core.identity import (
     TenantName,
     vfio_group_path,
 )
+from scheduler.core.lifecycle import PlacementState
 from scheduler.core.mig import GpuInstance, MigProfile, MigProfileName
 from scheduler.core.plan import (
     Assignment,
@@ -264,6 +266,57 @@ def request_digest(msg: placement_pb2.PlacementRequest) -> str:
     return hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()
 
 
+@dataclass(frozen=True)
+class Submitted:
+    """A wire request converted once, at the edge: what the use cases work on.
+
+    Attributes:
+        request: the validated domain request.
+        digest: the wire request's fingerprint (:func:`request_digest`), to
+            tell a retry from a reused request id.
+        gang: the gang it belongs to ("" for none): PlaceBatch's concern,
+            not the domain request's.
+        prefix: prepended to field paths in errors ("requests[2]." in a batch).
+    """
+
+    request: PlacementRequest
+    digest: str
+    gang: str = ""
+    prefix: str = ""
+
+    @property
+    def exclusive(self) -> bool:
+        """Whether the request holds a domain for its tenant (its commit guards the domain)."""
+        return self.request.exclusivity is not ExclusivityDomain.NONE
+
+
+def submitted(msg: placement_pb2.PlacementRequest, prefix: str = "") -> Submitted:
+    """A wire request converted and validated, with its fingerprint.
+
+    Raises:
+        InvalidRequestError: every problem, with field paths under ``prefix``.
+    """
+    return Submitted(
+        parsed_request(msg, prefix),
+        request_digest(msg),
+        msg.gang,
+        prefix,
+    )
+
+
+def submitted_batch(messages: Sequence[placement_pb2.PlacementRequest]) -> list[Submitted]:
+    """A batch of wire requests converted, the problems of every request reported at once.
+
+    Raises:
+        InvalidRequestError: as :func:`parsed_requests` raises it.
+    """
+    requests = parsed_requests(messages)
+    return [
+        Submitted(request, request_digest(msg), msg.gang, f"requests[{i}].")
+        for i, (request, msg) in enumerate(zip(requests, messages, strict=True))
+    ]
+
+
 #: NVIDIA vGPU descriptions end with the type's per-GPU limit.
 _MAX_INSTANCE = re.compile(r"max_instance=(\d+)")
 
@@ -438,21 +491,19 @@ def allocation_from_assignment(a: Assignment) -> placement_pb2.ClaimAllocation:
     )
 
 
-# Lifecycle states as the store keeps them (compare-and-set in Lua): a
-# placement moves pending -> ready -> releasing -> (gone), or to failed.
-PENDING, READY, RELEASING, FAILED = "pending", "ready", "releasing", "failed"
-_WIRE_STATES: Mapping[str, placement_pb2.PlacementState.ValueType] = {
-    PENDING: placement_pb2.PLACEMENT_STATE_PENDING,
-    READY: placement_pb2.PLACEMENT_STATE_READY,
-    RELEASING: placement_pb2.PLACEMENT_STATE_RELEASING,
-    FAILED: placement_pb2.PLACEMENT_STATE_FAILED,
+# The wire's name of each lifecycle state (scheduler.core.lifecycle has the moves).
+_WIRE_STATES: Mapping[PlacementState, placement_pb2.PlacementState.ValueType] = {
+    PlacementState.PENDING: placement_pb2.PLACEMENT_STATE_PENDING,
+    PlacementState.READY: placement_pb2.PLACEMENT_STATE_READY,
+    PlacementState.RELEASING: placement_pb2.PLACEMENT_STATE_RELEASING,
+    PlacementState.FAILED: placement_pb2.PLACEMENT_STATE_FAILED,
 }
 
 
 def with_state(
-    placement: placement_pb2.Placement, state: str, message: str, now_ms: int
+    placement: placement_pb2.Placement, state: PlacementState, message: str, now_ms: int
 ) -> placement_pb2.Placement:
-    """A copy of a placement in another lifecycle state (a store state name), stamped now."""
+    """A copy of a placement in another lifecycle state, stamped now."""
     moved = placement_pb2.Placement()
     moved.CopyFrom(placement)
     moved.state = _WIRE_STATES[state]
@@ -465,10 +516,14 @@ def placement_from_plan(
     plan: Plan,
     *,
     placement_id: PlacementId,
-    request: placement_pb2.PlacementRequest,
+    request: PlacementRequest | placement_pb2.PlacementRequest,
     now_ms: int,
 ) -> placement_pb2.Placement:
-    """A pending Placement for a plan about to be committed."""
+    """A pending Placement for a plan about to be committed.
+
+    ``request`` may be the domain request or the wire one: only its id,
+    tenant and priority are read, which the two spell alike.
+    """
     allocations = [allocation_from_assignment(a) for a in plan.assignments]
     return placement_pb2.Placement(
         placement_id=placement_id,

@@ -36,8 +36,18 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from scheduler.core.lifecycle import (
+    FAILED,
+    PENDING,
+    READY,
+    RELEASED,
+    RELEASING,
+    Move,
+    PlacementState,
+    move,
+)
 from scheduler.service.agent_gateway import AgentCallError, HousekeepingGateway
-from scheduler.service.convert import FAILED, PENDING, READY, RELEASING, with_state
+from scheduler.service.convert import with_state
 from scheduler.store import schema
 from scheduler.store.redis_store import Fence, FencedOutError, HostRecord, RedisStateStore
 from tessera.security.audit import AuditLog
@@ -47,6 +57,23 @@ log = logging.getLogger(__name__)
 
 #: The job's name in the store (lease and fence keys).
 JOB = schema.BACKGROUND_JOB
+
+# The lifecycle moves the jobs make (each checked against the table on import).
+# The reaper finishes a placement stuck PENDING or RELEASING, by the state it
+# was found in; one it cannot tear down is quarantined from that state.
+_REAP: Mapping[PlacementState, Move] = {
+    PENDING: move(PENDING, to=RELEASED),
+    RELEASING: move(RELEASING, to=RELEASED),
+}
+_QUARANTINE_STUCK: Mapping[PlacementState, Move] = {
+    PENDING: move(PENDING, to=FAILED),
+    RELEASING: move(RELEASING, to=FAILED),
+}
+# The reconciler claims a READY placement its host lost, prepares it again,
+# and confirms it READY, or quarantines it.
+_CLAIM_LOST = move(READY, to=PENDING)
+_CONFIRM_REPREPARED = move(PENDING, to=READY)
+_QUARANTINE_LOST = move(PENDING, to=FAILED)
 
 
 def _now_ms() -> int:
@@ -235,9 +262,12 @@ class Housekeeper:
             placement = placement_pb2.Placement.FromString(payload)
             state = await self._store.placement_state(host_id, placement.placement_id)
             age_s = (now - placement.updated_unix_ms) / 1000
+            stuck: PlacementState
             if state == PENDING and age_s > self._settings.pending_after_s:
+                stuck = PENDING
                 cause = f"reaped after {age_s:.0f}s pending: its scheduler never finished"
             elif state == RELEASING and age_s > self._settings.releasing_after_s:
+                stuck = RELEASING
                 cause = f"release finished by the reaper after {age_s:.0f}s"
             else:
                 continue
@@ -249,12 +279,12 @@ class Housekeeper:
                 await self._agents.unprepare_fenced(record.agent_address, placement, fence.token)
             except AgentCallError as err:
                 detail = f"{cause}; teardown failed: {err.message}"
-                moved = await self._mark_failed(placement, state or "", detail, fence)
+                moved = await self._mark_failed(placement, _QUARANTINE_STUCK[stuck], detail, fence)
                 report.quarantined += int(moved)
                 self._record("reap", fence, placement, "UNAVAILABLE", detail)
                 continue
             released = await self._store.release(
-                host_id, placement.placement_id, from_states=[state or ""], fence=fence
+                host_id, placement.placement_id, from_states=_REAP[stuck].from_states, fence=fence
             )
             if released and state == PENDING:
                 report.reaped += 1
@@ -297,31 +327,32 @@ class Housekeeper:
     async def _move(
         self,
         placement: placement_pb2.Placement,
-        state: str,
+        move: Move,
         message: str,
-        from_state: str,
         fence: Fence,
     ) -> placement_pb2.Placement | None:
-        """Compare-and-set a placement from one state to another, under the fence.
+        """Make a lifecycle move on a placement, compare-and-set under the fence.
 
         Returns:
-            The placement as stored now, or None when it was not in ``from_state``.
+            The placement as stored now, or None when it was not in one of
+            the move's sources.
         """
-        moved = with_state(placement, state, message, self._clock_ms())
+        moved = with_state(placement, move.state, message, self._clock_ms())
         stored = await self._store.update_placement(
             placement.host_id,
             placement.placement_id,
             moved.SerializeToString(),
-            state=state,
-            from_states=[from_state],
+            state=move.state.value,
+            from_states=move.from_states,
             fence=fence,
         )
         return moved if stored else None
 
     async def _mark_failed(
-        self, placement: placement_pb2.Placement, state: str, message: str, fence: Fence
+        self, placement: placement_pb2.Placement, move: Move, message: str, fence: Fence
     ) -> bool:
-        return await self._move(placement, FAILED, message, state, fence) is not None
+        """Quarantine a placement (``move`` leads to FAILED): its slots stay taken."""
+        return await self._move(placement, move, message, fence) is not None
 
     # -- reconciling ---------------------------------------------------------
 
@@ -434,14 +465,14 @@ class Housekeeper:
         # is refused as busy instead of freeing slots the host is about to
         # hold again. Stamped now, so the reaper does not take it for stuck.
         message = "the host lost it; preparing it again"
-        claimed = await self._move(placement, PENDING, message, READY, fence)
+        claimed = await self._move(placement, _CLAIM_LOST, message, fence)
         if claimed is None:
             return  # released or changed meanwhile: nothing to restore
         try:
             prepared = await self._agents.prepare_fenced(record.agent_address, claimed, fence.token)
         except AgentCallError as err:
             detail = f"the host lost it and cannot prepare it again: {err.message}"
-            await self._mark_failed(claimed, PENDING, detail, fence)
+            await self._mark_failed(claimed, _QUARANTINE_LOST, detail, fence)
             report.quarantined += 1
             self._record("prepare-again", fence, placement, "UNAVAILABLE", detail)
             return
@@ -449,7 +480,7 @@ class Housekeeper:
         # PENDING); if deposed meanwhile, FencedOutError leaves it PENDING and
         # prepared, which the next leader's reaper tears down and releases.
         message = "ready (prepared again after the host lost it)"
-        if await self._move(prepared, READY, message, PENDING, fence) is not None:
+        if await self._move(prepared, _CONFIRM_REPREPARED, message, fence) is not None:
             report.reprepared += 1
             log.info("prepared %s on %s again: the host had lost it",
                      placement.placement_id, record.host_id)  # fmt: skip

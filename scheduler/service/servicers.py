@@ -1,4 +1,9 @@
-"""Thin gRPC servicers: parse, call the coordinator, translate errors."""
+"""Thin gRPC servicers: parse, call the coordinator, translate errors.
+
+A placement request is converted to the domain here, once
+(:func:`~scheduler.service.convert.submitted`), and the use cases see only
+the domain request with its fingerprint.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,15 @@ import grpc
 import redis.exceptions
 
 from scheduler.core.identity import PlacementId
-from scheduler.core.plan import Unschedulable
+from scheduler.core.plan import Plan, Unschedulable
+from scheduler.core.request import PlacementRequest
 from scheduler.core.validation import validate_identifier
-from scheduler.service.convert import placement_from_plan
+from scheduler.service.convert import (
+    parsed_request,
+    placement_from_plan,
+    submitted,
+    submitted_batch,
+)
 from scheduler.service.coordinator import PlacementCoordinator
 from scheduler.service.errors import SchedulerError, status_of
 from scheduler.service.operator_config import OperatorConfig
@@ -97,7 +108,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.PlaceResponse:
         """Place one request."""
         await _require(context, request.HasField("request"), "request")
-        placement = await _call(context, lambda: self._c.place(request.request))
+        placement = await _call(context, lambda: self._c.placer.place(submitted(request.request)))
         return scheduler_pb2.PlaceResponse(placement=placement)
 
     async def PlaceBatch(  # noqa: N802
@@ -107,7 +118,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         await _require(context, len(request.requests) > 0, "requests")
         placements, unplaced = await _call(
             context,
-            lambda: self._c.place_batch(list(request.requests), request.all_or_nothing),
+            lambda: self._c.batches.place(
+                submitted_batch(request.requests), request.all_or_nothing
+            ),
         )
         return scheduler_pb2.PlaceBatchResponse(placements=placements, unplaced=unplaced)
 
@@ -154,7 +167,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.ExplainResponse:
         """Dry run."""
         await _require(context, request.HasField("request"), "request")
-        result = await _call(context, lambda: self._c.explain(request.request))
+
+        async def explain() -> tuple[PlacementRequest, Plan | Unschedulable]:
+            domain = parsed_request(request.request)
+            return domain, await self._c.placer.explain(domain)
+
+        domain, result = await _call(context, explain)
         if isinstance(result, Unschedulable):
             by_plugin: dict[str, list[str]] = defaultdict(list)
             totals: dict[str, int] = defaultdict(int)
@@ -170,7 +188,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 ],
             )
         placement = placement_from_plan(
-            result, placement_id=PlacementId(""), request=request.request, now_ms=0
+            result, placement_id=PlacementId(""), request=domain, now_ms=0
         )
         placement.message = "would be placed here (nothing reserved)"
         return scheduler_pb2.ExplainResponse(

@@ -20,9 +20,12 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+from scheduler.store.safety import node_client
 
 log = logging.getLogger("tessera.scheduler.store_health")
 
@@ -52,7 +55,7 @@ class StoreHealthWatcher:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         health: HealthStatusSetter,
         names: Sequence[str],
         *,
@@ -62,7 +65,9 @@ class StoreHealthWatcher:
         # A client of its own, on the same server with the same credentials
         # and TLS: a probe must not wait for a connection of the busy pool,
         # and must fail at once (no retries) so the log says why, not only
-        # "no answer".
+        # "no answer". Of a cluster, its default node (the one it was given).
+        if isinstance(client, RedisCluster):
+            client = node_client(client.get_default_node())
         pool = client.connection_pool
         self._client = aioredis.Redis(
             connection_pool=aioredis.ConnectionPool(

@@ -135,7 +135,7 @@ if #bumps > 0 then
 end
 redis.call('HSET', bumps_key, placement_id, encoded_bumps)
 local new_generation = redis.call('HINCRBY', host_key, 'alloc_generation', 1)
-feed_append(KEYS[10], KEYS[11], host_id, new_generation)
+feed_append(KEYS[10], KEYS[11], host_key, host_id, new_generation)
 return {'COMMITTED', placement_id,
         'committed ' .. #slots .. ' slot(s) on host ' .. host_id ..
         ', alloc generation now ' .. new_generation, new_generation}

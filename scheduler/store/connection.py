@@ -18,9 +18,11 @@ not use anyway, before anything is served:
 
 Every message has the password redacted (:func:`redact_url`).
 
-Only one endpoint is supported: ``redis://``, ``rediss://`` and ``unix://``.
-Sentinel and Redis Cluster URLs are out of scope (the client is not a cluster
-client yet; see the README's "Not yet").
+One server (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
+(``redis+cluster://`` or ``rediss+cluster://``, naming any one node: the client
+finds the others). Every write of the scheduler stays in one hash slot
+(:mod:`scheduler.store.schema`), so it runs on a cluster unchanged. Sentinel
+URLs are out of scope (see the README's "Not yet").
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -53,11 +56,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("tessera.store")
 
-_SCHEMES = ("redis", "rediss", "unix")
+_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 _FORM = (
-    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) "
-    "or unix:///PATH/TO/SOCKET[?db=DB]"
+    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS), "
+    "unix:///PATH/TO/SOCKET[?db=DB], or redis+cluster://[[USER]:PASSWORD@]HOST[:PORT] "
+    "(rediss+cluster:// with TLS) for a Redis Cluster"
 )
+_CLUSTER_SUFFIX = "+cluster"
+
+#: A client of one server or of a Redis Cluster.
+StoreClient = aioredis.Redis | RedisCluster
 #: Query parameters redis-py understands that make sense for the scheduler.
 #: Anything else is refused: redis-py would pass it on as a keyword argument
 #: and fail at the first command, or (``protocol=3``) change reply shapes.
@@ -120,13 +128,14 @@ class StoreTls:
 class _Target:
     """What the URL points at, for messages and the start-up check."""
 
-    url: str
+    url: str  # as redis-py reads it: a cluster URL's scheme without "+cluster"
     scheme: str
     host: str | None  # None for a Unix socket
     port: int
     db: int
     username: str
     password: str
+    cluster: bool = False
 
 
 def _split_userinfo(url: str) -> tuple[str, str, str, str] | None:
@@ -216,10 +225,14 @@ def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dic
         raise _refuse(url, f"not a URL; expected {_FORM}")
     if scheme not in _SCHEMES:
         raise _refuse(
-            url,
-            f"unsupported scheme {scheme}://; expected {_FORM} "
-            "(Sentinel and Redis Cluster URLs are not supported)",
+            url, f"unsupported scheme {scheme}://; expected {_FORM} (Sentinel is not supported)"
         )
+    cluster = scheme.endswith(_CLUSTER_SUFFIX)
+    if cluster:
+        # redis-py reads a cluster's seed node from a plain URL.
+        scheme = scheme.removesuffix(_CLUSTER_SUFFIX)
+        url = scheme + url[url.index("://") :]
+        parts = urlsplit(url)
     password = unquote(parts.password or "")
     username = unquote(parts.username or "")
     params = _query(url, parts.query)
@@ -256,6 +269,8 @@ def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dic
     if not db_text.isdigit() or not db_text.isascii():
         raise _refuse(url, f"the database must be a number (0, 1, ...), not {db_text!r}", password)
     db = int(db_text)
+    if cluster and db != 0:
+        raise _refuse(url, f"a Redis Cluster has database 0 only, not {db}", password)
 
     extra: dict[str, Any] = {}
     if scheme == "rediss":
@@ -272,7 +287,7 @@ def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dic
         parse_url(url)
     except ValueError as err:
         raise _refuse(url, str(err), password) from None
-    target = _Target(url, scheme, host, port, db, username, password)
+    target = _Target(url, scheme, host, port, db, username, password, cluster)
     return target, extra
 
 
@@ -499,11 +514,13 @@ async def connect_store(
     tls: StoreTls | None = None,
     allow_unsafe: bool = False,
     wait_s: float = 10.0,
-) -> aioredis.Redis:
+) -> StoreClient:
     """The scheduler's client for the store at ``url``, checked usable.
 
     Args:
-        url: ``redis://``, ``rediss://`` or ``unix://`` URL; user and password
+        url: ``redis://``, ``rediss://`` or ``unix://`` URL, or
+            ``redis+cluster://`` / ``rediss+cluster://`` naming one node of a
+            Redis Cluster (a cluster client is returned); user and password
             in it are sent with AUTH (an ACL user or ``requirepass``).
             ``rediss://`` verifies the server's certificate against
             ``ssl_ca_certs`` (or ``tls.ca_certs``), else the system's CAs.
@@ -522,6 +539,15 @@ async def connect_store(
     """
     target, extra = _parse(url.strip(), tls or StoreTls(), allow_unsafe=allow_unsafe)
     await _wait_until_usable(target, extra, wait_s)
+    if target.cluster:
+        # The seed node answered; the client maps slots to nodes itself and
+        # follows MOVED/ASK as the cluster reshards or fails over.
+        cluster = RedisCluster.from_url(
+            target.url, decode_responses=False, health_check_interval=5, **extra
+        )
+        # Learn the nodes now: their durability is checked one by one next.
+        await cluster.initialize()
+        return cluster
     return aioredis.Redis.from_url(
         target.url,
         decode_responses=False,

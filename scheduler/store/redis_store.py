@@ -19,6 +19,7 @@ import protobuf or gRPC and never parses them. Key names come from
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 
 from scheduler.store import schema
 
@@ -104,6 +107,7 @@ class FeedEntry:
         host_id: the host that changed (added, changed or forgotten).
         generation: the host's alloc generation after the change (-1: the
             host is gone).
+        incarnation: the host record's incarnation (0: none, or gone).
     """
 
     shard: int
@@ -111,6 +115,7 @@ class FeedEntry:
     seq: int
     host_id: str
     generation: int = -1
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,10 @@ class StoreError(RuntimeError):
     """The store found data it cannot interpret (corrupted or foreign keys)."""
 
 
+class LayoutMismatchError(StoreError):
+    """The store was written in another key layout than this scheduler's."""
+
+
 class FencedOutError(StoreError):
     """A background job's write carried a stale fencing token: another replica leads."""
 
@@ -263,16 +272,19 @@ return 0
 
 # Appends one host's change to its shard's feed (the shard's two keys are
 # always the script's last two KEYS, in the host's hash slot), with the
-# host's alloc generation after it (-1: the host is gone). Every change that
-# goes on the feed bumps that generation, so a reader holding the host at it
-# already (its own commit) need not read the host again. The sequence number
+# host's incarnation and alloc generation after it (generation -1: the host
+# is gone). Every change that goes on the feed bumps that generation, so a
+# reader holding the host at that incarnation and generation already (its
+# own commit) need not read the host again. The sequence number
 # lets a reader tell a complete run of entries from one with a hole.
 _FEED_LUA = f"""
-local function feed_append(feed_key, seq_key, host_id, generation)
+local function feed_append(feed_key, seq_key, host_key, host_id, generation)
   local n = redis.call('INCR', seq_key)
+  local incarnation = redis.call('HGET', host_key, '{schema.F_INCARNATION}') or '0'
   redis.call('XADD', feed_key, 'MAXLEN', '~', {schema.FEED_MAXLEN}, '*',
              '{schema.F_FEED_HOST}', host_id, '{schema.F_FEED_SEQ}', n,
-             '{schema.F_FEED_GENERATION}', generation)
+             '{schema.F_FEED_GENERATION}', generation,
+             '{schema.F_FEED_INCARNATION}', incarnation)
 end
 """
 
@@ -319,7 +331,12 @@ redis.call('HSET', key, 'inventory', inventory, 'inventory_generation', generati
            'boot_id', boot_id, 'agent_address', address, 'last_heartbeat_ms', now_ms)
 local alloc_generation = 0
 if not exists then
-  redis.call('HSET', key, 'alloc_generation', 0)
+  -- A new incarnation of the host id: versions counted anew from here never
+  -- match a plan made on an earlier one (forgotten, or lost with the data).
+  local clock = redis.call('TIME')
+  local incarnation = string.format('%d', tonumber(clock[1]) * 1000000 + tonumber(clock[2]))
+  redis.call('HSET', key, 'alloc_generation', 0, 'incarnation', incarnation)
+  redis.call('HSET', KEYS[2], 'incarnation', incarnation)
 elseif changed then
   alloc_generation = redis.call('HINCRBY', key, 'alloc_generation', 1)
 end
@@ -327,7 +344,7 @@ if bump then
   redis.call('HINCRBY', KEYS[2], 'epoch', 1)
 end
 if changed then
-  feed_append(KEYS[3], KEYS[4], host_id, alloc_generation)
+  feed_append(KEYS[3], KEYS[4], key, host_id, alloc_generation)
 end
 if not exists then
   return 2
@@ -346,7 +363,7 @@ redis.call('HSET', KEYS[1], 'last_heartbeat_ms', ARGV[2])
 if redis.call('HGET', KEYS[1], 'lease_expired') == '1' then
   redis.call('HDEL', KEYS[1], 'lease_expired')
   local generation = redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
-  feed_append(KEYS[2], KEYS[3], ARGV[3], generation)
+  feed_append(KEYS[2], KEYS[3], KEYS[1], ARGV[3], generation)
 end
 return 1
 """)
@@ -364,7 +381,7 @@ end
 redis.call('HSET', KEYS[1], 'lease_expired', '1')
 local generation = redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
 redis.call('HINCRBY', KEYS[2], 'epoch', 1)
-feed_append(KEYS[3], KEYS[4], ARGV[1], generation)
+feed_append(KEYS[3], KEYS[4], KEYS[1], ARGV[1], generation)
 return 1
 """)
 
@@ -524,7 +541,7 @@ redis.call('HDEL', states_key, placement_id)
 redis.call('HDEL', tenants_key, placement_id)
 if redis.call('EXISTS', host_key) == 1 then
   local generation = redis.call('HINCRBY', host_key, 'alloc_generation', 1)
-  feed_append(KEYS[10], KEYS[11], ARGV[4], generation)
+  feed_append(KEYS[10], KEYS[11], host_key, ARGV[4], generation)
 end
 return {1, request_id}
 """
@@ -655,7 +672,7 @@ if not already then
   -- it conflicts, and its replan sees the host cordoned.
   local generation = redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
   redis.call('HINCRBY', KEYS[2], 'epoch', 1)
-  feed_append(KEYS[3], KEYS[4], ARGV[5], generation)
+  feed_append(KEYS[3], KEYS[4], KEYS[1], ARGV[5], generation)
 end
 return 1
 """)
@@ -669,7 +686,7 @@ end
 if redis.call('HGET', KEYS[1], 'cordoned') == '1' then
   redis.call('HDEL', KEYS[1], 'cordoned', 'cordon_reason', 'cordoned_by', 'cordoned_ms')
   local generation = redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
-  feed_append(KEYS[2], KEYS[3], ARGV[1], generation)
+  feed_append(KEYS[2], KEYS[3], KEYS[1], ARGV[1], generation)
 end
 return 1
 """)
@@ -706,7 +723,7 @@ if busy then
   return {-1, found}
 end
 redis.call('DEL', unpack(host_keys))
-feed_append(KEYS[10], KEYS[11], ARGV[2], -1)
+feed_append(KEYS[10], KEYS[11], KEYS[1], ARGV[2], -1)
 return {1, found}
 """)
 
@@ -723,6 +740,16 @@ CLAIM_SKEW_MS = 2_000
 # A record that keeps changing under resolution (claims racing over an
 # expired one) settles within a few rounds; more is a bug.
 _CLAIM_ATTEMPTS = 8
+
+
+#: A client of a single server (or Sentinel's primary) or of a Redis Cluster.
+StoreClient = aioredis.Redis | RedisCluster
+
+#: One script of a batch: the script, its keys, its arguments.
+_ScriptCall = tuple[AsyncScript, list[str], list[Any]]
+
+#: Scripts a cluster client runs at once in a batch (see _run_scripts).
+_CLUSTER_SCRIPT_CONCURRENCY = 64
 
 
 def _read_host_keys(host_id: str) -> list[str]:
@@ -837,8 +864,8 @@ class RedisStateStore:
     ``redis.exceptions.RedisError``; a script either ran whole or not at all.
 
     Args:
-        client: an asyncio client created with ``decode_responses=False``
-            (payloads are bytes).
+        client: an asyncio client, of one server or of a Redis Cluster,
+            created with ``decode_responses=False`` (payloads are bytes).
         claim_ttl_ms: how long a request claim lasts without renewal.
         claim_skew_ms: grace past a claim's deadline before another caller
             may resolve it.
@@ -846,7 +873,7 @@ class RedisStateStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: StoreClient,
         *,
         claim_ttl_ms: int = CLAIM_TTL_MS,
         claim_skew_ms: int = CLAIM_SKEW_MS,
@@ -879,6 +906,63 @@ class RedisStateStore:
         # XREAD over every shard's feed is one command on a plain server,
         # one per shard where shards live in different slots.
         self._cluster_mode: bool | None = None
+
+    async def _in_cluster(self) -> bool:
+        """Whether the server runs in cluster mode (asked once)."""
+        if self._cluster_mode is None:
+            if isinstance(self._client, RedisCluster):
+                self._cluster_mode = True
+            else:
+                info = await self._client.info("cluster")
+                self._cluster_mode = bool(int(info.get("cluster_enabled", 0) or 0))
+        return self._cluster_mode
+
+    async def _run_scripts(self, calls: Sequence[_ScriptCall]) -> list[Any]:
+        """Run many scripts, each on its own keys, in one round trip where the client can.
+
+        A plain client pipelines them. A cluster client refuses scripts in a
+        pipeline: they run side by side instead, a bounded number at a time
+        (each node gets its own connections).
+        """
+        if not calls:
+            return []
+        if not isinstance(self._client, RedisCluster):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for script, keys, args in calls:
+                    await script(keys=keys, args=args, client=pipe)
+                return list(await pipe.execute())
+        gate = asyncio.Semaphore(_CLUSTER_SCRIPT_CONCURRENCY)
+
+        async def one(call: _ScriptCall) -> Any:
+            script, keys, args = call
+            async with gate:
+                return await script(keys=keys, args=args)
+
+        return list(await asyncio.gather(*(one(c) for c in calls)))
+
+    async def claim_layout(self) -> None:
+        """Make sure the store is in this scheduler's key layout, marking an empty one.
+
+        Raises:
+            LayoutMismatchError: the store holds another layout's marker, or
+                hosts written before markers existed (layout 1).
+        """
+        if await self._client.set(schema.LAYOUT, schema.LAYOUT_VERSION, nx=True):
+            if await self._client.scard(schema.HOSTS):
+                # Hosts, yet no marker: an older scheduler wrote them.
+                await self._client.delete(schema.LAYOUT)
+                raise LayoutMismatchError(
+                    "the store holds hosts written by an older Tessera (key layout 1, before "
+                    "the change feed): drain and forget them with that version, or start on an "
+                    "empty store"
+                )
+            return
+        found = _text(await self._client.get(schema.LAYOUT))
+        if found != schema.LAYOUT_VERSION:
+            raise LayoutMismatchError(
+                f"the store is in key layout {found!r}, this scheduler writes layout "
+                f"{schema.LAYOUT_VERSION!r}: run the matching version on it"
+            )
 
     # -- hosts ---------------------------------------------------------------
 
@@ -1014,13 +1098,13 @@ class RedisStateStore:
             return ForgetResult(ForgetOutcome.NOT_FOUND)
         if int(code) == -1:
             return ForgetResult(ForgetOutcome.BUSY, placements)
-        async with self._client.pipeline(transaction=False) as pipe:
-            for placement_id, request_id in placements.items():
-                if request_id:
-                    await self._forget(
-                        keys=[schema.request(request_id)], args=[placement_id], client=pipe
-                    )
-            await pipe.execute()
+        await self._run_scripts(
+            [
+                (self._forget, [schema.request(request_id)], [placement_id])
+                for placement_id, request_id in placements.items()
+                if request_id
+            ]
+        )
         await self._client.srem(schema.HOSTS, host_id)
         if await self._client.exists(schema.host(host_id)):
             # Its agent registered it again meanwhile, before the SREM: keep
@@ -1089,18 +1173,18 @@ class RedisStateStore:
         if not host_ids:
             return {}
         known = known or {}
-        async with self._client.pipeline(transaction=False) as pipe:
-            for host_id in host_ids:
-                _check_host_id(host_id)
-                if not inventories:
-                    held = ["*", ""]
-                elif host_id in known:
-                    boot_id, generation = known[host_id]
-                    held = [boot_id, str(generation)]
-                else:
-                    held = ["", ""]
-                await self._read_host(keys=_read_host_keys(host_id), args=held, client=pipe)
-            replies = await pipe.execute()
+        calls: list[_ScriptCall] = []
+        for host_id in host_ids:
+            _check_host_id(host_id)
+            if not inventories:
+                held = ["*", ""]
+            elif host_id in known:
+                boot_id, generation = known[host_id]
+                held = [boot_id, str(generation)]
+            else:
+                held = ["", ""]
+            calls.append((self._read_host, _read_host_keys(host_id), held))
+        replies = await self._run_scripts(calls)
         hosts: dict[str, HostRecord | None] = {}
         for host_id, reply in zip(host_ids, replies, strict=True):
             fields, allocs, tenants, versions = _host_reply(reply)
@@ -1138,12 +1222,12 @@ class RedisStateStore:
         Read before a full read of the hosts, these cursors make the feed
         replay whatever changed during that read.
         """
-        async with self._client.pipeline(transaction=False) as pipe:
-            for shard in range(schema.FEED_SHARDS):
-                await self._feed_head(
-                    keys=[schema.feed(shard), schema.feed_seq(shard)], client=pipe
-                )
-            replies = await pipe.execute()
+        replies = await self._run_scripts(
+            [
+                (self._feed_head, [schema.feed(shard), schema.feed_seq(shard)], [])
+                for shard in range(schema.FEED_SHARDS)
+            ]
+        )
         return [
             FeedCursor(shard, _text(entry_id), int(seq))
             for shard, (seq, entry_id) in enumerate(replies)
@@ -1163,10 +1247,7 @@ class RedisStateStore:
         """
         streams = {schema.feed(c.shard): c.entry_id for c in cursors}
         shard_of_key = {schema.feed(c.shard): c.shard for c in cursors}
-        if self._cluster_mode is None:
-            info = await self._client.info("cluster")
-            self._cluster_mode = bool(int(info.get("cluster_enabled", 0) or 0))
-        if self._cluster_mode:
+        if await self._in_cluster():
             async with self._client.pipeline(transaction=False) as pipe:
                 for key, entry_id in streams.items():
                     pipe.xread({key: entry_id}, count=count)
@@ -1184,6 +1265,7 @@ class RedisStateStore:
                     _int(fields.get(schema.F_FEED_SEQ.encode())),
                     _text(fields.get(schema.F_FEED_HOST.encode())),
                     int(_text(fields.get(schema.F_FEED_GENERATION.encode())) or -1),
+                    int(_text(fields.get(schema.F_FEED_INCARNATION.encode())) or 0),
                 )
                 for entry_id, fields in entries
             ]
@@ -1605,13 +1687,11 @@ class RedisStateStore:
         Raises:
             FencedOutError: a host has seen a newer term.
         """
-        async with self._client.pipeline(transaction=False) as pipe:
-            for host_id in host_ids:
-                _check_host_id(host_id)
-                await self._raise_fence(
-                    keys=[schema.host(host_id)], args=[fence.job, fence.token], client=pipe
-                )
-            replies = await pipe.execute()
+        for host_id in host_ids:
+            _check_host_id(host_id)
+        replies = await self._run_scripts(
+            [(self._raise_fence, [schema.host(h)], [fence.job, fence.token]) for h in host_ids]
+        )
         stale = [h for h, ok in zip(host_ids, replies, strict=True) if not int(ok)]
         if stale:
             raise FencedOutError(f"fencing token {fence} is stale on hosts {stale[:5]}")

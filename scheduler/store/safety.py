@@ -10,8 +10,10 @@ operator explicitly accepts the risk.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ResponseError
 
 _OVERRIDE = "pass --allow-unsafe-redis"
@@ -101,15 +103,35 @@ def _problems(settings: Mapping[str, str]) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
-async def check_durability(client: aioredis.Redis, *, allow_unsafe: bool) -> list[str]:
+def node_client(node: ClusterNode, **overrides: Any) -> aioredis.Redis:
+    """A plain client of one node of a cluster, with the cluster's connection settings."""
+    kwargs = {
+        k: v
+        for k, v in node.connection_kwargs.items()
+        if k not in ("host", "port", "event_dispatcher")
+    }
+    return aioredis.Redis(
+        connection_pool=aioredis.ConnectionPool(
+            connection_class=node.connection_class,
+            host=node.host,
+            port=node.port,
+            **{**kwargs, **overrides},
+        )
+    )
+
+
+async def check_durability(
+    client: aioredis.Redis | RedisCluster, *, allow_unsafe: bool
+) -> list[str]:
     """Check that the server keeps acknowledged writes and never evicts keys.
 
     Reads ``appendonly``, ``maxmemory-policy`` and ``appendfsync`` with CONFIG
     GET. Where CONFIG is disabled (common on managed Redis) it says so and
-    falls back to INFO, which reports AOF and the eviction policy too.
+    falls back to INFO, which reports AOF and the eviction policy too. On a
+    Redis Cluster every primary is checked, each message naming its node.
 
     Args:
-        client: a client of the server to check.
+        client: a client of the server (or initialized cluster) to check.
         allow_unsafe: report unsafe settings as warnings instead of refusing.
 
     Returns:
@@ -121,7 +143,24 @@ async def check_durability(client: aioredis.Redis, *, allow_unsafe: bool) -> lis
         UnsafeStoreConfig: an unsafe setting and ``allow_unsafe`` is False. Its
             message says why each setting is unsafe and how to fix it.
     """
-    warnings: list[str] = []
+    if isinstance(client, RedisCluster):
+        warnings: list[str] = []
+        problems: list[str] = []
+        for node in client.get_primaries():
+            one = node_client(node)
+            try:
+                found = await check_durability(one, allow_unsafe=True)
+            finally:
+                await one.aclose()
+            unsafe = "running on an unsafe Redis (--allow-unsafe-redis): "
+            problems += [f"node {node.name}: {w[len(unsafe) :]}" for w in found if unsafe in w]
+            warnings += [f"node {node.name}: {w}" for w in found if unsafe not in w]
+        if problems and not allow_unsafe:
+            raise UnsafeStoreConfig(problems)
+        return warnings + [
+            f"running on an unsafe Redis (--allow-unsafe-redis): {p}" for p in problems
+        ]
+    warnings = []
     settings, config_error = await _config(client)
     if settings is None:
         warnings.append(

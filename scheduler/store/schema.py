@@ -15,7 +15,7 @@ key                                        type     content
                                                     ``agent_address``, ``boot_id``,
                                                     ``inventory_generation``,
                                                     ``last_heartbeat_ms``,
-                                                    ``alloc_generation``
+                                                    ``alloc_generation``, ``incarnation``
 ``tessera:{sNN}:H:alloc``                  hash     slot key (``iommu-group:12``) ->
                                                     placement id
 ``tessera:{sNN}:H:placements``             hash     placement id -> serialized Placement
@@ -40,7 +40,8 @@ Per shard (hash tag ``{sNN}``), the change feed replicas follow:
 =========================================  =======  =========================================
 ``tessera:{sNN}:feed``                     stream   one entry per change of a host of the
                                                     shard: ``h`` host id, ``n`` sequence,
-                                                    ``g`` its alloc generation after it
+                                                    ``i`` its incarnation, ``g`` its alloc
+                                                    generation after it
 ``tessera:{sNN}:feed-seq``                 integer  the last sequence number given out
 =========================================  =======  =========================================
 
@@ -142,6 +143,17 @@ history; a replica further behind than that resyncs in full.
 HOSTS = f"{PREFIX}hosts"
 """Set of every registered host id (global)."""
 
+LAYOUT = f"{PREFIX}layout"
+"""The key layout the store was written in (global string): :data:`LAYOUT_VERSION`."""
+
+LAYOUT_VERSION = "2"
+"""This layout: hosts in :data:`FEED_SHARDS` shards with change feeds, guard versions.
+
+Layout 1 (no marker) tagged each host's keys with the host id itself. A
+scheduler refuses a store in another layout: two replicas reading and
+committing on different keys for one host would hand its devices out twice.
+"""
+
 # Fields of the host hash.
 F_INVENTORY = "inventory"
 F_AGENT_ADDRESS = "agent_address"
@@ -156,6 +168,10 @@ F_CORDONED = "cordoned"
 F_CORDON_REASON = "cordon_reason"
 F_CORDONED_BY = "cordoned_by"
 F_CORDONED_MS = "cordoned_ms"
+F_INCARNATION = "incarnation"
+"""Set when the store creates the host's record (server time, µs); also in
+the host's ``versions``, so a plan made on an earlier incarnation of the same
+host id (forgotten, or lost with the store's data) never commits."""
 F_LEASE_EXPIRED = "lease_expired"
 """``1`` once the housekeeper found the host's lease run out; a heartbeat or
 registration clears it. Expiry is thus an event (on the feed), not something
@@ -165,6 +181,7 @@ every reader computes from the heartbeat clock."""
 F_FEED_HOST = "h"
 F_FEED_SEQ = "n"
 F_FEED_GENERATION = "g"
+F_FEED_INCARNATION = "i"
 
 # Fields of a request record.
 F_STATE = "state"

@@ -250,7 +250,9 @@ def test_a_commit_writes_everything_and_bumps_the_generation(
         assert record is not None
         assert record.alloc_generation == 1
         # The devices it took moved on, and so did the host's tenants (a new one).
-        assert record.versions == {"group:1": 1, "group:2": 1, "tenants": 1}
+        versions = dict(record.versions)
+        assert versions.pop("incarnation") > 0  # set when the record was created
+        assert versions == {"group:1": 1, "group:2": 1, "tenants": 1}
         assert record.allocations == {"iommu-group:1": p1, "iommu-group:2": p1}
         assert await store.get_placement(p1) == (H, b"payload-" + p1.encode())
         assert await store.placement_for_request("req-p1") == (p1, "digest-req-p1")

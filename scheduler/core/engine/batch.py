@@ -42,10 +42,10 @@ from ortools.sat.python import cp_model
 from scheduler.core.engine.fastpath import Engine, HostFit, build_plan, unschedulable
 from scheduler.core.engine.framework import Pick
 from scheduler.core.engine.plugins import free_vfs
-from scheduler.core.host import HostView
+from scheduler.core.host import HostView, domain_instance
 from scheduler.core.identity import HostId, PciAddress, PlacementId, RequestId, TenantName
 from scheduler.core.mig_geometry import DEFAULT_INSTANCE_LIMITS
-from scheduler.core.occupancy import DOMAINS, domain_instance, mdev_free
+from scheduler.core.occupancy import DOMAINS, mdev_free
 from scheduler.core.plan import Plan, Rejection, Unschedulable
 from scheduler.core.request import DeviceForm, ExclusivityDomain, PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, with_reservation

@@ -67,7 +67,7 @@ from scheduler.core.engine.plugins import (
     free_vfs,
     numa_domains,
 )
-from scheduler.core.host import HostView
+from scheduler.core.host import HostView, domain_instance
 from scheduler.core.identity import (
     HostId,
     PciAddress,
@@ -78,7 +78,7 @@ from scheduler.core.identity import (
     vfio_group_path,
 )
 from scheduler.core.mig_geometry import capacity, fragmentation_score
-from scheduler.core.occupancy import DomainKey, Occupancy, build_occupancy, domain_instance
+from scheduler.core.occupancy import DomainKey, Occupancy, build_occupancy
 from scheduler.core.plan import (
     Assignment,
     MdevAssignment,

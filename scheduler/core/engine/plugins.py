@@ -38,6 +38,7 @@ from scheduler.core.host import (
     GpuView,
     HostView,
     PciFunctionView,
+    domain_instance,
 )
 from scheduler.core.identity import PciAddress
 from scheduler.core.mig import MigProfile
@@ -51,7 +52,6 @@ from scheduler.core.mig_geometry import (
 from scheduler.core.occupancy import (
     DeviceMode,
     Occupancy,
-    domain_instance,
     domain_keys,
     mdev_free,
 )

@@ -21,26 +21,17 @@ from scheduler.store.redis_store import RedisStateStore
 from tessera.v1 import inventory_pb2
 
 from ...conftest import Runner
-from .test_housekeeping import Clock, Host, gpu
+from .test_housekeeping import Clock, Host, gpu, inventory
 
 LEASE = HousekeepingSettings(interval_s=1, pending_after_s=60, releasing_after_s=60, lease_s=20)
 
 
 def two_gpu_host(host_id: str, generation: int = 1) -> inventory_pb2.HostInventory:
-    """A host with two GPUs, each alone in its IOMMU group."""
-    return inventory_pb2.HostInventory(
-        host_id=host_id, boot_id="b1", generation=generation, iommu_present=True,
-        pci_functions=[
-            inventory_pb2.PciFunction(
-                address=f"0000:0{i}:00.0", vendor_id=0x10DE, class_code=0x030200,
-                iommu_group=i, has_iommu_group=True, role=inventory_pb2.PCI_ROLE_ENDPOINT,
-            )
-            for i in (1, 2)
-        ],
-        iommu_groups=[
-            inventory_pb2.IommuGroup(number=i, members=[f"0000:0{i}:00.0"]) for i in (1, 2)
-        ],
-    )  # fmt: skip
+    """A host with two GPUs, each alone in its IOMMU group (test_housekeeping's, renamed)."""
+    host = inventory()
+    host.host_id = host_id
+    host.generation = generation
+    return host
 
 
 async def feed_length(client: aioredis.Redis) -> int:

@@ -1,0 +1,286 @@
+"""Host administration: what operators see of hosts, and cordon, drain, forget.
+
+Operators take a host out of scheduling (cordon), empty it (drain: cordon,
+then release every placement on it as a client's Release would), or remove it
+from the store (forget); ListHosts shows each host's lease, cordon,
+allocations and MIG capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from scheduler.core.engine.fastpath import Engine
+from scheduler.core.identity import iommu_group_slot
+from scheduler.core.snapshot import HostState
+from scheduler.core.validation import (
+    MAX_TEXT,
+    InvalidRequestError,
+    validate_identifier,
+    validate_text,
+)
+from scheduler.service.cluster_model import LiveCluster
+from scheduler.service.errors import (
+    HostBusyError,
+    HostNotFoundError,
+    PlacementNotFoundError,
+    SchedulerError,
+)
+from scheduler.store.redis_store import ForgetOutcome, HostRecord, RedisStateStore
+from tessera.v1 import placement_pb2, scheduler_pb2
+
+log = logging.getLogger(__name__)
+
+#: Releases a drain runs at once: the agent tears down placements on
+#: different devices side by side, and a host with hundreds of VF placements
+#: should not take hundreds of round trips one after the other.
+DRAIN_CONCURRENCY = 8
+
+#: Releases a placement by its id, exactly as a client's Release does.
+Release = Callable[[str], Awaitable[placement_pb2.Placement]]
+
+
+def _check_host_admin(host_id: str, reason: str = "") -> None:
+    """Refuse a host id that cannot name a host, or an over-long reason."""
+    violations = validate_identifier(host_id, "host_id")
+    violations += validate_text(reason, "reason", MAX_TEXT)
+    if violations:
+        raise InvalidRequestError(violations)
+
+
+class HostAdmin:
+    """Shows hosts to operators and cordons, drains and forgets them.
+
+    Args:
+        store: the Redis state store.
+        model: the replica's live model (each host's parsed state).
+        engine: the placement engine (MIG capacity per GPU).
+        release: releases a placement by id (a drain's releases).
+        clock_ms: current time in ms.
+    """
+
+    def __init__(
+        self,
+        store: RedisStateStore,
+        model: LiveCluster,
+        engine: Engine,
+        release: Release,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self._store = store
+        self._model = model
+        self._engine = engine
+        self._release = release
+        self._clock_ms = clock_ms
+
+    async def hosts(self) -> list[scheduler_pb2.HostSummary]:
+        """Every registered host with its lease, cordon and allocation state, read now.
+
+        Read from the store, not the model: heartbeat ages are not on the feed.
+        """
+        stored = await self._store.snapshot(self._model.known())
+        now = self._clock_ms()
+        return [
+            self._summary(self._model.state_of(record), record, now)
+            for _, record in sorted(stored.hosts.items())
+        ]
+
+    def _summary(
+        self, state: HostState, record: HostRecord, now_ms: int
+    ) -> scheduler_pb2.HostSummary:
+        """One host as operators see it: lease, cordon, allocations, MIG capacity."""
+        view = state.view
+        assignable = {
+            f.iommu_group
+            for f in view.functions.values()
+            if f.kind is not None and not f.is_vf and f.iommu_group is not None
+        }
+        allocated = sum(1 for g in assignable if iommu_group_slot(g) in state.allocations)
+        return scheduler_pb2.HostSummary(
+            host_id=record.host_id,
+            agent_address=record.agent_address,
+            boot_id=record.boot_id,
+            inventory_generation=record.inventory_generation,
+            heartbeat_age_ms=now_ms - record.last_heartbeat_ms,
+            schedulable=state.schedulable,
+            assignable_groups=len(assignable),
+            allocated_groups=allocated,
+            labels=dict(view.labels),
+            mig=[
+                scheduler_pb2.MigCapacity(
+                    gpu_address=address, free=free, fragmentation=fragmentation
+                )
+                for address, free, fragmentation in self._engine.mig_capacity(state)
+            ],
+            cordoned=record.cordoned,
+            cordon_reason=record.cordon_reason,
+            cordoned_by=record.cordoned_by,
+            cordoned_unix_ms=record.cordoned_ms,
+        )
+
+    async def host_summary(self, host_id: str) -> scheduler_pb2.HostSummary:
+        """One registered host as ListHosts shows it, read now.
+
+        Raises:
+            InvalidRequestError: the id cannot name a host.
+            HostNotFoundError: no host is registered under it.
+        """
+        _check_host_admin(host_id)
+        record = await self._store.get_host(host_id)
+        if record is None:
+            raise HostNotFoundError(f"host {host_id} is not registered")
+        now = self._clock_ms()
+        return self._summary(self._model.state_of(record), record, now)
+
+    async def cordon(self, host_id: str, reason: str, by: str) -> scheduler_pb2.HostSummary:
+        """Take a host out of scheduling; its placements stay and can be released.
+
+        The cordon outlives re-registrations and heartbeats of the host's
+        agent: only :meth:`uncordon` lifts it. Cordoning a cordoned host
+        replaces its reason.
+
+        Args:
+            host_id: the host.
+            reason: why, shown by ListHosts.
+            by: who asked (the caller's identity).
+
+        Raises:
+            InvalidRequestError: a malformed id or an over-long reason.
+            HostNotFoundError: no host is registered under that id.
+        """
+        _check_host_admin(host_id, reason)
+        if not await self._store.cordon_host(
+            host_id, reason=reason, by=by, now_ms=self._clock_ms()
+        ):
+            raise HostNotFoundError(f"host {host_id} is not registered")
+        log.info("host %s cordoned by %s: %s", host_id, by, reason or "(no reason given)")
+        return await self.host_summary(host_id)
+
+    async def uncordon(self, host_id: str, by: str) -> scheduler_pb2.HostSummary:
+        """Let new placements land on a cordoned host again (idempotent).
+
+        Args:
+            host_id: the host.
+            by: who asked.
+
+        Raises:
+            InvalidRequestError: the id cannot name a host.
+            HostNotFoundError: no host is registered under that id.
+        """
+        _check_host_admin(host_id)
+        if not await self._store.uncordon_host(host_id):
+            raise HostNotFoundError(f"host {host_id} is not registered")
+        log.info("host %s uncordoned by %s", host_id, by)
+        return await self.host_summary(host_id)
+
+    async def drain(
+        self, host_id: str, reason: str, by: str
+    ) -> tuple[
+        scheduler_pb2.HostSummary, list[placement_pb2.Placement], list[scheduler_pb2.DrainFailure]
+    ]:
+        """Cordon a host, then release every placement on it.
+
+        The cordon comes first, so nothing new lands while the host empties;
+        a host cordoned already keeps its cordon (reason, who, when). Each
+        release tears the placement down on the host before freeing its
+        slots, exactly as a client's Release does. A placement being prepared
+        or released right now, or whose teardown fails (it stays FAILED with
+        its slots quarantined), is reported instead; draining again later
+        picks it up.
+
+        Args:
+            host_id: the host.
+            reason: the cordon's reason if the host is not cordoned yet
+                (empty: "drained").
+            by: who asked.
+
+        Returns:
+            The host as the drain left it, the placements released and the
+            ones still there with why, each in placement id order.
+
+        Raises:
+            InvalidRequestError: a malformed id or an over-long reason.
+            HostNotFoundError: no host is registered under that id.
+        """
+        _check_host_admin(host_id, reason)
+        if not await self._store.cordon_host(
+            host_id, reason=reason or "drained", by=by, now_ms=self._clock_ms(), keep=True
+        ):
+            raise HostNotFoundError(f"host {host_id} is not registered")
+        placements = [
+            placement_pb2.Placement.FromString(payload)
+            for _, payload in await self._store.list_placements(host_id)
+        ]
+        released: list[placement_pb2.Placement] = []
+        failed: list[scheduler_pb2.DrainFailure] = []
+        gate = asyncio.Semaphore(DRAIN_CONCURRENCY)
+
+        async def release_one(placement: placement_pb2.Placement) -> None:
+            async with gate:
+                try:
+                    released.append(await self._release(placement.placement_id))
+                except PlacementNotFoundError:
+                    # Released by someone else meanwhile: off the host all the same.
+                    placement.message = "already released"
+                    released.append(placement)
+                except SchedulerError as err:
+                    failed.append(
+                        scheduler_pb2.DrainFailure(
+                            placement_id=placement.placement_id, reason=str(err)
+                        )
+                    )
+
+        await asyncio.gather(*(release_one(p) for p in placements))
+        released.sort(key=lambda p: p.placement_id)
+        failed.sort(key=lambda f: f.placement_id)
+        log.info(
+            "host %s drained by %s: %d released, %d left",
+            host_id, by, len(released), len(failed),
+        )  # fmt: skip
+        return await self.host_summary(host_id), released, failed
+
+    async def forget(self, host_id: str, force: bool, by: str) -> list[str]:
+        """Remove a host and every key of it from the store.
+
+        Only a host without placements, in any state, is forgotten (drain it
+        first), unless ``force``: its placements are then dropped from the
+        store with their request ids, without a teardown on the host. An
+        agent still running finds its heartbeat refused and registers the host
+        again, as a new host (uncordoned, nothing allocated); the reconciler
+        then tears down what the host holds that the store no longer knows.
+
+        Args:
+            host_id: the host.
+            force: drop its placements with it.
+            by: who asked.
+
+        Returns:
+            The placement ids dropped (empty unless forced).
+
+        Raises:
+            InvalidRequestError: the id cannot name a host.
+            HostNotFoundError: the store holds nothing of that host.
+            HostBusyError: it holds placements and ``force`` is off.
+        """
+        _check_host_admin(host_id)
+        result = await self._store.forget_host(host_id, force=force)
+        if result.outcome is ForgetOutcome.NOT_FOUND:
+            raise HostNotFoundError(f"host {host_id} is not registered")
+        if result.outcome is ForgetOutcome.BUSY:
+            held = [f"{pid} ({state})" for pid, state in sorted(result.placements.items())]
+            more = f" and {len(held) - 5} more" if len(held) > 5 else ""
+            raise HostBusyError(
+                f"host {host_id} holds {len(held)} placement(s): {', '.join(held[:5])}{more}; "
+                "drain it first (or forget it with force, which does not tear them down)"
+            )
+        # This replica's parsed copy of the host goes too: a host registering
+        # under the id again is a new one.
+        self._model.forget(host_id)
+        dropped = sorted(result.placements)
+        log.warning(
+            "host %s forgotten by %s%s",
+            host_id, by, f"; dropped placements {dropped}" if dropped else "",
+        )  # fmt: skip
+        return dropped

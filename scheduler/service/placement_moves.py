@@ -1,0 +1,51 @@
+"""A placement's lifecycle moves, made in the store as the lifecycle table allows.
+
+Every state change of a placement by a use case goes through :meth:`PlacementMoves.apply`:
+one compare-and-set whose accepted states come from a
+:class:`~scheduler.core.lifecycle.Move`, so the store only ever moves a
+placement along :data:`scheduler.core.lifecycle.TRANSITIONS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from scheduler.core.lifecycle import Move
+from scheduler.service.convert import with_state
+from scheduler.store.redis_store import RedisStateStore
+from tessera.v1 import placement_pb2
+
+
+class PlacementMoves:
+    """Moves placements between lifecycle states, compare-and-set in the store.
+
+    Args:
+        store: the Redis state store.
+        clock_ms: current time in ms (each move is stamped).
+    """
+
+    def __init__(self, store: RedisStateStore, clock_ms: Callable[[], int]) -> None:
+        self._store = store
+        self._clock_ms = clock_ms
+
+    async def apply(
+        self, placement: placement_pb2.Placement, move: Move, message: str
+    ) -> tuple[bool, placement_pb2.Placement]:
+        """Make ``move`` on ``placement`` with ``message``.
+
+        Returns:
+            Whether the store took it (the placement was in one of the
+            move's sources), and the placement as it would now read.
+
+        Raises:
+            IllegalMoveError: ``move`` is a release (it writes no state).
+        """
+        moved = with_state(placement, move.state, message, self._clock_ms())
+        ok = await self._store.update_placement(
+            moved.host_id,
+            moved.placement_id,
+            moved.SerializeToString(),
+            state=move.state.value,
+            from_states=move.from_states,
+        )
+        return ok, moved

@@ -1,0 +1,265 @@
+"""The plan applier: commit a plan, have its host carry it out, confirm, undo, release.
+
+Commit -> agent Prepare -> confirm READY is the one path by which a plan
+becomes a placement, and Release (teardown on the host, then the slots
+freed) the one path by which it leaves. The commit is the store's atomic,
+version-checked applier (Nomad's optimistic workers with one serial verifier,
+here the Lua script); while it is in flight the live model assumes it, so
+this replica's next plans leave its slots alone. Every state change is a
+move of :mod:`scheduler.core.lifecycle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Callable
+
+import redis.exceptions
+
+from scheduler.core import guards
+from scheduler.core.identity import PlacementId
+from scheduler.core.lifecycle import FAILED, PENDING, READY, RELEASED, RELEASING, move
+from scheduler.core.plan import Plan
+from scheduler.core.snapshot import HostState
+from scheduler.service.agent_gateway import AgentCallError, AgentGateway
+from scheduler.service.cluster_model import LiveCluster
+from scheduler.service.convert import Submitted, placement_from_plan
+from scheduler.service.errors import (
+    ContentionError,
+    HostOperationError,
+    PlacementBusyError,
+    PlacementNotFoundError,
+)
+from scheduler.service.placement_moves import PlacementMoves
+from scheduler.service.request_claims import request_key
+from scheduler.store import schema
+from scheduler.store.redis_store import CommitOutcome, CommitResult, HostRecord, RedisStateStore
+from tessera.v1 import placement_pb2
+
+log = logging.getLogger(__name__)
+
+#: Pauses between attempts to confirm a prepared placement READY while the
+#: store is unreachable (about 6 s in all: a Valkey restart or failover).
+READY_RETRY_DELAYS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+
+# The lifecycle moves this room makes (each checked against the table on import).
+_CONFIRM = move(PENDING, to=READY)
+_UNDO = move(PENDING, to=RELEASED)
+_QUARANTINE_UNDONE = move(PENDING, to=FAILED)
+_BEGIN_RELEASE = move(READY, FAILED, to=RELEASING)
+_FINISH_RELEASE = move(RELEASING, to=RELEASED)
+_QUARANTINE_TEARDOWN = move(RELEASING, to=FAILED)
+
+
+class PlanApplier:
+    """Commits plans as placements, carries them out on their hosts, and releases them.
+
+    Args:
+        store: the Redis state store.
+        agents: reaches agents to carry placements out.
+        model: the replica's live model (assumes commits in flight).
+        moves: makes lifecycle moves in the store.
+        clock_ms: current time in ms.
+    """
+
+    def __init__(
+        self,
+        store: RedisStateStore,
+        agents: AgentGateway,
+        model: LiveCluster,
+        moves: PlacementMoves,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self._store = store
+        self._agents = agents
+        self._model = model
+        self._moves = moves
+        self._clock_ms = clock_ms
+        # Commit outcomes so far (COMMITTED, CONFLICT, ...): the conflict
+        # rate shows how often replicas (or this one) planned on moved state.
+        self.commit_outcomes: Counter[str] = Counter()
+
+    async def commit(
+        self, submitted: Submitted, plan: Plan, claimant: str, state: HostState
+    ) -> tuple[CommitResult, placement_pb2.Placement]:
+        """Reserve a plan's slots as a new PENDING placement (the atomic applier).
+
+        The commit checks the versions, as ``state`` (the state the plan was
+        made on) has them, of what the plan depends on: the devices it takes
+        slots of, the host's epoch and exclusive holds, and its tenants when
+        the request holds a domain exclusively. While the commit is in
+        flight the model assumes it, so this replica's next plans leave its
+        slots alone.
+
+        Args:
+            submitted: the request, claimed by ``claimant``.
+            plan: where it goes.
+            claimant: this call's claim on the request id.
+            state: the host's state the plan was made on.
+
+        Returns:
+            The store's answer, and the placement as committed (if it was).
+        """
+        request = submitted.request
+        placement = placement_from_plan(
+            plan,
+            placement_id=PlacementId(schema.placement_id(uuid.uuid4().hex[:16], plan.host_id)),
+            request=request,
+            now_ms=self._clock_ms(),
+        )
+        placement_id = PlacementId(placement.placement_id)
+        keys = guards.guards(state.view, plan.slots, exclusive=submitted.exclusive)
+        self._model.assume(plan.host_id, plan.slots, placement_id, request.tenant)
+        committed = 0
+        try:
+            commit = await self._store.commit_reservation(
+                host_id=plan.host_id,
+                guards={key: state.versions.get(key, 0) for key in keys},
+                bumps=guards.changed_by(state.view, plan.slots),
+                slots=list(plan.slots),
+                placement_id=placement.placement_id,
+                placement=placement.SerializeToString(),
+                request_id=request_key(submitted),
+                claimant=claimant,
+                tenant=request.tenant,
+            )
+            self.commit_outcomes[commit.outcome.name] += 1
+            if commit.outcome is CommitOutcome.COMMITTED:
+                committed = commit.alloc_generation
+        finally:
+            # Committed: the model takes it as the store now holds it (or
+            # keeps assuming it until the feed brings it). Otherwise, or on
+            # an error, the assumption goes: an error's commit may have
+            # landed, and the feed will say so.
+            self._model.settle(plan.host_id, placement_id, committed)
+        return commit, placement
+
+    async def prepare(
+        self, placement: placement_pb2.Placement, record: HostRecord
+    ) -> placement_pb2.Placement:
+        """Have the host carry a committed placement out, then confirm it READY.
+
+        Raises:
+            HostOperationError: the agent failed; the reservation was undone
+                (or quarantined, if even the undo failed).
+            ContentionError: the reservation vanished while the host
+                carried it out; the host side was undone.
+        """
+        try:
+            prepared = await self._agents.prepare(record.agent_address, placement)
+        except AgentCallError as err:
+            await asyncio.shield(self._abandon(placement, record, err.message))
+            raise HostOperationError(
+                f"host {record.host_id} could not carry the placement out ({err.message}); "
+                "the reservation was released"
+            ) from err
+        except BaseException:
+            # Cancelled (the client went away) or a bug: never leave the
+            # reservation PENDING for ever. Shielded so the cleanup itself
+            # survives the cancellation.
+            await asyncio.shield(self._abandon(placement, record, "the request was cancelled"))
+            raise
+        ok, ready = await self._confirm_ready(prepared)
+        if not ok:
+            # Someone removed the reservation while the host carried it out
+            # (an operator clearing state): undo the host side, do not answer
+            # READY for slots the store no longer holds.
+            await asyncio.shield(self._abandon(placement, record, "reservation vanished"))
+            raise ContentionError(
+                f"placement {ready.placement_id} was removed while being prepared; retry"
+            )
+        return ready
+
+    async def _confirm_ready(
+        self, prepared: placement_pb2.Placement
+    ) -> tuple[bool, placement_pb2.Placement]:
+        """PENDING -> READY once the host carried the placement out.
+
+        The devices are bound by now: a store that blinks (a failover, a
+        restart) must not leave them PENDING until the reaper tears them down,
+        so the compare-and-set is retried for a few seconds. It stays
+        PENDING only if the store stays away longer; the client then gets
+        UNAVAILABLE, and a retry with the same request id is answered once the
+        store is back (or the reaper frees it).
+        """
+        for delay in READY_RETRY_DELAYS_S:
+            try:
+                return await self._moves.apply(prepared, _CONFIRM, "ready")
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                log.warning(
+                    "store unreachable confirming %s READY; retrying in %.1f s",
+                    prepared.placement_id,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        return await self._moves.apply(prepared, _CONFIRM, "ready")
+
+    async def _abandon(
+        self, placement: placement_pb2.Placement, record: HostRecord, cause: str
+    ) -> None:
+        """Undo a reservation whose Prepare failed or was cancelled.
+
+        The agent rolls back its own half-done work, but a timed-out call may
+        still have finished on the host: Unprepare (idempotent) first, and only
+        free the slots once the host confirms. If even that fails the slots
+        stay taken by a FAILED placement: quarantined, never back in the pool.
+        """
+        try:
+            await self._agents.unprepare(record.agent_address, placement)
+        except AgentCallError as err:
+            await self._moves.apply(
+                placement,
+                _QUARANTINE_UNDONE,
+                f"prepare failed ({cause}) and teardown failed ({err.message}); "
+                "slots quarantined until an operator releases them",
+            )
+            return
+        await self._store.release(
+            record.host_id, placement.placement_id, from_states=_UNDO.from_states
+        )
+
+    async def release(self, placement: placement_pb2.Placement) -> placement_pb2.Placement:
+        """Tear a placement down on its host, then free its slots.
+
+        Only a READY or FAILED placement can be released: one still being
+        prepared is refused (retry), so a release can never free slots that a
+        Prepare in flight is about to bind.
+
+        Raises:
+            PlacementNotFoundError: it is gone.
+            PlacementBusyError: it is being prepared or released right now.
+            HostOperationError: its host is not registered, or teardown
+                failed; the placement is then FAILED and its slots stay
+                quarantined.
+        """
+        record = await self._store.get_host(placement.host_id)
+        if record is None:
+            raise HostOperationError(f"host {placement.host_id} is not registered")
+        ok, releasing = await self._moves.apply(placement, _BEGIN_RELEASE, "tearing down")
+        if not ok:
+            state = await self._store.placement_state(record.host_id, releasing.placement_id)
+            if state is None:
+                raise PlacementNotFoundError(f"placement {releasing.placement_id} is gone")
+            raise PlacementBusyError(
+                f"placement {releasing.placement_id} is {state}; release it once it is ready"
+            )
+        try:
+            await self._agents.unprepare(record.agent_address, releasing)
+        except AgentCallError as err:
+            await self._moves.apply(
+                releasing,
+                _QUARANTINE_TEARDOWN,
+                f"teardown failed: {err.message}; slots quarantined",
+            )
+            raise HostOperationError(
+                f"host {record.host_id} could not tear placement {releasing.placement_id} "
+                f"down ({err.message}); its devices stay out of the pool"
+            ) from err
+        await self._store.release(
+            record.host_id, releasing.placement_id, from_states=_FINISH_RELEASE.from_states
+        )
+        releasing.message = "released"
+        return releasing
