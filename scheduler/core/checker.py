@@ -644,6 +644,9 @@ def _modes(view: HostView, holdings: Iterable[_Holding]) -> _Modes:
     def use(device: PciAddress, mode: str, who: str) -> None:
         modes.setdefault(device, {}).setdefault(mode, set()).add(who)
 
+    vf_functions = {
+        (pf.address, vf.index): vf.address for pf in view.sriov_pfs.values() for vf in pf.vfs
+    }
     for h in holdings:
         s = h.slot
         if isinstance(s, GroupSlot):
@@ -651,6 +654,11 @@ def _modes(view: HostView, holdings: Iterable[_Holding]) -> _Modes:
                 use(m, DeviceForm.WHOLE_DEVICE.value, h.owner)
         elif isinstance(s, VfSlot):
             use(s.pf, DeviceForm.VF.value, h.owner)
+            # The VF's own function is used as a VF too: on SR-IOV vGPU it is
+            # also an mdev parent, and an mdev there is a second use of it.
+            vf = vf_functions.get((s.pf, s.index))
+            if vf is not None:
+                use(vf, DeviceForm.VF.value, h.owner)
         elif isinstance(s, MdevSlot):
             use(s.parent, DeviceForm.MDEV.value, h.owner)
         elif isinstance(s, MigSlot):

@@ -61,7 +61,9 @@ class Occupancy:
 
     Attributes:
         groups_taken: IOMMU groups held whole.
-        modes: devices in use, with how.
+        modes: devices in use, with how. A VF a placement holds puts both
+            its PF and its own function in VF use; an mdev, its parent (on
+            SR-IOV vGPU a VF function) in mdev use.
         vfs_taken: per PF, VF indexes held.
         mdev_used: per parent, mdevs per type (live or allocated).
         mdev_pending: per parent, allocated mdevs per type not live yet.
@@ -171,6 +173,7 @@ def build_occupancy(state: HostState) -> Occupancy:
     mig_allocated: dict[PciAddress, list[MigSlot]] = {}
     tenants: dict[DomainKey, set[TenantName]] = {}
     exclusive: dict[DomainKey, TenantName] = {}
+    vf_functions: dict[tuple[PciAddress, int], PciAddress] | None = None
 
     def tenant_of(pid: PlacementId) -> TenantName:
         # A placement whose tenant the store does not say is some other
@@ -196,6 +199,18 @@ def build_occupancy(state: HostState) -> Occupancy:
         elif isinstance(slot, VfSlot):
             vfs.setdefault(slot.pf, set()).add(slot.index)
             modes.setdefault(slot.pf, DeviceMode.VF)
+            # The VF's own function is in VF use too: nothing else goes on
+            # it (an mdev where the VF is an mdev parent, SR-IOV vGPU; a
+            # whole-device claim of its group).
+            if vf_functions is None:
+                vf_functions = {
+                    (pf.address, vf.index): vf.address
+                    for pf in view.sriov_pfs.values()
+                    for vf in pf.vfs
+                }
+            vf = vf_functions.get((slot.pf, slot.index))
+            if vf is not None:
+                modes.setdefault(vf, DeviceMode.VF)
         elif isinstance(slot, MdevSlot):
             mdev_uuids.setdefault(slot.parent, {})[slot.uuid] = slot.type_id
             modes.setdefault(slot.parent, DeviceMode.MDEV)

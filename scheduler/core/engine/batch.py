@@ -445,7 +445,13 @@ def _add_mig_placements(
 def _add_modes(
     model: cp_model.CpModel, x: Sequence[cp_model.IntVar], columns: Sequence[_Column]
 ) -> None:
-    """One device, one use: columns using a device in different modes exclude each other."""
+    """One device, one use: columns using a device in different modes exclude each other.
+
+    A VF column uses its PF's every VF function in VF mode: chosen columns
+    never put VFs of a PF and mdevs on its VFs (or a whole group holding one
+    of its VFs) side by side in one batch, whose concretization draws VF
+    indexes lowest first.
+    """
     modes: dict[tuple[HostId, str], dict[object, list[int]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -457,7 +463,14 @@ def _add_modes(
             if pick.option.form is DeviceForm.MDEV and parent is not None and parent.single_type:
                 # One type at a time on such a parent: each type is its own mode.
                 mode = (pick.option.form, pick.option.variant)
-            for address in _claimed(view, pick):
+            claimed = _claimed(view, pick)
+            pf = view.sriov_pfs.get(pick.option.device.address)
+            if pick.option.form is DeviceForm.VF and pf is not None:
+                # A column says "n VFs of a PF", not which: any of its VF
+                # functions may be drawn, so none of them may be an mdev
+                # parent (SR-IOV vGPU) or in a whole group of another column.
+                claimed = (*claimed, *(vf.address for vf in pf.vfs))
+            for address in claimed:
                 modes[(view.host_id, address)][mode].append(c)
     for by_form in modes.values():
         if len(by_form) < 2:

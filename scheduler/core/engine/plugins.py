@@ -258,20 +258,28 @@ def free_vfs(
     without offers all it could have, enabled on first use. VFs are
     migratable only on a variant driver the agent reported for existing VFs,
     so VFs not created yet are plain vfio-pci.
+
+    A VF is free only if its own function is unused too: on SR-IOV vGPU a VF
+    is an mdev parent, and a VF with live or allocated mdevs is not handed
+    over; nor is a VF whose IOMMU group a whole-device claim holds.
     """
     pf = view.sriov_pfs[pf_address]
     taken = occupancy.vfs_taken.get(pf.address, frozenset())
     if pf.num_vfs > 0:
         drivers: set[str] = set()
         free: list[int] = []
+        modes = occupancy.modes
         for vf in sorted(pf.vfs, key=lambda v: v.index):
             function = view.functions.get(vf.address)
             if function is not None:
                 drivers.add(function.migration_driver or VFIO_PCI)
                 if function.host_use:
                     continue
-            if vf.index not in taken:
-                free.append(vf.index)
+            if vf.index in taken or modes.get(vf.address) not in (None, DeviceMode.VF):
+                continue
+            if vf.iommu_group is not None and vf.iommu_group in occupancy.groups_taken:
+                continue
+            free.append(vf.index)
         driver = drivers.pop() if len(drivers) == 1 else VFIO_PCI
         return FreeVfIndexes(free), driver
     whole_taken = (
@@ -504,10 +512,18 @@ class CapacityPlugin:
     ) -> Pick | None:
         """Take one unit of the option's pool, given the units already picked."""
         address = option.device.address
+        view = cycle.view
         same_device = [p for p in picks if p.option.device.address == address]
         if any(p.option.form is not option.form for p in same_device):
             return None  # one device, one mode, within a request too
-        view = cycle.view
+        pool = _vf_pool_of(option)
+        if pool is not None and any(
+            p.option.form is not option.form and _vf_pool_of(p.option) == pool for p in picks
+        ):
+            # VFs of a PF and mdevs on its VFs (SR-IOV vGPU) in one request:
+            # VF indexes are drawn lowest first, blind to the request's own
+            # mdevs, so the two never mix on one PF within a request.
+            return None
         # Passthrough takes the device's whole group: nothing else in the
         # request may use any of its members, nor it a member of theirs.
         held_whole = {
@@ -518,11 +534,11 @@ class CapacityPlugin:
         }
         if option.form is DeviceForm.WHOLE_DEVICE:
             members = set(view.group_endpoints(option.group)) if option.group is not None else set()
-            in_use = {p.option.device.address for p in picks}
+            in_use = {a for p in picks for a in _pick_devices(view, p.option)}
             if same_device or members & (in_use | held_whole):
                 return None
             return Pick(claim, option)
-        if address in held_whole:
+        if held_whole and held_whole.intersection(_pick_devices(view, option)):
             return None
         if option.form is DeviceForm.VF:
             used = sum(1 for p in same_device)
@@ -558,6 +574,24 @@ class CapacityPlugin:
         if placement is None:
             return None
         return Pick(claim, option, mig_start=placement[0], mig_size=placement[1])
+
+
+def _vf_pool_of(option: Option) -> PciAddress | None:
+    """The PF whose VFs an option draws on: a VF pool's, or an mdev parent's that is a VF."""
+    if option.form is DeviceForm.VF:
+        return option.device.address
+    if option.form is DeviceForm.MDEV:
+        return option.device.physfn
+    return None
+
+
+def _pick_devices(view: HostView, option: Option) -> tuple[PciAddress, ...]:
+    """The functions a unit of an option may take: a VF pool, its PF and every existing VF."""
+    if option.form is DeviceForm.VF:
+        pf = view.sriov_pfs.get(option.device.address)
+        if pf is not None:
+            return (option.device.address, *(vf.address for vf in pf.vfs))
+    return (option.device.address,)
 
 
 class ExclusivityPlugin:
