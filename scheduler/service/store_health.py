@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
@@ -66,6 +66,9 @@ class StoreHealthWatcher:
         # and TLS: a probe must not wait for a connection of the busy pool,
         # and must fail at once (no retries) so the log says why, not only
         # "no answer". Of a cluster, its default node (the one it was given).
+        # Of a cluster, the node it was given: it must also say the cluster
+        # is whole (every slot served), or the store counts as down.
+        self._cluster = isinstance(client, RedisCluster)
         if isinstance(client, RedisCluster):
             client = node_client(client.get_default_node())
         pool = client.connection_pool
@@ -101,6 +104,11 @@ class StoreHealthWatcher:
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._client.ping()
+                if self._cluster:
+                    info: Any = await self._client.cluster("INFO")
+                    state = _cluster_state(info)
+                    if state != "ok":
+                        return f"the cluster's state is {state or 'unknown'}, not ok"
         except TimeoutError:
             return f"no answer to PING within {self._timeout_s:g} s"
         except (RedisError, OSError) as err:
@@ -145,3 +153,14 @@ class StoreHealthWatcher:
     async def aclose(self) -> None:
         """Close the probe's connections (``run`` does it when it ends)."""
         await self._client.aclose(close_connection_pool=True)
+
+
+def _cluster_state(info: Any) -> str:
+    """``cluster_state`` of a CLUSTER INFO reply (parsed to a mapping, or raw text)."""
+    if isinstance(info, Mapping):
+        return str(info.get("cluster_state", ""))
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("cluster_state:"):
+            return line.split(":", 1)[1].strip()
+    return ""

@@ -48,6 +48,7 @@ from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
     NoPermissionError,
+    RedisClusterException,
     RedisError,
     ResponseError,
 )
@@ -63,6 +64,7 @@ _FORM = (
     "(rediss+cluster:// with TLS) for a Redis Cluster"
 )
 _CLUSTER_SUFFIX = "+cluster"
+_CLUSTER_UNSUPPORTED = frozenset({"ssl_ca_path", "ssl_password"})
 
 #: A client of one server or of a Redis Cluster.
 StoreClient = aioredis.Redis | RedisCluster
@@ -271,6 +273,11 @@ def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dic
     db = int(db_text)
     if cluster and db != 0:
         raise _refuse(url, f"a Redis Cluster has database 0 only, not {db}", password)
+    if cluster:
+        # redis-py's cluster client takes neither (it fails with a TypeError
+        # only once the seed node answered).
+        for name in sorted(_CLUSTER_UNSUPPORTED & set(params)):
+            raise _refuse(url, f"{name} is not supported with a Redis Cluster URL", password)
 
     extra: dict[str, Any] = {}
     if scheme == "rediss":
@@ -508,6 +515,26 @@ async def _wait_until_usable(target: _Target, extra: dict[str, Any], wait_s: flo
         await asyncio.sleep(max(0.0, min(_PROBE_PAUSE_S, deadline - time.monotonic())))
 
 
+async def _cluster_nodes(target: _Target, extra: dict[str, Any]) -> int:
+    """How many nodes the server's cluster knows (0: not in cluster mode, or not telling)."""
+    probe = aioredis.Redis.from_url(target.url, decode_responses=False, **extra)
+    try:
+        if not int((await probe.info("cluster")).get("cluster_enabled", 0) or 0):
+            return 0
+        info: Any = await probe.cluster("INFO")
+        if isinstance(info, Mapping):
+            return int(info.get("cluster_known_nodes", 0))
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        for line in text.splitlines():
+            if line.startswith("cluster_known_nodes:"):
+                return int(line.split(":", 1)[1])
+        return 0
+    except (RedisError, ValueError):
+        return 0
+    finally:
+        await probe.aclose()
+
+
 async def connect_store(
     url: str,
     *,
@@ -546,8 +573,23 @@ async def connect_store(
             target.url, decode_responses=False, health_check_interval=5, **extra
         )
         # Learn the nodes now: their durability is checked one by one next.
-        await cluster.initialize()
+        try:
+            await cluster.initialize()
+        except (RedisClusterException, RedisError) as err:
+            await cluster.aclose()
+            raise _refuse(
+                target.url,
+                f"not usable as a Redis Cluster ({err}); for one server use redis://",
+                target.password,
+            ) from None
         return cluster
+    if await _cluster_nodes(target, extra) > 1:
+        # Keys of other slots would answer MOVED on their first command.
+        raise _refuse(
+            target.url,
+            "this server is one node of a Redis Cluster: use redis+cluster:// (or rediss+cluster://)",
+            target.password,
+        )
     return aioredis.Redis.from_url(
         target.url,
         decode_responses=False,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -748,8 +749,16 @@ StoreClient = aioredis.Redis | RedisCluster
 #: One script of a batch: the script, its keys, its arguments.
 _ScriptCall = tuple[AsyncScript, list[str], list[Any]]
 
-#: Scripts a cluster client runs at once in a batch (see _run_scripts).
-_CLUSTER_SCRIPT_CONCURRENCY = 64
+#: Scripts a cluster client runs at once, all batches of one process together
+#: (see _run_scripts): redis-py's cluster client opens at most 100
+#: connections per node and then fails a command instead of waiting.
+_CLUSTER_SCRIPT_CONCURRENCY = 32
+
+# One gate per cluster client, shared by every store on it (the coordinator
+# and the housekeeper share the scheduler's client).
+_CLUSTER_GATES: weakref.WeakKeyDictionary[RedisCluster, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _read_host_keys(host_id: str) -> list[str]:
@@ -931,7 +940,9 @@ class RedisStateStore:
                 for script, keys, args in calls:
                     await script(keys=keys, args=args, client=pipe)
                 return list(await pipe.execute())
-        gate = asyncio.Semaphore(_CLUSTER_SCRIPT_CONCURRENCY)
+        gate = _CLUSTER_GATES.setdefault(
+            self._client, asyncio.Semaphore(_CLUSTER_SCRIPT_CONCURRENCY)
+        )
 
         async def one(call: _ScriptCall) -> Any:
             script, keys, args = call
@@ -945,19 +956,21 @@ class RedisStateStore:
 
         Raises:
             LayoutMismatchError: the store holds another layout's marker, or
-                hosts written before markers existed (layout 1).
+                hosts written before layout markers existed.
         """
-        if await self._client.set(schema.LAYOUT, schema.LAYOUT_VERSION, nx=True):
-            if await self._client.scard(schema.HOSTS):
-                # Hosts, yet no marker: an older scheduler wrote them.
-                await self._client.delete(schema.LAYOUT)
-                raise LayoutMismatchError(
-                    "the store holds hosts written by an older Tessera (key layout 1, before "
-                    "the change feed): drain and forget them with that version, or start on an "
-                    "empty store"
-                )
-            return
         found = _text(await self._client.get(schema.LAYOUT))
+        if not found:
+            # Hosts, yet no marker: an older scheduler wrote them. Checked
+            # before marking, and the marker is never taken back, so replicas
+            # starting together cannot mark an old store for each other.
+            if await self._client.scard(schema.HOSTS):
+                raise LayoutMismatchError(
+                    "the store holds hosts written by a Tessera from before layout markers "
+                    f"(this scheduler writes key layout {schema.LAYOUT_VERSION!r}): drain and "
+                    "forget them with that version, or start on an empty store"
+                )
+            await self._client.set(schema.LAYOUT, schema.LAYOUT_VERSION, nx=True)
+            found = _text(await self._client.get(schema.LAYOUT))
         if found != schema.LAYOUT_VERSION:
             raise LayoutMismatchError(
                 f"the store is in key layout {found!r}, this scheduler writes layout "

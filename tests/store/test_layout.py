@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -29,7 +31,7 @@ def test_hosts_written_before_layouts_were_marked_are_refused_and_nothing_is_wri
     async def body() -> None:
         await redis_client.sadd(schema.HOSTS, "old-host")
         await redis_client.hset("tessera:{old-host}:host", "boot_id", "b1")
-        with pytest.raises(LayoutMismatchError, match="layout 1"):
+        with pytest.raises(LayoutMismatchError, match="before layout markers"):
             await RedisStateStore(redis_client).claim_layout()
         assert not await redis_client.exists(schema.LAYOUT)
 
@@ -41,5 +43,19 @@ def test_a_store_in_another_layout_is_refused(redis_client: aioredis.Redis, arun
         await redis_client.set(schema.LAYOUT, "3")
         with pytest.raises(LayoutMismatchError, match="layout '3'"):
             await RedisStateStore(redis_client).claim_layout()
+
+    arun(body())
+
+
+def test_replicas_starting_together_on_an_old_store_all_refuse_it(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        await redis_client.sadd(schema.HOSTS, "old-host")
+        outcomes = await asyncio.gather(
+            *(RedisStateStore(redis_client).claim_layout() for _ in range(8)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, LayoutMismatchError) for o in outcomes), outcomes
 
     arun(body())

@@ -23,6 +23,7 @@ from scheduler.core.identity import HostId
 from scheduler.service.coordinator import PlacementCoordinator
 from scheduler.service.errors import SchedulerError
 from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
+from scheduler.service.store_health import StoreHealthWatcher
 from scheduler.store import schema
 from scheduler.store.connection import StoreUnusableError, connect_store
 from scheduler.store.redis_store import RedisStateStore
@@ -124,3 +125,54 @@ def test_two_replicas_place_and_release_across_three_primaries(
         await client.aclose()
 
     arun(body())
+
+
+def test_cluster_urls_that_cannot_work_are_refused_with_one_line(
+    cluster_url: str, valkey_url: str, arun: Runner
+) -> None:
+    # Parameters the cluster client does not take: refused before connecting.
+    with pytest.raises(StoreUnusableError, match="ssl_ca_path is not supported"):
+        arun(connect_store("rediss+cluster://127.0.0.1:7000?ssl_ca_path=/etc/ssl", wait_s=0))
+    # A cluster URL naming a server that is not in a cluster.
+    single = valkey_url.replace("redis://", "redis+cluster://", 1)
+    with pytest.raises(StoreUnusableError, match="not usable as a Redis Cluster"):
+        arun(connect_store(single, wait_s=1))
+    # A plain URL naming one node of a cluster: its first command on another slot would fail.
+    node = cluster_url.replace("redis+cluster://", "redis://", 1)
+    with pytest.raises(StoreUnusableError, match="one node of a Redis Cluster"):
+        arun(connect_store(node, wait_s=1))
+
+
+def test_concurrent_snapshots_on_a_cluster_share_the_clients_connections(
+    cluster_url: str, arun: Runner
+) -> None:
+    """Many hosts, several full reads at once: within the client's connection limit."""
+
+    async def body() -> None:
+        client = await connect_store(cluster_url)
+        store = RedisStateStore(client)
+        for i in range(120):
+            inventory = two_gpu_host(f"many-{i:03d}")
+            await store.upsert_host(
+                inventory.host_id,
+                inventory.SerializeToString(),
+                inventory_generation=1,
+                boot_id="b1",
+                agent_address="agent:1",
+                now_ms=1,
+            )
+        reads = await asyncio.gather(*(store.snapshot() for _ in range(8)))
+        assert all(len(r.hosts) >= 120 for r in reads)
+        # The health probe asks the cluster as a whole.
+        watcher = StoreHealthWatcher(client, _NoHealth(), ("",))
+        assert await watcher.probe() is None
+        await client.aclose()
+
+    arun(body())
+
+
+class _NoHealth:
+    """The health servicer's setter, for a watcher that is only probed here."""
+
+    async def set(self, service: str, status: int) -> None:
+        return None
