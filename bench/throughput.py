@@ -235,14 +235,14 @@ async def _policy_load(
                 )
                 c0 = time.perf_counter()
                 planned_on = snap.hosts[result.host_id]
-                keys = guards.guards(
-                    planned_on.view,
-                    result.slots,
-                    exclusive=request.exclusivity is not ExclusivityDomain.NONE,
-                )
                 done = await store.commit_reservation(
                     host_id=result.host_id,
-                    guards={key: planned_on.versions.get(key, 0) for key in keys},
+                    guards=guards.expected(
+                        planned_on.view,
+                        planned_on.versions,
+                        result.slots,
+                        exclusive=request.exclusivity is not ExclusivityDomain.NONE,
+                    ),
                     bumps=guards.changed_by(planned_on.view, result.slots),
                     slots=list(result.slots),
                     placement_id=placement.placement_id,

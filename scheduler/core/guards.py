@@ -142,6 +142,24 @@ def guards(view: HostView, slots: Iterable[SlotKey], *, exclusive: bool) -> tupl
     return tuple(sorted(keys))
 
 
+def expected(
+    view: HostView,
+    versions: Mapping[str, int],
+    slots: Iterable[SlotKey],
+    *,
+    exclusive: bool,
+) -> dict[str, int]:
+    """What a plan's commit must find: each of its :func:`guards` at the version the plan saw.
+
+    Args:
+        view: the host.
+        versions: the guard versions of the state the plan was made on.
+        slots: the slots the plan takes.
+        exclusive: the request holds a domain exclusively.
+    """
+    return {key: versions.get(key, 0) for key in guards(view, slots, exclusive=exclusive)}
+
+
 def bumped(
     versions: Mapping[str, int], keys: Iterable[str], *, new_tenant: bool = False
 ) -> dict[str, int]:

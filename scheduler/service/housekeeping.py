@@ -47,7 +47,7 @@ from scheduler.core.lifecycle import (
     move,
 )
 from scheduler.service.agent_gateway import AgentCallError, HousekeepingGateway
-from scheduler.service.convert import with_state
+from scheduler.service.placement_moves import PlacementMoves
 from scheduler.store import schema
 from scheduler.store.redis_store import Fence, FencedOutError, HostRecord, RedisStateStore
 from tessera.security.audit import AuditLog
@@ -149,6 +149,7 @@ class Housekeeper:
         self._settings = settings or HousekeepingSettings()
         self.owner = owner or f"replica-{uuid.uuid4().hex[:12]}"
         self._clock_ms = clock_ms
+        self._moves = PlacementMoves(store, clock_ms)
         # host -> (boot, agent address, inventory generation) last reconciled.
         self._reconciled: dict[str, tuple[str, str, int]] = {}
         self._last_sweep_ms = 0
@@ -337,15 +338,7 @@ class Housekeeper:
             The placement as stored now, or None when it was not in one of
             the move's sources.
         """
-        moved = with_state(placement, move.state, message, self._clock_ms())
-        stored = await self._store.update_placement(
-            placement.host_id,
-            placement.placement_id,
-            moved.SerializeToString(),
-            state=move.state.value,
-            from_states=move.from_states,
-            fence=fence,
-        )
+        stored, moved = await self._moves.apply(placement, move, message, fence=fence)
         return moved if stored else None
 
     async def _mark_failed(

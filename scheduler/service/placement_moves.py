@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from scheduler.core.lifecycle import Move
 from scheduler.service.convert import with_state
-from scheduler.store.redis_store import RedisStateStore
+from scheduler.store.redis_store import Fence, RedisStateStore
 from tessera.v1 import placement_pb2
 
 
@@ -29,9 +29,21 @@ class PlacementMoves:
         self._clock_ms = clock_ms
 
     async def apply(
-        self, placement: placement_pb2.Placement, move: Move, message: str
+        self,
+        placement: placement_pb2.Placement,
+        move: Move,
+        message: str,
+        *,
+        fence: Fence | None = None,
     ) -> tuple[bool, placement_pb2.Placement]:
         """Make ``move`` on ``placement`` with ``message``.
+
+        Args:
+            placement: the placement as last read.
+            move: the lifecycle move.
+            message: why, as the placement will read.
+            fence: a background job's term: the move is refused once a
+                newer term began.
 
         Returns:
             Whether the store took it (the placement was in one of the
@@ -39,6 +51,7 @@ class PlacementMoves:
 
         Raises:
             IllegalMoveError: ``move`` is a release (it writes no state).
+            FencedOutError: ``fence`` is stale.
         """
         moved = with_state(placement, move.state, message, self._clock_ms())
         ok = await self._store.update_placement(
@@ -47,5 +60,6 @@ class PlacementMoves:
             moved.SerializeToString(),
             state=move.state.value,
             from_states=move.from_states,
+            fence=fence,
         )
         return ok, moved

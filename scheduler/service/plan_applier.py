@@ -111,13 +111,14 @@ class PlanApplier:
             now_ms=self._clock_ms(),
         )
         placement_id = PlacementId(placement.placement_id)
-        keys = guards.guards(state.view, plan.slots, exclusive=submitted.exclusive)
         self._model.assume(plan.host_id, plan.slots, placement_id, request.tenant)
         committed = 0
         try:
             commit = await self._store.commit_reservation(
                 host_id=plan.host_id,
-                guards={key: state.versions.get(key, 0) for key in keys},
+                guards=guards.expected(
+                    state.view, state.versions, plan.slots, exclusive=submitted.exclusive
+                ),
                 bumps=guards.changed_by(state.view, plan.slots),
                 slots=list(plan.slots),
                 placement_id=placement.placement_id,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -25,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from scheduler.store.safety import node_client
+from scheduler.store.safety import cluster_info_field, node_client
 
 log = logging.getLogger("tessera.scheduler.store_health")
 
@@ -106,7 +106,7 @@ class StoreHealthWatcher:
                 await self._client.ping()
                 if self._cluster:
                     info: Any = await self._client.cluster("INFO")
-                    state = _cluster_state(info)
+                    state = cluster_info_field(info, "cluster_state")
                     if state != "ok":
                         return f"the cluster's state is {state or 'unknown'}, not ok"
         except TimeoutError:
@@ -153,14 +153,3 @@ class StoreHealthWatcher:
     async def aclose(self) -> None:
         """Close the probe's connections (``run`` does it when it ends)."""
         await self._client.aclose(close_connection_pool=True)
-
-
-def _cluster_state(info: Any) -> str:
-    """``cluster_state`` of a CLUSTER INFO reply (parsed to a mapping, or raw text)."""
-    if isinstance(info, Mapping):
-        return str(info.get("cluster_state", ""))
-    text = info.decode() if isinstance(info, bytes) else str(info)
-    for line in text.splitlines():
-        if line.startswith("cluster_state:"):
-            return line.split(":", 1)[1].strip()
-    return ""

@@ -55,6 +55,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from scheduler.store.safety import cluster_info_field
+
 log = logging.getLogger("tessera.store")
 
 _SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
@@ -522,13 +524,7 @@ async def _cluster_nodes(target: _Target, extra: dict[str, Any]) -> int:
         if not int((await probe.info("cluster")).get("cluster_enabled", 0) or 0):
             return 0
         info: Any = await probe.cluster("INFO")
-        if isinstance(info, Mapping):
-            return int(info.get("cluster_known_nodes", 0))
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        for line in text.splitlines():
-            if line.startswith("cluster_known_nodes:"):
-                return int(line.split(":", 1)[1])
-        return 0
+        return int(cluster_info_field(info, "cluster_known_nodes") or 0)
     except (RedisError, ValueError):
         return 0
     finally:

@@ -103,6 +103,18 @@ def _problems(settings: Mapping[str, str]) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
+def cluster_info_field(info: Any, name: str) -> str:
+    """One field of a CLUSTER INFO reply, a mapping or raw text as redis-py gives it ("": none)."""
+    if isinstance(info, Mapping):
+        return _text(info.get(name, ""))
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return value.strip()
+    return ""
+
+
 def node_client(node: ClusterNode, **overrides: Any) -> aioredis.Redis:
     """A plain client of one node of a cluster, with the cluster's connection settings."""
     kwargs = {

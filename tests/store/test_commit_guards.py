@@ -39,25 +39,14 @@ async def plan_and_commit(
     store: RedisStateStore,
     token: str,
     slots: list[str],
-    seen: dict[str, int],
+    seen: Mapping[str, int],
     *,
     tenant: str,
     exclusive: bool = False,
 ) -> CommitResult:
-    """Commit a plan made when the host's versions were ``seen``, as the coordinator does."""
-    keys = guards.guards(view(), [SlotKey(s) for s in slots], exclusive=exclusive)
-    request_id = f"req-{token}"
-    await store.claim_request(request_id, "digest", f"call-{token}")
-    return await store.commit_reservation(
-        host_id=H,
-        guards={key: seen.get(key, 0) for key in keys},
-        bumps=guards.changed_by(view(), [SlotKey(s) for s in slots]),
-        slots=slots,
-        placement_id=schema.placement_id(token, H),
-        placement=b"payload",
-        request_id=request_id,
-        claimant=f"call-{token}",
-        tenant=tenant,
+    """Commit a plan on h1 made when the host's versions were ``seen``, as the coordinator does."""
+    return await commit_on(
+        store, two_gpu_host(H), token, slots, seen, tenant=tenant, exclusive=exclusive
     )
 
 
@@ -207,12 +196,11 @@ async def commit_on(
 ) -> CommitResult:
     """Commit a plan on ``inventory``'s host made when its versions were ``seen``."""
     v = host_view_from_inventory(inventory)
-    keys = guards.guards(v, [SlotKey(s) for s in slots], exclusive=exclusive)
     request_id = f"req-{token}"
     await store.claim_request(request_id, "digest", f"call-{token}")
     return await store.commit_reservation(
         host_id=inventory.host_id,
-        guards={key: seen.get(key, 0) for key in keys},
+        guards=guards.expected(v, seen, [SlotKey(s) for s in slots], exclusive=exclusive),
         bumps=guards.changed_by(v, [SlotKey(s) for s in slots]),
         slots=slots,
         placement_id=schema.placement_id(token, inventory.host_id),
