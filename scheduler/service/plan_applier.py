@@ -15,7 +15,8 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import redis.exceptions
 
@@ -114,18 +115,22 @@ class PlanApplier:
         self._model.assume(plan.host_id, plan.slots, placement_id, request.tenant)
         committed = 0
         try:
-            commit = await self._store.commit_reservation(
-                host_id=plan.host_id,
-                guards=guards.expected(
-                    state.view, state.versions, plan.slots, exclusive=submitted.exclusive
+            commit = await self._commit_or_undo(
+                plan.host_id,
+                placement_id,
+                self._store.commit_reservation(
+                    host_id=plan.host_id,
+                    guards=guards.expected(
+                        state.view, state.versions, plan.slots, exclusive=submitted.exclusive
+                    ),
+                    bumps=guards.changed_by(state.view, plan.slots),
+                    slots=list(plan.slots),
+                    placement_id=placement.placement_id,
+                    placement=placement.SerializeToString(),
+                    request_id=request_key(submitted),
+                    claimant=claimant,
+                    tenant=request.tenant,
                 ),
-                bumps=guards.changed_by(state.view, plan.slots),
-                slots=list(plan.slots),
-                placement_id=placement.placement_id,
-                placement=placement.SerializeToString(),
-                request_id=request_key(submitted),
-                claimant=claimant,
-                tenant=request.tenant,
             )
             self.commit_outcomes[commit.outcome.name] += 1
             if commit.outcome is CommitOutcome.COMMITTED:
@@ -137,6 +142,40 @@ class PlanApplier:
             # landed, and the feed will say so.
             self._model.settle(plan.host_id, placement_id, committed)
         return commit, placement
+
+    async def _commit_or_undo(
+        self,
+        host_id: str,
+        placement_id: PlacementId,
+        commit: Coroutine[Any, Any, CommitResult],
+    ) -> CommitResult:
+        """Run a commit to its end even if the caller goes away meanwhile, and then undo it.
+
+        A client whose deadline passes while its commit is in flight cancels
+        the call; the script may still land. Left alone, the reservation would
+        stay PENDING, with no Prepare coming, until the reaper: every retry of
+        the request answered "still being prepared" for minutes. So the commit
+        is shielded, and a landed one of a cancelled call is released at once
+        (nothing was prepared on the host yet).
+        """
+        task = asyncio.ensure_future(commit)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._undo_landed(task, host_id, placement_id))
+            raise
+
+    async def _undo_landed(
+        self, task: asyncio.Future[CommitResult], host_id: str, placement_id: PlacementId
+    ) -> None:
+        """Release the reservation a cancelled call's commit made, if it made one."""
+        try:
+            result = await task
+        except Exception:  # the commit failed: the claim stays for the next caller
+            log.debug("commit of cancelled %s failed", placement_id, exc_info=True)
+            return
+        if result.outcome is CommitOutcome.COMMITTED:
+            await self._store.release(host_id, placement_id, from_states=_UNDO.from_states)
 
     async def prepare(
         self, placement: placement_pb2.Placement, record: HostRecord
