@@ -463,7 +463,9 @@ def in_process(sizes: Sequence[int], per_shape: int, seed: int) -> dict[str, Any
 # ---------------------------------------------------------------- end to end
 
 
-def end_to_end(sizes: Sequence[int], per_shape: int, seed: int) -> dict[str, Any]:
+def end_to_end(
+    sizes: Sequence[int], per_shape: int, seed: int, policies: Sequence[str] = tuple(POLICIES)
+) -> dict[str, Any]:
     """Place over gRPC, sequential, on registered fleets of ``sizes``, per policy.
 
     Each policy runs in the scheduler service itself (``--policy``), so every
@@ -473,7 +475,7 @@ def end_to_end(sizes: Sequence[int], per_shape: int, seed: int) -> dict[str, Any
     for n in sizes:
         fleet = build_fleet(n, seed)
         out[str(n)] = {}
-        for policy in POLICIES:
+        for policy in policies:
             out[str(n)][policy] = _end_to_end_one(fleet, policy, per_shape)
             print(f"    e2e {n} hosts {policy}: {out[str(n)][policy]['all']}", flush=True)
     return out
@@ -582,6 +584,10 @@ def _end_to_end_one(
 # ---------------------------------------------------------------- part API
 
 
+#: The largest fleet measured end to end, by Tessera alone.
+E2E_FLEET = 10_000
+
+
 def run(quick: bool) -> dict[str, Any]:
     """Measure; a JSON-able result (see the module doc)."""
     if quick:
@@ -603,6 +609,12 @@ def run(quick: bool) -> dict[str, Any]:
         "in_process": in_process(sizes, per_shape, SEED),
         "end_to_end": end_to_end(e2e_sizes, e2e_per_shape, SEED),
     }
+    if not quick:
+        # The fleet size the live model is for (issue 12), Tessera alone:
+        # registering 10,000 hosts over RPC once per baseline adds nothing.
+        result["end_to_end"].update(
+            end_to_end([E2E_FLEET], e2e_per_shape, SEED, policies=("tessera",))
+        )
     result["wall_s"] = round(time.perf_counter() - started, 3)
     return result
 

@@ -10,11 +10,16 @@ requests are bench/engine.py's mixed shapes, placements kept (steady state).
 
 Measured per fleet size, each in a fresh process with a fresh Valkey:
 
-* **sequential**: one Place at a time, p50/p99 of the server-side time; the
-  first Place after registration (which builds every index) reported apart;
+* **sequential**: one Place at a time, p50/p99 of the server-side time,
+  after :data:`WARMUP` Places of the same shapes (what a replica that has
+  run a while has memoised: per class and shape, what never fits and the
+  hosts in order); the first Place after registration (which builds every
+  index) reported apart;
 * **concurrent**: 64 tasks placing at once for a few seconds on the same
-  event loop, as 64 gRPC clients reach one replica: placements per second
-  and the share of commits that conflicted.
+  event loop, as 64 gRPC clients reach one replica, each keeping its
+  :data:`KEPT` newest placements and releasing older ones (a steady state:
+  the smallest fleet would fill up otherwise): placements per second,
+  releases per second, and the commits that conflicted.
 
 With ``--baseline REF`` the same measurement runs on that commit, checked out
 in a temporary git worktree, in the same run, so the two sets of figures
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -47,6 +53,16 @@ BASELINE = "de3e89d"
 
 #: Concurrent placing tasks in the throughput phase.
 CLIENTS = 64
+
+#: Placements each concurrent task keeps; it releases older ones.
+KEPT = 8
+
+#: Places before the sequential samples (not measured).
+WARMUP = 120
+
+#: PlaceBatch sizes measured on the largest fleet, one after the other
+#: (placements kept).
+BATCHES = (1_000, 10_000)
 
 #: Samples of bringing one changed host into the replica's state.
 UPDATE_SAMPLES = 30
@@ -85,7 +101,15 @@ class _StubAgents:
         return None
 
 
-async def _worker(hosts: int, sequential: int, seconds: float, seed: int) -> dict[str, Any]:
+async def _worker(
+    hosts: int,
+    sequential: int,
+    seconds: float,
+    seed: int,
+    *,
+    warmup: int = WARMUP,
+    batches: Sequence[int] = (),
+) -> dict[str, Any]:
     import redis.asyncio as aioredis
 
     from bench.engine import SHAPES
@@ -133,6 +157,10 @@ async def _worker(hosts: int, sequential: int, seconds: float, seed: int) -> dic
             t0 = time.perf_counter()
             await bring_up_to_date()
             update_s.append(time.perf_counter() - t0)
+        for i in range(warmup):
+            # Refusals (a small fleet filling up) warm the memos all the same.
+            with contextlib.suppress(SchedulerError):
+                await coordinator.place(request(i, "warm"))
         samples: list[float] = []
         errors: dict[str, int] = {}
         for i in range(sequential):
@@ -145,20 +173,25 @@ async def _worker(hosts: int, sequential: int, seconds: float, seed: int) -> dic
                 continue
             samples.append(time.perf_counter() - t0)
 
-        placed = 0
+        placed = released = 0
         failed: dict[str, int] = {}
+        outcomes_before = dict(getattr(coordinator, "commit_outcomes", {}))
         stats_before = await client.info("commandstats")
         deadline = time.perf_counter() + seconds
 
         async def one_client(c: int) -> None:
-            nonlocal placed
+            nonlocal placed, released
             i = 0
+            kept: list[str] = []
             while time.perf_counter() < deadline:
                 msg = request(c * 1_000_000 + i, f"c{c:02d}")
                 i += 1
                 try:
-                    await coordinator.place(msg)
+                    kept.append((await coordinator.place(msg)).placement_id)
                     placed += 1
+                    if len(kept) > KEPT:
+                        await coordinator.release(kept.pop(0), "")
+                        released += 1
                 except SchedulerError as err:
                     failed[type(err).__name__] = failed.get(type(err).__name__, 0) + 1
 
@@ -166,6 +199,23 @@ async def _worker(hosts: int, sequential: int, seconds: float, seed: int) -> dic
         await asyncio.gather(*(one_client(c) for c in range(CLIENTS)))
         wall = time.perf_counter() - t0
         stats_after = await client.info("commandstats")
+        batch_runs: list[dict[str, Any]] = []
+        for size in batches:
+            msgs = [request(i, f"batch{size}") for i in range(size)]
+            t0 = time.perf_counter()
+            done, unplaced = await coordinator.place_batch(msgs, False)
+            batch_runs.append(
+                {
+                    "requests": size,
+                    "wall_s": round(time.perf_counter() - t0, 3),
+                    "placed": len(done),
+                    "unplaced": len(unplaced),
+                }
+            )
+        outcomes = {
+            k: v - outcomes_before.get(k, 0)
+            for k, v in dict(getattr(coordinator, "commit_outcomes", {})).items()
+        }
         await client.aclose()
 
     def calls(stats: Mapping[str, Any], name: str) -> int:
@@ -184,23 +234,36 @@ async def _worker(hosts: int, sequential: int, seconds: float, seed: int) -> dic
             "seconds": round(wall, 3),
             "placed": placed,
             "per_s": round(placed / wall, 1) if wall else 0.0,
+            "released_per_s": round(released / wall, 1) if wall else 0.0,
+            "commit_outcomes": outcomes,
             "errors": failed,
             "evalsha_calls": calls(stats_after, "evalsha") - calls(stats_before, "evalsha"),
         },
+        "batches": batch_runs,
     }
 
 
 # ------------------------------------------------------------------ driver side
 
 
-def _run_tree(tree: Path, hosts: int, sequential: int, seconds: float, seed: int) -> dict[str, Any]:
+def _run_tree(
+    tree: Path,
+    hosts: int,
+    sequential: int,
+    seconds: float,
+    seed: int,
+    *,
+    warmup: int,
+    batches: Sequence[int],
+) -> dict[str, Any]:
     """One measurement in a fresh process whose imports come from ``tree``."""
     env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'protos'}"}
     done = subprocess.run(
         [
             sys.executable, str(Path(__file__).resolve()), "--worker",
             "--hosts", str(hosts), "--sequential", str(sequential),
-            "--seconds", str(seconds), "--seed", str(seed),
+            "--seconds", str(seconds), "--seed", str(seed), "--warmup", str(warmup),
+            "--batches", ",".join(map(str, batches)),
         ],
         cwd=tree, env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
@@ -225,6 +288,7 @@ def run(
         baseline = None if quick else BASELINE
     sizes = list(sizes or ([250, 1_000] if quick else [250, 1_000, 10_000]))
     seconds, seed = (3.0, 7) if quick else (10.0, 7)
+    warmup = 20 if quick else WARMUP
     trees: dict[str, Path] = {"this": ROOT}
     with tempfile.TemporaryDirectory(prefix="tessera-baseline-") as tmp:
         if baseline:
@@ -240,7 +304,10 @@ def run(
                 # The baseline takes about a second a Place at 10,000 hosts.
                 sequential = 60 if quick or n > 2_000 else 300
                 for name, tree in trees.items():
-                    result = _run_tree(tree, n, sequential, seconds, seed)
+                    result = _run_tree(
+                        tree, n, sequential, seconds, seed, warmup=warmup,
+                        batches=BATCHES if n >= 10_000 and not quick else (),
+                    )  # fmt: skip
                     out["runs"].setdefault(str(n), {})[name] = result
                     print(
                         f"  {n:>6} hosts {name:>8}: first {result['first_place_ms']:.0f} ms "
@@ -269,7 +336,12 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
         for name, run_ in trees.items():
             seq, conc, upd = run_["sequential"], run_["concurrent"], run_["host_update"]
             label = f"baseline {result['baseline']}" if name == "baseline" else "this tree"
-            conflicts = sum(run_["concurrent"]["errors"].values())
+            failed = sum(conc["errors"].values())
+            outcomes = conc.get("commit_outcomes") or {}
+            commits = sum(outcomes.values())
+            conflicted = (
+                f"{outcomes.get('CONFLICT', 0) / commits:.1%}" if commits else "not counted"
+            )
             rows.append(
                 [
                     f"{int(size):,}",
@@ -280,7 +352,9 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
                     seq.get("p99", "n/a"),
                     upd.get("p50", "n/a"),
                     f"{conc['per_s']:,.0f}",
-                    conflicts,
+                    f"{conc.get('released_per_s', 0):,.0f}",
+                    conflicted,
+                    failed,
                 ]
             )
     headers = [
@@ -292,6 +366,8 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
         "Place p99 ms",
         "one host's update p50 ms",
         f"placements/s, {CLIENTS} tasks",
+        "releases/s",
+        "commits conflicted",
         "failed calls",
     ]
     return "\n\n".join(
@@ -302,13 +378,41 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
             "through the coordinator; mixed shapes, placements kept. Each row is a fresh "
             "process and Valkey; the baseline commit runs from a git worktree in the same run. "
             "`one host's update`: another writer cordons and uncordons one host, then the "
-            "replica brings its state up to date (the baseline reads every host). "
+            f"replica brings its state up to date (the baseline reads every host). p50 and "
+            f"p99 are taken after {WARMUP} Places of the same shapes (not measured). "
             f"{CLIENTS} tasks place at once on the replica's event loop for the throughput "
-            "column; `failed calls` are theirs: refused for want of capacity (the smallest "
-            "fleet fills up) or given up after 16 lost commit races.",
+            f"columns, each keeping its {KEPT} newest placements and releasing older ones; "
+            "`commits conflicted` is the share of their commits the store refused as "
+            "planned on moved state (the baseline does not count them); `failed calls` are "
+            "theirs: refused for want of capacity or given up after 16 lost commit races.",
             table(headers, rows),
+            *_batch_section(result),
         ]
     )
+
+
+def _batch_section(result: Mapping[str, Any]) -> list[str]:
+    """The PlaceBatch table, when the run measured batches."""
+    from bench.report import table
+
+    rows: list[list[object]] = []
+    for size, trees in sorted(result["runs"].items(), key=lambda kv: int(kv[0])):
+        for name, run_ in trees.items():
+            label = f"baseline {result['baseline']}" if name == "baseline" else "this tree"
+            rows.extend(
+                [f"{int(size):,}", label, f"{b['requests']:,}", b["wall_s"], b["placed"],
+                 b["unplaced"]]
+                for b in run_.get("batches", [])
+            )  # fmt: skip
+    if not rows:
+        return []
+    return [
+        "PlaceBatch inside the same process after the throughput phase "
+        "(`PlacementCoordinator.place_batch`: one CP-SAT solve on the live state, then the "
+        "commits and the agent's Prepare of every plan), the batches one after the other, "
+        "placements kept:",
+        table(["hosts", "tree", "requests", "wall s", "placed", "unplaced"], rows),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,10 +431,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequential", type=int, default=100, help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=5.0, help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=7, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=int, default=WARMUP, help=argparse.SUPPRESS)
+    p.add_argument("--batches", default="", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.worker:
         print(
-            json.dumps(asyncio.run(_worker(opts.hosts, opts.sequential, opts.seconds, opts.seed)))
+            json.dumps(
+                asyncio.run(
+                    _worker(
+                        opts.hosts,
+                        opts.sequential,
+                        opts.seconds,
+                        opts.seed,
+                        warmup=opts.warmup,
+                        batches=[int(b) for b in opts.batches.split(",") if b],
+                    )
+                )
+            )
         )
         return 0
     sizes = [int(s) for s in opts.sizes.split(",")] if opts.sizes else None

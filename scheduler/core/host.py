@@ -7,6 +7,7 @@ can be shared by concurrent scheduling passes.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -110,6 +111,23 @@ class PciFunctionView:
         """
         chain = self.bridge_chain
         return tuple(chain[i] for i in range(1, len(chain), 2))
+
+    @cached_property
+    def own_domains(self) -> tuple[tuple[ExclusivityDomain, str], ...]:
+        """The device, PCIe switch and NUMA node domains it lies in, narrowest first.
+
+        Every exclusivity domain but the host's, which is the host's name
+        (see :func:`domain_instance`): fixed per function, so worked out once.
+        """
+        outermost = self.switches[0] if self.switches else None
+        return (
+            (ExclusivityDomain.DEVICE, self.address),
+            (
+                ExclusivityDomain.PCIE_SWITCH,
+                outermost or self.root_port or self.root_bus or self.address,
+            ),
+            (ExclusivityDomain.NUMA_NODE, str(self.numa_node)),
+        )
 
 
 @dataclass(frozen=True)
@@ -263,6 +281,11 @@ class HostView:
                 index.setdefault(kind, []).append(f)
         return {k: tuple(v) for k, v in index.items()}
 
+    @cached_property
+    def functions_of_kind(self) -> Mapping[DeviceKind, int]:
+        """How many functions of each kind the host has, VFs included."""
+        return Counter(k for f in self.functions.values() if (k := f.kind) is not None)
+
     def whole_devices(self, kind: DeviceKind) -> tuple[PciFunctionView, ...]:
         """Devices of a kind that can be handed over whole (no VFs, no bridges).
 
@@ -370,11 +393,6 @@ def domain_instance(view: HostView, device: PciFunctionView, domain: Exclusivity
     belongs to its root port's "switch" domain (or its root bus's when it has
     no port): the nearest shared PCIe element.
     """
-    if domain is ExclusivityDomain.DEVICE:
-        return device.address
-    if domain is ExclusivityDomain.PCIE_SWITCH:
-        outermost = device.switches[0] if device.switches else None
-        return outermost or device.root_port or device.root_bus or device.address
-    if domain is ExclusivityDomain.NUMA_NODE:
-        return str(device.numa_node)
-    return view.host_id
+    if domain is ExclusivityDomain.HOST:
+        return view.host_id
+    return next(instance for d, instance in device.own_domains if d is domain)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
 
-from scheduler.core.host import HostView, MdevParentView, PciFunctionView, domain_instance
+from scheduler.core.host import GpuView, HostView, MdevParentView, PciFunctionView
 from scheduler.core.identity import IommuGroupNumber, PciAddress, PlacementId, TenantName
 from scheduler.core.mig import GpuInstance
 from scheduler.core.mig_geometry import MigGeometryError, MigLayout
@@ -51,8 +51,8 @@ DOMAINS = (
 
 
 def domain_keys(view: HostView, device: PciFunctionView) -> tuple[DomainKey, ...]:
-    """Every domain instance ``device`` lies in."""
-    return tuple((d, domain_instance(view, device, d)) for d in DOMAINS)
+    """Every domain instance ``device`` lies in, narrowest first (as :data:`DOMAINS`)."""
+    return (*device.own_domains, (ExclusivityDomain.HOST, view.host_id))
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,29 @@ def _devices_of_slot(view: HostView, slot: object) -> tuple[PciAddress, ...]:
     return ()
 
 
+# id(GPU view) -> (the view, the layout of its live instances; None: they
+# overlap). Views are immutable and long-lived: most GPUs have no allocation,
+# and their layout is the same at every build.
+_LIVE_LAYOUTS: dict[int, tuple[GpuView, MigLayout | None]] = {}
+
+
+def _live_layout(gpu: GpuView) -> MigLayout | None:
+    """The layout of a MIG GPU's live instances, or None when they overlap."""
+    found = _LIVE_LAYOUTS.get(id(gpu))
+    if found is not None and found[0] is gpu:
+        return found[1]
+    try:
+        # One instance per placement, as when allocations are folded in.
+        live = {(gi.start, gi.size): gi for gi in gpu.gpu_instances}
+        layout: MigLayout | None = MigLayout(tuple(live.values()))
+    except MigGeometryError:
+        layout = None
+    if len(_LIVE_LAYOUTS) >= 65_536:  # bounded: old views are dead weight
+        _LIVE_LAYOUTS.clear()
+    _LIVE_LAYOUTS[id(gpu)] = (gpu, layout)
+    return layout
+
+
 def _mig_layouts(
     view: HostView, allocated: Mapping[PciAddress, list[MigSlot]]
 ) -> tuple[dict[PciAddress, MigLayout], set[PciAddress]]:
@@ -147,9 +170,17 @@ def _mig_layouts(
     for address, gpu in view.gpus.items():
         if not gpu.mig_enabled:
             continue
+        mine = allocated.get(address)
+        if not mine:
+            layout = _live_layout(gpu)
+            if layout is None:
+                broken.add(address)
+            else:
+                layouts[address] = layout
+            continue
         slices = {p.profile_id: p.slices for p in gpu.mig_profiles}
         instances = {(gi.start, gi.size): gi for gi in gpu.gpu_instances}
-        for s in allocated.get(address, []):
+        for s in mine:
             # An allocated instance the agent created shows up live at the
             # same placement: count it once.
             instances.setdefault(
@@ -180,13 +211,13 @@ def build_occupancy(state: HostState) -> Occupancy:
         # tenant: judged as a stranger, never as the requester.
         return state.tenants.get(pid, TenantName(f"placement:{pid}"))
 
+    # Per device, the tenants with something on it: its domains are worked
+    # out once per device below, not once per allocation.
+    on_device: dict[PciAddress, set[TenantName]] = {}
+
     def inside(devices: Iterable[PciAddress], tenant: TenantName) -> None:
         for address in devices:
-            device = view.functions.get(address)
-            if device is None or device.role.is_bridge:
-                continue
-            for key in domain_keys(view, device):
-                tenants.setdefault(key, set()).add(tenant)
+            on_device.setdefault(address, set()).add(tenant)
 
     for key, pid in state.allocations.items():
         slot = parse_slot(key)
@@ -220,6 +251,17 @@ def build_occupancy(state: HostState) -> Occupancy:
         elif isinstance(slot, ExclusiveSlot):
             exclusive[(slot.domain, slot.instance)] = tenant
         inside(_devices_of_slot(view, slot), tenant)
+
+    on_host: set[TenantName] = set()
+    for address, present in on_device.items():
+        device = view.functions.get(address)
+        if device is None or device.role.is_bridge:
+            continue
+        for domain in device.own_domains:
+            tenants.setdefault(domain, set()).update(present)
+        on_host |= present
+    if on_host:
+        tenants[(ExclusivityDomain.HOST, view.host_id)] = on_host
 
     # Live objects, whoever made them.
     for pf in view.sriov_pfs.values():

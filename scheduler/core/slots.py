@@ -21,6 +21,7 @@ separate fields.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from scheduler.core.identity import (
     IommuGroupNumber,
@@ -113,6 +114,7 @@ def exclusive_slot(domain: ExclusivityDomain, instance: str, request_id: Request
     return SlotKey(f"exclusive:{domain.value}:{instance}#{request_id}")
 
 
+@lru_cache(maxsize=1 << 16)
 def parse_slot(key: str) -> ParsedSlot | None:
     """The slot a key names, or None for a key this grammar does not know.
 

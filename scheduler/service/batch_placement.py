@@ -1,19 +1,21 @@
 """Batches and gangs: requests placed jointly by one CP-SAT solve, gangs all or nothing.
 
-The batch is planned on one snapshot; its plans are then committed one by
-one through the plan applier, each expecting the versions its predecessors'
-commits on the same host leave. A plan whose commit loses a race is placed
-again alone; a gang with a member that could not be placed is released whole.
+The batch is planned on one snapshot; its plans are then committed through
+the plan applier, hosts side by side and each host's plans one by one, each
+expecting the versions its predecessors' commits on the same host leave. A
+plan whose commit loses a race is placed again alone; a gang with a member
+that could not be placed is released whole.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import PlacementId, RequestId
+from scheduler.core.identity import HostId, PlacementId, RequestId
 from scheduler.core.plan import Plan
 from scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
 from scheduler.core.validation import MAX_IDENT, shown
@@ -23,13 +25,16 @@ from scheduler.service.model_refresh import ModelRefresh
 from scheduler.service.plan_applier import PlanApplier
 from scheduler.service.request_claims import RequestClaims, new_claimant
 from scheduler.service.request_placement import RequestPlacer
-from scheduler.store.redis_store import CommitOutcome, RedisStateStore
+from scheduler.store.redis_store import CommitOutcome, HostRecord
 from tessera.v1 import placement_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
 
 #: PlaceBatch's solver limits: a frontend waits on the call.
 DEFAULT_BATCH_SETTINGS = BatchSettings(time_limit_s=5.0, workers=4)
+
+#: Requests looked up, and hosts committed on, at once.
+BATCH_CONCURRENCY = 64
 
 #: Releases a placement by its id (a gang member placed before its gang broke).
 Release = Callable[[str], Awaitable[placement_pb2.Placement]]
@@ -39,7 +44,6 @@ class BatchPlacer:
     """Places batches of requests jointly, gangs all or nothing.
 
     Args:
-        store: the Redis state store (host records for the plans).
         refresh: the live model's shared refreshes (the batch's snapshot).
         claims: the request-id claims.
         placer: places one request alone (a plan that lost its race).
@@ -51,7 +55,6 @@ class BatchPlacer:
 
     def __init__(
         self,
-        store: RedisStateStore,
         *,
         refresh: ModelRefresh,
         claims: RequestClaims,
@@ -61,7 +64,6 @@ class BatchPlacer:
         engine: Engine,
         settings: BatchSettings = DEFAULT_BATCH_SETTINGS,
     ) -> None:
-        self._store = store
         self._refresh = refresh
         self._claims = claims
         self._placer = placer
@@ -92,25 +94,28 @@ class BatchPlacer:
         placed: dict[str, placement_pb2.Placement] = {}
         failures: dict[str, list[str]] = {}
         todo: list[int] = []
-        for i, sub in enumerate(batch):
-            try:
-                existing = await self._claims.existing(sub)
-            except SchedulerError as err:
-                failures[sub.request.request_id] = [str(err)]
-                continue
+        gate = asyncio.Semaphore(BATCH_CONCURRENCY)
+
+        async def look_up(i: int, sub: Submitted) -> None:
+            async with gate:
+                try:
+                    existing = await self._claims.existing(sub)
+                except SchedulerError as err:
+                    failures[sub.request.request_id] = [str(err)]
+                    return
             if existing is not None:
                 placed[sub.request.request_id] = existing
             else:
                 todo.append(i)
+
+        await asyncio.gather(*(look_up(i, sub) for i, sub in enumerate(batch)))
+        todo.sort()
         gang_of = {
             sub.request.request_id: ("all-or-nothing" if all_or_nothing else sub.gang)
             for sub in batch
             if all_or_nothing or sub.gang
         }
-        snapshot, _ = await self._refresh.snapshot()
-        # Each host's state as the batch's commits so far leave it: the next
-        # plan on the host expects the versions they bumped.
-        predicted = dict(snapshot.hosts)
+        snapshot, records = await self._refresh.snapshot()
         result = solve_batch(
             self._engine, snapshot, [batch[i].request for i in todo], self._settings, gang_of
         )
@@ -123,39 +128,57 @@ class BatchPlacer:
         for rid, refusal in result.unplaced.items():
             failures[rid] = [refusal.summary, *refusal.reasons()]
         broken_gangs = {gang_of[RequestId(r)] for r in failures if RequestId(r) in gang_of}
-        # Plans on one host expect the generations their predecessors' commits
-        # leave. Once one of them did not commit as planned, a foreign commit
-        # can reach the generation a later plan expects with other contents:
-        # the host's remaining requests are planned afresh instead.
-        replan: set[str] = set()
+        by_host: dict[str, list[tuple[RequestId, Plan]]] = {}
         for rid, plan in result.plans.items():
-            sub = batch[index[rid]]
-            if gang_of.get(rid) in broken_gangs:
-                failures[rid] = [f"gang {shown(gang_of[rid], MAX_IDENT)} could not be placed whole"]
-                replan.add(plan.host_id)
-                continue
-            try:
-                if plan.host_id in replan:
-                    placed[rid] = await self._placer.place(sub)
-                else:
+            by_host.setdefault(plan.host_id, []).append((rid, plan))
+
+        async def commit_on(host_id: str, plans: list[tuple[RequestId, Plan]]) -> None:
+            """The host's plans in order, each expecting what its predecessors' commits left.
+
+            Once one of them did not commit as planned, a foreign commit can
+            reach the versions a later plan expects with other contents: the
+            host's remaining requests are planned afresh instead.
+            """
+            # The host's state as the batch's commits so far leave it.
+            predicted = snapshot.hosts[HostId(host_id)]
+            replan = False
+            for rid, plan in plans:
+                sub = batch[index[rid]]
+                if gang_of.get(rid) in broken_gangs:
+                    why = f"gang {shown(gang_of[rid], MAX_IDENT)} could not be placed whole"
+                    failures[rid] = [why]
+                    replan = True
+                    continue
+                try:
+                    if replan:
+                        placed[rid] = await self._placer.place(sub)
+                        continue
                     placed[rid], as_planned = await self._commit_planned(
-                        sub, plan, predicted[plan.host_id]
+                        sub, plan, predicted, records.get(host_id)
                     )
                     if as_planned:
-                        predicted[plan.host_id] = with_reservation(
-                            ClusterSnapshot(hosts={plan.host_id: predicted[plan.host_id]}),
+                        predicted = with_reservation(
+                            ClusterSnapshot(hosts={plan.host_id: predicted}),
                             plan.host_id,
                             plan.slots,
                             PlacementId(placed[rid].placement_id),
                             sub.request.tenant,
                         ).hosts[plan.host_id]
                     else:
-                        replan.add(plan.host_id)
-            except SchedulerError as err:
-                failures[rid] = [str(err)]
-                replan.add(plan.host_id)
-                if rid in gang_of:
-                    broken_gangs.add(gang_of[rid])
+                        replan = True
+                except SchedulerError as err:
+                    failures[rid] = [str(err)]
+                    replan = True
+                    if rid in gang_of:
+                        broken_gangs.add(gang_of[rid])
+
+        async def gated(host_id: str, plans: list[tuple[RequestId, Plan]]) -> None:
+            async with gate:
+                await commit_on(host_id, plans)
+
+        # Hosts side by side (their commits share pipelines), each host's
+        # plans one after the other.
+        await asyncio.gather(*(gated(h, plans) for h, plans in by_host.items()))
         for placed_id in list(placed):
             gang = gang_of.get(RequestId(placed_id))
             if gang is None or gang not in broken_gangs:
@@ -176,7 +199,7 @@ class BatchPlacer:
         return [placed[rid] for rid in ids if rid in placed], unplaced
 
     async def _commit_planned(
-        self, sub: Submitted, plan: Plan, state: HostState
+        self, sub: Submitted, plan: Plan, state: HostState, record: HostRecord | None
     ) -> tuple[placement_pb2.Placement, bool]:
         """Commit a batch plan and prepare it; on a lost race, place the request alone.
 
@@ -189,7 +212,6 @@ class BatchPlacer:
             # Another call placed it, perhaps elsewhere: this host's later
             # plans cannot assume the generation this plan would have left.
             return existing, False
-        record = await self._store.get_host(plan.host_id)
         if record is not None:
             commit, placement = await self._applier.commit(sub, plan, claimant, state)
             if commit.outcome is CommitOutcome.COMMITTED:

@@ -338,7 +338,7 @@ class LiveCluster:
             held = set(base.allocations.values())
             for placement_id in [
                 p
-                for p, (_, _, landed) in assumed.items()
+                for p, (_, _, landed, _) in assumed.items()
                 if p in held or 0 < landed <= base.alloc_generation
             ]:
                 del assumed[placement_id]
@@ -348,16 +348,23 @@ class LiveCluster:
         else:
             allocations = dict(base.allocations)
             tenants = dict(base.tenants)
-            for placement_id, (slots, tenant, _) in assumed.items():
+            versions = dict(base.versions)
+            for placement_id, (slots, tenant, _, bumps) in assumed.items():
                 for slot in slots:
                     allocations.setdefault(slot, placement_id)
                 tenants[placement_id] = tenant
+                # The versions the store will show once it lands: a plan
+                # made on this state expects them, and the plan applier
+                # sends its commit only after this one has answered.
+                for guard in bumps:
+                    versions[guard] = versions.get(guard, 0) + 1
             # ``planned`` names the assumptions, so no memo mistakes this
             # state for the store's at the same generation.
             state = replace(
                 base,
                 allocations=allocations,
                 tenants=tenants,
+                versions=versions,
                 planned=(*base.planned, *assumed),
             )
         self._states[key] = state
@@ -394,7 +401,9 @@ class LiveCluster:
         key = HostId(host_id)
         if key not in self._base:
             return
-        self._assumed.setdefault(key, {})[placement_id] = (tuple(slots), tenant, 0)
+        slots = tuple(slots)
+        bumps = guards.changed_by(self._base[key].view, slots)
+        self._assumed.setdefault(key, {})[placement_id] = (slots, tenant, 0, bumps)
         self._derive(key)
 
     def settle(self, host_id: str, placement_id: PlacementId, generation: int) -> None:
@@ -421,7 +430,7 @@ class LiveCluster:
             # the store's state now is exactly that plus this reservation
             # (the commit checked the incarnation the plan, and so the model,
             # saw).
-            slots, tenant, _ = found
+            slots, tenant, _, bumps = found
             allocations = dict(base.allocations)
             for slot in slots:
                 allocations[slot] = placement_id
@@ -431,9 +440,7 @@ class LiveCluster:
                 allocations=allocations,
                 tenants={**base.tenants, placement_id: tenant},
                 versions=guards.bumped(
-                    base.versions,
-                    guards.changed_by(base.view, slots),
-                    new_tenant=tenant not in base.tenants.values(),
+                    base.versions, bumps, new_tenant=tenant not in base.tenants.values()
                 ),
             )
             self._local[host_id] = generation
@@ -441,7 +448,7 @@ class LiveCluster:
             # Others moved the host too: keep assuming it until the host is
             # read back at or past the commit's generation (with it, or
             # without it once released).
-            assumed[placement_id] = (found[0], found[1], generation)
+            assumed[placement_id] = (found[0], found[1], generation, found[3])
             self._stale.add(host_id)
         self._derive(key)
 
@@ -463,9 +470,9 @@ class LiveCluster:
         gc.freeze()
 
 
-#: An assumed reservation: its slots, tenant, and the generation its commit
-#: left (0: not landed yet).
-_Assumed = tuple[tuple[SlotKey, ...], TenantName, int]
+#: An assumed reservation: its slots, tenant, the generation its commit
+#: left (0: not landed yet), and the guard versions its commit bumps.
+_Assumed = tuple[tuple[SlotKey, ...], TenantName, int, tuple[str, ...]]
 
 
 def _incarnation(state: HostState) -> int:

@@ -94,7 +94,6 @@ class PlacementCoordinator:
             engine=engine,
         )
         self.batches = BatchPlacer(
-            store,
             refresh=self._refresh,
             claims=claims,
             placer=self.placer,

@@ -16,6 +16,7 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions
@@ -55,6 +56,14 @@ _FINISH_RELEASE = move(RELEASING, to=RELEASED)
 _QUARANTINE_TEARDOWN = move(RELEASING, to=FAILED)
 
 
+@dataclass(frozen=True)
+class _Flight:
+    """A commit in flight: the guard versions it bumps, and whether it landed."""
+
+    bumps: tuple[str, ...]
+    landed: asyncio.Future[bool]
+
+
 class PlanApplier:
     """Commits plans as placements, carries them out on their hosts, and releases them.
 
@@ -82,6 +91,8 @@ class PlanApplier:
         # Commit outcomes so far (COMMITTED, CONFLICT, ...): the conflict
         # rate shows how often replicas (or this one) planned on moved state.
         self.commit_outcomes: Counter[str] = Counter()
+        # Per host, this replica's commits in flight, in the order planned.
+        self._in_flight: dict[str, dict[PlacementId, _Flight]] = {}
 
     async def commit(
         self, submitted: Submitted, plan: Plan, claimant: str, state: HostState
@@ -112,18 +123,38 @@ class PlanApplier:
             now_ms=self._clock_ms(),
         )
         placement_id = PlacementId(placement.placement_id)
+        expect = guards.expected(
+            state.view, state.versions, plan.slots, exclusive=submitted.exclusive
+        )
+        bumps = guards.changed_by(state.view, plan.slots)
+        # The plan saw this replica's commits then in flight on the host as
+        # landed (the model assumes them, versions included): it goes after
+        # those whose versions it expects, so the store sees them in that
+        # order, and expects less of those that do not land.
+        flights = self._in_flight.setdefault(plan.host_id, {})
+        ahead = [
+            flights[p]
+            for p in state.planned
+            if p in flights and not expect.keys().isdisjoint(flights[p].bumps)
+        ]
+        flight = _Flight(bumps, asyncio.get_running_loop().create_future())
+        flights[placement_id] = flight
         self._model.assume(plan.host_id, plan.slots, placement_id, request.tenant)
         committed = 0
         try:
+            for before in ahead:
+                if not await asyncio.shield(before.landed):
+                    # It did not land: the store does not have its versions.
+                    for guard in before.bumps:
+                        if guard in expect:
+                            expect[guard] -= 1
             commit = await self._commit_or_undo(
                 plan.host_id,
                 placement_id,
                 self._store.commit_reservation(
                     host_id=plan.host_id,
-                    guards=guards.expected(
-                        state.view, state.versions, plan.slots, exclusive=submitted.exclusive
-                    ),
-                    bumps=guards.changed_by(state.view, plan.slots),
+                    guards=expect,
+                    bumps=bumps,
                     slots=list(plan.slots),
                     placement_id=placement.placement_id,
                     placement=placement.SerializeToString(),
@@ -141,6 +172,10 @@ class PlanApplier:
             # an error, the assumption goes: an error's commit may have
             # landed, and the feed will say so.
             self._model.settle(plan.host_id, placement_id, committed)
+            flight.landed.set_result(committed > 0)
+            del flights[placement_id]
+            if not flights and self._in_flight.get(plan.host_id) is flights:
+                del self._in_flight[plan.host_id]
         return commit, placement
 
     async def _commit_or_undo(
@@ -275,19 +310,20 @@ class PlanApplier:
                 failed; the placement is then FAILED and its slots stay
                 quarantined.
         """
-        record = await self._store.get_host(placement.host_id)
-        if record is None:
-            raise HostOperationError(f"host {placement.host_id} is not registered")
+        host_id = placement.host_id
+        agent_address = await self._store.agent_address(host_id)
+        if agent_address is None:
+            raise HostOperationError(f"host {host_id} is not registered")
         ok, releasing = await self._moves.apply(placement, _BEGIN_RELEASE, "tearing down")
         if not ok:
-            state = await self._store.placement_state(record.host_id, releasing.placement_id)
+            state = await self._store.placement_state(host_id, releasing.placement_id)
             if state is None:
                 raise PlacementNotFoundError(f"placement {releasing.placement_id} is gone")
             raise PlacementBusyError(
                 f"placement {releasing.placement_id} is {state}; release it once it is ready"
             )
         try:
-            await self._agents.unprepare(record.agent_address, releasing)
+            await self._agents.unprepare(agent_address, releasing)
         except AgentCallError as err:
             await self._moves.apply(
                 releasing,
@@ -295,11 +331,11 @@ class PlanApplier:
                 f"teardown failed: {err.message}; slots quarantined",
             )
             raise HostOperationError(
-                f"host {record.host_id} could not tear placement {releasing.placement_id} "
+                f"host {host_id} could not tear placement {releasing.placement_id} "
                 f"down ({err.message}); its devices stay out of the pool"
             ) from err
         await self._store.release(
-            record.host_id, releasing.placement_id, from_states=_FINISH_RELEASE.from_states
+            host_id, releasing.placement_id, from_states=_FINISH_RELEASE.from_states
         )
         releasing.message = "released"
         return releasing

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.engine.policies import Policy
@@ -76,16 +77,37 @@ class RequestPlacer:
             HostOperationError: the agent failed; the reservation is released.
         """
         claimant = new_claimant()
-        existing = await self._claims.claim(submitted, claimant)
+        # The model is brought up to date while the claim is taken: two
+        # round trips side by side rather than one after the other.
+        refreshed = asyncio.ensure_future(self._refresh.refreshed())
+        try:
+            existing = await self._claims.claim(submitted, claimant)
+        except BaseException:
+            _drop(refreshed)
+            raise
         if existing is not None:
+            _drop(refreshed)
             return existing
-        return await self.place_claimed(submitted, claimant)
+        return await self.place_claimed(submitted, claimant, refreshed)
 
-    async def place_claimed(self, submitted: Submitted, claimant: str) -> placement_pb2.Placement:
-        """Plan and commit a request this call has claimed, replanning on lost races."""
+    async def place_claimed(
+        self,
+        submitted: Submitted,
+        claimant: str,
+        refreshed: Awaitable[None] | None = None,
+    ) -> placement_pb2.Placement:
+        """Plan and commit a request this call has claimed, replanning on lost races.
+
+        Args:
+            submitted: the request.
+            claimant: this call's claim on its id.
+            refreshed: a refresh of the model begun after the call began, for
+                the first plan (else one is made).
+        """
         try:
             for attempt in range(MAX_COMMIT_ATTEMPTS):
-                await self._refresh.refreshed()
+                await (refreshed if refreshed is not None else self._refresh.refreshed())
+                refreshed = None
                 # Planned without yielding: the live model cannot move under it.
                 live = self._model.live()
                 result = self._policy.place(live, submitted.request)
@@ -122,3 +144,10 @@ class RequestPlacer:
             # the next caller or the housekeeper to resolve.
             await self._claims.abandon(submitted, claimant)
             raise
+
+
+def _drop(refreshed: asyncio.Future[None]) -> None:
+    """Give up on a refresh nobody will wait for (its round goes on for others)."""
+    refreshed.cancel()
+    # Finished already, perhaps with an error: seen, so asyncio does not log it.
+    refreshed.add_done_callback(lambda f: None if f.cancelled() else f.exception())

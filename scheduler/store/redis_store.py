@@ -22,16 +22,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from scheduler.store import schema
+from scheduler.store.batching import ScriptBatcher
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,12 @@ class CommitResult:
     placement_id: str
     detail: str
     alloc_generation: int = 0
+
+
+def _commit_result(reply: Sequence[Any]) -> CommitResult:
+    """A commit script's reply: (outcome, placement id, detail, generation)."""
+    outcome, pid, detail, generation = reply
+    return CommitResult(CommitOutcome(_text(outcome)), _text(pid), _text(detail), int(generation))
 
 
 class ClaimOutcome(enum.Enum):
@@ -299,6 +307,50 @@ def _with_feed(script: str) -> str:
 _COMMIT_LUA = _with_feed(
     resources.files("scheduler.store").joinpath("commit.lua").read_text("utf-8")
 )
+
+
+def _claimed_commit(commit: str) -> str:
+    """The commit script with the claim's intent before it and its finalization after.
+
+    For a server that is not a cluster, where the request record and the
+    host's keys may meet in one script: one round trip instead of three, and
+    the record cannot change between the steps. commit.lua's body becomes a
+    function of its own KEYS and ARGV.
+
+    KEYS: the request record, then commit.lua's keys. ARGV: the claimant,
+    the claim's time to live in ms, then commit.lua's arguments (its claim
+    deadline is set here). Returns commit.lua's reply, or LOST when the claim
+    is no longer the caller's (nothing written).
+    """
+    shebang, _, body = commit.partition("\n")
+    return f"""{shebang}
+local function commit_on_host(KEYS, ARGV)
+{body}
+end
+{_NOW_LUA}
+local request_key = KEYS[1]
+local claim = redis.call('HMGET', request_key, 'state', 'claimant')
+local commit_keys, commit_args = {{}}, {{}}
+for i = 2, #KEYS do commit_keys[i - 1] = KEYS[i] end
+for i = 3, #ARGV do commit_args[i - 2] = ARGV[i] end
+if claim[1] ~= 'claimed' or claim[2] ~= ARGV[1] then
+  return {{'LOST', commit_args[1], 'the claim on request ' .. commit_args[3] ..
+           " is no longer this call's", 0}}
+end
+-- The intent first (what a takeover of the claim would look for), as the
+-- separate steps write it; the deadline is now plus the claim's time to live.
+local deadline = now_ms + tonumber(ARGV[2])
+redis.call('HSET', request_key, 'placement_id', commit_args[1], 'host_id', commit_args[4],
+           'deadline_ms', deadline)
+commit_args[6] = tostring(deadline)
+local reply = commit_on_host(commit_keys, commit_args)
+if reply[1] == 'COMMITTED' then
+  redis.call('HSET', request_key, 'state', 'committed')
+  redis.call('HDEL', request_key, 'claimant', 'deadline_ms')
+end
+return reply
+"""
+
 
 # Registration. A report for the same boot with a lower inventory generation is
 # stale (an old RPC delivered late) and must not overwrite a newer one; a new
@@ -749,6 +801,15 @@ StoreClient = aioredis.Redis | RedisCluster
 #: One script of a batch: the script, its keys, its arguments.
 _ScriptCall = tuple[AsyncScript, list[str], list[Any]]
 
+
+class _Script(Protocol):
+    """A registered script, run on its own or through a :class:`ScriptBatcher`."""
+
+    def __call__(self, *, keys: Sequence[Any], args: Sequence[Any]) -> Awaitable[Any]:
+        """Run it; its reply."""
+        ...
+
+
 #: Scripts a cluster client runs at once, all batches of one process together
 #: (see _run_scripts): redis-py's cluster client opens at most 100
 #: connections per node and then fails a command instead of waiting.
@@ -892,16 +953,26 @@ class RedisStateStore:
         self._claim_skew_ms = claim_skew_ms
         # register_script runs EVALSHA and loads the script on NOSCRIPT (a
         # restarted server, or a fresh one, has an empty script cache).
+        # The scripts every Place and Release runs go through a batcher on a
+        # plain client: calls of one event-loop turn share a pipeline. A
+        # cluster client refuses scripts in a pipeline; there they go alone.
+        batcher = None if isinstance(client, RedisCluster) else ScriptBatcher(client)
+
+        def hot(source: str) -> _Script:
+            script = client.register_script(source)
+            return script if batcher is None else partial(batcher.run, script)
+
         self._commit = client.register_script(_COMMIT_LUA)
+        self._claimed_commit = hot(_claimed_commit(_COMMIT_LUA))
         self._upsert = client.register_script(_UPSERT_HOST_LUA)
         self._touch = client.register_script(_TOUCH_HOST_LUA)
-        self._update = client.register_script(_UPDATE_PLACEMENT_LUA)
-        self._release = client.register_script(_RELEASE_LUA)
+        self._update = hot(_UPDATE_PLACEMENT_LUA)
+        self._release = hot(_RELEASE_LUA)
         self._lease = client.register_script(_LEASE_LUA)
         self._yield_lease = client.register_script(_YIELD_LEASE_LUA)
         self._raise_fence = client.register_script(_RAISE_FENCE_LUA)
         self._read_host = client.register_script(_READ_HOST_LUA)
-        self._claim = client.register_script(_CLAIM_LUA)
+        self._claim = hot(_CLAIM_LUA)
         self._intent = client.register_script(_INTENT_LUA)
         self._finalize = client.register_script(_FINALIZE_LUA)
         self._replace = client.register_script(_REPLACE_LUA)
@@ -1141,6 +1212,16 @@ class RedisStateStore:
         if not fields:
             return None
         return _record(host_id, fields, allocs, tenants, versions)
+
+    async def agent_address(self, host_id: str) -> str | None:
+        """Where a host's agent listens, or None if the host is not registered.
+
+        One field, for callers that reach the agent and need nothing else of
+        the host (a Release): the whole record carries the inventory.
+        """
+        _check_host_id(host_id)
+        found = await self._client.hget(schema.host(host_id), schema.F_AGENT_ADDRESS)
+        return None if found is None else _text(found)
 
     async def snapshot(
         self, known: Mapping[str, tuple[str, int]] | None = None, *, inventories: bool = True
@@ -1444,6 +1525,9 @@ class RedisStateStore:
         the placement, bump the versions of ``bumps`` (and of ``tenants`` for
         a tenant new to the host) and the alloc generation, and put the host
         on the change feed. Finally the request record becomes committed.
+        On a plain server the three steps are one script (one round trip,
+        nothing between them); on a cluster the request record and the host
+        live in different slots, and they are three.
 
         Args:
             host_id: the host the plan chose.
@@ -1476,6 +1560,30 @@ class RedisStateStore:
             if not what:
                 raise ValueError("slot and guard keys must not be empty")
         request_key = schema.request(request_id)
+        guard_args: list[str | int] = [len(guards)]
+        for key, version in sorted(guards.items()):
+            guard_args += [key, str(version)]
+        commit_keys = [*schema.all_host_keys(host_id), *schema.feed_keys(host_id)]
+        commit_args = [
+            placement_id,
+            placement,
+            request_id,
+            host_id,
+            tenant,
+            0,  # the claim's deadline, set below
+            *guard_args,
+            len(bumps),
+            *bumps,
+            *slots,
+        ]
+        if not await self._in_cluster():
+            reply = await self._claimed_commit(
+                keys=[request_key, *commit_keys],
+                args=[claimant, self._claim_ttl_ms, *commit_args],
+            )
+            return _commit_result(reply)
+        # A cluster keeps the request record and the host in different
+        # slots: intent, commit and finalization are three steps.
         deadline = int(
             await self._intent(
                 keys=[request_key],
@@ -1488,28 +1596,8 @@ class RedisStateStore:
                 placement_id,
                 f"the claim on request {request_id} is no longer this call's",
             )
-        guard_args: list[str | int] = [len(guards)]
-        for key, version in sorted(guards.items()):
-            guard_args += [key, str(version)]
-        reply = await self._commit(
-            keys=[*schema.all_host_keys(host_id), *schema.feed_keys(host_id)],
-            args=[
-                placement_id,
-                placement,
-                request_id,
-                host_id,
-                tenant,
-                deadline,
-                *guard_args,
-                len(bumps),
-                *bumps,
-                *slots,
-            ],
-        )
-        outcome, pid, detail, generation = reply
-        result = CommitResult(
-            CommitOutcome(_text(outcome)), _text(pid), _text(detail), int(generation)
-        )
+        commit_args[5] = deadline
+        result = _commit_result(await self._commit(keys=commit_keys, args=commit_args))
         if result.outcome is CommitOutcome.COMMITTED and not await self._finalize(
             keys=[request_key], args=[claimant, placement_id]
         ):

@@ -78,7 +78,7 @@ from scheduler.core.identity import (
     vfio_group_path,
 )
 from scheduler.core.mig_geometry import capacity, fragmentation_score
-from scheduler.core.occupancy import DomainKey, Occupancy, build_occupancy
+from scheduler.core.occupancy import DeviceMode, DomainKey, Occupancy, build_occupancy
 from scheduler.core.plan import (
     Assignment,
     MdevAssignment,
@@ -170,15 +170,18 @@ class HostFit:
     picks: tuple[Pick, ...]
     score: int
     reasons: tuple[str, ...]
+    occupancy: Occupancy | None = None
+    """The state's occupancy when the fit has it (else the plan builds it)."""
 
 
 #: Upper bound on memoised judgements (all classes together) before the memo
 #: is dropped and rebuilt: old occupancies are dead weight.
 _MEMO_LIMIT = 262_144
 
-#: A host's place in fast-path order for one request: (short of idle devices
-#: for a whole-device-only claim, idle devices of the request's kinds, host).
-_OrderEntry = tuple[bool, int, str]
+#: A host's place in fast-path order for one request: (nothing of one of the
+#: request's kinds free, short of idle devices for a whole-device-only claim,
+#: idle devices of the request's kinds, host).
+_OrderEntry = tuple[bool, bool, int, str]
 
 #: What a request's order depends on: the kind positions it counts, and the
 #: (kind position, count) of its whole-device-only claims.
@@ -194,6 +197,8 @@ class _HostIndex:
         occupancy: what is taken on the host.
         idle: idle devices (no use of any kind) per kind, in :data:`_KINDS`
             order.
+        full: per kind, in :data:`_KINDS` order, whether every function of
+            the kind is held whole (or unusable): nothing of the kind fits.
         hardware: the host's hardware class.
         signature: the occupancy, host name aside, interned: hosts of one
             class with one signature judge every request alike.
@@ -205,6 +210,7 @@ class _HostIndex:
     view: HostView
     occupancy: Occupancy
     idle: tuple[int, ...]
+    full: tuple[bool, ...]
     hardware: _HardwareClass
     signature: int
     exclusive: bool
@@ -259,7 +265,7 @@ class _HardwareClass:
         """The members in fast-path order for ``key``, sorted."""
         found = self.orders.get(key)
         if found is None:
-            found = sorted(_order_entry(key, i.idle, h) for h, i in self.members.items())
+            found = sorted(_order_entry(key, i, h) for h, i in self.members.items())
             self.orders[key] = found
         return found
 
@@ -351,10 +357,23 @@ class Engine:
         tenancy = self._tenancies.setdefault(
             _tenancy_signature(occupancy, view.host_id), len(self._tenancies)
         )
+        # Functions held whole (every member of a group taken whole) or in
+        # an unusable state take nothing more, in any form.
+        blocked = {a for a, mode in occupancy.modes.items() if mode is DeviceMode.WHOLE}
+        blocked |= occupancy.unusable
+        taken = dict.fromkeys(_KINDS, 0)
+        for address in blocked:
+            function = view.functions.get(address)
+            kind = function.kind if function is not None else None
+            if kind is not None:
+                taken[kind] += 1
+        functions = view.functions_of_kind
+        full = tuple(functions.get(kind, 0) <= taken[kind] for kind in _KINDS)
         index = _HostIndex(
             view,
             occupancy,
             idle,
+            full,
             self._hardware_class(view),
             signature,
             bool(occupancy.exclusive),
@@ -486,7 +505,18 @@ class Engine:
                 del self._entries[host_id]
                 self._unplace(host_id, old)
             return
+        before = self._states.get(host_id)
         self._states[host_id] = state
+        if (
+            old is not None
+            and before is not None
+            and before.view is state.view
+            and before.allocations == state.allocations
+            and before.tenants == state.tenants
+        ):
+            # What the index is built from did not change (a commit this
+            # replica assumed, now read back as the store's): keep it.
+            return
         index = self.host_index(state)
         if index is old:
             return
@@ -496,7 +526,7 @@ class Engine:
         cls = index.hardware
         cls.members[host_id] = index
         for key, entries in cls.orders.items():
-            entry = _order_entry(key, index.idle, host_id)
+            entry = _order_entry(key, index, host_id)
             insort(entries, entry)
             if entries[0] is entry:
                 self._heads[key][cls.uid] = (entry, cls.uid, 0)
@@ -514,7 +544,7 @@ class Engine:
             for heads in self._heads.values():
                 heads.pop(cls.uid, None)
         for key, entries in cls.orders.items():
-            at = bisect_left(entries, _order_entry(key, index.idle, host_id))
+            at = bisect_left(entries, _order_entry(key, index, host_id))
             del entries[at]
             if at == 0 and entries:
                 self._heads[key][cls.uid] = (entries[0], cls.uid, 0)
@@ -631,10 +661,10 @@ class Engine:
                         c.judged.clear()
                 self._judged_count = 1
             cls.judged[key] = judged
-        _merge_renamed(rejections, judged.seen, judged.host, state.view.host_id)
+        rejections.merge_renamed(judged.seen, judged.host, state.view.host_id)
         if judged.picks is None:
             return None
-        return HostFit(state, judged.picks, judged.score, judged.reasons)
+        return HostFit(state, judged.picks, judged.score, judged.reasons, index.occupancy)
 
     def _search_host(
         self,
@@ -795,7 +825,7 @@ class Engine:
                 heapq.heapreplace(heap, (entries[at + 1], uid, at + 1))
             else:
                 heapq.heappop(heap)
-            host_id = HostId(entry[2])
+            host_id = HostId(entry[3])
             fit = self._judge(hosts[host_id], cls.members[host_id], request, shape_id, rejections)
             if fit is not None:
                 fits.append(fit)
@@ -816,7 +846,7 @@ class Engine:
                     why = cls.never[shape_id]
                     assert why is not None
                     # Judged on the class's first view: name this host.
-                    _merge_renamed(rejections, why, cls.view.host_id, host_id)
+                    rejections.merge_renamed(why, cls.view.host_id, host_id)
         return fits, rejections
 
     def schedule(
@@ -873,11 +903,23 @@ def _order_key(request: PlacementRequest) -> _OrderKey:
     return kinds, whole_only
 
 
-def _order_entry(key: _OrderKey, idle: tuple[int, ...], host_id: str) -> _OrderEntry:
-    """A host's place in the order of ``key``."""
+def _order_entry(key: _OrderKey, index: _HostIndex, host_id: str) -> _OrderEntry:
+    """A host's place in the order of ``key``.
+
+    Hosts that cannot fit go last, so a request meets the hosts that can
+    first: those with every function of one of its kinds held whole, and
+    those short of idle devices for a whole-device-only claim. Moving hosts
+    that cannot fit changes no plan, only how many hosts a request walks.
+    """
     kinds, whole_only = key
+    idle, full = index.idle, index.full
     short = any(idle[position] < n for position, n in whole_only)
-    return short, sum(idle[position] for position in kinds), host_id
+    return (
+        any(full[position] for position in kinds),
+        short,
+        sum(idle[position] for position in kinds),
+        host_id,
+    )
 
 
 def _occupancy_signature(occupancy: Occupancy) -> tuple[object, ...]:
@@ -924,22 +966,6 @@ def _same_hardware(a: HostView, b: HostView) -> bool:
     )
 
 
-def _merge_renamed(into: Rejections, seen: Rejections, judged_on: HostId, host: HostId) -> None:
-    """Add a judgement's rejections as if it had been made on ``host``.
-
-    Details that name the host the judgement was made on name ``host``
-    instead; only the first detail per reason is kept, so only those that
-    become first are rewritten.
-    """
-    if not seen.counts:
-        return
-    into.counts.update(seen.counts)
-    details = into.details
-    for key, detail in seen.details.items():
-        if key not in details:
-            details[key] = detail if judged_on == host else detail.replace(judged_on, host)
-
-
 def unschedulable(hosts: int, request: PlacementRequest, rejections: Rejections) -> Unschedulable:
     """Why no host fits, led by a one-line summary naming the commonest reason."""
     wanted = ", ".join(
@@ -965,7 +991,7 @@ def _assignments(fit: HostFit, request: PlacementRequest) -> Iterator[tuple[Assi
     state = fit.state
     view = state.view
     vf_queues: dict[PciAddress, FreeVfIndexes] = {}
-    cycle = Cycle(request, state, build_occupancy(state))
+    cycle = Cycle(request, state, fit.occupancy or build_occupancy(state))
     for unit, pick in enumerate(fit.picks):
         option = pick.option
         device = option.device

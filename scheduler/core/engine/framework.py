@@ -111,8 +111,45 @@ class Rejections:
 
     def __init__(self) -> None:
         """An empty tally."""
-        self.counts: Counter[tuple[str, str]] = Counter()
-        self.details: dict[tuple[str, str], str] = {}
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._details: dict[tuple[str, str], str] = {}
+        # Tallies to add as if made on another host, added when first read:
+        # a request that finds its hosts never reads what the others said.
+        self._renamed: list[tuple[Rejections, str, str]] = []
+
+    @property
+    def counts(self) -> Counter[tuple[str, str]]:
+        """Rejections by (plugin, reason)."""
+        if self._renamed:
+            self._add_renamed()
+        return self._counts
+
+    @property
+    def details(self) -> dict[tuple[str, str], str]:
+        """The first detail seen per (plugin, reason)."""
+        if self._renamed:
+            self._add_renamed()
+        return self._details
+
+    def merge_renamed(self, other: Rejections, judged_on: str, host: str) -> None:
+        """Add another tally as if it had been made on ``host`` rather than ``judged_on``.
+
+        Details that name the host the tally was made on name ``host``
+        instead (hosts of one hardware class share judgements); only the
+        first detail per reason is kept, so only those that become first are
+        rewritten. Deferred until this tally is read, in the order added.
+        """
+        if other.counts:
+            self._renamed.append((other, judged_on, host))
+
+    def _add_renamed(self) -> None:
+        pending, self._renamed = self._renamed, []
+        for other, judged_on, host in pending:
+            self._counts.update(other.counts)
+            details = self._details
+            for key, detail in other.details.items():
+                if key not in details:
+                    details[key] = detail if judged_on == host else detail.replace(judged_on, host)
 
     def add(self, plugin: str, reason: str, detail: str = "") -> None:
         """Count one rejection."""

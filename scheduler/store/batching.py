@@ -1,0 +1,91 @@
+"""Scripts called in one turn of the event loop go to the server in one pipeline.
+
+A replica under load has tens of calls in flight, each a Lua script of its
+own (a claim, a commit, a lifecycle move). Sent one by one, most of their
+cost is the client's, per command: taking a connection, writing, waiting,
+reading. Batched the way ioredis's auto-pipelining does it, the calls made
+while the event loop runs its ready callbacks leave together on one
+connection when that turn ends, and each caller gets its own reply or
+error. Nothing waits for a batch to fill: a lone call goes out on the next
+turn, as it would have.
+
+Each script still runs atomically on the server, in the order called; a
+pipeline is not a transaction, so one failing script does not undo another.
+A call whose caller is cancelled after making it is sent all the same (as a
+command already written would be): callers that must know the outcome of a
+write shield it, as the plan applier does for commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+#: Most scripts in one pipeline: a bigger turn's calls go in several.
+MAX_BATCH = 256
+
+_Call = tuple[AsyncScript, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+
+
+class ScriptBatcher:
+    """Runs scripts for many callers, each turn's calls in one pipeline.
+
+    Args:
+        client: a plain (not cluster) client: a cluster pipeline refuses scripts.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._queue: list[_Call] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Sends in progress, kept referenced until done (the loop holds tasks weakly).
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def run(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run one script with the calls of this turn; its reply, or its error raised."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self._loop is not loop:
+            self._loop, self._queue = loop, []
+        if not self._queue:
+            # The first call of this turn: the batch leaves when the turn ends.
+            loop.call_soon(self._flush)
+        self._queue.append((script, keys, args, future))
+        return await future
+
+    def _flush(self) -> None:
+        queue, self._queue = self._queue, []
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(queue), MAX_BATCH):
+            task = loop.create_task(self._send(queue[start : start + MAX_BATCH]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            if len(batch) == 1:
+                script, keys, args, _ = batch[0]
+                replies: list[Any] = [await script(keys=keys, args=args)]
+            else:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for script, keys, args, _ in batch:
+                        await script(keys=keys, args=args, client=pipe)
+                    replies = list(await pipe.execute(raise_on_error=False))
+        except BaseException as err:  # the connection failed: every call gets it
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(err if isinstance(err, Exception) else RuntimeError(err))
+            if not isinstance(err, Exception):
+                raise
+            return
+        for (*_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its caller went away
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)

@@ -1,0 +1,101 @@
+"""Scripts called in one turn of the event loop share a pipeline; each caller gets its answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from scheduler.store.batching import MAX_BATCH, ScriptBatcher
+
+from ..conftest import Runner
+
+# Appends its argument to a list and answers the list's length; refuses "bad".
+APPEND = """
+if ARGV[1] == 'bad' then return redis.error_reply('refused ' .. ARGV[1]) end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+return redis.call('LLEN', KEYS[1])
+"""
+
+
+def connections_named(url: str, name: str) -> int:
+    with redis.Redis.from_url(url) as admin:
+        return sum(1 for c in admin.client_list() if c.get("name") == name)
+
+
+def test_calls_of_one_turn_leave_together_in_call_order_each_with_its_reply(
+    valkey_url: str, arun: Runner
+) -> None:
+    async def body() -> None:
+        client = aioredis.Redis.from_url(valkey_url, client_name="batched")
+        try:
+            await client.delete("order")
+            batcher = ScriptBatcher(client)
+            append = client.register_script(APPEND)
+            replies = await asyncio.gather(
+                *(batcher.run(append, keys=["order"], args=[str(i)]) for i in range(50))
+            )
+            assert replies == list(range(1, 51))
+            assert await client.lrange("order", 0, -1) == [str(i).encode() for i in range(50)]
+            # Fifty callers at once, one connection: they went as one pipeline.
+            assert connections_named(valkey_url, "batched") == 1
+        finally:
+            await client.aclose()
+
+    arun(body())
+
+
+def test_a_failing_script_fails_its_own_caller_only(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        batcher = ScriptBatcher(redis_client)
+        append = redis_client.register_script(APPEND)
+        replies = await asyncio.gather(
+            *(batcher.run(append, keys=["l"], args=[a]) for a in ("a", "bad", "b")),
+            return_exceptions=True,
+        )
+        assert replies[0] == 1 and replies[2] == 2
+        assert isinstance(replies[1], redis.exceptions.ResponseError)
+        assert "refused bad" in str(replies[1])
+
+    arun(body())
+
+
+def test_a_lone_call_and_a_turn_bigger_than_one_batch_both_get_through(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        batcher = ScriptBatcher(redis_client)
+        append = redis_client.register_script(APPEND)
+        assert await batcher.run(append, keys=["lone"], args=["x"]) == 1
+        n = MAX_BATCH * 2 + 3
+        replies = await asyncio.gather(
+            *(batcher.run(append, keys=["big"], args=[str(i)]) for i in range(n))
+        )
+        assert sorted(replies) == list(range(1, n + 1))
+
+    arun(body())
+
+
+def test_a_caller_that_goes_away_leaves_the_others_their_answers(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        batcher = ScriptBatcher(redis_client)
+        append = redis_client.register_script(APPEND)
+        calls = [
+            asyncio.ensure_future(batcher.run(append, keys=["c"], args=[str(i)])) for i in range(3)
+        ]
+        await asyncio.sleep(0)  # every call is queued for this turn's batch
+        calls[1].cancel()
+        assert await calls[0] == 1
+        assert await calls[2] == 3
+        with pytest.raises(asyncio.CancelledError):
+            await calls[1]
+        # Sent all the same, as a command already written would have been.
+        assert await redis_client.llen("c") == 3
+
+    arun(body())
