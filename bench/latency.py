@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import subprocess
 import sys
 import tempfile
@@ -259,12 +260,15 @@ class E2eCluster:
         replicas: scheduler processes.
         policy: the schedulers' ``--policy``.
         tls: mutual TLS everywhere (production's way); False: plaintext on loopback.
+        log_level: the schedulers' ``--log-level`` (INFO: they log their
+            commit outcomes when stopped, see :meth:`commit_outcomes`).
     """
 
     workdir: Path
     replicas: int = 1
     policy: str = "tessera"
     tls: bool = True
+    log_level: str = "WARNING"
     addresses: list[str] = field(default_factory=list)
     agent_address: str = ""
     #: Seconds spent issuing the hosts' agent certificates (TLS only), kept
@@ -283,7 +287,7 @@ class E2eCluster:
                 "--housekeeping-interval",
                 "86400",
                 "--log-level",
-                "WARNING",
+                self.log_level,
                 "--policy",
                 self.policy,
             )
@@ -329,6 +333,20 @@ class E2eCluster:
         if self._cluster is not None:
             self._cluster.stop()
             self._cluster = None
+
+    def commit_outcomes(self) -> dict[str, int]:
+        """Every replica's commit outcomes, summed, as they logged them when stopped.
+
+        Read after the cluster is stopped, with ``log_level`` INFO; empty otherwise.
+        """
+        total: dict[str, int] = {}
+        for log in (self.workdir / "logs").glob("scheduler-*.log"):
+            for line in log.read_text(errors="replace").splitlines():
+                _, found, counts = line.partition("commit outcomes this run: ")
+                if found:
+                    for outcome, n in json.loads(counts).items():
+                        total[outcome] = total.get(outcome, 0) + int(n)
+        return total
 
     @property
     def local(self) -> LocalCluster:

@@ -161,12 +161,15 @@ def end_to_end(hosts: int, duration_s: float, clients: Sequence[int], seed: int)
     for policy in POLICIES:
         with (
             tempfile.TemporaryDirectory(prefix="tessera-throughput-") as tmp,
-            E2eCluster(Path(tmp), replicas=2, policy=policy) as cluster,
+            E2eCluster(Path(tmp), replicas=2, policy=policy, log_level="INFO") as cluster,
         ):
             register_s = cluster.register(fleet)
             # Warm both replicas: parse every inventory, build the engine's indexes.
             e2e_load(cluster, 2, 0.5, seed)
             runs = {str(c): e2e_load(cluster, c, duration_s, seed + c) for c in clients}
+            cluster.__exit__()  # stopped: the replicas log their commit outcomes
+            outcomes = cluster.commit_outcomes()
+        commits = sum(outcomes.values())
         for c, r in runs.items():
             print(
                 f"    e2e {policy} {c} clients: {r['placements_per_s']}/s {r['place']} "
@@ -178,6 +181,11 @@ def end_to_end(hosts: int, duration_s: float, clients: Sequence[int], seed: int)
             "certs_s": round(cluster.certs_s, 3),
             "register_s": round(register_s, 3),
             "runs": runs,
+            # Over the whole run (warm-up and every client count): both
+            # replicas' commits, and the share the store refused as planned
+            # on moved state.
+            "commit_outcomes": outcomes,
+            "conflict_rate": round(outcomes.get("CONFLICT", 0) / commits, 4) if commits else None,
         }
     return {"hosts": hosts, "replicas": 2, "policies": policies}
 
@@ -450,6 +458,17 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
                 ],
                 e2e_rows,
             ),
+            "Commits the store refused as planned on moved state, over each policy's whole "
+            "run (both replicas, warm-up and every client count, as they logged them when "
+            "stopped): "
+            + "; ".join(
+                f"{policy} {entry['conflict_rate']:.1%} of "
+                f"{sum(entry['commit_outcomes'].values()):,}"
+                if entry.get("conflict_rate") is not None
+                else f"{policy} not counted"
+                for policy, entry in e2e["policies"].items()
+            )
+            + ".",
             report.bar_plot(
                 plots / "throughput_e2e.png",
                 "Placements/s end to end (2 replicas, gRPC, Valkey)",

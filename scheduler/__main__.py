@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -243,6 +244,11 @@ async def serve(opts: argparse.Namespace) -> int:
         await store_health
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)
+        # How often this replica's plans met a store that had moved on.
+        log.info(
+            "commit outcomes this run: %s",
+            json.dumps(dict(sorted(coordinator.commit_outcomes.items()))),
+        )
         return 0
     finally:
         await gateway.close()

@@ -143,6 +143,8 @@ class BatchPlacer:
             predicted = snapshot.hosts[HostId(host_id)]
             replan = False
             for rid, plan in plans:
+                if crashed:
+                    return  # another host's commit failed past recovery: stop here too
                 sub = batch[index[rid]]
                 if gang_of.get(rid) in broken_gangs:
                     why = f"gang {shown(gang_of[rid], MAX_IDENT)} could not be placed whole"
@@ -174,11 +176,17 @@ class BatchPlacer:
 
         async def gated(host_id: str, plans: list[tuple[RequestId, Plan]]) -> None:
             async with gate:
-                await commit_on(host_id, plans)
+                try:
+                    await commit_on(host_id, plans)
+                except Exception as err:  # the store failed: the call fails, all hosts stop
+                    crashed.append(err)
 
         # Hosts side by side (their commits share pipelines), each host's
         # plans one after the other.
+        crashed: list[Exception] = []
         await asyncio.gather(*(gated(h, plans) for h, plans in by_host.items()))
+        if crashed:
+            raise crashed[0]
         for placed_id in list(placed):
             gang = gang_of.get(RequestId(placed_id))
             if gang is None or gang not in broken_gangs:

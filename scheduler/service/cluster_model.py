@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, replace
 from types import MappingProxyType
+from typing import NamedTuple
 
 from scheduler.core import guards
 from scheduler.core.host import HostView
@@ -338,8 +339,9 @@ class LiveCluster:
             held = set(base.allocations.values())
             for placement_id in [
                 p
-                for p, (_, _, landed, _) in assumed.items()
-                if p in held or 0 < landed <= base.alloc_generation
+                for p, a in assumed.items()
+                if (p in held if a.frees is None else a.frees not in held)
+                or 0 < a.landed <= base.alloc_generation
             ]:
                 del assumed[placement_id]
         if not assumed:
@@ -349,14 +351,16 @@ class LiveCluster:
             allocations = dict(base.allocations)
             tenants = dict(base.tenants)
             versions = dict(base.versions)
-            for placement_id, (slots, tenant, _, bumps) in assumed.items():
-                for slot in slots:
-                    allocations.setdefault(slot, placement_id)
-                tenants[placement_id] = tenant
+            for placement_id, a in assumed.items():
+                if a.frees is None:
+                    for slot in a.slots:
+                        allocations.setdefault(slot, placement_id)
+                    tenants[placement_id] = a.tenant
                 # The versions the store will show once it lands: a plan
                 # made on this state expects them, and the plan applier
-                # sends its commit only after this one has answered.
-                for guard in bumps:
+                # sends its commit only after this one has answered. (A
+                # release's slots stay held here until it has landed.)
+                for guard in a.bumps:
                     versions[guard] = versions.get(guard, 0) + 1
             # ``planned`` names the assumptions, so no memo mistakes this
             # state for the store's at the same generation.
@@ -403,7 +407,76 @@ class LiveCluster:
             return
         slots = tuple(slots)
         bumps = guards.changed_by(self._base[key].view, slots)
-        self._assumed.setdefault(key, {})[placement_id] = (slots, tenant, 0, bumps)
+        self._assumed.setdefault(key, {})[placement_id] = _Assumed(slots, tenant, 0, bumps)
+        self._derive(key)
+
+    def assume_release(
+        self, host_id: str, placement_id: PlacementId
+    ) -> tuple[PlacementId, tuple[str, ...]] | None:
+        """Plan as if a release about to be sent had landed, as far as versions go.
+
+        The placement's slots stay held until the release has landed; the
+        versions its release bumps are bumped now, so a plan made meanwhile
+        on one of its devices expects what the store will show (the plan
+        applier sends that commit after the release). Undone by
+        :meth:`settle_release`.
+
+        Returns:
+            The assumption's name and the guard keys the release bumps, or
+            None when the model does not hold the placement (nothing assumed).
+        """
+        key = HostId(host_id)
+        base = self._base.get(key)
+        # As planning sees the host: a commit of this replica not read back
+        # yet is there, assumed.
+        state = self._states.get(key)
+        if base is None or state is None:
+            return None
+        slots = tuple(s for s, p in state.allocations.items() if p == placement_id)
+        if not slots:
+            return None
+        token = PlacementId(f"{placement_id}/release")
+        bumps = guards.changed_by(base.view, slots)
+        self._assumed.setdefault(key, {})[token] = _Assumed(
+            (), TenantName(""), 0, bumps, placement_id
+        )
+        self._derive(key)
+        return token, bumps
+
+    def settle_release(self, host_id: str, token: PlacementId, generation: int) -> None:
+        """The release of an assumption of :meth:`assume_release` answered.
+
+        Args:
+            host_id: the host.
+            token: the assumption's name.
+            generation: the host's alloc generation after the release, or 0
+                when it released nothing (or its outcome is unknown).
+        """
+        key = HostId(host_id)
+        assumed = self._assumed.get(key, {})
+        found = assumed.get(token)
+        base = self._base.get(key)
+        if found is None or base is None or found.frees is None:
+            return
+        freed = found.frees
+        if generation <= 0:
+            del assumed[token]
+            self._stale.add(host_id)  # an error may hide a landed release
+        elif base.alloc_generation == generation - 1 and freed in base.tenants:
+            # Nothing else moved the host since the state the model holds:
+            # the store's state now is exactly that less this placement.
+            del assumed[token]
+            self._base[key] = replace(
+                base,
+                alloc_generation=generation,
+                allocations={s: p for s, p in base.allocations.items() if p != freed},
+                tenants={p: t for p, t in base.tenants.items() if p != freed},
+                versions=guards.bumped(base.versions, found.bumps),
+            )
+            self._local[host_id] = generation
+        else:
+            assumed[token] = found._replace(landed=generation)
+            self._stale.add(host_id)
         self._derive(key)
 
     def settle(self, host_id: str, placement_id: PlacementId, generation: int) -> None:
@@ -430,17 +503,18 @@ class LiveCluster:
             # the store's state now is exactly that plus this reservation
             # (the commit checked the incarnation the plan, and so the model,
             # saw).
-            slots, tenant, _, bumps = found
             allocations = dict(base.allocations)
-            for slot in slots:
+            for slot in found.slots:
                 allocations[slot] = placement_id
             self._base[key] = replace(
                 base,
                 alloc_generation=generation,
                 allocations=allocations,
-                tenants={**base.tenants, placement_id: tenant},
+                tenants={**base.tenants, placement_id: found.tenant},
                 versions=guards.bumped(
-                    base.versions, bumps, new_tenant=tenant not in base.tenants.values()
+                    base.versions,
+                    found.bumps,
+                    new_tenant=found.tenant not in base.tenants.values(),
                 ),
             )
             self._local[host_id] = generation
@@ -448,7 +522,7 @@ class LiveCluster:
             # Others moved the host too: keep assuming it until the host is
             # read back at or past the commit's generation (with it, or
             # without it once released).
-            assumed[placement_id] = (found[0], found[1], generation, found[3])
+            assumed[placement_id] = found._replace(landed=generation)
             self._stale.add(host_id)
         self._derive(key)
 
@@ -470,9 +544,23 @@ class LiveCluster:
         gc.freeze()
 
 
-#: An assumed reservation: its slots, tenant, the generation its commit
-#: left (0: not landed yet), and the guard versions its commit bumps.
-_Assumed = tuple[tuple[SlotKey, ...], TenantName, int, tuple[str, ...]]
+class _Assumed(NamedTuple):
+    """A commit (or release) of this replica the model plans as if it had landed.
+
+    Attributes:
+        slots: the slots a commit takes (none for a release).
+        tenant: the committed placement's tenant.
+        landed: the host's generation the commit or release left (0: not
+            answered yet).
+        bumps: the guard versions it bumps.
+        frees: for a release, the placement it frees; None for a commit.
+    """
+
+    slots: tuple[SlotKey, ...]
+    tenant: TenantName
+    landed: int
+    bumps: tuple[str, ...]
+    frees: PlacementId | None = None
 
 
 def _incarnation(state: HostState) -> int:

@@ -20,6 +20,7 @@ request once and call the rooms' domain methods.
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 
@@ -76,7 +77,8 @@ class PlacementCoordinator:
         batch_settings: BatchSettings = DEFAULT_BATCH_SETTINGS,
         policy: Policy | None = None,
     ) -> None:
-        engine = engine if engine is not None else Engine()
+        # Ties between equally good hosts are broken this replica's way.
+        engine = engine if engine is not None else Engine(affinity=uuid.uuid4().hex)
         policy = policy if policy is not None else TesseraPolicy(engine=engine)
         # The cluster as this replica plans on it, followed through the feed.
         self._model = LiveCluster(store, clock_ms)

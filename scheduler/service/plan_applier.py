@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 #: store is unreachable (about 6 s in all: a Valkey restart or failover).
 READY_RETRY_DELAYS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 
+#: Commits and releases whose end is remembered for plans made before it.
+#: A plan that assumed one already forgotten is not committed (it replans).
+ENDED_KEPT = 65_536
+
 # The lifecycle moves this room makes (each checked against the table on import).
 _CONFIRM = move(PENDING, to=READY)
 _UNDO = move(PENDING, to=RELEASED)
@@ -58,10 +62,11 @@ _QUARANTINE_TEARDOWN = move(RELEASING, to=FAILED)
 
 @dataclass(frozen=True)
 class _Flight:
-    """A commit in flight: the guard versions it bumps, and whether it landed."""
+    """A commit or release in flight: the guard versions it bumps, and whether it landed."""
 
     bumps: tuple[str, ...]
     landed: asyncio.Future[bool]
+    release: bool = False
 
 
 class PlanApplier:
@@ -91,8 +96,11 @@ class PlanApplier:
         # Commit outcomes so far (COMMITTED, CONFLICT, ...): the conflict
         # rate shows how often replicas (or this one) planned on moved state.
         self.commit_outcomes: Counter[str] = Counter()
-        # Per host, this replica's commits in flight, in the order planned.
+        # Per host, this replica's commits and releases in flight, by name.
         self._in_flight: dict[str, dict[PlacementId, _Flight]] = {}
+        # How the latest of them ended (landed, and the versions they bump),
+        # oldest first: plans made before they ended count on them.
+        self._ended: dict[PlacementId, tuple[bool, tuple[str, ...]]] = {}
 
     async def commit(
         self, submitted: Submitted, plan: Plan, claimant: str, state: HostState
@@ -131,23 +139,50 @@ class PlanApplier:
         # landed (the model assumes them, versions included): it goes after
         # those whose versions it expects, so the store sees them in that
         # order, and expects less of those that do not land.
-        flights = self._in_flight.setdefault(plan.host_id, {})
+        # Releases in flight that the plan did not see go first too: one that
+        # lands only frees capacity, so the plan holds after it as well, and
+        # it expects the versions the release leaves.
+        # Assumptions the plan's state includes whose commit or release has
+        # already answered (the plan was made before an await, as a batch's
+        # are) count as they ended: one that did not land is expected less;
+        # one whose end is no longer known makes the plan unusable.
+        flights = self._in_flight.get(plan.host_id, {})
+        seen = set(state.planned)
+        for name in seen - flights.keys():
+            ended = self._ended.get(name)
+            if ended is None:
+                self.commit_outcomes[CommitOutcome.CONFLICT.name] += 1
+                return (
+                    CommitResult(
+                        CommitOutcome.CONFLICT,
+                        placement_id,
+                        f"the plan assumed {name}, whose commit or release ended too long ago",
+                    ),
+                    placement,
+                )
+            landed, ended_bumps = ended
+            if not landed:
+                for guard in ended_bumps:
+                    if guard in expect:
+                        expect[guard] -= 1
         ahead = [
-            flights[p]
-            for p in state.planned
-            if p in flights and not expect.keys().isdisjoint(flights[p].bumps)
+            (name in seen, flight)
+            for name, flight in flights.items()
+            if (name in seen or flight.release) and not expect.keys().isdisjoint(flight.bumps)
         ]
-        flight = _Flight(bumps, asyncio.get_running_loop().create_future())
-        flights[placement_id] = flight
+        self._take_off(plan.host_id, placement_id, bumps)
         self._model.assume(plan.host_id, plan.slots, placement_id, request.tenant)
         committed = 0
         try:
-            for before in ahead:
-                if not await asyncio.shield(before.landed):
-                    # It did not land: the store does not have its versions.
-                    for guard in before.bumps:
-                        if guard in expect:
-                            expect[guard] -= 1
+            for assumed, before in ahead:
+                landed = await asyncio.shield(before.landed)
+                if assumed == landed:
+                    continue
+                # Assumed and did not land: the store does not have its
+                # versions; not assumed and landed: it has them too.
+                for guard in before.bumps:
+                    if guard in expect:
+                        expect[guard] += 1 if landed else -1
             commit = await self._commit_or_undo(
                 plan.host_id,
                 placement_id,
@@ -172,11 +207,58 @@ class PlanApplier:
             # an error, the assumption goes: an error's commit may have
             # landed, and the feed will say so.
             self._model.settle(plan.host_id, placement_id, committed)
-            flight.landed.set_result(committed > 0)
-            del flights[placement_id]
-            if not flights and self._in_flight.get(plan.host_id) is flights:
-                del self._in_flight[plan.host_id]
+            self._land(plan.host_id, placement_id, committed > 0)
         return commit, placement
+
+    def _take_off(
+        self, host_id: str, name: PlacementId, bumps: tuple[str, ...], *, release: bool = False
+    ) -> None:
+        """A commit or release of this replica is about to be sent on the host."""
+        flight = _Flight(bumps, asyncio.get_running_loop().create_future(), release)
+        self._in_flight.setdefault(host_id, {})[name] = flight
+
+    def _land(self, host_id: str, name: PlacementId, landed: bool) -> None:
+        """It answered: the commits waiting on it go."""
+        flights = self._in_flight.get(host_id, {})
+        flight = flights.pop(name, None)
+        if flight is not None:
+            flight.landed.set_result(landed)
+            if len(self._ended) >= ENDED_KEPT:
+                del self._ended[next(iter(self._ended))]
+            self._ended[name] = (landed, flight.bumps)
+        if not flights:
+            self._in_flight.pop(host_id, None)
+
+    async def _free(self, host_id: str, placement_id: PlacementId) -> None:
+        """Free a torn-down placement's slots in the store (RELEASING -> RELEASED).
+
+        While the release is in flight the model assumes the versions it
+        bumps (its slots stay held there), and commits planned meanwhile on
+        one of its devices are sent after it, as they are after this
+        replica's commits: otherwise every plan made on a device being freed
+        lost its commit race to the release.
+        """
+        assumed = self._model.assume_release(host_id, placement_id)
+        # Nor does it overtake a commit already under way on those devices:
+        # that commit expects the versions from before the release.
+        under_way = [
+            flight
+            for flight in self._in_flight.get(host_id, {}).values()
+            if assumed is not None and not flight.release and set(flight.bumps) & set(assumed[1])
+        ]
+        if assumed is not None:
+            self._take_off(host_id, *assumed, release=True)
+        generation = 0
+        try:
+            for flight in under_way:
+                await asyncio.shield(flight.landed)
+            generation = await self._store.release(
+                host_id, placement_id, from_states=_FINISH_RELEASE.from_states
+            )
+        finally:
+            if assumed is not None:
+                self._model.settle_release(host_id, assumed[0], generation)
+                self._land(host_id, assumed[0], generation > 0)
 
     async def _commit_or_undo(
         self,
@@ -334,8 +416,6 @@ class PlanApplier:
                 f"host {host_id} could not tear placement {releasing.placement_id} "
                 f"down ({err.message}); its devices stay out of the pool"
             ) from err
-        await self._store.release(
-            host_id, releasing.placement_id, from_states=_FINISH_RELEASE.from_states
-        )
+        await self._free(host_id, PlacementId(releasing.placement_id))
         releasing.message = "released"
         return releasing

@@ -80,8 +80,16 @@ class RequestPlacer:
         # The model is brought up to date while the claim is taken: two
         # round trips side by side rather than one after the other.
         refreshed = asyncio.ensure_future(self._refresh.refreshed())
+        claiming = asyncio.ensure_future(self._claims.claim(submitted, claimant))
         try:
-            existing = await self._claims.claim(submitted, claimant)
+            existing = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            _drop(refreshed)
+            # The claim may be taken on the server all the same (it was sent,
+            # or goes with its batch): once it has answered, free it, or every
+            # retry of the request is told it is busy until its deadline.
+            await asyncio.shield(self._abandon_when_claimed(claiming, submitted, claimant))
+            raise
         except BaseException:
             _drop(refreshed)
             raise
@@ -89,6 +97,20 @@ class RequestPlacer:
             _drop(refreshed)
             return existing
         return await self.place_claimed(submitted, claimant, refreshed)
+
+    async def _abandon_when_claimed(
+        self,
+        claiming: asyncio.Future[placement_pb2.Placement | None],
+        submitted: Submitted,
+        claimant: str,
+    ) -> None:
+        """Free the claim of a call that went away, once the claim has answered."""
+        try:
+            existing = await claiming
+        except Exception:  # refused, or its outcome unknown: left to its deadline
+            return
+        if existing is None:
+            await self._claims.abandon(submitted, claimant)
 
     async def place_claimed(
         self,
@@ -137,6 +159,12 @@ class RequestPlacer:
                 f"the cluster changed under {MAX_COMMIT_ATTEMPTS} commit attempts; "
                 "retry the request"
             )
+        except asyncio.CancelledError:
+            # The caller went away. A commit it sent has answered by now (the
+            # plan applier waits for it, and releases one that landed): a
+            # claim still this call's, with nothing committed, is freed.
+            await asyncio.shield(self._claims.abandon(submitted, claimant))
+            raise
         except (NoCapacityError, ContentionError):
             # Every commit of this call answered, and none landed: the id is
             # free for a retry now rather than once the claim expires. After

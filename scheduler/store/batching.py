@@ -24,6 +24,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 #: Most scripts in one pipeline: a bigger turn's calls go in several.
 MAX_BATCH = 256
@@ -82,10 +83,19 @@ class ScriptBatcher:
             if not isinstance(err, Exception):
                 raise
             return
-        for (*_, future), reply in zip(batch, replies, strict=True):
+        for (script, keys, args, future), first in zip(batch, replies, strict=True):
+            answer = first
+            if isinstance(answer, NoScriptError) and not future.done():
+                # The server lost its script cache (a restart or failover
+                # between the pipeline's script load and its commands): a
+                # script run alone loads it again.
+                try:
+                    answer = await script(keys=keys, args=args)
+                except Exception as err:
+                    answer = err
             if future.done():  # its caller went away
                 continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
+            if isinstance(answer, Exception):
+                future.set_exception(answer)
             else:
-                future.set_result(reply)
+                future.set_result(answer)

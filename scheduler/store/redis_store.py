@@ -329,10 +329,17 @@ local function commit_on_host(KEYS, ARGV)
 end
 {_NOW_LUA}
 local request_key = KEYS[1]
-local claim = redis.call('HMGET', request_key, 'state', 'claimant')
+local claim = redis.call('HMGET', request_key, 'state', 'claimant', 'placement_id')
 local commit_keys, commit_args = {{}}, {{}}
 for i = 2, #KEYS do commit_keys[i - 1] = KEYS[i] end
 for i = 3, #ARGV do commit_args[i - 2] = ARGV[i] end
+if claim[1] == 'committed' and claim[3] == commit_args[1] then
+  -- This very commit ran already (a client that lost the reply sent it
+  -- again): answer as it did, with the host's generation now.
+  local generation = redis.call('HGET', commit_keys[1], 'alloc_generation') or '0'
+  return {{'COMMITTED', commit_args[1], 'committed already (the call was repeated)',
+           tonumber(generation)}}
+end
 if claim[1] ~= 'claimed' or claim[2] ~= ARGV[1] then
   return {{'LOST', commit_args[1], 'the claim on request ' .. commit_args[3] ..
            " is no longer this call's", 0}}
@@ -554,10 +561,10 @@ local host_key, alloc_key, placements_key = KEYS[1], KEYS[2], KEYS[3]
 local slots_key, requests_key, states_key, tenants_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local placement_id = ARGV[1]
 if not fenced(host_key, ARGV[2], ARGV[3]) then
-  return {-3, ''}
+  return {-3, '', 0}
 end
 if redis.call('HEXISTS', placements_key, placement_id) == 0 then
-  return {0, ''}
+  return {0, '', 0}
 end
 if #ARGV > 4 then
   local current = redis.call('HGET', states_key, placement_id) or ''
@@ -566,7 +573,7 @@ if #ARGV > 4 then
     if ARGV[i] == current then allowed = true end
   end
   if not allowed then
-    return {-2, ''}
+    return {-2, '', 0}
   end
 end
 local encoded = redis.call('HGET', slots_key, placement_id)
@@ -592,11 +599,12 @@ redis.call('HDEL', slots_key, placement_id)
 redis.call('HDEL', requests_key, placement_id)
 redis.call('HDEL', states_key, placement_id)
 redis.call('HDEL', tenants_key, placement_id)
+local generation = 0
 if redis.call('EXISTS', host_key) == 1 then
-  local generation = redis.call('HINCRBY', host_key, 'alloc_generation', 1)
+  generation = redis.call('HINCRBY', host_key, 'alloc_generation', 1)
   feed_append(KEYS[10], KEYS[11], host_key, ARGV[4], generation)
 end
-return {1, request_id}
+return {1, request_id, generation}
 """
 )
 
@@ -1669,7 +1677,7 @@ class RedisStateStore:
         *,
         from_states: Sequence[str] = (),
         fence: Fence | None = None,
-    ) -> bool:
+    ) -> int:
         """Atomically free a placement's slots and forget it.
 
         Frees only the slots the placement still owns, deletes the placement
@@ -1684,27 +1692,28 @@ class RedisStateStore:
                 newer term began.
 
         Returns:
-            False if there was no such placement on that host, or it was in
-            another state (nothing is written).
+            The host's alloc generation after the release (-1 when the host
+            record is gone); 0 if there was no such placement on that host,
+            or it was in another state (nothing is written).
 
         Raises:
             FencedOutError: ``fence`` is stale.
         """
         _check_host_id(host_id)
         _check_id("placement_id", placement_id)
-        code, request_id = await self._release(
+        code, request_id, generation = await self._release(
             keys=[*schema.all_host_keys(host_id), *schema.feed_keys(host_id)],
             args=[placement_id, *_fence_args(fence), host_id, *from_states],
         )
         if int(code) == -3:
             raise FencedOutError(f"fencing token {fence} is stale on host {host_id}")
         if int(code) != 1:
-            return False
+            return 0
         if _text(request_id):
             # A crash before this line leaves a record naming a placement that
             # is gone: claim_request treats it as free.
             await self._forget(keys=[schema.request(_text(request_id))], args=[placement_id])
-        return True
+        return int(generation) or -1
 
     # -- lookups ---------------------------------------------------------------
 

@@ -23,9 +23,15 @@ file. It reports:
   (``final=True``, after every release) anything left at all but claims of
   calls that died before committing.
 
-Store reads are atomic (one script), so store-only audits are exact while the
-cluster runs. Host checks compare two different instants of host and store:
-run them when no Place or Release is in flight (``check_hosts=True``).
+On a plain server the store is read atomically (one script), so store-only
+audits are exact while the cluster runs. On a Redis Cluster
+(``redis+cluster://``) one script cannot read keys of several hash slots: each
+host is read atomically (its keys share its shard's slot), and the request
+records after every host. Every invariant checked is per host, except that
+a placement's request record names it: the record lives in another slot, so a
+mismatch is confirmed by a re-read (see :func:`_check_records`). Host checks
+compare two different instants of host and store: run them when no Place or
+Release is in flight (``check_hosts=True``).
 
 Example::
 
@@ -45,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from scheduler.store import schema
 from tessera.v1 import placement_pb2
@@ -52,6 +59,28 @@ from tessera.v1 import placement_pb2
 LIVE_STATES = frozenset({"pending", "ready", "releasing"})
 KNOWN_STATES = LIVE_STATES | {"failed"}
 NVML_STATE = ".tessera-fake-nvml.json"
+CLUSTER_SUFFIX = "+cluster"
+
+#: A client of either kind of store the scheduler runs on.
+StoreClient = redis.Redis | RedisCluster
+
+
+def connect(redis_url: str) -> StoreClient:
+    """A client of the store at ``redis_url``, as the scheduler reads the URL.
+
+    Args:
+        redis_url: ``redis://`` (``rediss://``, ``unix://``) for one server, or
+            ``redis+cluster://HOST:PORT`` (``rediss+cluster://``) naming any
+            node of a Redis Cluster.
+
+    Returns:
+        A ``redis.Redis``, or a ``RedisCluster`` that follows the slot map.
+    """
+    scheme, sep, rest = redis_url.partition("://")
+    if sep and scheme.lower().endswith(CLUSTER_SUFFIX):
+        # redis-py reads a cluster's seed node from a plain URL.
+        return RedisCluster.from_url(f"{scheme[: -len(CLUSTER_SUFFIX)]}://{rest}")
+    return redis.Redis.from_url(redis_url)
 
 
 @dataclass
@@ -67,6 +96,8 @@ class AuditReport:
     alloc_entries: int = 0
     states: dict[str, int] = field(default_factory=dict)
     hosts_checked: bool = False
+    # Record mismatches a cluster's re-read showed released meanwhile (no finding).
+    released_during_read: int = 0
 
     @property
     def clean(self) -> bool:
@@ -120,10 +151,19 @@ class _HostData:
 
 @dataclass
 class StoreView:
-    """Every host's allocation keys and every request record, read at one instant."""
+    """Every host's allocation keys and every request record.
+
+    Attributes:
+        hosts: host id -> its keys, each host read at one instant.
+        requests: request id -> its record.
+        atomic: True when everything was read at one instant (a plain
+            server); False on a cluster, where each host is its own instant
+            and the records were read after every host.
+    """
 
     hosts: dict[str, _HostData]
     requests: dict[str, dict[str, str]]
+    atomic: bool = True
 
     def placement_ids(self) -> set[str]:
         """Every placement id in any host's placements hash."""
@@ -131,7 +171,7 @@ class StoreView:
 
 
 # The auditor's own atomic read: one script sees the store at one instant
-# (a script on a single server; the auditor runs beside a plain Valkey).
+# (a script on a single server; a cluster refuses its cross-slot keys).
 _READ_ALL_LUA = """
 local requests = {}
 for _, key in ipairs(redis.call('KEYS', ARGV[1])) do
@@ -150,40 +190,78 @@ return {requests, hosts}
 """
 
 
+# One host at one instant: every key of a host carries its shard's hash tag,
+# so this script stays in one slot of a cluster. KEYS as _host_keys orders them.
+_READ_HOST_LUA = """
+local reply = {redis.call('EXISTS', KEYS[1])}
+for i = 2, #KEYS do
+  reply[#reply + 1] = redis.call('HGETALL', KEYS[i])
+end
+return reply
+"""
+
+
 def _pairs(flat: list[Any]) -> dict[str, Any]:
     return {_s(k): v for k, v in zip(flat[::2], flat[1::2], strict=True)}
 
 
-def read_store(client: redis.Redis) -> StoreView:
-    """Read the whole store atomically (one script)."""
+def _host_keys(h: str) -> list[str]:
+    """The keys of one host the audit reads, in the order the scripts return them."""
+    return [
+        schema.host(h),
+        schema.alloc(h),
+        schema.placements(h),
+        schema.placement_slots(h),
+        schema.placement_requests(h),
+        schema.placement_states(h),
+        schema.placement_tenants(h),
+    ]
+
+
+def _host_data(reply: list[Any]) -> _HostData:
+    """Decode one host's part of a script's reply (see :func:`_host_keys`)."""
+    exists, alloc, payloads, slots, reqs, states, tenants = reply
+    return _HostData(
+        alloc={k: _s(v) for k, v in _pairs(alloc).items()},
+        payloads={k: bytes(v) for k, v in _pairs(payloads).items()},
+        slots={k: _s(v) for k, v in _pairs(slots).items()},
+        requests={k: _s(v) for k, v in _pairs(reqs).items()},
+        states={k: _s(v) for k, v in _pairs(states).items()},
+        tenants={k: _s(v) for k, v in _pairs(tenants).items()},
+        registered=bool(exists),
+    )
+
+
+def _record(fields: Any) -> dict[str, str]:
+    return {_s(k): _s(v) for k, v in (fields or {}).items()}
+
+
+def read_store(client: StoreClient) -> StoreView:
+    """Read the whole store: at one instant on a plain server, host by host on a cluster.
+
+    Args:
+        client: from :func:`connect`.
+
+    Returns:
+        The view; ``atomic`` says which of the two reads it is.
+    """
     host_ids = sorted(_s(h) for h in client.smembers(schema.HOSTS))
-    keys: list[str] = []
-    for h in host_ids:
-        keys += [
-            schema.host(h),
-            schema.alloc(h),
-            schema.placements(h),
-            schema.placement_slots(h),
-            schema.placement_requests(h),
-            schema.placement_states(h),
-            schema.placement_tenants(h),
-        ]
-    requests, flat = client.eval(_READ_ALL_LUA, len(keys), *keys, schema.request("*"))
-    hosts: dict[str, _HostData] = {}
-    for i, h in enumerate(host_ids):
-        exists, alloc, payloads, slots, reqs, states, tenants = flat[7 * i : 7 * i + 7]
-        hosts[h] = _HostData(
-            alloc={k: _s(v) for k, v in _pairs(alloc).items()},
-            payloads={k: bytes(v) for k, v in _pairs(payloads).items()},
-            slots={k: _s(v) for k, v in _pairs(slots).items()},
-            requests={k: _s(v) for k, v in _pairs(reqs).items()},
-            states={k: _s(v) for k, v in _pairs(states).items()},
-            tenants={k: _s(v) for k, v in _pairs(tenants).items()},
-            registered=bool(exists),
-        )
     prefix = schema.request("")
+    if isinstance(client, RedisCluster):
+        # Each host in one script on its slot; the records only after every
+        # host (_check_records relies on that order). A record is one key,
+        # so each HGETALL reads one record at one instant.
+        hosts = {h: _host_data(client.eval(_READ_HOST_LUA, 7, *_host_keys(h))) for h in host_ids}
+        records = {
+            _s(key)[len(prefix) :]: _record(client.hgetall(_s(key)))
+            for key in client.scan_iter(match=schema.request("*"), count=1000)
+        }
+        return StoreView(hosts=hosts, requests=records, atomic=False)
+    keys = [key for h in host_ids for key in _host_keys(h)]
+    requests, flat = client.eval(_READ_ALL_LUA, len(keys), *keys, schema.request("*"))
+    hosts = {h: _host_data(flat[7 * i : 7 * i + 7]) for i, h in enumerate(host_ids)}
     records = {
-        _s(key)[len(prefix) :]: {k: _s(v) for k, v in _pairs(fields).items()}
+        _s(key)[len(prefix) :]: _record(_pairs(fields))
         for key, fields in zip(requests[::2], requests[1::2], strict=True)
     }
     return StoreView(hosts=hosts, requests=records)
@@ -282,14 +360,6 @@ def _check_store(view: StoreView, report: AuditReport) -> dict[str, _Holdings]:
                 report.inconsistent.append(f"{h}/{pid}: state {state!r}")
             if schema.host_of_placement(pid) != h:
                 report.inconsistent.append(f"{h}/{pid}: the id does not name its host")
-            rid = data.requests.get(pid, "")
-            record = view.requests.get(rid, {})
-            if not rid:
-                report.inconsistent.append(f"{h}/{pid}: no request id")
-            elif (record.get(schema.F_PLACEMENT_ID), record.get(schema.F_HOST_ID)) != (pid, h):
-                # Committed before finalized, forgotten after released: the
-                # record names a placement for as long as a host holds it.
-                report.inconsistent.append(f"{h}/{pid}: request {rid} record is {record}")
             try:
                 slots = [str(s) for s in json.loads(data.slots.get(pid, "null"))]
             except (ValueError, TypeError):
@@ -358,6 +428,47 @@ def _check_holdings(h: str, held: _Holdings, report: AuditReport) -> None:
                 f"{h}: GPU {address} time-sliced by {sorted(modes['mdev'])} and partitioned "
                 f"by {sorted(modes['mig'])}"
             )
+
+
+def _names(record: Mapping[str, str], pid: str, h: str) -> bool:
+    return (record.get(schema.F_PLACEMENT_ID), record.get(schema.F_HOST_ID)) == (pid, h)
+
+
+def _check_records(view: StoreView, client: StoreClient, report: AuditReport) -> None:
+    """Each placement's request record names it (the one check across hash slots).
+
+    Committed before finalized, forgotten after released: a request's record
+    names a placement for as long as a host holds it. That also catches one
+    request committed twice, on one host or two: the record names one of them.
+
+    On a plain server the view is one instant and a mismatch is a finding.
+    On a cluster the record (its own slot) was read after the host: the
+    placement may have been released in between (the release frees the host,
+    then forgets the record), which is no finding. So a mismatch there is
+    confirmed by re-reading the record, then the host: placement ids are never
+    reused (a new placement gets a new token, a released one is deleted for
+    good), so a placement the host held at its first read and holds again
+    after the record's re-read held it all along, and the record had to name
+    it at both of its reads. What this tolerance cannot see is a mismatch that
+    lasts only while the placement is being released (say, a record forgotten
+    before the host frees it); the single-server run keeps that exact.
+    """
+    for h, data in sorted(view.hosts.items()):
+        for pid in sorted(data.payloads):
+            rid = data.requests.get(pid, "")
+            if not rid:
+                report.inconsistent.append(f"{h}/{pid}: no request id")
+                continue
+            record = view.requests.get(rid, {})
+            if _names(record, pid, h):
+                continue
+            if not view.atomic:
+                again = _record(client.hgetall(schema.request(rid)))
+                if not client.hexists(schema.placements(h), pid):
+                    report.released_during_read += 1  # after the host was read
+                    continue
+                record = {**record, "re-read": json.dumps(again, sort_keys=True)}
+            report.inconsistent.append(f"{h}/{pid}: request {rid} record is {record}")
 
 
 # -- hosts ---------------------------------------------------------------------
@@ -504,14 +615,15 @@ def audit(
         The report.
     """
     acked = set(acknowledged)
-    client = redis.Redis.from_url(redis_url)
+    report = AuditReport()
+    client = connect(redis_url)
     try:
         view = read_store(client)
+        released_meanwhile = set(release_started()) if release_started is not None else set()
+        holdings = _check_store(view, report)
+        _check_records(view, client, report)
     finally:
         client.close()
-    released_meanwhile = set(release_started()) if release_started is not None else set()
-    report = AuditReport()
-    holdings = _check_store(view, report)
     live = {
         pid
         for data in view.hosts.values()

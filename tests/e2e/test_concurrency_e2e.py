@@ -33,13 +33,12 @@ from typing import Any
 
 import grpc
 import pytest
-import redis
 
 from scheduler.local_cluster import LocalCluster
 from scheduler.store import schema
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from .auditor import AuditReport, audit, read_host
+from .auditor import AuditReport, audit, connect, read_host
 
 #: Placements made and released by the test (env override for the full run).
 PLACEMENTS = int(os.environ.get("TESSERA_CONCURRENCY_PLACEMENTS", "2000"))
@@ -67,11 +66,23 @@ RETRIED = {
 MIX = (("whole", 0.40), ("vf", 0.25), ("mdev", 0.20), ("mig", 0.15))
 
 
-def start_cluster(workdir: Path, replicas: int = 2) -> tuple[LocalCluster, list[str]]:
-    """A Valkey, ``replicas`` schedulers on it and the agents of ``HOSTS``."""
+def start_cluster(
+    workdir: Path, replicas: int = 2, redis_url: str = ""
+) -> tuple[LocalCluster, list[str]]:
+    """A Valkey, ``replicas`` schedulers on it and the agents of ``HOSTS``.
+
+    Args:
+        workdir: the cluster's working directory.
+        replicas: how many schedulers.
+        redis_url: a store already running (a Redis Cluster's
+            ``redis+cluster://`` URL); empty starts the embedded Valkey.
+    """
     cluster = LocalCluster(workdir)
     try:
-        cluster.start_valkey()
+        if redis_url:
+            cluster.redis_url = redis_url
+        else:
+            cluster.start_valkey()
         addresses = [cluster.start_scheduler(f"scheduler-{i}") for i in range(replicas)]
         for host_id, (fixture, mig, labels) in HOSTS.items():
             cluster.start_agent(host_id, cluster.build_fake_host(fixture, host_id, mig), labels)
@@ -500,12 +511,21 @@ def test_concurrent_clients_on_two_replicas_never_double_allocate(
 
 def test_the_auditor_finds_what_it_must(cluster: tuple[LocalCluster, list[str]]) -> None:
     """Faults injected into the store and a host tree are each reported."""
-    c, addresses = cluster
+    check_auditor_finds_faults(*cluster)
+
+
+def check_auditor_finds_faults(c: LocalCluster, addresses: list[str]) -> None:
+    """Inject faults into the store and a host tree; the auditor reports each.
+
+    Args:
+        c: a started cluster with every placement released.
+        addresses: its scheduler replicas.
+    """
     roots = host_roots(c)
     assert audit(c.redis_url, roots, final=True).clean
     channel = c.channel(addresses[0])
     stub = scheduler_pb2_grpc.SchedulerStub(channel)
-    client = redis.Redis.from_url(c.redis_url)
+    client = connect(c.redis_url)
     req = make_request("whole", "auditor-probe", "acme", random.Random(1))
     req.claims[0].count = 1
     try:

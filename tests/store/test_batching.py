@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from scheduler.store.batching import MAX_BATCH, ScriptBatcher
 
@@ -97,5 +101,48 @@ def test_a_caller_that_goes_away_leaves_the_others_their_answers(
             await calls[1]
         # Sent all the same, as a command already written would have been.
         assert await redis_client.llen("c") == 3
+
+    arun(body())
+
+
+def test_a_server_that_lost_its_scripts_under_a_batch_still_answers_every_caller(
+    valkey_url: str, arun: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart between the pipeline's script load and its commands: NOSCRIPT for all.
+
+    redis-py loads a pipeline's scripts once, outside its retry; the retry on a
+    new connection then finds an empty script cache. Emulated at the client's
+    boundary with the server: the first send empties the cache and drops.
+    """
+
+    async def body() -> None:
+        client = aioredis.Redis.from_url(
+            valkey_url, retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=6)
+        )
+        admin = aioredis.Redis.from_url(valkey_url)
+        try:
+            await admin.delete("restarted")
+            batcher = ScriptBatcher(client)
+            incr = client.register_script("#!lua\nreturn redis.call('INCR', KEYS[1])")
+            send = Pipeline._execute_pipeline
+            restarts = [1]
+
+            async def restart_once(
+                self: Pipeline, conn: Any, commands: Any, raise_on_error: bool
+            ) -> Any:
+                if restarts:
+                    restarts.pop()
+                    await admin.script_flush()
+                    raise redis.exceptions.ConnectionError("the server restarted")
+                return await send(self, conn, commands, raise_on_error)
+
+            monkeypatch.setattr(Pipeline, "_execute_pipeline", restart_once)
+            replies = await asyncio.gather(
+                *(batcher.run(incr, keys=["restarted"], args=[]) for _ in range(3))
+            )
+            assert sorted(replies) == [1, 2, 3]
+        finally:
+            await client.aclose()
+            await admin.aclose()
 
     arun(body())

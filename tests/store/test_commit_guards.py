@@ -318,3 +318,23 @@ def test_a_landed_assumption_goes_once_the_store_has_moved_past_it_without_it(
         assert mine not in live.values()
 
     arun(body())
+
+
+def test_a_commit_sent_again_after_its_reply_was_lost_answers_as_it_did_and_writes_nothing(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    """A client whose connection dropped after the server ran the commit sends it again."""
+
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        seen = await registered(store)
+        first = await plan_and_commit(store, "r1", ["iommu-group:1"], seen, tenant="acme")
+        again = await plan_and_commit(store, "r1", ["iommu-group:1"], seen, tenant="acme")
+        assert first.outcome is CommitOutcome.COMMITTED
+        assert again.outcome is CommitOutcome.COMMITTED
+        assert again.placement_id == first.placement_id
+        record = await store.get_host(H)
+        assert record is not None
+        assert set(record.allocations.values()) == {first.placement_id}
+
+    arun(body())

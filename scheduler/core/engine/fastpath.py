@@ -294,10 +294,14 @@ class Engine:
         profile: the plugins.
         feasible_hosts: how many fitting hosts the fast path scores before
             choosing; 1 is first fit on the best-fit order.
+        affinity: who places (a replica's name): breaks ties between equally
+            scored hosts the same way for all its requests, another way for
+            another replica's; "" breaks them per request.
     """
 
     profile: EngineProfile = field(default_factory=default_profile)
     feasible_hosts: int = 4
+    affinity: str = ""
     # (host, generation, planned) -> index of that host state.
     _index: dict[tuple[HostId, int, tuple[PlacementId, ...]], _HostIndex] = field(
         default_factory=dict, repr=False
@@ -870,19 +874,21 @@ class Engine:
         if not fits:
             return unschedulable(len(snapshot.hosts), request, rejections)
         # Equal scores are common (identical hosts, equally full): break the
-        # tie by a hash of request and host rather than by name, so that
-        # concurrent replicas placing different requests on one snapshot
-        # spread over the tied hosts instead of all racing for the first.
-        # Still a pure function of snapshot and request.
-        best = min(
-            fits, key=lambda f: (-f.score, _tie_break(request.request_id, f.state.view.host_id))
-        )
+        # tie by a hash of the replica (else the request) and the host rather
+        # than by name, rendezvous style: each replica has hosts it prefers
+        # among the tied ones, so replicas placing at once on one state do
+        # not all reach for the same device, while one replica's requests
+        # follow each other onto one host (its commits there go in order,
+        # see the plan applier). Still a pure function of snapshot, request
+        # and affinity.
+        salt = self.affinity or request.request_id
+        best = min(fits, key=lambda f: (-f.score, _tie_break(salt, f.state.view.host_id)))
         return build_plan(best, request)
 
 
-def _tie_break(request_id: str, host_id: str) -> tuple[int, str]:
-    """A host's rank among equally scored ones, stable per request."""
-    return zlib.crc32(f"{request_id}\x00{host_id}".encode()), host_id
+def _tie_break(salt: str, host_id: str) -> tuple[int, str]:
+    """A host's rank among equally scored ones, stable per salt (replica or request)."""
+    return zlib.crc32(f"{salt}\x00{host_id}".encode()), host_id
 
 
 def _static_shape(request: PlacementRequest) -> tuple[object, ...]:

@@ -21,6 +21,7 @@ from google.protobuf import json_format
 
 from scheduler.core import guards
 from scheduler.core.engine.fastpath import Engine
+from scheduler.core.identity import HostId
 from scheduler.core.plan import Plan
 from scheduler.service.cluster_model import LiveCluster
 from scheduler.service.convert import Submitted, submitted
@@ -174,5 +175,107 @@ def test_a_commit_after_one_that_lost_to_a_change_it_did_not_see_does_not_land_e
         record = await store.get_host(H)
         assert record is not None
         assert not record.allocations
+
+    arun(body())
+
+
+def test_a_commit_planned_while_a_release_frees_its_device_waits_for_it_and_lands(
+    store: RedisStateStore, arun: Runner
+) -> None:
+    async def body() -> None:
+        parts = await registered_parts(store)
+        first, first_claimant = await parts.claimed("first")
+        first_plan = parts.plan(first)
+        state = parts.model.live().hosts[first_plan.host_id]
+        committed, placement = await parts.applier.commit(first, first_plan, first_claimant, state)
+        assert committed.outcome is CommitOutcome.COMMITTED
+        record = parts.model.record(H)
+        assert record is not None
+        ready = await parts.applier.prepare(placement, record)
+        # The release is under way: the model assumes what it will bump.
+        releasing = asyncio.create_task(parts.applier.release(ready))
+        for _ in range(100):
+            if any(p.endswith("/release") for p in parts.model.live().hosts[HostId(H)].planned):
+                break
+            await asyncio.sleep(0)
+        else:
+            raise AssertionError("the release was never assumed")
+        second, second_claimant = await parts.claimed("second")
+        second_plan = parts.plan(second)
+        view = state.view
+        assert set(guards.changed_by(view, first_plan.slots)) & set(
+            guards.changed_by(view, second_plan.slots)
+        ), "the second plan takes VFs of the PF being freed"
+        result, _ = await parts.applier.commit(
+            second,
+            second_plan,
+            second_claimant,
+            parts.model.live().hosts[HostId(second_plan.host_id)],
+        )
+        released = await releasing
+        assert released.message == "released"
+        assert result.outcome is CommitOutcome.COMMITTED, result.detail
+        assert parts.applier.commit_outcomes["CONFLICT"] == 0
+
+    arun(body())
+
+
+def test_a_plan_that_assumed_a_commit_which_did_not_land_is_not_accepted_after_a_foreign_one(
+    store: RedisStateStore, arun: Runner
+) -> None:
+    """The plan expects the versions the assumed commit would have left; it did not
+    land, and another replica's commit moved the device by as much: the plan never
+    saw that commit, so the store must refuse it (a batch plans, then awaits)."""
+
+    async def body() -> None:
+        parts = await registered_parts(store)
+        other = Parts(store)  # a second replica
+        await other.model.refresh()
+        first, _ = await parts.claimed("first")
+        second, second_claimant = await parts.claimed("second")
+        foreign, foreign_claimant = await other.claimed("foreign")
+        first_plan = parts.plan(first)
+        first_state = parts.model.live().hosts[HostId(first_plan.host_id)]
+        first_commit = asyncio.create_task(
+            parts.applier.commit(first, first_plan, "not-the-claimant", first_state)
+        )
+        await asyncio.sleep(0)
+        second_plan = parts.plan(second)
+        second_state = parts.model.live().hosts[HostId(second_plan.host_id)]
+        lost, _ = await first_commit
+        assert lost.outcome is CommitOutcome.LOST
+        foreign_plan = other.plan(foreign)
+        view = first_state.view
+        assert set(guards.changed_by(view, foreign_plan.slots)) & set(
+            guards.changed_by(view, second_plan.slots)
+        ), "the foreign commit moves the device the second plan takes"
+        landed, _ = await other.applier.commit(
+            foreign,
+            foreign_plan,
+            foreign_claimant,
+            other.model.live().hosts[HostId(foreign_plan.host_id)],
+        )
+        assert landed.outcome is CommitOutcome.COMMITTED
+        result, _ = await parts.applier.commit(second, second_plan, second_claimant, second_state)
+        assert result.outcome is CommitOutcome.CONFLICT, result.detail
+
+    arun(body())
+
+
+def test_a_place_cancelled_while_its_claim_is_on_the_way_leaves_the_request_id_free(
+    store: RedisStateStore, arun: Runner
+) -> None:
+    async def body() -> None:
+        coordinator = PlacementCoordinator(store, Host(), clock_ms=Clock())
+        await coordinator.register(nic_host(), "agent:1")
+        placing = asyncio.create_task(coordinator.place(vfs("r1")))
+        await asyncio.sleep(0)  # the claim is queued for this turn's batch
+        placing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await placing
+        # A retry is placed at once, not told the request is busy until the
+        # cancelled call's claim expires.
+        again = await coordinator.place(vfs("r1"))
+        assert again.state == placement_pb2.PLACEMENT_STATE_READY
 
     arun(body())
