@@ -6,8 +6,8 @@ cost is the client's, per command: taking a connection, writing, waiting,
 reading. Batched the way ioredis's auto-pipelining does it, the calls made
 while the event loop runs its ready callbacks leave together on one
 connection when that turn ends, and each caller gets its own reply or
-error. Nothing waits for a batch to fill: a lone call goes out on the next
-turn, as it would have.
+error. Nothing waits for a batch to fill: a call made while nothing else is
+under way goes out at once, alone.
 
 Each script still runs atomically on the server, in the order called; a
 pipeline is not a transaction, so one failing script does not undo another.
@@ -45,9 +45,21 @@ class ScriptBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Sends in progress, kept referenced until done (the loop holds tasks weakly).
         self._sending: set[asyncio.Task[None]] = set()
+        # Calls sent alone, not answered yet.
+        self._alone = 0
 
     async def run(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """Run one script with the calls of this turn; its reply, or its error raised."""
+        """Run one script with the calls of this turn; its reply, or its error raised.
+
+        With nothing else under way it goes at once, alone: batching pays
+        only when calls crowd, and a lone call would otherwise wait a turn.
+        """
+        if not self._queue and not self._sending and not self._alone:
+            self._alone += 1
+            try:
+                return await script(keys=keys, args=args)
+            finally:
+                self._alone -= 1
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._loop is not loop:

@@ -21,8 +21,10 @@ from google.protobuf import json_format
 
 from scheduler.core import guards
 from scheduler.core.engine.fastpath import Engine
+from scheduler.core.host import HostView
 from scheduler.core.identity import HostId
 from scheduler.core.plan import Plan
+from scheduler.core.snapshot import HostState
 from scheduler.service.cluster_model import LiveCluster
 from scheduler.service.convert import Submitted, submitted
 from scheduler.service.coordinator import PlacementCoordinator
@@ -107,6 +109,15 @@ class Parts:
         assert isinstance(plan, Plan)
         return plan
 
+    def state(self, plan: Plan) -> HostState:
+        """The plan's host as planning sees it now."""
+        return self.model.live().hosts[HostId(plan.host_id)]
+
+
+def share_a_device(a: Plan, b: Plan, view: HostView) -> bool:
+    """Whether two plans on one host take slots of one physical device."""
+    return bool(set(guards.changed_by(view, a.slots)) & set(guards.changed_by(view, b.slots)))
+
 
 async def registered_parts(store: RedisStateStore) -> Parts:
     await PlacementCoordinator(store, Host(), clock_ms=Clock()).register(nic_host(), "agent:1")
@@ -123,7 +134,7 @@ def test_a_commit_after_one_that_did_not_land_expects_the_versions_without_it(
         first, _ = await parts.claimed("first")
         second, second_claimant = await parts.claimed("second")
         first_plan = parts.plan(first)
-        first_state = parts.model.live().hosts[first_plan.host_id]
+        first_state = parts.state(first_plan)
         # The first commit is sent under a claim this call does not hold: it
         # cannot land. It is in flight while the second request is planned.
         first_commit = asyncio.create_task(
@@ -133,10 +144,8 @@ def test_a_commit_after_one_that_did_not_land_expects_the_versions_without_it(
         second_plan = parts.plan(second)
         assert not set(first_plan.slots) & set(second_plan.slots)
         view = first_state.view
-        assert set(guards.changed_by(view, first_plan.slots)) & set(
-            guards.changed_by(view, second_plan.slots)
-        ), "both plans take VFs of one PF"
-        second_state = parts.model.live().hosts[second_plan.host_id]
+        assert share_a_device(first_plan, second_plan, view), "both plans take VFs of one PF"
+        second_state = parts.state(second_plan)
         result, _ = await parts.applier.commit(second, second_plan, second_claimant, second_state)
         lost, _ = await first_commit
         assert lost.outcome is CommitOutcome.LOST
@@ -159,13 +168,13 @@ def test_a_commit_after_one_that_lost_to_a_change_it_did_not_see_does_not_land_e
         first, first_claimant = await parts.claimed("first")
         second, second_claimant = await parts.claimed("second")
         first_plan = parts.plan(first)
-        first_state = parts.model.live().hosts[first_plan.host_id]
+        first_state = parts.state(first_plan)
         first_commit = asyncio.create_task(
             parts.applier.commit(first, first_plan, first_claimant, first_state)
         )
         await asyncio.sleep(0)
         second_plan = parts.plan(second)
-        second_state = parts.model.live().hosts[second_plan.host_id]
+        second_state = parts.state(second_plan)
         result, _ = await parts.applier.commit(second, second_plan, second_claimant, second_state)
         conflicted, _ = await first_commit
         # Both plans were made on a state the store has left: neither lands,
@@ -186,7 +195,7 @@ def test_a_commit_planned_while_a_release_frees_its_device_waits_for_it_and_land
         parts = await registered_parts(store)
         first, first_claimant = await parts.claimed("first")
         first_plan = parts.plan(first)
-        state = parts.model.live().hosts[first_plan.host_id]
+        state = parts.state(first_plan)
         committed, placement = await parts.applier.commit(first, first_plan, first_claimant, state)
         assert committed.outcome is CommitOutcome.COMMITTED
         record = parts.model.record(H)
@@ -203,14 +212,14 @@ def test_a_commit_planned_while_a_release_frees_its_device_waits_for_it_and_land
         second, second_claimant = await parts.claimed("second")
         second_plan = parts.plan(second)
         view = state.view
-        assert set(guards.changed_by(view, first_plan.slots)) & set(
-            guards.changed_by(view, second_plan.slots)
-        ), "the second plan takes VFs of the PF being freed"
+        assert share_a_device(first_plan, second_plan, view), (
+            "the second plan takes VFs of the PF being freed"
+        )
         result, _ = await parts.applier.commit(
             second,
             second_plan,
             second_claimant,
-            parts.model.live().hosts[HostId(second_plan.host_id)],
+            parts.state(second_plan),
         )
         released = await releasing
         assert released.message == "released"
@@ -235,25 +244,25 @@ def test_a_plan_that_assumed_a_commit_which_did_not_land_is_not_accepted_after_a
         second, second_claimant = await parts.claimed("second")
         foreign, foreign_claimant = await other.claimed("foreign")
         first_plan = parts.plan(first)
-        first_state = parts.model.live().hosts[HostId(first_plan.host_id)]
+        first_state = parts.state(first_plan)
         first_commit = asyncio.create_task(
             parts.applier.commit(first, first_plan, "not-the-claimant", first_state)
         )
         await asyncio.sleep(0)
         second_plan = parts.plan(second)
-        second_state = parts.model.live().hosts[HostId(second_plan.host_id)]
+        second_state = parts.state(second_plan)
         lost, _ = await first_commit
         assert lost.outcome is CommitOutcome.LOST
         foreign_plan = other.plan(foreign)
         view = first_state.view
-        assert set(guards.changed_by(view, foreign_plan.slots)) & set(
-            guards.changed_by(view, second_plan.slots)
-        ), "the foreign commit moves the device the second plan takes"
+        assert share_a_device(foreign_plan, second_plan, view), (
+            "the foreign commit moves the device the second plan takes"
+        )
         landed, _ = await other.applier.commit(
             foreign,
             foreign_plan,
             foreign_claimant,
-            other.model.live().hosts[HostId(foreign_plan.host_id)],
+            other.state(foreign_plan),
         )
         assert landed.outcome is CommitOutcome.COMMITTED
         result, _ = await parts.applier.commit(second, second_plan, second_claimant, second_state)
