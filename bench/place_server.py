@@ -351,7 +351,7 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
             outcomes = conc.get("commit_outcomes") or {}
             commits = sum(outcomes.values())
             conflicted = (
-                f"{outcomes.get('CONFLICT', 0) / commits:.1%}" if commits else "not counted"
+                f"{outcomes.get('CONFLICT', 0) / commits:.2%}" if commits else "not counted"
             )
             rows.append(
                 [
