@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from scheduler.service.coordinator import PlacementCoordinator
 from scheduler.service.placement_moves import PlacementMoves
 from scheduler.service.plan_applier import PlanApplier
 from scheduler.service.request_claims import RequestClaims, new_claimant
-from scheduler.store.redis_store import CommitOutcome, RedisStateStore
+from scheduler.store.redis_store import CommitOutcome, CommitResult, RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
 
 from ...conftest import Runner
@@ -126,33 +127,53 @@ async def registered_parts(store: RedisStateStore) -> Parts:
     return parts
 
 
+@dataclass
+class PlannedBehind:
+    """A second request planned while the first's commit, which cannot land, is in flight."""
+
+    first_plan: Plan
+    first_commit: asyncio.Task[tuple[CommitResult, placement_pb2.Placement]]
+    second: Submitted
+    second_claimant: str
+    second_plan: Plan
+    second_state: HostState
+
+
+async def planned_behind_a_lost_commit(parts: Parts) -> PlannedBehind:
+    """The first commit is sent under a claim the call does not hold (it cannot
+    land); the second request is planned while it is in flight, on a state that
+    assumes it."""
+    first, _ = await parts.claimed("first")
+    second, second_claimant = await parts.claimed("second")
+    first_plan = parts.plan(first)
+    first_commit = asyncio.create_task(
+        parts.applier.commit(first, first_plan, "not-the-claimant", parts.state(first_plan))
+    )
+    await asyncio.sleep(0)
+    second_plan = parts.plan(second)
+    return PlannedBehind(
+        first_plan, first_commit, second, second_claimant, second_plan, parts.state(second_plan)
+    )
+
+
 def test_a_commit_after_one_that_did_not_land_expects_the_versions_without_it(
     store: RedisStateStore, arun: Runner
 ) -> None:
     async def body() -> None:
         parts = await registered_parts(store)
-        first, _ = await parts.claimed("first")
-        second, second_claimant = await parts.claimed("second")
-        first_plan = parts.plan(first)
-        first_state = parts.state(first_plan)
-        # The first commit is sent under a claim this call does not hold: it
-        # cannot land. It is in flight while the second request is planned.
-        first_commit = asyncio.create_task(
-            parts.applier.commit(first, first_plan, "not-the-claimant", first_state)
+        b = await planned_behind_a_lost_commit(parts)
+        assert not set(b.first_plan.slots) & set(b.second_plan.slots)
+        view = b.second_state.view
+        assert share_a_device(b.first_plan, b.second_plan, view), "both plans take VFs of one PF"
+        result, _ = await parts.applier.commit(
+            b.second, b.second_plan, b.second_claimant, b.second_state
         )
-        await asyncio.sleep(0)
-        second_plan = parts.plan(second)
-        assert not set(first_plan.slots) & set(second_plan.slots)
-        view = first_state.view
-        assert share_a_device(first_plan, second_plan, view), "both plans take VFs of one PF"
-        second_state = parts.state(second_plan)
-        result, _ = await parts.applier.commit(second, second_plan, second_claimant, second_state)
-        lost, _ = await first_commit
+        lost, _ = await b.first_commit
         assert lost.outcome is CommitOutcome.LOST
         assert result.outcome is CommitOutcome.COMMITTED, result.detail
         record = await store.get_host(H)
         assert record is not None
-        assert set(record.allocations) == set(second_plan.slots)
+        assert set(record.allocations) == set(b.second_plan.slots)
 
     arun(body())
 
@@ -240,22 +261,13 @@ def test_a_plan_that_assumed_a_commit_which_did_not_land_is_not_accepted_after_a
         parts = await registered_parts(store)
         other = Parts(store)  # a second replica
         await other.model.refresh()
-        first, _ = await parts.claimed("first")
-        second, second_claimant = await parts.claimed("second")
         foreign, foreign_claimant = await other.claimed("foreign")
-        first_plan = parts.plan(first)
-        first_state = parts.state(first_plan)
-        first_commit = asyncio.create_task(
-            parts.applier.commit(first, first_plan, "not-the-claimant", first_state)
-        )
-        await asyncio.sleep(0)
-        second_plan = parts.plan(second)
-        second_state = parts.state(second_plan)
-        lost, _ = await first_commit
+        b = await planned_behind_a_lost_commit(parts)
+        lost, _ = await b.first_commit
         assert lost.outcome is CommitOutcome.LOST
         foreign_plan = other.plan(foreign)
-        view = first_state.view
-        assert share_a_device(foreign_plan, second_plan, view), (
+        view = b.second_state.view
+        assert share_a_device(foreign_plan, b.second_plan, view), (
             "the foreign commit moves the device the second plan takes"
         )
         landed, _ = await other.applier.commit(
@@ -265,7 +277,9 @@ def test_a_plan_that_assumed_a_commit_which_did_not_land_is_not_accepted_after_a
             other.state(foreign_plan),
         )
         assert landed.outcome is CommitOutcome.COMMITTED
-        result, _ = await parts.applier.commit(second, second_plan, second_claimant, second_state)
+        result, _ = await parts.applier.commit(
+            b.second, b.second_plan, b.second_claimant, b.second_state
+        )
         assert result.outcome is CommitOutcome.CONFLICT, result.detail
 
     arun(body())
