@@ -285,7 +285,11 @@ class Housekeeper:
                 self._record("reap", fence, placement, "UNAVAILABLE", detail)
                 continue
             released = await self._store.release(
-                host_id, placement.placement_id, from_states=_REAP[stuck].from_states, fence=fence
+                host_id,
+                placement.placement_id,
+                from_states=_REAP[stuck].from_states,
+                fence=fence,
+                request=schema.tenant_request(placement.tenant, placement.request_id),
             )
             if released and state == PENDING:
                 report.reaped += 1

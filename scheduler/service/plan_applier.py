@@ -184,8 +184,7 @@ class PlanApplier:
                     if guard in expect:
                         expect[guard] += 1 if landed else -1
             commit = await self._commit_or_undo(
-                plan.host_id,
-                placement_id,
+                placement,
                 self._store.commit_reservation(
                     host_id=plan.host_id,
                     guards=expect,
@@ -229,7 +228,7 @@ class PlanApplier:
         if not flights:
             self._in_flight.pop(host_id, None)
 
-    async def _free(self, host_id: str, placement_id: PlacementId) -> None:
+    async def _free(self, host_id: str, placement: placement_pb2.Placement) -> None:
         """Free a torn-down placement's slots in the store (RELEASING -> RELEASED).
 
         While the release is in flight the model assumes the versions it
@@ -238,6 +237,7 @@ class PlanApplier:
         replica's commits: otherwise every plan made on a device being freed
         lost its commit race to the release.
         """
+        placement_id = PlacementId(placement.placement_id)
         assumed = self._model.assume_release(host_id, placement_id)
         # Nor does it overtake a commit already under way on those devices:
         # that commit expects the versions from before the release.
@@ -253,7 +253,10 @@ class PlanApplier:
             for flight in under_way:
                 await asyncio.shield(flight.landed)
             generation = await self._store.release(
-                host_id, placement_id, from_states=_FINISH_RELEASE.from_states
+                host_id,
+                placement_id,
+                from_states=_FINISH_RELEASE.from_states,
+                request=_request_of(placement),
             )
         finally:
             if assumed is not None:
@@ -262,8 +265,7 @@ class PlanApplier:
 
     async def _commit_or_undo(
         self,
-        host_id: str,
-        placement_id: PlacementId,
+        placement: placement_pb2.Placement,
         commit: Coroutine[Any, Any, CommitResult],
     ) -> CommitResult:
         """Run a commit to its end even if the caller goes away meanwhile, and then undo it.
@@ -279,20 +281,25 @@ class PlanApplier:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            await asyncio.shield(self._undo_landed(task, host_id, placement_id))
+            await asyncio.shield(self._undo_landed(task, placement))
             raise
 
     async def _undo_landed(
-        self, task: asyncio.Future[CommitResult], host_id: str, placement_id: PlacementId
+        self, task: asyncio.Future[CommitResult], placement: placement_pb2.Placement
     ) -> None:
         """Release the reservation a cancelled call's commit made, if it made one."""
         try:
             result = await task
         except Exception:  # the commit failed: the claim stays for the next caller
-            log.debug("commit of cancelled %s failed", placement_id, exc_info=True)
+            log.debug("commit of cancelled %s failed", placement.placement_id, exc_info=True)
             return
         if result.outcome is CommitOutcome.COMMITTED:
-            await self._store.release(host_id, placement_id, from_states=_UNDO.from_states)
+            await self._store.release(
+                placement.host_id,
+                placement.placement_id,
+                from_states=_UNDO.from_states,
+                request=_request_of(placement),
+            )
 
     async def prepare(
         self, placement: placement_pb2.Placement, record: HostRecord
@@ -375,7 +382,10 @@ class PlanApplier:
             )
             return
         await self._store.release(
-            record.host_id, placement.placement_id, from_states=_UNDO.from_states
+            record.host_id,
+            placement.placement_id,
+            from_states=_UNDO.from_states,
+            request=_request_of(placement),
         )
 
     async def release(self, placement: placement_pb2.Placement) -> placement_pb2.Placement:
@@ -416,6 +426,11 @@ class PlanApplier:
                 f"host {host_id} could not tear placement {releasing.placement_id} "
                 f"down ({err.message}); its devices stay out of the pool"
             ) from err
-        await self._free(host_id, PlacementId(releasing.placement_id))
+        await self._free(host_id, releasing)
         releasing.message = "released"
         return releasing
+
+
+def _request_of(placement: placement_pb2.Placement) -> str:
+    """The placement's request id as the store names it."""
+    return schema.tenant_request(placement.tenant, placement.request_id)

@@ -1677,6 +1677,7 @@ class RedisStateStore:
         *,
         from_states: Sequence[str] = (),
         fence: Fence | None = None,
+        request: str = "",
     ) -> int:
         """Atomically free a placement's slots and forget it.
 
@@ -1690,6 +1691,11 @@ class RedisStateStore:
             from_states: release only from these states; empty allows any.
             fence: a background job's term; the release is refused once a
                 newer term began.
+            request: the placement's request id as the store names it
+                (:func:`schema.tenant_request`), when the caller knows it:
+                should the placement be gone already (this very release
+                ran before and its reply was lost, so the call was sent
+                again), a request record still naming it is forgotten.
 
         Returns:
             The host's alloc generation after the release (-1 when the host
@@ -1707,6 +1713,8 @@ class RedisStateStore:
         )
         if int(code) == -3:
             raise FencedOutError(f"fencing token {fence} is stale on host {host_id}")
+        if int(code) == 0 and request:
+            await self._forget(keys=[schema.request(request)], args=[placement_id])
         if int(code) != 1:
             return 0
         if _text(request_id):

@@ -22,7 +22,6 @@ set.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Iterator
@@ -37,13 +36,11 @@ from tessera.v1 import scheduler_pb2, scheduler_pb2_grpc
 from ..store.valkey_cluster import valkey_cluster
 from .auditor import audit, connect
 from .test_concurrency_e2e import (
-    AUDIT_EVERY,
-    Load,
-    assert_clean,
     check_auditor_finds_faults,
     host_roots,
     make_request,
     report,
+    run_and_check,
     start_cluster,
 )
 
@@ -69,24 +66,15 @@ def test_concurrent_clients_on_two_replicas_over_three_primaries_never_double_al
     cluster: tuple[LocalCluster, list[str]],
 ) -> None:
     c, addresses = cluster
-    load = Load(c.redis_url, [c.channel(a) for a in addresses], host_roots(c), PLACEMENTS)
-    result = load.run()
-    summary_text = report(result)
-    print(summary_text)
+    result = run_and_check(c, addresses, PLACEMENTS, "cluster-concurrency.json")
     audits = [*result.audits, *result.paused_audits]
     print(
         "request records re-read and found released meanwhile: "
         f"{sum(a.released_during_read for a in audits)} in {len(audits)} audits"
     )
-    (c.workdir / "cluster-concurrency.json").write_text(json.dumps(result.to_json(), indent=2))
-    assert_clean(result)
-    assert result.placements == result.released == PLACEMENTS
-    # The contention was real: more whole-GPU demand than the pool holds.
-    assert result.codes["place/RESOURCE_EXHAUSTED"] > 0, summary_text
-    assert len(result.paused_audits) >= max(1, PLACEMENTS // AUDIT_EVERY)
     # The auditor read the cluster, not an empty view of it: some audit taken
     # while the clients ran saw placements.
-    assert any(a.placements for a in audits), summary_text
+    assert any(a.placements for a in audits), report(result)
 
 
 def test_the_auditor_finds_what_it_must_on_a_cluster(

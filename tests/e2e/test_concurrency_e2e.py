@@ -470,6 +470,27 @@ def report(result: LoadResult) -> str:
     )
 
 
+def run_and_check(
+    c: LocalCluster, addresses: list[str], placements: int, json_name: str
+) -> LoadResult:
+    """Run the load to ``placements`` and require what every concurrency run must show.
+
+    Clean audits all along and at the end, every placement made and released,
+    and real contention (more whole-GPU demand than the pool holds). The
+    result is also written to ``json_name`` in the cluster's workdir.
+    """
+    load = Load(c.redis_url, [c.channel(a) for a in addresses], host_roots(c), placements)
+    result = load.run()
+    summary_text = report(result)
+    print(summary_text)
+    (c.workdir / json_name).write_text(json.dumps(result.to_json(), indent=2))
+    assert_clean(result)
+    assert result.placements == result.released == placements
+    assert result.codes["place/RESOURCE_EXHAUSTED"] > 0, summary_text
+    assert len(result.paused_audits) >= max(1, placements // AUDIT_EVERY)
+    return result
+
+
 def assert_clean(result: LoadResult) -> None:
     """Everything the auditor and the clients saw must be clean."""
     assert not result.unexpected, result.unexpected[:10]
@@ -493,20 +514,11 @@ def test_concurrent_clients_on_two_replicas_never_double_allocate(
     cluster: tuple[LocalCluster, list[str]],
 ) -> None:
     c, addresses = cluster
-    load = Load(c.redis_url, [c.channel(a) for a in addresses], host_roots(c), PLACEMENTS)
-    result = load.run()
-    summary_text = report(result)
-    print(summary_text)
-    out = Path(__file__).resolve().parents[2] / "bench" / "out"
+    result = run_and_check(c, addresses, PLACEMENTS, "concurrency.json")
     if PLACEMENTS >= 2000:
+        out = Path(__file__).resolve().parents[2] / "bench" / "out"
         out.mkdir(exist_ok=True)
         (out / "concurrency.json").write_text(json.dumps(result.to_json(), indent=2))
-    (c.workdir / "concurrency.json").write_text(json.dumps(result.to_json(), indent=2))
-    assert_clean(result)
-    assert result.placements == result.released == PLACEMENTS
-    # The contention was real: more whole-GPU demand than the pool holds.
-    assert result.codes["place/RESOURCE_EXHAUSTED"] > 0, summary_text
-    assert len(result.paused_audits) >= max(1, PLACEMENTS // AUDIT_EVERY)
 
 
 def test_the_auditor_finds_what_it_must(cluster: tuple[LocalCluster, list[str]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -618,6 +619,35 @@ def test_state_changes_and_release_are_compare_and_set(
         )
         assert await store.release(H, p1, from_states=["releasing"])
         assert await store.get_placement(p1) is None
+
+    arun(body())
+
+
+def test_a_release_sent_again_after_its_reply_was_lost_still_forgets_the_request(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    """The first run freed the placement; the reply never came, so it ran again.
+
+    The second run finds no placement; the request record that still names it
+    (the first run was cut off before forgetting it) must not outlive it.
+    """
+
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        await register(store)
+        await commit(store, "p1", ["iommu-group:1"])
+        p1 = pid("p1")
+        record: dict[Any, Any] = dict(await redis_client.hgetall(schema.request("req-p1")))
+        assert await store.release(H, p1)
+        # As a release cut off between freeing the slots and forgetting the
+        # request would have left the store.
+        await redis_client.hset(schema.request("req-p1"), mapping=record)
+        assert not await store.release(H, p1, request="req-p1")
+        assert not await redis_client.exists(schema.request("req-p1"))
+        # A record naming another placement is left alone.
+        await redis_client.hset(schema.request("req-p1"), mapping={**record, b"placement_id": b"x"})
+        assert not await store.release(H, p1, request="req-p1")
+        assert await redis_client.exists(schema.request("req-p1"))
 
     arun(body())
 
