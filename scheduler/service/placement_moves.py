@@ -54,12 +54,25 @@ class PlacementMoves:
             FencedOutError: ``fence`` is stale.
         """
         moved = with_state(placement, move.state, message, self._clock_ms())
+        payload = moved.SerializeToString()
         ok = await self._store.update_placement(
             moved.host_id,
             moved.placement_id,
-            moved.SerializeToString(),
+            payload,
             state=move.state.value,
             from_states=move.from_states,
             fence=fence,
         )
+        if not ok:
+            # This very move may have landed already: a dropped connection's
+            # retry sends it again, and the second run finds the state moved.
+            # Only the identical write (same payload, stamped with this call's
+            # time) counts as this move's.
+            found = await self._store.get_placement(moved.placement_id)
+            ok = (
+                found is not None
+                and found[1] == payload
+                and await self._store.placement_state(moved.host_id, moved.placement_id)
+                == move.state.value
+            )
         return ok, moved

@@ -24,6 +24,7 @@ from scheduler.core import guards
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.host import HostView
 from scheduler.core.identity import HostId
+from scheduler.core.lifecycle import PENDING, READY, move
 from scheduler.core.plan import Plan
 from scheduler.core.snapshot import HostState
 from scheduler.service.cluster_model import LiveCluster
@@ -300,5 +301,32 @@ def test_a_place_cancelled_while_its_claim_is_on_the_way_leaves_the_request_id_f
         # cancelled call's claim expires.
         again = await coordinator.place(vfs("r1"))
         assert again.state == placement_pb2.PLACEMENT_STATE_READY
+
+    arun(body())
+
+
+def test_a_lifecycle_move_sent_again_after_its_reply_was_lost_is_taken_as_made(
+    store: RedisStateStore, arun: Runner
+) -> None:
+    """PENDING -> READY ran, the reply was lost, the client's retry ran it again.
+
+    The second run finds the placement READY already. Taken for a refusal,
+    the applier would tear the devices down while the store says READY.
+    Another caller's move to the same state is still a refusal.
+    """
+
+    async def body() -> None:
+        parts = await registered_parts(store)
+        sub, claimant = await parts.claimed("first")
+        plan = parts.plan(sub)
+        committed, placement = await parts.applier.commit(sub, plan, claimant, parts.state(plan))
+        assert committed.outcome is CommitOutcome.COMMITTED
+        moves = PlacementMoves(store, Clock())
+        confirm = move(PENDING, to=READY)
+        assert (await moves.apply(placement, confirm, "ready"))[0]
+        # The same move again, as a retry sends it: the same payload.
+        assert (await moves.apply(placement, confirm, "ready"))[0]
+        # Not the same write: another message.
+        assert not (await moves.apply(placement, confirm, "ready, said another"))[0]
 
     arun(body())
