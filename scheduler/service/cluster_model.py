@@ -419,7 +419,7 @@ class LiveCluster:
         versions its release bumps are bumped now, so a plan made meanwhile
         on one of its devices expects what the store will show (the plan
         applier sends that commit after the release). Undone by
-        :meth:`settle_release`.
+        :meth:`settle`.
 
         Returns:
             The assumption's name and the guard keys the release bumps, or
@@ -443,86 +443,38 @@ class LiveCluster:
         self._derive(key)
         return token, bumps
 
-    def settle_release(self, host_id: str, token: PlacementId, generation: int) -> None:
-        """The release of an assumption of :meth:`assume_release` answered.
+    def settle(self, host_id: str, name: PlacementId, generation: int) -> None:
+        """The commit or release of an assumption answered.
 
         Args:
             host_id: the host.
-            token: the assumption's name.
-            generation: the host's alloc generation after the release, or 0
-                when it released nothing (or its outcome is unknown).
+            name: the assumption (the placement, or a release's name).
+            generation: the host's alloc generation after it, or 0 (or less)
+                when it wrote nothing (or its outcome is unknown).
         """
         key = HostId(host_id)
         assumed = self._assumed.get(key, {})
-        found = assumed.get(token)
-        base = self._base.get(key)
-        if found is None or base is None or found.frees is None:
-            return
-        freed = found.frees
-        if generation <= 0:
-            del assumed[token]
-            self._stale.add(host_id)  # an error may hide a landed release
-        elif base.alloc_generation == generation - 1 and freed in base.tenants:
-            # Nothing else moved the host since the state the model holds:
-            # the store's state now is exactly that less this placement.
-            del assumed[token]
-            self._base[key] = replace(
-                base,
-                alloc_generation=generation,
-                allocations={s: p for s, p in base.allocations.items() if p != freed},
-                tenants={p: t for p, t in base.tenants.items() if p != freed},
-                versions=guards.bumped(base.versions, found.bumps),
-            )
-            self._local[host_id] = generation
-        else:
-            assumed[token] = found._replace(landed=generation)
-            self._stale.add(host_id)
-        self._derive(key)
-
-    def settle(self, host_id: str, placement_id: PlacementId, generation: int) -> None:
-        """The commit of an assumed reservation answered.
-
-        Args:
-            host_id: the host.
-            placement_id: the assumed placement.
-            generation: the host's alloc generation after the commit, or 0 when
-                it did not commit (or its outcome is unknown).
-        """
-        key = HostId(host_id)
-        assumed = self._assumed.get(key, {})
-        found = assumed.get(placement_id)
+        found = assumed.get(name)
         base = self._base.get(key)
         if found is None or base is None:
             return
-        if not generation:
-            del assumed[placement_id]
-            if generation == 0:
-                self._stale.add(host_id)  # an error may hide a landed commit
-        elif base.alloc_generation == generation - 1:
+        if generation <= 0:
+            del assumed[name]
+            self._stale.add(host_id)  # an error may hide a landed commit or release
+        elif base.alloc_generation == generation - 1 and (
+            found.frees is None or found.frees in base.tenants
+        ):
             # Nothing else moved the host since the state the model holds:
-            # the store's state now is exactly that plus this reservation
-            # (the commit checked the incarnation the plan, and so the model,
-            # saw).
-            allocations = dict(base.allocations)
-            for slot in found.slots:
-                allocations[slot] = placement_id
-            self._base[key] = replace(
-                base,
-                alloc_generation=generation,
-                allocations=allocations,
-                tenants={**base.tenants, placement_id: found.tenant},
-                versions=guards.bumped(
-                    base.versions,
-                    found.bumps,
-                    new_tenant=found.tenant not in base.tenants.values(),
-                ),
-            )
+            # the store's state now is exactly that with this commit or
+            # release (the commit checked the incarnation the plan, and so
+            # the model, saw).
+            del assumed[name]
+            self._base[key] = _landed(base, name, found, generation)
             self._local[host_id] = generation
         else:
             # Others moved the host too: keep assuming it until the host is
-            # read back at or past the commit's generation (with it, or
-            # without it once released).
-            assumed[placement_id] = found._replace(landed=generation)
+            # read back at or past its generation.
+            assumed[name] = found._replace(landed=generation)
             self._stale.add(host_id)
         self._derive(key)
 
@@ -542,6 +494,31 @@ class LiveCluster:
         gc.unfreeze()
         gc.collect()
         gc.freeze()
+
+
+def _landed(base: HostState, name: PlacementId, found: _Assumed, generation: int) -> HostState:
+    """The host as the store holds it once an assumed commit or release landed on ``base``."""
+    if found.frees is None:
+        allocations = dict(base.allocations)
+        for slot in found.slots:
+            allocations[slot] = name
+        return replace(
+            base,
+            alloc_generation=generation,
+            allocations=allocations,
+            tenants={**base.tenants, name: found.tenant},
+            versions=guards.bumped(
+                base.versions, found.bumps, new_tenant=found.tenant not in base.tenants.values()
+            ),
+        )
+    freed = found.frees
+    return replace(
+        base,
+        alloc_generation=generation,
+        allocations={s: p for s, p in base.allocations.items() if p != freed},
+        tenants={p: t for p, t in base.tenants.items() if p != freed},
+        versions=guards.bumped(base.versions, found.bumps),
+    )
 
 
 class _Assumed(NamedTuple):

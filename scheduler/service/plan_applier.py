@@ -160,11 +160,7 @@ class PlanApplier:
                     ),
                     placement,
                 )
-            landed, ended_bumps = ended
-            if not landed:
-                for guard in ended_bumps:
-                    if guard in expect:
-                        expect[guard] -= 1
+            _correct(expect, ended[1], assumed=True, landed=ended[0])
         ahead = [
             (name in seen, flight)
             for name, flight in flights.items()
@@ -176,13 +172,7 @@ class PlanApplier:
         try:
             for assumed, before in ahead:
                 landed = await asyncio.shield(before.landed)
-                if assumed == landed:
-                    continue
-                # Assumed and did not land: the store does not have its
-                # versions; not assumed and landed: it has them too.
-                for guard in before.bumps:
-                    if guard in expect:
-                        expect[guard] += 1 if landed else -1
+                _correct(expect, before.bumps, assumed=assumed, landed=landed)
             commit = await self._commit_or_undo(
                 placement,
                 self._store.commit_reservation(
@@ -260,7 +250,7 @@ class PlanApplier:
             )
         finally:
             if assumed is not None:
-                self._model.settle_release(host_id, assumed[0], generation)
+                self._model.settle(host_id, assumed[0], generation)
                 self._land(host_id, assumed[0], generation > 0)
 
     async def _commit_or_undo(
@@ -434,3 +424,18 @@ class PlanApplier:
 def _request_of(placement: placement_pb2.Placement) -> str:
     """The placement's request id as the store names it."""
     return schema.tenant_request(placement.tenant, placement.request_id)
+
+
+def _correct(
+    expect: dict[str, int], bumps: tuple[str, ...], *, assumed: bool, landed: bool
+) -> None:
+    """Expect of ``bumps`` what the store has after a commit or release of this replica.
+
+    Assumed by the plan and did not land: the store does not have its
+    versions; not assumed and landed: the store has them too.
+    """
+    if assumed == landed:
+        return
+    for guard in bumps:
+        if guard in expect:
+            expect[guard] += 1 if landed else -1

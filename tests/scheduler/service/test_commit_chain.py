@@ -12,13 +12,10 @@ and the engine are real; only the agents' side is a stub.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from google.protobuf import json_format
 
 from scheduler.core import guards
 from scheduler.core.engine.fastpath import Engine
@@ -38,16 +35,16 @@ from tessera.v1 import inventory_pb2, placement_pb2
 
 from ...conftest import Runner
 from .test_housekeeping import Clock, Host
+from .test_inventory_check import golden
 
 H = "nic-host"
 
 
 def nic_host() -> inventory_pb2.HostInventory:
-    """The sriov-nic fixture host (SR-IOV NICs with VFs), as its agent registers it."""
-    golden = Path(__file__).resolve().parents[2] / "agent" / "golden" / "sriov-nic.json"
-    data = json.loads(golden.read_text())
-    data.update(hostId=H, bootId="boot-1", generation="1")
-    return json_format.ParseDict(data, inventory_pb2.HostInventory())
+    """The sriov-nic fixture host (SR-IOV NICs with VFs), named ``nic-host``."""
+    inventory = golden("sriov-nic")
+    inventory.host_id = H
+    return inventory
 
 
 def vfs(request_id: str) -> placement_pb2.PlacementRequest:
