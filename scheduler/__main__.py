@@ -9,9 +9,11 @@ import logging
 import os
 import signal
 import sys
+import uuid
 from pathlib import Path
 
-from scheduler.core.engine.policies import POLICIES
+from scheduler.core.engine.fastpath import Engine
+from scheduler.core.engine.policies import POLICIES, TesseraPolicy
 from scheduler.service.agent_gateway import GrpcAgentGateway
 from scheduler.service.coordinator import Leases, PlacementCoordinator
 from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
@@ -20,11 +22,13 @@ from scheduler.service.operator_config import (
     OperatorConfigError,
     load_operator_config,
 )
+from scheduler.service.replica_roster import ReplicaRoster
 from scheduler.service.server import SERVICE_NAMES, build_server
 from scheduler.service.store_health import StoreHealthWatcher
 from scheduler.store.connection import StoreTls, StoreUnusableError, connect_store
 from scheduler.store.embedded import EmbeddedValkey
 from scheduler.store.redis_store import LayoutMismatchError, RedisStateStore
+from scheduler.store.roster import RosterStore
 from scheduler.store.safety import UnsafeStoreConfig, check_durability
 from tessera.security.audit import AuditLog
 from tessera.security.identity import Role
@@ -201,11 +205,20 @@ async def serve(opts: argparse.Namespace) -> int:
         except LayoutMismatchError as err:
             print(f"tessera-scheduler: refusing to start: {err}", file=sys.stderr)
             return 2
+        # One name for this process: its engine's affinity, its roster
+        # membership and its background-job lease.
+        replica = f"replica-{uuid.uuid4().hex[:12]}"
+        # Place, Explain and PlaceBatch share one engine (one index of the
+        # cluster); a baseline policy places with its own.
+        engine = Engine(affinity=replica)
         coordinator = PlacementCoordinator(
             RedisStateStore(client),
             gateway,
             Leases(heartbeat_interval_s=opts.heartbeat_interval, lease_s=opts.lease),
-            policy=POLICIES[opts.policy](),
+            engine=engine,
+            policy=TesseraPolicy(engine=engine)
+            if opts.policy == "tessera"
+            else POLICIES[opts.policy](),
         )
         if opts.policy != "tessera":
             log.warning("placing with the %s baseline policy, not Tessera's", opts.policy)
@@ -232,15 +245,21 @@ async def serve(opts: argparse.Namespace) -> int:
                 releasing_after_s=opts.reap_pending_after,
                 lease_s=opts.lease,
             ),
+            owner=replica,
             audit=audit,
         )
         housekeeping = asyncio.create_task(housekeeper.run(stop))
+        # Replicas split the hosts between them to keep their plans apart.
+        roster = asyncio.create_task(
+            ReplicaRoster(RosterStore(client), replica, engine.set_peers).run(stop)
+        )
         # NOT_SERVING while the store is down, frozen or refuses us.
         store_health = asyncio.create_task(
             StoreHealthWatcher(client, health_servicer, (*SERVICE_NAMES, "")).run(stop)
         )
         await stop.wait()
         await housekeeping
+        await roster
         await store_health
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)

@@ -393,7 +393,12 @@ class PlanApplier:
                 quarantined.
         """
         host_id = placement.host_id
-        agent_address = await self._store.agent_address(host_id)
+        # Where the agent listens, as the model last read it (a registration
+        # that moves it goes on the feed); a host it does not hold is read.
+        known = self._model.record(host_id)
+        agent_address = (
+            known.agent_address if known is not None else await self._store.agent_address(host_id)
+        )
         if agent_address is None:
             raise HostOperationError(f"host {host_id} is not registered")
         ok, releasing = await self._moves.apply(placement, _BEGIN_RELEASE, "tearing down")
@@ -405,7 +410,7 @@ class PlanApplier:
                 f"placement {releasing.placement_id} is {state}; release it once it is ready"
             )
         try:
-            await self._agents.unprepare(agent_address, releasing)
+            await self._unprepare(agent_address, releasing)
         except AgentCallError as err:
             await self._moves.apply(
                 releasing,
@@ -419,6 +424,21 @@ class PlanApplier:
         await self._free(host_id, releasing)
         releasing.message = "released"
         return releasing
+
+    async def _unprepare(self, address: str, placement: placement_pb2.Placement) -> None:
+        """Unprepare at ``address``; failing, once more where the store says the agent is.
+
+        The model's address may be a registration behind (the agent moved
+        since the feed was last read): a failure there is not yet a failed
+        teardown.
+        """
+        try:
+            await self._agents.unprepare(address, placement)
+        except AgentCallError:
+            current = await self._store.agent_address(placement.host_id)
+            if current is None or current == address:
+                raise
+            await self._agents.unprepare(current, placement)
 
 
 def _request_of(placement: placement_pb2.Placement) -> str:

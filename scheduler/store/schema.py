@@ -81,6 +81,12 @@ Per background job (hash tag ``{job:<job>}``, so lease and fence share a slot):
                                                    a new replica takes the lease
 ========================================  =======  ==========================================
 
+Global: ``tessera:replicas`` (sorted set), the scheduler replicas placing
+now, each scored by when its membership runs out (server time, ms): a replica
+renews its own every few seconds and leaves on shutdown; members past their
+time are dropped by the next renewal. Replicas split the hosts between them by
+it (see :class:`scheduler.service.replica_roster.ReplicaRoster`).
+
 Global: ``tessera:hosts`` (set), every registered host id. It is written
 before the host record, so it is a superset of the registered hosts and
 readers skip ids without a record; a registration that creates the record
@@ -143,6 +149,9 @@ history; a replica further behind than that resyncs in full.
 
 HOSTS = f"{PREFIX}hosts"
 """Set of every registered host id (global)."""
+
+REPLICAS = f"{PREFIX}replicas"
+"""Sorted set of the replicas placing now, scored by when each one's membership runs out (ms)."""
 
 LAYOUT = f"{PREFIX}layout"
 """The key layout the store was written in (global string): :data:`LAYOUT_VERSION`."""

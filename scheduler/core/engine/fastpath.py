@@ -21,6 +21,7 @@ import zlib
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from hashlib import blake2b
 from itertools import compress, count
 from operator import is_not
 
@@ -180,8 +181,12 @@ _MEMO_LIMIT = 262_144
 
 #: A host's place in fast-path order for one request: (nothing of one of the
 #: request's kinds free, short of idle devices for a whole-device-only claim,
-#: idle devices of the request's kinds, host).
-_OrderEntry = tuple[bool, bool, int, str]
+#: another replica's share, idle devices of the request's kinds, rank among
+#: equals for this replica, host).
+_OrderEntry = tuple[bool, bool, bool, int, int, str]
+
+#: A host's standing for this replica: (another replica's share, rank).
+_Rank = tuple[bool, int]
 
 #: What a request's order depends on: the kind positions it counts, and the
 #: (kind position, count) of its whole-device-only claims.
@@ -261,11 +266,11 @@ class _HardwareClass:
     never: dict[int, Rejections | None] = field(default_factory=dict)
     distances: dict[tuple[PciAddress, PciAddress], int] = field(default_factory=dict)
 
-    def order(self, key: _OrderKey) -> list[_OrderEntry]:
-        """The members in fast-path order for ``key``, sorted."""
+    def order(self, key: _OrderKey, rank: Callable[[HostId], _Rank]) -> list[_OrderEntry]:
+        """The members in fast-path order for ``key``, sorted (``rank``: the engine's)."""
         found = self.orders.get(key)
         if found is None:
-            found = sorted(_order_entry(key, i, h) for h, i in self.members.items())
+            found = sorted(_order_entry(key, i, h, rank(h)) for h, i in self.members.items())
             self.orders[key] = found
         return found
 
@@ -297,6 +302,11 @@ class Engine:
         affinity: who places (a replica's name): breaks ties between equally
             scored hosts the same way for all its requests, another way for
             another replica's; "" breaks them per request.
+
+    With :meth:`set_peers`, replicas placing on one store split the hosts
+    between them, rendezvous style: each walks its own share first (best fit
+    within it), then the others'. Two replicas' plans made at once then
+    rarely reach for one device, where one of the commits would conflict.
     """
 
     profile: EngineProfile = field(default_factory=default_profile)
@@ -340,6 +350,43 @@ class Engine:
     _model: HostChanges | None = field(default=None, repr=False)
     _model_revision: int = field(default=0, repr=False)
     _dirty: set[HostId] = field(default_factory=set, repr=False)
+    # The replicas placing (this one's affinity among them) and each host's
+    # standing among them, worked out once per host and roster.
+    _peers: frozenset[str] = field(default=frozenset(), repr=False)
+    _ranks: dict[HostId, _Rank] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------ replicas
+
+    def set_peers(self, peers: Iterable[str]) -> None:
+        """The replicas placing on the cluster now, this one included: each prefers its share.
+
+        A host's share is the replica whose name hashes highest with the
+        host's (rendezvous hashing): a replica joining or leaving moves only
+        its own share. Without an affinity, or with no other replica, every
+        host is this replica's. Orders are rebuilt lazily; no plan made
+        before the call is affected.
+        """
+        peers = frozenset(peers) | ({self.affinity} if self.affinity else frozenset())
+        if peers == self._peers:
+            return
+        self._peers = peers
+        self._ranks.clear()
+        for classes in self._classes.values():
+            for cls in classes:
+                cls.orders.clear()
+        self._heads.clear()
+
+    def in_share(self, host_id: str) -> bool:
+        """Whether a host is this replica's share of the cluster (see :meth:`set_peers`)."""
+        return not self._rank(HostId(host_id))[0]
+
+    def _rank(self, host_id: HostId) -> _Rank:
+        """A host's standing for this replica (see :func:`_standing`)."""
+        found = self._ranks.get(host_id)
+        if found is None:
+            found = _standing(self.affinity, self._peers, host_id)
+            self._ranks[host_id] = found
+        return found
 
     # ------------------------------------------------------------ host index
 
@@ -505,6 +552,7 @@ class Engine:
         old = self._entries.get(host_id)
         if state is None:
             del self._states[host_id]
+            self._ranks.pop(host_id, None)
             if old is not None:
                 del self._entries[host_id]
                 self._unplace(host_id, old)
@@ -529,8 +577,9 @@ class Engine:
         self._entries[host_id] = index
         cls = index.hardware
         cls.members[host_id] = index
+        rank = self._rank(host_id)
         for key, entries in cls.orders.items():
-            entry = _order_entry(key, index, host_id)
+            entry = _order_entry(key, index, host_id, rank)
             insort(entries, entry)
             if entries[0] is entry:
                 self._heads[key][cls.uid] = (entry, cls.uid, 0)
@@ -538,7 +587,7 @@ class Engine:
             # A class with hosts again: it joins every request's heap.
             self._live[cls.uid] = cls
             for key, heads in self._heads.items():
-                heads[cls.uid] = (cls.order(key)[0], cls.uid, 0)
+                heads[cls.uid] = (cls.order(key, self._rank)[0], cls.uid, 0)
 
     def _unplace(self, host_id: HostId, index: _HostIndex) -> None:
         cls = index.hardware
@@ -547,8 +596,9 @@ class Engine:
             del self._live[cls.uid]
             for heads in self._heads.values():
                 heads.pop(cls.uid, None)
+        rank = self._rank(host_id)
         for key, entries in cls.orders.items():
-            at = bisect_left(entries, _order_entry(key, index, host_id))
+            at = bisect_left(entries, _order_entry(key, index, host_id, rank))
             del entries[at]
             if at == 0 and entries:
                 self._heads[key][cls.uid] = (entries[0], cls.uid, 0)
@@ -795,9 +845,11 @@ class Engine:
     ) -> tuple[list[HostFit], Rejections]:
         """Up to ``limit`` fitting hosts in fast-path order, with every rejection seen.
 
-        Fast-path order is best fit: fewest idle devices of the request's
-        kinds first; hosts short of idle devices for a whole-device-only
-        claim last; then host name. Each hardware class keeps its hosts in
+        Fast-path order is best fit: this replica's share of the hosts
+        first (see :meth:`set_peers`), fewest idle devices of the request's
+        kinds first within it; hosts short of idle devices for a
+        whole-device-only claim last; then the replica's rank of the host
+        (without an affinity, host name). Each hardware class keeps its hosts in
         that order, so the request merges the classes' lists (dropping a
         class that can never take it at its first host) and stops after
         ``limit`` fits. With ``limit`` 0 every host is fitted (what Explain
@@ -812,7 +864,7 @@ class Engine:
         live = self._live
         heads = self._heads.get(key)
         if heads is None:
-            heads = {uid: (cls.order(key)[0], uid, 0) for uid, cls in live.items()}
+            heads = {uid: (cls.order(key, self._rank)[0], uid, 0) for uid, cls in live.items()}
             self._heads[key] = heads
         heap = list(heads.values())
         heapq.heapify(heap)
@@ -829,7 +881,7 @@ class Engine:
                 heapq.heapreplace(heap, (entries[at + 1], uid, at + 1))
             else:
                 heapq.heappop(heap)
-            host_id = HostId(entry[3])
+            host_id = HostId(entry[5])
             fit = self._judge(hosts[host_id], cls.members[host_id], request, shape_id, rejections)
             if fit is not None:
                 fits.append(fit)
@@ -881,9 +933,40 @@ class Engine:
         # follow each other onto one host (its commits there go in order,
         # see the plan applier). Still a pure function of snapshot, request
         # and affinity.
+        # A fit in this replica's share beats one in another's, whatever
+        # the scores (see set_peers): the other replica is about to place
+        # there too.
         salt = self.affinity or request.request_id
-        best = min(fits, key=lambda f: (-f.score, _tie_break(salt, f.state.view.host_id)))
+        best = min(
+            fits,
+            key=lambda f: (
+                self._rank(f.state.view.host_id)[0],
+                -f.score,
+                _tie_break(salt, f.state.view.host_id),
+            ),
+        )
         return build_plan(best, request)
+
+
+def _standing(affinity: str, peers: frozenset[str], host_id: str) -> _Rank:
+    """A host's standing for replica ``affinity`` among ``peers``: (another's share, rank).
+
+    Rendezvous hashing: every replica scores the host by a hash of its name
+    and the host's, and the host is the share of the highest. A replica's
+    rank of a host orders equally good hosts in its walk, so replicas walk
+    them in different orders too. Blake2b, not CRC32: CRC is linear, and
+    the scores of two names would differ by a constant.
+    """
+    if not affinity:
+        return False, 0
+
+    def score(name: str) -> int:
+        digest = blake2b(f"{name}\x00{host_id}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
+    mine = score(affinity)
+    away = any((score(p), p) > (mine, affinity) for p in peers if p != affinity)
+    return away, mine
 
 
 def _tie_break(salt: str, host_id: str) -> tuple[int, str]:
@@ -909,7 +992,7 @@ def _order_key(request: PlacementRequest) -> _OrderKey:
     return kinds, whole_only
 
 
-def _order_entry(key: _OrderKey, index: _HostIndex, host_id: str) -> _OrderEntry:
+def _order_entry(key: _OrderKey, index: _HostIndex, host_id: str, rank: _Rank) -> _OrderEntry:
     """A host's place in the order of ``key``.
 
     Hosts that cannot fit go last, so a request meets the hosts that can
@@ -920,10 +1003,13 @@ def _order_entry(key: _OrderKey, index: _HostIndex, host_id: str) -> _OrderEntry
     kinds, whole_only = key
     idle, full = index.idle, index.full
     short = any(idle[position] < n for position, n in whole_only)
+    away, among_equals = rank
     return (
         any(full[position] for position in kinds),
         short,
+        away,
         sum(idle[position] for position in kinds),
+        among_equals,
         host_id,
     )
 

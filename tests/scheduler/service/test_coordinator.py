@@ -29,6 +29,10 @@ class ScriptedAgents:
         self.entered = asyncio.Event()
         self.fail_prepare = False
         self.prepared: set[str] = set()
+        # Where the agent listens (None: wherever it is called); every
+        # Unprepare's address, in order.
+        self.listening: str | None = None
+        self.unprepared_at: list[str] = []
 
     async def prepare(
         self, address: str, placement: placement_pb2.Placement
@@ -41,6 +45,9 @@ class ScriptedAgents:
         return placement
 
     async def unprepare(self, address: str, placement: placement_pb2.Placement) -> None:
+        self.unprepared_at.append(address)
+        if self.listening is not None and address != self.listening:
+            raise AgentCallError(address, grpc.StatusCode.UNAVAILABLE, "connection refused")
         self.prepared.discard(placement.placement_id)
 
 
@@ -157,5 +164,27 @@ def test_a_reboot_fails_the_hosts_placements_and_keeps_their_slots_until_release
             await coordinator.place(gpu("r2"))
         await coordinator.release(placed.placement_id, "")
         assert (await coordinator.place(gpu("r2"))).state == placement_pb2.PLACEMENT_STATE_READY
+
+    arun(body())
+
+
+def test_a_release_finds_an_agent_that_moved_since_the_replica_last_looked(
+    setup: tuple[PlacementCoordinator, ScriptedAgents], arun: Runner
+) -> None:
+    coordinator, agents = setup
+
+    async def body() -> None:
+        await coordinator.register(inventory(), "agent:1")
+        agents.gate.set()
+        placed = await coordinator.place(gpu("r1"))
+        # The agent restarts on another port; no Place since, so the
+        # replica's model still has the old address.
+        await coordinator.register(inventory(), "agent:2")
+        agents.listening = "agent:2"
+        released = await coordinator.release(placed.placement_id, "")
+        assert released.message == "released"
+        assert agents.unprepared_at == ["agent:1", "agent:2"]
+        assert agents.prepared == set()
+        assert await coordinator.list_placements() == []
 
     arun(body())
