@@ -120,6 +120,14 @@ async def _worker(
     from scheduler.store.embedded import EmbeddedValkey
     from scheduler.store.redis_store import RedisStateStore
 
+    try:
+        # The collector's settings the scheduler process runs with (the
+        # baseline has none).
+        from scheduler.service import collector
+
+        collector.tune()
+    except ImportError:
+        pass
     fleet = build_fleet(hosts, seed)
     with (
         tempfile.TemporaryDirectory(prefix="tessera-place-server-") as tmp,

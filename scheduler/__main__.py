@@ -14,6 +14,7 @@ from pathlib import Path
 
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.engine.policies import POLICIES, TesseraPolicy
+from scheduler.service import collector
 from scheduler.service.agent_gateway import GrpcAgentGateway
 from scheduler.service.coordinator import Leases, PlacementCoordinator
 from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    collector.tune()
     return asyncio.run(serve(opts))
 
 

@@ -105,6 +105,11 @@ class LiveCluster:
         # Hosts to read again on the next refresh whatever the feed says
         # (a commit on them conflicted: the model is behind the store).
         self._stale: set[str] = set()
+        # Hosts the feed showed past the model while commits or releases of
+        # this replica on them were in flight, with the (incarnation,
+        # generation) it showed: most likely those very writes. Not read
+        # again unless the answers, once in, do not reach it.
+        self._awaiting: dict[str, tuple[int, int]] = {}
         # Hosts this replica committed on since the current refresh began,
         # with the generation its commit left: a read of theirs from that
         # refresh may predate the commit.
@@ -269,9 +274,46 @@ class LiveCluster:
             and (base.versions.get(guards.INCARNATION, 0), base.alloc_generation)
             == (incarnation, generation)
         }
-        await self._reload(sorted(moved - current))
+        # Past the model by no more than this replica's own writes in
+        # flight on the host: their answers will most likely bring it there
+        # (see settle), at no read.
+        awaiting = {
+            h: reached[h]
+            for h in moved - current
+            if h not in stale and h in reached and self._may_reach(HostId(h), *reached[h])
+        }
+        await self._reload(sorted(moved - current - awaiting.keys()))
+        self._awaiting.update(awaiting)
         self._cursors = cursors
         return True
+
+    def _may_reach(self, key: HostId, incarnation: int, generation: int) -> bool:
+        """Whether this replica's writes in flight on a host may bring it to a generation."""
+        base = self._base.get(key)
+        if base is None or base.versions.get(guards.INCARNATION, 0) != incarnation:
+            return False
+        in_flight = sum(1 for a in self._assumed.get(key, {}).values() if a.landed == 0)
+        return 0 < generation - base.alloc_generation <= in_flight
+
+    def _settle_awaited(self, key: HostId) -> None:
+        """A write in flight on a host the feed showed further answered: is the model there?"""
+        awaited = self._awaiting.get(key)
+        if awaited is None:
+            return
+        base = self._base.get(key)
+        if (
+            base is not None
+            and base.versions.get(guards.INCARNATION, 0) == awaited[0]
+            and base.alloc_generation >= awaited[1]
+        ):
+            # There, or past it (more of its writes landed since): the feed
+            # names the host again for anything else.
+            del self._awaiting[key]
+        elif base is None or not any(a.landed == 0 for a in self._assumed.get(key, {}).values()):
+            # Every answer is in and the model is not where the feed was:
+            # someone else moved the host too. Read it.
+            del self._awaiting[key]
+            self._stale.add(key)
 
     async def _reload(self, host_ids: list[str]) -> None:
         """Read some hosts again and take what they hold now."""
@@ -288,6 +330,7 @@ class LiveCluster:
         """Read every host afresh; the feed resumes from where it stood before the read."""
         heads = await self._store.feed_heads()
         stored = await self._store.snapshot(self.known())
+        self._awaiting.clear()
         for host_id in set(self._records) - set(stored.hosts):
             self._take(host_id, None)
         for host_id, record in stored.hosts.items():
@@ -306,6 +349,9 @@ class LiveCluster:
             self._stale.add(host_id)
             return
         key = HostId(host_id)
+        awaited = self._awaiting.get(host_id)
+        if awaited is not None and (record is None or record.alloc_generation >= awaited[1]):
+            del self._awaiting[host_id]
         if record is None:
             if self._records.pop(host_id, None) is None:
                 return
@@ -455,28 +501,48 @@ class LiveCluster:
         key = HostId(host_id)
         assumed = self._assumed.get(key, {})
         found = assumed.get(name)
-        base = self._base.get(key)
-        if found is None or base is None:
-            return
-        if generation <= 0:
-            del assumed[name]
-            self._stale.add(host_id)  # an error may hide a landed commit or release
-        elif base.alloc_generation == generation - 1 and (
-            found.frees is None or found.frees in base.tenants
-        ):
-            # Nothing else moved the host since the state the model holds:
-            # the store's state now is exactly that with this commit or
-            # release (the commit checked the incarnation the plan, and so
-            # the model, saw).
-            del assumed[name]
-            self._base[key] = _landed(base, name, found, generation)
-            self._local[host_id] = generation
-        else:
-            # Others moved the host too: keep assuming it until the host is
-            # read back at or past its generation.
-            assumed[name] = found._replace(landed=generation)
-            self._stale.add(host_id)
+        if found is not None and key in self._base:
+            if generation <= 0:
+                del assumed[name]
+                self._stale.add(host_id)  # an error may hide a landed commit or release
+            else:
+                assumed[name] = found._replace(landed=generation)
+                self._take_landed(key, assumed)
+        self._settle_awaited(key)
         self._derive(key)
+
+    def _take_landed(self, key: HostId, assumed: dict[PlacementId, _Assumed]) -> None:
+        """Fold this replica's landed writes into the store's state, in generation order.
+
+        A write that landed at the generation after the model's is exactly
+        the model's state plus that write (the commit checked the
+        incarnation the plan, and so the model, saw); answers may come back
+        out of order, so a later one waits for the writes before it. Once
+        every write in flight answered, one still waiting means someone else
+        moved the host in between: it is read again.
+        """
+        base = self._base[key]
+        while True:
+            step = next(
+                (
+                    (name, a)
+                    for name, a in assumed.items()
+                    if a.landed == base.alloc_generation + 1
+                    and (a.frees is None or a.frees in base.tenants)
+                ),
+                None,
+            )
+            if step is None:
+                break
+            name, found = step
+            del assumed[name]
+            base = _landed(base, name, found, found.landed)
+            self._base[key] = base
+            self._local[key] = base.alloc_generation
+        if any(a.landed > 0 for a in assumed.values()) and not any(
+            a.landed == 0 for a in assumed.values()
+        ):
+            self._stale.add(key)
 
     def _freeze_if_grown(self) -> None:
         """Move long-lived host views out of the cyclic collector's scans.
