@@ -299,9 +299,10 @@ class Engine:
         profile: the plugins.
         feasible_hosts: how many fitting hosts the fast path scores before
             choosing; 1 is first fit on the best-fit order.
-        affinity: who places (a replica's name): breaks ties between equally
-            scored hosts the same way for all its requests, another way for
-            another replica's; "" breaks them per request.
+        affinity: who places (a replica's name): which hosts are its share
+            among its peers (:meth:`set_peers`), and its order among equally
+            good hosts as it walks them; "" for an engine that places alone
+            (every host its own, walked by name).
 
     With :meth:`set_peers`, replicas placing on one store split the hosts
     between them, rendezvous style: each walks its own share first (best fit
@@ -926,23 +927,20 @@ class Engine:
         if not fits:
             return unschedulable(len(snapshot.hosts), request, rejections)
         # Equal scores are common (identical hosts, equally full): break the
-        # tie by a hash of the replica (else the request) and the host rather
-        # than by name, rendezvous style: each replica has hosts it prefers
-        # among the tied ones, so replicas placing at once on one state do
-        # not all reach for the same device, while one replica's requests
-        # follow each other onto one host (its commits there go in order,
-        # see the plan applier). Still a pure function of snapshot, request
-        # and affinity.
-        # A fit in this replica's share beats one in another's, whatever
-        # the scores (see set_peers): the other replica is about to place
-        # there too.
-        salt = self.affinity or request.request_id
+        # tie by a hash of the request and the host rather than by name, so
+        # requests placed at once spread over the tied hosts instead of all
+        # queueing for one device. (Breaking it per replica, which piles a
+        # replica's requests onto one host, took Place over gRPC at 10,000
+        # hosts from a p50 of 4.3 ms to 8 ms.) A fit in this replica's share
+        # beats one in another's whatever the scores (see set_peers): the
+        # other replica is about to place there. Still a pure function of
+        # snapshot, request, affinity and peers.
         best = min(
             fits,
             key=lambda f: (
                 self._rank(f.state.view.host_id)[0],
                 -f.score,
-                _tie_break(salt, f.state.view.host_id),
+                _tie_break(request.request_id, f.state.view.host_id),
             ),
         )
         return build_plan(best, request)
@@ -970,7 +968,7 @@ def _standing(affinity: str, peers: frozenset[str], host_id: str) -> _Rank:
 
 
 def _tie_break(salt: str, host_id: str) -> tuple[int, str]:
-    """A host's rank among equally scored ones, stable per salt (replica or request)."""
+    """A host's rank among equally scored ones, stable per salt (a request's id)."""
     return zlib.crc32(f"{salt}\x00{host_id}".encode()), host_id
 
 
