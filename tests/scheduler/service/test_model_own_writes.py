@@ -14,6 +14,7 @@ replica's commits whose answers the test hands to the model when it chooses.
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio as aioredis
 
 from scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
@@ -29,12 +30,22 @@ H = "h1"
 ACME = TenantName("acme")
 
 
-async def model_of_one_host(store: RedisStateStore) -> LiveCluster:
+@pytest.fixture
+def store(redis_client: aioredis.Redis) -> RedisStateStore:
+    return RedisStateStore(redis_client)
+
+
+@pytest.fixture
+def model(store: RedisStateStore, arun: Runner) -> LiveCluster:
     """A model that has read h1 (three GPUs, groups 1-3), nothing on it."""
-    await register(store, three_gpu_host(H))
-    model = LiveCluster(store, Clock())
-    await model.refresh()
-    return model
+
+    async def read() -> LiveCluster:
+        await register(store, three_gpu_host(H))
+        model = LiveCluster(store, Clock())
+        await model.refresh()
+        return model
+
+    return arun(read())
 
 
 async def land(store: RedisStateStore, token: str, group: int) -> int:
@@ -66,11 +77,9 @@ async def agrees_with_the_store(store: RedisStateStore, model: LiveCluster) -> N
 
 
 def test_answers_out_of_order_are_folded_in_generation_order_without_reading_the_host(
-    redis_client: aioredis.Redis, arun: Runner
+    store: RedisStateStore, model: LiveCluster, arun: Runner
 ) -> None:
     async def body() -> None:
-        store = RedisStateStore(redis_client)
-        model = await model_of_one_host(store)
         first, second = assume(model, "first", 1), assume(model, "second", 2)
         g1 = await land(store, "first", 1)
         g2 = await land(store, "second", 2)
@@ -88,11 +97,9 @@ def test_answers_out_of_order_are_folded_in_generation_order_without_reading_the
 
 
 def test_a_host_moved_by_someone_else_meanwhile_is_read_once_every_answer_is_in(
-    redis_client: aioredis.Redis, arun: Runner
+    store: RedisStateStore, model: LiveCluster, arun: Runner
 ) -> None:
     async def body() -> None:
-        store = RedisStateStore(redis_client)
-        model = await model_of_one_host(store)
         mine = assume(model, "mine", 1)
         # Another replica takes GPU 2 first: the feed shows one change, as
         # far as the one write in flight could take the host.
@@ -111,11 +118,9 @@ def test_a_host_moved_by_someone_else_meanwhile_is_read_once_every_answer_is_in(
 
 
 def test_a_feed_further_ahead_than_the_writes_in_flight_is_read_at_once(
-    redis_client: aioredis.Redis, arun: Runner
+    store: RedisStateStore, model: LiveCluster, arun: Runner
 ) -> None:
     async def body() -> None:
-        store = RedisStateStore(redis_client)
-        model = await model_of_one_host(store)
         assume(model, "mine", 1)
         await land(store, "theirs", 2)
         await land(store, "also-theirs", 3)
@@ -129,11 +134,9 @@ def test_a_feed_further_ahead_than_the_writes_in_flight_is_read_at_once(
 
 
 def test_a_write_whose_answer_was_lost_makes_the_model_read_the_host(
-    redis_client: aioredis.Redis, arun: Runner
+    store: RedisStateStore, model: LiveCluster, arun: Runner
 ) -> None:
     async def body() -> None:
-        store = RedisStateStore(redis_client)
-        model = await model_of_one_host(store)
         mine = assume(model, "mine", 1)
         await land(store, "mine", 1)
         await model.refresh()
