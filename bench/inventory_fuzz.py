@@ -801,9 +801,11 @@ def _check_store(url: str, clients: Sequence[_Client]) -> dict[str, Any]:
                 mismatched.append(host_id)
     # An accepted host brings its shard's change feed, and its guard versions
     # once a report of it changed.
+    # The scheduler replicas keep their roster whatever they are sent.
     allowed = {
         schema.HOSTS,
         schema.LAYOUT,
+        schema.REPLICAS,
         *(schema.host(h) for h in expected),
         *(schema.versions(h) for h in expected),
         *(key for h in expected for key in schema.feed_keys(h)),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 
-from scheduler.core.lifecycle import FAILED, PENDING
 from scheduler.core.validation import MAX_IDENT, shown
 from scheduler.service.convert import Submitted
 from scheduler.service.errors import (
@@ -112,15 +111,18 @@ class RequestClaims:
         if stored is None:
             return None
         placement = placement_pb2.Placement.FromString(stored[1])
-        state = await self._store.placement_state(stored[0], placement_id)
+        # The state as the payload says it: one script writes both, so one
+        # read sees them agree. Reading the state apart could see a later
+        # move than the payload (READY after a payload read while PENDING),
+        # and answer a placement still being prepared as placed.
         request_id = submitted.request.request_id
-        if state == PENDING:
+        if placement.state == placement_pb2.PLACEMENT_STATE_PENDING:
             # Another call with this request_id is carrying it out right now.
             raise PlacementBusyError(
                 f"request {shown(request_id, MAX_IDENT)} is still being prepared on host "
                 f"{placement.host_id} (placement {placement_id}); retry shortly"
             )
-        if state == FAILED:
+        if placement.state == placement_pb2.PLACEMENT_STATE_FAILED:
             raise HostOperationError(
                 f"request {shown(request_id, MAX_IDENT)} failed on host {placement.host_id}: "
                 f"{placement.message}"
