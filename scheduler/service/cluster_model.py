@@ -292,8 +292,11 @@ class LiveCluster:
         base = self._base.get(key)
         if base is None or base.versions.get(guards.INCARNATION, 0) != incarnation:
             return False
-        in_flight = sum(1 for a in self._assumed.get(key, {}).values() if a.landed == 0)
-        return 0 < generation - base.alloc_generation <= in_flight
+        return 0 < generation - base.alloc_generation <= self._in_flight(key)
+
+    def _in_flight(self, key: HostId) -> int:
+        """This replica's commits and releases on a host not answered yet."""
+        return sum(1 for a in self._assumed.get(key, {}).values() if a.landed == 0)
 
     def _settle_awaited(self, key: HostId) -> None:
         """A write in flight on a host the feed showed further answered: is the model there?"""
@@ -309,7 +312,7 @@ class LiveCluster:
             # There, or past it (more of its writes landed since): the feed
             # names the host again for anything else.
             del self._awaiting[key]
-        elif base is None or not any(a.landed == 0 for a in self._assumed.get(key, {}).values()):
+        elif base is None or not self._in_flight(key):
             # Every answer is in and the model is not where the feed was:
             # someone else moved the host too. Read it.
             del self._awaiting[key]
@@ -539,9 +542,7 @@ class LiveCluster:
             base = _landed(base, name, found, found.landed)
             self._base[key] = base
             self._local[key] = base.alloc_generation
-        if any(a.landed > 0 for a in assumed.values()) and not any(
-            a.landed == 0 for a in assumed.values()
-        ):
+        if any(a.landed > 0 for a in assumed.values()) and not self._in_flight(key):
             self._stale.add(key)
 
     def _freeze_if_grown(self) -> None:

@@ -67,12 +67,10 @@ class PlacementMoves:
             # This very move may have landed already: a dropped connection's
             # retry sends it again, and the second run finds the state moved.
             # Only the identical write (same payload, stamped with this call's
-            # time) counts as this move's.
+            # time, its state the move's) counts as this move's: one script
+            # writes the payload and the state together, so the payload read
+            # once says both (a second read of the state could see a later
+            # move and disown this one).
             found = await self._store.get_placement(moved.placement_id)
-            ok = (
-                found is not None
-                and found[1] == payload
-                and await self._store.placement_state(moved.host_id, moved.placement_id)
-                == move.state.value
-            )
+            ok = found is not None and found[1] == payload
         return ok, moved
