@@ -110,13 +110,12 @@ async def _worker(
     warmup: int = WARMUP,
     batches: Sequence[int] = (),
 ) -> dict[str, Any]:
-    import redis.asyncio as aioredis
-
     from bench.engine import SHAPES
     from bench.fleet import build_fleet
     from bench.latency import to_wire
     from scheduler.service.coordinator import Leases, PlacementCoordinator
     from scheduler.service.errors import SchedulerError
+    from scheduler.store.connection import connect_store
     from scheduler.store.embedded import EmbeddedValkey
     from scheduler.store.redis_store import RedisStateStore
 
@@ -133,7 +132,8 @@ async def _worker(
         tempfile.TemporaryDirectory(prefix="tessera-place-server-") as tmp,
         EmbeddedValkey(Path(tmp)) as server,
     ):
-        client = aioredis.Redis.from_url(server.url, decode_responses=False)
+        # The scheduler's own client (its checks, retries and packing).
+        client = await connect_store(server.url)
         store = RedisStateStore(client)
         # No heartbeats in this harness: a lease of a day keeps every host
         # live (the baseline judged leases at each read).

@@ -37,6 +37,7 @@ import redis
 import redis.asyncio as aioredis
 
 from scheduler.store.embedded import EmbeddedValkey
+from scheduler.store.wire import pack_with_hiredis
 
 T = TypeVar("T")
 
@@ -81,7 +82,8 @@ def redis_client(valkey_url: str, arun: Runner) -> Iterator[aioredis.Redis]:
     # and binds to the test's loop on first use.
     with redis.Redis.from_url(valkey_url) as sync_client:
         sync_client.flushdb()
-    client = aioredis.Redis.from_url(valkey_url, decode_responses=False)
+    # Packed by hiredis, as the scheduler's own client is (connect_store).
+    client = pack_with_hiredis(aioredis.Redis.from_url(valkey_url, decode_responses=False))
     try:
         yield client
     finally:

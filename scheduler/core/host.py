@@ -6,18 +6,18 @@ can be shared by concurrent scheduling passes.
 
 from __future__ import annotations
 
-import enum
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from scheduler.core.fast_enum import IdentityHashedEnum
 from scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
 from scheduler.core.mig import GpuInstance, MigProfile
 from scheduler.core.request import DeviceKind, ExclusivityDomain
 
 
-class PciRole(enum.Enum):
+class PciRole(IdentityHashedEnum):
     """Where a function sits in the PCIe hierarchy."""
 
     ENDPOINT = "endpoint"

@@ -13,23 +13,31 @@ Both count: a unit is free only if neither source holds it. Pure.
 
 from __future__ import annotations
 
-import enum
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
 
+from scheduler.core.fast_enum import IdentityHashedEnum
 from scheduler.core.host import GpuView, HostView, MdevParentView, PciFunctionView
-from scheduler.core.identity import IommuGroupNumber, PciAddress, PlacementId, TenantName
+from scheduler.core.identity import IommuGroupNumber, PciAddress, TenantName
 from scheduler.core.mig import GpuInstance
 from scheduler.core.mig_geometry import MigGeometryError, MigLayout
 from scheduler.core.request import ExclusivityDomain
-from scheduler.core.slots import ExclusiveSlot, GroupSlot, MdevSlot, MigSlot, VfSlot, parse_slot
+from scheduler.core.slots import (
+    ExclusiveSlot,
+    GroupSlot,
+    MdevSlot,
+    MigSlot,
+    ParsedSlot,
+    VfSlot,
+    parse_slot,
+)
 from scheduler.core.snapshot import HostState
 
 
-class DeviceMode(enum.Enum):
+class DeviceMode(IdentityHashedEnum):
     """How a physical device is being used; one mode at a time."""
 
     WHOLE = "whole-device"
@@ -194,6 +202,66 @@ def _mig_layouts(
     return layouts, broken
 
 
+@dataclass(frozen=True, slots=True)
+class _SlotFacts:
+    """What one allocation's key means on one host's hardware, worked out once.
+
+    Attributes:
+        slot: the parsed key (None: a key the grammar does not know, held
+            but tied to no device).
+        whole: the functions a whole-group slot puts in whole-device use.
+        vf_function: a VF slot's own function, where the VF exists.
+        domains: the exclusivity domains, the host's aside, of the devices
+            the slot sits on (bridges aside): its tenant is inside each.
+        on_host: the slot sits on some device: its tenant is inside the host.
+    """
+
+    slot: ParsedSlot | None
+    whole: tuple[PciAddress, ...] = ()
+    vf_function: PciAddress | None = None
+    domains: tuple[DomainKey, ...] = ()
+    on_host: bool = False
+
+
+#: (id(view), slot key) -> (the view, the key's facts on it). Views are
+#: immutable and long-lived, and a host's allocations change a few at a
+#: time: most of a rebuild's keys were worked out at the last one. Bounded;
+#: mdev and exclusive keys are unique per placement.
+_FACTS: dict[tuple[int, str], tuple[HostView, _SlotFacts]] = {}
+_FACTS_KEPT = 65_536
+
+
+def _slot_facts(view: HostView, key: str) -> _SlotFacts:
+    """The facts of ``key`` on ``view`` (memoised)."""
+    found = _FACTS.get((id(view), key))
+    if found is not None and found[0] is view:
+        return found[1]
+    slot = parse_slot(key)
+    whole: tuple[PciAddress, ...] = ()
+    vf_function = None
+    if isinstance(slot, GroupSlot):
+        group = view.iommu_groups.get(slot.group)
+        whole = group.members if group is not None else ()
+    elif isinstance(slot, VfSlot):
+        pf = view.sriov_pfs.get(slot.pf)
+        for vf in pf.vfs if pf is not None else ():
+            if vf.index == slot.index:
+                vf_function = vf.address
+    domains: dict[DomainKey, None] = {}
+    on_host = False
+    for address in _devices_of_slot(view, slot):
+        device = view.functions.get(address)
+        if device is None or device.role.is_bridge:
+            continue
+        on_host = True
+        domains.update(dict.fromkeys(device.own_domains))
+    facts = _SlotFacts(slot, whole, vf_function, tuple(domains), on_host)
+    if len(_FACTS) >= _FACTS_KEPT:
+        _FACTS.clear()
+    _FACTS[(id(view), key)] = (view, facts)
+    return facts
+
+
 def build_occupancy(state: HostState) -> Occupancy:
     """Fold a host state's allocations and live objects into an :class:`Occupancy`."""
     view = state.view
@@ -204,44 +272,30 @@ def build_occupancy(state: HostState) -> Occupancy:
     mig_allocated: dict[PciAddress, list[MigSlot]] = {}
     tenants: dict[DomainKey, set[TenantName]] = {}
     exclusive: dict[DomainKey, TenantName] = {}
-    vf_functions: dict[tuple[PciAddress, int], PciAddress] | None = None
-
-    def tenant_of(pid: PlacementId) -> TenantName:
-        # A placement whose tenant the store does not say is some other
-        # tenant: judged as a stranger, never as the requester.
-        return state.tenants.get(pid, TenantName(f"placement:{pid}"))
-
-    # Per device, the tenants with something on it: its domains are worked
-    # out once per device below, not once per allocation.
-    on_device: dict[PciAddress, set[TenantName]] = {}
-
-    def inside(devices: Iterable[PciAddress], tenant: TenantName) -> None:
-        for address in devices:
-            on_device.setdefault(address, set()).add(tenant)
+    on_host: set[TenantName] = set()
+    owners = state.tenants
+    whole_mode, vf_mode = DeviceMode.WHOLE, DeviceMode.VF
 
     for key, pid in state.allocations.items():
-        slot = parse_slot(key)
-        tenant = tenant_of(pid)
+        facts = _slot_facts(view, key)
+        slot = facts.slot
+        # A placement whose tenant the store does not say is some other
+        # tenant: judged as a stranger, never as the requester.
+        tenant = owners.get(pid)
+        if tenant is None:
+            tenant = TenantName(f"placement:{pid}")
         if isinstance(slot, GroupSlot):
             groups.add(slot.group)
-            group = view.iommu_groups.get(slot.group)
-            for member in group.members if group is not None else ():
-                modes[member] = DeviceMode.WHOLE
+            for member in facts.whole:
+                modes[member] = whole_mode
         elif isinstance(slot, VfSlot):
             vfs.setdefault(slot.pf, set()).add(slot.index)
-            modes.setdefault(slot.pf, DeviceMode.VF)
+            modes.setdefault(slot.pf, vf_mode)
             # The VF's own function is in VF use too: nothing else goes on
             # it (an mdev where the VF is an mdev parent, SR-IOV vGPU; a
             # whole-device claim of its group).
-            if vf_functions is None:
-                vf_functions = {
-                    (pf.address, vf.index): vf.address
-                    for pf in view.sriov_pfs.values()
-                    for vf in pf.vfs
-                }
-            vf = vf_functions.get((slot.pf, slot.index))
-            if vf is not None:
-                modes.setdefault(vf, DeviceMode.VF)
+            if facts.vf_function is not None:
+                modes.setdefault(facts.vf_function, vf_mode)
         elif isinstance(slot, MdevSlot):
             mdev_uuids.setdefault(slot.parent, {})[slot.uuid] = slot.type_id
             modes.setdefault(slot.parent, DeviceMode.MDEV)
@@ -250,16 +304,14 @@ def build_occupancy(state: HostState) -> Occupancy:
             modes.setdefault(slot.gpu, DeviceMode.MIG)
         elif isinstance(slot, ExclusiveSlot):
             exclusive[(slot.domain, slot.instance)] = tenant
-        inside(_devices_of_slot(view, slot), tenant)
-
-    on_host: set[TenantName] = set()
-    for address, present in on_device.items():
-        device = view.functions.get(address)
-        if device is None or device.role.is_bridge:
-            continue
-        for domain in device.own_domains:
-            tenants.setdefault(domain, set()).update(present)
-        on_host |= present
+        for domain in facts.domains:
+            inside = tenants.get(domain)
+            if inside is None:
+                tenants[domain] = {tenant}
+            else:
+                inside.add(tenant)
+        if facts.on_host:
+            on_host.add(tenant)
     if on_host:
         tenants[(ExclusivityDomain.HOST, view.host_id)] = on_host
 

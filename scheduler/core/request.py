@@ -6,10 +6,11 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from scheduler.core.fast_enum import IdentityHashedEnum
 from scheduler.core.identity import RequestId, TenantName
 
 
-class DeviceKind(enum.Enum):
+class DeviceKind(IdentityHashedEnum):
     """The kind of device a claim wants."""
 
     GPU = "gpu"
@@ -17,7 +18,7 @@ class DeviceKind(enum.Enum):
     ACCELERATOR = "accelerator"
 
 
-class DeviceForm(enum.Enum):
+class DeviceForm(IdentityHashedEnum):
     """A shape a claim may take."""
 
     WHOLE_DEVICE = "whole-device"
@@ -60,7 +61,7 @@ class AffinityScope(enum.Enum):
     SAME_NUMA_NODE = "same-numa-node"
 
 
-class ExclusivityDomain(enum.Enum):
+class ExclusivityDomain(IdentityHashedEnum):
     """The tenant's exclusive blast radius."""
 
     NONE = "none"

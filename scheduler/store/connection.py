@@ -56,6 +56,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from scheduler.store.safety import cluster_info_field
+from scheduler.store.wire import pack_with_hiredis
 
 log = logging.getLogger("tessera.store")
 
@@ -586,7 +587,7 @@ async def connect_store(
             "this server is one node of a Redis Cluster: use redis+cluster:// (or rediss+cluster://)",
             target.password,
         )
-    return aioredis.Redis.from_url(
+    client = aioredis.Redis.from_url(
         target.url,
         decode_responses=False,
         # After a Redis restart or failover every pooled connection is dead:
@@ -596,3 +597,4 @@ async def connect_store(
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=6),
         **extra,
     )
+    return pack_with_hiredis(client)

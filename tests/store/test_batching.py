@@ -12,7 +12,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from scheduler.store.batching import MAX_BATCH, ScriptBatcher
+from scheduler.store.batching import MAX_BATCH, MAX_IN_FLIGHT, ScriptBatcher
 
 from ..conftest import Runner
 
@@ -145,5 +145,71 @@ def test_a_server_that_lost_its_scripts_under_a_batch_still_answers_every_caller
         finally:
             await client.aclose()
             await admin.aclose()
+
+    arun(body())
+
+
+def test_a_batch_is_one_round_trip_and_a_script_the_server_lacks_is_loaded(
+    valkey_url: str, arun: Runner
+) -> None:
+    """No SCRIPT EXISTS before each batch; NOSCRIPT (a fresh server) loads it once."""
+
+    async def body() -> None:
+        client = aioredis.Redis.from_url(valkey_url)
+        try:
+            await client.delete("fresh")
+            await client.script_flush()
+            await client.config_resetstat()
+            batcher = ScriptBatcher(client)
+            append = client.register_script(APPEND + "-- fresh\n")
+            for turn in range(3):
+                replies = await asyncio.gather(
+                    *(batcher.run(append, keys=["fresh"], args=[str(i)]) for i in range(20))
+                )
+                assert sorted(replies) == list(range(20 * turn + 1, 20 * turn + 21))
+            stats = await client.info("commandstats")
+            assert "cmdstat_script|exists" not in stats
+            assert stats["cmdstat_script|load"]["calls"] <= 20
+        finally:
+            await client.aclose()
+
+    arun(body())
+
+
+def test_calls_made_while_sends_are_under_way_wait_and_leave_together(
+    redis_client: aioredis.Redis, arun: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_IN_FLIGHT sends, later turns' calls join one pipeline, not one each."""
+    # Holds the server for some milliseconds (TIME is frozen inside a script,
+    # so it counts instead): the sends before it stay under way meanwhile.
+    slow = "local n = 0\nfor i = 1, 3000000 do n = n + i end\nreturn 0"
+    sizes: list[int] = []
+    execute = Pipeline.execute
+
+    async def counted(self: Pipeline, raise_on_error: bool = True) -> Any:
+        sizes.append(len(self.command_stack))
+        return await execute(self, raise_on_error)
+
+    monkeypatch.setattr(Pipeline, "execute", counted)
+
+    async def body() -> None:
+        batcher = ScriptBatcher(redis_client)
+        hold = redis_client.register_script(slow)
+        append = redis_client.register_script(APPEND)
+        await append(keys=["warm"], args=["0"])  # the script cache holds both
+        await hold(keys=["h"], args=[])
+        calls = [asyncio.ensure_future(batcher.run(hold, keys=["h"], args=[]))]  # alone
+        await asyncio.sleep(0)
+        for turn in range(1, 2 + MAX_IN_FLIGHT + 3):
+            calls += [
+                asyncio.ensure_future(batcher.run(append, keys=["w"], args=[f"{turn}.{i}"]))
+                for i in range(3)
+            ]
+            await asyncio.sleep(0)
+        replies = await asyncio.gather(*calls)
+        assert sorted(replies[1:]) == list(range(1, len(calls)))
+        # The first turn's calls went beside the lone call; the later turns'
+        # waited for a send to answer and left in one pipeline.
+        assert sizes == [3] * (MAX_IN_FLIGHT - 1) + [len(calls) - 1 - 3 * (MAX_IN_FLIGHT - 1)]
 
     arun(body())

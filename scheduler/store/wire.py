@@ -1,0 +1,93 @@
+"""Commands packed for the wire by hiredis's C packer, not redis-py's Python one.
+
+redis-py's asyncio connections encode every argument and build each command
+in Python (its synchronous client uses hiredis when installed, its asyncio
+client does not). A replica under load sends a few scripts per placement,
+each with a dozen or more arguments (slot keys, versions, the placement), and
+that packing took about a tenth of the scheduler's time. hiredis (already
+the reply parser) packs the same bytes in C.
+
+Arguments redis-py would refuse (None, a bool, a nested list) are refused
+here too, with redis-py's own :class:`~redis.exceptions.DataError`. The
+cluster client keeps redis-py's packing: its nodes' connection class is
+fixed inside redis-py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.exceptions import DataError
+
+
+class _PackedByHiredis(AbstractConnection):
+    """A connection whose commands hiredis packs (mixed in before redis-py's class)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        """One command in the Redis protocol, as redis-py's ``pack_command`` returns it."""
+        # As redis-py does: a command name with spaces ("CONFIG GET") is
+        # sent as separate words.
+        head = args[0]
+        if isinstance(head, str):
+            args = (*head.encode().split(), *args[1:])
+        elif b" " in head:
+            args = (*head.split(), *args[1:])
+        if any(isinstance(arg, bool | bytearray) for arg in args):
+            args = tuple(map(_as_hiredis_takes, args))
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as err:
+            raise DataError(str(err)) from None
+
+
+def _as_hiredis_takes(arg: Any) -> Any:
+    """An argument as redis-py would send it, in a type hiredis packs."""
+    if isinstance(arg, bool):
+        # hiredis would send True as 1; redis-py refuses it (so do we).
+        raise DataError("a bool is not a valid Redis argument; convert it first")
+    if isinstance(arg, bytearray):
+        return bytes(arg)
+    return arg
+
+
+class _TcpConnection(_PackedByHiredis, Connection):
+    """TCP, packed by hiredis."""
+
+
+class _TlsConnection(_PackedByHiredis, SSLConnection):
+    """TLS, packed by hiredis."""
+
+
+class _UnixConnection(_PackedByHiredis, UnixDomainSocketConnection):
+    """Unix socket, packed by hiredis."""
+
+
+_PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: _TcpConnection,
+    SSLConnection: _TlsConnection,
+    UnixDomainSocketConnection: _UnixConnection,
+}
+
+
+def pack_with_hiredis(client: aioredis.Redis) -> aioredis.Redis:
+    """Have a one-server client's new connections pack commands with hiredis.
+
+    Connections already open keep packing in Python (they are equivalent on
+    the wire). A connection class other than redis-py's three is left alone.
+
+    Returns:
+        ``client``, for chaining.
+    """
+    pool = client.connection_pool
+    packed = _PACKED.get(pool.connection_class)
+    if packed is not None:
+        pool.connection_class = packed
+    return client
