@@ -12,8 +12,11 @@ way, later calls wait for one of them to answer and leave together (a turn
 under load holds only a few calls: batches of 7 on average, 20 this way,
 each call's share of a send's cost smaller).
 
-Each script still runs atomically on the server, in the order called; a
-pipeline is not a transaction, so one failing script does not undo another.
+Each script still runs atomically on the server. The calls of one send run
+in the order called; two sends under way at once (each on its own
+connection) may run in either order, so a caller that needs its write after
+another's waits for that one's answer first (the plan applier does). A
+pipeline is not a transaction: one failing script does not undo another.
 A call whose caller is cancelled after making it is sent all the same (as a
 command already written would be): callers that must know the outcome of a
 write shield it, as the plan applier does for commits.
