@@ -70,6 +70,22 @@ class HostChanges(Protocol):
         ...
 
 
+@dataclass(frozen=True, eq=False)
+class Derivation:
+    """Where a derived snapshot came from: its parent's hosts, and the hosts it changed.
+
+    Attributes:
+        parent: the parent snapshot's ``hosts`` mapping. A plain mapping
+            refers to no snapshot, so a chain of derived snapshots (a batch
+            plans thousands in a row) keeps one generation back alive, not
+            every ancestor.
+        changed: the hosts whose state differs from the parent's.
+    """
+
+    parent: Mapping[HostId, HostState]
+    changed: tuple[HostId, ...]
+
+
 @dataclass(frozen=True)
 class ClusterSnapshot:
     """Every host's state, read at one moment.
@@ -81,11 +97,23 @@ class ClusterSnapshot:
         changes: the live model it was taken from, or None (a snapshot read
             whole, or derived by :func:`with_reservation`). Results never
             depend on it: it only lets memos skip hosts that did not change.
+        derived: for a snapshot derived from another (:func:`with_reservation`,
+            :func:`with_release`), what it changed; like ``changes``, only a
+            hint for memos.
     """
 
     hosts: Mapping[HostId, HostState]
     revision: int = 0
     changes: HostChanges | None = field(default=None, compare=False, repr=False)
+    derived: Derivation | None = field(default=None, compare=False, repr=False)
+
+
+def _derived(snapshot: ClusterSnapshot, host_id: HostId, updated: HostState) -> ClusterSnapshot:
+    """``snapshot`` with one host's state replaced, saying so."""
+    return ClusterSnapshot(
+        hosts={**snapshot.hosts, host_id: updated},
+        derived=Derivation(snapshot.hosts, (host_id,)),
+    )
 
 
 def with_reservation(
@@ -119,7 +147,7 @@ def with_reservation(
             new_tenant=tenant not in state.tenants.values(),
         ),
     )
-    return ClusterSnapshot(hosts={**snapshot.hosts, host_id: updated})
+    return _derived(snapshot, host_id, updated)
 
 
 def with_release(
@@ -150,4 +178,4 @@ def with_release(
         planned=(*state.planned, PlacementId(f"released:{placement_id}")),
         versions=guards.bumped(state.versions, guards.changed_by(state.view, held)),
     )
-    return ClusterSnapshot(hosts={**snapshot.hosts, host_id: updated})
+    return _derived(snapshot, host_id, updated)

@@ -39,8 +39,8 @@ from fractions import Fraction
 
 from ortools.sat.python import cp_model
 
-from scheduler.core.engine.fastpath import Engine, HostFit, build_plan, unschedulable
-from scheduler.core.engine.framework import Pick
+from scheduler.core.engine.fastpath import Engine, HostFit, build_plan, fit_key, unschedulable
+from scheduler.core.engine.framework import Pick, Rejections
 from scheduler.core.engine.plugins import free_vfs
 from scheduler.core.host import HostView, domain_instance
 from scheduler.core.identity import HostId, PciAddress, PlacementId, RequestId, TenantName
@@ -328,12 +328,21 @@ def solve_batch(
     columns = batch.columns
     reasons: dict[int, Unschedulable] = {}
     load: dict[HostId, int] = defaultdict(int)
+    # Alike requests (the same fit key) get the same fits: worked out once.
+    fits_of: dict[tuple[object, ...], tuple[list[HostFit], Rejections]] = {}
     if settings.use_solver:
         for i in order:
             request = requests[i]
-            found, rejections = engine.candidates(snapshot, request, settings.hosts_per_request * 4)
+            alike = fit_key(request)
+            if alike not in fits_of:
+                fits_of[alike] = engine.candidates(
+                    snapshot, request, settings.hosts_per_request * 4
+                )
+            fits, rejections = fits_of[alike]
             # Spread: hosts already holding many columns come after fresh ones.
-            found.sort(key=lambda f: (load[f.state.view.host_id], -f.score, f.state.view.host_id))
+            found = sorted(
+                fits, key=lambda f: (load[f.state.view.host_id], -f.score, f.state.view.host_id)
+            )
             for fit in found[: settings.hosts_per_request]:
                 load[fit.state.view.host_id] += 1
                 columns.append(_Column(i, fit))

@@ -275,6 +275,43 @@ class _HardwareClass:
         return found
 
 
+#: A class's first host in one order, as a request's walk starts from it:
+#: (entry, class uid, position in the class's list).
+_Head = tuple[_OrderEntry, int, int]
+
+
+class _Heads:
+    """Each live class's first host in one order, kept sorted.
+
+    A request walks the hosts of every class in one merged order, starting
+    from a heap of the classes' first hosts. A sorted list is a valid heap:
+    kept sorted as hosts change (a few per plan), a request copies it rather
+    than heapifying hundreds of classes' heads every time.
+    """
+
+    def __init__(self, heads: Iterable[_Head]) -> None:
+        self._by_class = {head[1]: head for head in heads}
+        self._sorted = sorted(self._by_class.values())
+
+    def set(self, head: _Head) -> None:
+        """A class's first host is now ``head``."""
+        old = self._by_class.get(head[1])
+        if old is not None:
+            del self._sorted[bisect_left(self._sorted, old)]
+        self._by_class[head[1]] = head
+        insort(self._sorted, head)
+
+    def drop(self, uid: int) -> None:
+        """A class has no hosts left."""
+        old = self._by_class.pop(uid, None)
+        if old is not None:
+            del self._sorted[bisect_left(self._sorted, old)]
+
+    def heap(self) -> list[_Head]:
+        """A fresh heap of the heads, for one request's walk."""
+        return self._sorted.copy()
+
+
 @dataclass
 class Engine:
     """Places requests on a cluster snapshot.
@@ -328,9 +365,7 @@ class Engine:
     _live: dict[int, _HardwareClass] = field(default_factory=dict, repr=False)
     # Per order key, the first entry of each live class's list: the heap a
     # request starts from, kept up to date as hosts change.
-    _heads: dict[_OrderKey, dict[int, tuple[_OrderEntry, int, int]]] = field(
-        default_factory=dict, repr=False
-    )
+    _heads: dict[_OrderKey, _Heads] = field(default_factory=dict, repr=False)
     _class_count: int = field(default=0, repr=False)
     _judged_count: int = field(default=0, repr=False)
     # Occupancy and tenancy signatures, interned to small ints.
@@ -498,17 +533,24 @@ class Engine:
     def _sync(self, snapshot: ClusterSnapshot) -> None:
         """Bring the indexes to the snapshot, visiting only hosts that changed.
 
-        From a snapshot of the live model synced last: the hosts the model
-        says changed since, plus those synced from other snapshots since.
-        Otherwise a diff against the last snapshot synced, by identity of
-        host states (derived snapshots share every state but one).
+        From a snapshot derived from the one synced last (a batch's or a
+        gang's plans in a row): the hosts it changed. From a snapshot of the
+        live model synced last: the hosts the model says changed since, plus
+        those synced from other snapshots since. Otherwise a diff against the
+        last snapshot synced, by identity of host states.
         """
         hosts = snapshot.hosts
         if hosts is self._synced:
             return
         model = snapshot.changes
         changed: Iterable[HostId] | None = None
-        if model is not None and model is self._model:
+        derived = snapshot.derived
+        if derived is not None and derived.parent is self._synced:
+            # Derived from the mapping synced last: only the hosts it changed.
+            changed = derived.changed
+            self._dirty.update(changed)
+            self._keys = None
+        elif model is not None and model is self._model:
             since = model.changed_since(self._model_revision)
             if since is not None:
                 changed = set(since) | self._dirty
@@ -583,12 +625,12 @@ class Engine:
             entry = _order_entry(key, index, host_id, rank)
             insort(entries, entry)
             if entries[0] is entry:
-                self._heads[key][cls.uid] = (entry, cls.uid, 0)
+                self._heads[key].set((entry, cls.uid, 0))
         if cls.uid not in self._live:
             # A class with hosts again: it joins every request's heap.
             self._live[cls.uid] = cls
             for key, heads in self._heads.items():
-                heads[cls.uid] = (cls.order(key, self._rank)[0], cls.uid, 0)
+                heads.set((cls.order(key, self._rank)[0], cls.uid, 0))
 
     def _unplace(self, host_id: HostId, index: _HostIndex) -> None:
         cls = index.hardware
@@ -596,13 +638,13 @@ class Engine:
         if not cls.members:
             del self._live[cls.uid]
             for heads in self._heads.values():
-                heads.pop(cls.uid, None)
+                heads.drop(cls.uid)
         rank = self._rank(host_id)
         for key, entries in cls.orders.items():
             at = bisect_left(entries, _order_entry(key, index, host_id, rank))
             del entries[at]
             if at == 0 and entries:
-                self._heads[key][cls.uid] = (entries[0], cls.uid, 0)
+                self._heads[key].set((entries[0], cls.uid, 0))
 
     # ------------------------------------------------------------ one host
 
@@ -865,10 +907,9 @@ class Engine:
         live = self._live
         heads = self._heads.get(key)
         if heads is None:
-            heads = {uid: (cls.order(key, self._rank)[0], uid, 0) for uid, cls in live.items()}
+            heads = _Heads((cls.order(key, self._rank)[0], uid, 0) for uid, cls in live.items())
             self._heads[key] = heads
-        heap = list(heads.values())
-        heapq.heapify(heap)
+        heap = heads.heap()
         never: set[int] = set()
         while heap:
             entry, uid, at = heap[0]
@@ -975,6 +1016,21 @@ def _tie_break(salt: str, host_id: str) -> tuple[int, str]:
 def _static_shape(request: PlacementRequest) -> tuple[object, ...]:
     """What of a request an empty host's hardware decides: claims and topology."""
     return (request.claims, request.numa_policy, request.affinities)
+
+
+def fit_key(request: PlacementRequest) -> tuple[object, ...]:
+    """What of a request its fits depend on: its claims and topology, who asks, and where.
+
+    Two requests with equal keys (their ids and priorities aside) get the
+    same :meth:`Engine.candidates` from one snapshot: a batch of many alike
+    requests works their candidates out once.
+    """
+    return (
+        _static_shape(request),
+        request.exclusivity,
+        request.tenant,
+        tuple(sorted(request.host_selector.items())),
+    )
 
 
 def _order_key(request: PlacementRequest) -> _OrderKey:

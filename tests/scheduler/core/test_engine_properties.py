@@ -29,14 +29,14 @@ and accounts for every request exactly once.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from scheduler.core.checker import check_placements
 from scheduler.core.engine.batch import BatchSettings, solve_batch
-from scheduler.core.engine.fastpath import Engine
+from scheduler.core.engine.fastpath import Engine, fit_key
 from scheduler.core.host import (
     GpuView,
     HostView,
@@ -422,6 +422,17 @@ def streams(draw: st.DrawFn, max_size: int) -> list[PlacementRequest]:
     return [draw(requests(i)) for i in range(draw(st.integers(1, max_size)))]
 
 
+@st.composite
+def twin_streams(draw: st.DrawFn, max_size: int) -> list[PlacementRequest]:
+    """Requests alike but for their ids and priorities (a batch's common case)."""
+    stream: list[PlacementRequest] = []
+    for base in draw(streams(max(1, max_size // 2))):
+        for _ in range(draw(st.integers(1, 3))):
+            priority = draw(st.integers(0, 3))
+            stream.append(replace(base, request_id=RequestId(f"r{len(stream)}"), priority=priority))
+    return stream[:max_size]
+
+
 # --- properties ---------------------------------------------------------------
 
 
@@ -480,7 +491,7 @@ def _weighted_placed(requests: Sequence[PlacementRequest], placed: set[RequestId
 
 
 @settings(SLOW, max_examples=BATCH_EXAMPLES)
-@given(start=clusters(), stream=streams(6), data=st.data())
+@given(start=clusters(), stream=st.one_of(streams(6), twin_streams(6)), data=st.data())
 def test_a_batch_is_valid_whole_gangs_and_no_worse_than_greedy(
     start: ClusterSnapshot, stream: Sequence[PlacementRequest], data: st.DataObject
 ) -> None:
@@ -523,6 +534,24 @@ def test_a_batch_is_valid_whole_gangs_and_no_worse_than_greedy(
     assert _weighted_placed(stream, set(result.plans)) >= _weighted_placed(
         stream, set(greedy.plans)
     )
+
+
+@settings(SLOW, max_examples=SEQUENTIAL_EXAMPLES // 2)
+@given(start=clusters(), request=requests(0), priority=st.integers(0, 3))
+def test_requests_alike_but_for_id_and_priority_get_the_same_fits(
+    start: ClusterSnapshot, request: PlacementRequest, priority: int
+) -> None:
+    """What a batch relies on to work out alike requests' candidates once (fit_key)."""
+    twin = replace(request, request_id=RequestId("twin"), priority=priority)
+    assert fit_key(twin) == fit_key(request)
+    engine = Engine()
+    engine.schedule(start, request)  # a warm engine, memos and all
+    found, seen = engine.candidates(start, request, 12)
+    twin_found, twin_seen = Engine().candidates(start, twin, 12)
+    assert [(f.state.view.host_id, f.picks, f.score) for f in found] == [
+        (f.state.view.host_id, f.picks, f.score) for f in twin_found
+    ]
+    assert seen.as_tuple() == twin_seen.as_tuple()
 
 
 # --- a known bug, pinned down ---------------------------------------------------
