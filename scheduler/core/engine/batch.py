@@ -149,11 +149,17 @@ def _weights(requests: Sequence[PlacementRequest]) -> list[int]:
 
 def _greedy(
     batch: _Batch, order: Sequence[int]
-) -> tuple[dict[int, HostFit], dict[int, Unschedulable]]:
-    """Place in order on an evolving snapshot; gangs all or nothing."""
+) -> tuple[dict[int, HostFit], dict[int, Unschedulable], dict[int, Plan]]:
+    """Place in order on an evolving snapshot; gangs all or nothing.
+
+    Returns:
+        Per placed request its fit and its plan (in the order placed), and
+        per refused request why.
+    """
     engine, requests, gangs, gang_of = batch.engine, batch.requests, batch.gangs, batch.gang_of
     snapshot = batch.snapshot
     fits: dict[int, HostFit] = {}
+    plans: dict[int, Plan] = {}
     refused: dict[int, Unschedulable] = {}
     done: set[int] = set()
     current = snapshot
@@ -164,6 +170,7 @@ def _greedy(
         members = [m for m in order if m in gangs[gang]] if gang else [i]
         trial = current
         placed: dict[int, HostFit] = {}
+        planned: dict[int, Plan] = {}
         failed: Unschedulable | None = None
         for m in members:
             request = requests[m]
@@ -173,13 +180,14 @@ def _greedy(
                 break
             best = min(found, key=lambda f: (-f.score, f.state.view.host_id))
             placed[m] = best
-            plan = build_plan(best, request)
+            plan = planned[m] = build_plan(best, request)
             trial = with_reservation(
                 trial, plan.host_id, plan.slots, _pseudo_id(request), request.tenant
             )
         done.update(members)
         if failed is None:
             fits.update(placed)
+            plans.update(planned)
             current = trial
         elif not gang:
             refused[i] = failed
@@ -189,7 +197,7 @@ def _greedy(
                     f"gang {gang!r} cannot be placed whole: {failed.summary}",
                     (*failed.rejections, Rejection("batch", REASON_GANG_INCOMPLETE, 1, gang)),
                 )
-    return fits, refused
+    return fits, refused, plans
 
 
 def _pseudo_id(request: PlacementRequest) -> PlacementId:
@@ -322,7 +330,7 @@ def solve_batch(
     order = sorted(range(len(requests)), key=lambda i: (-requests[i].priority, i))
     weights = _weights(requests)
     batch = _Batch(engine, snapshot, requests, gang_of, gangs, started)
-    greedy, refused = _greedy(batch, order)
+    greedy, refused, greedy_plans = _greedy(batch, order)
 
     # Candidate columns against the starting state.
     columns = batch.columns
@@ -357,10 +365,13 @@ def solve_batch(
     greedy_objective = sum(weights[i] + quality[greedy_columns[i]] for i in greedy)
 
     def greedy_stands(bound: int) -> BatchResult:
+        # Without gangs the greedy placed in the order plans are made in, on
+        # the same evolving snapshot: its plans are those, already made.
         return _finish(
             batch, [greedy_columns[i] for i in greedy], refused,
             objective=greedy_objective, bound=bound,
             greedy_objective=greedy_objective, status="GREEDY",
+            made=None if gangs else greedy_plans,
         )  # fmt: skip
 
     if not settings.use_solver or not columns:
@@ -539,14 +550,31 @@ def _finish(
     bound: int,
     greedy_objective: int,
     status: str,
+    made: Mapping[int, Plan] | None = None,
 ) -> BatchResult:
-    """Concretize chosen columns host by host and say why the rest are out."""
+    """Concretize chosen columns host by host and say why the rest are out.
+
+    Args:
+        batch: the batch.
+        chosen: the columns placed.
+        unplaced: why requests left out were refused, where known.
+        objective: the chosen solution's objective.
+        bound: the solver's bound on it.
+        greedy_objective: the greedy seed's objective.
+        status: how the solution was found.
+        made: per request, its plan made already in the order below on the
+            same evolving snapshot (the greedy's, where it stands): taken
+            as it is.
+    """
     requests, columns, gangs, gang_of = batch.requests, batch.columns, batch.gangs, batch.gang_of
     current = batch.snapshot
     plans: dict[RequestId, Plan] = {}
     order = sorted(
         chosen, key=lambda c: (-requests[columns[c].request].priority, columns[c].request)
     )
+    if made is not None:
+        plans = {requests[i].request_id: plan for i, plan in made.items()}
+        order = []
     for c in order:
         col = columns[c]
         request = requests[col.request]
