@@ -65,17 +65,21 @@ class ScriptBatcher:
         With nothing else under way it goes at once, alone: batching pays
         only when calls crowd, and a lone call would otherwise wait a turn.
         """
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # Another event loop (a test's): what was under way on the old
+            # one will never answer here, and must not hold calls back.
+            self._loop, self._queue, self._flush_due = loop, [], False
+            self._sending, self._alone = set(), 0
         if not self._queue and not self._sending and not self._alone:
             self._alone += 1
             try:
                 return await script(keys=keys, args=args)
             finally:
-                self._alone -= 1
-                self._schedule()
-        loop = asyncio.get_running_loop()
+                if self._loop is loop:
+                    self._alone -= 1
+                    self._schedule()
         future: asyncio.Future[Any] = loop.create_future()
-        if self._loop is not loop:
-            self._loop, self._queue, self._flush_due = loop, [], False
         self._queue.append((script, keys, args, future))
         self._schedule()
         return await future

@@ -217,3 +217,29 @@ def test_calls_made_while_sends_are_under_way_wait_and_leave_together(
         assert sizes == [3] * (MAX_IN_FLIGHT - 1) + [len(calls) - 1 - 3 * (MAX_IN_FLIGHT - 1)]
 
     arun(body())
+
+
+def test_a_new_event_loop_is_not_held_back_by_sends_left_on_an_old_one(valkey_url: str) -> None:
+    """Sends left under way when a loop stopped never answer: a later loop's calls still leave."""
+    client = aioredis.Redis.from_url(valkey_url)
+    batcher = ScriptBatcher(client)
+    append = client.register_script(APPEND)
+    first = asyncio.new_event_loop()
+    left = [
+        first.create_task(batcher.run(append, keys=["l"], args=[str(i)]))
+        for i in range(MAX_IN_FLIGHT * 3)
+    ]
+    first.run_until_complete(asyncio.sleep(0))  # the calls are under way, none answered
+    assert not any(call.done() for call in left)
+
+    async def later() -> list[Any]:
+        return await asyncio.wait_for(
+            asyncio.gather(*(batcher.run(append, keys=["m"], args=["x"]) for _ in range(5))),
+            timeout=5,
+        )
+
+    assert sorted(asyncio.run(later())) == [1, 2, 3, 4, 5]
+    for call in left:
+        call.cancel()
+    first.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+    first.close()
