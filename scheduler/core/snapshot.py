@@ -129,11 +129,22 @@ def with_reservation(
     touch move on, exactly as the commit script bumps them; used to plan
     several requests in a row without a store.
     """
-    state = snapshot.hosts[host_id]
+    updated = reserved(snapshot.hosts[host_id], slots, placement_id, tenant)
+    return _derived(snapshot, host_id, updated)
+
+
+def reserved(
+    state: HostState, slots: tuple[SlotKey, ...], placement_id: PlacementId, tenant: TenantName
+) -> HostState:
+    """A host's state after a reservation commits on it (see :func:`with_reservation`).
+
+    For a caller that follows a few hosts through many reservations and
+    needs no whole snapshot of each step.
+    """
     allocations = dict(state.allocations)
     for slot in slots:
         allocations[slot] = placement_id
-    updated = HostState(
+    return HostState(
         view=state.view,
         alloc_generation=state.alloc_generation + 1,
         allocations=allocations,
@@ -147,7 +158,6 @@ def with_reservation(
             new_tenant=tenant not in state.tenants.values(),
         ),
     )
-    return _derived(snapshot, host_id, updated)
 
 
 def with_release(

@@ -48,7 +48,7 @@ from scheduler.core.mig_geometry import DEFAULT_INSTANCE_LIMITS
 from scheduler.core.occupancy import DOMAINS, mdev_free
 from scheduler.core.plan import Plan, Rejection, Unschedulable
 from scheduler.core.request import DeviceForm, ExclusivityDomain, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, with_reservation
+from scheduler.core.snapshot import ClusterSnapshot, HostState, reserved, with_reservation
 
 #: Named reasons of requests a batch leaves unplaced.
 REASON_OUTCOMPETED = "outcompeted"
@@ -567,7 +567,9 @@ def _finish(
             as it is.
     """
     requests, columns, gangs, gang_of = batch.requests, batch.columns, batch.gangs, batch.gang_of
-    current = batch.snapshot
+    # The hosts as the plans so far leave them: only those, not a snapshot
+    # of the whole cluster per plan.
+    current: dict[HostId, HostState] = {}
     plans: dict[RequestId, Plan] = {}
     order = sorted(
         chosen, key=lambda c: (-requests[columns[c].request].priority, columns[c].request)
@@ -579,7 +581,7 @@ def _finish(
         col = columns[c]
         request = requests[col.request]
         host = col.fit.state.view.host_id
-        state = current.hosts[host]
+        state = current[host] if host in current else batch.snapshot.hosts[host]
         # The same picks on the host as the batch left it so far: VF indexes
         # and mdev UUIDs are drawn afresh, distinct from earlier plans.
         picks = tuple(
@@ -590,7 +592,7 @@ def _finish(
         )
         plan = build_plan(HostFit(state, picks, col.fit.score, col.fit.reasons), request)
         plans[request.request_id] = plan
-        current = with_reservation(current, host, plan.slots, _pseudo_id(request), request.tenant)
+        current[host] = reserved(state, plan.slots, _pseudo_id(request), request.tenant)
     out: dict[RequestId, Unschedulable] = {}
     for i, request in enumerate(requests):
         if request.request_id in plans:
