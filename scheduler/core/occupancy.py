@@ -237,19 +237,17 @@ def _slot_facts(view: HostView, key: str) -> _SlotFacts:
     if found is not None and found[0] is view:
         return found[1]
     slot = parse_slot(key)
-    whole: tuple[PciAddress, ...] = ()
+    devices = _devices_of_slot(view, slot)
+    whole = devices if isinstance(slot, GroupSlot) else ()
     vf_function = None
-    if isinstance(slot, GroupSlot):
-        group = view.iommu_groups.get(slot.group)
-        whole = group.members if group is not None else ()
-    elif isinstance(slot, VfSlot):
+    if isinstance(slot, VfSlot):
         pf = view.sriov_pfs.get(slot.pf)
         for vf in pf.vfs if pf is not None else ():
             if vf.index == slot.index:
                 vf_function = vf.address
     domains: dict[DomainKey, None] = {}
     on_host = False
-    for address in _devices_of_slot(view, slot):
+    for address in devices:
         device = view.functions.get(address)
         if device is None or device.role.is_bridge:
             continue

@@ -500,6 +500,16 @@ _WIRE_STATES: Mapping[PlacementState, placement_pb2.PlacementState.ValueType] = 
 }
 
 
+_STATES_ON_WIRE: Mapping[placement_pb2.PlacementState.ValueType, PlacementState] = {
+    wire: state for state, wire in _WIRE_STATES.items()
+}
+
+
+def state_of(placement: placement_pb2.Placement) -> PlacementState | None:
+    """The lifecycle state a placement says it is in (None: no state it names)."""
+    return _STATES_ON_WIRE.get(placement.state)
+
+
 def with_state(
     placement: placement_pb2.Placement, state: PlacementState, message: str, now_ms: int
 ) -> placement_pb2.Placement:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import uuid
 
+from scheduler.core.lifecycle import FAILED, PENDING
 from scheduler.core.validation import MAX_IDENT, shown
-from scheduler.service.convert import Submitted
+from scheduler.service.convert import Submitted, state_of
 from scheduler.service.errors import (
     ContentionError,
     HostOperationError,
@@ -116,13 +117,14 @@ class RequestClaims:
         # move than the payload (READY after a payload read while PENDING),
         # and answer a placement still being prepared as placed.
         request_id = submitted.request.request_id
-        if placement.state == placement_pb2.PLACEMENT_STATE_PENDING:
+        state = state_of(placement)
+        if state is PENDING:
             # Another call with this request_id is carrying it out right now.
             raise PlacementBusyError(
                 f"request {shown(request_id, MAX_IDENT)} is still being prepared on host "
                 f"{placement.host_id} (placement {placement_id}); retry shortly"
             )
-        if placement.state == placement_pb2.PLACEMENT_STATE_FAILED:
+        if state is FAILED:
             raise HostOperationError(
                 f"request {shown(request_id, MAX_IDENT)} failed on host {placement.host_id}: "
                 f"{placement.message}"

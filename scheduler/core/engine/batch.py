@@ -571,12 +571,13 @@ def _finish(
     # of the whole cluster per plan.
     current: dict[HostId, HostState] = {}
     plans: dict[RequestId, Plan] = {}
-    order = sorted(
-        chosen, key=lambda c: (-requests[columns[c].request].priority, columns[c].request)
-    )
     if made is not None:
         plans = {requests[i].request_id: plan for i, plan in made.items()}
-        order = []
+    order = (
+        sorted(chosen, key=lambda c: (-requests[columns[c].request].priority, columns[c].request))
+        if made is None
+        else []
+    )
     for c in order:
         col = columns[c]
         request = requests[col.request]
