@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,13 +161,7 @@ def plan_offline(
     requests = parsed_requests(messages)
     settings = settings or BatchSettings(workers=1, seed=0)
     if sequential:
-        settings = BatchSettings(
-            time_limit_s=settings.time_limit_s,
-            workers=settings.workers,
-            seed=settings.seed,
-            hosts_per_request=settings.hosts_per_request,
-            use_solver=False,
-        )
+        settings = replace(settings, use_solver=False)
     gang_of = {RequestId(m.request_id): m.gang for m in messages if m.gang}
     result = solve_batch(Engine(), snapshot_of(inventories), requests, settings, gang_of)
     by_id = {m.request_id: m for m in messages}

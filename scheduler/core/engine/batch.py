@@ -19,7 +19,9 @@ whole host for a gang). A batch is solved jointly instead:
    through exclusivity domains.
 4. **Objective.** Placed priority first (lexicographically, through a weight
    larger than any total of quality), then placement quality from the
-   engine's scorers. The greedy solution is the hint.
+   engine's scorers. The greedy solution is the hint. When the greedy
+   already places every request the columns can place, each in its best
+   column (or within the settings' quality gap of it), no model is built.
 5. **Concretization.** Chosen columns become plans host by host on an
    evolving snapshot, so VF indexes and mdev UUIDs are distinct and each
    plan expects the generation the previous commit leaves.
@@ -72,6 +74,13 @@ class BatchSettings:
         seed: CP-SAT's random seed.
         hosts_per_request: candidate host fits per request.
         use_solver: False stops after the greedy seed (sequential placing).
+        quality_gap: the share of placement quality the batch may leave
+            unproven: the solver stops within it of its bound, and no model
+            is built when the greedy seed is within it of the column bound
+            (every request the columns can place placed, each in a column
+            nearly as good as its best). Never trades a placed request:
+            within the gap of the optimum, no solution places less
+            weight (see :func:`_weights`).
     """
 
     time_limit_s: float = 10.0
@@ -79,6 +88,7 @@ class BatchSettings:
     seed: int = 0
     hosts_per_request: int = 6
     use_solver: bool = True
+    quality_gap: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -92,9 +102,14 @@ class BatchResult:
         bound: the solver's proven upper bound on the objective (equal to
             ``objective`` when optimal; the greedy objective when no solver ran).
         greedy_objective: the objective of the greedy seed.
-        status: "OPTIMAL", "FEASIBLE", or "GREEDY" when the seed stands.
+        status: "OPTIMAL" (by the solver, or without it when the greedy seed
+            reaches the bound of each request in its best column),
+            "FEASIBLE", or "GREEDY" when the seed stands (within the quality
+            gap of the column bound, or the solver found nothing better).
         columns: candidate columns in the model.
         wall_s: time spent, candidates and solving included.
+        solved: whether a model was built and solved (not when the greedy
+            seed was within the quality gap of the column bound).
     """
 
     plans: Mapping[RequestId, Plan]
@@ -105,6 +120,7 @@ class BatchResult:
     status: str
     columns: int = 0
     wall_s: float = 0.0
+    solved: bool = False
 
 
 @dataclass
@@ -141,9 +157,14 @@ def _gangs(
 
 
 def _weights(requests: Sequence[PlacementRequest]) -> list[int]:
-    """Per request, the weight of placing it: priority above any quality total."""
+    """Per request, the weight of placing it: priority above any quality total.
+
+    Twice any quality total, so that a solution short of one request's
+    weight is also further below the optimum than any quality gap the
+    solver may stop within (see ``BatchSettings.quality_gap``).
+    """
     low = min((r.priority for r in requests), default=0)
-    big = QUALITY_RANGE * (len(requests) + 1)
+    big = 2 * QUALITY_RANGE * (len(requests) + 1)
     return [big * (r.priority - low + 1) for r in requests]
 
 
@@ -212,6 +233,25 @@ def _quality(columns: Sequence[_Column]) -> list[int]:
     low, high = min(scores), max(scores)
     span = max(1, high - low)
     return [round((s - low) * QUALITY_RANGE / span) for s in scores]
+
+
+def _column_bound(
+    columns: Sequence[_Column], weights: Sequence[int], quality: Sequence[int]
+) -> tuple[int, int]:
+    """An upper bound on the model's objective: each request in its best column.
+
+    Capacity, modes and exclusivity can only take from it, and a gang's
+    members count as if placed whole.
+
+    Returns:
+        The weights of the requests some column places, and the sum of
+        their best columns' quality.
+    """
+    best: dict[int, int] = {}
+    for c, col in enumerate(columns):
+        if quality[c] > best.get(col.request, -1):
+            best[col.request] = quality[c]
+    return sum(weights[i] for i in best), sum(best.values())
 
 
 class _Resources:
@@ -364,18 +404,29 @@ def solve_batch(
     quality = _quality(columns)
     greedy_objective = sum(weights[i] + quality[greedy_columns[i]] for i in greedy)
 
-    def greedy_stands(bound: int) -> BatchResult:
+    def greedy_stands(bound: int, status: str = "GREEDY", solved: bool = False) -> BatchResult:
         # Without gangs the greedy placed in the order plans are made in, on
         # the same evolving snapshot: its plans are those, already made.
         return _finish(
             batch, [greedy_columns[i] for i in greedy], refused,
             objective=greedy_objective, bound=bound,
-            greedy_objective=greedy_objective, status="GREEDY",
-            made=None if gangs else greedy_plans,
+            greedy_objective=greedy_objective, status=status,
+            made=None if gangs else greedy_plans, solved=solved,
         )  # fmt: skip
 
     if not settings.use_solver or not columns:
         return greedy_stands(greedy_objective)
+    placeable, best_quality = _column_bound(columns, weights, quality)
+    relaxed = placeable + best_quality
+    # Less than one request's weight (quality sums stay below it).
+    slack = math.floor(min(1.0, max(0.0, settings.quality_gap)) * best_quality)
+    if greedy_objective >= relaxed:
+        # Every request the columns can place is placed, each in its best
+        # column: no solution of the model scores more, so the greedy is
+        # optimal without building it (large batches on roomy clusters).
+        return greedy_stands(relaxed, "OPTIMAL")
+    if greedy_objective >= relaxed - slack:
+        return greedy_stands(relaxed)
 
     model = cp_model.CpModel()
     x = [model.new_bool_var(f"x{c}") for c in range(len(columns))]
@@ -412,14 +463,15 @@ def solve_batch(
     solver.parameters.max_time_in_seconds = settings.time_limit_s
     solver.parameters.num_workers = settings.workers
     solver.parameters.random_seed = settings.seed
+    solver.parameters.absolute_gap_limit = slack
     status = solver.solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return greedy_stands(greedy_objective)
+        return greedy_stands(relaxed, solved=True)
     objective = round(solver.objective_value)
     bound = round(solver.best_objective_bound)
     if objective < greedy_objective:
         # The hint should make this impossible; keep the better one regardless.
-        return greedy_stands(bound)
+        return greedy_stands(bound, solved=True)
     chosen = [c for c in range(len(columns)) if solver.value(x[c])]
     for (c, k), choices in mig_vars.items():
         for start, size, var in choices:
@@ -427,7 +479,7 @@ def solve_batch(
                 batch.mig_placements[(c, k)] = (start, size)
     return _finish(
         batch, chosen, reasons, objective=objective, bound=bound,
-        greedy_objective=greedy_objective, status=solver.status_name(status),
+        greedy_objective=greedy_objective, status=solver.status_name(status), solved=True,
     )  # fmt: skip
 
 
@@ -551,6 +603,7 @@ def _finish(
     greedy_objective: int,
     status: str,
     made: Mapping[int, Plan] | None = None,
+    solved: bool = False,
 ) -> BatchResult:
     """Concretize chosen columns host by host and say why the rest are out.
 
@@ -565,6 +618,7 @@ def _finish(
         made: per request, its plan made already in the order below on the
             same evolving snapshot (the greedy's, where it stands): taken
             as it is.
+        solved: whether a model was solved.
     """
     requests, columns, gangs, gang_of = batch.requests, batch.columns, batch.gangs, batch.gang_of
     # The hosts as the plans so far leave them: only those, not a snapshot
@@ -622,4 +676,5 @@ def _finish(
         status=status,
         columns=len(columns),
         wall_s=time.perf_counter() - batch.started,
+        solved=solved,
     )

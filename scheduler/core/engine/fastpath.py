@@ -39,6 +39,7 @@ from scheduler.core.engine.framework import (
     UnitFilter,
 )
 from scheduler.core.engine.plugins import (
+    FORM_MODE,
     REASON_CORDONED,
     REASON_LEASE_EXPIRED,
     REASON_NO_MATCHING_DEVICE,
@@ -79,7 +80,13 @@ from scheduler.core.identity import (
     vfio_group_path,
 )
 from scheduler.core.mig_geometry import capacity, fragmentation_score
-from scheduler.core.occupancy import DeviceMode, DomainKey, Occupancy, build_occupancy
+from scheduler.core.occupancy import (
+    DeviceMode,
+    DomainKey,
+    Occupancy,
+    build_occupancy,
+    mdev_free,
+)
 from scheduler.core.plan import (
     Assignment,
     MdevAssignment,
@@ -179,8 +186,17 @@ class HostFit:
 #: is dropped and rebuilt: old occupancies are dead weight.
 _MEMO_LIMIT = 262_144
 
+#: A form's bit in a host's open forms (see :func:`_open_forms`).
+_FORM_BIT = {
+    DeviceForm.WHOLE_DEVICE: 1,
+    DeviceForm.VF: 2,
+    DeviceForm.MDEV: 4,
+    DeviceForm.MIG: 8,
+}
+
 #: A host's place in fast-path order for one request: (nothing of one of the
-#: request's kinds free, short of idle devices for a whole-device-only claim,
+#: request's kinds free, short for one of its claims (too few idle devices
+#: for a whole-device-only claim, none of its forms open for another),
 #: another replica's share, idle devices of the request's kinds, rank among
 #: equals for this replica, host).
 _OrderEntry = tuple[bool, bool, bool, int, int, str]
@@ -188,9 +204,10 @@ _OrderEntry = tuple[bool, bool, bool, int, int, str]
 #: A host's standing for this replica: (another replica's share, rank).
 _Rank = tuple[bool, int]
 
-#: What a request's order depends on: the kind positions it counts, and the
-#: (kind position, count) of its whole-device-only claims.
-_OrderKey = tuple[tuple[int, ...], tuple[tuple[int, int], ...]]
+#: What a request's order depends on: the kind positions it counts, the
+#: (kind position, count) of its whole-device-only claims, and the (kind
+#: position, form bits) of its other claims.
+_OrderKey = tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]
 
 
 @dataclass(frozen=True)
@@ -204,6 +221,8 @@ class _HostIndex:
             order.
         full: per kind, in :data:`_KINDS` order, whether every function of
             the kind is held whole (or unusable): nothing of the kind fits.
+        open: per kind, in :data:`_KINDS` order, the forms that may still
+            offer a unit (:data:`_FORM_BIT` bits, see :func:`_open_forms`).
         hardware: the host's hardware class.
         signature: the occupancy, host name aside, interned: hosts of one
             class with one signature judge every request alike.
@@ -216,6 +235,7 @@ class _HostIndex:
     occupancy: Occupancy
     idle: tuple[int, ...]
     full: tuple[bool, ...]
+    open: tuple[int, ...]
     hardware: _HardwareClass
     signature: int
     exclusive: bool
@@ -461,6 +481,7 @@ class Engine:
             occupancy,
             idle,
             full,
+            _open_forms(view, occupancy, idle),
             self._hardware_class(view),
             signature,
             bool(occupancy.exclusive),
@@ -517,6 +538,18 @@ class Engine:
     def occupancy(self, state: HostState) -> Occupancy:
         """The host state's occupancy."""
         return self.host_index(state).occupancy
+
+    def open_forms(self, state: HostState) -> dict[DeviceKind, frozenset[DeviceForm]]:
+        """Per kind, the forms in which the host may still offer a unit.
+
+        What the fast-path order reads (see :func:`_open_forms`): a form left
+        out offers nothing on this state; a form listed may.
+        """
+        bits = self.host_index(state).open
+        return {
+            kind: frozenset(f for f, bit in _FORM_BIT.items() if bits[i] & bit)
+            for i, kind in enumerate(_KINDS)
+        }
 
     def mig_capacity(self, state: HostState) -> list[tuple[PciAddress, dict[str, int], float]]:
         """Per MIG-enabled GPU: more instances of each profile that fit, and fragmentation."""
@@ -1036,27 +1069,84 @@ def fit_key(request: PlacementRequest) -> tuple[object, ...]:
 def _order_key(request: PlacementRequest) -> _OrderKey:
     """What a request's fast-path order depends on (see :meth:`Engine.candidates`)."""
     kinds = tuple(sorted({_KIND_POSITION[c.kind] for c in request.claims}))
-    whole_only = tuple(
-        sorted(
-            (_KIND_POSITION[c.kind], c.count)
-            for c in request.claims
-            if c.accepted_forms() == frozenset({DeviceForm.WHOLE_DEVICE})
-        )
-    )
-    return kinds, whole_only
+    whole_only: list[tuple[int, int]] = []
+    other: set[tuple[int, int]] = set()
+    for c in request.claims:
+        forms = c.accepted_forms()
+        if forms == _WHOLE_ONLY:
+            whole_only.append((_KIND_POSITION[c.kind], c.count))
+        else:
+            other.add((_KIND_POSITION[c.kind], sum(_FORM_BIT[f] for f in forms)))
+    return kinds, tuple(sorted(whole_only)), tuple(sorted(other))
+
+
+_WHOLE_ONLY = frozenset({DeviceForm.WHOLE_DEVICE})
+
+
+def _open_forms(view: HostView, occupancy: Occupancy, idle: Sequence[int]) -> tuple[int, ...]:
+    """Per kind, the forms in which the host may still offer a unit (bits).
+
+    Necessary, not sufficient: a form left out offers nothing of the kind
+    (no idle device to hand over whole; no PF with a VF index free, no mdev
+    parent with room for a type, no MIG GPU with a compute slice free,
+    among the devices usable and in no other form's use), so a claim
+    accepting only such forms cannot fit and the host goes to the back of
+    its order. A form kept may still offer nothing the claim accepts; the
+    judgement says so.
+    """
+    bits = [_FORM_BIT[DeviceForm.WHOLE_DEVICE] if n > 0 else 0 for n in idle]
+    modes, unusable = occupancy.modes, occupancy.unusable
+
+    def mark(address: PciAddress, form: DeviceForm) -> None:
+        # Unless the interference plugin would reject every option there.
+        device = view.functions.get(address)
+        if device is None or device.kind is None or address in unusable:
+            return
+        mode = modes.get(address)
+        if mode is None or mode is FORM_MODE[form]:
+            bits[_KIND_POSITION[device.kind]] |= _FORM_BIT[form]
+
+    for pf in view.sriov_pfs.values():
+        taken = occupancy.vfs_taken.get(pf.address, frozenset())
+        # Counted as free_vfs counts: existing VFs, else every index below
+        # total_vfs, whatever other indexes the store names.
+        if pf.num_vfs > 0:
+            free = sum(1 for vf in pf.vfs if vf.index not in taken)
+        else:
+            free = pf.total_vfs - sum(1 for i in taken if 0 <= i < pf.total_vfs)
+        if free > 0:
+            mark(pf.address, DeviceForm.VF)
+    for parent in view.mdev_parents.values():
+        gpu = view.gpus.get(parent.address)
+        if gpu is not None and gpu.mig_enabled:
+            continue  # a MIG GPU takes no mdev
+        used = occupancy.mdev_used.get(parent.address, {})
+        pending = occupancy.mdev_pending.get(parent.address, {})
+        if any(mdev_free(parent, t, used, pending) > 0 for t in parent.types):
+            mark(parent.address, DeviceForm.MDEV)
+    for gpu in view.gpus.values():
+        layout = occupancy.mig_layouts.get(gpu.address)
+        if gpu.mig_enabled and layout is not None and layout.free_compute:
+            mark(gpu.address, DeviceForm.MIG)
+    return tuple(bits)
 
 
 def _order_entry(key: _OrderKey, index: _HostIndex, host_id: str, rank: _Rank) -> _OrderEntry:
     """A host's place in the order of ``key``.
 
     Hosts that cannot fit go last, so a request meets the hosts that can
-    first: those with every function of one of its kinds held whole, and
-    those short of idle devices for a whole-device-only claim. Moving hosts
-    that cannot fit changes no plan, only how many hosts a request walks.
+    first: those with every function of one of its kinds held whole, those
+    short of idle devices for a whole-device-only claim, and those where no
+    form another claim accepts is open (a vGPU request on a host whose mdev
+    parents are full would otherwise come first, having no idle GPU).
+    Moving hosts that cannot fit changes no plan, only how many hosts a
+    request walks.
     """
-    kinds, whole_only = key
-    idle, full = index.idle, index.full
-    short = any(idle[position] < n for position, n in whole_only)
+    kinds, whole_only, other = key
+    idle, full, open_ = index.idle, index.full, index.open
+    short = any(idle[position] < n for position, n in whole_only) or any(
+        not open_[position] & forms for position, forms in other
+    )
     away, among_equals = rank
     return (
         any(full[position] for position in kinds),

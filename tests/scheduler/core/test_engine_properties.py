@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from scheduler.core.checker import check_placements
 from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine, fit_key
+from scheduler.core.engine.framework import Rejections
 from scheduler.core.host import (
     GpuView,
     HostView,
@@ -552,6 +553,31 @@ def test_requests_alike_but_for_id_and_priority_get_the_same_fits(
         (f.state.view.host_id, f.picks, f.score) for f in twin_found
     ]
     assert seen.as_tuple() == twin_seen.as_tuple()
+
+
+@settings(SLOW, max_examples=SEQUENTIAL_EXAMPLES // 2)
+@given(start=clusters(), stream=streams(8), request=requests(99))
+def test_a_host_that_fits_a_claim_has_the_form_it_takes_open(
+    start: ClusterSnapshot, stream: Sequence[PlacementRequest], request: PlacementRequest
+) -> None:
+    """What lets the fast path put hosts with no open form of a claim last:
+    on any state, a unit the engine places is in a form the host has open."""
+    engine = Engine()
+    snapshot = start
+    for i, earlier in enumerate(stream):  # the hosts in use in every form
+        plan = engine.schedule(snapshot, earlier)
+        if isinstance(plan, Plan):
+            snapshot = with_reservation(
+                snapshot, plan.host_id, plan.slots, PlacementId(f"p{i}"), earlier.tenant
+            )
+    for state in snapshot.hosts.values():
+        fit = engine.fit(state, request, Rejections())
+        if fit is None:
+            continue
+        open_forms = engine.open_forms(state)
+        for pick in fit.picks:
+            event(f"fits as {pick.option.form.value}")
+            assert pick.option.form in open_forms[pick.claim.kind], (state.view.host_id, pick)
 
 
 # --- a known bug, pinned down ---------------------------------------------------

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine
+from scheduler.core.host import HostView
 from scheduler.core.identity import HostId, PlacementId, RequestId, TenantName
 from scheduler.core.plan import Plan, Unschedulable
 from scheduler.core.request import (
@@ -105,3 +106,44 @@ def test_requests_on_identical_hosts_spread_over_the_tied_ones_and_each_choice_i
     for rid, host in chosen.items():
         plan = again.schedule(snapshot, gpu(rid, "A"))
         assert isinstance(plan, Plan) and plan.host_id == host
+
+
+def _vgpu(rid: str) -> PlacementRequest:
+    return PlacementRequest(
+        RequestId(rid), TenantName("A"),
+        (Claim("vgpu", DeviceKind.GPU, 1, frozenset({DeviceForm.MDEV}),
+               min_isolation=Isolation.SHARED),),
+    )  # fmt: skip
+
+
+def _mdev_full(view: HostView) -> HostView:
+    """The host with no room left for any mdev on its parents."""
+    parents = {
+        address: replace(
+            parent, types={t: replace(v, available=0) for t, v in parent.types.items()}
+        )
+        for address, parent in view.mdev_parents.items()
+    }
+    return replace(view, mdev_parents=parents)
+
+
+def test_a_vgpu_request_meets_a_host_with_room_before_hosts_whose_parents_are_full() -> None:
+    """Best fit ranks hosts by idle GPUs, and a host whose mdev parents are full has
+    as few as one with room: each vGPU request judged every full host first (on a
+    filled 10,000-host fleet, 1,300 hosts a request)."""
+    full = {HostId(f"a{i}"): HostState(_mdev_full(mixed(f"a{i}")), 0) for i in range(8)}
+    snapshot = ClusterSnapshot(hosts={**full, HostId("z"): HostState(mixed("z"), 0)})
+    engine = Engine()
+    found, seen = engine.candidates(snapshot, _vgpu("r"), 1)
+    assert [f.state.view.host_id for f in found] == ["z"]
+    # Only the host with room was judged: it says what it said alone.
+    alone = ClusterSnapshot(hosts={HostId("z"): snapshot.hosts[HostId("z")]})
+    assert seen.as_tuple() == Engine().candidates(alone, _vgpu("r"), 1)[1].as_tuple()
+    assert DeviceForm.MDEV in engine.open_forms(snapshot.hosts[HostId("z")])[DeviceKind.GPU]
+    assert DeviceForm.MDEV not in engine.open_forms(full[HostId("a0")])[DeviceKind.GPU]
+    # Explain still fits every host and says why each full one cannot.
+    plan = engine.schedule(snapshot, _vgpu("r2"), explain=True)
+    assert isinstance(plan, Plan) and plan.host_id == "z"
+    refused = engine.schedule(ClusterSnapshot(hosts=full), _vgpu("r3"), explain=True)
+    assert isinstance(refused, Unschedulable)
+    assert "capacity/no-mdev-instance-free" in refused.summary

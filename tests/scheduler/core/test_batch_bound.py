@@ -1,0 +1,70 @@
+"""When a batch builds no model: the greedy seed measured against a true bound.
+
+Each request's best candidate column, capacity aside, bounds what any
+solution of the batch model scores. A greedy seed that places every request
+some column can place, each within the settings' quality gap of its best
+column, stands without a model; one that places less never does, however
+large the gap, and the objective always stays within the reported bound.
+"""
+
+from __future__ import annotations
+
+from scheduler.core.engine.batch import BatchSettings, solve_batch
+from scheduler.core.engine.fastpath import Engine
+from scheduler.core.identity import HostId, RequestId, TenantName
+from scheduler.core.request import Claim, DeviceKind, PlacementRequest
+from scheduler.core.snapshot import ClusterSnapshot, HostState
+
+from .topologies import dgx, snapshot
+
+
+def gpus(rid: str, count: int, tenant: str = "t", priority: int = 1) -> PlacementRequest:
+    return PlacementRequest(
+        RequestId(rid), TenantName(tenant), (Claim("gpu", DeviceKind.GPU, count),),
+        priority=priority,
+    )  # fmt: skip
+
+
+def two_dgx() -> ClusterSnapshot:
+    return ClusterSnapshot(hosts={HostId(h): HostState(dgx(h), 0) for h in ("a", "b")})
+
+
+def test_a_greedy_seed_in_every_requests_best_column_is_optimal_without_a_model() -> None:
+    requests = [gpus(f"r{i}", 1, tenant=f"t{i}") for i in range(3)]
+    result = solve_batch(Engine(), two_dgx(), requests, BatchSettings(workers=1))
+    assert len(result.plans) == 3
+    assert result.status == "OPTIMAL" and not result.solved
+    assert result.objective == result.bound == result.greedy_objective
+
+
+def test_with_no_gap_allowed_a_seed_short_of_the_bound_goes_to_the_solver() -> None:
+    # Host a has one GPU taken, so best fit ranks it first for every request:
+    # eight requests' best columns are there, where seven GPUs are free.
+    start = snapshot(dgx("a"), dgx("b"), taken={"a": [11]})
+    requests = [gpus(f"r{i}", 1, tenant=f"t{i}") for i in range(8)]
+    exact = solve_batch(Engine(), start, requests, BatchSettings(workers=1, quality_gap=0))
+    assert exact.solved and exact.status == "OPTIMAL"
+    assert exact.greedy_objective <= exact.objective == exact.bound
+    loose = solve_batch(Engine(), start, requests, BatchSettings(workers=1, quality_gap=1))
+    assert not loose.solved and loose.status == "GREEDY"
+    assert loose.objective == loose.greedy_objective < loose.bound
+    assert len(loose.plans) == len(exact.plans) == 8
+
+
+def test_no_quality_gap_keeps_a_greedy_seed_that_places_less() -> None:
+    """In order, "pair" takes a GPU of host a and the second 8-GPU gang member
+    finds no whole host: the seed places one request, the model two."""
+    requests = [
+        gpus("pair", 1, tenant="t1"),
+        gpus("g1", 8, tenant="t2"),
+        gpus("g2", 8, tenant="t2"),
+    ]
+    gang = {RequestId("g1"): "train", RequestId("g2"): "train"}
+    for gap in (0.0, 0.05, 1.0):
+        result = solve_batch(
+            Engine(), two_dgx(), requests, BatchSettings(workers=1, quality_gap=gap), gang
+        )
+        assert result.solved, gap
+        assert set(result.plans) == {"g1", "g2"}, gap
+        assert result.objective > result.greedy_objective
+        assert result.objective <= result.bound
