@@ -73,9 +73,12 @@ class PciFunctionView:
     host_use: str | None = None
     migration_driver: str | None = None
 
-    @property
+    @cached_property
     def kind(self) -> DeviceKind | None:
-        """Device kind by class code; None for anything not offered to tenants."""
+        """Device kind by class code; None for anything not offered to tenants.
+
+        Worked out once: the hot paths ask it of every device of a host.
+        """
         return None if self.role.is_bridge else kind_of_class(self.class_code)
 
     @property

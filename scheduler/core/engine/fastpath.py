@@ -276,6 +276,8 @@ class _HardwareClass:
         never: request shape -> why no state of the class can take it, or
             None when an empty host can.
         distances: PCIe distances between functions, computed once per class.
+        left: per occupancy signature, what is left on a host of the class
+            in that state (see :func:`_left`).
     """
 
     uid: int
@@ -285,6 +287,9 @@ class _HardwareClass:
     judged: dict[tuple[object, ...], _Judgement] = field(default_factory=dict)
     never: dict[int, Rejections | None] = field(default_factory=dict)
     distances: dict[tuple[PciAddress, PciAddress], int] = field(default_factory=dict)
+    left: dict[int, tuple[tuple[int, ...], tuple[bool, ...], tuple[int, ...]]] = field(
+        default_factory=dict
+    )
 
     def order(self, key: _OrderKey, rank: Callable[[HostId], _Rank]) -> list[_OrderEntry]:
         """The members in fast-path order for ``key``, sorted (``rank``: the engine's)."""
@@ -454,35 +459,24 @@ class Engine:
         if found is not None and found.view is view:
             return found
         occupancy = build_occupancy(state)
-        idle = tuple(
-            sum(1 for d in view.whole_devices(kind) if d.address not in occupancy.modes)
-            for kind in _KINDS
-        )
         signature = self._signatures.setdefault(
             _occupancy_signature(occupancy), len(self._signatures)
         )
         tenancy = self._tenancies.setdefault(
             _tenancy_signature(occupancy, view.host_id), len(self._tenancies)
         )
-        # Functions held whole (every member of a group taken whole) or in
-        # an unusable state take nothing more, in any form.
-        blocked = {a for a, mode in occupancy.modes.items() if mode is DeviceMode.WHOLE}
-        blocked |= occupancy.unusable
-        taken = dict.fromkeys(_KINDS, 0)
-        for address in blocked:
-            function = view.functions.get(address)
-            kind = function.kind if function is not None else None
-            if kind is not None:
-                taken[kind] += 1
-        functions = view.functions_of_kind
-        full = tuple(functions.get(kind, 0) <= taken[kind] for kind in _KINDS)
+        cls = self._hardware_class(view)
+        # What is left is the same on every host of the class in this state.
+        left = cls.left.get(signature)
+        if left is None:
+            if len(cls.left) >= _LEFT_KEPT:
+                cls.left.clear()
+            left = cls.left[signature] = _left(view, occupancy)
         index = _HostIndex(
             view,
             occupancy,
-            idle,
-            full,
-            _open_forms(view, occupancy, idle),
-            self._hardware_class(view),
+            *left,
+            cls,
             signature,
             bool(occupancy.exclusive),
             tenancy,
@@ -1082,6 +1076,38 @@ def _order_key(request: PlacementRequest) -> _OrderKey:
 
 _WHOLE_ONLY = frozenset({DeviceForm.WHOLE_DEVICE})
 
+#: Per hardware class, the occupancy signatures whose leftovers are kept.
+_LEFT_KEPT = 65_536
+
+
+def _left(
+    view: HostView, occupancy: Occupancy
+) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[int, ...]]:
+    """What is left on a host, per kind in :data:`_KINDS` order.
+
+    Returns:
+        Idle devices (no use of any kind), whether every function is held
+        whole or unusable (nothing of the kind fits), and the forms still
+        open (see :func:`_open_forms`).
+    """
+    idle = tuple(
+        sum(1 for d in view.whole_devices(kind) if d.address not in occupancy.modes)
+        for kind in _KINDS
+    )
+    # Functions held whole (every member of a group taken whole) or in an
+    # unusable state take nothing more, in any form.
+    blocked = {a for a, mode in occupancy.modes.items() if mode is DeviceMode.WHOLE}
+    blocked |= occupancy.unusable
+    taken = dict.fromkeys(_KINDS, 0)
+    for address in blocked:
+        function = view.functions.get(address)
+        kind = function.kind if function is not None else None
+        if kind is not None:
+            taken[kind] += 1
+    functions = view.functions_of_kind
+    full = tuple(functions.get(kind, 0) <= taken[kind] for kind in _KINDS)
+    return idle, full, _open_forms(view, occupancy, idle)
+
 
 def _open_forms(view: HostView, occupancy: Occupancy, idle: Sequence[int]) -> tuple[int, ...]:
     """Per kind, the forms in which the host may still offer a unit (bits).
@@ -1111,7 +1137,11 @@ def _open_forms(view: HostView, occupancy: Occupancy, idle: Sequence[int]) -> tu
         # Counted as free_vfs counts: existing VFs, else every index below
         # total_vfs, whatever other indexes the store names.
         if pf.num_vfs > 0:
-            free = sum(1 for vf in pf.vfs if vf.index not in taken)
+            free = (
+                len(pf.vfs)  # fewer held than exist: some VF is free
+                if len(taken) < len(pf.vfs)
+                else sum(1 for vf in pf.vfs if vf.index not in taken)
+            )
         else:
             free = pf.total_vfs - sum(1 for i in taken if 0 <= i < pf.total_vfs)
         if free > 0:
@@ -1122,7 +1152,12 @@ def _open_forms(view: HostView, occupancy: Occupancy, idle: Sequence[int]) -> tu
             continue  # a MIG GPU takes no mdev
         used = occupancy.mdev_used.get(parent.address, {})
         pending = occupancy.mdev_pending.get(parent.address, {})
-        if any(mdev_free(parent, t, used, pending) > 0 for t in parent.types):
+        if not used and not pending:
+            # An empty parent: what mdev_free says without its share sums.
+            room = any(t.max_instances > 0 and t.available > 0 for t in parent.types.values())
+        else:
+            room = any(mdev_free(parent, t, used, pending) > 0 for t in parent.types)
+        if room:
             mark(parent.address, DeviceForm.MDEV)
     for gpu in view.gpus.values():
         layout = occupancy.mig_layouts.get(gpu.address)
