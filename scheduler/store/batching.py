@@ -1,4 +1,4 @@
-"""Scripts called in one turn of the event loop go to the server in one pipeline.
+"""Scripts (and reads) called in one turn of the event loop go to the server in one pipeline.
 
 A replica under load has tens of calls in flight, each a Lua script of its
 own (a claim, a commit, a lifecycle move). Sent one by one, most of their
@@ -12,7 +12,9 @@ way, later calls wait for one of them to answer and leave together (a turn
 under load holds only a few calls: batches of 7 on average, 20 this way,
 each call's share of a send's cost smaller).
 
-Each script still runs atomically on the server. The calls of one send run
+Plain commands (the reads that go with them: a request's record, a
+placement's payload) are batched the same way. Each script still runs
+atomically on the server. The calls of one send run
 in the order called; two sends under way at once (each on its own
 connection) may run in either order, so a caller that needs its write after
 another's waits for that one's answer first (the plan applier does). A
@@ -25,7 +27,7 @@ write shield it, as the plan applier does for commits.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -38,7 +40,9 @@ MAX_BATCH = 256
 #: Sends under way at once before further calls wait for one to answer.
 MAX_IN_FLIGHT = 2
 
-_Call = tuple[AsyncScript, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+#: (script, keys, args, future); a plain command has no script and its
+#: words as args.
+_Call = tuple[AsyncScript | None, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 
 
 class ScriptBatcher:
@@ -50,6 +54,8 @@ class ScriptBatcher:
 
     def __init__(self, client: Redis) -> None:
         self._client = client
+        # Typed here: redis-py leaves the plain client's untyped.
+        self._execute: Callable[..., Awaitable[Any]] = client.execute_command
         self._queue: list[_Call] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         # Sends in progress, kept referenced until done (the loop holds tasks weakly).
@@ -65,6 +71,18 @@ class ScriptBatcher:
         With nothing else under way it goes at once, alone: batching pays
         only when calls crowd, and a lone call would otherwise wait a turn.
         """
+        return await self._call(script, keys, args)
+
+    async def command(self, *words: Any) -> Any:
+        """Run one plain command (``"HGET", key, field``) with the calls of this turn.
+
+        Its reply as the client parses it alone, or its error raised.
+        """
+        return await self._call(None, (), words)
+
+    async def _call(
+        self, script: AsyncScript | None, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             # Another event loop (a test's): what was under way on the old
@@ -74,7 +92,7 @@ class ScriptBatcher:
         if not self._queue and not self._sending and not self._alone:
             self._alone += 1
             try:
-                return await script(keys=keys, args=args)
+                return await self._alone_call(script, keys, args)
             finally:
                 if self._loop is loop:
                     self._alone -= 1
@@ -83,6 +101,13 @@ class ScriptBatcher:
         self._queue.append((script, keys, args, future))
         self._schedule()
         return await future
+
+    async def _alone_call(
+        self, script: AsyncScript | None, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
+        if script is None:
+            return await self._execute(*args)
+        return await script(keys=keys, args=args)
 
     def _schedule(self) -> None:
         """Flush the queue when this turn ends, unless enough sends are under way.
@@ -117,10 +142,13 @@ class ScriptBatcher:
         try:
             if len(batch) == 1:
                 script, keys, args, _ = batch[0]
-                replies: list[Any] = [await script(keys=keys, args=args)]
+                replies: list[Any] = [await self._alone_call(script, keys, args)]
             else:
                 async with self._client.pipeline(transaction=False) as pipe:
                     for script, keys, args, _ in batch:
+                        if script is None:
+                            pipe.execute_command(*args)
+                            continue
                         # EVALSHA queued as it is, not through the script: a
                         # pipeline told of its scripts asks the server SCRIPT
                         # EXISTS before sending them, a second round trip per
@@ -137,7 +165,7 @@ class ScriptBatcher:
             return
         for (script, keys, args, future), first in zip(batch, replies, strict=True):
             answer = first
-            if isinstance(answer, NoScriptError) and not future.done():
+            if isinstance(answer, NoScriptError) and script is not None and not future.done():
                 # The server lost its script cache (a restart or failover
                 # between the pipeline's script load and its commands): a
                 # script run alone loads it again.

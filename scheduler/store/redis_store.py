@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import weakref
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
@@ -965,6 +965,10 @@ class RedisStateStore:
         # plain client: calls of one event-loop turn share a pipeline. A
         # cluster client refuses scripts in a pipeline; there they go alone.
         batcher = None if isinstance(client, RedisCluster) else ScriptBatcher(client)
+        # The reads that go with them too (a cluster client routes each alone).
+        self._read: Callable[..., Awaitable[Any]] = (
+            client.execute_command if batcher is None else batcher.command
+        )
 
         def hot(source: str) -> _Script:
             script = client.register_script(source)
@@ -1504,7 +1508,7 @@ class RedisStateStore:
         """Whether a host holds a placement made for this request."""
         if not host_id:
             return False
-        made_for = await self._client.hget(schema.placement_requests(host_id), placement_id)
+        made_for = await self._read("HGET", schema.placement_requests(host_id), placement_id)
         return _text(made_for) == request_id
 
     # -- reservations ----------------------------------------------------------
@@ -1737,7 +1741,7 @@ class RedisStateStore:
         host_id = schema.host_of_placement(placement_id)
         if not host_id or "{" in host_id or "}" in host_id:
             return None
-        payload = await self._client.hget(schema.placements(host_id), placement_id)
+        payload = await self._read("HGET", schema.placements(host_id), placement_id)
         if payload is None:
             return None
         return host_id, _bytes(payload)
@@ -1756,9 +1760,12 @@ class RedisStateStore:
             return None
         placement_id, host_id, digest = (
             _text(x)
-            for x in await self._client.hmget(
+            for x in await self._read(
+                "HMGET",
                 schema.request(request_id),
-                [schema.F_PLACEMENT_ID, schema.F_HOST_ID, schema.F_DIGEST],
+                schema.F_PLACEMENT_ID,
+                schema.F_HOST_ID,
+                schema.F_DIGEST,
             )
         )
         if not placement_id or not await self._holds(host_id, placement_id, request_id):

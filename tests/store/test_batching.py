@@ -243,3 +243,34 @@ def test_a_new_event_loop_is_not_held_back_by_sends_left_on_an_old_one(valkey_ur
         call.cancel()
     first.run_until_complete(asyncio.gather(*left, return_exceptions=True))
     first.close()
+
+
+def test_reads_share_a_send_with_scripts_and_answer_as_they_would_alone(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        await redis_client.hset("h", mapping={"a": "1", "b": "2"})
+        await redis_client.set("s", "text")
+        batcher = ScriptBatcher(redis_client)
+        append = redis_client.register_script(APPEND)
+        replies = await asyncio.gather(
+            batcher.run(append, keys=["l"], args=["x"]),  # goes alone, at once
+            batcher.command("HMGET", "h", "a", "missing", "b"),
+            batcher.command("HGET", "h", "b"),
+            batcher.command("HGET", "h", "missing"),
+            batcher.command("HGET", "s", "a"),  # the wrong type: its caller only
+            batcher.run(append, keys=["l"], args=["y"]),
+            return_exceptions=True,
+        )
+        alone = [
+            await redis_client.hmget("h", ["a", "missing", "b"]),
+            await redis_client.hget("h", "b"),
+            await redis_client.hget("h", "missing"),
+        ]
+        assert replies[1:4] == alone == [[b"1", None, b"2"], b"2", None]
+        assert isinstance(replies[4], redis.exceptions.ResponseError)
+        assert "WRONGTYPE" in str(replies[4])
+        assert sorted([replies[0], replies[5]]) == [1, 2]  # type: ignore[type-var]
+        assert await batcher.command("HGET", "h", "a") == b"1"  # alone too
+
+    arun(body())
