@@ -267,7 +267,7 @@ def test_reads_share_a_send_with_scripts_and_answer_as_they_would_alone(
             await redis_client.hget("h", "b"),
             await redis_client.hget("h", "missing"),
         ]
-        assert replies[1:4] == alone == [[b"1", None, b"2"], b"2", None]
+        assert list(replies[1:4]) == alone == [[b"1", None, b"2"], b"2", None]
         assert isinstance(replies[4], redis.exceptions.ResponseError)
         assert "WRONGTYPE" in str(replies[4])
         assert sorted([replies[0], replies[5]]) == [1, 2]  # type: ignore[type-var]

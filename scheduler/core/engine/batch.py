@@ -183,11 +183,22 @@ def _greedy(
     plans: dict[int, Plan] = {}
     refused: dict[int, Unschedulable] = {}
     done: set[int] = set()
+    # The greedy only ever adds reservations, and what fits nowhere fits
+    # nowhere once more is taken (the engine's never-fits argument): a
+    # request alike one refused earlier is refused for the same reasons,
+    # without walking the cluster again (on a full cluster each walk judged
+    # every host).
+    refused_alike: dict[tuple[object, ...], Unschedulable] = {}
     current = snapshot
     for i in order:
         if i in done:
             continue
         gang = gang_of.get(requests[i].request_id, "")
+        alike = fit_key(requests[i])
+        if not gang and alike in refused_alike:
+            refused[i] = refused_alike[alike]
+            done.add(i)
+            continue
         members = [m for m in order if m in gangs[gang]] if gang else [i]
         trial = current
         placed: dict[int, HostFit] = {}
@@ -211,7 +222,7 @@ def _greedy(
             plans.update(planned)
             current = trial
         elif not gang:
-            refused[i] = failed
+            refused[i] = refused_alike[alike] = failed
         else:
             for m in members:
                 refused[m] = Unschedulable(

@@ -68,3 +68,15 @@ def test_no_quality_gap_keeps_a_greedy_seed_that_places_less() -> None:
         assert set(result.plans) == {"g1", "g2"}, gap
         assert result.objective > result.greedy_objective
         assert result.objective <= result.bound
+
+
+def test_requests_alike_one_refused_are_refused_for_the_same_reasons() -> None:
+    """Refused once, refused again: the seed only adds reservations, so an alike
+    request later in the batch fits nowhere either (and is not walked again)."""
+    requests = [gpus(f"big{i}", 9, tenant="t") for i in range(3)] + [gpus("one", 1, tenant="t")]
+    result = solve_batch(Engine(), two_dgx(), requests, BatchSettings(workers=1))
+    assert set(result.plans) == {"one"}
+    reasons = {result.unplaced[RequestId(f"big{i}")] for i in range(3)}
+    assert len(reasons) == 1
+    (refusal,) = reasons
+    assert "capacity" in refusal.summary
