@@ -418,7 +418,7 @@ def _cmd_plan(opts: argparse.Namespace) -> int:
     print(
         f"{len(report.placements)} placed, {len(report.unplaced)} unplaced; solver {r.status}, "
         f"objective {r.objective} (bound {r.bound}, greedy {r.greedy_objective}), "
-        f"{r.columns} columns, {r.wall_s:.2f}s"
+        f"{r.columns} columns{'' if r.solved else ' (no model)'}, {r.wall_s:.2f}s"
     )
     return 0
 

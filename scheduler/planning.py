@@ -134,6 +134,7 @@ class PlanReport:
                 "bound": self.result.bound,
                 "greedy_objective": self.result.greedy_objective,
                 "columns": self.result.columns,
+                "solved": self.result.solved,
                 "wall_s": round(self.result.wall_s, 3),
             },
         }

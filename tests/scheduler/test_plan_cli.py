@@ -82,6 +82,7 @@ def test_a_batch_is_planned_jointly_and_printed_as_json(hosts: Path, tmp_path: P
     assert "batch/outcompeted: 1 (pair)" in unplaced["reasons"]
     assert out["solver"]["objective"] > out["solver"]["greedy_objective"]
     assert out["solver"]["objective"] <= out["solver"]["bound"]
+    assert out["solver"]["solved"] is True  # the seed placed less: the model ran
 
 
 def test_sequential_planning_places_in_order_and_breaks_the_gang(
