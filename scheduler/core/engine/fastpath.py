@@ -642,12 +642,27 @@ class Engine:
         index = self.host_index(state)
         if index is old:
             return
+        cls = index.hardware
+        rank = self._rank(host_id)
+        if old is not None and old.hardware is cls:
+            # The host stays in its class: it moves only in the orders where
+            # its place changed (a reservation changes a few kinds' counts).
+            self._entries[host_id] = cls.members[host_id] = index
+            for key, entries in cls.orders.items():
+                was = _order_entry(key, old, host_id, rank)
+                now = _order_entry(key, index, host_id, rank)
+                if was == now:
+                    continue
+                at = bisect_left(entries, was)
+                del entries[at]
+                insort(entries, now)
+                if at == 0 or entries[0] is now:
+                    self._heads[key].set((entries[0], cls.uid, 0))
+            return
         if old is not None:
             self._unplace(host_id, old)
         self._entries[host_id] = index
-        cls = index.hardware
         cls.members[host_id] = index
-        rank = self._rank(host_id)
         for key, entries in cls.orders.items():
             entry = _order_entry(key, index, host_id, rank)
             insort(entries, entry)
