@@ -493,8 +493,18 @@ def solve_batch(
                 batch.mig_placements[(c, k)] = (start, size)
     return _finish(
         batch, chosen, reasons, objective=objective, bound=bound,
-        greedy_objective=greedy_objective, status=solver.status_name(status), solved=True,
+        greedy_objective=greedy_objective, status=proven_status(status, objective, bound),
+        solved=True,
     )  # fmt: skip
+
+
+def proven_status(status: cp_model.CpSolverStatus, objective: int, bound: int) -> str:
+    """What a solve proved: OPTIMAL only when its bound meets its objective.
+
+    CP-SAT reports OPTIMAL as soon as it is within the absolute gap it was
+    allowed (``BatchSettings.quality_gap``): that is a solution, not a proof.
+    """
+    return "OPTIMAL" if status == cp_model.OPTIMAL and bound <= objective else "FEASIBLE"
 
 
 def _claimed(view: HostView, pick: Pick) -> tuple[PciAddress, ...]:

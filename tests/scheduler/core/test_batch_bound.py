@@ -9,7 +9,9 @@ large the gap, and the objective always stays within the reported bound.
 
 from __future__ import annotations
 
-from scheduler.core.engine.batch import BatchSettings, solve_batch
+from ortools.sat.python import cp_model
+
+from scheduler.core.engine.batch import BatchSettings, proven_status, solve_batch
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.identity import HostId, RequestId, TenantName
 from scheduler.core.request import Claim, DeviceKind, PlacementRequest
@@ -68,6 +70,8 @@ def test_no_quality_gap_keeps_a_greedy_seed_that_places_less() -> None:
         assert set(result.plans) == {"g1", "g2"}, gap
         assert result.objective > result.greedy_objective
         assert result.objective <= result.bound
+        # Stopped within the gap is not proven optimal, whatever CP-SAT calls it.
+        assert result.status == ("OPTIMAL" if result.bound == result.objective else "FEASIBLE")
 
 
 def test_requests_alike_one_refused_are_refused_for_the_same_reasons() -> None:
@@ -80,3 +84,10 @@ def test_requests_alike_one_refused_are_refused_for_the_same_reasons() -> None:
     assert len(reasons) == 1
     (refusal,) = reasons
     assert "capacity" in refusal.summary
+
+
+def test_a_solve_stopped_within_the_gap_is_not_called_optimal() -> None:
+    assert proven_status(cp_model.OPTIMAL, 1312, 1312) == "OPTIMAL"
+    # CP-SAT's OPTIMAL within an absolute gap of 300: objective 1312, bound 1597.
+    assert proven_status(cp_model.OPTIMAL, 1312, 1597) == "FEASIBLE"
+    assert proven_status(cp_model.FEASIBLE, 1312, 1312) == "FEASIBLE"
