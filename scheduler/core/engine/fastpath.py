@@ -186,6 +186,9 @@ class HostFit:
 #: is dropped and rebuilt: old occupancies are dead weight.
 _MEMO_LIMIT = 262_144
 
+#: Occupancy (and tenancy) signatures an engine keeps interned by default.
+_INTERNED_KEPT = 262_144
+
 #: A form's bit in a host's open forms (see :func:`_open_forms`).
 _FORM_BIT = {
     DeviceForm.WHOLE_DEVICE: 1,
@@ -365,6 +368,9 @@ class Engine:
             among its peers (:meth:`set_peers`), and its order among equally
             good hosts as it walks them; "" for an engine that places alone
             (every host its own, walked by name).
+        interned_kept: occupancy signatures (and, apart, tenancies) kept
+            numbered at once; past it the numbering starts afresh, so a
+            long-lived engine's memory stays bounded.
 
     With :meth:`set_peers`, replicas placing on one store split the hosts
     between them, rendezvous style: each walks its own share first (best fit
@@ -375,6 +381,7 @@ class Engine:
     profile: EngineProfile = field(default_factory=default_profile)
     feasible_hosts: int = 4
     affinity: str = ""
+    interned_kept: int = _INTERNED_KEPT
     # (host, generation, planned) -> index of that host state.
     _index: dict[tuple[HostId, int, tuple[PlacementId, ...]], _HostIndex] = field(
         default_factory=dict, repr=False
@@ -393,9 +400,10 @@ class Engine:
     _heads: dict[_OrderKey, _Heads] = field(default_factory=dict, repr=False)
     _class_count: int = field(default=0, repr=False)
     _judged_count: int = field(default=0, repr=False)
-    # Occupancy and tenancy signatures, interned to small ints.
+    # Occupancy and tenancy signatures, interned to small ints (never reused).
     _signatures: dict[tuple[object, ...], int] = field(default_factory=dict, repr=False)
     _tenancies: dict[tuple[object, ...], int] = field(default_factory=dict, repr=False)
+    _interned: int = field(default=0, repr=False)
     # Static request shapes, interned: the hot loop keys on small ints.
     _shape_ids: dict[tuple[object, ...], int] = field(default_factory=dict, repr=False)
     # What the indexes reflect: host -> state and its index.
@@ -459,12 +467,8 @@ class Engine:
         if found is not None and found.view is view:
             return found
         occupancy = build_occupancy(state)
-        signature = self._signatures.setdefault(
-            _occupancy_signature(occupancy), len(self._signatures)
-        )
-        tenancy = self._tenancies.setdefault(
-            _tenancy_signature(occupancy, view.host_id), len(self._tenancies)
-        )
+        signature = self._intern(self._signatures, _occupancy_signature(occupancy))
+        tenancy = self._intern(self._tenancies, _tenancy_signature(occupancy, view.host_id))
         cls = self._hardware_class(view)
         # What is left is the same on every host of the class in this state.
         left = cls.left.get(signature)
@@ -487,6 +491,23 @@ class Engine:
             self._index.clear()
         self._index[key] = index
         return index
+
+    def _intern(self, table: dict[tuple[object, ...], int], key: tuple[object, ...]) -> int:
+        """``key``'s number in ``table``, a new one if it has none.
+
+        Bounded (``interned_kept``): a long-lived scheduler meets ever new
+        occupancies, and each signature kept is a tuple of frozensets. A
+        table that fills is forgotten, but numbers are never handed out
+        twice, so an index or memo that still holds an old number can only
+        miss, never match another signature.
+        """
+        found = table.get(key)
+        if found is None:
+            if len(table) >= self.interned_kept:
+                table.clear()
+            self._interned += 1
+            found = table[key] = self._interned
+        return found
 
     def _hardware_class(self, view: HostView) -> _HardwareClass:
         """The class of a view: its hardware fingerprint, confirmed by comparing views.

@@ -298,3 +298,27 @@ def test_pcie_distance_without_a_graph_is_the_graphs() -> None:
         for a in addresses:
             for b in addresses:
                 assert pcie_distance(view, a, b) == graph.pcie_distance(view.host_id, a, b)
+
+
+def test_an_engine_that_forgets_its_signatures_plans_as_a_fresh_one() -> None:
+    """Signatures are interned in a bounded table: a long-lived scheduler meets ever
+    new occupancies. Forgetting them must only cost memo misses, never let an index
+    still holding an old number match another state's judgement."""
+    rng = random.Random(7)
+    start = {**_clones(dgx(), "dgx-", 6, rng), **_clones(workstation(), "ws-", 6, rng)}
+    forgetful, kept = Engine(interned_kept=3), Engine()
+    snap = ClusterSnapshot(hosts=dict(start))
+    held: list[tuple[HostId, PlacementId]] = []
+    for i in range(300):
+        if rng.random() < 0.3 and held:
+            host, pid = held.pop(rng.randrange(len(held)))
+            snap = with_release(snap, host, pid)
+        request = _request(i, rng)
+        expected = kept.schedule(snap, request)
+        assert outcome(forgetful.schedule(snap, request)) == outcome(expected), i
+        assert len(forgetful._signatures) <= 3 and len(forgetful._tenancies) <= 3
+        if isinstance(expected, Plan):
+            pid = PlacementId(f"p{i}")
+            snap = with_reservation(snap, expected.host_id, expected.slots, pid, request.tenant)
+            held.append((expected.host_id, pid))
+    assert len(kept._signatures) > 3  # the sequence did meet more than the bound
