@@ -120,6 +120,10 @@ def mdev_free(
     offered = parent.types.get(type_id)
     if offered is None or offered.max_instances <= 0:
         return 0
+    if not used:
+        # Nothing on the parent: the share model leaves all of it, without
+        # the sums below (the fast path asks this of every parent it indexes).
+        return max(0, min(offered.max_instances, offered.available - pending.get(type_id, 0)))
     if parent.single_type and any(n > 0 and t != type_id for t, n in used.items()):
         return 0
     fill = Fraction(0)

@@ -1188,12 +1188,7 @@ def _open_forms(view: HostView, occupancy: Occupancy, idle: Sequence[int]) -> tu
             continue  # a MIG GPU takes no mdev
         used = occupancy.mdev_used.get(parent.address, {})
         pending = occupancy.mdev_pending.get(parent.address, {})
-        if not used and not pending:
-            # An empty parent: what mdev_free says without its share sums.
-            room = any(t.max_instances > 0 and t.available > 0 for t in parent.types.values())
-        else:
-            room = any(mdev_free(parent, t, used, pending) > 0 for t in parent.types)
-        if room:
+        if any(mdev_free(parent, t, used, pending) > 0 for t in parent.types):
             mark(parent.address, DeviceForm.MDEV)
     for gpu in view.gpus.values():
         layout = occupancy.mig_layouts.get(gpu.address)
