@@ -102,8 +102,10 @@ class BatchResult:
         plans: per placed request, its plan, in commit order.
         unplaced: per request left out, why.
         objective: the objective of the returned solution.
-        bound: the solver's proven upper bound on the objective (equal to
-            ``objective`` when optimal; the greedy objective when no solver ran).
+        bound: a proven upper bound on the objective: the solver's (equal to
+            ``objective`` when optimal); without a model, each request in its
+            best column (see ``BatchSettings.quality_gap``); the greedy
+            objective when the solver is off.
         greedy_objective: the objective of the greedy seed.
         status: "OPTIMAL" (by the solver, or without it when the greedy seed
             reaches the bound of each request in its best column),
