@@ -14,7 +14,7 @@ Both count: a unit is free only if neither source holds it. Pure.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
@@ -190,20 +190,45 @@ def _mig_layouts(
             else:
                 layouts[address] = layout
             continue
-        slices = {p.profile_id: p.slices for p in gpu.mig_profiles}
-        instances = {(gi.start, gi.size): gi for gi in gpu.gpu_instances}
-        for s in mine:
-            # An allocated instance the agent created shows up live at the
-            # same placement: count it once.
-            instances.setdefault(
-                (s.start, s.size),
-                GpuInstance(s.start, s.size, s.profile_id, slices.get(s.profile_id, 1)),
-            )
-        try:
-            layouts[address] = MigLayout(tuple(instances.values()))
-        except MigGeometryError:
+        layout = _allocated_layout(gpu, mine)
+        if layout is None:
             broken.add(address)
+        else:
+            layouts[address] = layout
     return layouts, broken
+
+
+# (id(GPU view), its allocated instances) -> (the view, the layout; None:
+# they overlap). A GPU's instances come in few combinations (its geometry
+# is fixed), met again as placements come and go. Bounded.
+_ALLOCATED_LAYOUTS: dict[
+    tuple[int, tuple[tuple[int, int, int], ...]], tuple[GpuView, MigLayout | None]
+] = {}
+
+
+def _allocated_layout(gpu: GpuView, mine: Sequence[MigSlot]) -> MigLayout | None:
+    """The layout of a MIG GPU's live and allocated instances, or None when they overlap."""
+    key = (id(gpu), tuple((s.start, s.size, s.profile_id) for s in mine))
+    found = _ALLOCATED_LAYOUTS.get(key)
+    if found is not None and found[0] is gpu:
+        return found[1]
+    slices = {p.profile_id: p.slices for p in gpu.mig_profiles}
+    instances = {(gi.start, gi.size): gi for gi in gpu.gpu_instances}
+    for s in mine:
+        # An allocated instance the agent created shows up live at the
+        # same placement: count it once.
+        instances.setdefault(
+            (s.start, s.size),
+            GpuInstance(s.start, s.size, s.profile_id, slices.get(s.profile_id, 1)),
+        )
+    try:
+        layout: MigLayout | None = MigLayout(tuple(instances.values()))
+    except MigGeometryError:
+        layout = None
+    if len(_ALLOCATED_LAYOUTS) >= 65_536:  # bounded: old views are dead weight
+        _ALLOCATED_LAYOUTS.clear()
+    _ALLOCATED_LAYOUTS[key] = (gpu, layout)
+    return layout
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +297,8 @@ def build_occupancy(state: HostState) -> Occupancy:
     vfs: dict[PciAddress, set[int]] = {}
     mdev_uuids: dict[PciAddress, dict[str, str]] = {}
     mig_allocated: dict[PciAddress, list[MigSlot]] = {}
-    tenants: dict[DomainKey, set[TenantName]] = {}
+    # Built frozen: most domains hold one tenant, whose set is shared.
+    tenants: dict[DomainKey, frozenset[TenantName]] = {}
     exclusive: dict[DomainKey, TenantName] = {}
     on_host: set[TenantName] = set()
     owners = state.tenants
@@ -306,16 +332,18 @@ def build_occupancy(state: HostState) -> Occupancy:
             modes.setdefault(slot.gpu, DeviceMode.MIG)
         elif isinstance(slot, ExclusiveSlot):
             exclusive[(slot.domain, slot.instance)] = tenant
-        for domain in facts.domains:
-            inside = tenants.get(domain)
-            if inside is None:
-                tenants[domain] = {tenant}
-            else:
-                inside.add(tenant)
+        if facts.domains:
+            alone = frozenset((tenant,))
+            for domain in facts.domains:
+                inside = tenants.get(domain)
+                if inside is None:
+                    tenants[domain] = alone
+                elif tenant not in inside:
+                    tenants[domain] = inside | alone
         if facts.on_host:
             on_host.add(tenant)
     if on_host:
-        tenants[(ExclusivityDomain.HOST, view.host_id)] = on_host
+        tenants[(ExclusivityDomain.HOST, view.host_id)] = frozenset(on_host)
 
     # Live objects, whoever made them.
     for pf in view.sriov_pfs.values():
@@ -342,6 +370,6 @@ def build_occupancy(state: HostState) -> Occupancy:
         mdev_pending=MappingProxyType(pending),
         mig_layouts=MappingProxyType(layouts),
         unusable=frozenset(broken),
-        tenants=MappingProxyType({k: frozenset(v) for k, v in tenants.items()}),
+        tenants=MappingProxyType(tenants),
         exclusive=MappingProxyType(exclusive),
     )

@@ -989,6 +989,8 @@ class RedisStateStore:
         self._finalize = client.register_script(_FINALIZE_LUA)
         self._replace = client.register_script(_REPLACE_LUA)
         self._forget = client.register_script(_FORGET_LUA)
+        # The same script as every Release's second step: batched with the rest.
+        self._forget_released = hot(_FORGET_LUA)
         self._cordon = client.register_script(_CORDON_LUA)
         self._uncordon = client.register_script(_UNCORDON_LUA)
         self._forget_host = client.register_script(_FORGET_HOST_LUA)
@@ -1360,7 +1362,11 @@ class RedisStateStore:
                 replies = await pipe.execute()
             found = [stream for reply in replies for stream in _streams(reply)]
         else:
-            found = _streams(await self._client.xread(streams, count=count))  # type: ignore[arg-type]
+            # Through the batcher: a replica under load follows the feed
+            # before each plan, beside the scripts of other calls.
+            found = _streams(
+                await self._read("XREAD", "COUNT", count, "STREAMS", *streams, *streams.values())
+            )
         out: dict[int, list[FeedEntry]] = {}
         for key, entries in found:
             shard = shard_of_key[_text(key)]
@@ -1718,13 +1724,15 @@ class RedisStateStore:
         if int(code) == -3:
             raise FencedOutError(f"fencing token {fence} is stale on host {host_id}")
         if int(code) == 0 and request:
-            await self._forget(keys=[schema.request(request)], args=[placement_id])
+            await self._forget_released(keys=[schema.request(request)], args=[placement_id])
         if int(code) != 1:
             return 0
         if _text(request_id):
             # A crash before this line leaves a record naming a placement that
             # is gone: claim_request treats it as free.
-            await self._forget(keys=[schema.request(_text(request_id))], args=[placement_id])
+            await self._forget_released(
+                keys=[schema.request(_text(request_id))], args=[placement_id]
+            )
         return int(generation) or -1
 
     # -- lookups ---------------------------------------------------------------
