@@ -18,6 +18,7 @@ d         ``bench/trace_replay``  Alibaba 2023 GPU trace replay: acceptance, fra
 e         ``bench/state_cost.py`` cluster state at 12,500 hosts: build, memory, updates
 f         ``bench/tls_cost.py``   mutual TLS beside plaintext: latency, placements/s, set-up
 g         ``bench/place_server``  Place inside the scheduler, before and after the live model
+h         ``bench/fill_replay``   the trace filled as ATC'23 measures it: unallocated GPUs
 ========  ======================  ===============================================
 
 Each part's ``run(quick)`` result is written to ``OUT/<part>.json`` with the
@@ -56,6 +57,7 @@ PARTS: Mapping[str, tuple[str, str]] = {
     "e": ("state_cost", "(e) Cluster state at 12,500 hosts"),
     "f": ("tls_cost", "(f) Cost of mutual TLS"),
     "g": ("place_server", "(g) Place inside the scheduler: the live cluster model"),
+    "h": ("fill_replay", "(h) The trace filled as ATC'23 measures it: unallocated GPUs"),
 }
 
 _COMMANDS = """\

@@ -33,6 +33,7 @@ from scheduler.core.engine.framework import (
     OptionGenerator,
     Pick,
     Rejections,
+    RequestObserver,
     Reserver,
     Scorer,
     SearchPass,
@@ -141,6 +142,7 @@ class EngineProfile:
     reserver: Reserver
     unit_filters: tuple[UnitFilter, ...]
     scorers: tuple[Scorer, ...]
+    observers: tuple[RequestObserver, ...] = ()
 
 
 def default_profile() -> EngineProfile:
@@ -423,6 +425,9 @@ class Engine:
     # standing among them, worked out once per host and roster.
     _peers: frozenset[str] = field(default=frozenset(), repr=False)
     _ranks: dict[HostId, _Rank] = field(default_factory=dict, repr=False)
+    # The epochs of the scorers that learn (see _scored_now): judgements
+    # memoised under other epochs were scored under what they knew then.
+    _epochs: tuple[int, ...] = field(default=(), repr=False)
 
     # ------------------------------------------------------------ replicas
 
@@ -770,9 +775,27 @@ class Engine:
         request id differs between equal shapes, and it plays no part in
         fitting.
         """
+        self._scored_now()
         return self._judge(
             state, self.host_index(state), request, self._shape_id(request), rejections
         )
+
+    def _scored_now(self) -> None:
+        """Drop memoised judgements once a scorer that learns has learnt something new.
+
+        A scorer with an ``epoch`` (the fragmentation scorer's task mix)
+        scores differently once it moves; judgements are memoised with their
+        scores, so they go. Epochs move rarely (a learnt mix is republished
+        only when it drifts), so the memo keeps its worth.
+        """
+        epochs = tuple(getattr(s, "epoch", 0) for s in self.profile.scorers)
+        if epochs == self._epochs:
+            return
+        self._epochs = epochs
+        for classes in self._classes.values():
+            for cls in classes:
+                cls.judged.clear()
+        self._judged_count = 0
 
     def _shape_id(self, request: PlacementRequest) -> int:
         return self._shape_ids.setdefault(_static_shape(request), len(self._shape_ids))
@@ -962,6 +985,7 @@ class Engine:
         and batch candidate generation want).
         """
         self._sync(snapshot)
+        self._scored_now()
         rejections = Rejections()
         fits: list[HostFit] = []
         shape_id = self._shape_id(request)
@@ -1027,6 +1051,10 @@ class Engine:
             A plan against the chosen host's allocation generation, or why no
             host fits, per plugin.
         """
+        if not explain:
+            # What learns from demand sees the request (an Explain is no demand).
+            for observer in self.profile.observers:
+                observer.observe(request)
         fits, rejections = self.candidates(snapshot, request, 0 if explain else self.feasible_hosts)
         if not fits:
             return unschedulable(len(snapshot.hosts), request, rejections)

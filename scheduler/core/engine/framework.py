@@ -241,6 +241,18 @@ class UnitFilter(Protocol):
         ...
 
 
+class RequestObserver(Protocol):
+    """Sees every request the engine schedules, before its hosts are judged.
+
+    What a scorer that learns from demand (the task mix of
+    :class:`~scheduler.core.engine.plugins.FragmentationScorer`) is fed by.
+    """
+
+    def observe(self, request: PlacementRequest) -> None:
+        """Take one request into account."""
+        ...
+
+
 class Scorer(Protocol):
     """Scores a host's complete assignment; higher is better."""
 

@@ -32,6 +32,12 @@ from scheduler.core.engine.framework import (
     SearchPass,
     Verdict,
 )
+from scheduler.core.fragmentation import (
+    HostFragmentation,
+    TaskMixLearner,
+    host_fragmentation,
+    occupancy_after,
+)
 from scheduler.core.host import (
     HANDOVER_GROUP_HOLDS_HOST_DEVICE,
     HANDOVER_IN_USE_BY_HOST,
@@ -60,6 +66,7 @@ from scheduler.core.request import (
     AffinityScope,
     Claim,
     DeviceForm,
+    DeviceKind,
     ExclusivityDomain,
     NumaPolicy,
 )
@@ -817,6 +824,67 @@ class MigFragmentationScorer:
                 before, gpu.mig_profiles
             )
         return -round(100 * added), f"MIG fragmentation {added:+.2f} on {len(by_gpu)} GPUs"
+
+
+class FragmentationScorer:
+    """Place where free GPU capacity fragments least under the task mix (FGD, ATC'23).
+
+    The charge is the growth of the host's fragmentation ``F_n(M)`` (see
+    :mod:`scheduler.core.fragmentation`) the assignment causes, in GPUs,
+    plus the GPU capacity it consumes: a half-GPU task taking a 4-slice MIG
+    instance (4/7 of a GPU) pays more than one taking a half-GPU vGPU. The
+    mix is the learner's published one; :attr:`epoch` moves with it, so an
+    engine drops judgements scored under an older mix.
+
+    Args:
+        learner: where the mix comes from (the engine's observers feed it).
+        weight: points per GPU of fragmentation added.
+        consumed_weight: points per GPU of capacity consumed.
+    """
+
+    name = "fragmentation"
+
+    def __init__(
+        self, learner: TaskMixLearner, *, weight: int = 1000, consumed_weight: int = 200
+    ) -> None:
+        self.learner = learner
+        self.weight = weight
+        self.consumed_weight = consumed_weight
+        # id(occupancy) -> (occupancy, epoch, its fragmentation): a host's
+        # state is judged for many shapes, its "before" is the same.
+        self._before: dict[int, tuple[Occupancy, int, HostFragmentation]] = {}
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever the mix the scores are made under does."""
+        return self.learner.epoch
+
+    def score(self, cycle: Cycle, picks: Sequence[Pick]) -> tuple[int, str]:
+        """Minus the fragmentation added and the capacity consumed, weighted."""
+        mix = self.learner.mix
+        taken = [
+            (p.option.form, p.option.device.address, p.option.variant, p.mig_start)
+            for p in picks
+            if p.claim.kind is DeviceKind.GPU
+        ]
+        if not mix or not taken:
+            return 0, "no GPU taken" if mix else "no GPU task mix learnt yet"
+        view, occupancy = cycle.view, cycle.occupancy
+        epoch = self.learner.epoch
+        found = self._before.get(id(occupancy))
+        if found is None or found[0] is not occupancy or found[1] != epoch:
+            if len(self._before) >= 65_536:  # bounded: old states are dead weight
+                self._before.clear()
+            found = (occupancy, epoch, host_fragmentation(view, occupancy, mix))
+            self._before[id(occupancy)] = found
+        before = found[2]
+        after = host_fragmentation(view, occupancy_after(view, occupancy, taken), mix)
+        grown = after.fragmented - before.fragmented
+        consumed = before.free - after.free
+        value = -round(self.weight * grown + self.consumed_weight * consumed)
+        return value, (
+            f"fragmentation {grown:+.3f} GPUs under the task mix, {consumed:.3f} GPUs consumed"
+        )
 
 
 def _layout_after(layout: MigLayout, gpu: GpuView, picks: Sequence[Pick]) -> MigLayout:

@@ -23,6 +23,10 @@ comparison is about *choosing*, not about cutting corners:
   largest allocated share of the requested device kinds; first feasible
   devices there.
 * ``random``: a uniformly random feasible host (seeded), first feasible devices.
+* ``fgd`` (:class:`FgdPolicy`, built with the workload's task mix by the
+  trace replay; not in :data:`POLICIES`: it fits every host per request):
+  Fragmentation Gradient Descent (ATC'23), every feasible host, the one whose
+  fragmentation under the task mix grows least.
 
 Baselines only know what a DRA claim can say: required constraints
 (``matchAttribute`` on NUMA node or PCIe root), no preferences. They see the
@@ -45,6 +49,8 @@ from scheduler.core.engine.fastpath import (
     unschedulable,
 )
 from scheduler.core.engine.framework import Rejections
+from scheduler.core.engine.plugins import FragmentationScorer
+from scheduler.core.fragmentation import TaskMix, TaskMixLearner
 from scheduler.core.plan import Plan, Unschedulable
 from scheduler.core.request import ExclusivityDomain, NumaPolicy, PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, HostState
@@ -104,7 +110,7 @@ def _slot_signature(state: HostState) -> tuple[tuple[str, ...], frozenset[str], 
 
 
 @dataclass
-class _Baseline:
+class FeasibleHostsBaseline:
     """Shared by the baselines: fit hosts in the policy's order, choose among fits.
 
     Feasibility is memoised by host *class* (the hardware fingerprint, the
@@ -188,7 +194,7 @@ class _Baseline:
 
 
 @dataclass
-class FirstFitPolicy(_Baseline):
+class FirstFitPolicy(FeasibleHostsBaseline):
     """Kubernetes DRA's allocator: first feasible host in name order, first devices."""
 
     name: str = "first-fit"
@@ -212,7 +218,7 @@ def nodes_to_score(n_hosts: int, percentage: int = 0) -> int:
 
 
 @dataclass
-class BestFitPolicy(_Baseline):
+class BestFitPolicy(FeasibleHostsBaseline):
     """kube-scheduler, NodeResourcesFit MostAllocated: the fullest of the feasible hosts found."""
 
     name: str = "best-fit"
@@ -253,7 +259,43 @@ class BestFitPolicy(_Baseline):
 
 
 @dataclass
-class RandomPolicy(_Baseline):
+class FgdPolicy:
+    """FGD (Weng et al., ATC'23): every feasible host, the one whose fragmentation grows least.
+
+    Host-level as published: each feasible host is scored by the growth of
+    its fragmentation under the task mix (the paper's ``F_n(M)``, see
+    :mod:`scheduler.core.fragmentation`), nothing else, and the least growth
+    wins. Within a host the devices are the engine's first feasible ones
+    (devices already in the task's use first, the fullest first), where the
+    paper tries each GPU; on MIG and vGPU geometry that order already takes
+    the slot that strands least on the GPUs in use.
+
+    With a ``prior`` (the workload's mix, as the paper's evaluation is given
+    it) the mix is fixed; without one it is learnt from the requests placed.
+    Like the other baselines it sees what a DRA claim can say.
+    """
+
+    name: str = "fgd"
+    prior: TaskMix | None = None
+    learner: TaskMixLearner = field(init=False, repr=False)
+    engine: Engine = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.learner = TaskMixLearner(self.prior)
+        profile = replace(
+            _unscored_profile(),
+            scorers=(FragmentationScorer(self.learner, consumed_weight=0),),
+            observers=() if self.prior else (self.learner,),
+        )
+        self.engine = Engine(profile=profile, feasible_hosts=0)
+
+    def place(self, snapshot: ClusterSnapshot, request: PlacementRequest) -> Plan | Unschedulable:
+        """See :class:`Policy`."""
+        return self.engine.schedule(snapshot, dra_expressible(request))
+
+
+@dataclass
+class RandomPolicy(FeasibleHostsBaseline):
     """A uniformly random feasible host (seeded), first feasible devices."""
 
     name: str = "random"

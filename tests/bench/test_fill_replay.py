@@ -1,0 +1,79 @@
+"""The ATC'23-style fill: arrivals reach 130% of the GPUs, budgets hold, every policy runs."""
+
+from __future__ import annotations
+
+import random
+
+from bench import fill_replay as fr
+from bench.trace_replay import TRACE_DIR
+from scheduler.core.checker import check_placements
+from scheduler.core.identity import PlacementId
+from scheduler.core.plan import Plan
+from scheduler.core.request import DeviceKind
+from scheduler.core.snapshot import with_reservation
+
+
+def test_arrivals_stop_once_they_reach_130_percent_of_the_gpus() -> None:
+    tasks = fr.load_tasks(TRACE_DIR / fr.TRACES["default"])
+    arrivals = fr.sample_arrivals(tasks, 100, seed=7)
+    demand = sum(t.gpu_demand for t in arrivals)
+    assert 130 <= demand < 130 + max(t.gpu_demand for t in tasks)
+    assert arrivals == fr.sample_arrivals(tasks, 100, seed=7)  # seeded
+
+
+def test_every_variant_loads_with_its_task_mix() -> None:
+    for trace, file in fr.TRACES.items():
+        tasks = fr.load_tasks(TRACE_DIR / file)
+        mix = fr.task_mix(tasks)
+        assert tasks and abs(sum(mix.values()) - 1) < 1e-9, trace
+    shared = fr.load_tasks(TRACE_DIR / fr.TRACES["gpushare100"])
+    assert all(t.gpu_milli < 1000 for t in shared)
+
+
+def test_a_gpu_spec_confines_a_task_to_the_nodes_of_its_models() -> None:
+    nodes = [fr.Node("a", 64000, 262144, 2, "T4"), fr.Node("b", 64000, 262144, 2, "P100")]
+    base = fr.fleet_of(nodes, {("P100",)})
+    task = fr.Task("t", 1000, 1024, 1, 1000, ("P100",))
+    request = fr._request(task, "t")
+    for _ in range(2):
+        plan = fr.policies({}, 1)["first-fit"]().place(base, request)
+        assert isinstance(plan, Plan) and plan.host_id == "b"
+
+
+def test_a_fill_keeps_every_budget_and_never_double_allocates() -> None:
+    rng = random.Random(3)
+    nodes = sorted(rng.sample(fr.load_nodes(), 30), key=lambda n: n.sn)
+    tasks = fr.load_tasks(TRACE_DIR / fr.TRACES["default"])
+    mix = fr.task_mix(tasks)
+    base = fr.fleet_of(nodes, set())
+    arrivals = fr.sample_arrivals(tasks, sum(n.gpus for n in nodes), seed=3)
+    for name, make in fr.policies(mix, 3).items():
+        result = fr.fill(name, make, base=base, nodes=nodes, arrivals=arrivals, mix=mix)
+        assert 0 < result["accepted"] < len(arrivals), name
+        assert set(result["levels"]) == {"50", "70", "90", "100"}
+        at = result["levels"]
+        assert at["50"]["unallocated"] >= at["100"]["unallocated"] >= 0, name
+        assert result["gpu_demand_placed"] <= result["gpu_demand"]
+
+
+def test_the_fill_plans_pass_the_independent_checker() -> None:
+    """Each plan against the state it was made on, CPU budgets aside (the checker's rules)."""
+    rng = random.Random(5)
+    nodes = sorted(rng.sample(fr.load_nodes(), 12), key=lambda n: n.sn)
+    tasks = fr.load_tasks(TRACE_DIR / fr.TRACES["gpushare100"])
+    mix = fr.task_mix(tasks)
+    snap = fr.fleet_of(nodes, set())
+    policy = fr.policies(mix, 5)["tessera"]()
+    placed = 0
+    for k, task in enumerate(fr.sample_arrivals(tasks, sum(n.gpus for n in nodes), seed=5)):
+        request = fr._request(task, f"r{k}")
+        plan = policy.place(snap, request)
+        if not isinstance(plan, Plan):
+            continue
+        assert not check_placements(snap, [(request, plan)])
+        assert all(c.kind is DeviceKind.GPU for c in request.claims)
+        snap = with_reservation(
+            snap, plan.host_id, plan.slots, PlacementId(f"p{k}"), request.tenant
+        )
+        placed += 1
+    assert placed > 0

@@ -1,0 +1,148 @@
+"""The ATC'23 fragmentation measure, the learnt task mix, and FGD built on them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from scheduler.core.engine.fastpath import Engine, default_profile
+from scheduler.core.engine.plugins import FragmentationScorer
+from scheduler.core.engine.policies import FgdPolicy
+from scheduler.core.fragmentation import (
+    TaskMixLearner,
+    TaskShape,
+    free_shares,
+    host_fragmentation,
+    occupancy_after,
+    task_shape,
+)
+from scheduler.core.identity import HostId, RequestId, TenantName
+from scheduler.core.occupancy import build_occupancy
+from scheduler.core.plan import Plan
+from scheduler.core.request import (
+    Claim,
+    DeviceForm,
+    DeviceKind,
+    Isolation,
+    PlacementRequest,
+)
+from scheduler.core.snapshot import ClusterSnapshot, HostState
+
+from .checker_topologies import GPU_A, MDEV_GPU, MDEV_SINGLE, MIG_GPU, mixed
+
+WHOLE_1 = TaskShape(gpus=1)
+QUARTER_VGPU = TaskShape(mdev_types=frozenset({"nvidia-1"}))
+
+
+def whole(rid: str, n: int = 1) -> PlacementRequest:
+    return PlacementRequest(RequestId(rid), TenantName("t"), (Claim("gpu", DeviceKind.GPU, n),))
+
+
+def quarter(rid: str) -> PlacementRequest:
+    claim = Claim(
+        "gpu", DeviceKind.GPU, 1, forms=frozenset({DeviceForm.MDEV}),
+        mdev_types=frozenset({"nvidia-1"}), min_isolation=Isolation.SHARED,
+    )  # fmt: skip
+    return PlacementRequest(RequestId(rid), TenantName("t"), (claim,))
+
+
+@pytest.fixture
+def empty_mixed() -> HostState:
+    """The mixed host as discovered: one live quarter vGPU, one live 3-slice MIG instance."""
+    return HostState(mixed("h"), 1)
+
+
+def test_a_gpus_free_share_follows_its_geometry(empty_mixed: HostState) -> None:
+    free = free_shares(empty_mixed.view, build_occupancy(empty_mixed))
+    assert free[GPU_A] == 1.0
+    assert free[MDEV_SINGLE] == pytest.approx(0.75)  # one of four nvidia-1
+    assert free[MIG_GPU] == pytest.approx(4 / 7)  # 3 of 7 compute slices taken
+
+
+def test_whole_gpu_tasks_lose_every_sliced_gpu(empty_mixed: HostState) -> None:
+    occ = build_occupancy(empty_mixed)
+    frag = host_fragmentation(empty_mixed.view, occ, {WHOLE_1: 1.0})
+    assert frag.fragmented == pytest.approx(0.75 + 4 / 7)
+
+
+def test_a_task_the_host_cannot_take_loses_all_its_free_capacity(empty_mixed: HostState) -> None:
+    occ = build_occupancy(empty_mixed)
+    frag = host_fragmentation(empty_mixed.view, occ, {TaskShape(gpus=64): 1.0})
+    assert frag.fragmented == pytest.approx(frag.free)
+
+
+def test_a_shared_task_uses_untouched_and_roomy_gpus_of_its_type(empty_mixed: HostState) -> None:
+    view, occ = empty_mixed.view, build_occupancy(empty_mixed)
+    free = free_shares(view, occ)
+    frag = host_fragmentation(view, occ, {QUARTER_VGPU: 1.0})
+    # Only the two mdev parents offer nvidia-1: every other GPU is lost to it.
+    assert frag.fragmented == pytest.approx(sum(free.values()) - 1.0 - 0.75)
+
+
+def test_what_a_plan_leaves_is_read_without_building_a_state(empty_mixed: HostState) -> None:
+    view, occ = empty_mixed.view, build_occupancy(empty_mixed)
+    after = occupancy_after(
+        view,
+        occ,
+        [(DeviceForm.MDEV, MDEV_GPU, "nvidia-1", -1), (DeviceForm.WHOLE_DEVICE, GPU_A, "", -1)],
+    )
+    free = free_shares(view, after)
+    assert free[MDEV_GPU] == pytest.approx(0.75)
+    assert free[GPU_A] == 0.0
+    assert free_shares(view, occ)[GPU_A] == 1.0  # the state's own occupancy is untouched
+
+
+def test_a_request_is_counted_by_its_gpu_shape() -> None:
+    assert task_shape(whole("w", 2)) == TaskShape(gpus=2)
+    assert task_shape(quarter("q")) == QUARTER_VGPU
+    nic = PlacementRequest(RequestId("n"), TenantName("t"), (Claim("nic", DeviceKind.NIC, 1),))
+    assert task_shape(nic) is None
+
+
+def test_the_learnt_mix_is_republished_only_when_it_drifts() -> None:
+    learner = TaskMixLearner(prior={WHOLE_1: 1.0}, prior_weight=100, republish=0.1)
+    assert learner.mix == {WHOLE_1: 1.0}
+    start = learner.epoch
+    for i in range(5):
+        learner.observe(quarter(f"q{i}"))
+    assert learner.epoch == start  # 5 of 105: under the drift that republishes
+    for i in range(30):
+        learner.observe(quarter(f"r{i}"))
+    assert learner.epoch > start
+    assert learner.mix[QUARTER_VGPU] > 0.1
+    assert sum(learner.mix.values()) == pytest.approx(1.0)
+
+
+def test_the_learnt_mix_stays_bounded_whatever_arrives() -> None:
+    learner = TaskMixLearner()
+    for n in range(1, 500):
+        learner.observe(whole(f"w{n}", n))
+    assert len(learner.mix) <= TaskMixLearner.MAX_SHAPES
+
+
+def test_fgd_slices_a_gpu_already_sliced_rather_than_open_a_whole_one() -> None:
+    """With whole-GPU tasks in the mix, a quarter vGPU joins the sliced parent's host."""
+    sliced = mixed("sliced")
+    # The same host without the live vGPU: placing there opens an untouched GPU.
+    parents = dict(sliced.mdev_parents)
+    parents[MDEV_SINGLE] = replace(parents[MDEV_SINGLE], live={})
+    fresh = replace(sliced, host_id=HostId("fresh"), mdev_parents=parents)
+    snap = ClusterSnapshot(hosts={h.host_id: HostState(h, 1) for h in (fresh, sliced)})
+    fgd = FgdPolicy(prior={WHOLE_1: 0.8, QUARTER_VGPU: 0.2})
+    plan = fgd.place(snap, quarter("q"))
+    assert isinstance(plan, Plan)
+    assert plan.host_id == "sliced"
+
+
+def test_an_engine_drops_judgements_scored_under_an_older_mix(empty_mixed: HostState) -> None:
+    learner = TaskMixLearner(prior={WHOLE_1: 1.0}, republish=0.0)
+    scorer = FragmentationScorer(learner)
+    engine = Engine(profile=replace(default_profile(), scorers=(scorer,), observers=(learner,)))
+    snap = ClusterSnapshot(hosts={empty_mixed.view.host_id: empty_mixed})
+    first = engine.candidates(snap, quarter("a"), 1)[0][0].score
+    for i in range(50):
+        learner.observe(quarter(f"b{i}"))
+    second = engine.candidates(snap, quarter("c"), 1)[0][0].score
+    # Quarter vGPUs now dominate the mix: taking one strands less than it did.
+    assert second != first
