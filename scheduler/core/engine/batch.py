@@ -56,6 +56,11 @@ from scheduler.core.snapshot import ClusterSnapshot, HostState, reserved, with_r
 REASON_OUTCOMPETED = "outcompeted"
 REASON_GANG_INCOMPLETE = "gang-incomplete"
 
+#: Columns per request and host for a request with a required affinity
+#: (see :meth:`Engine.alternatives`): every legal GPU+NIC pair of an 8-GPU
+#: host is eight; the bound keeps a pathological host's columns few.
+ASSIGNMENTS_PER_HOST = 64
+
 #: Quality of one column is squeezed into [0, QUALITY_RANGE].
 QUALITY_RANGE = 1000
 
@@ -394,6 +399,7 @@ def solve_batch(
     load: dict[HostId, int] = defaultdict(int)
     # Alike requests (the same fit key) get the same fits: worked out once.
     fits_of: dict[tuple[object, ...], tuple[list[HostFit], Rejections]] = {}
+    others_of: dict[tuple[tuple[object, ...], HostId], list[HostFit]] = {}
     if settings.use_solver:
         for i in order:
             request = requests[i]
@@ -408,8 +414,25 @@ def solve_batch(
                 fits, key=lambda f: (load[f.state.view.host_id], -f.score, f.state.view.host_id)
             )
             for fit in found[: settings.hosts_per_request]:
-                load[fit.state.view.host_id] += 1
+                host = fit.state.view.host_id
+                load[host] += 1
                 columns.append(_Column(i, fit))
+                if not refused or not any(a.required for a in request.affinities):
+                    continue
+                # A host's one best fit is every alike request's column there:
+                # seven GPU+NIC same-switch requests on one HGX host shared
+                # one pair, and the model could not move one of them onto the
+                # pair under another switch that stayed free (it refused it
+                # as outcompeted). With a required affinity only few
+                # assignments are legal, so each legal one is a column. Only
+                # when the greedy left something out: with everything placed
+                # no column can place more.
+                others = others_of.get((alike, host))
+                if others is None:
+                    others = others_of[(alike, host)] = engine.alternatives(
+                        fit.state, request, ASSIGNMENTS_PER_HOST
+                    )
+                columns.extend(_Column(i, other) for other in others if other.picks != fit.picks)
             if not found:
                 reasons[i] = unschedulable(len(snapshot.hosts), request, rejections)
     greedy_columns = {}

@@ -65,6 +65,7 @@ from scheduler.core.engine.plugins import (
     MigratabilityPlugin,
     NumaPlugin,
     SharingScorer,
+    SwitchPartners,
     VfOptions,
     WholeDeviceOptions,
     free_vfs,
@@ -749,12 +750,36 @@ class Engine:
                 )
             return None
         modes = cycle.occupancy.modes
-        # Economy first, then pack onto devices already in that use, then
-        # NUMA and address for a stable order.
+        gpus = cycle.view.gpus
+        # The search takes the first complete assignment in this order, and
+        # a later request lives with what it left. So after economy and
+        # packing onto devices already in that use, keep what only some
+        # requests can use for last:
+        # * a MIG-enabled GPU handed over whole: MIG claims can use no other
+        #   GPU, and seven GPU+NIC pairs on an 8-GPU HGX host took both MIG
+        #   GPUs (first by address) and left a MIG request nothing;
+        # * for a claim no affinity names, a device sharing a switch with an
+        #   idle device of another kind: the only way to serve a later
+        #   same-switch pair there (the MIG request took the one GPU whose
+        #   NIC was free). A claim an affinity names wants exactly those
+        #   devices, so its order is left alone (and its search short).
+        partners = (
+            None
+            if any(claim.name in (a.claim_a, a.claim_b) for a in cycle.request.affinities)
+            else SwitchPartners(cycle.view, cycle.occupancy)
+        )
+
+        def keeps_for_others(o: Option) -> tuple[bool, int]:
+            gpu = gpus.get(o.device.address)
+            whole_mig = o.form is DeviceForm.WHOLE_DEVICE and gpu is not None and gpu.mig_enabled
+            return whole_mig, partners.partners_of(o.device) if partners is not None else 0
+
+        # Then fewest units free (pack), NUMA and address for a stable order.
         kept.sort(
             key=lambda o: (
                 _FORM_ORDER[o.form],
                 0 if o.device.address in modes else 1,
+                keeps_for_others(o),
                 o.free,
                 o.device.numa_node,
                 o.device.address,
@@ -858,23 +883,15 @@ class Engine:
     ) -> tuple[Pick, ...] | None:
         """A complete assignment of ``request`` on the host, host filters passed, or None."""
         cycle = Cycle(request, state, index.occupancy)
-        options: dict[str, list[Option]] = {}
-        for claim in request.claims:
-            kept = self._options(cycle, claim, rejections)
-            if kept is None:
-                return None
-            options[claim.name] = kept
-        # Most constrained claims first: dead ends die early.
-        claims = sorted(request.claims, key=lambda c: len(options[c.name]))
-        units = [c for c in claims for _ in range(c.count)]
+        found = self._units(cycle, rejections)
+        if found is None:
+            return None
+        units, options = found
         required = tuple(a for a in request.affinities if a.required)
-        every = tuple(request.affinities)
-        passes = (every, required) if every != required else (required,)
-        for nodes in numa_domains(state.view, request.numa_policy):
-            for affinities in passes:
-                picks = self._search(cycle, units, options, SearchPass(nodes, affinities))
-                if picks is not None:
-                    return picks
+        for search in _passes(state.view, request):
+            picks = self._search(cycle, units, options, search)
+            if picks is not None:
+                return picks
         rejections.add(
             "topology",
             REASON_TOPOLOGY,
@@ -883,13 +900,73 @@ class Engine:
         )
         return None
 
+    def _units(
+        self, cycle: Cycle, rejections: Rejections
+    ) -> tuple[list[Claim], dict[str, list[Option]]] | None:
+        """The claim units in search order and each claim's options, or None with reasons."""
+        options: dict[str, list[Option]] = {}
+        for claim in cycle.request.claims:
+            kept = self._options(cycle, claim, rejections)
+            if kept is None:
+                return None
+            options[claim.name] = kept
+        # Most constrained claims first: dead ends die early.
+        claims = sorted(cycle.request.claims, key=lambda c: len(options[c.name]))
+        return [c for c in claims for _ in range(c.count)], options
+
+    def alternatives(
+        self, state: HostState, request: PlacementRequest, limit: int
+    ) -> list[HostFit]:
+        """Distinct complete assignments of ``request`` on one host, up to ``limit``, scored.
+
+        :meth:`fit` gives a host's one best assignment; alike requests in a
+        batch then share that one column per host and compete for its
+        devices, while the host's other legal ones (another GPU+NIC pair
+        under another switch) are never offered to the model. This lists
+        them: the same depth-first search, in the same passes, carried on
+        past the first complete assignment. Assignments taking the same
+        pools are given once; the search budget bounds each pass.
+        """
+        index = self.host_index(state)
+        cycle = Cycle(request, state, index.occupancy)
+        if any(f.filter_host(cycle) is not None for f in self.profile.host_filters):
+            return []
+        found = self._units(cycle, Rejections())
+        if found is None:
+            return []
+        units, options = found
+        order = {c.name: i for i, c in enumerate(request.claims)}
+        out: dict[tuple[tuple[str, str], ...], tuple[Pick, ...]] = {}
+
+        def each(picks: tuple[Pick, ...]) -> bool:
+            key = tuple(sorted((p.claim.name, p.option.pool) for p in picks))
+            if key not in out:
+                out[key] = tuple(sorted(picks, key=lambda p: order[p.claim.name]))
+            return len(out) >= limit
+
+        for search in _passes(state.view, request):
+            if self._search(cycle, units, options, search, each) is not None:
+                break  # the limit is reached
+        fits = []
+        for picks in out.values():
+            score, reasons = self._score(state, index, request, picks)
+            fits.append(HostFit(state, picks, score, reasons, index.occupancy))
+        return fits
+
     def _search(
         self,
         cycle: Cycle,
         units: Sequence[Claim],
         options: Mapping[str, Sequence[Option]],
         search: SearchPass,
+        each: Callable[[tuple[Pick, ...]], bool] | None = None,
     ) -> tuple[Pick, ...] | None:
+        """The first complete assignment in option order, or None.
+
+        With ``each``, every complete assignment is handed to it in turn and
+        the search goes on until it returns True (then that assignment is
+        returned) or the options run out (None).
+        """
         picks: list[Pick] = []
         steps = 0
         reserver = self.profile.reserver
@@ -898,7 +975,7 @@ class Engine:
         def step(i: int, floor: int) -> bool:
             nonlocal steps
             if i == len(units):
-                return True
+                return each is None or each(tuple(picks))
             claim = units[i]
             candidates = options[claim.name]
             for k in range(floor, len(candidates)):
@@ -1097,6 +1174,16 @@ def _standing(affinity: str, peers: frozenset[str], host_id: str) -> _Rank:
     mine = score(affinity)
     away = any((score(p), p) > (mine, affinity) for p in peers if p != affinity)
     return away, mine
+
+
+def _passes(view: HostView, request: PlacementRequest) -> Iterator[SearchPass]:
+    """The search passes in order: NUMA domains by preference, preferred affinities first."""
+    required = tuple(a for a in request.affinities if a.required)
+    every = tuple(request.affinities)
+    passes = (every, required) if every != required else (required,)
+    for nodes in numa_domains(view, request.numa_policy):
+        for affinities in passes:
+            yield SearchPass(nodes, affinities)
 
 
 def _tie_break(salt: str, host_id: str) -> tuple[int, str]:

@@ -22,7 +22,7 @@ Soft preferences are the scorers at the end of the module.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 
 from scheduler.core.engine.framework import (
@@ -699,6 +699,44 @@ class AffinityPlugin:
                 ):
                     return False
         return True
+
+
+class SwitchPartners:
+    """Idle devices under each outermost PCIe switch, by kind: who can still pair there.
+
+    A device sharing a switch with an idle device of another kind (an HGX
+    GPU and the NIC beside it) is the only way to serve a request asking for
+    the two under one switch. A claim with no affinity of its own should
+    take such a device last, so a later pair request still finds its pair:
+    :meth:`partners_of` is the option order's measure of that.
+
+    Args:
+        view: the host.
+        occupancy: what is taken on it.
+    """
+
+    def __init__(self, view: HostView, occupancy: Occupancy) -> None:
+        modes, unusable, groups = occupancy.modes, occupancy.unusable, occupancy.groups_taken
+        self._idle: dict[PciAddress, Counter[DeviceKind]] = {}
+        for function in view.functions.values():
+            kind = function.kind
+            if kind is None or function.is_vf or not function.switches:
+                continue
+            address = function.address
+            if address in modes or address in unusable or function.iommu_group in groups:
+                continue
+            # The outermost switch holds every device of the inner ones: the
+            # widest "same switch" any pair can meet.
+            self._idle.setdefault(function.switches[0], Counter())[kind] += 1
+
+    def partners_of(self, device: PciFunctionView) -> int:
+        """Idle devices of another kind that share a switch with ``device``."""
+        if not device.switches:
+            return 0
+        idle = self._idle.get(device.switches[0])
+        if idle is None:
+            return 0
+        return sum(n for kind, n in idle.items() if kind is not device.kind)
 
 
 def affinities_met(affinities: Sequence[Affinity], picks: Sequence[Pick]) -> int:
