@@ -750,14 +750,16 @@ class Engine:
                 )
             return None
         modes = cycle.occupancy.modes
-        gpus = cycle.view.gpus
+        gpus, parents = cycle.view.gpus, cycle.view.mdev_parents
         # The search takes the first complete assignment in this order, and
         # a later request lives with what it left. So after economy and
         # packing onto devices already in that use, keep what only some
         # requests can use for last:
-        # * a MIG-enabled GPU handed over whole: MIG claims can use no other
-        #   GPU, and seven GPU+NIC pairs on an 8-GPU HGX host took both MIG
-        #   GPUs (first by address) and left a MIG request nothing;
+        # * a sliceable device handed over whole (a MIG-enabled GPU, an mdev
+        #   parent): MIG and mdev claims can use no other, and seven GPU+NIC
+        #   pairs on an 8-GPU HGX host took both MIG GPUs (first by address)
+        #   and left a MIG request nothing. Both kinds alike: keeping only MIG
+        #   GPUs back sent whole-GPU requests onto vGPU parents instead;
         # * for a claim no affinity names, a device sharing a switch with an
         #   idle device of another kind: the only way to serve a later
         #   same-switch pair there (the MIG request took the one GPU whose
@@ -770,9 +772,11 @@ class Engine:
         )
 
         def keeps_for_others(o: Option) -> tuple[bool, int]:
-            gpu = gpus.get(o.device.address)
-            whole_mig = o.form is DeviceForm.WHOLE_DEVICE and gpu is not None and gpu.mig_enabled
-            return whole_mig, partners.partners_of(o.device) if partners is not None else 0
+            address = o.device.address
+            gpu = gpus.get(address)
+            sliceable = (gpu is not None and gpu.mig_enabled) or address in parents
+            whole_sliceable = o.form is DeviceForm.WHOLE_DEVICE and sliceable
+            return whole_sliceable, partners.partners_of(o.device) if partners is not None else 0
 
         # Then fewest units free (pack), NUMA and address for a stable order.
         kept.sort(
