@@ -114,6 +114,7 @@ def _sriov(pf: SriovPf) -> inventory_pb2.SriovPf:
         vf_stride=pf.vf_stride,
         vf_device_id=pf.vf_device_id,
         drivers_autoprobe=pf.drivers_autoprobe,
+        vf_migration_driver=pf.vf_migration_driver or "",
     )
     for vf in pf.vfs:
         vf_msg = msg.vfs.add(index=vf.index, address=vf.address, driver=vf.driver or "")

@@ -10,6 +10,10 @@ No sysfs file says "migratable", so the agent's rule is:
   lists its vendor:device id. Every in-tree migration driver drives VFs (its
   state is saved and restored through the PF); virtio-net's id ``1af4:1041``
   is also what a plain, non-VF virtio NIC reports, which cannot migrate.
+* a VF not created yet could be migrated if that driver lists its PF's
+  vendor and ``sriov_vf_device`` (the ids Linux gives the VF): the SR-IOV
+  probe reports it per PF, so the scheduler can place a migratable VF on a
+  PF whose VFs the agent enables on Prepare.
 
 The authoritative answer needs ``VFIO_DEVICE_FEATURE(PROBE, MIGRATION)`` on an
 opened device fd (and, for mlx5, migration-capable firmware); that is left to

@@ -3,6 +3,10 @@
 A PF is a function with ``sriov_totalvfs``. Its enabled VFs are the
 ``virtfn<i>`` links (``-> ../<VF address>``); VFs are siblings of the PF in
 the tree and each normally has its own IOMMU group.
+
+A PF also says what its VFs will be before any exists: ``sriov_vf_device`` is
+the device id every VF of it reports (its vendor is the PF's), so the VFIO
+variant driver a VF would migrate with is known while ``sriov_numvfs`` is 0.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from agent.probes.iommu import IommuGroupNumber
+from agent.probes.migration import migration_driver_for
 from agent.probes.pci import PciAddress, PciFunction
 from agent.sysfs import Sysfs
 
@@ -48,6 +53,10 @@ class SriovPf:
         vf_device_id: ``sriov_vf_device`` (printed without ``0x``).
         drivers_autoprobe: ``sriov_drivers_autoprobe``: new VFs get a driver.
         vfs: the enabled VFs, by index.
+        vf_migration_driver: the migration-capable VFIO variant driver for
+            the PF's vendor and ``vf_device_id`` (see
+            :mod:`agent.probes.migration`), None when none exists: what a VF
+            created on Prepare binds to so that it can be live-migrated.
     """
 
     address: PciAddress
@@ -58,6 +67,7 @@ class SriovPf:
     vf_device_id: int
     drivers_autoprobe: bool
     vfs: tuple[VirtualFunction, ...]
+    vf_migration_driver: str | None
 
 
 def _int(text: str | None, base: int = 10) -> int:
@@ -88,6 +98,7 @@ def probe_sriov(
         total = sysfs.read(device / "sriov_totalvfs")
         if total is None:
             continue
+        vf_device_id = _int(sysfs.read(device / "sriov_vf_device"), 16)
         vfs = []
         for entry in sysfs.listdir(device):
             match = _VIRTFN.match(entry)
@@ -113,10 +124,17 @@ def probe_sriov(
                 num_vfs=_int(sysfs.read(device / "sriov_numvfs")),
                 vf_offset=_int(sysfs.read(device / "sriov_offset")),
                 vf_stride=_int(sysfs.read(device / "sriov_stride")),
-                vf_device_id=_int(sysfs.read(device / "sriov_vf_device"), 16),
+                vf_device_id=vf_device_id,
                 drivers_autoprobe=_int(sysfs.read(device / "sriov_drivers_autoprobe")) != 0,
                 # virtfn10 sorts before virtfn2 as text: order by the index.
                 vfs=tuple(sorted(vfs, key=lambda v: v.index)),
+                # Linux gives a VF its PF's vendor id (pci_iov_add_virtfn;
+                # the VF's own Vendor ID register reads 0xffff) and
+                # sriov_vf_device as its device id. An unreadable
+                # sriov_vf_device reads 0 here and matches no driver.
+                vf_migration_driver=migration_driver_for(
+                    by_address[address].vendor_id, vf_device_id
+                ),
             )
         )
     return tuple(pfs)

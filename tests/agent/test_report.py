@@ -21,6 +21,7 @@ from .test_discovery import A100_UUID, VirtHostNvml
 A100 = "0000:4b:00.0"
 A100_PORT = "0000:4a:01.0"
 CX6_PF0 = "0000:31:00.0"
+E810_PF0 = "0000:cb:00.0"
 LEGACY_BRIDGE = "0000:00:1e.0"
 LEGACY_NICS = ["0000:06:0d.0", "0000:06:0d.1"]
 TESLA_P4 = "0000:b1:00.0"
@@ -116,6 +117,15 @@ def test_sriov_pf_and_its_vfs(tmp_path: Path) -> None:
     vf = function(inv, "0000:31:00.2")
     assert vf.physfn == CX6_PF0
     assert vf.migratability.migration_driver == "mlx5_vfio_pci"
+
+
+def test_a_pf_without_vfs_reports_the_migration_driver_of_the_vfs_it_would_create(
+    virt: inventory_pb2.HostInventory,
+) -> None:
+    pfs = {p.address: p for p in virt.sriov_pfs}
+    assert (pfs[CX6_PF0].num_vfs, list(pfs[CX6_PF0].vfs)) == (0, [])
+    assert pfs[CX6_PF0].vf_migration_driver == "mlx5_vfio_pci"
+    assert pfs[E810_PF0].vf_migration_driver == ""  # unset: no variant driver for 8086:1889
 
 
 def test_mdev_parent_types_and_instances(tmp_path: Path) -> None:

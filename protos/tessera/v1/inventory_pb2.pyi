@@ -406,6 +406,7 @@ class SriovPf(_message.Message):
     VF_DEVICE_ID_FIELD_NUMBER: _builtins.int
     DRIVERS_AUTOPROBE_FIELD_NUMBER: _builtins.int
     VFS_FIELD_NUMBER: _builtins.int
+    VF_MIGRATION_DRIVER_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     total_vfs: _builtins.int
     num_vfs: _builtins.int
@@ -414,6 +415,14 @@ class SriovPf(_message.Message):
     vf_device_id: _builtins.int
     """sriov_vf_device, e.g. 0x101e."""
     drivers_autoprobe: _builtins.bool
+    vf_migration_driver: _builtins.str
+    """The migration-capable VFIO variant driver (mlx5_vfio_pci, ...) whose id
+    table lists this PF's vendor and vf_device_id: what a VF the agent creates
+    on Prepare binds to so that it can be live-migrated. Empty when no such
+    driver exists; such VFs pass through on plain vfio-pci and cannot
+    migrate. A VF that exists already reports its own capability in its
+    PciFunction.migratability, which is what counts for that VF.
+    """
     @_builtins.property
     def vfs(self) -> _containers.RepeatedCompositeFieldContainer[Global___VirtualFunction]: ...
     def __init__(
@@ -427,10 +436,11 @@ class SriovPf(_message.Message):
         vf_device_id: _builtins.int = ...,
         drivers_autoprobe: _builtins.bool = ...,
         vfs: _abc.Iterable[Global___VirtualFunction] | None = ...,
+        vf_migration_driver: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "drivers_autoprobe", b"drivers_autoprobe", "num_vfs", b"num_vfs", "total_vfs", b"total_vfs", "vf_device_id", b"vf_device_id", "vf_offset", b"vf_offset", "vf_stride", b"vf_stride", "vfs", b"vfs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "drivers_autoprobe", b"drivers_autoprobe", "num_vfs", b"num_vfs", "total_vfs", b"total_vfs", "vf_device_id", b"vf_device_id", "vf_migration_driver", b"vf_migration_driver", "vf_offset", b"vf_offset", "vf_stride", b"vf_stride", "vfs", b"vfs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

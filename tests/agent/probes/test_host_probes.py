@@ -15,7 +15,7 @@ from agent.probes.migration import migratability
 from agent.probes.numa import probe_numa
 from agent.probes.pci import PciAddress, PciFunction, probe_pci
 from agent.probes.pcie import Locality, PciRole, probe_tree
-from agent.probes.sriov import probe_sriov
+from agent.probes.sriov import SriovPf, probe_sriov
 from agent.probes.vfio import probe_vfio
 from agent.sysfs import Sysfs
 from agent.testing.hosts import build
@@ -242,6 +242,46 @@ def test_a_vf_knows_its_pf_and_can_migrate_through_mlx5_vfio_pci(tmp_path: Path)
 
 def test_the_connectx_pf_itself_has_no_migration_driver(virt: Sysfs) -> None:
     assert migratability(pci(virt)[CX6_PF0]).migration_driver is None
+
+
+def sriov_pfs(sysfs: Sysfs) -> dict[PciAddress, SriovPf]:
+    functions = probe_pci(sysfs)
+    return {
+        p.address: p
+        for p in probe_sriov(sysfs, functions, probe_iommu(sysfs, functions).by_address)
+    }
+
+
+def test_a_pf_without_vfs_names_the_migration_driver_its_vfs_will_have(virt: Sysfs) -> None:
+    # No VF exists at build time: sriov_vf_device alone says what they will be.
+    pfs = sriov_pfs(virt)
+
+    assert (pfs[CX6_PF0].num_vfs, pfs[CX6_PF0].vfs) == (0, ())
+    assert pfs[CX6_PF0].vf_migration_driver == "mlx5_vfio_pci"  # VFs 15b3:101e
+    assert pfs[QAT_PF].vf_migration_driver == "qat_vfio_pci"  # VFs 8086:4941
+    assert pfs[E810_0].vf_migration_driver is None  # VFs 8086:1889: iavf, no variant driver
+
+
+def test_a_pf_keeps_naming_its_vfs_migration_driver_once_they_exist(tmp_path: Path) -> None:
+    sysfs = host("virt-2s", tmp_path)
+    enable_vfs(sysfs, CX6_PF0, 2)
+
+    pf = sriov_pfs(sysfs)[CX6_PF0]
+
+    assert pf.num_vfs == 2
+    assert pf.vf_migration_driver == "mlx5_vfio_pci"
+
+
+def test_a_pf_whose_vf_device_id_cannot_be_read_names_no_migration_driver(
+    tmp_path: Path,
+) -> None:
+    sysfs = host("virt-2s", tmp_path)
+    # A kernel without the attribute (it came with Linux 4.x): nothing is guessed.
+    (sysfs.path("bus", "pci", "devices", CX6_PF0) / "sriov_vf_device").unlink()
+
+    pf = sriov_pfs(sysfs)[CX6_PF0]
+
+    assert (pf.vf_device_id, pf.vf_migration_driver) == (0, None)
 
 
 # -- mdev -----------------------------------------------------------------
