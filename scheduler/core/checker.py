@@ -520,6 +520,15 @@ def _check_vf(view: HostView, claim: Claim, a: VfAssignment, what: str) -> list[
                         f"{what}: driver {driver!r}, VF migrates with {vf_fn.migration_driver!r}",
                     )
                 )
+        elif pf is not None and pf.num_vfs == 0 and pf.vf_migration_driver != driver:
+            # The VF is created on Prepare: the PF says what its VFs migrate with.
+            out.append(
+                (
+                    RULE_MIGRATABILITY,
+                    f"{what}: driver {driver!r}, VFs of {pf.address} migrate with "
+                    f"{pf.vf_migration_driver!r}",
+                )
+            )
     return out
 
 

@@ -167,12 +167,16 @@ class SriovPfView:
         total_vfs: sriov_totalvfs: the most VFs it can have.
         num_vfs: sriov_numvfs: VFs enabled now.
         vfs: the enabled VFs, by index.
+        vf_migration_driver: the migration-capable VFIO variant driver a VF
+            not created yet would bind to, None when its VFs cannot migrate.
+            An existing VF's own ``migration_driver`` is what counts for it.
     """
 
     address: PciAddress
     total_vfs: int
     num_vfs: int
     vfs: tuple[VfView, ...] = ()
+    vf_migration_driver: str | None = None
 
 
 @dataclass(frozen=True)

@@ -425,6 +425,7 @@ def host_view_from_inventory(inv: inventory_pb2.HostInventory) -> HostView:
                 )
                 for vf in pf.vfs
             ),
+            vf_migration_driver=pf.vf_migration_driver or None,
         )
         for pf in inv.sriov_pfs
     }

@@ -144,6 +144,12 @@ _PCI_ADDRESS = re.compile(r"[0-9a-f]{4,8}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]")
 _ROOT_BUS = re.compile(r"pci[0-9a-f]{4,8}:[0-9a-f]{2}")
 #: A kernel driver name: ``mlx5_core``, ``vfio-pci``, ``4xxx``, ``snd_hda_intel``.
 _DRIVER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]*")
+#: A VFIO variant driver, the only kind that migrates: ``mlx5_vfio_pci``
+#: (module names end in ``_vfio_pci``; a few older kernels registered dashes,
+#: ``hisi-acc-vfio-pci``). Plain ``vfio-pci`` cannot migrate, and the
+#: scheduler hands the name to the agent as the driver to bind, which refuses
+#: anything but a VFIO driver: any other name is a malformed report.
+_MIGRATION_DRIVER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*[_-]vfio[_-]pci")
 #: A cpulist as bitmap_print_to_pagebuf writes it: ``0-31,64-95``.
 _CPULIST = re.compile(r"\d{1,5}(?:-\d{1,5})?(?:,\d{1,5}(?:-\d{1,5})?)*")
 #: A reset method: ``flr``, ``af_flr``, ``pm``, ``bus``, ``cxl_bus``, ``device_specific``.
@@ -399,10 +405,10 @@ class _Check:
                 self.pattern(driver, _DRIVER, MAX_DRIVER_NAME, f"{path}.{attr}", "a driver name")
             self.pattern(
                 f.migratability.migration_driver,
-                _DRIVER,
+                _MIGRATION_DRIVER,
                 MAX_DRIVER_NAME,
                 f"{path}.migratability.migration_driver",
-                "a driver name",
+                "a VFIO variant driver name such as mlx5_vfio_pci",
             )
             if f.numa_node != -1 and not 0 <= f.numa_node < MAX_NUMA_NODES:
                 self.add(
@@ -564,6 +570,13 @@ class _Check:
             offsets_ok = self.at_most(pf.vf_offset, MAX_SRIOV_FIELD, f"{path}.vf_offset")
             offsets_ok &= self.at_most(pf.vf_stride, MAX_SRIOV_FIELD, f"{path}.vf_stride")
             self.at_most(pf.vf_device_id, MAX_PCI_ID, f"{path}.vf_device_id", " (16 bits)")
+            self.pattern(
+                pf.vf_migration_driver,
+                _MIGRATION_DRIVER,
+                MAX_DRIVER_NAME,
+                f"{path}.vf_migration_driver",
+                "a VFIO variant driver name such as mlx5_vfio_pci",
+            )
             # Offset 0 means the agent could not read the geometry (a VF never
             # shares its PF's routing ID); then only the counts are checked.
             geometry = offsets_ok and pf.vf_offset > 0 and _parse_address(pf.address) is not None

@@ -205,6 +205,30 @@ def test_a_vf_of_a_pf_without_vfs_enables_them_binds_its_group_and_disables_them
     assert checkpoint(tmp_path) == {}
 
 
+def test_a_migratable_vf_of_a_pf_without_vfs_is_created_on_its_migration_driver(
+    agent: AgentClient, host: Sysfs
+) -> None:
+    # What the scheduler sends for a migratable claim on a PF whose VFs do
+    # not exist yet: the driver the PF reported for its future VFs.
+    reporter = HostReporter(host, NullNvmlClient(), host_id="virt", boot_id="b", labels={})
+    before, _ = reporter.report()
+    pf = next(p for p in before.sriov_pfs if p.address == PF)
+    assert (pf.num_vfs, pf.vf_migration_driver) == (0, "mlx5_vfio_pci")
+
+    got = agent.prepare(placement("pl", vf(1, vfio_driver=pf.vf_migration_driver)))
+
+    assert got.allocations[0].vf.vf_address == VF1
+    # mlx5_vfio_pci binds only through driver_override; VF 0 stays unbound
+    # (autoprobe off while the agent's VFs exist).
+    assert (driver(host, VF0), driver(host, VF1)) == (None, "mlx5_vfio_pci")
+    assert attr(host, VF1, "driver_override") == "mlx5_vfio_pci"
+    after, _ = reporter.report()
+    bound = next(f for f in after.pci_functions if f.address == VF1)
+    assert bound.migratability.current_binding_migratable
+    agent.unprepare("pl")
+    assert attr(host, PF, "sriov_numvfs") == "0"
+
+
 def test_a_pf_that_has_vfs_keeps_its_count_and_the_vf_gets_its_driver_back(
     agent: AgentClient, host: Sysfs
 ) -> None:

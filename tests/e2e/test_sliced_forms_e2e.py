@@ -97,6 +97,26 @@ def test_vfs_are_enabled_bound_to_vfio_and_torn_down(
     assert int(numvfs.read_text()) == 0
 
 
+def test_a_migratable_vf_is_created_on_the_migration_driver_its_pf_reported(
+    stub: scheduler_pb2_grpc.SchedulerStub, root: Path
+) -> None:
+    # No PF has VFs: the scheduler places on what the CX-6 Dx PF said of the
+    # VFs it would create (15b3:101e, mlx5_vfio_pci), and the agent binds that.
+    claim = placement_pb2.Claim(
+        name="vf", kind=placement_pb2.DEVICE_KIND_NIC, count=1,
+        forms=[placement_pb2.DEVICE_FORM_VF], min_isolation=placement_pb2.ISOLATION_SHARED,
+        migratable=True,
+    )  # fmt: skip
+    placed = place(stub, request("vf-migratable", claim))
+    assert placed.state == placement_pb2.PLACEMENT_STATE_READY
+    (a,) = placed.allocations
+    assert a.vf.vfio_driver == "mlx5_vfio_pci"
+    assert driver_of(root, a.vf.vf_address) == "mlx5_vfio_pci"
+    release(stub, placed)
+    numvfs = sysfs(root, "bus", "pci", "devices", a.vf.pf_address, "sriov_numvfs")
+    assert int(numvfs.read_text()) == 0
+
+
 def test_an_mdev_is_created_under_the_scheduler_chosen_uuid_and_removed(
     stub: scheduler_pb2_grpc.SchedulerStub, root: Path
 ) -> None:

@@ -178,7 +178,7 @@ class VfOptions:
             device = view.functions.get(pf.address)
             if device is None or device.kind is not claim.kind:
                 continue
-            free, driver = free_vfs(view, cycle.occupancy, pf.address)
+            free, driver = free_vfs(view, cycle.occupancy, pf.address, migratable=claim.migratable)
             yield Option(
                 self.form,
                 device,
@@ -257,18 +257,31 @@ class FreeVfIndexes:
 
 
 def free_vfs(
-    view: HostView, occupancy: Occupancy, pf_address: PciAddress
+    view: HostView, occupancy: Occupancy, pf_address: PciAddress, *, migratable: bool = False
 ) -> tuple[FreeVfIndexes, str]:
     """Free VF indexes of a PF, lowest first, and the VFIO driver they take.
 
     A PF with VFs offers those (the agent never resizes a PF in use); one
-    without offers all it could have, enabled on first use. VFs are
-    migratable only on a variant driver the agent reported for existing VFs,
-    so VFs not created yet are plain vfio-pci.
+    without offers all it could have, enabled on first use. A VF migrates
+    only on a variant driver (plain vfio-pci cannot):
+
+    * existing VFs take the one the agent reported for them, each its own
+      ``migration_driver``; none reported means vfio-pci, whatever the PF
+      says of VFs in general;
+    * VFs not created yet take the one the PF reported for its future VFs
+      (``vf_migration_driver``), but only for a claim that must migrate:
+      any other claim gets vfio-pci, so that it never depends on the variant
+      module being loaded on the host.
 
     A VF is free only if its own function is unused too: on SR-IOV vGPU a VF
     is an mdev parent, and a VF with live or allocated mdevs is not handed
     over; nor is a VF whose IOMMU group a whole-device claim holds.
+
+    Args:
+        view: the host.
+        occupancy: what placements hold on it.
+        pf_address: the PF.
+        migratable: the claim must be live-migratable.
     """
     pf = view.sriov_pfs[pf_address]
     taken = occupancy.vfs_taken.get(pf.address, frozenset())
@@ -296,7 +309,8 @@ def free_vfs(
     )
     if whole_taken:
         return FreeVfIndexes(), VFIO_PCI
-    return FreeVfIndexes(below=pf.total_vfs, taken=taken), VFIO_PCI
+    future = (pf.vf_migration_driver if migratable else None) or VFIO_PCI
+    return FreeVfIndexes(below=pf.total_vfs, taken=taken), future
 
 
 class MdevOptions:

@@ -466,6 +466,31 @@ def test_migratability() -> None:
     assert check((request(nic()), plan(vf(PF_ENABLED, 1)))) == []
 
 
+def test_migratability_of_a_vf_not_created_yet_is_its_pfs_word() -> None:
+    # PF_EMPTY has no VFs; it reports none of them could migrate, until it
+    # names the variant driver of its VF id.
+    nic_vf = (request(nic(migratable=True)), plan(vf(PF_EMPTY, 0, driver=VF_MIGRATION_DRIVER)))
+    assert rules(nic_vf) == {RULE_MIGRATABILITY}
+    pf = HOST.sriov_pfs[PF_EMPTY]
+    future = replace(
+        HOST,
+        sriov_pfs={
+            **HOST.sriov_pfs,
+            PF_EMPTY: replace(pf, vf_migration_driver=VF_MIGRATION_DRIVER),
+        },
+    )
+    assert check(nic_vf, snapshot=cluster(future)) == []
+    for driver in ("vfio-pci", "other_vfio_pci"):
+        other = (request(nic(migratable=True)), plan(vf(PF_EMPTY, 0, driver=driver)))
+        assert rules(other, snapshot=cluster(future)) == {RULE_MIGRATABILITY}
+    # An existing VF answers for itself: PF_ENABLED's VFs migrate with
+    # mlx5_vfio_pci whatever the PF says of VFs in general.
+    enabled = replace(HOST.sriov_pfs[PF_ENABLED], vf_migration_driver="other_vfio_pci")
+    other_word = replace(HOST, sriov_pfs={**HOST.sriov_pfs, PF_ENABLED: enabled})
+    good_vf = (request(nic(migratable=True)), plan(vf(PF_ENABLED, 0, driver=VF_MIGRATION_DRIVER)))
+    assert check(good_vf, snapshot=cluster(other_word)) == []
+
+
 def test_numa() -> None:
     single = request(gpu(count=2), numa_policy=NumaPolicy.SINGLE_NUMA_NODE)
     assert check((single, plan(whole(GPU_A), whole(GPU_B)))) == []

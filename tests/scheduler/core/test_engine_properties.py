@@ -271,7 +271,11 @@ def _device(
             host_use="management VF" if draw(st.integers(0, 9)) == 0 else None,
         )  # fmt: skip
         vfs.append(VfView(i, PciAddress(vf), IommuGroupNumber(b.next_group)))
-    b.sriov[PciAddress(address)] = SriovPfView(PciAddress(address), total, enabled, tuple(vfs))
+    # Drawn apart from the VFs' own: where VFs exist, theirs must be what counts.
+    future = MIGRATION_DRIVER if draw(st.booleans()) else None
+    b.sriov[PciAddress(address)] = SriovPfView(
+        PciAddress(address), total, enabled, tuple(vfs), vf_migration_driver=future
+    )
 
 
 @st.composite

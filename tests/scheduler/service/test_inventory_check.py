@@ -543,6 +543,40 @@ def test_odd_characters_in_names_and_free_text_are_refused() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "driver",
+    [
+        "vfio-pci",  # plain passthrough: cannot migrate
+        "vfio_pci",
+        "mlx5_core",  # a host driver: the agent binds only VFIO drivers
+        "mlx5_vfio_pci;reboot",
+        "../mlx5_vfio_pci",
+        "mlx5_vfio_pci\n",
+        "x" * 60 + "_vfio_pci",  # past MODULE_NAME_LEN
+    ],
+)
+def test_a_migration_driver_that_is_not_a_vfio_variant_driver_name_is_refused(
+    driver: str,
+) -> None:
+    # The scheduler hands these names to the agent as the driver to bind.
+    inv = golden("sriov-nic")
+    assert inv.sriov_pfs[0].vf_migration_driver == "mlx5_vfio_pci"
+    inv.sriov_pfs[0].vf_migration_driver = driver
+    inv.pci_functions[0].migratability.migration_driver = driver
+    assert fields(inv) == [
+        "inventory.pci_functions[0].migratability.migration_driver",
+        "inventory.sriov_pfs[0].vf_migration_driver",
+    ]
+    assert all(len(str(v)) < 200 for v in problems(inv))
+
+
+def test_every_migration_driver_the_agent_knows_passes() -> None:
+    inv = golden("sriov-nic")
+    for driver in ("mlx5_vfio_pci", "qat_vfio_pci", "hisi_acc_vfio_pci", "hisi-acc-vfio-pci"):
+        inv.sriov_pfs[0].vf_migration_driver = driver
+        assert problems(inv) == []
+
+
 # -- many problems, long lists -------------------------------------------------
 
 
