@@ -30,7 +30,8 @@ node, MIG GPUs for G2/G3, vGPU types elsewhere, the same task mapping):
   given to it), and Tessera (learning the mix from the requests it places).
 
     PYTHONPATH=.:protos .venv/bin/python bench/fill_replay.py [--quick] [--seeds 3]
-        [--trace default --trace gpushare100 ...] [--share 4] [--out FILE.json]
+        [--trace default --trace gpushare100 ...] [--share 4] [--ablations]
+        [--no-budgets] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ from bench.trace_replay import (
     request_of,
     task_class,
 )
+from scheduler.core.engine.fastpath import Engine, default_profile
+from scheduler.core.engine.plugins import FragmentationScorer
 from scheduler.core.engine.policies import (
     BestFitPolicy,
     FeasibleHostsBaseline,
@@ -70,7 +73,13 @@ from scheduler.core.engine.policies import (
     RandomPolicy,
     TesseraPolicy,
 )
-from scheduler.core.fragmentation import TaskMix, TaskShape, free_shares, host_fragmentation
+from scheduler.core.fragmentation import (
+    TaskMix,
+    TaskMixLearner,
+    TaskShape,
+    free_shares,
+    host_fragmentation,
+)
 from scheduler.core.identity import HostId, PlacementId
 from scheduler.core.occupancy import build_occupancy
 from scheduler.core.plan import Plan
@@ -238,9 +247,18 @@ class DotProdPolicy(FeasibleHostsBaseline):
         return min(fits, key=aligned)
 
 
-def policies(mix: TaskMix, seed: int) -> dict[str, Callable[[], Policy]]:
-    """The policies compared, each built fresh per replay."""
-    return {
+def policies(
+    mix: TaskMix, seed: int, *, ablations: bool = False
+) -> dict[str, Callable[[], Policy]]:
+    """The policies compared, each built fresh per replay.
+
+    With ``ablations``, Tessera's engine also runs with its scorers changed
+    (64 hosts scored, the mix learnt from the requests):
+    ``tessera+fragmentation`` adds the FGD charge to its scorers;
+    ``tessera-best-fit+consumed`` drops the best-fit scorer (fewest idle
+    devices left) for a charge on the GPU capacity a placement consumes.
+    """
+    out: dict[str, Callable[[], Policy]] = {
         "first-fit": FirstFitPolicy,
         "best-fit": BestFitPolicy,
         "random": lambda: RandomPolicy(seed=seed),
@@ -248,6 +266,20 @@ def policies(mix: TaskMix, seed: int) -> dict[str, Callable[[], Policy]]:
         "fgd": lambda: FgdPolicy(prior=mix),
         "tessera": TesseraPolicy,
     }
+    if ablations:
+        out["tessera+fragmentation"] = lambda: _ablation(keep_best_fit=True, weight=1000)
+        out["tessera-best-fit+consumed"] = lambda: _ablation(keep_best_fit=False, weight=0)
+    return out
+
+
+def _ablation(*, keep_best_fit: bool, weight: int) -> Policy:
+    """Tessera's engine with the fragmentation scorer and, or without, its best-fit scorer."""
+    learner = TaskMixLearner()
+    base = default_profile()
+    scorers = tuple(s for s in base.scorers if keep_best_fit or s.name != "best-fit")
+    scorer = FragmentationScorer(learner, weight=weight, consumed_weight=1000)
+    profile = replace(base, scorers=(*scorers, scorer), observers=(learner,))
+    return TesseraPolicy(engine=Engine(profile=profile, feasible_hosts=64))
 
 
 # ---------------------------------------------------------------- the replay
@@ -258,6 +290,7 @@ class Ledger:
     """The replay's side of the cluster: each node's CPU and memory left, GPU free memo."""
 
     nodes: Mapping[str, Node]
+    budgets: bool = True
     cpu_free: dict[str, int] = field(default_factory=dict)
     mem_free: dict[str, int] = field(default_factory=dict)
     _gpu: dict[str, tuple[HostState, float]] = field(default_factory=dict)
@@ -268,8 +301,10 @@ class Ledger:
             self.mem_free[sn] = node.memory_mib
 
     def has_room(self, sn: str, task: Task) -> bool:
-        """Whether the node's CPU and memory left can take the task."""
-        return self.cpu_free[sn] >= task.cpu_milli and self.mem_free[sn] >= task.memory_mib
+        """Whether the node's CPU and memory left can take the task (always, without budgets)."""
+        return not self.budgets or (
+            self.cpu_free[sn] >= task.cpu_milli and self.mem_free[sn] >= task.memory_mib
+        )
 
     def take(self, sn: str, task: Task) -> None:
         """Charge the task's CPU and memory to the node."""
@@ -317,11 +352,16 @@ def fill(
     nodes: Sequence[Node],
     arrivals: Sequence[Task],
     mix: TaskMix,
+    budgets: bool = True,
 ) -> dict[str, Any]:
-    """Fill the empty cluster ``base`` with ``arrivals`` under one policy; its figures."""
+    """Fill the empty cluster ``base`` with ``arrivals`` under one policy; its figures.
+
+    Without ``budgets`` nodes have CPU and memory without end: what the GPU
+    geometry alone leaves unallocated.
+    """
     policy = make()
     by_sn = {n.sn: n for n in nodes}
-    ledger = Ledger(by_sn)
+    ledger = Ledger(by_sn, budgets=budgets)
     if isinstance(policy, DotProdPolicy):
         policy.ledger = ledger
     capacity = sum(n.gpus for n in nodes)
@@ -404,6 +444,8 @@ def run(
     seeds: int = 3,
     share: int = 1,
     only: Sequence[str] = (),
+    ablations: bool = False,
+    budgets: bool = True,
 ) -> dict[str, Any]:
     """Every trace x seed x policy; see the module doc.
 
@@ -413,12 +455,19 @@ def run(
         seeds: seeds per trace.
         share: keep one node in ``share`` (seeded), arrivals scaled to them.
         only: policies to run (empty: all).
+        ablations: also Tessera's scorer ablations (see :func:`policies`).
+        budgets: charge tasks' CPU and memory to their nodes.
     """
     started = time.perf_counter()
     all_nodes = load_nodes()
     if quick:
         share, seeds = max(share, 20), 1
-    out: dict[str, Any] = {"mode": "quick" if quick else "full", "share": share, "traces": {}}
+    out: dict[str, Any] = {
+        "mode": "quick" if quick else "full",
+        "share": share,
+        "budgets": budgets,
+        "traces": {},
+    }
     for trace in traces:
         tasks = load_tasks(TRACE_DIR / TRACES[trace])
         mix = task_mix(tasks)
@@ -433,10 +482,12 @@ def run(
             )
             base = fleet_of(nodes, {t.gpu_spec for t in tasks if t.gpu_spec})
             arrivals = sample_arrivals(tasks, sum(n.gpus for n in nodes), seed)
-            for name, make in policies(mix, seed).items():
+            for name, make in policies(mix, seed, ablations=ablations).items():
                 if only and name not in only:
                     continue
-                result = fill(name, make, base=base, nodes=nodes, arrivals=arrivals, mix=mix)
+                result = fill(
+                    name, make, base=base, nodes=nodes, arrivals=arrivals, mix=mix, budgets=budgets
+                )
                 runs.setdefault(name, []).append(result | {"seed": seed, "hosts": len(nodes)})
                 at100 = result["levels"]["100"]
                 print(
@@ -463,7 +514,8 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
         "trace's task mix, Tessera learns it from the requests it places.",
         "",
         f"Fleet: {'a seeded 1/' + str(result['share']) + ' of' if result['share'] > 1 else 'all'} "
-        f"the trace's 1,213 nodes; mode {result['mode']}.",
+        f"the trace's 1,213 nodes; mode {result['mode']}; CPU and memory budgets "
+        f"{'on' if result.get('budgets', True) else 'off (GPU geometry alone)'}.",
         "",
     ]
     for trace, rows in result["summary"].items():
@@ -514,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--share", type=int, default=1)
     parser.add_argument("--trace", action="append", choices=sorted(TRACES))
     parser.add_argument("--policy", action="append", default=[])
+    parser.add_argument("--ablations", action="store_true", help="also Tessera's scorer ablations")
+    parser.add_argument(
+        "--no-budgets", action="store_true", help="nodes' CPU and memory without end"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.share < 1:
@@ -524,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds=args.seeds,
         share=args.share,
         only=args.policy,
+        ablations=args.ablations,
+        budgets=not args.no_budgets,
     )
     path = args.out or OUT / ("fill_replay_quick.json" if args.quick else "fill_replay.json")
     path.parent.mkdir(parents=True, exist_ok=True)
