@@ -9,12 +9,14 @@ Batches of 1,000 and 10,000 mixed requests (``bench/engine.py``
 places the same requests one by one in priority order (stable: request order
 within a priority), committing each plan before the next.
 
-The objective is ``solve_batch``'s: per placed request ``QUALITY_RANGE *
-(n + 1) * (priority - lowest + 1)`` plus its quality in ``[0,
-QUALITY_RANGE]``. Quality is a column's engine score normalized over the
+The objective is ``solve_batch``'s: per placed request its priority weight
+(``priority_weights``: ``2 * QUALITY_RANGE * (n + 1) * (priority - lowest +
+1)``) plus its quality in ``[0, QUALITY_RANGE]``. Quality is a column's engine score normalized over the
 batch's candidate columns, which a sequential policy does not have; so for
 the policies the *priority part* is reported (placed weight), comparable with
-the solver's objective rounded down to it, and its bound likewise.
+the solver's objective rounded down to it, and its bound likewise. The bound
+holds for any placement of the batch (``scheduler.core.engine.batch_bound``:
+capacity as well as candidate columns), so no policy's priority part exceeds it.
 
     PYTHONPATH=. .venv/bin/python bench/batches.py [--quick] [--out FILE.json]
 """
@@ -39,7 +41,7 @@ from bench.fleet import build_fleet, snapshot
 from bench.policies import POLICIES
 from bench.report import bar_plot, table
 from scheduler.core.checker import check_placements
-from scheduler.core.engine.batch import QUALITY_RANGE, BatchSettings, solve_batch
+from scheduler.core.engine.batch import BatchSettings, priority_weights, solve_batch
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.plan import Plan
 from scheduler.core.request import PlacementRequest
@@ -55,9 +57,7 @@ QUICK_CASES = ((200, 30),)
 
 def weights(requests: Sequence[PlacementRequest]) -> dict[str, int]:
     """Per request id, the priority weight ``solve_batch`` gives placing it."""
-    low = min((r.priority for r in requests), default=0)
-    big = QUALITY_RANGE * (len(requests) + 1)
-    return {r.request_id: big * (r.priority - low + 1) for r in requests}
+    return dict(zip((r.request_id for r in requests), priority_weights(requests), strict=True))
 
 
 def sequential(
@@ -100,7 +100,8 @@ def one_case(
     snap = snapshot(build_fleet(n_hosts, seed))
     requests = mixed_requests(n_requests, random.Random(seed), "batch")
     w = weights(requests)
-    big = QUALITY_RANGE * (n_requests + 1)
+    # The weight of the lowest priority: every priority part is a multiple.
+    big = min(w.values(), default=1)
     started = time.perf_counter()
     solved = solve_batch(
         Engine(),

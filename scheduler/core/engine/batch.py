@@ -41,6 +41,7 @@ from fractions import Fraction
 
 from ortools.sat.python import cp_model
 
+from scheduler.core.engine.batch_bound import capacity_bound
 from scheduler.core.engine.fastpath import Engine, HostFit, build_plan, fit_key, unschedulable
 from scheduler.core.engine.framework import Pick, Rejections
 from scheduler.core.engine.plugins import free_vfs
@@ -85,7 +86,7 @@ class BatchSettings:
             (every request the columns can place placed, each in a column
             nearly as good as its best). Never trades a placed request:
             within the gap of the optimum, no solution places less
-            weight (see :func:`_weights`). The column bound ignores
+            weight (see :func:`priority_weights`). The column bound ignores
             capacity, so a greedy seed is often 2-9% below it; solved with
             no gap, the same batches gained at most 0.03% on the seed
             (BENCHMARKS.md (g)), for a model that costs more than the seed.
@@ -107,10 +108,11 @@ class BatchResult:
         plans: per placed request, its plan, in commit order.
         unplaced: per request left out, why.
         objective: the objective of the returned solution.
-        bound: a proven upper bound on the objective: the solver's (equal to
-            ``objective`` when optimal); without a model, each request in its
-            best column (see ``BatchSettings.quality_gap``); the greedy
-            objective when the solver is off.
+        bound: an upper bound on the objective of any placement of these
+            requests: the lesser of each request in its best column and the
+            capacity bound (:mod:`scheduler.core.engine.batch_bound`), and of
+            the solver's bound where a model ran; the greedy objective when
+            the solver is off.
         greedy_objective: the objective of the greedy seed.
         status: "OPTIMAL" (by the solver, or without it when the greedy seed
             reaches the bound of each request in its best column),
@@ -166,7 +168,7 @@ def _gangs(
     return dict(gangs)
 
 
-def _weights(requests: Sequence[PlacementRequest]) -> list[int]:
+def priority_weights(requests: Sequence[PlacementRequest]) -> list[int]:
     """Per request, the weight of placing it: priority above any quality total.
 
     Twice any quality total, so that a solution short of one request's
@@ -389,7 +391,7 @@ def solve_batch(
     gang_of = dict(gang_of or {})
     gangs = _gangs(requests, gang_of)
     order = sorted(range(len(requests)), key=lambda i: (-requests[i].priority, i))
-    weights = _weights(requests)
+    weights = priority_weights(requests)
     batch = _Batch(engine, snapshot, requests, gang_of, gangs, started)
     greedy, refused, greedy_plans = _greedy(batch, order)
 
@@ -445,9 +447,14 @@ def solve_batch(
 
     def greedy_stands(bound: int, status: str = "GREEDY", solved: bool = False) -> BatchResult:
         # Without gangs the greedy placed in the order plans are made in, on
-        # the same evolving snapshot: its plans are those, already made.
+        # the same evolving snapshot: its plans are those, already made. A
+        # request it refused that has a column fits the cluster as the batch
+        # found it: the batch's own requests took its room (outcompeted),
+        # whatever the greedy saw once they had.
+        fitted = {col.request for col in columns if not col.from_greedy}
         return _finish(
-            batch, [greedy_columns[i] for i in greedy], refused,
+            batch, [greedy_columns[i] for i in greedy],
+            {i: why for i, why in refused.items() if i not in fitted},
             objective=greedy_objective, bound=bound,
             greedy_objective=greedy_objective, status=status,
             made=None if gangs else greedy_plans, solved=solved,
@@ -456,7 +463,21 @@ def solve_batch(
     if not settings.use_solver or not columns:
         return greedy_stands(greedy_objective)
     placeable, best_quality = _column_bound(columns, weights, quality)
-    relaxed = placeable + best_quality
+    # Capacity binds where columns do not: requests that each fit somewhere
+    # may not all fit at once. The lesser of the two bounds holds for any
+    # placement of the batch, not only for the model's columns.
+    best_of: dict[int, int] = {}
+    for c, col in enumerate(columns):
+        best_of[col.request] = max(best_of.get(col.request, 0), quality[c])
+    relaxed = min(
+        placeable + best_quality,
+        capacity_bound(
+            snapshot,
+            lambda host: engine.occupancy(snapshot.hosts[HostId(host)]),
+            requests,
+            {i: weights[i] + q for i, q in best_of.items()},
+        ),
+    )
     # Less than one request's weight (quality sums stay below it).
     slack = math.floor(min(1.0, max(0.0, settings.quality_gap)) * best_quality)
     if greedy_objective >= relaxed:
@@ -507,10 +528,13 @@ def solve_batch(
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return greedy_stands(relaxed, solved=True)
     objective = round(solver.objective_value)
-    bound = round(solver.best_objective_bound)
+    # The solver's bound holds for its columns only; the batch's bound is
+    # the lesser of it and the bound for any placement.
+    model_bound = round(solver.best_objective_bound)
+    bound = min(relaxed, max(model_bound, objective))
     if objective < greedy_objective:
         # The hint should make this impossible; keep the better one regardless.
-        return greedy_stands(bound, solved=True)
+        return greedy_stands(relaxed, solved=True)
     chosen = [c for c in range(len(columns)) if solver.value(x[c])]
     for (c, k), choices in mig_vars.items():
         for start, size, var in choices:
@@ -518,7 +542,7 @@ def solve_batch(
                 batch.mig_placements[(c, k)] = (start, size)
     return _finish(
         batch, chosen, reasons, objective=objective, bound=bound,
-        greedy_objective=greedy_objective, status=proven_status(status, objective, bound),
+        greedy_objective=greedy_objective, status=proven_status(status, objective, model_bound),
         solved=True,
     )  # fmt: skip
 

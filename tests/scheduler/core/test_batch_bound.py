@@ -91,3 +91,21 @@ def test_a_solve_stopped_within_the_gap_is_not_called_optimal() -> None:
     # CP-SAT's OPTIMAL within an absolute gap of 300: objective 1312, bound 1597.
     assert proven_status(cp_model.OPTIMAL, 1312, 1597) == "FEASIBLE"
     assert proven_status(cp_model.FEASIBLE, 1312, 1312) == "FEASIBLE"
+
+
+def test_a_contended_batch_is_bounded_by_capacity_not_by_its_columns() -> None:
+    """More one-GPU requests than GPUs: each fits somewhere, not all at once.
+
+    The column bound counts every request; capacity counts the GPUs. The
+    greedy fills every GPU, which the capacity bound proves optimal: no
+    model is built.
+    """
+    snap = two_dgx()
+    free = sum(len(s.view.whole_devices(DeviceKind.GPU)) for s in snap.hosts.values())
+    requests = [gpus(f"r{i}", 1, tenant=f"t{i}") for i in range(free + 5)]
+    result = solve_batch(Engine(), snap, requests, BatchSettings(workers=1))
+    assert len(result.plans) == free
+    assert result.status == "OPTIMAL" and not result.solved
+    assert result.bound == result.objective
+    outcompeted = {r.reasons()[0] for r in result.unplaced.values()} if result.unplaced else set()
+    assert all("outcompeted" in why for why in outcompeted)

@@ -35,9 +35,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from scheduler.core.checker import check_placements
-from scheduler.core.engine.batch import BatchSettings, solve_batch
+from scheduler.core.engine.batch import BatchSettings, priority_weights, solve_batch
+from scheduler.core.engine.batch_bound import capacity_bound
 from scheduler.core.engine.fastpath import Engine, fit_key
 from scheduler.core.engine.framework import Rejections
+from scheduler.core.engine.policies import FirstFitPolicy, TesseraPolicy
 from scheduler.core.host import (
     GpuView,
     HostView,
@@ -665,3 +667,38 @@ def test_a_batch_never_gives_one_group_to_two_tenants() -> None:
     # Sequentially the A100 is refused (its group holds the P4's vGPU); the
     # batch must not place both either.
     assert check_placements(snapshot, made) == []
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(snap=clusters(), stream=twin_streams(14))
+def test_no_placement_of_a_batch_scores_above_its_capacity_bound(
+    snap: ClusterSnapshot, stream: list[PlacementRequest]
+) -> None:
+    """The capacity bound holds for any placement, not only for a batch model's columns.
+
+    Valued by priority weight (requests that fit nowhere are worth nothing),
+    what the sequential fast path, first fit and the batch itself place,
+    each one request at a time in priority order, stays under it.
+    """
+    engine = Engine()
+    weight = dict(zip((r.request_id for r in stream), priority_weights(stream), strict=True))
+    values = {
+        i: weight[r.request_id] for i, r in enumerate(stream) if engine.candidates(snap, r, 1)[0]
+    }
+    bound = capacity_bound(snap, lambda h: engine.occupancy(snap.hosts[HostId(h)]), stream, values)
+    order = sorted(stream, key=lambda r: -r.priority)
+    for policy in (TesseraPolicy(), FirstFitPolicy()):
+        current, placed = snap, 0
+        for request in order:
+            plan = policy.place(current, request)
+            if isinstance(plan, Plan):
+                current = with_reservation(
+                    current, plan.host_id, plan.slots, PlacementId(f"p-{request.request_id}"),
+                    request.tenant,
+                )  # fmt: skip
+                placed += weight[request.request_id]
+        assert placed <= bound, policy.name
+        event(f"{policy.name} at the bound" if placed == bound else f"{policy.name} under it")
+    result = solve_batch(engine, snap, stream, BatchSettings(workers=1, time_limit_s=5))
+    assert sum(weight[rid] for rid in result.plans) <= bound
+    assert result.objective <= result.bound
