@@ -110,9 +110,9 @@ class BatchResult:
         objective: the objective of the returned solution.
         bound: an upper bound on the objective of any placement of these
             requests: the lesser of each request in its best column and the
-            capacity bound (:mod:`scheduler.core.engine.batch_bound`), and of
-            the solver's bound where a model ran; the greedy objective when
-            the solver is off.
+            capacity bound (:mod:`scheduler.core.engine.batch_bound`); not
+            the solver's, which holds for its columns only. The greedy
+            objective when the solver is off.
         greedy_objective: the objective of the greedy seed.
         status: "OPTIMAL" (by the solver, or without it when the greedy seed
             reaches the bound of each request in its best column),
@@ -528,10 +528,10 @@ def solve_batch(
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return greedy_stands(relaxed, solved=True)
     objective = round(solver.objective_value)
-    # The solver's bound holds for its columns only; the batch's bound is
-    # the lesser of it and the bound for any placement.
+    # The solver's bound holds for its columns only (a placement elsewhere
+    # may score more): the batch reports the bound for any placement.
     model_bound = round(solver.best_objective_bound)
-    bound = min(relaxed, max(model_bound, objective))
+    bound = relaxed
     if objective < greedy_objective:
         # The hint should make this impossible; keep the better one regardless.
         return greedy_stands(relaxed, solved=True)
