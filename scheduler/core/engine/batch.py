@@ -122,6 +122,8 @@ class BatchResult:
         wall_s: time spent, candidates and solving included.
         solved: whether a model was built and solved (not when the greedy
             seed was within the quality gap of the column bound).
+        model_bound: the solver's bound over its columns where a model ran
+            (what its status is proven against), else 0.
     """
 
     plans: Mapping[RequestId, Plan]
@@ -133,6 +135,7 @@ class BatchResult:
     columns: int = 0
     wall_s: float = 0.0
     solved: bool = False
+    model_bound: int = 0
 
 
 @dataclass
@@ -543,7 +546,7 @@ def solve_batch(
     return _finish(
         batch, chosen, reasons, objective=objective, bound=bound,
         greedy_objective=greedy_objective, status=proven_status(status, objective, model_bound),
-        solved=True,
+        solved=True, model_bound=model_bound,
     )  # fmt: skip
 
 
@@ -677,6 +680,7 @@ def _finish(
     status: str,
     made: Mapping[int, Plan] | None = None,
     solved: bool = False,
+    model_bound: int = 0,
 ) -> BatchResult:
     """Concretize chosen columns host by host and say why the rest are out.
 
@@ -685,13 +689,14 @@ def _finish(
         chosen: the columns placed.
         unplaced: why requests left out were refused, where known.
         objective: the chosen solution's objective.
-        bound: the solver's bound on it.
+        bound: the bound on any placement of the batch (see BatchResult).
         greedy_objective: the greedy seed's objective.
         status: how the solution was found.
         made: per request, its plan made already in the order below on the
             same evolving snapshot (the greedy's, where it stands): taken
             as it is.
         solved: whether a model was solved.
+        model_bound: the solver's bound over its columns, where it ran.
     """
     requests, columns, gangs, gang_of = batch.requests, batch.columns, batch.gangs, batch.gang_of
     # The hosts as the plans so far leave them: only those, not a snapshot
@@ -750,4 +755,5 @@ def _finish(
         columns=len(columns),
         wall_s=time.perf_counter() - batch.started,
         solved=solved,
+        model_bound=model_bound,
     )
