@@ -11,12 +11,13 @@ within a priority), committing each plan before the next.
 
 The objective is ``solve_batch``'s: per placed request its priority weight
 (``priority_weights``: ``2 * QUALITY_RANGE * (n + 1) * (priority - lowest +
-1)``) plus its quality in ``[0, QUALITY_RANGE]``. Quality is a column's
-engine score normalized over the batch's candidate columns, which a
-sequential policy does not have; so for the policies the *priority part* is reported (placed weight), comparable with
-the solver's objective rounded down to it, and its bound likewise. The bound
-holds for any placement of the batch (``scheduler.core.engine.batch_bound``:
-capacity as well as candidate columns), so no policy's priority part exceeds it.
+1)``) plus its quality in ``[0, QUALITY_RANGE]``. Quality is a column's engine
+score normalized over the batch's candidate columns, which a sequential policy
+does not have; so for the policies the *priority part* is reported (placed
+weight), comparable with the solver's objective rounded down to it, and its
+bound likewise. The bound holds for any placement of the batch
+(``scheduler.core.engine.batch_bound``: capacity as well as candidate
+columns), so no policy's priority part exceeds it.
 
     PYTHONPATH=. .venv/bin/python bench/batches.py [--quick] [--out FILE.json]
 """
