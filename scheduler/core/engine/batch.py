@@ -393,7 +393,17 @@ def solve_batch(
     started = time.perf_counter()
     gang_of = dict(gang_of or {})
     gangs = _gangs(requests, gang_of)
-    order = sorted(range(len(requests)), key=lambda i: (-requests[i].priority, i))
+
+    # Priority first. A joint batch then takes the requests needing fewest
+    # units first: each placed request weighs the same within a priority,
+    # so a seed that spends the room on small ones places more of them
+    # (bench (c): 769 of 1,000 against 671 in request order, and 734 for a
+    # random host per request). Without the solver the batch is sequential
+    # placement, in the order given.
+    def units(i: int) -> int:
+        return sum(c.count for c in requests[i].claims) if settings.use_solver else 0
+
+    order = sorted(range(len(requests)), key=lambda i: (-requests[i].priority, units(i), i))
     weights = priority_weights(requests)
     batch = _Batch(engine, snapshot, requests, gang_of, gangs, started)
     greedy, refused, greedy_plans = _greedy(batch, order)
