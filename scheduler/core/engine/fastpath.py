@@ -426,6 +426,9 @@ class Engine:
     # standing among them, worked out once per host and roster.
     _peers: frozenset[str] = field(default=frozenset(), repr=False)
     _ranks: dict[HostId, _Rank] = field(default_factory=dict, repr=False)
+    # id(occupancy) -> (the occupancy, its idle devices per switch): see
+    # _switch_partners.
+    _partners: dict[int, tuple[Occupancy, SwitchPartners]] = field(default_factory=dict, repr=False)
     # The epochs of the scorers that learn (see _scored_now): judgements
     # memoised under other epochs were scored under what they knew then.
     _epochs: tuple[int, ...] = field(default=(), repr=False)
@@ -768,7 +771,7 @@ class Engine:
         partners = (
             None
             if any(claim.name in (a.claim_a, a.claim_b) for a in cycle.request.affinities)
-            else SwitchPartners(cycle.view, cycle.occupancy)
+            else self._switch_partners(cycle)
         )
 
         def keeps_for_others(o: Option) -> tuple[bool, int]:
@@ -791,6 +794,22 @@ class Engine:
             )
         )
         return kept
+
+    def _switch_partners(self, cycle: Cycle) -> SwitchPartners:
+        """The idle devices under each switch of a host state, worked out once per occupancy.
+
+        Every claim of every request judged on the state reads them; the
+        occupancy object is the host index's, shared by those judgements.
+        """
+        occupancy = cycle.occupancy
+        found = self._partners.get(id(occupancy))
+        if found is not None and found[0] is occupancy:
+            return found[1]
+        partners = SwitchPartners(cycle.view, occupancy)
+        if len(self._partners) >= 4096:  # bounded: old states are dead weight
+            self._partners.clear()
+        self._partners[id(occupancy)] = (occupancy, partners)
+        return partners
 
     def fit(
         self, state: HostState, request: PlacementRequest, rejections: Rejections
