@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from bench import fill_replay as fr
 from bench.trace_replay import TRACE_DIR
 from scheduler.core.checker import check_placements
+from scheduler.core.fragmentation import TaskMix
 from scheduler.core.identity import PlacementId
 from scheduler.core.plan import Plan
 from scheduler.core.request import DeviceKind
-from scheduler.core.snapshot import with_reservation
+from scheduler.core.snapshot import ClusterSnapshot, with_reservation
 
 
 def test_arrivals_stop_once_they_reach_130_percent_of_the_gpus() -> None:
@@ -40,13 +42,27 @@ def test_a_gpu_spec_confines_a_task_to_the_nodes_of_its_models() -> None:
         assert isinstance(plan, Plan) and plan.host_id == "b"
 
 
+@dataclass(frozen=True)
+class SmallFill:
+    """A seeded handful of the trace's nodes, empty, and the arrivals that fill them."""
+
+    nodes: list[fr.Node]
+    mix: TaskMix
+    base: ClusterSnapshot
+    arrivals: list[fr.Task]
+
+
+def small_fill(trace: str, n_nodes: int, seed: int) -> SmallFill:
+    rng = random.Random(seed)
+    nodes = sorted(rng.sample(fr.load_nodes(), n_nodes), key=lambda n: n.sn)
+    tasks = fr.load_tasks(TRACE_DIR / fr.TRACES[trace])
+    arrivals = fr.sample_arrivals(tasks, sum(n.gpus for n in nodes), seed=seed)
+    return SmallFill(nodes, fr.task_mix(tasks), fr.fleet_of(nodes, set()), arrivals)
+
+
 def test_a_fill_keeps_every_budget_and_never_double_allocates() -> None:
-    rng = random.Random(3)
-    nodes = sorted(rng.sample(fr.load_nodes(), 30), key=lambda n: n.sn)
-    tasks = fr.load_tasks(TRACE_DIR / fr.TRACES["default"])
-    mix = fr.task_mix(tasks)
-    base = fr.fleet_of(nodes, set())
-    arrivals = fr.sample_arrivals(tasks, sum(n.gpus for n in nodes), seed=3)
+    fill = small_fill("default", 30, seed=3)
+    nodes, mix, base, arrivals = fill.nodes, fill.mix, fill.base, fill.arrivals
     for name, make in fr.policies(mix, 3).items():
         result = fr.fill(name, make, base=base, nodes=nodes, arrivals=arrivals, mix=mix)
         assert 0 < result["accepted"] < len(arrivals), name
@@ -58,14 +74,11 @@ def test_a_fill_keeps_every_budget_and_never_double_allocates() -> None:
 
 def test_the_fill_plans_pass_the_independent_checker() -> None:
     """Each plan against the state it was made on, CPU budgets aside (the checker's rules)."""
-    rng = random.Random(5)
-    nodes = sorted(rng.sample(fr.load_nodes(), 12), key=lambda n: n.sn)
-    tasks = fr.load_tasks(TRACE_DIR / fr.TRACES["gpushare100"])
-    mix = fr.task_mix(tasks)
-    snap = fr.fleet_of(nodes, set())
-    policy = fr.policies(mix, 5)["tessera"]()
+    fill = small_fill("gpushare100", 12, seed=5)
+    snap = fill.base
+    policy = fr.policies(fill.mix, 5)["tessera"]()
     placed = 0
-    for k, task in enumerate(fr.sample_arrivals(tasks, sum(n.gpus for n in nodes), seed=5)):
+    for k, task in enumerate(fill.arrivals):
         request = fr._request(task, f"r{k}")
         plan = policy.place(snap, request)
         if not isinstance(plan, Plan):
