@@ -284,18 +284,24 @@ def occupancy_after(
 ) -> Occupancy:
     """The host's GPU occupancy once ``picks`` are taken, as far as :func:`free_shares` reads it.
 
-    Each pick is ``(form, device, variant, mig_start)``: a whole device or a
-    VF puts its device in that use; an mdev adds one of its type (the
-    variant) on its parent; a MIG instance of the profile named by the
-    variant goes at ``mig_start``. Tenancy, groups and VF indexes are left
-    as they were: the measure does not read them.
+    Each pick is ``(form, device, variant, mig_start)``: a whole device puts every endpoint of
+    its IOMMU group in whole use, a VF its device in VF use; an mdev adds one of its type (the
+    variant) on its parent; a MIG instance of the profile named by the variant goes at
+    ``mig_start``. Tenancy, groups and VF indexes are left as they were: the measure does not
+    read them.
     """
     modes = dict(occupancy.modes)
     layouts = dict(occupancy.mig_layouts)
     used = {a: dict(c) for a, c in occupancy.mdev_used.items()}
     for form, address, variant, start in picks:
         if form is DeviceForm.WHOLE_DEVICE:
-            modes[address] = DeviceMode.WHOLE
+            # Passthrough takes the whole IOMMU group: every endpoint in it
+            # goes out of use with the device picked.
+            fn = view.functions.get(address)
+            group = fn.iommu_group if fn is not None else None
+            members = view.group_endpoints(group) if group is not None else ()
+            for member in members or (address,):
+                modes[member] = DeviceMode.WHOLE
         elif form is DeviceForm.VF:
             modes.setdefault(address, DeviceMode.VF)
         elif form is DeviceForm.MDEV:

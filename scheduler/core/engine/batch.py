@@ -391,6 +391,10 @@ def solve_batch(
         objective against the solver's bound.
     """
     started = time.perf_counter()
+    # What learns from demand sees a batch's requests as it sees single ones.
+    for observer in engine.profile.observers:
+        for request in requests:
+            observer.observe(request)
     gang_of = dict(gang_of or {})
     gangs = _gangs(requests, gang_of)
 

@@ -7,9 +7,9 @@ three times the free GPUs. This bound relaxes the cluster to a few pools
 of divisible capacity and asks how much value the requests could place if
 they only had to share those:
 
-* **GPU capacity**, in GPUs: every GPU's free share
-  (:func:`scheduler.core.fragmentation.free_shares`: 1 untouched, free compute
-  slices over 7 in MIG use, the free vGPU share in mdev use) summed over the
+* **GPU capacity**, in GPUs: every GPU's free share (1 untouched, free
+  compute slices over 7 in MIG use, the free vGPU share in mdev use; an
+  SR-IOV vGPU GPU's VFs each their own vGPU share) summed over the
   schedulable hosts. A request takes at least, per GPU unit, the least its
   accepted forms can take: 1 whole, a MIG profile's compute slices over 7,
   one vGPU of a type 1 / its instances; a VF nothing (its share is not
@@ -26,13 +26,13 @@ most their minimum. Pure and cheap: one pass over the hosts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
-from scheduler.core.fragmentation import free_shares
-from scheduler.core.host import HostView
+from scheduler.core.host import HostView, MdevParentView
 from scheduler.core.mig_geometry import COMPUTE_SLICES
-from scheduler.core.occupancy import Occupancy
+from scheduler.core.occupancy import DeviceMode, Occupancy
 from scheduler.core.request import DeviceForm, DeviceKind, PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot
 
@@ -54,11 +54,12 @@ def capacity_bound(
 
     Returns:
         An upper bound on the summed values of the requests any placement
-        places (see the module doc).
+        places (see the module doc). Exact arithmetic throughout: weights
+        pass 2**53 in large batches, where a float sum would lose units.
     """
     # Every kind a pool, empty ones too: a whole-only claim of a kind with
     # nothing idle anywhere takes from a pool of nothing.
-    pools: dict[DeviceKind, float] = dict.fromkeys(DeviceKind, 0.0)
+    pools: dict[DeviceKind, Fraction] = dict.fromkeys(DeviceKind, Fraction(0))
     mig_slices: dict[str, int] = {}
     mdev_share: dict[str, Fraction] = {}
     seen: set[int] = set()
@@ -70,23 +71,63 @@ def capacity_bound(
         if not state.schedulable:
             continue
         occupancy = occupancy_of(host_id)
-        pools[DeviceKind.GPU] += sum(free_shares(view, occupancy).values())
+        pools[DeviceKind.GPU] += _gpu_capacity(view, occupancy)
         for kind in DeviceKind:
             if kind is DeviceKind.GPU:
                 continue
-            idle = sum(
+            pools[kind] += sum(
                 1
                 for d in view.whole_devices(kind)
                 if d.address not in occupancy.modes and d.iommu_group not in occupancy.groups_taken
             )
-            pools[kind] += idle
-    bound: float | None = None
+    bound: Fraction | None = None
     for pool, capacity in pools.items():
         needs = {i: _need(requests[i], pool, mig_slices, mdev_share) for i in values}
         found = _knapsack(values, needs, capacity)
         bound = found if bound is None else min(bound, found)
-    # Rounding the fractional item's part down could undercut the bound.
-    return min(sum(values.values()), int(-(-(bound or 0.0) // 1)))
+    return min(sum(values.values()), math.ceil(bound or 0))
+
+
+def _gpu_capacity(view: HostView, occupancy: Occupancy) -> Fraction:
+    """A host's free GPU capacity in GPUs, exactly, vGPU on VFs included.
+
+    Each whole GPU counts its free share (as
+    :func:`scheduler.core.fragmentation.free_shares` reads it). An mdev
+    parent that is not a whole GPU (a VF of an SR-IOV vGPU GPU, whose PF
+    shows in VF use and counts nothing) counts its own free vGPU share, or
+    nothing when the VF itself is handed out: more than the physical GPU
+    may hold, which keeps the bound an upper one.
+    """
+    total = Fraction(0)
+    whole = set()
+    for fn in view.whole_devices(DeviceKind.GPU):
+        whole.add(fn.address)
+        mode = occupancy.modes.get(fn.address)
+        if mode is None:
+            total += 1
+        elif mode is DeviceMode.MIG and fn.address in occupancy.mig_layouts:
+            used = occupancy.mig_layouts[fn.address].used_compute
+            total += max(Fraction(0), Fraction(COMPUTE_SLICES - used, COMPUTE_SLICES))
+        elif mode is DeviceMode.MDEV and fn.address in view.mdev_parents:
+            total += _mdev_left(view.mdev_parents[fn.address], occupancy)
+    for address, parent in view.mdev_parents.items():
+        if address in whole or occupancy.modes.get(address) not in (None, DeviceMode.MDEV):
+            continue
+        total += _mdev_left(parent, occupancy)
+    return total
+
+
+def _mdev_left(parent: MdevParentView, occupancy: Occupancy) -> Fraction:
+    """The share of an mdev parent its live and allocated mdevs leave."""
+    used = sum(
+        (
+            Fraction(n, max(1, parent.types[t].max_instances))
+            for t, n in occupancy.mdev_used.get(parent.address, {}).items()
+            if t in parent.types
+        ),
+        Fraction(0),
+    )
+    return max(Fraction(0), 1 - used)
 
 
 def _learn_units(
@@ -111,24 +152,26 @@ def _need(
     pool: DeviceKind,
     mig_slices: Mapping[str, int],
     mdev_share: Mapping[str, Fraction],
-) -> float:
+) -> Fraction:
     """The least a request takes from one pool (see the module doc)."""
-    need = 0.0
+    need = Fraction(0)
     for claim in request.claims:
         forms = claim.accepted_forms()
         if pool is DeviceKind.GPU and claim.kind is DeviceKind.GPU:
-            least = 1.0 if DeviceForm.WHOLE_DEVICE in forms else float("inf")
+            least: Fraction | None = Fraction(1) if DeviceForm.WHOLE_DEVICE in forms else None
             if DeviceForm.VF in forms:
-                least = 0.0
+                least = Fraction(0)
             if DeviceForm.MIG in forms:
                 names = claim.mig_profiles or mig_slices.keys()
-                slices = [mig_slices[n] for n in names if n in mig_slices]
-                least = min(least, min(slices, default=1) / COMPUTE_SLICES)
+                slices = min((mig_slices[n] for n in names if n in mig_slices), default=1)
+                least = _least(least, Fraction(slices, COMPUTE_SLICES))
             if DeviceForm.MDEV in forms:
                 types = claim.mdev_types or mdev_share.keys()
-                shares = [mdev_share[t] for t in types if t in mdev_share]
-                least = min(least, float(min(shares, default=Fraction(0))))
-            need += claim.count * (0.0 if least == float("inf") else least)
+                least = _least(
+                    least,
+                    min((mdev_share[t] for t in types if t in mdev_share), default=Fraction(0)),
+                )
+            need += claim.count * (least if least is not None else Fraction(0))
         elif (
             pool is not DeviceKind.GPU and claim.kind is pool and forms == {DeviceForm.WHOLE_DEVICE}
         ):
@@ -136,18 +179,26 @@ def _need(
     return need
 
 
-def _knapsack(values: Mapping[int, int], needs: Mapping[int, float], capacity: float) -> float:
+def _least(a: Fraction | None, b: Fraction) -> Fraction:
+    return b if a is None else min(a, b)
+
+
+def _knapsack(
+    values: Mapping[int, int], needs: Mapping[int, Fraction], capacity: Fraction
+) -> Fraction:
     """The fractional knapsack optimum: best value per unit first, the last item in part."""
-    total = 0.0
+    free = [i for i in values if needs[i] <= 0]
+    paid = sorted(
+        (i for i in values if needs[i] > 0), key=lambda i: -Fraction(values[i]) / needs[i]
+    )
+    total = Fraction(sum(values[i] for i in free))
     left = capacity
-    for i in sorted(values, key=lambda i: -values[i] / needs[i] if needs[i] > 0 else -float("inf")):
+    for i in paid:
         need = needs[i]
-        if need <= 0:
-            total += values[i]
-        elif left >= need:
+        if left >= need:
             total += values[i]
             left -= need
         else:
-            total += values[i] * max(0.0, left) / need
-            left = 0.0
+            total += Fraction(values[i]) * max(Fraction(0), left) / need
+            break
     return total

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ortools.sat.python import cp_model
 
 from scheduler.core.engine.batch import BatchSettings, proven_status, solve_batch
+from scheduler.core.engine.batch_bound import capacity_bound
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.identity import HostId, RequestId, TenantName
 from scheduler.core.request import Claim, DeviceKind, PlacementRequest
@@ -110,3 +111,15 @@ def test_a_contended_batch_is_bounded_by_capacity_not_by_its_columns() -> None:
     assert result.bound == result.objective
     outcompeted = {r.reasons()[0] for r in result.unplaced.values()} if result.unplaced else set()
     assert all("outcompeted" in why for why in outcompeted)
+
+
+def test_the_capacity_bound_is_exact_for_weights_past_float_precision() -> None:
+    """Priorities span int32: weights of a large batch pass 2**53, where floats drop units."""
+    snap = two_dgx()
+    engine = Engine()
+    requests = [gpus(f"r{i}", 1, priority=p) for i, p in enumerate((-(2**31), 2**31 - 1, 0))]
+    values = {0: 2**53 + 1, 1: 3 * 2**53 + 1, 2: 2**54 + 7}
+    bound = capacity_bound(
+        snap, lambda h: engine.occupancy(snap.hosts[HostId(h)]), requests, values
+    )
+    assert bound == sum(values.values())  # every request fits: nothing may be lost

@@ -29,7 +29,7 @@ from scheduler.core.request import (
 )
 from scheduler.core.snapshot import ClusterSnapshot, HostState
 
-from .checker_topologies import GPU_A, MDEV_GPU, MDEV_SINGLE, MIG_GPU, mixed
+from .checker_topologies import GPU_A, GPU_B, MDEV_GPU, MDEV_SINGLE, MIG_GPU, mixed
 
 WHOLE_1 = TaskShape(gpus=1)
 QUARTER_VGPU = TaskShape(mdev_types=frozenset({"nvidia-1"}))
@@ -146,3 +146,23 @@ def test_an_engine_drops_judgements_scored_under_an_older_mix(empty_mixed: HostS
     second = engine.candidates(snap, quarter("c"), 1)[0][0].score
     # Quarter vGPUs now dominate the mix: taking one strands less than it did.
     assert second != first
+
+
+def test_a_whole_gpu_takes_its_whole_iommu_group_out_of_use() -> None:
+    """Passthrough takes the group: a GPU sharing one with another leaves neither free."""
+    view = mixed("h")
+    # Put GPU_B in GPU_A's group: taking one takes both.
+    functions = dict(view.functions)
+    functions[GPU_B] = replace(functions[GPU_B], iommu_group=functions[GPU_A].iommu_group)
+    groups = dict(view.iommu_groups)
+    group = functions[GPU_A].iommu_group
+    assert group is not None
+    groups[group] = replace(groups[group], members=(GPU_A, GPU_B))
+    del groups[view.functions[GPU_B].iommu_group]  # type: ignore[arg-type]
+    shared = replace(view, functions=functions, iommu_groups=groups)
+    state = HostState(shared, 1)
+    after = occupancy_after(
+        shared, build_occupancy(state), [(DeviceForm.WHOLE_DEVICE, GPU_A, "", -1)]
+    )
+    free = free_shares(shared, after)
+    assert free[GPU_A] == free[GPU_B] == 0.0

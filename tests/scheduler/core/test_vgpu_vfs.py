@@ -12,6 +12,7 @@ from the agent's report, as the coordinator builds it:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -19,6 +20,7 @@ from scheduler.core.checker import RULE_INTERFERENCE, RULE_IOMMU_ISOLATION, chec
 from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.identity import (
+    HostId,
     IommuGroupNumber,
     PciAddress,
     PlacementId,
@@ -370,3 +372,26 @@ def test_a_live_mdev_on_vf1_does_not_block_vf0() -> None:
     (a,) = plan.assignments
     assert isinstance(a, VfAssignment) and a.vf_index == 0
     assert check_placements(start, [(request, plan)]) == []
+
+
+def test_a_batch_counts_the_vgpu_capacity_of_gpu_vfs_in_its_bound() -> None:
+    """On SR-IOV vGPU the mdev parents are the GPU's VFs (its PF is in VF use).
+
+    The batch's capacity bound once counted only whole GPUs, so these hosts
+    held no GPU capacity in it: a greedy that placed two of three vGPU
+    requests met that bound and stood as OPTIMAL without a model, although
+    all three fit (the free one on the second host).
+    """
+
+    def host(host_id: str, zone: str) -> HostState:
+        state = vgpu_host()
+        view = replace(state.view, host_id=HostId(host_id), labels={"zone": zone})
+        return HostState(view, 1)
+
+    snap = ClusterSnapshot(hosts={HostId(h): host(h, z) for h, z in (("h1", "a"), ("h2", "b"))})
+    requests = [mdev_request("r0", "t0")] + [
+        replace(mdev_request(f"r{i}", f"t{i}"), host_selector={"zone": "a"}) for i in (1, 2)
+    ]
+    result = solve_batch(Engine(), snap, requests, BatchSettings(workers=1, time_limit_s=5))
+    assert set(result.plans) == {"r0", "r1", "r2"}
+    assert result.objective <= result.bound
