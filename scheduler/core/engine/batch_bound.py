@@ -26,6 +26,7 @@ most their minimum. Pure and cheap: one pass over the hosts.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
@@ -58,38 +59,58 @@ def capacity_bound(
         pass 2**53 in large batches, where a float sum would lose units.
     """
     # Every kind a pool, empty ones too: a whole-only claim of a kind with
-    # nothing idle anywhere takes from a pool of nothing.
-    pools: dict[DeviceKind, Fraction] = dict.fromkeys(DeviceKind, Fraction(0))
+    # nothing idle anywhere takes from a pool of nothing. GPU capacity is
+    # summed as whole GPUs, sevenths (MIG) and vGPU shares apart: exact
+    # without a Fraction per host.
+    idle: dict[DeviceKind, int] = dict.fromkeys(DeviceKind, 0)
+    sevenths = 0
+    shares = Fraction(0)
     mig_slices: dict[str, int] = {}
     mdev_share: dict[str, Fraction] = {}
+    # Units are learnt per hardware class: hosts of a class offer the same
+    # profiles and types. Should two classes collide, the least of both is
+    # kept, which only loosens the bound.
     seen: set[int] = set()
     for host_id, state in snapshot.hosts.items():
         view = state.view
-        if id(view) not in seen:
-            seen.add(id(view))
+        if view.hardware_class not in seen:
+            seen.add(view.hardware_class)
             _learn_units(view, mig_slices, mdev_share)
         if not state.schedulable:
             continue
         occupancy = occupancy_of(host_id)
-        pools[DeviceKind.GPU] += _gpu_capacity(view, occupancy)
+        whole, host_sevenths, host_shares = _gpu_capacity(view, occupancy)
+        idle[DeviceKind.GPU] += whole
+        sevenths += host_sevenths
+        if host_shares:
+            shares += host_shares
         for kind in DeviceKind:
             if kind is DeviceKind.GPU:
                 continue
-            pools[kind] += sum(
+            idle[kind] += sum(
                 1
                 for d in view.whole_devices(kind)
                 if d.address not in occupancy.modes and d.iommu_group not in occupancy.groups_taken
             )
+    pools = {kind: Fraction(n) for kind, n in idle.items()}
+    pools[DeviceKind.GPU] += Fraction(sevenths, COMPUTE_SLICES) + shares
+    need_of: dict[tuple[object, ...], Fraction] = {}
     bound: Fraction | None = None
     for pool, capacity in pools.items():
-        needs = {i: _need(requests[i], pool, mig_slices, mdev_share) for i in values}
+        needs: dict[int, Fraction] = {}
+        for i in values:
+            key = (requests[i].claims, pool)
+            found_need = need_of.get(key)
+            if found_need is None:
+                found_need = need_of[key] = _need(requests[i], pool, mig_slices, mdev_share)
+            needs[i] = found_need
         found = _knapsack(values, needs, capacity)
         bound = found if bound is None else min(bound, found)
     return min(sum(values.values()), math.ceil(bound or 0))
 
 
-def _gpu_capacity(view: HostView, occupancy: Occupancy) -> Fraction:
-    """A host's free GPU capacity in GPUs, exactly, vGPU on VFs included.
+def _gpu_capacity(view: HostView, occupancy: Occupancy) -> tuple[int, int, Fraction]:
+    """A host's free GPU capacity: untouched GPUs, free MIG sevenths, free vGPU shares.
 
     Each whole GPU counts its free share (as
     :func:`scheduler.core.fragmentation.free_shares` reads it). An mdev
@@ -98,23 +119,24 @@ def _gpu_capacity(view: HostView, occupancy: Occupancy) -> Fraction:
     nothing when the VF itself is handed out: more than the physical GPU
     may hold, which keeps the bound an upper one.
     """
-    total = Fraction(0)
+    untouched = sevenths = 0
+    shares = Fraction(0)
     whole = set()
     for fn in view.whole_devices(DeviceKind.GPU):
         whole.add(fn.address)
         mode = occupancy.modes.get(fn.address)
         if mode is None:
-            total += 1
+            untouched += 1
         elif mode is DeviceMode.MIG and fn.address in occupancy.mig_layouts:
             used = occupancy.mig_layouts[fn.address].used_compute
-            total += max(Fraction(0), Fraction(COMPUTE_SLICES - used, COMPUTE_SLICES))
+            sevenths += max(0, COMPUTE_SLICES - used)
         elif mode is DeviceMode.MDEV and fn.address in view.mdev_parents:
-            total += _mdev_left(view.mdev_parents[fn.address], occupancy)
+            shares += _mdev_left(view.mdev_parents[fn.address], occupancy)
     for address, parent in view.mdev_parents.items():
         if address in whole or occupancy.modes.get(address) not in (None, DeviceMode.MDEV):
             continue
-        total += _mdev_left(parent, occupancy)
-    return total
+        shares += _mdev_left(parent, occupancy)
+    return untouched, sevenths, shares
 
 
 def _mdev_left(parent: MdevParentView, occupancy: Occupancy) -> Fraction:
@@ -186,19 +208,40 @@ def _least(a: Fraction | None, b: Fraction) -> Fraction:
 def _knapsack(
     values: Mapping[int, int], needs: Mapping[int, Fraction], capacity: Fraction
 ) -> Fraction:
-    """The fractional knapsack optimum: best value per unit first, the last item in part."""
-    free = [i for i in values if needs[i] <= 0]
-    paid = sorted(
-        (i for i in values if needs[i] > 0), key=lambda i: -Fraction(values[i]) / needs[i]
-    )
-    total = Fraction(sum(values[i] for i in free))
-    left = capacity
-    for i in paid:
+    """The fractional knapsack optimum: best value per unit first, the last item in part.
+
+    In integers: needs and capacity scaled to a common denominator, and
+    items of one need (there are few distinct needs) merged by a heap whose
+    keys are exact integer multiples of value per unit.
+    """
+    total = 0
+    groups: dict[Fraction, list[int]] = {}
+    for i, value in values.items():
         need = needs[i]
-        if left >= need:
-            total += values[i]
-            left -= need
+        if need <= 0:
+            total += value
         else:
-            total += Fraction(values[i]) * max(Fraction(0), left) / need
-            break
-    return total
+            groups.setdefault(need, []).append(value)
+    if not groups:
+        return Fraction(total)
+    scale = math.lcm(capacity.denominator, *(n.denominator for n in groups))
+    units = {n: int(n * scale) for n in groups}
+    common = math.lcm(*units.values())
+    heads: list[tuple[int, int, Fraction, int]] = []
+    for need, group in groups.items():
+        group.sort(reverse=True)
+        # value / need, scaled by ``common``: an exact integer.
+        heads.append((-group[0] * (common // units[need]), 0, need, 0))
+    heapq.heapify(heads)
+    left = int(capacity * scale)
+    while heads:
+        _, _, need, k = heapq.heappop(heads)
+        group, unit = groups[need], units[need]
+        value = group[k]
+        if left < unit:
+            return total + Fraction(value * max(0, left), unit)
+        total += value
+        left -= unit
+        if k + 1 < len(group):
+            heapq.heappush(heads, (-group[k + 1] * (common // unit), 0, need, k + 1))
+    return Fraction(total)
