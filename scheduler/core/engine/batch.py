@@ -480,27 +480,32 @@ def solve_batch(
     if not settings.use_solver or not columns:
         return greedy_stands(greedy_objective)
     placeable, best_quality = _column_bound(columns, weights, quality)
-    # Capacity binds where columns do not: requests that each fit somewhere
-    # may not all fit at once. The lesser of the two bounds holds for any
-    # placement of the batch, not only for the model's columns.
-    best_of: dict[int, int] = {}
-    for c, col in enumerate(columns):
-        best_of[col.request] = max(best_of.get(col.request, 0), quality[c])
-    relaxed = min(
-        placeable + best_quality,
-        capacity_bound(
-            snapshot,
-            lambda host: engine.occupancy(snapshot.hosts[HostId(host)]),
-            requests,
-            {i: weights[i] + q for i, q in best_of.items()},
-        ),
-    )
+    relaxed = placeable + best_quality
     # Less than one request's weight (quality sums stay below it).
     slack = math.floor(min(1.0, max(0.0, settings.quality_gap)) * best_quality)
+    if greedy_objective < relaxed - slack:
+        # Capacity binds where columns do not: requests that each fit
+        # somewhere may not all fit at once. Worked out only here, where a
+        # model would otherwise be built (a roomy cluster's seed meets the
+        # column bound and stands without it). Both bounds hold for any
+        # placement of the batch, not only for the model's columns.
+        best_of: dict[int, int] = {}
+        for c, col in enumerate(columns):
+            best_of[col.request] = max(best_of.get(col.request, 0), quality[c])
+        relaxed = min(
+            relaxed,
+            capacity_bound(
+                snapshot,
+                engine.hardware_and_occupancy,
+                requests,
+                {i: weights[i] + q for i, q in best_of.items()},
+            ),
+        )
     if greedy_objective >= relaxed:
         # Every request the columns can place is placed, each in its best
-        # column: no solution of the model scores more, so the greedy is
-        # optimal without building it (large batches on roomy clusters).
+        # column (large batches on roomy clusters), or the capacity bound
+        # is met: no placement scores more, so the greedy is optimal
+        # without building a model.
         return greedy_stands(relaxed, "OPTIMAL")
     if greedy_objective >= relaxed - slack:
         return greedy_stands(relaxed)

@@ -35,12 +35,12 @@ from scheduler.core.host import HostView, MdevParentView
 from scheduler.core.mig_geometry import COMPUTE_SLICES
 from scheduler.core.occupancy import DeviceMode, Occupancy
 from scheduler.core.request import DeviceForm, DeviceKind, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot
+from scheduler.core.snapshot import ClusterSnapshot, HostState
 
 
 def capacity_bound(
     snapshot: ClusterSnapshot,
-    occupancy_of: Callable[[str], Occupancy],
+    hardware_of: Callable[[HostState], tuple[HostView, Occupancy]],
     requests: Sequence[PlacementRequest],
     values: Mapping[int, int],
 ) -> int:
@@ -48,7 +48,9 @@ def capacity_bound(
 
     Args:
         snapshot: the cluster before the batch.
-        occupancy_of: a host id's occupancy on ``snapshot`` (the engine's).
+        hardware_of: a host state's hardware (a view with the same hardware,
+            shared by hosts alike, so what is derived from it is derived
+            once) and its occupancy (:meth:`Engine.hardware_and_occupancy`).
         requests: the batch.
         values: request index -> its value if placed; requests left out
             cannot be placed at all (no fitting host) and add nothing.
@@ -67,18 +69,15 @@ def capacity_bound(
     shares = Fraction(0)
     mig_slices: dict[str, int] = {}
     mdev_share: dict[str, Fraction] = {}
-    # Units are learnt per hardware class: hosts of a class offer the same
-    # profiles and types. Should two classes collide, the least of both is
-    # kept, which only loosens the bound.
+    # Units are learnt per hardware view: hosts alike share one.
     seen: set[int] = set()
-    for host_id, state in snapshot.hosts.items():
-        view = state.view
-        if view.hardware_class not in seen:
-            seen.add(view.hardware_class)
+    for state in snapshot.hosts.values():
+        view, occupancy = hardware_of(state)
+        if id(view) not in seen:
+            seen.add(id(view))
             _learn_units(view, mig_slices, mdev_share)
         if not state.schedulable:
             continue
-        occupancy = occupancy_of(host_id)
         whole, host_sevenths, host_shares = _gpu_capacity(view, occupancy)
         idle[DeviceKind.GPU] += whole
         sevenths += host_sevenths

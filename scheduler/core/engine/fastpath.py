@@ -563,6 +563,17 @@ class Engine:
         """The host state's occupancy."""
         return self.host_index(state).occupancy
 
+    def hardware_and_occupancy(self, state: HostState) -> tuple[HostView, Occupancy]:
+        """The first view of the state's hardware class, and the state's occupancy.
+
+        Hosts of a class have the same hardware (the engine compares views
+        before it lets them share one): what is derived from a view once
+        (its whole devices by kind, its groups) is then derived once per
+        class, not once per host, for callers walking the whole cluster.
+        """
+        index = self.host_index(state)
+        return index.hardware.view, index.occupancy
+
     def open_forms(self, state: HostState) -> dict[DeviceKind, frozenset[DeviceForm]]:
         """Per kind, the forms in which the host may still offer a unit.
 

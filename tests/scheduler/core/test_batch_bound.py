@@ -119,7 +119,5 @@ def test_the_capacity_bound_is_exact_for_weights_past_float_precision() -> None:
     engine = Engine()
     requests = [gpus(f"r{i}", 1, priority=p) for i, p in enumerate((-(2**31), 2**31 - 1, 0))]
     values = {0: 2**53 + 1, 1: 3 * 2**53 + 1, 2: 2**54 + 7}
-    bound = capacity_bound(
-        snap, lambda h: engine.occupancy(snap.hosts[HostId(h)]), requests, values
-    )
+    bound = capacity_bound(snap, engine.hardware_and_occupancy, requests, values)
     assert bound == sum(values.values())  # every request fits: nothing may be lost

@@ -685,7 +685,7 @@ def test_no_placement_of_a_batch_scores_above_its_capacity_bound(
     values = {
         i: weight[r.request_id] for i, r in enumerate(stream) if engine.candidates(snap, r, 1)[0]
     }
-    bound = capacity_bound(snap, lambda h: engine.occupancy(snap.hosts[HostId(h)]), stream, values)
+    bound = capacity_bound(snap, engine.hardware_and_occupancy, stream, values)
     order = sorted(stream, key=lambda r: -r.priority)
     for policy in (TesseraPolicy(), FirstFitPolicy()):
         current, placed = snap, 0
