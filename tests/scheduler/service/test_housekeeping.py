@@ -30,6 +30,10 @@ class Host:
 
     def __init__(self) -> None:
         self.held: set[str] = set()
+        # Which host each prepared placement went to: an agent reports only its own host's
+        # placements, and a stub that reported every host's would have the housekeeper tear
+        # down other hosts' placements as orphans (ids added to `held` by hand show everywhere).
+        self.host_of: dict[str, str] = {}
         self.calls: list[tuple[str, str, int]] = []
         self.fail_prepare = False
         self.fail_unprepare = False
@@ -49,6 +53,7 @@ class Host:
         if self.fail_prepare:
             raise AgentCallError(address, grpc.StatusCode.INTERNAL, "bind failed")
         self.held.add(placement.placement_id)
+        self.host_of[placement.placement_id] = placement.host_id
         return placement
 
     async def unprepare_fenced(
@@ -60,7 +65,7 @@ class Host:
         self.held.discard(placement.placement_id)
 
     async def get_state(self, address: str, host_id: str) -> list[str]:
-        return sorted(self.held)
+        return sorted(p for p in self.held if self.host_of.get(p, host_id) == host_id)
 
 
 def inventory() -> inventory_pb2.HostInventory:
