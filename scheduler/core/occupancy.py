@@ -303,9 +303,15 @@ def build_occupancy(state: HostState) -> Occupancy:
     on_host: set[TenantName] = set()
     owners = state.tenants
     whole_mode, vf_mode = DeviceMode.WHOLE, DeviceMode.VF
+    # The memo read inline and each tenant's singleton made once: this loop
+    # runs for every allocation of every host that changes (a replica's
+    # hottest loop after the search).
+    known, view_id = _FACTS.get, id(view)
+    alone_of: dict[TenantName, frozenset[TenantName]] = {}
 
     for key, pid in state.allocations.items():
-        facts = _slot_facts(view, key)
+        found = known((view_id, key))
+        facts = found[1] if found is not None and found[0] is view else _slot_facts(view, key)
         slot = facts.slot
         # A placement whose tenant the store does not say is some other
         # tenant: judged as a stranger, never as the requester.
@@ -333,12 +339,12 @@ def build_occupancy(state: HostState) -> Occupancy:
         elif isinstance(slot, ExclusiveSlot):
             exclusive[(slot.domain, slot.instance)] = tenant
         if facts.domains:
-            alone = frozenset((tenant,))
+            alone = alone_of.get(tenant)
+            if alone is None:
+                alone = alone_of[tenant] = frozenset((tenant,))
             for domain in facts.domains:
-                inside = tenants.get(domain)
-                if inside is None:
-                    tenants[domain] = alone
-                elif tenant not in inside:
+                inside = tenants.setdefault(domain, alone)
+                if inside is not alone and tenant not in inside:
                     tenants[domain] = inside | alone
         if facts.on_host:
             on_host.add(tenant)

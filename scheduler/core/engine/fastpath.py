@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from hashlib import blake2b
 from itertools import compress, count
 from operator import is_not
+from typing import TypeVar
 
 from scheduler.core.engine.framework import (
     Cycle,
@@ -191,6 +192,8 @@ _MEMO_LIMIT = 262_144
 
 #: Occupancy (and tenancy) signatures an engine keeps interned by default.
 _INTERNED_KEPT = 262_144
+
+_V = TypeVar("_V")
 
 #: A form's bit in a host's open forms (see :func:`_open_forms`).
 _FORM_BIT = {
@@ -1001,36 +1004,51 @@ class Engine:
         the search goes on until it returns True (then that assignment is
         returned) or the options run out (None).
         """
+        # Depth-first, iteratively: a recursive closure would refer to itself,
+        # a reference cycle that keeps each search's cycle, options and picks
+        # for the cyclic collector (it was most of the garbage a placement
+        # made). ``resume[i]`` is where unit i's options are taken up again
+        # when the search backs up to it.
+        n = len(units)
+        if n == 0:
+            return () if each is None or each(()) else None
         picks: list[Pick] = []
+        resume = [0] * n
         steps = 0
-        reserver = self.profile.reserver
+        reserve = self.profile.reserver.reserve
         unit_filters = self.profile.unit_filters
-
-        def step(i: int, floor: int) -> bool:
-            nonlocal steps
-            if i == len(units):
-                return each is None or each(tuple(picks))
+        i = 0
+        while True:
+            if i == n:
+                if each is None or each(tuple(picks)):
+                    return tuple(picks)
+                i -= 1
+                picks.pop()
+                continue
             claim = units[i]
             candidates = options[claim.name]
-            for k in range(floor, len(candidates)):
+            k = resume[i]
+            while k < len(candidates):
                 steps += 1
                 if steps > SEARCH_BUDGET:
-                    return False
-                pick = reserver.reserve(cycle, picks, claim, candidates[k])
-                if pick is None:
+                    return None
+                pick = reserve(cycle, picks, claim, candidates[k])
+                k += 1
+                if pick is None or not all(f.admit(search, picks, pick) for f in unit_filters):
                     continue
-                if not all(f.admit(search, picks, pick) for f in unit_filters):
-                    continue
+                resume[i] = k
                 picks.append(pick)
-                # Units of one claim are interchangeable: take options in
-                # non-decreasing order so no permutation is tried twice.
-                same = i + 1 < len(units) and units[i + 1] is claim
-                if step(i + 1, k if same else 0):
-                    return True
+                i += 1
+                if i < n:
+                    # Units of one claim are interchangeable: take options in
+                    # non-decreasing order so no permutation is tried twice.
+                    resume[i] = k - 1 if units[i] is claim else 0
+                break
+            else:
+                if i == 0:
+                    return None
+                i -= 1
                 picks.pop()
-            return False
-
-        return tuple(picks) if step(0, 0) else None
 
     def _score(
         self,
@@ -1392,16 +1410,26 @@ def _tenancy_signature(occupancy: Occupancy, host_id: HostId) -> tuple[object, .
     The host domain's instance is the host's name: dropped, so two hosts of
     a class with the same tenants in the same places share a signature.
     """
-    if not occupancy.tenants and not occupancy.exclusive:
+    tenants, exclusive = occupancy.tenants, occupancy.exclusive
+    if not tenants and not exclusive:
         return ()
+    host: DomainKey = (ExclusivityDomain.HOST, host_id)
+    return (_anonymous(tenants, host), _anonymous(exclusive, host))
 
-    def anonymous(key: DomainKey) -> DomainKey:
-        return (key[0], "") if key[0] is ExclusivityDomain.HOST else key
 
-    return (
-        frozenset((anonymous(k), v) for k, v in occupancy.tenants.items()),
-        frozenset((anonymous(k), v) for k, v in occupancy.exclusive.items()),
-    )
+def _anonymous(mapping: Mapping[DomainKey, _V], host: DomainKey) -> frozenset[tuple[DomainKey, _V]]:
+    """A domain mapping's items, the host's own domain renamed ``(HOST, "")``.
+
+    Copied and frozen in C rather than item by item. Only the host's own
+    name is dropped: a host-domain key naming another host (which no
+    consistent store holds) stays as it is, which can only keep two states
+    apart, never merge them.
+    """
+    if host not in mapping:
+        return frozenset(mapping.items())
+    items = dict(mapping)
+    items[(ExclusivityDomain.HOST, "")] = items.pop(host)
+    return frozenset(items.items())
 
 
 def _same_hardware(a: HostView, b: HostView) -> bool:
