@@ -18,7 +18,9 @@ GPU on time-sliced vGPU), not by arbitrary fractions as in the paper, so
 "can *m* use this GPU" is answered by the geometry: a MIG profile with a
 placement left, a vGPU type with room, or an untouched GPU. The free share of
 a GPU is 1 untouched, 0 passed through or in VF use, ``1 - used compute
-slices / 7`` in MIG use and ``1 - the mdevs' shares`` in vGPU use.
+slices / 7`` in MIG use and ``1 - the mdevs' shares`` in vGPU use. It is read
+once, exactly (:func:`free_capacity`), for this measure and for the batch's
+capacity bound alike.
 
 Pure: no store, no network; callers memoise per hardware class and occupancy.
 """
@@ -29,8 +31,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from types import MappingProxyType
+from typing import NamedTuple
 
-from scheduler.core.host import HostView
+from scheduler.core.host import HostView, MdevParentView
 from scheduler.core.identity import PciAddress
 from scheduler.core.mig_geometry import COMPUTE_SLICES, capacity, with_instance
 from scheduler.core.occupancy import DeviceMode, Occupancy, mdev_free
@@ -85,32 +88,95 @@ class HostFragmentation:
     fragmented: float
 
 
-def free_shares(view: HostView, occupancy: Occupancy) -> dict[PciAddress, float]:
-    """Per GPU of the host, the share of it still free (see the module doc)."""
-    out: dict[PciAddress, float] = {}
+class FreeCapacity(NamedTuple):
+    """A host's free GPU capacity, exactly (see :func:`free_capacity`).
+
+    Attributes:
+        sevenths: per whole GPU not in vGPU use, its free compute sevenths:
+            7 untouched, the free compute slices in MIG use, 0 passed
+            through, in VF use, or in MIG use with its instances unknown.
+        vgpu: per mdev parent that vGPUs may still use, its free vGPU
+            share: a whole GPU in mdev use, or a VF of an SR-IOV vGPU GPU
+            that is not itself handed out (see :func:`free_capacity`).
+    """
+
+    sevenths: dict[PciAddress, int]
+    vgpu: dict[PciAddress, Fraction]
+
+
+def free_capacity(view: HostView, occupancy: Occupancy) -> FreeCapacity:
+    """The free capacity of each GPU of a host, exactly, in integers where it can be.
+
+    What :func:`free_shares` reads per GPU in floats, and what the batch's
+    capacity bound sums over the cluster. Every whole GPU is in exactly one
+    of the two parts; untouched ones count 7 sevenths, so that summing the
+    sevenths of a whole cluster needs no :class:`~fractions.Fraction` per
+    host (the capacity bound reads ten thousand hosts per batch).
+
+    An mdev parent that is not a whole GPU (a VF of an SR-IOV vGPU GPU,
+    whose PF shows in VF use and so counts nothing) is in ``vgpu`` with its
+    own free share unless the VF itself is handed out. The batch's bound
+    counts it (more than the physical GPU may hold, which keeps that bound an
+    upper one); :func:`free_shares`, per GPU, leaves it out.
+    """
+    sevenths: dict[PciAddress, int] = {}
+    vgpu: dict[PciAddress, Fraction] = {}
+    modes = occupancy.modes
+    parents = view.mdev_parents
     for fn in view.whole_devices(DeviceKind.GPU):
         address = fn.address
-        mode = occupancy.modes.get(address)
+        mode = modes.get(address)
         if mode is None:
-            out[address] = 1.0
+            sevenths[address] = COMPUTE_SLICES
         elif mode is DeviceMode.MIG and address in occupancy.mig_layouts:
             used = occupancy.mig_layouts[address].used_compute
-            out[address] = max(0.0, 1 - used / COMPUTE_SLICES)
-        elif mode is DeviceMode.MDEV and address in view.mdev_parents:
-            parent = view.mdev_parents[address]
-            share = sum(
-                (
-                    Fraction(n, max(1, parent.types[t].max_instances))
-                    for t, n in occupancy.mdev_used.get(address, {}).items()
-                    if t in parent.types
-                ),
-                Fraction(0),
-            )
-            out[address] = float(max(Fraction(0), 1 - share))
+            sevenths[address] = max(0, COMPUTE_SLICES - used)
+        elif mode is DeviceMode.MDEV and address in parents:
+            vgpu[address] = _vgpu_left(parents[address], occupancy)
         else:
             # Passed through, in VF use, or a MIG GPU whose instances
             # overlap (unusable until someone looks): nothing to give.
-            out[address] = 0.0
+            sevenths[address] = 0
+    for address, parent in parents.items():
+        if address in sevenths or address in vgpu:
+            continue
+        if modes.get(address) in (None, DeviceMode.MDEV):
+            vgpu[address] = _vgpu_left(parent, occupancy)
+    return FreeCapacity(sevenths, vgpu)
+
+
+def _vgpu_left(parent: MdevParentView, occupancy: Occupancy) -> Fraction:
+    """The share of an mdev parent its live and allocated mdevs leave (at least 0)."""
+    used = sum(
+        (
+            Fraction(n, max(1, parent.types[t].max_instances))
+            for t, n in occupancy.mdev_used.get(parent.address, {}).items()
+            if t in parent.types
+        ),
+        Fraction(0),
+    )
+    return max(Fraction(0), 1 - used)
+
+
+#: The float share of each count of free sevenths, as ``1 - used / 7``: the
+#: float this measure has always read, where ``free / 7`` differs in the last
+#: bit for some counts (and hosts' scores are compared, ties broken, by them).
+_SHARE_OF_SEVENTHS = tuple(
+    1 - (COMPUTE_SLICES - free) / COMPUTE_SLICES for free in range(COMPUTE_SLICES + 1)
+)
+
+
+def free_shares(view: HostView, occupancy: Occupancy) -> dict[PciAddress, float]:
+    """Per GPU of the host, the share of it still free (see the module doc)."""
+    sevenths, vgpu = free_capacity(view, occupancy)
+    if not vgpu:
+        # Every GPU is in ``sevenths``, in the host's order.
+        return {address: _SHARE_OF_SEVENTHS[n] for address, n in sevenths.items()}
+    out: dict[PciAddress, float] = {}
+    for fn in view.whole_devices(DeviceKind.GPU):
+        address = fn.address
+        share = vgpu.get(address)
+        out[address] = _SHARE_OF_SEVENTHS[sevenths[address]] if share is None else float(share)
     return out
 
 

@@ -263,21 +263,22 @@ def _quality(columns: Sequence[_Column]) -> list[int]:
 
 def _column_bound(
     columns: Sequence[_Column], weights: Sequence[int], quality: Sequence[int]
-) -> tuple[int, int]:
+) -> tuple[int, int, dict[int, int]]:
     """An upper bound on the model's objective: each request in its best column.
 
     Capacity, modes and exclusivity can only take from it, and a gang's
     members count as if placed whole.
 
     Returns:
-        The weights of the requests some column places, and the sum of
-        their best columns' quality.
+        The weights of the requests some column places, the sum of their
+        best columns' quality, and per such request that best quality (what
+        the capacity bound values each request at, with its weight).
     """
     best: dict[int, int] = {}
     for c, col in enumerate(columns):
         if quality[c] > best.get(col.request, -1):
             best[col.request] = quality[c]
-    return sum(weights[i] for i in best), sum(best.values())
+    return sum(weights[i] for i in best), sum(best.values()), best
 
 
 class _Resources:
@@ -479,7 +480,7 @@ def solve_batch(
 
     if not settings.use_solver or not columns:
         return greedy_stands(greedy_objective)
-    placeable, best_quality = _column_bound(columns, weights, quality)
+    placeable, best_quality, best_of = _column_bound(columns, weights, quality)
     relaxed = placeable + best_quality
     # Less than one request's weight (quality sums stay below it).
     slack = math.floor(min(1.0, max(0.0, settings.quality_gap)) * best_quality)
@@ -489,9 +490,6 @@ def solve_batch(
         # model would otherwise be built (a roomy cluster's seed meets the
         # column bound and stands without it). Both bounds hold for any
         # placement of the batch, not only for the model's columns.
-        best_of: dict[int, int] = {}
-        for c, col in enumerate(columns):
-            best_of[col.request] = max(best_of.get(col.request, 0), quality[c])
         relaxed = min(
             relaxed,
             capacity_bound(

@@ -9,11 +9,13 @@ they only had to share those:
 
 * **GPU capacity**, in GPUs: every GPU's free share (1 untouched, free
   compute slices over 7 in MIG use, the free vGPU share in mdev use; an
-  SR-IOV vGPU GPU's VFs each their own vGPU share) summed over the
-  schedulable hosts. A request takes at least, per GPU unit, the least its
-  accepted forms can take: 1 whole, a MIG profile's compute slices over 7,
-  one vGPU of a type 1 / its instances; a VF nothing (its share is not
-  modelled, so it costs nothing here, which keeps the bound valid).
+  SR-IOV vGPU GPU's VFs each their own vGPU share) as
+  :func:`scheduler.core.fragmentation.free_capacity` reads it, exactly,
+  summed over the schedulable hosts. A request takes at least, per GPU
+  unit, the least its accepted forms can take: 1 whole, a MIG profile's
+  compute slices over 7, one vGPU of a type 1 / its instances; a VF nothing
+  (its share is not modelled, so it costs nothing here, which keeps the
+  bound valid).
 * **Whole devices of every other kind** (NICs, accelerators): the idle ones.
   A claim that accepts only whole devices takes its count; one that accepts
   VFs or mdevs takes nothing here.
@@ -31,9 +33,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
-from scheduler.core.host import HostView, MdevParentView
+from scheduler.core.fragmentation import free_capacity
+from scheduler.core.host import HostView
 from scheduler.core.mig_geometry import COMPUTE_SLICES
-from scheduler.core.occupancy import DeviceMode, Occupancy
+from scheduler.core.occupancy import Occupancy
 from scheduler.core.request import DeviceForm, DeviceKind, PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, HostState
 
@@ -62,8 +65,8 @@ def capacity_bound(
     """
     # Every kind a pool, empty ones too: a whole-only claim of a kind with
     # nothing idle anywhere takes from a pool of nothing. GPU capacity is
-    # summed as whole GPUs, sevenths (MIG) and vGPU shares apart: exact
-    # without a Fraction per host.
+    # summed as sevenths (untouched GPUs 7, MIG GPUs their free slices) and
+    # vGPU shares apart: exact without a Fraction per host.
     idle: dict[DeviceKind, int] = dict.fromkeys(DeviceKind, 0)
     sevenths = 0
     shares = Fraction(0)
@@ -78,11 +81,10 @@ def capacity_bound(
             _learn_units(view, mig_slices, mdev_share)
         if not state.schedulable:
             continue
-        whole, host_sevenths, host_shares = _gpu_capacity(view, occupancy)
-        idle[DeviceKind.GPU] += whole
-        sevenths += host_sevenths
-        if host_shares:
-            shares += host_shares
+        host_sevenths, host_vgpu = free_capacity(view, occupancy)
+        sevenths += sum(host_sevenths.values())
+        for share in host_vgpu.values():
+            shares += share
         for kind in DeviceKind:
             if kind is DeviceKind.GPU:
                 continue
@@ -106,49 +108,6 @@ def capacity_bound(
         found = _knapsack(values, needs, capacity)
         bound = found if bound is None else min(bound, found)
     return min(sum(values.values()), math.ceil(bound or 0))
-
-
-def _gpu_capacity(view: HostView, occupancy: Occupancy) -> tuple[int, int, Fraction]:
-    """A host's free GPU capacity: untouched GPUs, free MIG sevenths, free vGPU shares.
-
-    Each whole GPU counts its free share (as
-    :func:`scheduler.core.fragmentation.free_shares` reads it). An mdev
-    parent that is not a whole GPU (a VF of an SR-IOV vGPU GPU, whose PF
-    shows in VF use and counts nothing) counts its own free vGPU share, or
-    nothing when the VF itself is handed out: more than the physical GPU
-    may hold, which keeps the bound an upper one.
-    """
-    untouched = sevenths = 0
-    shares = Fraction(0)
-    whole = set()
-    for fn in view.whole_devices(DeviceKind.GPU):
-        whole.add(fn.address)
-        mode = occupancy.modes.get(fn.address)
-        if mode is None:
-            untouched += 1
-        elif mode is DeviceMode.MIG and fn.address in occupancy.mig_layouts:
-            used = occupancy.mig_layouts[fn.address].used_compute
-            sevenths += max(0, COMPUTE_SLICES - used)
-        elif mode is DeviceMode.MDEV and fn.address in view.mdev_parents:
-            shares += _mdev_left(view.mdev_parents[fn.address], occupancy)
-    for address, parent in view.mdev_parents.items():
-        if address in whole or occupancy.modes.get(address) not in (None, DeviceMode.MDEV):
-            continue
-        shares += _mdev_left(parent, occupancy)
-    return untouched, sevenths, shares
-
-
-def _mdev_left(parent: MdevParentView, occupancy: Occupancy) -> Fraction:
-    """The share of an mdev parent its live and allocated mdevs leave."""
-    used = sum(
-        (
-            Fraction(n, max(1, parent.types[t].max_instances))
-            for t, n in occupancy.mdev_used.get(parent.address, {}).items()
-            if t in parent.types
-        ),
-        Fraction(0),
-    )
-    return max(Fraction(0), 1 - used)
 
 
 def _learn_units(
