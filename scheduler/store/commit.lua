@@ -42,7 +42,8 @@ then     B, the number of keys the commit bumps; then B keys (the devices it
 then     the slot keys
 
 Returns {outcome, placement_id, detail, alloc generation after} with outcome
-one of COMMITTED, CONFLICT, EXPIRED (generation 0 unless COMMITTED).
+one of COMMITTED, CONFLICT, EXPIRED (generation 0 unless COMMITTED). A call sent
+again after it landed (its reply lost) answers COMMITTED again.
 ]]
 
 local host_key, alloc_key, placements_key = KEYS[1], KEYS[2], KEYS[3]
@@ -51,6 +52,18 @@ local versions_key, bumps_key = KEYS[8], KEYS[9]
 local placement_id, payload = ARGV[1], ARGV[2]
 local request_id, host_id, tenant = ARGV[3], ARGV[4], ARGV[5]
 local deadline = tonumber(ARGV[6])
+
+-- This very commit ran already: a client whose connection failed before the
+-- reply came sends it again (on a cluster, where this script runs on its
+-- own). Placement ids are made afresh for each commit call, so one recorded
+-- for this request can only be this call's: answer as it did, with the
+-- host's generation now. Checked first, since what it wrote (versions bumped,
+-- slots taken) would fail every check below.
+if redis.call('HGET', requests_key, placement_id) == request_id then
+  local generation = redis.call('HGET', host_key, 'alloc_generation') or '0'
+  return {'COMMITTED', placement_id, 'committed already (the call was repeated)',
+          tonumber(generation)}
+end
 
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)

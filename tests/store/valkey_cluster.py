@@ -40,12 +40,16 @@ def _wait(predicate: object, what: str, timeout_s: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def valkey_cluster(data: Path, primaries: int = 3) -> Iterator[list[int]]:
+def valkey_cluster(
+    data: Path, primaries: int = 3, announce: list[int] | None = None
+) -> Iterator[list[int]]:
     """Start ``primaries`` Valkey nodes as one cluster; yields their ports.
 
     Args:
         data: a directory for the nodes' data and logs.
         primaries: how many primaries share the slots.
+        announce: per node, the port it tells clients to reach it at (a
+            proxy in front of it); None: its own.
     """
     procs: list[subprocess.Popen[bytes]] = []
     ports: list[tuple[int, int]] = []
@@ -62,6 +66,12 @@ def valkey_cluster(data: Path, primaries: int = 3) -> Iterator[list[int]]:
                 "--cluster-port", str(bus), "--appendonly", "yes", "--save", "",
                 "--maxmemory-policy", "noeviction", "--logfile", str(node / "log"),
             ]  # fmt: skip
+            if announce is not None:
+                command += [
+                    "--cluster-announce-ip", "127.0.0.1",
+                    "--cluster-announce-port", str(announce[i]),
+                    "--cluster-announce-bus-port", str(bus),
+                ]  # fmt: skip
             procs.append(
                 subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             )
