@@ -142,6 +142,8 @@ def to_wire(request: PlacementRequest) -> placement_pb2.PlacementRequest:
         request_id=request.request_id.replace("+", "-"),
         tenant=request.tenant,
         priority=request.priority,
+        cpu_milli=request.cpu_milli,
+        memory_mib=request.memory_mib,
         claims=[
             placement_pb2.Claim(
                 name=c.name,

@@ -58,11 +58,13 @@ from scheduler.core.request import (
 from scheduler.core.slots import (
     ExclusiveSlot,
     GroupSlot,
+    HostShareSlot,
     MdevSlot,
     MigSlot,
     ParsedSlot,
     VfSlot,
     exclusive_slot,
+    host_share_slot,
     mdev_slot,
     mig_slot,
     parse_slot,
@@ -224,10 +226,18 @@ def _ledger_of(state: HostState) -> _Ledger:
     return ledger
 
 
+def _share_slots(request: PlacementRequest) -> list[SlotKey]:
+    """The host-share slot a request's host CPU and memory imply, if it asks for any."""
+    if not request.cpu_milli and not request.memory_mib:
+        return []
+    return [host_share_slot(request.cpu_milli, request.memory_mib, request.request_id)]
+
+
 def _add_placement(ledger: _Ledger, request: PlacementRequest, plan: Plan) -> None:
     owner = f"request:{request.request_id}"
     tenant = request.tenant
-    implied = [_unit_slot(a) for a in plan.assignments]
+    # Host CPU and memory are held whether or not the plan wrote their slot.
+    implied = [_unit_slot(a) for a in plan.assignments] + _share_slots(request)
     implied_set = set(implied)
     keys = implied + [k for k in plan.slots if k not in implied_set]
     for key in keys:
@@ -408,6 +418,7 @@ def _check_plan_slots(state: HostState, request: PlacementRequest, plan: Plan) -
             if instance is not None:
                 exclusive.add(exclusive_slot(request.exclusivity, instance, request.request_id))
         implied += sorted(exclusive)
+    implied += _share_slots(request)
     want, got = Counter(implied), Counter(plan.slots)
     for key in sorted(want - got):
         out.append((RULE_SLOTS, f"slot {key} implied by the assignments is missing from the plan"))
@@ -628,7 +639,26 @@ def _state_findings(ledger: _Ledger) -> set[_Finding]:
     out |= _vf_capacity(view, ledger.holdings)
     out |= _mdev_capacity(view, ledger.holdings)
     out |= _mig_capacity(view, ledger.holdings)
+    out |= _host_share_capacity(view, ledger.holdings)
     out |= _exclusivity(view, ledger.holdings, ledger.holds)
+    return out
+
+
+def _host_share_capacity(view: HostView, holdings: Iterable[_Holding]) -> set[_Finding]:
+    """Host CPU and memory held beside devices fit in what the host reports."""
+    cpu = memory = 0
+    holders: list[str] = []
+    for h in holdings:
+        if isinstance(h.slot, HostShareSlot):
+            cpu += h.slot.cpu_milli
+            memory += h.slot.memory_mib
+            holders.append(h.owner)
+    out: set[_Finding] = set()
+    who = ", ".join(sorted(holders))
+    if cpu > view.cpu_milli:
+        out.add((RULE_CAPACITY, f"host CPU {cpu} milli held of {view.cpu_milli}: {who}"))
+    if memory > view.memory_mib:
+        out.add((RULE_CAPACITY, f"host memory {memory} MiB held of {view.memory_mib}: {who}"))
     return out
 
 

@@ -35,7 +35,15 @@ from collections.abc import Iterable, Mapping
 
 from scheduler.core.host import HostView, domain_instance
 from scheduler.core.identity import PciAddress, SlotKey
-from scheduler.core.slots import ExclusiveSlot, GroupSlot, MdevSlot, MigSlot, VfSlot, parse_slot
+from scheduler.core.slots import (
+    ExclusiveSlot,
+    GroupSlot,
+    HostShareSlot,
+    MdevSlot,
+    MigSlot,
+    VfSlot,
+    parse_slot,
+)
 
 EPOCH = "epoch"
 """Bumped by the store when the host's inventory or boot changes, when it is
@@ -49,6 +57,10 @@ EXCLUSIVE = "exclusive"
 
 INCARNATION = "incarnation"
 """Set once, when the store creates the host's record (server time in µs)."""
+
+HOST_SHARE = "host-share"
+"""Bumped by a commit or release of a placement holding host CPU or memory:
+a plan that takes some checks nobody took or gave back any since it looked."""
 
 
 def _function_keys(view: HostView, address: PciAddress) -> set[str]:
@@ -73,7 +85,8 @@ def device_keys(view: HostView, slot: SlotKey) -> set[str]:
     Returns:
         ``group:<N>`` of each IOMMU group involved (for a VF, or an mdev on a
         VF, its PF's too; for a whole group holding VFs, their PFs' too),
-        ``device:<address>`` for a device the view does not know.
+        ``device:<address>`` for a device the view does not know,
+        :data:`HOST_SHARE` for host CPU and memory.
     """
     parsed = parse_slot(slot)
     if parsed is None:
@@ -81,6 +94,8 @@ def device_keys(view: HostView, slot: SlotKey) -> set[str]:
         return {f"slot:{slot}"}
     if isinstance(parsed, ExclusiveSlot):
         return set()
+    if isinstance(parsed, HostShareSlot):
+        return {HOST_SHARE}
     if isinstance(parsed, GroupSlot):
         keys = {f"group:{parsed.group}"}
         group = view.iommu_groups.get(parsed.group)

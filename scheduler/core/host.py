@@ -143,10 +143,19 @@ class IommuGroupView:
 
 @dataclass(frozen=True)
 class NumaNodeView:
-    """One NUMA node."""
+    """One NUMA node.
+
+    Attributes:
+        node_id: N of nodeN.
+        distances: SLIT distance to every node, in node-id order.
+        cpus: how many CPUs it has (0: not reported).
+        memory_mib: its memory in MiB (0: not reported).
+    """
 
     node_id: int
     distances: tuple[int, ...]
+    cpus: int = 0
+    memory_mib: int = 0
 
 
 @dataclass(frozen=True)
@@ -287,6 +296,16 @@ class HostView:
             if kind is not None and not f.is_vf:
                 index.setdefault(kind, []).append(f)
         return {k: tuple(v) for k, v in index.items()}
+
+    @cached_property
+    def cpu_milli(self) -> int:
+        """Host CPU placements may hold, in thousandths of a CPU: every CPU reported."""
+        return 1000 * sum(n.cpus for n in self.numa_nodes)
+
+    @cached_property
+    def memory_mib(self) -> int:
+        """Host memory placements may hold, in MiB: every node's reported."""
+        return sum(n.memory_mib for n in self.numa_nodes)
 
     @cached_property
     def functions_of_kind(self) -> Mapping[DeviceKind, int]:

@@ -28,6 +28,7 @@ from scheduler.core.request import ExclusivityDomain
 from scheduler.core.slots import (
     ExclusiveSlot,
     GroupSlot,
+    HostShareSlot,
     MdevSlot,
     MigSlot,
     ParsedSlot,
@@ -80,6 +81,8 @@ class Occupancy:
             instances reported); nothing more goes there.
         tenants: per domain instance, the tenants with something inside.
         exclusive: per domain instance, the tenant holding it exclusively.
+        cpu_used: host CPU held beside devices, in thousandths of a CPU.
+        memory_used: host memory held beside devices, in MiB.
     """
 
     groups_taken: frozenset[IommuGroupNumber]
@@ -91,6 +94,8 @@ class Occupancy:
     unusable: frozenset[PciAddress] = frozenset()
     tenants: Mapping[DomainKey, frozenset[TenantName]] = field(default_factory=dict)
     exclusive: Mapping[DomainKey, TenantName] = field(default_factory=dict)
+    cpu_used: int = 0
+    memory_used: int = 0
 
     def other_tenants(self, key: DomainKey, tenant: TenantName) -> frozenset[TenantName]:
         """Tenants other than ``tenant`` inside a domain instance."""
@@ -308,6 +313,7 @@ def build_occupancy(state: HostState) -> Occupancy:
     # hottest loop after the search).
     known, view_id = _FACTS.get, id(view)
     alone_of: dict[TenantName, frozenset[TenantName]] = {}
+    cpu_used = memory_used = 0
 
     for key, pid in state.allocations.items():
         found = known((view_id, key))
@@ -338,6 +344,9 @@ def build_occupancy(state: HostState) -> Occupancy:
             modes.setdefault(slot.gpu, DeviceMode.MIG)
         elif isinstance(slot, ExclusiveSlot):
             exclusive[(slot.domain, slot.instance)] = tenant
+        elif isinstance(slot, HostShareSlot):
+            cpu_used += slot.cpu_milli
+            memory_used += slot.memory_mib
         if facts.domains:
             alone = alone_of.get(tenant)
             if alone is None:
@@ -378,4 +387,6 @@ def build_occupancy(state: HostState) -> Occupancy:
         unusable=frozenset(broken),
         tenants=MappingProxyType(tenants),
         exclusive=MappingProxyType(exclusive),
+        cpu_used=cpu_used,
+        memory_used=memory_used,
     )

@@ -121,3 +121,7 @@ class PlacementRequest:
     affinities: tuple[Affinity, ...] = ()
     exclusivity: ExclusivityDomain = ExclusivityDomain.NONE
     host_selector: Mapping[str, str] = field(default_factory=dict)
+    #: Host CPU the workload needs beside its devices, in thousandths of a CPU.
+    cpu_milli: int = 0
+    #: Host memory the workload needs beside its devices, in MiB.
+    memory_mib: int = 0

@@ -13,6 +13,9 @@ these keys alone, so every key carries what is needed to rebuild it:
 * ``exclusive:<domain>:<instance>#<request id>``: the request holds the
   domain exclusively for its tenant. Keyed by request so one tenant may hold a
   domain with several placements; the tenant is the owning placement's.
+* ``host-share:<cpu milli>,<memory MiB>#<request id>``: host CPU and memory
+  the request's workload holds beside its devices (a VM's vCPUs and RAM),
+  summed over a host's keys against what the host has.
 
 PCI addresses contain ``:`` and ``.``, never ``#``, ``@`` or ``+``, so those
 separate fields.
@@ -35,11 +38,13 @@ from scheduler.core.request import ExclusivityDomain
 __all__ = [
     "ExclusiveSlot",
     "GroupSlot",
+    "HostShareSlot",
     "MdevSlot",
     "MigSlot",
     "ParsedSlot",
     "VfSlot",
     "exclusive_slot",
+    "host_share_slot",
     "iommu_group_slot",
     "mdev_slot",
     "mig_slot",
@@ -91,7 +96,16 @@ class ExclusiveSlot:
     request_id: RequestId
 
 
-ParsedSlot = GroupSlot | VfSlot | MdevSlot | MigSlot | ExclusiveSlot
+@dataclass(frozen=True)
+class HostShareSlot:
+    """Host CPU and memory a request's workload holds beside its devices."""
+
+    cpu_milli: int
+    memory_mib: int
+    request_id: RequestId
+
+
+ParsedSlot = GroupSlot | VfSlot | MdevSlot | MigSlot | ExclusiveSlot | HostShareSlot
 
 
 def vf_slot(pf: PciAddress, index: int) -> SlotKey:
@@ -112,6 +126,11 @@ def mig_slot(gpu: PciAddress, profile_id: int, start: int, size: int) -> SlotKey
 def exclusive_slot(domain: ExclusivityDomain, instance: str, request_id: RequestId) -> SlotKey:
     """Slot key of a request's exclusive hold on a domain instance."""
     return SlotKey(f"exclusive:{domain.value}:{instance}#{request_id}")
+
+
+def host_share_slot(cpu_milli: int, memory_mib: int, request_id: RequestId) -> SlotKey:
+    """Slot key of the host CPU (thousandths) and memory (MiB) a request holds."""
+    return SlotKey(f"host-share:{cpu_milli},{memory_mib}#{request_id}")
 
 
 @lru_cache(maxsize=1 << 16)
@@ -142,6 +161,13 @@ def parse_slot(key: str) -> ParsedSlot | None:
             domain, _, tail = rest.partition(":")
             instance, request_id = tail.rsplit("#", 1)
             return ExclusiveSlot(ExclusivityDomain(domain), instance, RequestId(request_id))
+        if kind == "host-share":
+            amounts, _, request_id = rest.partition("#")
+            cpu, memory = amounts.split(",")
+            cpu_milli, memory_mib = int(cpu), int(memory)
+            if cpu_milli < 0 or memory_mib < 0:
+                return None
+            return HostShareSlot(cpu_milli, memory_mib, RequestId(request_id))
     except ValueError:
         return None
     return None

@@ -35,6 +35,13 @@ MAX_TEXT = 256
 MAX_CLAIMS = 32
 #: Most devices one claim asks for.
 MAX_COUNT = 64
+
+#: Most host CPU one request may ask for, in thousandths: 8,192 CPUs, the
+#: most a Linux host has (CONFIG_NR_CPUS under MAXSMP).
+MAX_CPU_MILLI = 8_192_000
+
+#: Most host memory one request may ask for, in MiB: 64 TiB, past any host.
+MAX_MEMORY_MIB = 64 << 20
 #: Most entries of one claim's lists (forms, mdev types, MIG profiles,
 #: selector device ids and models); there are 4 forms and a dozen profiles.
 MAX_CLAIM_LIST = 16
@@ -285,6 +292,12 @@ def validate_request(request: PlacementRequest, prefix: str = "") -> list[FieldV
                         "(known: e.g. 1g.10gb, 3g.40gb, 7g.80gb)",
                     )
                 )
+    if not 0 <= request.cpu_milli <= MAX_CPU_MILLI:
+        out.append(
+            FieldViolation(f"{prefix}cpu_milli", f"must be 0..{MAX_CPU_MILLI:,} (8,192 CPUs)")
+        )
+    if not 0 <= request.memory_mib <= MAX_MEMORY_MIB:
+        out.append(FieldViolation(f"{prefix}memory_mib", f"must be 0..{MAX_MEMORY_MIB:,} (64 TiB)"))
     for i, affinity in enumerate(request.affinities):
         path = f"{prefix}affinities[{i}]"
         for side, name in (("claim_a", affinity.claim_a), ("claim_b", affinity.claim_b)):

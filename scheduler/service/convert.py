@@ -203,6 +203,8 @@ def request_from_proto(msg: placement_pb2.PlacementRequest, prefix: str = "") ->
         affinities=tuple(affinities),
         exclusivity=_EXCLUSIVITY[msg.exclusivity],
         host_selector=dict(msg.host_selector),
+        cpu_milli=msg.cpu_milli,
+        memory_mib=msg.memory_mib,
     )
 
 
@@ -433,13 +435,31 @@ def host_view_from_inventory(inv: inventory_pb2.HostInventory) -> HostView:
         host_id=HostId(inv.host_id),
         functions=functions,
         iommu_groups=groups,
-        numa_nodes=tuple(NumaNodeView(n.id, tuple(n.distances)) for n in inv.numa_nodes),
+        numa_nodes=tuple(
+            NumaNodeView(n.id, tuple(n.distances), _cpu_count(n.cpulist), n.memory_kib // 1024)
+            for n in inv.numa_nodes
+        ),
         labels=dict(inv.labels),
         iommu_present=inv.iommu_present,
         sriov_pfs=pfs,
         mdev_parents={PciAddress(m.address): _mdev_parent(m) for m in inv.mdev_parents},
         gpus={PciAddress(g.address): _gpu(g) for g in inv.gpus},
     )
+
+
+def _cpu_count(cpulist: str) -> int:
+    """How many CPUs a kernel cpulist (``0-31,64-95``) names; 0 for one that is not one.
+
+    Inventories are checked before they are converted (CPU ids below 8,192),
+    so the set stays small.
+    """
+    cpus: set[int] = set()
+    for part in cpulist.split(","):
+        low, _, high = part.strip().partition("-")
+        if not low.isdigit() or (high and not high.isdigit()) or int(high or low) >= 1 << 16:
+            continue
+        cpus.update(range(int(low), int(high or low) + 1))
+    return len(cpus)
 
 
 def allocation_from_assignment(a: Assignment) -> placement_pb2.ClaimAllocation:
@@ -533,7 +553,7 @@ def placement_from_plan(
     """A pending Placement for a plan about to be committed.
 
     ``request`` may be the domain request or the wire one: only its id,
-    tenant and priority are read, which the two spell alike.
+    tenant, priority and host share are read, which the two spell alike.
     """
     allocations = [allocation_from_assignment(a) for a in plan.assignments]
     return placement_pb2.Placement(
@@ -547,4 +567,6 @@ def placement_from_plan(
         created_unix_ms=now_ms,
         updated_unix_ms=now_ms,
         priority=request.priority,
+        cpu_milli=request.cpu_milli,
+        memory_mib=request.memory_mib,
     )

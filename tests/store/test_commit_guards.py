@@ -93,6 +93,26 @@ def test_plans_for_different_devices_made_on_one_state_both_commit(
     arun(body())
 
 
+def test_two_plans_taking_host_cpu_made_on_one_state_never_both_commit(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    """Each fits what the host had when planned; together they might not: the second replans."""
+
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        seen = await registered(store)
+        first = await plan_and_commit(
+            store, "a", ["iommu-group:1", "host-share:24000,0#req-a"], seen, tenant="acme"
+        )
+        second = await plan_and_commit(
+            store, "b", ["iommu-group:2", "host-share:24000,0#req-b"], seen, tenant="acme"
+        )
+        assert (first.outcome, second.outcome) == (CommitOutcome.COMMITTED, CommitOutcome.CONFLICT)
+        assert guards.HOST_SHARE in second.detail
+
+    arun(body())
+
+
 @pytest.mark.parametrize("exclusive_first", [True, False])
 def test_an_exclusive_hold_and_another_tenant_planned_on_one_state_never_both_commit(
     redis_client: aioredis.Redis, arun: Runner, exclusive_first: bool

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tessera.v1 import inventory_pb2 as tessera_dot_v1_dot_inventory__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atessera/v1/placement.proto\x12\ntessera.v1\x1a\x1atessera/v1/inventory.proto\"G\n\x0e\x44\x65viceSelector\x12\x11\n\tvendor_id\x18\x01 \x01(\r\x12\x12\n\ndevice_ids\x18\x02 \x03(\r\x12\x0e\n\x06models\x18\x03 \x03(\t\"\x8b\x02\n\x05\x43laim\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.tessera.v1.DeviceKind\x12,\n\x08selector\x18\x03 \x01(\x0b\x32\x1a.tessera.v1.DeviceSelector\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12%\n\x05\x66orms\x18\x05 \x03(\x0e\x32\x16.tessera.v1.DeviceForm\x12\x12\n\nmdev_types\x18\x06 \x03(\t\x12\x14\n\x0cmig_profiles\x18\x07 \x03(\t\x12,\n\rmin_isolation\x18\x08 \x01(\x0e\x32\x15.tessera.v1.Isolation\x12\x12\n\nmigratable\x18\t \x01(\x08\"h\n\x08\x41\x66\x66inity\x12\x0f\n\x07\x63laim_a\x18\x01 \x01(\t\x12\x0f\n\x07\x63laim_b\x18\x02 \x01(\t\x12(\n\x05scope\x18\x03 \x01(\x0e\x32\x19.tessera.v1.AffinityScope\x12\x10\n\x08required\x18\x04 \x01(\x08\"\x80\x03\n\x10PlacementRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12!\n\x06\x63laims\x18\x04 \x03(\x0b\x32\x11.tessera.v1.Claim\x12+\n\x0bnuma_policy\x18\x05 \x01(\x0e\x32\x16.tessera.v1.NumaPolicy\x12(\n\naffinities\x18\x06 \x03(\x0b\x32\x14.tessera.v1.Affinity\x12\x32\n\x0b\x65xclusivity\x18\x07 \x01(\x0e\x32\x1d.tessera.v1.ExclusivityDomain\x12\x45\n\rhost_selector\x18\x08 \x03(\x0b\x32..tessera.v1.PlacementRequest.HostSelectorEntry\x12\x0c\n\x04gang\x18\t \x01(\t\x1a\x33\n\x11HostSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"h\n\x06VfSlot\x12\x12\n\npf_address\x18\x01 \x01(\t\x12\x12\n\nvf_address\x18\x02 \x01(\t\x12\x10\n\x08vf_index\x18\x03 \x01(\r\x12\x0f\n\x07num_vfs\x18\x04 \x01(\r\x12\x13\n\x0bvfio_driver\x18\x05 \x01(\t\"A\n\x08MdevSlot\x12\x16\n\x0eparent_address\x18\x01 \x01(\t\x12\x0f\n\x07type_id\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\"\xbd\x01\n\x07MigSlot\x12\x13\n\x0bgpu_address\x18\x01 \x01(\t\x12\x14\n\x0cprofile_name\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\r\x12+\n\tplacement\x18\x04 \x01(\x0b\x32\x18.tessera.v1.MigPlacement\x12\x17\n\x0fgpu_instance_id\x18\x05 \x01(\r\x12\x1b\n\x13\x63ompute_instance_id\x18\x06 \x01(\r\x12\x10\n\x08mig_uuid\x18\x07 \x01(\t\";\n\x0fWholeDeviceSlot\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0fgroup_endpoints\x18\x02 \x03(\t\"\x84\x02\n\x0f\x43laimAllocation\x12\r\n\x05\x63laim\x18\x01 \x01(\t\x12\x33\n\x0cwhole_device\x18\x02 \x01(\x0b\x32\x1b.tessera.v1.WholeDeviceSlotH\x00\x12 \n\x02vf\x18\x03 \x01(\x0b\x32\x12.tessera.v1.VfSlotH\x00\x12$\n\x04mdev\x18\x04 \x01(\x0b\x32\x14.tessera.v1.MdevSlotH\x00\x12\"\n\x03mig\x18\x05 \x01(\x0b\x32\x13.tessera.v1.MigSlotH\x00\x12\x13\n\x0biommu_group\x18\x06 \x01(\r\x12\x11\n\tvfio_path\x18\x07 \x01(\t\x12\x11\n\tnuma_node\x18\x08 \x01(\x05\x42\x06\n\x04slot\"\x88\x02\n\tPlacement\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x30\n\x0b\x61llocations\x18\x05 \x03(\x0b\x32\x1b.tessera.v1.ClaimAllocation\x12)\n\x05state\x18\x06 \x01(\x0e\x32\x1a.tessera.v1.PlacementState\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\t \x01(\x03\x12\x10\n\x08priority\x18\n \x01(\x05*p\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_GPU\x10\x01\x12\x13\n\x0f\x44\x45VICE_KIND_NIC\x10\x02\x12\x1b\n\x17\x44\x45VICE_KIND_ACCELERATOR\x10\x03*\x86\x01\n\nDeviceForm\x12\x1b\n\x17\x44\x45VICE_FORM_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45VICE_FORM_WHOLE_DEVICE\x10\x01\x12\x12\n\x0e\x44\x45VICE_FORM_VF\x10\x02\x12\x14\n\x10\x44\x45VICE_FORM_MDEV\x10\x03\x12\x13\n\x0f\x44\x45VICE_FORM_MIG\x10\x04*p\n\tIsolation\x12\x19\n\x15ISOLATION_UNSPECIFIED\x10\x00\x12\x17\n\x13ISOLATION_EXCLUSIVE\x10\x01\x12\x19\n\x15ISOLATION_PARTITIONED\x10\x02\x12\x14\n\x10ISOLATION_SHARED\x10\x03*\x94\x01\n\nNumaPolicy\x12\x1b\n\x17NUMA_POLICY_UNSPECIFIED\x10\x00\x12\x14\n\x10NUMA_POLICY_NONE\x10\x01\x12\x19\n\x15NUMA_POLICY_PREFERRED\x10\x02\x12 \n\x1cNUMA_POLICY_SINGLE_NUMA_NODE\x10\x03\x12\x16\n\x12NUMA_POLICY_SOCKET\x10\x04*\x95\x01\n\rAffinityScope\x12\x1e\n\x1a\x41\x46\x46INITY_SCOPE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41\x46\x46INITY_SCOPE_SAME_SWITCH\x10\x01\x12!\n\x1d\x41\x46\x46INITY_SCOPE_SAME_ROOT_PORT\x10\x02\x12!\n\x1d\x41\x46\x46INITY_SCOPE_SAME_NUMA_NODE\x10\x03*\xd6\x01\n\x11\x45xclusivityDomain\x12\"\n\x1e\x45XCLUSIVITY_DOMAIN_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XCLUSIVITY_DOMAIN_NONE\x10\x01\x12\x1d\n\x19\x45XCLUSIVITY_DOMAIN_DEVICE\x10\x02\x12\"\n\x1e\x45XCLUSIVITY_DOMAIN_PCIE_SWITCH\x10\x03\x12 \n\x1c\x45XCLUSIVITY_DOMAIN_NUMA_NODE\x10\x04\x12\x1b\n\x17\x45XCLUSIVITY_DOMAIN_HOST\x10\x05*\xa4\x01\n\x0ePlacementState\x12\x1f\n\x1bPLACEMENT_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PLACEMENT_STATE_PENDING\x10\x01\x12\x19\n\x15PLACEMENT_STATE_READY\x10\x02\x12\x1d\n\x19PLACEMENT_STATE_RELEASING\x10\x03\x12\x1a\n\x16PLACEMENT_STATE_FAILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atessera/v1/placement.proto\x12\ntessera.v1\x1a\x1atessera/v1/inventory.proto\"G\n\x0e\x44\x65viceSelector\x12\x11\n\tvendor_id\x18\x01 \x01(\r\x12\x12\n\ndevice_ids\x18\x02 \x03(\r\x12\x0e\n\x06models\x18\x03 \x03(\t\"\x8b\x02\n\x05\x43laim\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.tessera.v1.DeviceKind\x12,\n\x08selector\x18\x03 \x01(\x0b\x32\x1a.tessera.v1.DeviceSelector\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12%\n\x05\x66orms\x18\x05 \x03(\x0e\x32\x16.tessera.v1.DeviceForm\x12\x12\n\nmdev_types\x18\x06 \x03(\t\x12\x14\n\x0cmig_profiles\x18\x07 \x03(\t\x12,\n\rmin_isolation\x18\x08 \x01(\x0e\x32\x15.tessera.v1.Isolation\x12\x12\n\nmigratable\x18\t \x01(\x08\"h\n\x08\x41\x66\x66inity\x12\x0f\n\x07\x63laim_a\x18\x01 \x01(\t\x12\x0f\n\x07\x63laim_b\x18\x02 \x01(\t\x12(\n\x05scope\x18\x03 \x01(\x0e\x32\x19.tessera.v1.AffinityScope\x12\x10\n\x08required\x18\x04 \x01(\x08\"\xa7\x03\n\x10PlacementRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12!\n\x06\x63laims\x18\x04 \x03(\x0b\x32\x11.tessera.v1.Claim\x12+\n\x0bnuma_policy\x18\x05 \x01(\x0e\x32\x16.tessera.v1.NumaPolicy\x12(\n\naffinities\x18\x06 \x03(\x0b\x32\x14.tessera.v1.Affinity\x12\x32\n\x0b\x65xclusivity\x18\x07 \x01(\x0e\x32\x1d.tessera.v1.ExclusivityDomain\x12\x45\n\rhost_selector\x18\x08 \x03(\x0b\x32..tessera.v1.PlacementRequest.HostSelectorEntry\x12\x0c\n\x04gang\x18\t \x01(\t\x12\x11\n\tcpu_milli\x18\n \x01(\x04\x12\x12\n\nmemory_mib\x18\x0b \x01(\x04\x1a\x33\n\x11HostSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"h\n\x06VfSlot\x12\x12\n\npf_address\x18\x01 \x01(\t\x12\x12\n\nvf_address\x18\x02 \x01(\t\x12\x10\n\x08vf_index\x18\x03 \x01(\r\x12\x0f\n\x07num_vfs\x18\x04 \x01(\r\x12\x13\n\x0bvfio_driver\x18\x05 \x01(\t\"A\n\x08MdevSlot\x12\x16\n\x0eparent_address\x18\x01 \x01(\t\x12\x0f\n\x07type_id\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\"\xbd\x01\n\x07MigSlot\x12\x13\n\x0bgpu_address\x18\x01 \x01(\t\x12\x14\n\x0cprofile_name\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\r\x12+\n\tplacement\x18\x04 \x01(\x0b\x32\x18.tessera.v1.MigPlacement\x12\x17\n\x0fgpu_instance_id\x18\x05 \x01(\r\x12\x1b\n\x13\x63ompute_instance_id\x18\x06 \x01(\r\x12\x10\n\x08mig_uuid\x18\x07 \x01(\t\";\n\x0fWholeDeviceSlot\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x17\n\x0fgroup_endpoints\x18\x02 \x03(\t\"\x84\x02\n\x0f\x43laimAllocation\x12\r\n\x05\x63laim\x18\x01 \x01(\t\x12\x33\n\x0cwhole_device\x18\x02 \x01(\x0b\x32\x1b.tessera.v1.WholeDeviceSlotH\x00\x12 \n\x02vf\x18\x03 \x01(\x0b\x32\x12.tessera.v1.VfSlotH\x00\x12$\n\x04mdev\x18\x04 \x01(\x0b\x32\x14.tessera.v1.MdevSlotH\x00\x12\"\n\x03mig\x18\x05 \x01(\x0b\x32\x13.tessera.v1.MigSlotH\x00\x12\x13\n\x0biommu_group\x18\x06 \x01(\r\x12\x11\n\tvfio_path\x18\x07 \x01(\t\x12\x11\n\tnuma_node\x18\x08 \x01(\x05\x42\x06\n\x04slot\"\xaf\x02\n\tPlacement\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x30\n\x0b\x61llocations\x18\x05 \x03(\x0b\x32\x1b.tessera.v1.ClaimAllocation\x12)\n\x05state\x18\x06 \x01(\x0e\x32\x1a.tessera.v1.PlacementState\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\t \x01(\x03\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x11\n\tcpu_milli\x18\x0b \x01(\x04\x12\x12\n\nmemory_mib\x18\x0c \x01(\x04*p\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45VICE_KIND_GPU\x10\x01\x12\x13\n\x0f\x44\x45VICE_KIND_NIC\x10\x02\x12\x1b\n\x17\x44\x45VICE_KIND_ACCELERATOR\x10\x03*\x86\x01\n\nDeviceForm\x12\x1b\n\x17\x44\x45VICE_FORM_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45VICE_FORM_WHOLE_DEVICE\x10\x01\x12\x12\n\x0e\x44\x45VICE_FORM_VF\x10\x02\x12\x14\n\x10\x44\x45VICE_FORM_MDEV\x10\x03\x12\x13\n\x0f\x44\x45VICE_FORM_MIG\x10\x04*p\n\tIsolation\x12\x19\n\x15ISOLATION_UNSPECIFIED\x10\x00\x12\x17\n\x13ISOLATION_EXCLUSIVE\x10\x01\x12\x19\n\x15ISOLATION_PARTITIONED\x10\x02\x12\x14\n\x10ISOLATION_SHARED\x10\x03*\x94\x01\n\nNumaPolicy\x12\x1b\n\x17NUMA_POLICY_UNSPECIFIED\x10\x00\x12\x14\n\x10NUMA_POLICY_NONE\x10\x01\x12\x19\n\x15NUMA_POLICY_PREFERRED\x10\x02\x12 \n\x1cNUMA_POLICY_SINGLE_NUMA_NODE\x10\x03\x12\x16\n\x12NUMA_POLICY_SOCKET\x10\x04*\x95\x01\n\rAffinityScope\x12\x1e\n\x1a\x41\x46\x46INITY_SCOPE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41\x46\x46INITY_SCOPE_SAME_SWITCH\x10\x01\x12!\n\x1d\x41\x46\x46INITY_SCOPE_SAME_ROOT_PORT\x10\x02\x12!\n\x1d\x41\x46\x46INITY_SCOPE_SAME_NUMA_NODE\x10\x03*\xd6\x01\n\x11\x45xclusivityDomain\x12\"\n\x1e\x45XCLUSIVITY_DOMAIN_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XCLUSIVITY_DOMAIN_NONE\x10\x01\x12\x1d\n\x19\x45XCLUSIVITY_DOMAIN_DEVICE\x10\x02\x12\"\n\x1e\x45XCLUSIVITY_DOMAIN_PCIE_SWITCH\x10\x03\x12 \n\x1c\x45XCLUSIVITY_DOMAIN_NUMA_NODE\x10\x04\x12\x1b\n\x17\x45XCLUSIVITY_DOMAIN_HOST\x10\x05*\xa4\x01\n\x0ePlacementState\x12\x1f\n\x1bPLACEMENT_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PLACEMENT_STATE_PENDING\x10\x01\x12\x19\n\x15PLACEMENT_STATE_READY\x10\x02\x12\x1d\n\x19PLACEMENT_STATE_RELEASING\x10\x03\x12\x1a\n\x16PLACEMENT_STATE_FAILED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PLACEMENTREQUEST_HOSTSELECTORENTRY']._loaded_options = None
   _globals['_PLACEMENTREQUEST_HOSTSELECTORENTRY']._serialized_options = b'8\001'
-  _globals['_DEVICEKIND']._serialized_start=1862
-  _globals['_DEVICEKIND']._serialized_end=1974
-  _globals['_DEVICEFORM']._serialized_start=1977
-  _globals['_DEVICEFORM']._serialized_end=2111
-  _globals['_ISOLATION']._serialized_start=2113
-  _globals['_ISOLATION']._serialized_end=2225
-  _globals['_NUMAPOLICY']._serialized_start=2228
-  _globals['_NUMAPOLICY']._serialized_end=2376
-  _globals['_AFFINITYSCOPE']._serialized_start=2379
-  _globals['_AFFINITYSCOPE']._serialized_end=2528
-  _globals['_EXCLUSIVITYDOMAIN']._serialized_start=2531
-  _globals['_EXCLUSIVITYDOMAIN']._serialized_end=2745
-  _globals['_PLACEMENTSTATE']._serialized_start=2748
-  _globals['_PLACEMENTSTATE']._serialized_end=2912
+  _globals['_DEVICEKIND']._serialized_start=1940
+  _globals['_DEVICEKIND']._serialized_end=2052
+  _globals['_DEVICEFORM']._serialized_start=2055
+  _globals['_DEVICEFORM']._serialized_end=2189
+  _globals['_ISOLATION']._serialized_start=2191
+  _globals['_ISOLATION']._serialized_end=2303
+  _globals['_NUMAPOLICY']._serialized_start=2306
+  _globals['_NUMAPOLICY']._serialized_end=2454
+  _globals['_AFFINITYSCOPE']._serialized_start=2457
+  _globals['_AFFINITYSCOPE']._serialized_end=2606
+  _globals['_EXCLUSIVITYDOMAIN']._serialized_start=2609
+  _globals['_EXCLUSIVITYDOMAIN']._serialized_end=2823
+  _globals['_PLACEMENTSTATE']._serialized_start=2826
+  _globals['_PLACEMENTSTATE']._serialized_end=2990
   _globals['_DEVICESELECTOR']._serialized_start=70
   _globals['_DEVICESELECTOR']._serialized_end=141
   _globals['_CLAIM']._serialized_start=144
@@ -55,19 +55,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AFFINITY']._serialized_start=413
   _globals['_AFFINITY']._serialized_end=517
   _globals['_PLACEMENTREQUEST']._serialized_start=520
-  _globals['_PLACEMENTREQUEST']._serialized_end=904
-  _globals['_PLACEMENTREQUEST_HOSTSELECTORENTRY']._serialized_start=853
-  _globals['_PLACEMENTREQUEST_HOSTSELECTORENTRY']._serialized_end=904
-  _globals['_VFSLOT']._serialized_start=906
-  _globals['_VFSLOT']._serialized_end=1010
-  _globals['_MDEVSLOT']._serialized_start=1012
-  _globals['_MDEVSLOT']._serialized_end=1077
-  _globals['_MIGSLOT']._serialized_start=1080
-  _globals['_MIGSLOT']._serialized_end=1269
-  _globals['_WHOLEDEVICESLOT']._serialized_start=1271
-  _globals['_WHOLEDEVICESLOT']._serialized_end=1330
-  _globals['_CLAIMALLOCATION']._serialized_start=1333
-  _globals['_CLAIMALLOCATION']._serialized_end=1593
-  _globals['_PLACEMENT']._serialized_start=1596
-  _globals['_PLACEMENT']._serialized_end=1860
+  _globals['_PLACEMENTREQUEST']._serialized_end=943
+  _globals['_PLACEMENTREQUEST_HOSTSELECTORENTRY']._serialized_start=892
+  _globals['_PLACEMENTREQUEST_HOSTSELECTORENTRY']._serialized_end=943
+  _globals['_VFSLOT']._serialized_start=945
+  _globals['_VFSLOT']._serialized_end=1049
+  _globals['_MDEVSLOT']._serialized_start=1051
+  _globals['_MDEVSLOT']._serialized_end=1116
+  _globals['_MIGSLOT']._serialized_start=1119
+  _globals['_MIGSLOT']._serialized_end=1308
+  _globals['_WHOLEDEVICESLOT']._serialized_start=1310
+  _globals['_WHOLEDEVICESLOT']._serialized_end=1369
+  _globals['_CLAIMALLOCATION']._serialized_start=1372
+  _globals['_CLAIMALLOCATION']._serialized_end=1632
+  _globals['_PLACEMENT']._serialized_start=1635
+  _globals['_PLACEMENT']._serialized_end=1938
 # @@protoc_insertion_point(module_scope)

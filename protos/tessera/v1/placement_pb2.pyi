@@ -383,6 +383,8 @@ class PlacementRequest(_message.Message):
     EXCLUSIVITY_FIELD_NUMBER: _builtins.int
     HOST_SELECTOR_FIELD_NUMBER: _builtins.int
     GANG_FIELD_NUMBER: _builtins.int
+    CPU_MILLI_FIELD_NUMBER: _builtins.int
+    MEMORY_MIB_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key: the same id always yields the same
     placement, however often it is sent.
@@ -396,6 +398,15 @@ class PlacementRequest(_message.Message):
     """Requests of one PlaceBatch that share a gang name are placed all or
     nothing; empty for none. Ignored by Place (a single request is placed
     whole or not at all anyway).
+    """
+    cpu_milli: _builtins.int
+    """Host CPU the workload needs beside its devices (a VM's vCPUs), in
+    thousandths of a CPU; 0 for none. A host offers the CPUs its agent
+    reports (NumaNode.cpulist), and never has more promised than that.
+    """
+    memory_mib: _builtins.int
+    """Host memory the workload needs beside its devices, in MiB; 0 for none.
+    A host offers the memory its agent reports (NumaNode.memory_kib).
     """
     @_builtins.property
     def claims(self) -> _containers.RepeatedCompositeFieldContainer[Global___Claim]: ...
@@ -417,10 +428,12 @@ class PlacementRequest(_message.Message):
         exclusivity: Global___ExclusivityDomain.ValueType = ...,
         host_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         gang: _builtins.str = ...,
+        cpu_milli: _builtins.int = ...,
+        memory_mib: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinities", b"affinities", "claims", b"claims", "exclusivity", b"exclusivity", "gang", b"gang", "host_selector", b"host_selector", "numa_policy", b"numa_policy", "priority", b"priority", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinities", b"affinities", "claims", b"claims", "cpu_milli", b"cpu_milli", "exclusivity", b"exclusivity", "gang", b"gang", "host_selector", b"host_selector", "memory_mib", b"memory_mib", "numa_policy", b"numa_policy", "priority", b"priority", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -636,6 +649,8 @@ class Placement(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     UPDATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    CPU_MILLI_FIELD_NUMBER: _builtins.int
+    MEMORY_MIB_FIELD_NUMBER: _builtins.int
     placement_id: _builtins.str
     """Scheduler-assigned id."""
     request_id: _builtins.str
@@ -648,6 +663,9 @@ class Placement(_message.Message):
     """Unix time in milliseconds of creation and last change."""
     updated_unix_ms: _builtins.int
     priority: _builtins.int
+    cpu_milli: _builtins.int
+    """Host CPU (thousandths) and memory (MiB) held beside the devices."""
+    memory_mib: _builtins.int
     @_builtins.property
     def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClaimAllocation]: ...
     def __init__(
@@ -663,10 +681,12 @@ class Placement(_message.Message):
         created_unix_ms: _builtins.int = ...,
         updated_unix_ms: _builtins.int = ...,
         priority: _builtins.int = ...,
+        cpu_milli: _builtins.int = ...,
+        memory_mib: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "created_unix_ms", b"created_unix_ms", "host_id", b"host_id", "message", b"message", "placement_id", b"placement_id", "priority", b"priority", "request_id", b"request_id", "state", b"state", "tenant", b"tenant", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "cpu_milli", b"cpu_milli", "created_unix_ms", b"created_unix_ms", "host_id", b"host_id", "memory_mib", b"memory_mib", "message", b"message", "placement_id", b"placement_id", "priority", b"priority", "request_id", b"request_id", "state", b"state", "tenant", b"tenant", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

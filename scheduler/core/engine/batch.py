@@ -299,9 +299,18 @@ class _Resources:
 
 
 def _consume(
-    engine: Engine, snapshot: ClusterSnapshot, column: int, col: _Column, res: _Resources
+    engine: Engine,
+    snapshot: ClusterSnapshot,
+    column: int,
+    col: _Column,
+    res: _Resources,
+    *,
+    share: tuple[int, int] = (0, 0),
 ) -> None:
-    """Record what one column takes, against the batch's starting state."""
+    """Record what one column takes, against the batch's starting state.
+
+    ``share`` is the column's request's host CPU (milli) and memory (MiB).
+    """
     fit = col.fit
     host = fit.state.view.host_id
     # Greedy columns were fitted on an evolved state; capacity is measured on
@@ -310,6 +319,15 @@ def _consume(
     occ = engine.occupancy(base)
     view = base.view
     per_pool: dict[tuple[object, ...], int] = defaultdict(int)
+    # Host CPU and memory beside the devices: columns on one host share what
+    # it has left, as its devices' pools are shared.
+    cpu, memory = share
+    if cpu:
+        per_pool[("host-cpu", host)] += cpu
+        res.capacity.setdefault(("host-cpu", host), view.cpu_milli - occ.cpu_used)
+    if memory:
+        per_pool[("host-memory", host)] += memory
+        res.capacity.setdefault(("host-memory", host), view.memory_mib - occ.memory_used)
     for k, pick in enumerate(fit.picks):
         option = pick.option
         device = option.device.address
@@ -524,7 +542,8 @@ def solve_batch(
 
     res = _Resources()
     for c, col in enumerate(columns):
-        _consume(engine, snapshot, c, col, res)
+        request = requests[col.request]
+        _consume(engine, snapshot, c, col, res, share=(request.cpu_milli, request.memory_mib))
     for key, uses in res.use.items():
         model.add(sum(amount * x[c] for c, amount in uses) <= max(0, res.capacity[key]))
     mig_vars = _add_mig_placements(model, x, columns, res)

@@ -54,6 +54,7 @@ from scheduler.core.engine.plugins import (
     ExclusivityPlugin,
     FreeVfIndexes,
     HostSelectorPlugin,
+    HostSharePlugin,
     HostUsePlugin,
     InterferencePlugin,
     IommuIsolationPlugin,
@@ -106,7 +107,7 @@ from scheduler.core.request import (
     ExclusivityDomain,
     PlacementRequest,
 )
-from scheduler.core.slots import exclusive_slot, mdev_slot, mig_slot, vf_slot
+from scheduler.core.slots import exclusive_slot, host_share_slot, mdev_slot, mig_slot, vf_slot
 from scheduler.core.snapshot import ClusterSnapshot, HostChanges, HostState
 from scheduler.core.topology import pcie_distance
 
@@ -151,7 +152,7 @@ def default_profile() -> EngineProfile:
     """Every constraint family and scorer Tessera ships."""
     capacity = CapacityPlugin()
     return EngineProfile(
-        host_filters=(LeasePlugin(), HostSelectorPlugin()),
+        host_filters=(LeasePlugin(), HostSelectorPlugin(), HostSharePlugin()),
         generators={
             DeviceForm.WHOLE_DEVICE: WholeDeviceOptions(),
             DeviceForm.VF: VfOptions(),
@@ -1244,8 +1245,14 @@ def _tie_break(salt: str, host_id: str) -> tuple[int, str]:
 
 
 def _static_shape(request: PlacementRequest) -> tuple[object, ...]:
-    """What of a request an empty host's hardware decides: claims and topology."""
-    return (request.claims, request.numa_policy, request.affinities)
+    """What of a request an empty host's hardware decides: claims, topology, host share."""
+    return (
+        request.claims,
+        request.numa_policy,
+        request.affinities,
+        request.cpu_milli,
+        request.memory_mib,
+    )
 
 
 def fit_key(request: PlacementRequest) -> tuple[object, ...]:
@@ -1401,6 +1408,9 @@ def _occupancy_signature(occupancy: Occupancy) -> tuple[object, ...]:
         frozenset((a, frozenset(c.items())) for a, c in occupancy.mdev_pending.items() if c),
         frozenset((a, layout.instances) for a, layout in occupancy.mig_layouts.items()),
         occupancy.unusable,
+        # Scorers may weigh the CPU and memory a placement leaves.
+        occupancy.cpu_used,
+        occupancy.memory_used,
     )
 
 
@@ -1552,6 +1562,8 @@ def build_plan(fit: HostFit, request: PlacementRequest) -> Plan:
             if key not in held:
                 held.append(key)
         slots.extend(held)
+    if request.cpu_milli or request.memory_mib:
+        slots.append(host_share_slot(request.cpu_milli, request.memory_mib, request.request_id))
     return Plan(
         host_id=fit.state.view.host_id,
         expected_alloc_generation=fit.state.alloc_generation,

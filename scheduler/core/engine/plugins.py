@@ -75,6 +75,8 @@ from scheduler.core.request import (
 REASON_LEASE_EXPIRED = "lease-expired"
 REASON_CORDONED = "cordoned"
 REASON_LABELS_MISMATCH = "labels-mismatch"
+REASON_CPU_SHORT = "host-cpu-short"
+REASON_MEMORY_SHORT = "host-memory-short"
 REASON_NO_IOMMU = "no-iommu"
 REASON_NO_MATCHING_DEVICE = "no-matching-device"
 REASON_KIND_MISMATCH = "kind-mismatch"
@@ -143,6 +145,41 @@ class HostSelectorPlugin:
         labels = cycle.view.labels
         if any(labels.get(k) != v for k, v in cycle.request.host_selector.items()):
             return (self.name, REASON_LABELS_MISMATCH, cycle.view.host_id)
+        return None
+
+
+class HostSharePlugin:
+    """The host has the CPU and memory the request's workload needs beside its devices.
+
+    What a host has is what its agent reports (every CPU of its NUMA nodes,
+    their memory); what is left is that less every placement's share. A
+    request asking for neither passes every host.
+    """
+
+    name = "host-share"
+
+    def filter_host(self, cycle: Cycle) -> Verdict | None:
+        """Reject a host without the CPU or memory left."""
+        request = cycle.request
+        if not request.cpu_milli and not request.memory_mib:
+            return None
+        view, occupancy = cycle.view, cycle.occupancy
+        left = view.cpu_milli - occupancy.cpu_used
+        if request.cpu_milli > left:
+            return (
+                self.name,
+                REASON_CPU_SHORT,
+                f"{view.host_id}: {max(0, left)} of {view.cpu_milli} milli-CPU left, "
+                f"{request.cpu_milli} asked",
+            )
+        left = view.memory_mib - occupancy.memory_used
+        if request.memory_mib > left:
+            return (
+                self.name,
+                REASON_MEMORY_SHORT,
+                f"{view.host_id}: {max(0, left)} of {view.memory_mib} MiB left, "
+                f"{request.memory_mib} MiB asked",
+            )
         return None
 
 
