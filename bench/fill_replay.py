@@ -79,6 +79,7 @@ from scheduler.core.fragmentation import (
     TaskShape,
     free_shares,
     host_fragmentation,
+    share_step,
 )
 from scheduler.core.identity import HostId, PlacementId
 from scheduler.core.occupancy import build_occupancy
@@ -193,14 +194,17 @@ def task_mix(tasks: Sequence[Task]) -> TaskMix:
 
 
 def shape_of(task: Task) -> TaskShape:
-    """A task's shape as the measure (and the requests) see it."""
+    """A task's shape as the measure (and the requests) see it, CPU and memory to their step."""
     cls = task_class(task.as_trace_task(task.name))
     assert cls is not None
+    cpu, memory = share_step(task.cpu_milli), share_step(task.memory_mib)
     if cls[0] == "whole":
-        return TaskShape(gpus=cls[1])
+        return TaskShape(gpus=cls[1], cpu_milli=cpu, memory_mib=memory)
     return TaskShape(
         mig_profiles=mig_profile_names(cls[1]),
         mdev_types=frozenset({mdev_type_for(task.gpu_milli)}),
+        cpu_milli=cpu,
+        memory_mib=memory,
     )
 
 
@@ -256,7 +260,9 @@ def policies(
     (64 hosts scored, the mix learnt from the requests):
     ``tessera+fragmentation`` adds the FGD charge to its scorers;
     ``tessera-best-fit+consumed`` drops the best-fit scorer (fewest idle
-    devices left) for a charge on the GPU capacity a placement consumes.
+    devices left) for a charge on the GPU capacity a placement consumes;
+    ``tessera-best-fit+fragmentation`` drops it for the FGD charge and a
+    lighter capacity charge, every feasible host scored.
     """
     out: dict[str, Callable[[], Policy]] = {
         "first-fit": FirstFitPolicy,
@@ -269,17 +275,20 @@ def policies(
     if ablations:
         out["tessera+fragmentation"] = lambda: _ablation(keep_best_fit=True, weight=1000)
         out["tessera-best-fit+consumed"] = lambda: _ablation(keep_best_fit=False, weight=0)
+        out["tessera-best-fit+fragmentation"] = lambda: _ablation(
+            keep_best_fit=False, weight=1000, consumed=200, hosts=0
+        )
     return out
 
 
-def _ablation(*, keep_best_fit: bool, weight: int) -> Policy:
+def _ablation(*, keep_best_fit: bool, weight: int, consumed: int = 1000, hosts: int = 64) -> Policy:
     """Tessera's engine with the fragmentation scorer and, or without, its best-fit scorer."""
     learner = TaskMixLearner()
     base = default_profile()
     scorers = tuple(s for s in base.scorers if keep_best_fit or s.name != "best-fit")
-    scorer = FragmentationScorer(learner, weight=weight, consumed_weight=1000)
+    scorer = FragmentationScorer(learner, weight=weight, consumed_weight=consumed)
     profile = replace(base, scorers=(*scorers, scorer), observers=(learner,))
-    return TesseraPolicy(engine=Engine(profile=profile, feasible_hosts=64))
+    return TesseraPolicy(engine=Engine(profile=profile, feasible_hosts=hosts))
 
 
 # ---------------------------------------------------------------- the replay
@@ -421,6 +430,9 @@ def fill(
 def _request(task: Task, name: str) -> PlacementRequest:
     request = request_of(task.as_trace_task(name))
     assert request is not None
+    # The task's CPU and memory go with it: every policy's hosts are those
+    # with room for them (the ledger), and Tessera also sees them.
+    request = replace(request, cpu_milli=task.cpu_milli, memory_mib=task.memory_mib)
     if task.gpu_spec:
         request = replace(request, host_selector={spec_label(task.gpu_spec): "yes"})
     return request
@@ -431,6 +443,15 @@ def fleet_of(nodes: Sequence[Node], specs: set[tuple[str, ...]]) -> ClusterSnaps
     inventories = build_trace_fleet([TraceNode(n.sn, n.gpus, n.model) for n in nodes])
     by_sn = {n.sn: n for n in nodes}
     for inv in inventories:
+        # The node's CPUs and memory, as its agent would report them: split
+        # over the fixture's NUMA nodes (the devices name those nodes).
+        node, numa = by_sn[inv.host_id], inv.numa_nodes
+        cpus, first = node.cpu_milli // 1000, 0
+        for k, numa_node in enumerate(numa):
+            mine = cpus // len(numa) + (1 if k < cpus % len(numa) else 0)
+            numa_node.cpulist = f"{first}-{first + mine - 1}" if mine else ""
+            numa_node.memory_kib = node.memory_mib * 1024 // len(numa)
+            first += mine
         for spec in specs:
             if by_sn[inv.host_id].model in spec:
                 inv.labels[spec_label(spec)] = "yes"

@@ -967,7 +967,9 @@ class FragmentationScorer:
             found = (occupancy, epoch, host_fragmentation(view, occupancy, mix))
             self._before[id(occupancy)] = found
         before = found[2]
-        after = host_fragmentation(view, occupancy_after(view, occupancy, taken), mix)
+        request = cycle.request
+        share = (request.cpu_milli, request.memory_mib)
+        after = host_fragmentation(view, occupancy_after(view, occupancy, taken, share), mix)
         grown = after.fragmented - before.fragmented
         consumed = before.free - after.free
         value = -round(self.weight * grown + self.consumed_weight * consumed)

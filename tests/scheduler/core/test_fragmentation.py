@@ -15,8 +15,10 @@ from scheduler.core.fragmentation import (
     free_shares,
     host_fragmentation,
     occupancy_after,
+    share_step,
     task_shape,
 )
+from scheduler.core.host import NumaNodeView
 from scheduler.core.identity import HostId, RequestId, TenantName
 from scheduler.core.occupancy import build_occupancy
 from scheduler.core.plan import Plan
@@ -70,6 +72,29 @@ def test_a_task_the_host_cannot_take_loses_all_its_free_capacity(empty_mixed: Ho
     occ = build_occupancy(empty_mixed)
     frag = host_fragmentation(empty_mixed.view, occ, {TaskShape(gpus=64): 1.0})
     assert frag.fragmented == pytest.approx(frag.free)
+
+
+def test_a_task_short_of_host_cpu_or_memory_loses_all_the_free_gpus(
+    empty_mixed: HostState,
+) -> None:
+    """The paper's rule for a node whose CPU is spent: its idle GPUs are lost to the task."""
+    view = replace(empty_mixed.view, numa_nodes=(NumaNodeView(0, (10,), 8, 16_384),))
+    occ = build_occupancy(replace(empty_mixed, view=view))
+    fits = host_fragmentation(view, occ, {TaskShape(gpus=1, cpu_milli=8000): 1.0})
+    assert fits.fragmented == pytest.approx(0.75 + 4 / 7)  # as without CPU: sliced GPUs only
+    for short in (TaskShape(gpus=1, cpu_milli=8001), TaskShape(gpus=1, memory_mib=16_385)):
+        assert host_fragmentation(view, occ, {short: 1.0}).fragmented == pytest.approx(fits.free)
+    # What a plan leaves counts the CPU it takes: 4 CPUs left are short of 8.
+    after = occupancy_after(view, occ, [], share=(4000, 0))
+    assert after.cpu_used == occ.cpu_used + 4000
+    frag = host_fragmentation(view, after, {TaskShape(gpus=1, cpu_milli=8000): 1.0})
+    assert frag.fragmented == pytest.approx(frag.free)
+
+
+def test_a_shape_counts_host_cpu_and_memory_to_a_step_of_root_two() -> None:
+    request = replace(whole("w"), cpu_milli=12_000, memory_mib=61_440)
+    assert task_shape(request) == TaskShape(gpus=1, cpu_milli=11_585, memory_mib=65_536)
+    assert [share_step(n) for n in (0, 1, 1000, 8000)] == [0, 1, 1024, 8192]
 
 
 def test_a_shared_task_uses_untouched_and_roomy_gpus_of_its_type(empty_mixed: HostState) -> None:

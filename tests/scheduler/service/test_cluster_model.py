@@ -10,6 +10,7 @@ next heartbeat.
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio as aioredis
 
 from scheduler.core.identity import HostId
@@ -18,7 +19,7 @@ from scheduler.service.errors import NoCapacityError
 from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
 from scheduler.store import schema
 from scheduler.store.redis_store import RedisStateStore
-from tessera.v1 import inventory_pb2
+from tessera.v1 import inventory_pb2, placement_pb2
 
 from ...conftest import Runner
 from .test_housekeeping import Clock, Host, gpu, inventory
@@ -212,5 +213,33 @@ def test_changed_since_names_exactly_the_hosts_that_changed(
         await b.refreshed()
         assert b.model.changed_since(later) == {"h2"}
         assert b.model.live().hosts[HostId("h2")].schedulable
+
+    arun(body())
+
+
+def test_host_cpu_and_memory_asked_with_a_placement_are_held_until_its_release(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    """A VM's vCPUs and RAM beside its GPU: held on the host its agent says has them."""
+
+    async def body() -> None:
+        coordinator = PlacementCoordinator(RedisStateStore(redis_client), Host(), clock_ms=Clock())
+        host = two_gpu_host("cpu-h1")
+        host.numa_nodes.add(id=0, cpulist="0-15", memory_kib=64 * 1024 * 1024, distances=[10])
+        await coordinator.register(host, "agent-cpu-h1:1")
+
+        def vm(request_id: str, cpu_milli: int) -> placement_pb2.PlacementRequest:
+            msg = gpu(request_id)
+            msg.cpu_milli, msg.memory_mib = cpu_milli, 32 * 1024
+            return msg
+
+        first = await coordinator.place(vm("vm-1", 12_000))
+        assert (first.cpu_milli, first.memory_mib) == (12_000, 32 * 1024)
+        with pytest.raises(NoCapacityError, match="host-share"):
+            # A GPU is left, 4 CPUs are not 8.
+            await coordinator.place(vm("vm-2", 8_000))
+        await coordinator.release(first.placement_id, "")
+        again = await coordinator.place(vm("vm-3", 16_000))
+        assert again.host_id == "cpu-h1"
 
     arun(body())
