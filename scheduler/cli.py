@@ -28,6 +28,7 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
+from scheduler.core.validation import MAX_CPU_MILLI, MAX_MEMORY_MIB
 from tessera.security.certs import CertificateError, create_ca, issue
 from tessera.security.identity import SCHEDULER_DNS_NAME, Role
 from tessera.security.tls import TlsConfigError, TlsDir, load_material, sync_channel
@@ -161,6 +162,8 @@ def request_from_args(opts: argparse.Namespace) -> placement_pb2.PlacementReques
         tenant=opts.tenant,
         priority=opts.priority,
         numa_policy=_NUMA[opts.numa],
+        cpu_milli=opts.cpus,
+        memory_mib=opts.memory_mib,
     )
     selector = placement_pb2.DeviceSelector(
         vendor_id=int(opts.vendor, 0) if opts.vendor else 0, models=opts.model or []
@@ -305,6 +308,34 @@ def _request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--numa", choices=sorted(_NUMA), default="none", help="NUMA policy")
     p.add_argument("--selector", action="append", default=[], help="host label KEY=VALUE")
     p.add_argument("--migratable", action="store_true", help="must be live-migratable")
+    p.add_argument(
+        "--cpus", type=_cpus, default=0, help="host CPUs beside the devices (e.g. 8 or 0.5)"
+    )
+    p.add_argument(
+        "--memory-mib", type=_memory_mib, default=0, help="host memory beside the devices, MiB"
+    )
+
+
+def _cpus(text: str) -> int:
+    """``--cpus`` as thousandths of a CPU; argparse's one-line error for a bad value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of CPUs") from None
+    if not 0 <= value <= MAX_CPU_MILLI / 1000:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_CPU_MILLI // 1000:,} CPUs")
+    return round(value * 1000)
+
+
+def _memory_mib(text: str) -> int:
+    """``--memory-mib``, checked; argparse's one-line error for a bad value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
+    if not 0 <= value <= MAX_MEMORY_MIB:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_MEMORY_MIB:,} MiB")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -61,6 +61,20 @@ def test_place_list_release_through_the_cli(cluster: LocalCluster) -> None:
     assert "(no placements)" in tessera(*at, "list").stdout
 
 
+def test_host_cpus_and_memory_are_asked_beside_the_devices(cluster: LocalCluster) -> None:
+    at = as_identity(cluster)
+    placed = tessera(*at, "place", "--tenant", "acme", "--gpu", "1", "--cpus", "8",
+                     "--memory-mib", "16384", "--request-id", "cli-cpus")  # fmt: skip
+    assert placed.returncode == 0, placed.stderr
+    placement_id = placed.stdout.splitlines()[2].split()[0]
+    too_many = tessera(*at, "place", "--tenant", "acme", "--gpu", "1", "--cpus", "4096")
+    assert too_many.returncode == 1 and "host-share/host-cpu-short" in too_many.stderr
+    bad = tessera(*at, "place", "--tenant", "acme", "--gpu", "1", "--cpus", "-1")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].endswith("argument --cpus: must be 0 to 8,192 CPUs")
+    assert tessera(*at, "release", placement_id).returncode == 0
+
+
 def test_the_cli_reports_a_bad_request_with_the_field(cluster: LocalCluster) -> None:
     result = tessera(*as_identity(cluster), "place", "--tenant", "", "--gpu", "1")
     assert result.returncode == 1
