@@ -164,22 +164,22 @@ class HostSharePlugin:
         if not request.cpu_milli and not request.memory_mib:
             return None
         view, occupancy = cycle.view, cycle.occupancy
-        left = view.cpu_milli - occupancy.cpu_used
-        if request.cpu_milli > left:
-            return (
-                self.name,
-                REASON_CPU_SHORT,
-                f"{view.host_id}: {max(0, left)} of {view.cpu_milli} milli-CPU left, "
-                f"{request.cpu_milli} asked",
-            )
-        left = view.memory_mib - occupancy.memory_used
-        if request.memory_mib > left:
-            return (
-                self.name,
+        for asked, total, used, reason, unit in (
+            (request.cpu_milli, view.cpu_milli, occupancy.cpu_used, REASON_CPU_SHORT, "milli-CPU"),
+            (
+                request.memory_mib,
+                view.memory_mib,
+                occupancy.memory_used,
                 REASON_MEMORY_SHORT,
-                f"{view.host_id}: {max(0, left)} of {view.memory_mib} MiB left, "
-                f"{request.memory_mib} MiB asked",
-            )
+                "MiB",
+            ),
+        ):
+            if asked > total - used:
+                return (
+                    self.name,
+                    reason,
+                    f"{view.host_id}: {max(0, total - used)} of {total} {unit} left, {asked} asked",
+                )
         return None
 
 
