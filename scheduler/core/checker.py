@@ -230,7 +230,9 @@ def _share_slots(request: PlacementRequest) -> list[SlotKey]:
     """The host-share slot a request's host CPU and memory imply, if it asks for any."""
     if not request.cpu_milli and not request.memory_mib:
         return []
-    return [host_share_slot(request.cpu_milli, request.memory_mib, request.request_id)]
+    return [
+        host_share_slot(request.cpu_milli, request.memory_mib, request.tenant, request.request_id)
+    ]
 
 
 def _add_placement(ledger: _Ledger, request: PlacementRequest, plan: Plan) -> None:

@@ -13,9 +13,11 @@ these keys alone, so every key carries what is needed to rebuild it:
 * ``exclusive:<domain>:<instance>#<request id>``: the request holds the
   domain exclusively for its tenant. Keyed by request so one tenant may hold a
   domain with several placements; the tenant is the owning placement's.
-* ``host-share:<cpu milli>,<memory MiB>#<request id>``: host CPU and memory
-  the request's workload holds beside its devices (a VM's vCPUs and RAM),
-  summed over a host's keys against what the host has.
+* ``host-share:<cpu milli>,<memory MiB>#<tenant>|<request id>``: host CPU
+  and memory the request's workload holds beside its devices (a VM's vCPUs
+  and RAM), summed over a host's keys against what the host has. Keyed by
+  tenant and request: request ids are each tenant's own, and many tenants
+  share one host's CPU (``|`` is in neither, as in the store's request names).
 
 PCI addresses contain ``:`` and ``.``, never ``#``, ``@`` or ``+``, so those
 separate fields.
@@ -31,6 +33,7 @@ from scheduler.core.identity import (
     PciAddress,
     RequestId,
     SlotKey,
+    TenantName,
     iommu_group_slot,
 )
 from scheduler.core.request import ExclusivityDomain
@@ -102,6 +105,7 @@ class HostShareSlot:
 
     cpu_milli: int
     memory_mib: int
+    tenant: TenantName
     request_id: RequestId
 
 
@@ -128,9 +132,11 @@ def exclusive_slot(domain: ExclusivityDomain, instance: str, request_id: Request
     return SlotKey(f"exclusive:{domain.value}:{instance}#{request_id}")
 
 
-def host_share_slot(cpu_milli: int, memory_mib: int, request_id: RequestId) -> SlotKey:
-    """Slot key of the host CPU (thousandths) and memory (MiB) a request holds."""
-    return SlotKey(f"host-share:{cpu_milli},{memory_mib}#{request_id}")
+def host_share_slot(
+    cpu_milli: int, memory_mib: int, tenant: TenantName, request_id: RequestId
+) -> SlotKey:
+    """Slot key of the host CPU (thousandths) and memory (MiB) a tenant's request holds."""
+    return SlotKey(f"host-share:{cpu_milli},{memory_mib}#{tenant}|{request_id}")
 
 
 @lru_cache(maxsize=1 << 16)
@@ -162,12 +168,13 @@ def parse_slot(key: str) -> ParsedSlot | None:
             instance, request_id = tail.rsplit("#", 1)
             return ExclusiveSlot(ExclusivityDomain(domain), instance, RequestId(request_id))
         if kind == "host-share":
-            amounts, _, request_id = rest.partition("#")
+            amounts, _, owner = rest.partition("#")
             cpu, memory = amounts.split(",")
             cpu_milli, memory_mib = int(cpu), int(memory)
             if cpu_milli < 0 or memory_mib < 0:
                 return None
-            return HostShareSlot(cpu_milli, memory_mib, RequestId(request_id))
+            tenant, _, request_id = owner.rpartition("|")
+            return HostShareSlot(cpu_milli, memory_mib, TenantName(tenant), RequestId(request_id))
     except ValueError:
         return None
     return None

@@ -1563,7 +1563,11 @@ def build_plan(fit: HostFit, request: PlacementRequest) -> Plan:
                 held.append(key)
         slots.extend(held)
     if request.cpu_milli or request.memory_mib:
-        slots.append(host_share_slot(request.cpu_milli, request.memory_mib, request.request_id))
+        slots.append(
+            host_share_slot(
+                request.cpu_milli, request.memory_mib, request.tenant, request.request_id
+            )
+        )
     return Plan(
         host_id=fit.state.view.host_id,
         expected_alloc_generation=fit.state.alloc_generation,

@@ -44,10 +44,12 @@ def gpu(request_id: str, cpu_milli: int = 0, memory_mib: int = 0) -> PlacementRe
     )
 
 
-def test_a_host_share_slot_names_its_amounts_and_request() -> None:
-    key = host_share_slot(4500, 16384, RequestId("vm-1"))
-    assert key == "host-share:4500,16384#vm-1"
-    assert parse_slot(key) == HostShareSlot(4500, 16384, RequestId("vm-1"))
+def test_a_host_share_slot_names_its_amounts_tenant_and_request() -> None:
+    key = host_share_slot(4500, 16384, TenantName("acme"), RequestId("vm-1"))
+    assert key == "host-share:4500,16384#acme|vm-1"
+    assert parse_slot(key) == HostShareSlot(4500, 16384, TenantName("acme"), RequestId("vm-1"))
+    # Request ids are each tenant's own: another tenant's same id is another slot.
+    assert host_share_slot(4500, 16384, TenantName("globex"), RequestId("vm-1")) != key
     # Hostile keys in the store are opaque, never negative amounts.
     assert parse_slot("host-share:-1,0#x") is None
     assert parse_slot("host-share:1#x") is None
@@ -59,13 +61,15 @@ def test_the_occupancy_sums_every_share_and_the_commit_guards_them() -> None:
         view,
         1,
         allocations={
-            SlotKey(host_share_slot(8000, 1000, RequestId("a"))): PlacementId("pa"),
-            SlotKey(host_share_slot(500, 24, RequestId("b"))): PlacementId("pb"),
+            SlotKey(host_share_slot(8000, 1000, TenantName("t"), RequestId("a"))): PlacementId(
+                "pa"
+            ),
+            SlotKey(host_share_slot(500, 24, TenantName("t"), RequestId("b"))): PlacementId("pb"),
         },
     )
     occupancy = build_occupancy(state)
     assert (occupancy.cpu_used, occupancy.memory_used) == (8500, 1024)
-    slot = SlotKey(host_share_slot(1, 1, RequestId("c")))
+    slot = SlotKey(host_share_slot(1, 1, TenantName("t"), RequestId("c")))
     assert guards.changed_by(view, [slot]) == (guards.HOST_SHARE,)
     assert guards.HOST_SHARE in guards.guards(view, [slot], exclusive=False)
 
@@ -78,7 +82,7 @@ def test_the_engine_holds_the_share_and_skips_hosts_without_room() -> None:
     plan = engine.schedule(snap, gpu("vm", cpu_milli=8000, memory_mib=16_000))
     assert isinstance(plan, Plan), plan
     assert plan.host_id == "large"
-    assert host_share_slot(8000, 16_000, RequestId("vm")) in plan.slots
+    assert host_share_slot(8000, 16_000, TenantName("acme"), RequestId("vm")) in plan.slots
     refused = engine.schedule(snap, gpu("too-big", cpu_milli=65_000))
     assert isinstance(refused, Unschedulable)
     assert ("host-share", "host-cpu-short") in {(r.plugin, r.reason) for r in refused.rejections}

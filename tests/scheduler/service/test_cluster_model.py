@@ -243,3 +243,30 @@ def test_host_cpu_and_memory_asked_with_a_placement_are_held_until_its_release(
         assert again.host_id == "cpu-h1"
 
     arun(body())
+
+
+def test_two_tenants_using_one_request_id_each_hold_their_own_host_share(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    """Request ids are each tenant's own: another tenant's same id never blocks a placement."""
+
+    async def body() -> None:
+        coordinator = PlacementCoordinator(RedisStateStore(redis_client), Host(), clock_ms=Clock())
+        host = two_gpu_host("cpu-h1")
+        host.numa_nodes.add(id=0, cpulist="0-15", memory_kib=64 * 1024 * 1024, distances=[10])
+        await coordinator.register(host, "agent-cpu-h1:1")
+
+        def vm(tenant: str) -> placement_pb2.PlacementRequest:
+            msg = gpu("vm-1")
+            msg.tenant, msg.cpu_milli, msg.memory_mib = tenant, 4_000, 8 * 1024
+            return msg
+
+        first = await coordinator.place(vm("acme"))
+        second = await coordinator.place(vm("globex"))
+        assert {first.tenant, second.tenant} == {"acme", "globex"}
+        assert first.host_id == second.host_id == "cpu-h1"
+        state = coordinator.model.live().hosts[HostId("cpu-h1")]
+        held = {p for s, p in state.allocations.items() if s.startswith("host-share:")}
+        assert held == {first.placement_id, second.placement_id}
+
+    arun(body())
