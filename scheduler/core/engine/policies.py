@@ -173,7 +173,13 @@ class FeasibleHostsBaseline:
         rejections = Rejections()
         shape: object = None
         if asked.exclusivity is ExclusivityDomain.NONE and not asked.host_selector:
-            shape = (asked.claims, asked.numa_policy, asked.affinities)
+            shape = (
+                asked.claims,
+                asked.numa_policy,
+                asked.affinities,
+                asked.cpu_milli,
+                asked.memory_mib,
+            )
         fits: list[HostState] = []
         enough = self._enough(len(snapshot.hosts))
         for state in self._order(snapshot):

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from scheduler.core import guards
 from scheduler.core.checker import RULE_CAPACITY, check_placements
 from scheduler.core.engine.fastpath import Engine
+from scheduler.core.engine.policies import BestFitPolicy, FirstFitPolicy, RandomPolicy
 from scheduler.core.host import HostView, NumaNodeView
 from scheduler.core.identity import HostId, PlacementId, RequestId, SlotKey, TenantName
 from scheduler.core.occupancy import build_occupancy
@@ -134,3 +135,18 @@ def test_asking_past_any_host_is_invalid_naming_the_field() -> None:
     bad = gpu("r", cpu_milli=MAX_CPU_MILLI + 1, memory_mib=MAX_MEMORY_MIB + 1)
     assert {v.field for v in validate_request(bad)} == {"cpu_milli", "memory_mib"}
     assert validate_request(gpu("r", MAX_CPU_MILLI, MAX_MEMORY_MIB)) == []
+
+
+def test_the_baseline_policies_judge_every_request_by_its_own_share() -> None:
+    """Feasibility memoised per request shape keys on the share: no ask is judged as another."""
+    for policy in (FirstFitPolicy(), BestFitPolicy(), RandomPolicy()):
+        snap = snapshot(with_cpus(workstation("w1"), 8, 64_000))
+        small = policy.place(snap, gpu("small", cpu_milli=2000))
+        assert isinstance(small, Plan), (policy.name, small)
+        # The same claims asking past the host: refused, not judged feasible as the small one was.
+        large = policy.place(snap, gpu("large", cpu_milli=16_000))
+        assert isinstance(large, Unschedulable), (policy.name, large)
+        # Nor is a small one refused because a large one was first.
+        again = type(policy)()
+        assert isinstance(again.place(snap, gpu("large", cpu_milli=16_000)), Unschedulable)
+        assert isinstance(again.place(snap, gpu("small", cpu_milli=2000)), Plan), policy.name
