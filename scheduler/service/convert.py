@@ -450,16 +450,23 @@ def host_view_from_inventory(inv: inventory_pb2.HostInventory) -> HostView:
 def _cpu_count(cpulist: str) -> int:
     """How many CPUs a kernel cpulist (``0-31,64-95``) names; 0 for one that is not one.
 
-    Inventories are checked before they are converted (CPU ids below 8,192),
-    so the set stays small.
+    Counted from its ranges, merged, never by listing CPUs: a checked
+    cpulist may still name every CPU below 8,192 hundreds of times.
     """
-    cpus: set[int] = set()
+    ranges: list[tuple[int, int]] = []
     for part in cpulist.split(","):
         low, _, high = part.strip().partition("-")
-        if not low.isdigit() or (high and not high.isdigit()) or int(high or low) >= 1 << 16:
+        if not low.isdecimal() or (high and not high.isdecimal()):
             continue
-        cpus.update(range(int(low), int(high or low) + 1))
-    return len(cpus)
+        first, last = int(low), int(high or low)
+        if first <= last < 1 << 16:
+            ranges.append((first, last))
+    count, reached = 0, -1
+    for first, last in sorted(ranges):
+        if last > reached:
+            count += last - max(first, reached + 1) + 1
+            reached = last
+    return count
 
 
 def allocation_from_assignment(a: Assignment) -> placement_pb2.ClaimAllocation:

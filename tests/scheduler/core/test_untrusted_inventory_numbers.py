@@ -11,6 +11,7 @@ that grows with the number.
 from __future__ import annotations
 
 import json
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -230,6 +231,27 @@ def test_a_placement_listed_a_thousand_times_is_searched_once() -> None:
     engine = Engine()
     [(_, free, _)] = bounded(lambda: engine.mig_capacity(state))
     assert max(free.values()) <= 7
+
+
+# -- NUMA nodes' CPUs ---------------------------------------------------------------
+
+
+def test_a_cpulist_naming_its_cpus_hundreds_of_times_is_counted_at_the_cost_of_its_text() -> None:
+    # 4 KiB of "0-8191," is a cpulist the registry accepts (every CPU below
+    # 8,192, within a sysfs page); expanding each range cost most of a second
+    # per node, for every replica that parsed the report.
+    inv = golden("gpu-workstation")
+    del inv.numa_nodes[:]
+    nodes = 64
+    for k in range(nodes):
+        inv.numa_nodes.add(id=k, cpulist=",".join(["0-8191"] * 585), distances=[10] * nodes)
+    started = time.perf_counter()
+    view = host_view_from_inventory(inv)
+    assert time.perf_counter() - started < 2.0
+    assert [n.cpus for n in view.numa_nodes] == [8192] * nodes
+    # Overlapping and unordered ranges count each CPU once; what is not a range, nothing.
+    inv.numa_nodes[0].cpulist = "8-15,0-9,3,x,²,9-3"
+    assert host_view_from_inventory(inv).numa_nodes[0].cpus == 16
 
 
 # -- mdev limits without a small common multiple ----------------------------------
