@@ -281,6 +281,9 @@ class _Check:
         self.found = _Found()
         self.fns = _Functions()
         self.numa_ids: set[int] = set()
+        # Per CPU id, whether a node listed it so far, and which.
+        self.cpu_taken = bytearray(MAX_CPUS)
+        self.cpu_node: list[int] = [-1] * MAX_CPUS
         self.pfs: dict[str, inventory_pb2.SriovPf] = {}
         # Addresses of the VFs each PF lists.
         self.pf_vfs: dict[str, set[str]] = {}
@@ -370,6 +373,10 @@ class _Check:
             self.numa_ids.add(node.id)
             if node.cpulist and (why := _cpulist_problem(node.cpulist)):
                 self.add(f"{path}.cpulist", why)
+            elif node.cpulist and (other := self.cpus_of(node.id, node.cpulist)) is not None:
+                # The kernel puts each CPU in one node: counted twice, the
+                # host would offer CPUs it does not have.
+                self.add(f"{path}.cpulist", f"CPU {other[0]} is also in node {other[1]}")
             self.at_most(node.memory_kib, MAX_NODE_MEMORY_KIB, f"{path}.memory_kib", " KiB")
             # nodeN/distance has one entry per online node, the nodes listed.
             if node.distances and len(node.distances) != listed:
@@ -379,6 +386,30 @@ class _Check:
                 )
             elif any(not 0 <= d <= MAX_NUMA_DISTANCE for d in node.distances):
                 self.add(f"{path}.distances", f"SLIT distances are 0..{MAX_NUMA_DISTANCE}")
+
+    def cpus_of(self, node_id: int, cpulist: str) -> tuple[int, int] | None:
+        """Record a checked cpulist as ``node_id``'s: a CPU an earlier node has, and that node.
+
+        By merged ranges and slices, never CPU by CPU: a cpulist may name
+        every CPU hundreds of times.
+        """
+        ranges = sorted(
+            (int(low), int(high or low))
+            for low, _, high in (part.partition("-") for part in cpulist.split(","))
+        )
+        merged: list[tuple[int, int]] = []
+        for first, last in ranges:
+            if merged and first <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+            else:
+                merged.append((first, last))
+        for first, last in merged:
+            if (cpu := self.cpu_taken.find(1, first, last + 1)) != -1:
+                return cpu, self.cpu_node[cpu]
+        for first, last in merged:
+            self.cpu_taken[first : last + 1] = b"\x01" * (last - first + 1)
+            self.cpu_node[first : last + 1] = [node_id] * (last - first + 1)
+        return None
 
     def functions(self, inv: inventory_pb2.HostInventory) -> None:
         n = self.bounded(inv.pci_functions, MAX_PCI_FUNCTIONS, f"{self.prefix}.pci_functions")

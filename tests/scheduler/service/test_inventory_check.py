@@ -278,6 +278,19 @@ def test_a_numa_node_beyond_linux_max_numnodes_is_refused() -> None:
     )
 
 
+def test_a_cpu_listed_under_two_numa_nodes_is_refused() -> None:
+    # The kernel puts each CPU in one node; counted twice, a host would
+    # offer placements CPUs it does not have.
+    inv = golden("virt-2s")
+    inv.numa_nodes[1].cpulist = "32-63,96-127,90-91"
+    assert problems(inv) == [
+        FieldViolation("inventory.numa_nodes[1].cpulist", "CPU 90 is also in node 0")
+    ]
+    # A node naming its own CPUs twice counts each once: nothing to refuse.
+    inv.numa_nodes[1].cpulist = ",".join(["32-63,96-127"] * 300)
+    assert problems(inv) == []
+
+
 def test_a_function_on_a_numa_node_the_host_does_not_list_is_refused() -> None:
     inv = golden("virt-2s")
     function(inv, "0000:4b:00.0").numa_node = 5
