@@ -649,17 +649,23 @@ def _state_findings(ledger: _Ledger) -> set[_Finding]:
 def _host_share_capacity(view: HostView, holdings: Iterable[_Holding]) -> set[_Finding]:
     """Host CPU and memory held beside devices fit in what the host reports."""
     cpu = memory = 0
-    holders: list[str] = []
+    # Holders of each, named: a placement taking none of one is no cause of its shortage.
+    on_cpu: list[str] = []
+    on_memory: list[str] = []
     for h in holdings:
         if isinstance(h.slot, HostShareSlot):
             cpu += h.slot.cpu_milli
             memory += h.slot.memory_mib
-            holders.append(h.owner)
+            if h.slot.cpu_milli:
+                on_cpu.append(h.owner)
+            if h.slot.memory_mib:
+                on_memory.append(h.owner)
     out: set[_Finding] = set()
-    who = ", ".join(sorted(holders))
     if cpu > view.cpu_milli:
+        who = ", ".join(sorted(on_cpu))
         out.add((RULE_CAPACITY, f"host CPU {cpu} milli held of {view.cpu_milli}: {who}"))
     if memory > view.memory_mib:
+        who = ", ".join(sorted(on_memory))
         out.add((RULE_CAPACITY, f"host memory {memory} MiB held of {view.memory_mib}: {who}"))
     return out
 

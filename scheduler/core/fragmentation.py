@@ -234,7 +234,9 @@ def host_fragmentation(view: HostView, occupancy: Occupancy, mix: TaskMix) -> Ho
     for shape, p in mix.items():
         if p <= 0:
             continue
-        if shape.cpu_milli > cpu_left or shape.memory_mib > memory_left:
+        if (shape.cpu_milli and shape.cpu_milli > cpu_left) or (
+            shape.memory_mib and shape.memory_mib > memory_left
+        ):
             fragmented += p / weight * total_free
             continue
         usable = [a for a, f in free.items() if f > 0 and usable_by(view, occupancy, a, shape)]

@@ -174,7 +174,7 @@ class HostSharePlugin:
                 "MiB",
             ),
         ):
-            if asked > total - used:
+            if asked and asked > total - used:
                 return (
                     self.name,
                     reason,

@@ -91,6 +91,15 @@ def test_a_task_short_of_host_cpu_or_memory_loses_all_the_free_gpus(
     assert frag.fragmented == pytest.approx(frag.free)
 
 
+def test_a_task_asking_no_cpu_is_never_short_of_it(empty_mixed: HostState) -> None:
+    """A host whose CPU shrank under its placements' shares loses nothing to GPU-only tasks."""
+    view = replace(empty_mixed.view, numa_nodes=(NumaNodeView(0, (10,), 8, 16_384),))
+    over = occupancy_after(view, build_occupancy(replace(empty_mixed, view=view)), [], (12_000, 0))
+    for shape in (TaskShape(gpus=1), TaskShape(gpus=1, memory_mib=1024)):
+        frag = host_fragmentation(view, over, {shape: 1.0})
+        assert frag.fragmented == pytest.approx(0.75 + 4 / 7)  # as without CPU
+
+
 def test_a_shape_counts_host_cpu_and_memory_to_a_step_of_root_two() -> None:
     request = replace(whole("w"), cpu_milli=12_000, memory_mib=61_440)
     assert task_shape(request) == TaskShape(gpus=1, cpu_milli=11_585, memory_mib=65_536)

@@ -150,3 +150,24 @@ def test_the_baseline_policies_judge_every_request_by_its_own_share() -> None:
         again = type(policy)()
         assert isinstance(again.place(snap, gpu("large", cpu_milli=16_000)), Unschedulable)
         assert isinstance(again.place(snap, gpu("small", cpu_milli=2000)), Plan), policy.name
+
+
+def test_a_host_over_on_cpu_still_takes_a_request_asking_only_memory() -> None:
+    """What a request does not ask for is never short: a host whose CPU shrank under its shares
+    (SMT turned off at a reboot) refuses CPU, not memory."""
+    view = with_cpus(workstation(), 8, 64_000)
+    held = SlotKey(host_share_slot(12_000, 1000, TenantName("t"), RequestId("old")))
+    state = HostState(
+        view,
+        1,
+        allocations={held: PlacementId("p-old")},
+        tenants={PlacementId("p-old"): TenantName("t")},
+    )
+    snap = ClusterSnapshot(hosts={HostId(view.host_id): state})
+    engine = Engine()
+    assert isinstance(engine.schedule(snap, gpu("cpu", cpu_milli=1000)), Unschedulable)
+    request = gpu("memory", memory_mib=1000)
+    plan = engine.schedule(snap, request)
+    assert isinstance(plan, Plan), plan
+    # The checker blames the host's CPU on what was there, not on a placement taking none.
+    assert [v for v in check_placements(snap, [(request, plan)]) if v.request_id] == []
