@@ -153,7 +153,9 @@ class HostSharePlugin:
 
     What a host has is what its agent reports (every CPU of its NUMA nodes,
     their memory); what is left is that less every placement's share. A
-    request asking for neither passes every host.
+    request asking for neither passes every host. A host whose agent
+    reports no CPUs (or no memory) takes no request asking for them: what
+    is not known is not promised.
     """
 
     name = "host-share"
