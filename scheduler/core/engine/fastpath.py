@@ -194,6 +194,9 @@ _MEMO_LIMIT = 262_144
 #: Occupancy (and tenancy) signatures an engine keeps interned by default.
 _INTERNED_KEPT = 262_144
 
+#: Request shapes whose never-fits verdict a hardware class keeps.
+_NEVER_KEPT = 4_096
+
 _V = TypeVar("_V")
 
 #: A form's bit in a host's open forms (see :func:`_open_forms`).
@@ -375,7 +378,7 @@ class Engine:
             among its peers (:meth:`set_peers`), and its order among equally
             good hosts as it walks them; "" for an engine that places alone
             (every host its own, walked by name).
-        interned_kept: occupancy signatures (and, apart, tenancies) kept
+        interned_kept: occupancy signatures (and, apart, tenancies and request shapes) kept
             numbered at once; past it the numbering starts afresh, so a
             long-lived engine's memory stays bounded.
 
@@ -861,7 +864,9 @@ class Engine:
         self._judged_count = 0
 
     def _shape_id(self, request: PlacementRequest) -> int:
-        return self._shape_ids.setdefault(_static_shape(request), len(self._shape_ids))
+        # Interned like signatures: bounded, and a number never names two
+        # shapes (a client varying its CPU ask makes a new shape each time).
+        return self._intern(self._shape_ids, _static_shape(request))
 
     def _judge(
         self,
@@ -1096,6 +1101,9 @@ class Engine:
             why: Rejections | None = seen
         else:
             why = None if self._search_host(empty, index, probe, seen) is not None else seen
+        if len(cls.never) >= _NEVER_KEPT:
+            # Bounded per class: shapes are the clients' to vary.
+            cls.never.clear()
         cls.never[shape_id] = why
         return why
 

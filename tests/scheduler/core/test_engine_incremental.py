@@ -303,7 +303,8 @@ def test_pcie_distance_without_a_graph_is_the_graphs() -> None:
 def test_an_engine_that_forgets_its_signatures_plans_as_a_fresh_one() -> None:
     """Signatures are interned in a bounded table: a long-lived scheduler meets ever
     new occupancies. Forgetting them must only cost memo misses, never let an index
-    still holding an old number match another state's judgement."""
+    still holding an old number match another state's judgement. Request shapes
+    alike."""
     rng = random.Random(7)
     start = {**_clones(dgx(), "dgx-", 6, rng), **_clones(workstation(), "ws-", 6, rng)}
     forgetful, kept = Engine(interned_kept=3), Engine()
@@ -314,9 +315,14 @@ def test_an_engine_that_forgets_its_signatures_plans_as_a_fresh_one() -> None:
             host, pid = held.pop(rng.randrange(len(held)))
             snap = with_release(snap, host, pid)
         request = _request(i, rng)
+        if rng.random() < 0.2:
+            # A client varying its CPU ask makes a new request shape each time (no
+            # host here reports CPUs: it fits nowhere, and that verdict is kept).
+            request = replace(request, cpu_milli=rng.randrange(1, 10**6))
         expected = kept.schedule(snap, request)
         assert outcome(forgetful.schedule(snap, request)) == outcome(expected), i
         assert len(forgetful._signatures) <= 3 and len(forgetful._tenancies) <= 3
+        assert len(forgetful._shape_ids) <= 3
         if isinstance(expected, Plan):
             pid = PlacementId(f"p{i}")
             snap = with_reservation(snap, expected.host_id, expected.slots, pid, request.tenant)
