@@ -401,7 +401,7 @@ def fill(
         }
 
     for k, task in enumerate(arrivals):
-        request = _request(task, f"a{k:06d}-{task.name}")
+        request = _request(task, f"a{k:06d}-{task.name}", budgets=budgets)
         arrived += task.gpu_demand
         if isinstance(policy, DotProdPolicy):
             policy.demand = (task.cpu_milli, task.memory_mib, task.gpu_demand)
@@ -427,12 +427,13 @@ def fill(
     }
 
 
-def _request(task: Task, name: str) -> PlacementRequest:
+def _request(task: Task, name: str, *, budgets: bool = True) -> PlacementRequest:
     request = request_of(task.as_trace_task(name))
     assert request is not None
-    # The task's CPU and memory go with it: every policy's hosts are those
-    # with room for them (the ledger), and Tessera also sees them.
-    request = replace(request, cpu_milli=task.cpu_milli, memory_mib=task.memory_mib)
+    if budgets:
+        # The task's CPU and memory go with it: every policy's hosts are
+        # those with room for them (the ledger), and Tessera also sees them.
+        request = replace(request, cpu_milli=task.cpu_milli, memory_mib=task.memory_mib)
     if task.gpu_spec:
         request = replace(request, host_selector={spec_label(task.gpu_spec): "yes"})
     return request
