@@ -217,16 +217,22 @@ def test_changed_since_names_exactly_the_hosts_that_changed(
     arun(body())
 
 
+async def with_cpu_host(redis_client: aioredis.Redis) -> PlacementCoordinator:
+    """A coordinator with cpu-h1 registered: two GPUs, 16 CPUs and 64 GiB on one NUMA node."""
+    coordinator = PlacementCoordinator(RedisStateStore(redis_client), Host(), clock_ms=Clock())
+    host = two_gpu_host("cpu-h1")
+    host.numa_nodes.add(id=0, cpulist="0-15", memory_kib=64 * 1024 * 1024, distances=[10])
+    await coordinator.register(host, "agent-cpu-h1:1")
+    return coordinator
+
+
 def test_host_cpu_and_memory_asked_with_a_placement_are_held_until_its_release(
     redis_client: aioredis.Redis, arun: Runner
 ) -> None:
     """A VM's vCPUs and RAM beside its GPU: held on the host its agent says has them."""
 
     async def body() -> None:
-        coordinator = PlacementCoordinator(RedisStateStore(redis_client), Host(), clock_ms=Clock())
-        host = two_gpu_host("cpu-h1")
-        host.numa_nodes.add(id=0, cpulist="0-15", memory_kib=64 * 1024 * 1024, distances=[10])
-        await coordinator.register(host, "agent-cpu-h1:1")
+        coordinator = await with_cpu_host(redis_client)
 
         def vm(request_id: str, cpu_milli: int) -> placement_pb2.PlacementRequest:
             msg = gpu(request_id)
@@ -251,10 +257,7 @@ def test_two_tenants_using_one_request_id_each_hold_their_own_host_share(
     """Request ids are each tenant's own: another tenant's same id never blocks a placement."""
 
     async def body() -> None:
-        coordinator = PlacementCoordinator(RedisStateStore(redis_client), Host(), clock_ms=Clock())
-        host = two_gpu_host("cpu-h1")
-        host.numa_nodes.add(id=0, cpulist="0-15", memory_kib=64 * 1024 * 1024, distances=[10])
-        await coordinator.register(host, "agent-cpu-h1:1")
+        coordinator = await with_cpu_host(redis_client)
 
         def vm(tenant: str) -> placement_pb2.PlacementRequest:
             msg = gpu("vm-1")
