@@ -866,7 +866,7 @@ class Engine:
     def _shape_id(self, request: PlacementRequest) -> int:
         # Interned like signatures: bounded, and a number never names two
         # shapes (a client varying its CPU ask makes a new shape each time).
-        return self._intern(self._shape_ids, _static_shape(request))
+        return self._intern(self._shape_ids, static_shape(request))
 
     def _judge(
         self,
@@ -1252,7 +1252,7 @@ def _tie_break(salt: str, host_id: str) -> tuple[int, str]:
     return zlib.crc32(f"{salt}\x00{host_id}".encode()), host_id
 
 
-def _static_shape(request: PlacementRequest) -> tuple[object, ...]:
+def static_shape(request: PlacementRequest) -> tuple[object, ...]:
     """What of a request an empty host's hardware decides: claims, topology, host share."""
     return (
         request.claims,
@@ -1271,7 +1271,7 @@ def fit_key(request: PlacementRequest) -> tuple[object, ...]:
     requests works their candidates out once.
     """
     return (
-        _static_shape(request),
+        static_shape(request),
         request.exclusivity,
         request.tenant,
         tuple(sorted(request.host_selector.items())),

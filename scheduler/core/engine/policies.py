@@ -46,6 +46,7 @@ from scheduler.core.engine.fastpath import (
     EngineProfile,
     build_plan,
     default_profile,
+    static_shape,
     unschedulable,
 )
 from scheduler.core.engine.framework import Rejections
@@ -173,13 +174,7 @@ class FeasibleHostsBaseline:
         rejections = Rejections()
         shape: object = None
         if asked.exclusivity is ExclusivityDomain.NONE and not asked.host_selector:
-            shape = (
-                asked.claims,
-                asked.numa_policy,
-                asked.affinities,
-                asked.cpu_milli,
-                asked.memory_mib,
-            )
+            shape = static_shape(asked)
         fits: list[HostState] = []
         enough = self._enough(len(snapshot.hosts))
         for state in self._order(snapshot):
