@@ -447,11 +447,12 @@ def host_view_from_inventory(inv: inventory_pb2.HostInventory) -> HostView:
     )
 
 
-def _cpu_count(cpulist: str) -> int:
-    """How many CPUs a kernel cpulist (``0-31,64-95``) names; 0 for one that is not one.
+def cpu_ranges(cpulist: str) -> list[tuple[int, int]]:
+    """The CPUs a kernel cpulist (``0-31,64-95``) names, as sorted, merged ``(first, last)`` ranges.
 
-    Counted from its ranges, merged, never by listing CPUs: a checked
-    cpulist may still name every CPU below 8,192 hundreds of times.
+    Never by listing CPUs: a checked cpulist may still name every CPU below
+    8,192 hundreds of times. Parts that are not a range of CPU ids below
+    65,536 are skipped (a cpulist the inventory check refuses names none).
     """
     ranges: list[tuple[int, int]] = []
     for part in cpulist.split(","):
@@ -461,12 +462,18 @@ def _cpu_count(cpulist: str) -> int:
         first, last = int(low), int(high or low)
         if first <= last < 1 << 16:
             ranges.append((first, last))
-    count, reached = 0, -1
+    merged: list[tuple[int, int]] = []
     for first, last in sorted(ranges):
-        if last > reached:
-            count += last - max(first, reached + 1) + 1
-            reached = last
-    return count
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def _cpu_count(cpulist: str) -> int:
+    """How many CPUs a kernel cpulist names; 0 for one that is not one."""
+    return sum(last - first + 1 for first, last in cpu_ranges(cpulist))
 
 
 def allocation_from_assignment(a: Assignment) -> placement_pb2.ClaimAllocation:

@@ -50,7 +50,7 @@ from scheduler.core.validation import (
     shown,
     validate_identifier,
 )
-from scheduler.service.convert import stated_max_instances
+from scheduler.service.convert import cpu_ranges, stated_max_instances
 from tessera.v1 import inventory_pb2
 
 # -- limits, each with where it comes from -----------------------------------
@@ -393,16 +393,7 @@ class _Check:
         By merged ranges and slices, never CPU by CPU: a cpulist may name
         every CPU hundreds of times.
         """
-        ranges = sorted(
-            (int(low), int(high or low))
-            for low, _, high in (part.partition("-") for part in cpulist.split(","))
-        )
-        merged: list[tuple[int, int]] = []
-        for first, last in ranges:
-            if merged and first <= merged[-1][1] + 1:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], last))
-            else:
-                merged.append((first, last))
+        merged = cpu_ranges(cpulist)
         for first, last in merged:
             if (cpu := self.cpu_taken.find(1, first, last + 1)) != -1:
                 return cpu, self.cpu_node[cpu]
