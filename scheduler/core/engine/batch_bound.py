@@ -185,15 +185,15 @@ def _knapsack(
     scale = math.lcm(capacity.denominator, *(n.denominator for n in groups))
     units = {n: int(n * scale) for n in groups}
     common = math.lcm(*units.values())
-    heads: list[tuple[int, int, Fraction, int]] = []
+    heads: list[tuple[int, Fraction, int]] = []
     for need, group in groups.items():
         group.sort(reverse=True)
         # value / need, scaled by ``common``: an exact integer.
-        heads.append((-group[0] * (common // units[need]), 0, need, 0))
+        heads.append((-group[0] * (common // units[need]), need, 0))
     heapq.heapify(heads)
     left = int(capacity * scale)
     while heads:
-        _, _, need, k = heapq.heappop(heads)
+        _, need, k = heapq.heappop(heads)
         group, unit = groups[need], units[need]
         value = group[k]
         if left < unit:
@@ -201,5 +201,5 @@ def _knapsack(
         total += value
         left -= unit
         if k + 1 < len(group):
-            heapq.heappush(heads, (-group[k + 1] * (common // unit), 0, need, k + 1))
+            heapq.heappush(heads, (-group[k + 1] * (common // unit), need, k + 1))
     return Fraction(total)
