@@ -43,6 +43,18 @@ def _default_data_dir() -> Path:
     return Path(base) / "tessera" / "valkey"
 
 
+def _seconds(text: str) -> float:
+    """A flag's duration: a finite, positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    # Up to a day: a longer wait is a typo, and inf or nan would never fire.
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 86400 seconds: {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line of tessera-scheduler."""
     p = argparse.ArgumentParser(
@@ -101,12 +113,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lease", type=int, default=20, help="seconds a silent host stays schedulable")
     p.add_argument(
         "--reap-pending-after",
-        type=float,
+        type=_seconds,
         default=90.0,
         help="seconds after which a placement stuck PENDING/RELEASING is torn down (reaper)",
     )
     p.add_argument(
-        "--housekeeping-interval", type=float, default=5.0, help="seconds between reaper rounds"
+        "--housekeeping-interval",
+        type=_seconds,
+        default=5.0,
+        help="seconds between reaper rounds",
+    )
+    p.add_argument(
+        "--full-sweep-interval",
+        type=_seconds,
+        default=300.0,
+        help="seconds between full sweeps: every host reconciled with its agent, request "
+        "records left behind by a crash settled (default 300)",
     )
     p.add_argument(
         "--policy",
@@ -245,6 +267,7 @@ async def serve(opts: argparse.Namespace) -> int:
                 pending_after_s=opts.reap_pending_after,
                 releasing_after_s=opts.reap_pending_after,
                 lease_s=opts.lease,
+                full_sweep_s=opts.full_sweep_interval,
             ),
             owner=replica,
             audit=audit,

@@ -22,8 +22,9 @@ Each round, the leader:
   A placement the host holds that the store does not know (released or reaped
   while the agent was away) is torn down; a READY placement the host lost is
   prepared again, or marked FAILED if that fails;
-* on each full sweep, **resolves request claims** whose caller died between
-  claiming a request id and finalizing its commit.
+* on each full sweep, **settles request records**: claims whose caller died
+  between claiming a request id and finalizing its commit, and records a
+  release could not forget (the store went away between its two steps).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class HousekeepingSettings:
             longer than the agent Prepare deadline, so a live Place call has
             always given up first.
         releasing_after_s: likewise for RELEASING.
-        full_sweep_s: every host is reconciled at least this often.
+        full_sweep_s: every host is reconciled, and the request records
+            are swept, at least this often.
         lease_s: a host silent this long has its lease marked expired (an
             event on the change feed: replicas stop planning on it).
     """
@@ -116,6 +118,7 @@ class RoundReport:
     reprepared: int = 0
     hosts_reconciled: int = 0
     claims_resolved: int = 0
+    records_forgotten: int = 0
     leases_expired: int = 0
 
 
@@ -362,8 +365,11 @@ class Housekeeper:
             self._last_sweep_ms = now
             # Claims whose caller died between claim and finalize: those that
             # committed are finalized (the reaper frees their placement like
-            # any stuck PENDING one), the rest are dropped.
-            report.claims_resolved = await self._store.resolve_stale_claims()
+            # any stuck PENDING one), the rest are dropped; records naming a
+            # released placement are forgotten.
+            swept = await self._store.sweep_request_records()
+            report.claims_resolved = swept.claims_resolved
+            report.records_forgotten = swept.records_forgotten
         for host_id, record in sorted(records.items()):
             key = (record.boot_id, record.agent_address, record.inventory_generation)
             if not sweep and self._reconciled.get(host_id) == key:

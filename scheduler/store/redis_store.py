@@ -225,6 +225,19 @@ class ForgetResult:
     placements: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RecordSweep:
+    """What one sweep of the request records settled.
+
+    Attributes:
+        claims_resolved: claims past their deadline, finalized or dropped.
+        records_forgotten: committed records whose placement was gone.
+    """
+
+    claims_resolved: int
+    records_forgotten: int
+
+
 class StoreError(RuntimeError):
     """The store found data it cannot interpret (corrupted or foreign keys)."""
 
@@ -1448,19 +1461,26 @@ class RedisStateStore:
             )
         )
 
-    async def resolve_stale_claims(self) -> int:
-        """Resolve every claim past its deadline (the housekeeper's sweep).
+    async def sweep_request_records(self) -> RecordSweep:
+        """Settle what the request protocol left behind (the housekeeper's sweep).
 
-        A claim whose commit landed is finalized (the reaper then deals with
-        the placement like any other); one whose commit never landed is
-        deleted. Live claims and committed records are left alone.
+        A claim past its deadline whose commit landed is finalized (the
+        reaper then deals with the placement like any other); one whose
+        commit never landed is deleted. A committed record whose placement
+        its host no longer holds is forgotten: its release freed the host
+        and then lost the store before it could forget the record (the
+        record lives in another slot), and a release sent again finds no
+        placement to name it by. Such a record is free already (see
+        :meth:`claim_request`); left alone, records of every such release
+        would pile up. Live claims and records of held placements are left
+        alone.
 
         Returns:
-            How many claims were resolved.
+            What was settled.
         """
         seconds, micros = await self._client.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
-        resolved = 0
+        resolved = forgotten = 0
         async for raw in self._client.scan_iter(match=schema.request("*"), count=1000):
             key = _text(raw)
             state, holder, deadline, placement_id, host_id = (
@@ -1476,12 +1496,20 @@ class RedisStateStore:
                     ],
                 )
             )
+            request_id = key[len(schema.request("")) :]
+            if state == schema.COMMITTED:
+                # Placement ids are never reused and a record is committed
+                # only once its commit landed: a placement gone from its
+                # host was released, and cannot come back. The script
+                # deletes only a record that still names it.
+                if not await self._holds(host_id, placement_id, request_id):
+                    forgotten += int(await self._forget_released(keys=[key], args=[placement_id]))
+                continue
             if state != schema.CLAIMED or _int(deadline) + self._claim_skew_ms >= now_ms:
                 continue
-            request_id = key[len(schema.request("")) :]
             _, settled = await self._settle(request_id, holder, placement_id, host_id)
             resolved += int(settled)
-        return resolved
+        return RecordSweep(claims_resolved=resolved, records_forgotten=forgotten)
 
     async def _settle(
         self,

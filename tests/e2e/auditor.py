@@ -648,7 +648,8 @@ def audit(
         for rid, record in sorted(view.requests.items()):
             # A claim whose call died before committing holds nothing (the
             # housekeeper drops it); a committed record must be forgotten by
-            # the release of its placement.
+            # the release of its placement, or by the housekeeper's sweep
+            # when the release was cut short.
             if record.get(schema.F_STATE) != schema.CLAIMED:
                 report.leaked_slots.append(f"request record {rid} left: {record}")
     if check_hosts or final:

@@ -126,3 +126,15 @@ def test_the_scheduler_refuses_a_redis_that_can_lose_placements(tmp_path: Path) 
         )  # fmt: skip
     assert result.returncode == 2
     assert "refusing to start" in result.stderr and "appendonly" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e9", "soon"])
+def test_the_scheduler_refuses_a_duration_that_would_never_fire(value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "scheduler", "--full-sweep-interval", value],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert "--full-sweep-interval" in error and value in error, result.stderr
+    assert "Traceback" not in result.stderr

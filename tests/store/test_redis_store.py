@@ -16,6 +16,7 @@ from scheduler.store.redis_store import (
     ClaimOutcome,
     CommitOutcome,
     CommitResult,
+    RecordSweep,
     RedisStateStore,
     RequestClaim,
 )
@@ -506,6 +507,35 @@ def test_sixteen_calls_for_one_request_id_claim_it_once(
     arun(body())
 
 
+def test_a_record_its_release_could_not_forget_is_forgotten_by_the_sweep(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        await register(store)
+        await commit(store, "p1", ["iommu-group:1"], request_id="cut")
+        await commit(store, "p2", ["iommu-group:2"], request_id="held")
+        record = await redis_client.hmget(schema.request("cut"), ["state", "placement_id"])
+        assert record == [b"committed", pid("p1").encode()], record
+        # The release freed the host, then the store went away before its
+        # second step (the record is in another slot): the record stays.
+        assert await store.release(H, pid("p1")) > 0
+        await redis_client.hset(
+            schema.request("cut"),
+            mapping={"state": "committed", "placement_id": pid("p1"), "host_id": H},
+        )
+        assert await store.sweep_request_records() == RecordSweep(0, 1)
+        assert not await redis_client.exists(schema.request("cut"))
+        assert await redis_client.hget(schema.request("held"), "state") == b"committed"
+        # The request id is free for a new placement, which the sweep keeps.
+        assert (await claim(store, "cut", "again")).outcome is ClaimOutcome.CLAIMED
+        await commit(store, "p3", ["iommu-group:1"], request_id="cut", claimant="again")
+        assert await store.sweep_request_records() == RecordSweep(0, 0)
+        assert await redis_client.hget(schema.request("cut"), "placement_id") == pid("p3").encode()
+
+    arun(body())
+
+
 def test_stale_claims_are_resolved_by_the_sweep(redis_client: aioredis.Redis, arun: Runner) -> None:
     async def body() -> None:
         store = RedisStateStore(redis_client, claim_ttl_ms=50, claim_skew_ms=0)
@@ -524,12 +554,12 @@ def test_stale_claims_are_resolved_by_the_sweep(redis_client: aioredis.Redis, ar
         await asyncio.sleep(0.1)
         await claim(store, "live", "alive")  # within its deadline
         await commit(store, "p3", ["iommu-group:3"], request_id="done")  # committed
-        assert await store.resolve_stale_claims() == 2
+        assert await store.sweep_request_records() == RecordSweep(2, 0)
         assert await redis_client.hget(schema.request("landed"), "state") == b"committed"
         assert not await redis_client.exists(schema.request("lost"))
         assert await redis_client.hget(schema.request("live"), "state") == b"claimed"
         assert await redis_client.hget(schema.request("done"), "state") == b"committed"
-        assert await store.resolve_stale_claims() == 0
+        assert await store.sweep_request_records() == RecordSweep(0, 0)
 
     arun(body())
 
