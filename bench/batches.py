@@ -9,15 +9,16 @@ Batches of 1,000 and 10,000 mixed requests (``bench/engine.py``
 places the same requests one by one in priority order (stable: request order
 within a priority), committing each plan before the next.
 
-The objective is ``solve_batch``'s: per placed request its priority weight
-(``priority_weights``: ``2 * QUALITY_RANGE * (n + 1) * (priority - lowest +
-1)``) plus its quality in ``[0, QUALITY_RANGE]``. Quality is a column's engine
-score normalized over the batch's candidate columns, which a sequential policy
-does not have; so for the policies the *priority part* is reported (placed
-weight), comparable with the solver's objective rounded down to it, and its
-bound likewise. The bound holds for any placement of the batch
-(``scheduler.core.engine.batch_bound``: capacity as well as candidate
-columns), so no policy's priority part exceeds it.
+The objective is ``solve_batch``'s: per placed request its value
+(``scheduler.core.engine.batch_value.request_values``: priority rank times
+GPU-equivalents, plus one unit for the request, in multiples of
+``value_quantum``) plus its quality in ``[0, QUALITY_RANGE]``. Quality is a
+column's engine score normalized over the batch's candidate columns, which a
+sequential policy does not have; so for the policies the *value* is reported
+(the objective without quality), comparable with the solver's objective
+rounded down to a multiple of the quantum, and its bound likewise. The bound
+holds for any placement of the batch (``scheduler.core.engine.batch_bound``:
+capacity as well as candidate columns), so no policy's value exceeds it.
 
     PYTHONPATH=. .venv/bin/python bench/batches.py [--quick] [--out FILE.json]
 """
@@ -42,7 +43,13 @@ from bench.fleet import build_fleet, snapshot
 from bench.policies import POLICIES
 from bench.report import bar_plot, table
 from scheduler.core.checker import check_placements
-from scheduler.core.engine.batch import BatchSettings, priority_weights, solve_batch
+from scheduler.core.engine.batch import BatchSettings, solve_batch
+from scheduler.core.engine.batch_value import (
+    gpu_equivalents,
+    learn_gpu_units,
+    request_values,
+    value_quantum,
+)
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.plan import Plan
 from scheduler.core.request import PlacementRequest
@@ -56,9 +63,16 @@ FULL_CASES = ((1_000, 150), (10_000, 1_500))
 QUICK_CASES = ((200, 30),)
 
 
-def weights(requests: Sequence[PlacementRequest]) -> dict[str, int]:
-    """Per request id, the priority weight ``solve_batch`` gives placing it."""
-    return dict(zip((r.request_id for r in requests), priority_weights(requests), strict=True))
+def values(
+    snap: ClusterSnapshot, requests: Sequence[PlacementRequest]
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Per request id, the value ``solve_batch`` gives placing it, and its GPU-equivalents."""
+    units = learn_gpu_units(snap, Engine().hardware_and_occupancy)
+    ids = [r.request_id for r in requests]
+    return (
+        dict(zip(ids, request_values(requests, units), strict=True)),
+        {r.request_id: float(gpu_equivalents(r, units)) for r in requests},
+    )
 
 
 def sequential(
@@ -67,7 +81,7 @@ def sequential(
     """Place ``requests`` one by one in priority order with a policy; its figures."""
     policy = POLICIES[policy_name]()
     order = sorted(range(len(requests)), key=lambda i: (-requests[i].priority, i))
-    w = weights(requests)
+    w, gpus = values(snap, requests)
     placed: list[tuple[PlacementRequest, Plan]] = []
     start = snap
     started = time.perf_counter()
@@ -81,7 +95,8 @@ def sequential(
     return {
         "placed": len(placed),
         "placed_by_priority": _by_priority(r for r, _ in placed),
-        "priority_objective": sum(w[r.request_id] for r, _ in placed),
+        "value": sum(w[r.request_id] for r, _ in placed),
+        "gpu_equivalents": round(sum(gpus[r.request_id] for r, _ in placed), 3),
         "wall_s": round(wall, 3),
         "violations": len(check_placements(start, placed)),
     }
@@ -100,9 +115,9 @@ def one_case(
     """One batch size: the solver's figures and every policy's."""
     snap = snapshot(build_fleet(n_hosts, seed))
     requests = mixed_requests(n_requests, random.Random(seed), "batch")
-    w = weights(requests)
-    # The weight of the lowest priority: every priority part is a multiple.
-    big = min(w.values(), default=1)
+    w, _ = values(snap, requests)
+    # Every value is a multiple of it; quality adds less than one.
+    quantum = value_quantum(len(requests))
     started = time.perf_counter()
     solved = solve_batch(
         Engine(),
@@ -114,6 +129,8 @@ def one_case(
     by_id = {r.request_id: r for r in requests}
     plans = [(by_id[rid], plan) for rid, plan in solved.plans.items()]
     gap = (solved.bound - solved.objective) / solved.bound if solved.bound else 0.0
+    value = sum(w[r.request_id] for r, _ in plans)
+    value_bound = solved.bound - solved.bound % quantum
     tessera = {
         "status": solved.status,
         "wall_s": round(wall, 3),
@@ -123,9 +140,11 @@ def one_case(
         "greedy_objective": solved.greedy_objective,
         "placed": len(solved.plans),
         "placed_by_priority": _by_priority(r for r, _ in plans),
-        "priority_objective": sum(w[r.request_id] for r, _ in plans),
-        # The bound's priority part: quality adds at most QUALITY_RANGE per request.
-        "priority_bound": solved.bound - solved.bound % big,
+        "value": value,
+        "gpu_equivalents": round(float(solved.gpu_equivalents), 3),
+        # No placement's value exceeds the bound, a multiple of the quantum.
+        "value_bound": value_bound,
+        "value_gap": (value_bound - value) / value_bound if value_bound else 0.0,
         "columns": solved.columns,
         "violations": len(check_placements(snap, plans)),
     }
@@ -165,9 +184,11 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
         "mdevs, 8-GPU requests; priorities 0..2) on a synthetic fleet too small for all of "
         "them. `tessera-batch` is `solve_batch` (CP-SAT, greedy seed as hint); the policies "
         "place the same requests one by one in priority order. Objective as `solve_batch` "
-        "defines it (placed priority weight, then placement quality); the priority part is "
-        "what the policies can be compared on, as quality is normalized over the solver's "
-        "candidate columns.",
+        "defines it: per placed request its value (priority rank x GPU-equivalents, plus one "
+        "unit for the request; `scheduler/core/engine/batch_value.py`), then placement "
+        "quality. The value is what the policies can be compared on, as quality is "
+        "normalized over the solver's candidate columns; the value bound holds for any "
+        "placement of the batch.",
     ]
     prefix = "batches-" + ("quick-" if result["mode"] == "quick" else "")
     for case in result["cases"]:
@@ -177,14 +198,16 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
             f"{case['time_limit_s']} s, {case['workers']} workers): status {t['status']}, "
             f"objective {t['objective']:,} against bound {t['bound']:,} (gap {t['gap']:.3%}), "
             f"greedy seed {t['greedy_objective']:,}, {t['columns']:,} columns, "
-            f"checker violations {t['violations']}."
+            f"checker violations {t['violations']}; value {t['value']:,} against a value "
+            f"bound of {t['value_bound']:,} (gap {t['value_gap']:.3%})."
         )
         rows: list[list[object]] = [
             [
                 "tessera-batch",
                 t["placed"],
                 t["placed_by_priority"].get("2", 0),
-                t["priority_objective"],
+                t["gpu_equivalents"],
+                t["value"],
                 t["wall_s"],
                 t["violations"],
             ]
@@ -194,7 +217,8 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
                 n,
                 p["placed"],
                 p["placed_by_priority"].get("2", 0),
-                p["priority_objective"],
+                p["gpu_equivalents"],
+                p["value"],
                 p["wall_s"],
                 p["violations"],
             ]
@@ -206,7 +230,8 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
                     "policy",
                     "placed",
                     "placed, priority 2",
-                    "priority objective",
+                    "GPU-equivalents placed",
+                    "value",
                     "wall s",
                     "violations",
                 ],

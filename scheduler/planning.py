@@ -133,6 +133,7 @@ class PlanReport:
                 "objective": self.result.objective,
                 "bound": self.result.bound,
                 "greedy_objective": self.result.greedy_objective,
+                "gpu_equivalents_placed": float(self.result.gpu_equivalents),
                 "columns": self.result.columns,
                 "solved": self.result.solved,
                 "wall_s": round(self.result.wall_s, 3),

@@ -120,9 +120,11 @@ class BatchPlacer:
             self._engine, snapshot, [batch[i].request for i in todo], self._settings, gang_of
         )
         log.info(
-            "batch of %d: %s, objective %d (bound %d, greedy %d), %.2fs%s",
-            len(todo), result.status, result.objective, result.bound,
-            result.greedy_objective, result.wall_s, "" if result.solved else ", no model",
+            "batch of %d: %s, %d placed (%.3g GPU-equivalents), objective %d (bound %d, "
+            "greedy %d), %.2fs%s",
+            len(todo), result.status, len(result.plans), float(result.gpu_equivalents),
+            result.objective, result.bound, result.greedy_objective, result.wall_s,
+            "" if result.solved else ", no model",
         )  # fmt: skip
         index = {sub.request.request_id: i for i, sub in enumerate(batch)}
         for rid, refusal in result.unplaced.items():

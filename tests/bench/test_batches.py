@@ -18,7 +18,9 @@ def test_sequential_policies_place_safely() -> None:
         r = batches.sequential(name, snap, requests)
         assert r["violations"] == 0
         assert 0 < r["placed"] <= len(requests)
-        assert r["priority_objective"] <= sum(batches.weights(requests).values())
+        values, gpus = batches.values(snap, requests)
+        assert r["value"] <= sum(values.values())
+        assert 0 < r["gpu_equivalents"] <= sum(gpus.values())
 
 
 def test_one_case_and_section(tmp_path: Path) -> None:
@@ -27,6 +29,9 @@ def test_one_case_and_section(tmp_path: Path) -> None:
     assert t["violations"] == 0
     assert t["objective"] <= t["bound"]
     assert 0.0 <= t["gap"] <= 1.0
+    # No policy's value exceeds the batch's bound, which holds for any placement.
+    assert all(p["value"] <= t["value_bound"] for p in case["policies"].values())
+    assert t["value"] <= t["value_bound"]
     assert set(case["policies"]) == set(POLICIES)
     text = batches.section({"mode": "quick", "cases": [case]}, tmp_path)
     assert "tessera-batch" in text and list(tmp_path.glob("*.png"))

@@ -13,14 +13,15 @@ import yaml
 
 BIN = Path(sys.executable).parent
 
-#: A batch where placing in order loses: request "pair" takes a GPU of the
-#: 8-GPU HGX host first, and then neither 8-GPU gang member fits anywhere but
-#: the DGX. Solved jointly, both gang members get whole hosts and "pair" waits.
+#: A batch where placing in order loses: request "pair", of a higher priority,
+#: takes a GPU of the 8-GPU HGX host first, and then neither 8-GPU gang member
+#: fits anywhere but the DGX. Solved jointly, both gang members get whole hosts
+#: (sixteen GPUs at a rank below are worth more than one) and "pair" waits.
 REQUESTS: list[dict[str, Any]] = [
     {
         "request_id": "pair",
         "tenant": "t1",
-        "priority": 1,
+        "priority": 2,
         "claims": [
             {"name": "gpu", "kind": "DEVICE_KIND_GPU", "count": 1},
             {"name": "nic", "kind": "DEVICE_KIND_NIC", "count": 1},

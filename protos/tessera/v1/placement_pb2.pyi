@@ -391,7 +391,10 @@ class PlacementRequest(_message.Message):
     """
     tenant: _builtins.str
     priority: _builtins.int
-    """Higher is placed first in batches; 0 is the default."""
+    """Higher is worth more in batches (the batch values a request by its
+    priority's rank among the batch's times its GPU-equivalents); 0 is the
+    default.
+    """
     numa_policy: Global___NumaPolicy.ValueType
     exclusivity: Global___ExclusivityDomain.ValueType
     gang: _builtins.str

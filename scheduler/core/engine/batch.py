@@ -17,9 +17,10 @@ whole host for a gang). A batch is solved jointly instead:
    free VFs, an mdev parent's share, MIG memory slices, compute slices and
    instance limits), devices through modes (one device, one use), and tenants
    through exclusivity domains.
-4. **Objective.** Placed priority first (lexicographically, through a weight
-   larger than any total of quality), then placement quality from the
-   engine's scorers. The greedy solution is the hint. When the greedy
+4. **Objective.** Each placed request's value (:mod:`batch_value`: its
+   priority rank times its GPU-equivalents), then placement quality from
+   the engine's scorers, through a value larger than any total of quality.
+   The greedy solution is the hint. When the greedy
    already places every request the columns can place, each in its best
    column (or within the settings' quality gap of it), no model is built.
 5. **Concretization.** Chosen columns become plans host by host on an
@@ -42,6 +43,13 @@ from fractions import Fraction
 from ortools.sat.python import cp_model
 
 from scheduler.core.engine.batch_bound import capacity_bound
+from scheduler.core.engine.batch_value import (
+    QUALITY_RANGE,
+    GpuUnits,
+    gpu_equivalents,
+    learn_gpu_units,
+    request_values,
+)
 from scheduler.core.engine.fastpath import Engine, HostFit, build_plan, fit_key, unschedulable
 from scheduler.core.engine.framework import Pick, Rejections
 from scheduler.core.engine.plugins import free_vfs
@@ -61,9 +69,6 @@ REASON_GANG_INCOMPLETE = "gang-incomplete"
 #: (see :meth:`Engine.alternatives`): every legal GPU+NIC pair of an 8-GPU
 #: host is eight; the bound keeps a pathological host's columns few.
 ASSIGNMENTS_PER_HOST = 64
-
-#: Quality of one column is squeezed into [0, QUALITY_RANGE].
-QUALITY_RANGE = 1000
 
 #: The finest unit an mdev parent's share is counted in (1/scale of the
 #: parent), so that share sums stay far inside CP-SAT's 64-bit integers.
@@ -86,7 +91,7 @@ class BatchSettings:
             (every request the columns can place placed, each in a column
             nearly as good as its best). Never trades a placed request:
             within the gap of the optimum, no solution places less
-            weight (see :func:`priority_weights`). The column bound ignores
+            value (see :func:`batch_value.request_values`). The column bound ignores
             capacity, so a greedy seed is often 2-9% below it; solved with
             no gap, the same batches gained at most 0.03% on the seed
             (BENCHMARKS.md (g)), for a model that costs more than the seed.
@@ -124,6 +129,8 @@ class BatchResult:
             seed was within the quality gap of the column bound).
         model_bound: the solver's bound over its columns where a model ran
             (what its status is proven against), else 0.
+        gpu_equivalents: the GPUs the placed requests take at least
+            (:func:`scheduler.core.engine.batch_value.gpu_equivalents`).
     """
 
     plans: Mapping[RequestId, Plan]
@@ -136,6 +143,7 @@ class BatchResult:
     wall_s: float = 0.0
     solved: bool = False
     model_bound: int = 0
+    gpu_equivalents: Fraction = Fraction(0)
 
 
 @dataclass
@@ -148,6 +156,7 @@ class _Batch:
     gang_of: Mapping[RequestId, str]
     gangs: Mapping[str, list[int]]
     started: float
+    units: GpuUnits
     columns: list[_Column] = field(default_factory=list)
     #: (column, pick index) -> the MIG placement the model chose.
     mig_placements: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
@@ -169,18 +178,6 @@ def _gangs(
         if name:
             gangs[name].append(i)
     return dict(gangs)
-
-
-def priority_weights(requests: Sequence[PlacementRequest]) -> list[int]:
-    """Per request, the weight of placing it: priority above any quality total.
-
-    Twice any quality total, so that a solution short of one request's
-    weight is also further below the optimum than any quality gap the
-    solver may stop within (see ``BatchSettings.quality_gap``).
-    """
-    low = min((r.priority for r in requests), default=0)
-    big = 2 * QUALITY_RANGE * (len(requests) + 1)
-    return [big * (r.priority - low + 1) for r in requests]
 
 
 def _greedy(
@@ -417,18 +414,19 @@ def solve_batch(
     gang_of = dict(gang_of or {})
     gangs = _gangs(requests, gang_of)
 
-    # Priority first. A joint batch then takes the requests needing fewest
-    # units first: each placed request weighs the same within a priority,
-    # so a seed that spends the room on small ones places more of them
-    # (bench (c): 769 of 1,000 against 671 in request order, and 734 for a
-    # random host per request). Without the solver the batch is sequential
-    # placement, in the order given.
-    def units(i: int) -> int:
-        return sum(c.count for c in requests[i].claims) if settings.use_solver else 0
-
-    order = sorted(range(len(requests)), key=lambda i: (-requests[i].priority, units(i), i))
-    weights = priority_weights(requests)
-    batch = _Batch(engine, snapshot, requests, gang_of, gangs, started)
+    # Requests are worth their priority rank times their GPU-equivalents
+    # (batch_value). The seed takes them by priority, then, in a joint
+    # batch, largest first, as first fit decreasing packs bins: small
+    # requests placed first scatter over the hosts and leave no host whole
+    # for an 8-GPU request, whose GPUs are worth as much as theirs. Without
+    # the solver the batch is sequential placement, in the order given.
+    units = learn_gpu_units(snapshot, engine.hardware_and_occupancy)
+    weights = request_values(requests, units)
+    order = sorted(
+        range(len(requests)),
+        key=lambda i: (-requests[i].priority, -weights[i] if settings.use_solver else 0, i),
+    )
+    batch = _Batch(engine, snapshot, requests, gang_of, gangs, started, units)
     greedy, refused, greedy_plans = _greedy(batch, order)
 
     # Candidate columns against the starting state.
@@ -515,6 +513,7 @@ def solve_batch(
                 engine.hardware_and_occupancy,
                 requests,
                 {i: weights[i] + q for i, q in best_of.items()},
+                units,
             ),
         )
     if greedy_objective >= relaxed:
@@ -792,4 +791,8 @@ def _finish(
         wall_s=time.perf_counter() - batch.started,
         solved=solved,
         model_bound=model_bound,
+        gpu_equivalents=sum(
+            (gpu_equivalents(r, batch.units) for r in requests if r.request_id in plans),
+            Fraction(0),
+        ),
     )

@@ -12,8 +12,9 @@ they only had to share those:
   SR-IOV vGPU GPU's VFs each their own vGPU share) as
   :func:`scheduler.core.fragmentation.free_capacity` reads it, exactly,
   summed over the schedulable hosts. A request takes at least, per GPU
-  unit, the least its accepted forms can take: 1 whole, a MIG profile's
-  compute slices over 7, one vGPU of a type 1 / its instances; a VF nothing
+  unit, the least its accepted forms can take (its GPU-equivalents,
+  :func:`scheduler.core.engine.batch_value.gpu_equivalents`): 1 whole, a MIG
+  profile's compute slices over 7, one vGPU of a type 1 / its instances; a VF nothing
   (its share is not modelled, so it costs nothing here, which keeps the
   bound valid).
 * **Whole devices of every other kind** (NICs, accelerators): the idle ones.
@@ -33,6 +34,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
+from scheduler.core.engine.batch_value import GpuUnits, gpu_equivalents, learn_gpu_units
 from scheduler.core.fragmentation import free_capacity
 from scheduler.core.host import HostView
 from scheduler.core.mig_geometry import COMPUTE_SLICES
@@ -46,6 +48,7 @@ def capacity_bound(
     hardware_of: Callable[[HostState], tuple[HostView, Occupancy]],
     requests: Sequence[PlacementRequest],
     values: Mapping[int, int],
+    units: GpuUnits | None = None,
 ) -> int:
     """The most value any placement of ``requests`` on ``snapshot`` can reach, by capacity.
 
@@ -57,6 +60,8 @@ def capacity_bound(
         requests: the batch.
         values: request index -> its value if placed; requests left out
             cannot be placed at all (no fitting host) and add nothing.
+        units: the fleet's MIG and vGPU units (:func:`learn_gpu_units`),
+            when the caller has them already.
 
     Returns:
         An upper bound on the summed values of the requests any placement
@@ -70,17 +75,12 @@ def capacity_bound(
     idle: dict[DeviceKind, int] = dict.fromkeys(DeviceKind, 0)
     sevenths = 0
     shares = Fraction(0)
-    mig_slices: dict[str, int] = {}
-    mdev_share: dict[str, Fraction] = {}
-    # Units are learnt per hardware view: hosts alike share one.
-    seen: set[int] = set()
+    if units is None:
+        units = learn_gpu_units(snapshot, hardware_of)
     for state in snapshot.hosts.values():
-        view, occupancy = hardware_of(state)
-        if id(view) not in seen:
-            seen.add(id(view))
-            _learn_units(view, mig_slices, mdev_share)
         if not state.schedulable:
             continue
+        view, occupancy = hardware_of(state)
         host_sevenths, host_vgpu = free_capacity(view, occupancy)
         sevenths += sum(host_sevenths.values())
         for share in host_vgpu.values():
@@ -103,64 +103,24 @@ def capacity_bound(
             key = (requests[i].claims, pool)
             found_need = need_of.get(key)
             if found_need is None:
-                found_need = need_of[key] = _need(requests[i], pool, mig_slices, mdev_share)
+                found_need = need_of[key] = _need(requests[i], pool, units)
             needs[i] = found_need
         found = _knapsack(values, needs, capacity)
         bound = found if bound is None else min(bound, found)
     return min(sum(values.values()), math.ceil(bound or 0))
 
 
-def _learn_units(
-    view: HostView, mig_slices: dict[str, int], mdev_share: dict[str, Fraction]
-) -> None:
-    """The least compute slices of each MIG profile name, the least share of each vGPU type."""
-    for gpu in view.gpus.values():
-        for profile in gpu.mig_profiles:
-            known = mig_slices.get(profile.name)
-            if known is None or profile.slices < known:
-                mig_slices[profile.name] = profile.slices
-    for parent in view.mdev_parents.values():
-        for type_id, mdev_type in parent.types.items():
-            share = Fraction(1, max(1, mdev_type.max_instances))
-            known_share = mdev_share.get(type_id)
-            if known_share is None or share < known_share:
-                mdev_share[type_id] = share
-
-
-def _need(
-    request: PlacementRequest,
-    pool: DeviceKind,
-    mig_slices: Mapping[str, int],
-    mdev_share: Mapping[str, Fraction],
-) -> Fraction:
+def _need(request: PlacementRequest, pool: DeviceKind, units: GpuUnits) -> Fraction:
     """The least a request takes from one pool (see the module doc)."""
-    need = Fraction(0)
-    for claim in request.claims:
-        forms = claim.accepted_forms()
-        if pool is DeviceKind.GPU and claim.kind is DeviceKind.GPU:
-            least: Fraction | None = Fraction(1) if DeviceForm.WHOLE_DEVICE in forms else None
-            if DeviceForm.VF in forms:
-                least = Fraction(0)
-            if DeviceForm.MIG in forms:
-                names = claim.mig_profiles or mig_slices.keys()
-                slices = min((mig_slices[n] for n in names if n in mig_slices), default=1)
-                least = _least(least, Fraction(slices, COMPUTE_SLICES))
-            if DeviceForm.MDEV in forms:
-                types = claim.mdev_types or mdev_share.keys()
-                least = _least(
-                    least,
-                    min((mdev_share[t] for t in types if t in mdev_share), default=Fraction(0)),
-                )
-            need += claim.count * (least if least is not None else Fraction(0))
-        elif (
-            pool is not DeviceKind.GPU and claim.kind is pool and forms == {DeviceForm.WHOLE_DEVICE}
-        ):
-            need += claim.count
-    return need
-
-
-def _least(a: Fraction | None, b: Fraction) -> Fraction:
-    return b if a is None else min(a, b)
+    if pool is DeviceKind.GPU:
+        return gpu_equivalents(request, units)
+    return Fraction(
+        sum(
+            claim.count
+            for claim in request.claims
+            if claim.kind is pool and claim.accepted_forms() == {DeviceForm.WHOLE_DEVICE}
+        )
+    )
 
 
 def _knapsack(

@@ -55,10 +55,11 @@ def test_with_no_gap_allowed_a_seed_short_of_the_bound_goes_to_the_solver() -> N
 
 
 def test_no_quality_gap_keeps_a_greedy_seed_that_places_less() -> None:
-    """In order, "pair" takes a GPU of host a and the second 8-GPU gang member
-    finds no whole host: the seed places one request, the model two."""
+    """The seed goes by priority: "pair" takes a GPU of host a and the second
+    8-GPU gang member finds no whole host, so the seed places one request. The
+    model places the gang, worth more: sixteen GPUs at a rank below one."""
     requests = [
-        gpus("pair", 1, tenant="t1"),
+        gpus("pair", 1, tenant="t1", priority=2),
         gpus("g1", 8, tenant="t2"),
         gpus("g2", 8, tenant="t2"),
     ]

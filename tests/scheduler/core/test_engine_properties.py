@@ -22,8 +22,8 @@ engine must keep the two apart within a request and a batch too (two tests at
 the end pin the cases that once went wrong).
 
 Also: a refusal always names at least one plugin and reason; a batch places
-gangs all or nothing, never less priority-weighted work than the greedy seed,
-and accounts for every request exactly once.
+gangs all or nothing, never less value (priority x GPU-equivalents) than the
+greedy seed, and accounts for every request exactly once.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from scheduler.core.checker import check_placements
-from scheduler.core.engine.batch import BatchSettings, priority_weights, solve_batch
+from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.batch_bound import capacity_bound
+from scheduler.core.engine.batch_value import learn_gpu_units, request_values
 from scheduler.core.engine.fastpath import Engine, fit_key
 from scheduler.core.engine.framework import Rejections
 from scheduler.core.engine.policies import FirstFitPolicy, TesseraPolicy
@@ -491,10 +492,13 @@ def test_one_at_a_time_every_plan_is_valid(
     assert check_placements(snapshot, []) == []
 
 
-def _weighted_placed(requests: Sequence[PlacementRequest], placed: set[RequestId]) -> int:
-    """Placed requests counted by priority, as the batch objective ranks them."""
-    low = min(r.priority for r in requests)
-    return sum(r.priority - low + 1 for r in requests if r.request_id in placed)
+def _value_placed(
+    start: ClusterSnapshot, requests: Sequence[PlacementRequest], placed: set[RequestId]
+) -> int:
+    """Placed requests valued as the batch values them: priority rank x GPU-equivalents."""
+    units = learn_gpu_units(start, Engine().hardware_and_occupancy)
+    values = request_values(requests, units)
+    return sum(v for r, v in zip(requests, values, strict=True) if r.request_id in placed)
 
 
 @settings(SLOW, max_examples=BATCH_EXAMPLES)
@@ -538,8 +542,8 @@ def test_a_batch_is_valid_whole_gangs_and_no_worse_than_greedy(
         event("batch placed more than greedy")
     assert result.objective >= result.greedy_objective
     assert result.bound >= result.objective
-    assert _weighted_placed(stream, set(result.plans)) >= _weighted_placed(
-        stream, set(greedy.plans)
+    assert _value_placed(start, stream, set(result.plans)) >= _value_placed(
+        start, stream, set(greedy.plans)
     )
 
 
@@ -676,12 +680,13 @@ def test_no_placement_of_a_batch_scores_above_its_capacity_bound(
 ) -> None:
     """The capacity bound holds for any placement, not only for a batch model's columns.
 
-    Valued by priority weight (requests that fit nowhere are worth nothing),
+    Valued as a batch values them (requests that fit nowhere are worth nothing),
     what the sequential fast path, first fit and the batch itself place,
     each one request at a time in priority order, stays under it.
     """
     engine = Engine()
-    weight = dict(zip((r.request_id for r in stream), priority_weights(stream), strict=True))
+    units = learn_gpu_units(snap, engine.hardware_and_occupancy)
+    weight = dict(zip((r.request_id for r in stream), request_values(stream, units), strict=True))
     values = {
         i: weight[r.request_id] for i, r in enumerate(stream) if engine.candidates(snap, r, 1)[0]
     }

@@ -1,0 +1,112 @@
+"""What a batch's requests are worth: priority rank times GPU-equivalents, above quality."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from scheduler.core.engine.batch import BatchSettings, solve_batch
+from scheduler.core.engine.batch_value import (
+    GPU_UNITS,
+    MAX_TOTAL,
+    gpu_equivalents,
+    learn_gpu_units,
+    priority_ranks,
+    request_values,
+    value_quantum,
+)
+from scheduler.core.engine.fastpath import Engine
+from scheduler.core.identity import HostId, RequestId, TenantName
+from scheduler.core.request import Claim, DeviceForm, DeviceKind, Isolation, PlacementRequest
+from scheduler.core.snapshot import ClusterSnapshot, HostState
+
+from .checker_topologies import mixed
+from .topologies import dgx
+
+
+def request(rid: str, *claims: Claim, priority: int = 0) -> PlacementRequest:
+    return PlacementRequest(RequestId(rid), TenantName(f"t-{rid}"), claims, priority=priority)
+
+
+def gpus(n: int) -> Claim:
+    return Claim("gpu", DeviceKind.GPU, n)
+
+
+def mig(profile: str) -> Claim:
+    return Claim(
+        "gpu", DeviceKind.GPU, 1, forms=frozenset({DeviceForm.MIG}),
+        mig_profiles=frozenset({profile}), min_isolation=Isolation.SHARED,
+    )  # fmt: skip
+
+
+def vgpu(mdev_type: str) -> Claim:
+    return Claim(
+        "gpu", DeviceKind.GPU, 1, forms=frozenset({DeviceForm.MDEV}),
+        mdev_types=frozenset({mdev_type}), min_isolation=Isolation.SHARED,
+    )  # fmt: skip
+
+
+def mixed_fleet() -> ClusterSnapshot:
+    return ClusterSnapshot(hosts={HostId("m"): HostState(mixed("m"), 0)})
+
+
+def test_a_request_is_worth_the_least_gpu_share_any_of_its_forms_takes() -> None:
+    units = learn_gpu_units(mixed_fleet(), Engine().hardware_and_occupancy)
+    assert gpu_equivalents(request("whole", gpus(2)), units) == 2
+    assert gpu_equivalents(request("mig", mig("1g.10gb")), units) == Fraction(1, 7)
+    assert gpu_equivalents(request("mig", mig("3g.40gb")), units) == Fraction(3, 7)
+    assert gpu_equivalents(request("vgpu", vgpu("nvidia-1")), units) == Fraction(1, 4)
+    # Whole or MIG: the slice, not the GPU a placement might spend on it.
+    either = Claim(
+        "gpu", DeviceKind.GPU, 1, forms=frozenset({DeviceForm.WHOLE_DEVICE, DeviceForm.MIG}),
+        min_isolation=Isolation.SHARED,
+    )  # fmt: skip
+    assert gpu_equivalents(request("either", either), units) == Fraction(1, 7)
+    nic = request("nic", Claim("nic", DeviceKind.NIC, 2))
+    assert gpu_equivalents(nic, units) == 0
+
+
+def test_values_rank_priorities_then_weigh_gpus_and_each_request_counts() -> None:
+    units = learn_gpu_units(mixed_fleet(), Engine().hardware_and_occupancy)
+    batch = [
+        request("eight", gpus(8)),
+        request("one", gpus(1)),
+        request("nic", Claim("nic", DeviceKind.NIC, 1)),
+        request("urgent", gpus(1), priority=2**31 - 1),
+        request("lowest", gpus(1), priority=-(2**31)),
+    ]
+    assert priority_ranks(r.priority for r in batch) == {-(2**31): 1, 0: 2, 2**31 - 1: 3}
+    quantum = value_quantum(len(batch))
+    eight, one, nic, urgent, lowest = request_values(batch, units)
+    assert all(v % quantum == 0 for v in (eight, one, nic, urgent, lowest))
+    assert (eight, one, nic) == (
+        quantum * 2 * (8 * GPU_UNITS + 1),
+        quantum * 2 * (GPU_UNITS + 1),
+        quantum * 2,
+    )
+    # Eight small requests are worth one eight times as large, and their own units.
+    assert 8 * one - eight == 7 * quantum * 2
+    assert urgent == 3 * one // 2 and lowest == one // 2
+    # Priorities a client chose at the ends of int32 rank like any others.
+    assert sum((eight, one, nic, urgent, lowest)) < MAX_TOTAL
+
+
+def test_values_that_would_overflow_the_solver_fall_back_to_ranks() -> None:
+    units = learn_gpu_units(mixed_fleet(), Engine().hardware_and_occupancy)
+    huge = [request(f"r{i}", *(gpus(64) for _ in range(32)), priority=i) for i in range(2000)]
+    values = request_values(huge, units)
+    quantum = value_quantum(len(huge))
+    assert values == [quantum * (i + 1) for i in range(2000)]
+    assert sum(values) < MAX_TOTAL
+
+
+def test_a_batch_spends_its_gpus_on_the_requests_that_fill_them() -> None:
+    """Sixteen GPUs; nine 1-GPU requests come before two 8-GPU ones. Counting
+    requests, the singles spread over both hosts and no 8-GPU request finds a
+    whole host: nine GPUs used. Valued by GPU-equivalents, all sixteen are."""
+    snap = ClusterSnapshot(hosts={HostId(h): HostState(dgx(h), 0) for h in ("a", "b")})
+    batch = [request(f"one{i}", gpus(1)) for i in range(9)]
+    batch += [request(f"eight{i}", gpus(8)) for i in range(2)]
+    result = solve_batch(Engine(), snap, batch, BatchSettings(workers=1))
+    assert result.gpu_equivalents == 16
+    assert {"eight0", "eight1"} & set(result.plans)
+    assert result.objective <= result.bound
