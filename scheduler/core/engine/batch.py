@@ -46,7 +46,7 @@ from scheduler.core.engine.batch_bound import capacity_bound
 from scheduler.core.engine.batch_value import (
     QUALITY_RANGE,
     GpuUnits,
-    gpu_equivalents,
+    gpu_equivalents_of,
     learn_gpu_units,
     request_values,
 )
@@ -420,7 +420,7 @@ def solve_batch(
     # requests placed first scatter over the hosts and leave no host whole
     # for an 8-GPU request, whose GPUs are worth as much as theirs. Without
     # the solver the batch is sequential placement, in the order given.
-    units = learn_gpu_units(snapshot, engine.hardware_and_occupancy)
+    units = learn_gpu_units(snapshot, engine.hardware_and_occupancy, requests)
     weights = request_values(requests, units)
     order = sorted(
         range(len(requests)),
@@ -792,7 +792,11 @@ def _finish(
         solved=solved,
         model_bound=model_bound,
         gpu_equivalents=sum(
-            (gpu_equivalents(r, batch.units) for r in requests if r.request_id in plans),
+            (
+                g
+                for r, g in zip(requests, gpu_equivalents_of(requests, batch.units), strict=True)
+                if r.request_id in plans
+            ),
             Fraction(0),
         ),
     )

@@ -51,6 +51,9 @@ MAX_TOTAL = 1 << 60
 #: Quality of one column is squeezed into [0, QUALITY_RANGE].
 QUALITY_RANGE = 1000
 
+#: The forms whose GPU share depends on the fleet's MIG profiles and vGPU types.
+_SHARED_FORMS = frozenset({DeviceForm.MIG, DeviceForm.MDEV})
+
 
 @dataclass(frozen=True)
 class GpuUnits:
@@ -68,6 +71,7 @@ class GpuUnits:
 def learn_gpu_units(
     snapshot: ClusterSnapshot,
     hardware_of: Callable[[HostState], tuple[HostView, Occupancy]],
+    requests: Sequence[PlacementRequest] | None = None,
 ) -> GpuUnits:
     """The MIG profiles' and vGPU types' least shares over every host's hardware.
 
@@ -75,9 +79,18 @@ def learn_gpu_units(
         snapshot: the cluster.
         hardware_of: a host state's hardware view, shared by hosts alike
             (:meth:`Engine.hardware_and_occupancy`), so each is read once.
+        requests: when given, and none of them accepts a MIG instance or a
+            vGPU, no unit is needed and the cluster is not walked (about
+            20 ms at 10,000 hosts).
     """
     mig_slices: dict[str, int] = {}
     mdev_share: dict[str, Fraction] = {}
+    if requests is not None and not any(
+        claim.kind is DeviceKind.GPU and claim.accepted_forms() & _SHARED_FORMS
+        for r in requests
+        for claim in r.claims
+    ):
+        return GpuUnits()
     seen: set[int] = set()
     for state in snapshot.hosts.values():
         view, _ = hardware_of(state)
@@ -96,6 +109,18 @@ def learn_gpu_units(
                 if known_share is None or share < known_share:
                     mdev_share[type_id] = share
     return GpuUnits(mig_slices, mdev_share)
+
+
+def gpu_equivalents_of(requests: Sequence[PlacementRequest], units: GpuUnits) -> list[Fraction]:
+    """:func:`gpu_equivalents` of each request, worked out once per distinct set of claims."""
+    memo: dict[tuple[Claim, ...], Fraction] = {}
+    out = []
+    for r in requests:
+        found = memo.get(r.claims)
+        if found is None:
+            found = memo[r.claims] = gpu_equivalents(r, units)
+        out.append(found)
+    return out
 
 
 def gpu_equivalents(request: PlacementRequest, units: GpuUnits) -> Fraction:
@@ -151,7 +176,7 @@ def request_values(requests: Sequence[PlacementRequest], units: GpuUnits) -> lis
     """
     ranks = priority_ranks(r.priority for r in requests)
     quantum = value_quantum(len(requests))
-    sizes = [math.floor(gpu_equivalents(r, units) * GPU_UNITS) + 1 for r in requests]
+    sizes = [math.floor(g * GPU_UNITS) + 1 for g in gpu_equivalents_of(requests, units)]
     values = [quantum * ranks[r.priority] * size for r, size in zip(requests, sizes, strict=True)]
     if sum(values) > MAX_TOTAL:
         values = [quantum * ranks[r.priority] for r in requests]

@@ -110,3 +110,11 @@ def test_a_batch_spends_its_gpus_on_the_requests_that_fill_them() -> None:
     assert result.gpu_equivalents == 16
     assert {"eight0", "eight1"} & set(result.plans)
     assert result.objective <= result.bound
+
+
+def test_a_batch_of_whole_devices_needs_no_units_and_does_not_walk_the_cluster() -> None:
+    engine = Engine()
+    whole = [request("whole", gpus(2)), request("nic", Claim("nic", DeviceKind.NIC, 1))]
+    assert learn_gpu_units(mixed_fleet(), engine.hardware_and_occupancy, whole).mig_slices == {}
+    sliced = [*whole, request("mig", mig("1g.10gb"))]
+    assert learn_gpu_units(mixed_fleet(), engine.hardware_and_occupancy, sliced).mig_slices
