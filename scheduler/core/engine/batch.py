@@ -70,6 +70,10 @@ REASON_GANG_INCOMPLETE = "gang-incomplete"
 #: host is eight; the bound keeps a pathological host's columns few.
 ASSIGNMENTS_PER_HOST = 64
 
+#: CP-SAT refuses a model whose objective coefficients add up past 2**62:
+#: beyond this (a margin below), the greedy seed stands without a model.
+MAX_OBJECTIVE = 1 << 61
+
 #: The finest unit an mdev parent's share is counted in (1/scale of the
 #: parent), so that share sums stay far inside CP-SAT's 64-bit integers.
 MAX_SHARE_SCALE = 1 << 30
@@ -550,7 +554,14 @@ def solve_batch(
     _add_modes(model, x, columns)
     _add_exclusivity(model, x, columns, requests)
 
-    model.maximize(sum((weights[col.request] + quality[c]) * x[c] for c, col in enumerate(columns)))
+    coefficients = [weights[col.request] + quality[c] for c, col in enumerate(columns)]
+    if sum(coefficients) > MAX_OBJECTIVE:
+        # CP-SAT would refuse the model (MODEL_INVALID). Values stay within
+        # batch_value.MAX_TOTAL, which the default settings' columns per
+        # request keep far below this; only settings with many more columns
+        # per request reach it. The seed stands, said so by its status.
+        return greedy_stands(relaxed)
+    model.maximize(sum(coef * x[c] for c, coef in enumerate(coefficients)))
     for c in range(len(columns)):
         model.add_hint(x[c], 1 if columns[c].from_greedy else 0)
     for (c, k), choices in mig_vars.items():
@@ -776,8 +787,8 @@ def _finish(
             )
         else:
             out[request.request_id] = Unschedulable(
-                "its candidate hosts went to higher-priority or better-packed requests "
-                "of the batch",
+                "its candidate hosts went to requests of the batch worth more "
+                "(priority rank x GPU-equivalents) or packing better",
                 (Rejection("batch", REASON_OUTCOMPETED, 1, request.request_id),),
             )
     return BatchResult(

@@ -12,8 +12,8 @@ they only had to share those:
   SR-IOV vGPU GPU's VFs each their own vGPU share) as
   :func:`scheduler.core.fragmentation.free_capacity` reads it, exactly,
   summed over the schedulable hosts. A request takes at least, per GPU
-  unit, the least its accepted forms can take (its GPU-equivalents,
-  :func:`scheduler.core.engine.batch_value.gpu_equivalents`): 1 whole, a MIG
+  unit, the least its accepted forms can take
+  (:func:`scheduler.core.engine.batch_value.gpu_need`): 1 whole, a MIG
   profile's compute slices over 7, one vGPU of a type 1 / its instances; a VF nothing
   (its share is not modelled, so it costs nothing here, which keeps the
   bound valid).
@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
-from scheduler.core.engine.batch_value import GpuUnits, gpu_equivalents, learn_gpu_units
+from scheduler.core.engine.batch_value import GpuUnits, gpu_need, learn_gpu_units
 from scheduler.core.fragmentation import free_capacity
 from scheduler.core.host import HostView
 from scheduler.core.mig_geometry import COMPUTE_SLICES
@@ -113,7 +113,7 @@ def capacity_bound(
 def _need(request: PlacementRequest, pool: DeviceKind, units: GpuUnits) -> Fraction:
     """The least a request takes from one pool (see the module doc)."""
     if pool is DeviceKind.GPU:
-        return gpu_equivalents(request, units)
+        return gpu_need(request, units)
     return Fraction(
         sum(
             claim.count

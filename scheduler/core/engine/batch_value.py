@@ -1,4 +1,4 @@
-"""What placing a batch's requests is worth: priority first, then GPU-equivalents.
+"""What placing a batch's requests is worth: priority rank times GPU-equivalents.
 
 A batch that cannot place everything must choose, and counting placed
 requests chooses badly: eight 1-GPU requests then outweigh one 8-GPU request
@@ -9,12 +9,17 @@ each request by
 * its **priority**, ranked: the batch's lowest priority counts 1, the next
   2, and so on (ranks, not the raw numbers, which a client chooses freely
   and could make overflow the solver's 64-bit objective); times
-* its **GPU-equivalents**: the least share of GPUs any of its accepted forms
-  takes (1 per whole GPU, a MIG profile's compute slices over 7, one vGPU of
-  a type 1 / its instances, a VF nothing), in :data:`GPU_UNITS` per GPU,
-  plus one unit for the request itself, so that a request with no GPU share
-  (VFs, NICs) is still worth placing, and of two requests as large the
-  batch takes the one it can serve in more ways no less readily.
+* its **GPU-equivalents**: the least share of GPUs its accepted forms take
+  (1 per whole GPU, a MIG profile's compute slices over 7, one vGPU of a
+  type 1 / its instances), in :data:`GPU_UNITS` per GPU, plus one unit for
+  the request itself and one per device it takes that is worth no GPU
+  share (a NIC, an accelerator, a VF), so that such requests are worth
+  placing too, the larger more.
+
+Priority weighs, it does not override: a request of rank 2 is worth twice
+one of rank 1 as large, and yields to one of rank 1 more than twice its size.
+(Strict tiers would need weights that multiply across ranks, past what a
+64-bit objective holds for large batches.)
 
 Placement quality comes last: a request's weight is twice any batch's
 quality total (see :func:`request_values`). The least GPU share is the
@@ -44,9 +49,18 @@ from scheduler.core.snapshot import ClusterSnapshot, HostState
 #: GPU each); with 224, 0.79%, for the same placements.
 GPU_UNITS = COMPUTE_SLICES * 32
 
-#: The largest objective the values may add up to: CP-SAT's objective and
-#: its coefficients are 64-bit integers, and quality is added on top.
-MAX_TOTAL = 1 << 60
+#: The largest total the values may reach. CP-SAT refuses a model whose
+#: objective coefficients add up past 2**62, and a request's value is the
+#: coefficient of each of its columns: with the default settings at most
+#: 6 hosts x (1 + 64 alternatives) + 1 greedy column = 391 of them, so values
+#: up to 2**52 keep the sum below 2**61 (quality is added on top).
+MAX_TOTAL = 1 << 52
+
+#: A request counts at most this many GPUs (and as many other devices)
+#: towards its value: more than a host offers; a request asking more fits
+#: nowhere, and must not make the values of the rest of the batch fall back
+#: to ranks alone.
+MAX_GPUS = 64
 
 #: Quality of one column is squeezed into [0, QUALITY_RANGE].
 QUALITY_RANGE = 1000
@@ -124,17 +138,34 @@ def gpu_equivalents_of(requests: Sequence[PlacementRequest], units: GpuUnits) ->
 
 
 def gpu_equivalents(request: PlacementRequest, units: GpuUnits) -> Fraction:
-    """The least share of GPUs any placement of ``request`` takes (see the module doc)."""
-    return sum((_least_gpu_share(c, units) for c in request.claims), Fraction(0))
+    """What ``request`` is worth in GPUs: the least share its forms other than a VF take.
+
+    A vGPU VF's share of its GPU is not modelled; a claim that also accepts
+    whole GPUs, MIG instances or mdevs is worth the least of those (a
+    2-GPU claim that would take VFs too is worth 2 GPUs, not nothing), and
+    one that takes only VFs is worth its count in device units (see
+    :func:`request_values`). Capped at :data:`MAX_GPUS`.
+    """
+    worth = sum((_least_gpu_share(c, units, vf=False) for c in request.claims), Fraction(0))
+    return min(Fraction(MAX_GPUS), worth)
 
 
-def _least_gpu_share(claim: Claim, units: GpuUnits) -> Fraction:
+def gpu_need(request: PlacementRequest, units: GpuUnits) -> Fraction:
+    """The least share of GPUs any placement of ``request`` takes (the capacity bound's need).
+
+    As :func:`gpu_equivalents`, but nothing for a claim that accepts a VF:
+    its share is not modelled, and a need too small keeps a bound valid
+    where one too large would not.
+    """
+    need = sum((_least_gpu_share(c, units, vf=True) for c in request.claims), Fraction(0))
+    return min(Fraction(MAX_GPUS), need)
+
+
+def _least_gpu_share(claim: Claim, units: GpuUnits, *, vf: bool) -> Fraction:
     if claim.kind is not DeviceKind.GPU:
         return Fraction(0)
     forms = claim.accepted_forms()
-    if DeviceForm.VF in forms:
-        # An SR-IOV vGPU's share is not modelled: nothing, which keeps the
-        # capacity bound valid.
+    if vf and DeviceForm.VF in forms:
         return Fraction(0)
     least: Fraction | None = Fraction(1) if DeviceForm.WHOLE_DEVICE in forms else None
     if DeviceForm.MIG in forms:
@@ -148,6 +179,16 @@ def _least_gpu_share(claim: Claim, units: GpuUnits) -> Fraction:
             min((units.mdev_share[t] for t in types if t in units.mdev_share), default=Fraction(0)),
         )
     return claim.count * (least if least is not None else Fraction(0))
+
+
+def _device_units(request: PlacementRequest) -> int:
+    """Devices a request takes that are worth no GPU share: NICs, accelerators, VF-only GPUs."""
+    devices = sum(
+        c.count
+        for c in request.claims
+        if c.kind is not DeviceKind.GPU or c.accepted_forms() == {DeviceForm.VF}
+    )
+    return min(MAX_GPUS, devices)
 
 
 def _least(a: Fraction | None, b: Fraction) -> Fraction:
@@ -176,7 +217,10 @@ def request_values(requests: Sequence[PlacementRequest], units: GpuUnits) -> lis
     """
     ranks = priority_ranks(r.priority for r in requests)
     quantum = value_quantum(len(requests))
-    sizes = [math.floor(g * GPU_UNITS) + 1 for g in gpu_equivalents_of(requests, units)]
+    sizes = [
+        math.floor(g * GPU_UNITS) + 1 + _device_units(r)
+        for r, g in zip(requests, gpu_equivalents_of(requests, units), strict=True)
+    ]
     values = [quantum * ranks[r.priority] * size for r, size in zip(requests, sizes, strict=True)]
     if sum(values) > MAX_TOTAL:
         values = [quantum * ranks[r.priority] for r in requests]

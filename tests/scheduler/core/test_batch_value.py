@@ -20,7 +20,7 @@ from scheduler.core.request import Claim, DeviceForm, DeviceKind, Isolation, Pla
 from scheduler.core.snapshot import ClusterSnapshot, HostState
 
 from .checker_topologies import mixed
-from .topologies import dgx
+from .topologies import dgx, workstation
 
 
 def request(rid: str, *claims: Claim, priority: int = 0) -> PlacementRequest:
@@ -81,13 +81,45 @@ def test_values_rank_priorities_then_weigh_gpus_and_each_request_counts() -> Non
     assert (eight, one, nic) == (
         quantum * 2 * (8 * GPU_UNITS + 1),
         quantum * 2 * (GPU_UNITS + 1),
-        quantum * 2,
+        quantum * 2 * 2,  # the request's unit and the NIC's
     )
     # Eight small requests are worth one eight times as large, and their own units.
     assert 8 * one - eight == 7 * quantum * 2
     assert urgent == 3 * one // 2 and lowest == one // 2
     # Priorities a client chose at the ends of int32 rank like any others.
     assert sum((eight, one, nic, urgent, lowest)) < MAX_TOTAL
+
+
+def test_a_claim_that_would_take_vfs_too_is_worth_its_gpus() -> None:
+    """A VF's share of its GPU is not modelled; the claim's other forms are."""
+    units = learn_gpu_units(mixed_fleet(), Engine().hardware_and_occupancy)
+    either = Claim(
+        "gpu", DeviceKind.GPU, 2, forms=frozenset({DeviceForm.WHOLE_DEVICE, DeviceForm.VF}),
+        min_isolation=Isolation.SHARED,
+    )  # fmt: skip
+    assert gpu_equivalents(request("either", either), units) == 2
+    # Only VFs: worth its count in device units, as a NIC's VFs are.
+    vfs = Claim(
+        "gpu", DeviceKind.GPU, 3, forms=frozenset({DeviceForm.VF}), min_isolation=Isolation.SHARED
+    )
+    assert gpu_equivalents(request("vfs", vfs), units) == 0
+    quantum = value_quantum(1)
+    assert request_values([request("vfs", vfs)], units) == [quantum * (1 + 3)]
+
+
+def test_a_higher_priority_request_that_would_take_vfs_too_is_not_outcompeted() -> None:
+    """Two GPUs: a priority-10 request for both (whole or VF) against a
+    priority-0 request for one. Valued at nothing for accepting VFs, the
+    first lost to the second; it is worth twice as much, at twice the rank."""
+    snap = ClusterSnapshot(hosts={HostId("ws"): HostState(workstation("ws"), 0)})
+    both = Claim(
+        "gpu", DeviceKind.GPU, 2, forms=frozenset({DeviceForm.WHOLE_DEVICE, DeviceForm.VF}),
+        min_isolation=Isolation.SHARED,
+    )  # fmt: skip
+    batch = [request("urgent", both, priority=10), request("small", gpus(1))]
+    result = solve_batch(Engine(), snap, batch, BatchSettings(workers=1))
+    assert set(result.plans) == {"urgent"}
+    assert result.gpu_equivalents == 2
 
 
 def test_values_that_would_overflow_the_solver_fall_back_to_ranks() -> None:
