@@ -718,6 +718,9 @@ return 1
 """
 )
 
+#: Request records read per pipeline by the housekeeper's sweep.
+_SWEEP_PAGE = 500
+
 # KEYS: request. ARGV: placement id. Forgets a released placement's request
 # record if it still names that placement. Returns 1 if deleted.
 _FORGET_LUA = """#!lua
@@ -1481,35 +1484,64 @@ class RedisStateStore:
         seconds, micros = await self._client.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         resolved = forgotten = 0
+        fields = [
+            schema.F_STATE,
+            schema.F_CLAIMANT,
+            schema.F_DEADLINE_MS,
+            schema.F_PLACEMENT_ID,
+            schema.F_HOST_ID,
+        ]
+        page: list[str] = []
         async for raw in self._client.scan_iter(match=schema.request("*"), count=1000):
-            key = _text(raw)
-            state, holder, deadline, placement_id, host_id = (
-                _text(x)
-                for x in await self._client.hmget(
-                    key,
-                    [
-                        schema.F_STATE,
-                        schema.F_CLAIMANT,
-                        schema.F_DEADLINE_MS,
-                        schema.F_PLACEMENT_ID,
-                        schema.F_HOST_ID,
-                    ],
-                )
-            )
-            request_id = key[len(schema.request("")) :]
-            if state == schema.COMMITTED:
-                # Placement ids are never reused and a record is committed
-                # only once its commit landed: a placement gone from its
-                # host was released, and cannot come back. The script
-                # deletes only a record that still names it.
-                if not await self._holds(host_id, placement_id, request_id):
-                    forgotten += int(await self._forget_released(keys=[key], args=[placement_id]))
+            page.append(_text(raw))
+            if len(page) < _SWEEP_PAGE:
                 continue
+            found = await self._sweep_page(page, fields, now_ms)
+            resolved, forgotten = resolved + found[0], forgotten + found[1]
+            page = []
+        if page:
+            found = await self._sweep_page(page, fields, now_ms)
+            resolved, forgotten = resolved + found[0], forgotten + found[1]
+        return RecordSweep(claims_resolved=resolved, records_forgotten=forgotten)
+
+    async def _sweep_page(
+        self, keys: Sequence[str], fields: Sequence[str], now_ms: int
+    ) -> tuple[int, int]:
+        """Settle one page of request records; how many claims resolved, records forgotten.
+
+        The records are read in one pipeline, and the hosts' answers for the
+        committed ones in another: two round trips a page, not two a record.
+        """
+        async with self._client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(key, fields)
+            rows = [[_text(x) for x in row] for row in await pipe.execute()]
+        committed = [
+            (key, row) for key, row in zip(keys, rows, strict=True) if row[0] == schema.COMMITTED
+        ]
+        held: list[Any] = []
+        if committed:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for _, row in committed:
+                    if row[4]:
+                        pipe.hget(schema.placement_requests(row[4]), row[3])
+                answers = iter(await pipe.execute())
+            held = [next(answers) if row[4] else None for _, row in committed]
+        resolved = forgotten = 0
+        prefix = len(schema.request(""))
+        for (key, row), made_for in zip(committed, held, strict=True):
+            # Placement ids are never reused and a record is committed only
+            # once its commit landed: a placement gone from its host was
+            # released, and cannot come back. The script deletes only a
+            # record that still names it.
+            if _text(made_for) != key[prefix:]:
+                forgotten += int(await self._forget_released(keys=[key], args=[row[3]]))
+        for key, (state, holder, deadline, placement_id, host_id) in zip(keys, rows, strict=True):
             if state != schema.CLAIMED or _int(deadline) + self._claim_skew_ms >= now_ms:
                 continue
-            _, settled = await self._settle(request_id, holder, placement_id, host_id)
+            _, settled = await self._settle(key[prefix:], holder, placement_id, host_id)
             resolved += int(settled)
-        return RecordSweep(claims_resolved=resolved, records_forgotten=forgotten)
+        return resolved, forgotten
 
     async def _settle(
         self,

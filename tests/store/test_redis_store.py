@@ -536,6 +536,27 @@ def test_a_record_its_release_could_not_forget_is_forgotten_by_the_sweep(
     arun(body())
 
 
+def test_the_sweep_reads_records_page_by_page_and_misses_none(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        await register(store)
+        await commit(store, "kept", ["iommu-group:1"], request_id="kept")
+        # More records than a page, each naming a placement its host lost.
+        async with redis_client.pipeline(transaction=False) as pipe:
+            for i in range(1_234):
+                pipe.hset(
+                    schema.request(f"gone-{i}"),
+                    mapping={"state": "committed", "placement_id": pid(f"g{i}"), "host_id": H},
+                )
+            await pipe.execute()
+        assert await store.sweep_request_records() == RecordSweep(0, 1_234)
+        assert await redis_client.keys(schema.request("*")) == [schema.request("kept").encode()]
+
+    arun(body())
+
+
 def test_stale_claims_are_resolved_by_the_sweep(redis_client: aioredis.Redis, arun: Runner) -> None:
     async def body() -> None:
         store = RedisStateStore(redis_client, claim_ttl_ms=50, claim_skew_ms=0)
