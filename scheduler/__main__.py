@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import uuid
@@ -33,7 +34,13 @@ from scheduler.store.roster import RosterStore
 from scheduler.store.safety import UnsafeStoreConfig, check_durability
 from tessera.security.audit import AuditLog
 from tessera.security.identity import Role
-from tessera.security.tls import ChannelCache, TlsConfigError, TlsDir, check_listen
+from tessera.security.tls import (
+    ChannelCache,
+    TlsConfigError,
+    TlsDir,
+    channel_limit,
+    check_listen,
+)
 
 log = logging.getLogger("tessera.scheduler")
 
@@ -41,6 +48,25 @@ log = logging.getLogger("tessera.scheduler")
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "tessera" / "valkey"
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; the limit now.
+
+    A scheduler keeps a connection to each agent it talks to, and 1,024 (a
+    common soft limit) is far below a fleet. The hard limit is the
+    operator's ceiling (systemd's LimitNOFILE, the container runtime's):
+    the soft one is only a default, raised here as Go's runtime does.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as err:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, wanted, err)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _seconds(text: str) -> float:
@@ -215,7 +241,13 @@ async def serve(opts: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.stop()
         return 2
-    gateway = GrpcAgentGateway(ChannelCache(tls))
+    # One channel per agent: the fleet must fit in the descriptors.
+    open_files = raise_open_files_limit()
+    log.info(
+        "open files limit %d: connections to up to %d agents kept",
+        open_files, channel_limit(open_files),
+    )  # fmt: skip
+    gateway = GrpcAgentGateway(ChannelCache(tls, limit=channel_limit(open_files)))
     try:
         try:
             for warning in await check_durability(client, allow_unsafe=opts.allow_unsafe_redis):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -138,3 +139,22 @@ def test_the_scheduler_refuses_a_duration_that_would_never_fire(value: str) -> N
     error = result.stderr.strip().splitlines()[-1]
     assert "--full-sweep-interval" in error and value in error, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_scheduler_raises_its_open_files_limit_to_the_hard_limit() -> None:
+    """A connection per agent: a soft limit of 256 would cap the fleet it can reach."""
+    code = (
+        "import resource; from scheduler.__main__ import raise_open_files_limit; "
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+        "print(soft, hard, raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60, check=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )  # fmt: skip
+    soft_before, hard_seen, reported, soft_after = map(int, result.stdout.split())
+    assert soft_before == 256 and hard_seen == hard
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    assert reported == soft_after == wanted

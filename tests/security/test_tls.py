@@ -30,9 +30,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tessera.security import certs
 from tessera.security.identity import SCHEDULER_DNS_NAME, Identity, Role, agent_dns_name
 from tessera.security.tls import (
+    RESERVED_FILES,
     ChannelCache,
     TlsConfigError,
     TlsDir,
+    channel_limit,
     channel_options,
     check_listen,
     is_loopback,
@@ -412,6 +414,33 @@ def test_the_channel_cache_keeps_a_bounded_number_of_channels(arun: Runner) -> N
         await cache.close()
 
     arun(body())
+
+
+def test_a_channel_evicted_or_replaced_is_closed_once_its_grace_has_passed(arun: Runner) -> None:
+    """Evicted channels are not kept open for ever: each may hold an agent's connection."""
+
+    async def body() -> None:
+        patient = ChannelCache(None, limit=2, retire_after_s=3600)
+        prompt = ChannelCache(None, limit=2, retire_after_s=0)
+        for cache in (patient, prompt):
+            for port in range(1, 8):
+                cache.get(f"127.0.0.1:{port}", SCHEDULER_DNS_NAME)
+        # Within their grace, retired channels wait for calls in flight (at
+        # most as many as the limit); past it they are closed.
+        assert patient.open_channels == 4
+        assert prompt.open_channels == 2
+        await asyncio.sleep(0)  # let the background closes run
+        await patient.close()
+        await prompt.close()
+        assert patient.open_channels == prompt.open_channels == 0
+
+    arun(body())
+
+
+def test_the_channel_limit_follows_the_open_files_allowed() -> None:
+    assert channel_limit(1024) == 64  # a common default soft limit: the floor
+    assert channel_limit(20_000) == (20_000 - RESERVED_FILES) // 2
+    assert channel_limit(1 << 20) == 65_536
 
 
 # -- where plaintext may listen ---------------------------------------------------------

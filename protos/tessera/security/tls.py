@@ -211,18 +211,31 @@ def channel_options(server_name: str) -> list[tuple[str, str]]:
 class ChannelCache:
     """Asyncio channels by address, rebuilt when the TLS files rotate.
 
+    A scheduler keeps one channel to each agent it talks to: a channel
+    dropped and made again costs a TLS handshake on both sides (a few ms of
+    CPU), and the reconciler talks to every host every few minutes. So the
+    limit must exceed the fleet (see :func:`channel_limit`); a channel left
+    idle gives its connection up by itself (gRPC's idle timeout, 30 min).
+
     Args:
         tls: the process's TLS directory; None for plaintext (development).
         limit: channels kept at most; the least recently used beyond it are
-            closed (agents choose their addresses: a host re-registering at
+            retired (agents choose their addresses: a host re-registering at
             ever new ports must not grow this for ever).
+        retire_after_s: a retired channel (evicted, or of TLS files since
+            rotated) is closed this long after, when calls still in flight
+            on it have ended: longer than any agent call's deadline.
     """
 
-    def __init__(self, tls: TlsDir | None, limit: int = 4096) -> None:
+    def __init__(
+        self, tls: TlsDir | None, limit: int = 4096, retire_after_s: float = 120.0
+    ) -> None:
         self._tls = tls
         self._limit = limit
+        self._retire_after_s = retire_after_s
         self._channels: dict[tuple[str, str], tuple[int, grpc.aio.Channel]] = {}
-        self._retired: list[grpc.aio.Channel] = []
+        # (when retired, monotonic s; channel), oldest first.
+        self._retired: list[tuple[float, grpc.aio.Channel]] = []
         self._closing: set[asyncio.Task[None]] = set()
 
     def get(self, address: str, server_name: str) -> grpc.aio.Channel:
@@ -241,6 +254,7 @@ class ChannelCache:
         cached = self._channels.pop(key, None)
         if cached is not None and cached[0] == generation:
             self._channels[key] = cached  # most recently used last
+            self._close_retired()
             return cached[1]
         if cached is not None:
             # Calls in flight finish on the old channel; it closes later.
@@ -255,13 +269,25 @@ class ChannelCache:
         while len(self._channels) > self._limit:
             oldest = next(iter(self._channels))
             self._retire(self._channels.pop(oldest)[1])
+        self._close_retired()
         return channel
 
+    @property
+    def open_channels(self) -> int:
+        """Channels kept or retired and not closed yet (each may hold a connection)."""
+        return len(self._channels) + len(self._retired)
+
     def _retire(self, channel: grpc.aio.Channel) -> None:
-        """Keep ``channel`` for calls in flight; close the oldest retired beyond the limit."""
-        self._retired.append(channel)
-        while len(self._retired) > self._limit:
-            stale = self._retired.pop(0)
+        """Keep ``channel`` for calls in flight; it is closed once they must have ended."""
+        self._retired.append((time.monotonic(), channel))
+
+    def _close_retired(self) -> None:
+        """Close retired channels past their grace, and the oldest beyond the limit."""
+        deadline = time.monotonic() - self._retire_after_s
+        while self._retired and (
+            self._retired[0][0] <= deadline or len(self._retired) > self._limit
+        ):
+            _, stale = self._retired.pop(0)
             # Nothing awaits it: closing is best effort, in the background.
             task = asyncio.get_running_loop().create_task(stale.close())
             self._closing.add(task)
@@ -271,10 +297,25 @@ class ChannelCache:
         """Close every channel."""
         for _, channel in self._channels.values():
             await channel.close()
-        for channel in self._retired:
+        for _, channel in self._retired:
             await channel.close()
         self._channels.clear()
         self._retired.clear()
+
+
+#: File descriptors a process keeps apart from its agent channels: the
+#: listening socket, clients' connections, Redis, logs, the embedded Valkey.
+RESERVED_FILES = 1024
+
+
+def channel_limit(open_files: int) -> int:
+    """How many agent channels a process allowed ``open_files`` descriptors may keep.
+
+    Each channel, kept or retired and not closed yet, may hold a
+    connection: half of what is left after :data:`RESERVED_FILES`, at least
+    64 and at most 65,536.
+    """
+    return max(64, min(65_536, (open_files - RESERVED_FILES) // 2))
 
 
 def sync_channel(address: str, tls: TlsDir | None, server_name: str) -> grpc.Channel:
