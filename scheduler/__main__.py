@@ -59,14 +59,21 @@ def raise_open_files_limit() -> int:
     the soft one is only a default, raised here as Go's runtime does.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < wanted:
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    # An infinite hard limit (macOS) is capped by the kernel's per-process
+    # maximum, which setrlimit refuses to pass: try less, as Go does.
+    wanted = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 1 << 16, 10_240]
+    for limit in wanted:
+        if limit <= soft:
+            break
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
         except (ValueError, OSError) as err:
-            log.warning("cannot raise the open files limit from %d to %d: %s", soft, wanted, err)
-    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, limit, err)
+            continue
+        return limit
+    return soft
 
 
 def _seconds(text: str) -> float:

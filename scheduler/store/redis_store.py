@@ -1536,8 +1536,20 @@ class RedisStateStore:
             # record that still names it.
             if _text(made_for) != key[prefix:]:
                 forgotten += int(await self._forget_released(keys=[key], args=[row[3]]))
-        for key, (state, holder, deadline, placement_id, host_id) in zip(keys, rows, strict=True):
-            if state != schema.CLAIMED or _int(deadline) + self._claim_skew_ms >= now_ms:
+
+        def stale(state: str, deadline: str) -> bool:
+            return state == schema.CLAIMED and _int(deadline) + self._claim_skew_ms < now_ms
+
+        for key, row in zip(keys, rows, strict=True):
+            if not stale(row[0], row[2]):
+                continue
+            # Read again: the page was read a while ago, and a claimant may
+            # have renewed its claim since (the settle script checks the
+            # claimant, not the deadline).
+            state, holder, deadline, placement_id, host_id = (
+                _text(x) for x in await self._client.hmget(key, fields)
+            )
+            if not stale(state, deadline):
                 continue
             _, settled = await self._settle(key[prefix:], holder, placement_id, host_id)
             resolved += int(settled)

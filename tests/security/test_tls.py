@@ -437,9 +437,48 @@ def test_a_channel_evicted_or_replaced_is_closed_once_its_grace_has_passed(arun:
     arun(body())
 
 
+class _SlowHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """Answers SERVING after a while: a call still in flight when its channel goes."""
+
+    async def Check(  # noqa: N802 - gRPC method names are CamelCase
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> health_pb2.HealthCheckResponse:
+        await asyncio.sleep(0.5)
+        return health_pb2.HealthCheckResponse(status=SERVING)
+
+
+def test_a_call_in_flight_finishes_on_a_channel_retired_beyond_the_limit(arun: Runner) -> None:
+    """Eviction past the limit closes a channel at once, with a grace: its calls
+    end as they would have, never cancelled."""
+
+    def add_slow(server: grpc.aio.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(_SlowHealth(), server)
+
+    async def body() -> None:
+        cache = ChannelCache(None, limit=1, retire_after_s=3600)
+        async with serving(add_slow, None) as address:
+            channel = cache.get(address, "a")
+            call = asyncio.ensure_future(
+                health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+            )
+            await asyncio.sleep(0.1)  # the call is in flight
+            for name in ("b", "c", "d"):
+                cache.get(address, name)
+            assert cache.open_channels == 2  # one kept, one retired: the first is closing
+            reply = await call
+            assert reply.status == SERVING
+            await cache.close()
+
+    arun(body())
+
+
 def test_the_channel_limit_follows_the_open_files_allowed() -> None:
     assert channel_limit(1024) == 64  # a common default soft limit: the floor
-    assert channel_limit(20_000) == (20_000 - RESERVED_FILES) // 2
+    assert channel_limit(20_000) == (20_000 - RESERVED_FILES) // 3
     assert channel_limit(1 << 20) == 65_536
 
 

@@ -282,14 +282,20 @@ class ChannelCache:
         self._retired.append((time.monotonic(), channel))
 
     def _close_retired(self) -> None:
-        """Close retired channels past their grace, and the oldest beyond the limit."""
-        deadline = time.monotonic() - self._retire_after_s
+        """Close retired channels past their grace; beyond the limit, the oldest at once.
+
+        One closed at once, before its grace is over, still lets the calls in
+        flight on it finish (gRPC's close with a grace): they are never
+        cancelled, only new ones refused, and there are none.
+        """
+        now = time.monotonic()
         while self._retired and (
-            self._retired[0][0] <= deadline or len(self._retired) > self._limit
+            self._retired[0][0] + self._retire_after_s <= now or len(self._retired) > self._limit
         ):
-            _, stale = self._retired.pop(0)
+            retired_at, stale = self._retired.pop(0)
+            grace = max(0.0, retired_at + self._retire_after_s - now)
             # Nothing awaits it: closing is best effort, in the background.
-            task = asyncio.get_running_loop().create_task(stale.close())
+            task = asyncio.get_running_loop().create_task(stale.close(grace or None))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
@@ -311,11 +317,12 @@ RESERVED_FILES = 1024
 def channel_limit(open_files: int) -> int:
     """How many agent channels a process allowed ``open_files`` descriptors may keep.
 
-    Each channel, kept or retired and not closed yet, may hold a
-    connection: half of what is left after :data:`RESERVED_FILES`, at least
-    64 and at most 65,536.
+    Per agent a scheduler may hold three connections: the channel it keeps,
+    one retired (the TLS files rotated, calls may still be in flight), and
+    the agent's own to it (registration, heartbeats). So a third of what is
+    left after :data:`RESERVED_FILES`, at least 64 and at most 65,536.
     """
-    return max(64, min(65_536, (open_files - RESERVED_FILES) // 2))
+    return max(64, min(65_536, (open_files - RESERVED_FILES) // 3))
 
 
 def sync_channel(address: str, tls: TlsDir | None, server_name: str) -> grpc.Channel:
