@@ -5,8 +5,9 @@ ports with or without a switch and with or without ACS (so IOMMU groups hold one
 to three members: a device, its companion function, the port, a second device,
 sometimes a host-owned USB controller), GPUs that are plain, MIG-enabled with
 random existing instances, or vGPU parents of one or mixed types with live
-mdevs; SR-IOV NICs with or without VFs (migratable or not), host-used devices,
-labels, and now and then a host whose lease expired.
+mdevs; SR-IOV vGPU GPUs whose VFs are vGPU parents; SR-IOV NICs with or
+without VFs (migratable or not), host-used devices, labels, and now and then a
+host whose lease expired.
 
 Requests use every form, isolation level, NUMA policy, affinity scope,
 exclusivity domain, selectors, priorities and gangs. The independent checker
@@ -63,7 +64,7 @@ from scheduler.core.identity import (
 )
 from scheduler.core.mig import MIG_TABLES
 from scheduler.core.mig_geometry import MigLayout, placements_available, with_instance
-from scheduler.core.plan import Plan, Unschedulable
+from scheduler.core.plan import MdevAssignment, Plan, Unschedulable
 from scheduler.core.request import (
     FORM_ISOLATION,
     Affinity,
@@ -91,7 +92,11 @@ MIG_NAMES = sorted(p.name for p in H100_PROFILES)
 MDEV_TYPES = ("nvidia-1", "nvidia-2", "nvidia-4")
 MIGRATION_DRIVER = "mlx5_vfio_pci"
 TENANTS = ("t0", "t1", "t2")
-DEVICE_SHAPES = ("gpu", "gpu+audio", "mig-gpu", "mdev-gpu", "nic", "sriov-nic", "accel")
+DEVICE_SHAPES = (
+    "gpu", "gpu+audio", "mig-gpu", "mdev-gpu", "sriov-vgpu", "nic", "sriov-nic", "accel",
+)  # fmt: skip
+#: The vGPU type of an SR-IOV vGPU GPU's VFs: one instance per VF.
+SRIOV_VGPU_TYPE = "nvidia-700"
 #: What a group shared by several devices may hold: anything but an SR-IOV PF
 #: (VFs get groups of their own only behind ACS, so SR-IOV without ACS is not
 #: a configuration anyone runs). Sliced GPUs beside passed-through ones are in:
@@ -208,6 +213,47 @@ def _mdev_parent(draw: st.DrawFn, address: PciAddress, host: str) -> MdevParentV
     return MdevParentView(address, types, live=live, single_type=single)
 
 
+def _sriov_vgpu(
+    draw: st.DrawFn,
+    b: _HostBuilder,
+    address: str,
+    *,
+    numa: int,
+    chain: tuple[str, ...],
+    group: int,
+    host_use: str | None,
+) -> None:
+    """An SR-IOV vGPU GPU (Ada, Hopper): each VF in its own group, an mdev parent of
+    one vGPU type with one instance, some VFs with a live mdev; or its VFs not enabled.
+
+    As the agent reports it (see test_vgpu_vfs.py): the PF and its VFs are
+    3D controllers, the VFs' mdev parents; NVML does not list it as a GPU.
+    """
+    total = draw(st.sampled_from([2, 4]))
+    enabled = draw(st.sampled_from([0, total]))
+    bus = int(address[5:7], 16)
+    b.add(
+        address, class_code=GPU_CLASS, vendor=NVIDIA, numa=numa, chain=chain, group=group,
+        device=0x2330, num_vfs=enabled, host_use=host_use,
+    )  # fmt: skip
+    vfs = []
+    for i in range(enabled):
+        vf = PciAddress(f"0000:{bus:02x}:{1 + i // 8:02x}.{i % 8}")
+        b.add(
+            vf, class_code=GPU_CLASS, vendor=NVIDIA, numa=numa, chain=chain, group=b.group(),
+            device=0x2330, physfn=address,
+        )  # fmt: skip
+        vfs.append(VfView(i, vf, IommuGroupNumber(b.next_group)))
+        live = {f"{b.host_id}-{vf}-0": SRIOV_VGPU_TYPE} if draw(st.integers(0, 3)) == 0 else {}
+        b.parents[vf] = MdevParentView(
+            vf,
+            {SRIOV_VGPU_TYPE: MdevTypeView(SRIOV_VGPU_TYPE, available=0 if live else 1,
+                                           max_instances=1)},
+            live=live,
+        )  # fmt: skip
+    b.sriov[PciAddress(address)] = SriovPfView(PciAddress(address), total, enabled, tuple(vfs))
+
+
 def _device(
     draw: st.DrawFn,
     b: _HostBuilder,
@@ -223,6 +269,9 @@ def _device(
     address = f"0000:{bus:02x}:00.0"
     own = group if group is not None else b.group()
     host_use = "boot display" if draw(st.integers(0, 14)) == 0 else None
+    if shape == "sriov-vgpu":
+        _sriov_vgpu(draw, b, address, numa=numa, chain=chain, group=own, host_use=host_use)
+        return
     if shape in ("gpu", "gpu+audio", "mig-gpu", "mdev-gpu"):
         model = {"mig-gpu": H100, "mdev-gpu": P4}.get(shape, draw(st.sampled_from([A100, H100])))
         fn = b.add(
@@ -387,7 +436,9 @@ def claims(draw: st.DrawFn, name: str) -> Claim:
         draw(st.sampled_from([1, 1, 1, 2, 3])),
         forms,
         selector,
-        mdev_types=frozenset(draw(st.lists(st.sampled_from(MDEV_TYPES), min_size=1)))
+        mdev_types=frozenset(
+            draw(st.lists(st.sampled_from([*MDEV_TYPES, SRIOV_VGPU_TYPE]), min_size=1))
+        )
         if mdev
         else frozenset(),
         mig_profiles=frozenset(draw(st.lists(st.sampled_from(MIG_NAMES), min_size=1)))
@@ -484,6 +535,8 @@ def test_one_at_a_time_every_plan_is_valid(
         made.append((request, result))
         for a in result.assignments:
             event(f"placed {type(a).__name__}")
+            if isinstance(a, MdevAssignment) and state.view.functions[a.parent_address].physfn:
+                event("placed a vGPU on an SR-IOV VF")
         snapshot = with_reservation(
             snapshot, result.host_id, result.slots, PlacementId(f"p{i}"), request.tenant
         )
