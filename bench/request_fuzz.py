@@ -69,6 +69,7 @@ from bench import report
 from bench.protowire import varint
 from scheduler.local_cluster import LocalCluster
 from scheduler.service.servicers import MAX_DETAILS_BYTES
+from scheduler.store import schema
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 OUT = Path(__file__).parent / "out"
@@ -651,8 +652,9 @@ def store_contents(url: str) -> dict[bytes, Any]:
     The hosts' ``last_heartbeat_ms`` is left out: heartbeats go on during the
     burst and are no request's doing; so are the ``fence:<job>`` fields, which
     the reaper raises on every host in its first round as leader, whenever
-    that falls. TTLs are left out too (the reaper's lease is renewed with the
-    same value).
+    that falls; and the replica roster's scores, each replica's membership
+    deadline, renewed every few seconds. TTLs are left out too (the reaper's
+    lease is renewed with the same value).
     """
     client = redis.Redis.from_url(url)
     out: dict[bytes, Any] = {}
@@ -672,6 +674,8 @@ def store_contents(url: str) -> dict[bytes, Any]:
                 value = sorted(client.smembers(key))
             elif kind == b"list":
                 value = client.lrange(key, 0, -1)
+            elif kind == b"zset" and key == schema.REPLICAS.encode():
+                value = client.zrange(key, 0, -1)  # who, not until when
             elif kind == b"zset":
                 value = client.zrange(key, 0, -1, withscores=True)
             else:
