@@ -45,7 +45,7 @@ from bench.report import bar_plot, table
 from scheduler.core.checker import check_placements
 from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.batch_value import (
-    gpu_equivalents,
+    gpu_equivalents_of,
     learn_gpu_units,
     request_values,
     value_quantum,
@@ -68,10 +68,11 @@ def values(
 ) -> tuple[dict[str, int], dict[str, float]]:
     """Per request id, the value ``solve_batch`` gives placing it, and its GPU-equivalents."""
     units = learn_gpu_units(snap, Engine().hardware_and_occupancy)
+    gpus = gpu_equivalents_of(requests, units)
     ids = [r.request_id for r in requests]
     return (
-        dict(zip(ids, request_values(requests, units), strict=True)),
-        {r.request_id: float(gpu_equivalents(r, units)) for r in requests},
+        dict(zip(ids, request_values(requests, gpus), strict=True)),
+        {rid: float(g) for rid, g in zip(ids, gpus, strict=True)},
     )
 
 

@@ -45,7 +45,6 @@ from ortools.sat.python import cp_model
 from scheduler.core.engine.batch_bound import capacity_bound
 from scheduler.core.engine.batch_value import (
     QUALITY_RANGE,
-    GpuUnits,
     gpu_equivalents_of,
     learn_gpu_units,
     request_values,
@@ -160,7 +159,8 @@ class _Batch:
     gang_of: Mapping[RequestId, str]
     gangs: Mapping[str, list[int]]
     started: float
-    units: GpuUnits
+    #: Per request, its GPU-equivalents.
+    gpus: Sequence[Fraction]
     columns: list[_Column] = field(default_factory=list)
     #: (column, pick index) -> the MIG placement the model chose.
     mig_placements: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
@@ -425,12 +425,13 @@ def solve_batch(
     # for an 8-GPU request, whose GPUs are worth as much as theirs. Without
     # the solver the batch is sequential placement, in the order given.
     units = learn_gpu_units(snapshot, engine.hardware_and_occupancy, requests)
-    weights = request_values(requests, units)
+    gpus = gpu_equivalents_of(requests, units)
+    weights = request_values(requests, gpus)
     order = sorted(
         range(len(requests)),
         key=lambda i: (-requests[i].priority, -weights[i] if settings.use_solver else 0, i),
     )
-    batch = _Batch(engine, snapshot, requests, gang_of, gangs, started, units)
+    batch = _Batch(engine, snapshot, requests, gang_of, gangs, started, gpus)
     greedy, refused, greedy_plans = _greedy(batch, order)
 
     # Candidate columns against the starting state.
@@ -803,11 +804,7 @@ def _finish(
         solved=solved,
         model_bound=model_bound,
         gpu_equivalents=sum(
-            (
-                g
-                for r, g in zip(requests, gpu_equivalents_of(requests, batch.units), strict=True)
-                if r.request_id in plans
-            ),
+            (g for r, g in zip(requests, batch.gpus, strict=True) if r.request_id in plans),
             Fraction(0),
         ),
     )

@@ -205,8 +205,11 @@ def value_quantum(n_requests: int) -> int:
     return 2 * QUALITY_RANGE * (n_requests + 1)
 
 
-def request_values(requests: Sequence[PlacementRequest], units: GpuUnits) -> list[int]:
+def request_values(requests: Sequence[PlacementRequest], gpus: Sequence[Fraction]) -> list[int]:
     """Per request, the value of placing it: priority rank times GPU-equivalents, above quality.
+
+    ``gpus`` are the requests' GPU-equivalents (:func:`gpu_equivalents_of`),
+    which the caller also reports.
 
     Each value is a multiple of twice any quality total
     (:func:`value_quantum`), so a solution short of one
@@ -219,7 +222,7 @@ def request_values(requests: Sequence[PlacementRequest], units: GpuUnits) -> lis
     quantum = value_quantum(len(requests))
     sizes = [
         math.floor(g * GPU_UNITS) + 1 + _device_units(r)
-        for r, g in zip(requests, gpu_equivalents_of(requests, units), strict=True)
+        for r, g in zip(requests, gpus, strict=True)
     ]
     values = [quantum * ranks[r.priority] * size for r, size in zip(requests, sizes, strict=True)]
     if sum(values) > MAX_TOTAL:

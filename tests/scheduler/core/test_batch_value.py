@@ -9,6 +9,7 @@ from scheduler.core.engine.batch_value import (
     GPU_UNITS,
     MAX_TOTAL,
     gpu_equivalents,
+    gpu_equivalents_of,
     learn_gpu_units,
     priority_ranks,
     request_values,
@@ -76,7 +77,7 @@ def test_values_rank_priorities_then_weigh_gpus_and_each_request_counts() -> Non
     ]
     assert priority_ranks(r.priority for r in batch) == {-(2**31): 1, 0: 2, 2**31 - 1: 3}
     quantum = value_quantum(len(batch))
-    eight, one, nic, urgent, lowest = request_values(batch, units)
+    eight, one, nic, urgent, lowest = request_values(batch, gpu_equivalents_of(batch, units))
     assert all(v % quantum == 0 for v in (eight, one, nic, urgent, lowest))
     assert (eight, one, nic) == (
         quantum * 2 * (8 * GPU_UNITS + 1),
@@ -104,7 +105,8 @@ def test_a_claim_that_would_take_vfs_too_is_worth_its_gpus() -> None:
     )
     assert gpu_equivalents(request("vfs", vfs), units) == 0
     quantum = value_quantum(1)
-    assert request_values([request("vfs", vfs)], units) == [quantum * (1 + 3)]
+    only_vfs = [request("vfs", vfs)]
+    assert request_values(only_vfs, gpu_equivalents_of(only_vfs, units)) == [quantum * (1 + 3)]
 
 
 def test_a_higher_priority_request_that_would_take_vfs_too_is_not_outcompeted() -> None:
@@ -125,7 +127,7 @@ def test_a_higher_priority_request_that_would_take_vfs_too_is_not_outcompeted() 
 def test_values_that_would_overflow_the_solver_fall_back_to_ranks() -> None:
     units = learn_gpu_units(mixed_fleet(), Engine().hardware_and_occupancy)
     huge = [request(f"r{i}", *(gpus(64) for _ in range(32)), priority=i) for i in range(2000)]
-    values = request_values(huge, units)
+    values = request_values(huge, gpu_equivalents_of(huge, units))
     quantum = value_quantum(len(huge))
     assert values == [quantum * (i + 1) for i in range(2000)]
     assert sum(values) < MAX_TOTAL

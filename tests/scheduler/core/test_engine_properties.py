@@ -38,7 +38,11 @@ from hypothesis import strategies as st
 from scheduler.core.checker import check_placements
 from scheduler.core.engine.batch import BatchSettings, solve_batch
 from scheduler.core.engine.batch_bound import capacity_bound
-from scheduler.core.engine.batch_value import learn_gpu_units, request_values
+from scheduler.core.engine.batch_value import (
+    gpu_equivalents_of,
+    learn_gpu_units,
+    request_values,
+)
 from scheduler.core.engine.fastpath import Engine, fit_key
 from scheduler.core.engine.framework import Rejections
 from scheduler.core.engine.policies import FirstFitPolicy, TesseraPolicy
@@ -550,7 +554,7 @@ def _value_placed(
 ) -> int:
     """Placed requests valued as the batch values them: priority rank x GPU-equivalents."""
     units = learn_gpu_units(start, Engine().hardware_and_occupancy)
-    values = request_values(requests, units)
+    values = request_values(requests, gpu_equivalents_of(requests, units))
     return sum(v for r, v in zip(requests, values, strict=True) if r.request_id in placed)
 
 
@@ -739,7 +743,13 @@ def test_no_placement_of_a_batch_scores_above_its_capacity_bound(
     """
     engine = Engine()
     units = learn_gpu_units(snap, engine.hardware_and_occupancy)
-    weight = dict(zip((r.request_id for r in stream), request_values(stream, units), strict=True))
+    weight = dict(
+        zip(
+            (r.request_id for r in stream),
+            request_values(stream, gpu_equivalents_of(stream, units)),
+            strict=True,
+        )
+    )
     values = {
         i: weight[r.request_id] for i, r in enumerate(stream) if engine.candidates(snap, r, 1)[0]
     }
