@@ -27,7 +27,9 @@ node, MIG GPUs for G2/G3, vGPU types elsewhere, the same task mapping):
   DotProd (the paper's baseline: the feasible host whose free CPU, memory
   and GPU align best with the task's demand), FGD as published (every
   feasible host, the least growth of fragmentation under the trace's mix,
-  given to it), and Tessera (learning the mix from the requests it places).
+  given to it), Tessera as the scheduler runs it by default, and Tessera
+  packing (``tessera-scheduler --policy tessera-packing``: every feasible
+  host scored by what it strands under the mix it learns from the requests).
 
     PYTHONPATH=.:protos .venv/bin/python bench/fill_replay.py [--quick] [--seeds 3]
         [--trace default --trace gpushare100 ...] [--share 4] [--ablations]
@@ -65,6 +67,7 @@ from bench.trace_replay import (
 from scheduler.core.engine.fastpath import Engine, default_profile
 from scheduler.core.engine.plugins import FragmentationScorer
 from scheduler.core.engine.policies import (
+    PACKING_POLICY,
     BestFitPolicy,
     FeasibleHostsBaseline,
     FgdPolicy,
@@ -72,6 +75,7 @@ from scheduler.core.engine.policies import (
     Policy,
     RandomPolicy,
     TesseraPolicy,
+    packing_policy,
 )
 from scheduler.core.fragmentation import (
     TaskMix,
@@ -271,6 +275,7 @@ def policies(
         "dot-prod": DotProdPolicy,
         "fgd": lambda: FgdPolicy(prior=mix),
         "tessera": TesseraPolicy,
+        PACKING_POLICY: packing_policy,
     }
     if ablations:
         out["tessera+fragmentation"] = lambda: _ablation(keep_best_fit=True, weight=1000)

@@ -66,6 +66,7 @@ from scheduler.core.engine.plugins import (
     MigOptions,
     MigratabilityPlugin,
     NumaPlugin,
+    PackingScorer,
     SharingScorer,
     SwitchPartners,
     VfOptions,
@@ -73,6 +74,7 @@ from scheduler.core.engine.plugins import (
     free_vfs,
     numa_domains,
 )
+from scheduler.core.fragmentation import TaskMixLearner
 from scheduler.core.host import HostView, domain_instance
 from scheduler.core.identity import (
     HostId,
@@ -173,6 +175,21 @@ def default_profile() -> EngineProfile:
         unit_filters=(NumaPlugin(), AffinityPlugin()),
         scorers=(BestFitScorer(), SharingScorer(), LocalityScorer(), MigFragmentationScorer()),
     )
+
+
+def packing_profile(learner: TaskMixLearner | None = None) -> EngineProfile:
+    """Tessera's packing profile: the default one, packing by the task mix instead of best fit.
+
+    Best fit's idle-device count is replaced by :class:`PackingScorer`,
+    which learns the task mix from the requests placed (``learner``, a
+    fresh one by default, is the profile's observer). Run it on an engine
+    that scores every feasible host (``feasible_hosts=0``): bench (h)
+    measured what it buys on the Alibaba trace and what it costs a request.
+    """
+    learner = learner if learner is not None else TaskMixLearner()
+    base = default_profile()
+    scorers = tuple(s for s in base.scorers if not isinstance(s, BestFitScorer))
+    return replace(base, scorers=(*scorers, PackingScorer(learner)), observers=(learner,))
 
 
 @dataclass(frozen=True)
@@ -1193,7 +1210,15 @@ class Engine:
             # What learns from demand sees the request (an Explain is no demand).
             for observer in self.profile.observers:
                 observer.observe(request)
-        fits, rejections = self.candidates(snapshot, request, 0 if explain else self.feasible_hosts)
+        wanted = 0 if explain else self.feasible_hosts
+        fits, rejections = self.candidates(snapshot, request, wanted)
+        if fits and self._epochs != tuple(getattr(s, "epoch", 0) for s in self.profile.scorers):
+            # A scorer learnt something while scoring (the packing scorer, a
+            # GPU sharing a shape more finely than any it had seen): hosts
+            # scored before it did were judged on less. Once more, on what
+            # it knows now; such learning ends once the fleet's hardware has
+            # been seen.
+            fits, rejections = self.candidates(snapshot, request, wanted)
         if not fits:
             return unschedulable(len(snapshot.hosts), request, rejections)
         # Equal scores are common (identical hosts, equally full): break the

@@ -23,7 +23,7 @@ Soft preferences are the scorers at the end of the module.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from scheduler.core.engine.framework import (
     Cycle,
@@ -34,9 +34,13 @@ from scheduler.core.engine.framework import (
 )
 from scheduler.core.fragmentation import (
     HostFragmentation,
+    TaskMix,
     TaskMixLearner,
+    TaskShape,
+    free_shares,
     host_fragmentation,
     occupancy_after,
+    task_shape,
 )
 from scheduler.core.host import (
     HANDOVER_GROUP_HOLDS_HOST_DEVICE,
@@ -69,6 +73,14 @@ from scheduler.core.request import (
     DeviceKind,
     ExclusivityDomain,
     NumaPolicy,
+)
+from scheduler.core.stranding import (
+    gangs_lost,
+    geometry_mix,
+    geometry_of,
+    geometry_value,
+    stranded_share,
+    unfillable_hole,
 )
 
 # Named reasons, stable for operators and metrics.
@@ -985,3 +997,146 @@ def _layout_after(layout: MigLayout, gpu: GpuView, picks: Sequence[Pick]) -> Mig
     for p in picks:
         layout = with_instance(layout, by_name[p.option.variant], p.mig_start)
     return layout
+
+
+class PackingScorer:
+    """Tessera's packing: place where the least free GPU capacity is stranded under the task mix.
+
+    The charges are those of :mod:`scheduler.core.stranding`, in GPUs, each
+    with its weight (points per GPU): the growth of the host's stranded
+    share, the unfillable part of the hole a shared unit leaves on its GPU,
+    the growth of what the host has lost to multi-GPU shapes, the geometry
+    a whole device spends, and the GPU capacity consumed (a half-GPU task on
+    a half-GPU vGPU pays less than on a 4-slice MIG instance).
+
+    Where FGD (:class:`FragmentationScorer`) scores every feasible host by
+    the next task's expected loss, this scorer asks what stays free for good.
+    Like FGD it needs every feasible host scored (an engine with
+    ``feasible_hosts=0``); with 64, the trace replay stranded a third more.
+
+    The mix is the learner's; the least share each shape takes anywhere is
+    learnt from the GPUs scored. :attr:`epoch` moves with either, so an
+    engine drops judgements made under what the scorer knew before.
+
+    Args:
+        learner: where the mix comes from (the engine's observers feed it).
+        stranded_weight: points per GPU of stranded share added.
+        hole_weight: points per GPU of unfillable hole left.
+        gangs_weight: points per GPU lost to multi-GPU shapes.
+        geometry_weight: points per unit of the mix's best geometry spent
+            by a whole device.
+        consumed_weight: points per GPU of capacity consumed.
+        floor: the share of the mix below which a GPU's users count as none.
+    """
+
+    name = "packing"
+
+    def __init__(
+        self,
+        learner: TaskMixLearner,
+        *,
+        stranded_weight: int = 1000,
+        hole_weight: int = 2000,
+        gangs_weight: int = 1000,
+        geometry_weight: int = 3000,
+        consumed_weight: int = 500,
+        floor: float = 0.03,
+    ) -> None:
+        if not 0 <= floor <= 1:
+            raise ValueError(f"floor must be in [0, 1], not {floor}")
+        self.learner = learner
+        self.stranded_weight = stranded_weight
+        self.hole_weight = hole_weight
+        self.gangs_weight = gangs_weight
+        self.geometry_weight = geometry_weight
+        self.consumed_weight = consumed_weight
+        self.floor = floor
+        self._least: dict[TaskShape, float] = {}
+        self._least_seen = 0
+        self._geometry: tuple[int, dict[TaskShape, float]] = (-1, {})
+        # id(occupancy) -> (occupancy, epoch, (stranded, gangs lost, free)):
+        # a host state is judged for many shapes; its "before" is the same.
+        self._before: dict[int, tuple[Occupancy, int, tuple[float, float, float]]] = {}
+        # (id(view), GPU, epoch) -> (view, its geometry value).
+        self._values: dict[tuple[int, PciAddress, int], tuple[HostView, float]] = {}
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever the mix, or a least share learnt, does."""
+        return self.learner.epoch * 4096 + self._least_seen
+
+    def score(self, cycle: Cycle, picks: Sequence[Pick]) -> tuple[int, str]:
+        """Minus the weighted charges of :mod:`scheduler.core.stranding`."""
+        mix = self.learner.mix
+        taken = [
+            (p.option.form, p.option.device.address, p.option.variant, p.mig_start)
+            for p in picks
+            if p.claim.kind is DeviceKind.GPU
+        ]
+        if not mix or not taken:
+            return 0, "no GPU taken" if mix else "no GPU task mix learnt yet"
+        view, occupancy, request = cycle.view, cycle.occupancy, cycle.request
+        epoch = self.epoch
+        if self._geometry[0] != self.learner.epoch:
+            self._geometry = (self.learner.epoch, geometry_mix(mix))
+        geometry = self._geometry[1]
+        found = self._before.get(id(occupancy))
+        if found is None or found[0] is not occupancy or found[1] != epoch:
+            if len(self._before) >= 65_536:  # bounded: old states are dead weight
+                self._before.clear()
+            found = (occupancy, epoch, self._measure(view, occupancy, mix))
+            self._before[id(occupancy)] = found
+        stranded0, gangs0, free0 = found[2]
+        after = occupancy_after(view, occupancy, taken, (request.cpu_milli, request.memory_mib))
+        stranded1, gangs1, free1 = self._measure(view, after, mix)
+        shape = task_shape(request)
+        me = geometry_of(shape) if shape is not None else None
+        hole = spent = 0.0
+        for p in picks:
+            if p.claim.kind is not DeviceKind.GPU:
+                continue
+            address = p.option.device.address
+            if p.option.form is DeviceForm.WHOLE_DEVICE:
+                spent += self._geometry_value(view, address, geometry)
+            elif me is not None and me.shared:
+                hole += unfillable_hole(view, after, address, me, geometry)
+        stranded, gangs, consumed = stranded1 - stranded0, gangs1 - gangs0, free0 - free1
+        value = -round(
+            self.stranded_weight * stranded
+            + self.hole_weight * hole
+            + self.gangs_weight * gangs
+            + self.geometry_weight * spent
+            + self.consumed_weight * consumed
+        )
+        return value, (
+            f"stranded {stranded:+.3f}, unfillable hole {hole:.3f}, gangs lost {gangs:+.3f} "
+            f"GPUs; geometry spent {spent:.3f}; {consumed:.3f} GPUs consumed"
+        )
+
+    def _measure(
+        self, view: HostView, occupancy: Occupancy, mix: TaskMix
+    ) -> tuple[float, float, float]:
+        return (
+            stranded_share(view, occupancy, mix, self.floor),
+            gangs_lost(view, occupancy, mix),
+            sum(free_shares(view, occupancy).values()),
+        )
+
+    def _geometry_value(
+        self, view: HostView, address: PciAddress, geometry: Mapping[TaskShape, float]
+    ) -> float:
+        key = (id(view), address, self.learner.epoch)
+        found = self._values.get(key)
+        if found is not None and found[0] is view:
+            return found[1]
+        before = dict(self._least)
+        value = geometry_value(view, address, geometry, self._least)
+        if self._least != before:
+            # A smaller least share seen: values worked out before are stale.
+            self._least_seen = (self._least_seen + 1) % 4096
+            self._values.clear()
+            value = geometry_value(view, address, geometry, self._least)
+        if len(self._values) >= 65_536:  # bounded: old views are dead weight
+            self._values.clear()
+        self._values[key] = (view, value)
+        return value

@@ -23,6 +23,11 @@ comparison is about *choosing*, not about cutting corners:
   largest allocated share of the requested device kinds; first feasible
   devices there.
 * ``random``: a uniformly random feasible host (seeded), first feasible devices.
+* ``tessera-packing`` (:func:`packing_policy`; not in :data:`POLICIES`: it
+  scores every feasible host per request): Tessera's engine with the
+  packing profile (:func:`~scheduler.core.engine.fastpath.packing_profile`),
+  which learns the task mix and places where the least GPU capacity is
+  stranded under it.
 * ``fgd`` (:class:`FgdPolicy`, built with the workload's task mix by the
   trace replay; not in :data:`POLICIES`: it fits every host per request):
   Fragmentation Gradient Descent (ATC'23), every feasible host, the one whose
@@ -46,6 +51,7 @@ from scheduler.core.engine.fastpath import (
     EngineProfile,
     build_plan,
     default_profile,
+    packing_profile,
     static_shape,
     unschedulable,
 )
@@ -92,6 +98,20 @@ class TesseraPolicy:
     def place(self, snapshot: ClusterSnapshot, request: PlacementRequest) -> Plan | Unschedulable:
         """See :class:`Policy`."""
         return self.engine.schedule(snapshot, request)
+
+
+#: The name of :func:`packing_policy` (``tessera-scheduler --policy``).
+PACKING_POLICY = "tessera-packing"
+
+
+def packing_policy(affinity: str = "") -> TesseraPolicy:
+    """Tessera packing by the learnt task mix, every feasible host scored (:func:`packing_profile`).
+
+    Args:
+        affinity: the placing replica's name (see :class:`Engine`).
+    """
+    engine = Engine(profile=packing_profile(), feasible_hosts=0, affinity=affinity)
+    return TesseraPolicy(name=PACKING_POLICY, engine=engine)
 
 
 def _slot_signature(state: HostState) -> tuple[tuple[str, ...], frozenset[str], bool]:

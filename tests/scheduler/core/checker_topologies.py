@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from scheduler.core.host import (
     GpuView,
@@ -204,6 +204,65 @@ def mixed(host_id: str = "mixed", labels: Mapping[str, str] | None = None) -> Ho
                 gpu_instances=(GpuInstance(start=4, size=4, profile_id=9, slices=3),),
             ),
         },
+    )
+
+
+#: vGPU types of :func:`gpu_host`'s vGPU GPUs: a quarter and a half of one.
+QUARTER, HALF = "nvidia-q", "nvidia-h2"
+
+
+def gpu_host(
+    host_id: str,
+    *,
+    mig: Sequence[tuple[GpuInstance, ...]] = (),
+    vgpu: Sequence[Mapping[str, str]] = (),
+    plain: int = 0,
+) -> HostView:
+    """A host of GPUs only, each behind its own root port in its own group, on NUMA node 0.
+
+    Args:
+        host_id: the host's name.
+        mig: per H100 in MIG mode, the GPU instances it holds now.
+        vgpu: per A16 offering :data:`QUARTER` and :data:`HALF` (one type
+            per GPU), its live mdevs (uuid -> type).
+        plain: A100s with no sharing.
+    """
+    fns: list[PciFunctionView] = []
+    gpus: dict[PciAddress, GpuView] = {}
+    parents: dict[PciAddress, MdevParentView] = {}
+    kinds = ["mig"] * len(mig) + ["vgpu"] * len(vgpu) + ["plain"] * plain
+    for n, kind in enumerate(kinds):
+        port, address = f"0000:00:{n + 1:02x}.0", PciAddress(f"0000:{n + 0x81:02x}:00.0")
+        model = {"mig": H100, "vgpu": A16, "plain": A100}[kind]
+        fns += [_port(port, 0), _fn(address, group=100 + n, numa=0, chain=(port,), model=model)]
+        gpus[address] = GpuView(address, model)
+        if kind == "mig":
+            gpus[address] = GpuView(
+                address,
+                model,
+                mig_enabled=True,
+                mig_profiles=MIG_TABLES["H100-80GB"],
+                gpu_instances=mig[n],
+            )
+        elif kind == "vgpu":
+            types = {
+                QUARTER: MdevTypeView(QUARTER, available=4, max_instances=4),
+                HALF: MdevTypeView(HALF, available=2, max_instances=2),
+            }
+            live = dict(vgpu[n - len(mig)])
+            parents[address] = MdevParentView(address, types, live=live, single_type=True)
+    return HostView(
+        host_id=HostId(host_id),
+        functions={f.address: f for f in fns},
+        iommu_groups={
+            f.iommu_group: IommuGroupView(f.iommu_group, (f.address,))
+            for f in fns
+            if f.iommu_group is not None
+        },
+        numa_nodes=(NumaNodeView(0, (10,)),),
+        labels={},
+        mdev_parents=parents,
+        gpus=gpus,
     )
 
 

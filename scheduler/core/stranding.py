@@ -1,0 +1,217 @@
+"""Free GPU capacity a placement strands under the task mix: the measure Tessera packs by.
+
+FGD's measure (:mod:`scheduler.core.fragmentation`) is the loss expected
+should the *next* task be drawn from the mix. Filling the Alibaba 2023 trace
+on MIG and vGPU geometry (bench (h), BENCHMARKS.md) showed three places where
+that one-step view misleads:
+
+* a hole that tasks of the placing task's own kind fill heals itself (the
+  next three quarter-GPU vGPUs fill the GPU the first one opened), yet it
+  counts as lost to every other shape of the mix;
+* a 2-slice MIG instance in a 3-slice hole shrinks the hole, so it scores
+  well, but the one slice it leaves serves only 1-slice tasks, under 1% of
+  the trace: such slices were most of what stayed free at the end;
+* a whole-GPU task may take a vGPU GPU, the one geometry on which half- and
+  quarter-GPU tasks waste nothing, while a MIG GPU would have served it as
+  well.
+
+So the measure reads, in GPUs:
+
+* **stranded** (:func:`stranded_share`): free share on GPUs that the shapes
+  able to use it, among those the host still has CPU and memory for, make
+  up less than a floor of the mix;
+* **unfillable hole** (:func:`unfillable_hole`): the hole a shared task
+  leaves on its GPU, for the part by which the shapes that can still use
+  that hole fall short of the placing shape's own popularity;
+* **gangs lost** (:func:`gangs_lost`): FGD's host-level term, for whole
+  multi-GPU shapes only: the host's free share, for the shapes it no longer
+  has enough untouched GPUs for;
+* **geometry spent** (:func:`geometry_value`): how much of the mix an
+  untouched GPU serves at the least share that shape can take anywhere,
+  charged when a whole-device placement takes it.
+
+The scorer (:class:`scheduler.core.engine.plugins.PackingScorer`) weighs
+them with the capacity a placement consumes. Pure: no store, no network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from scheduler.core.fragmentation import TaskMix, TaskShape, free_shares, usable_by
+from scheduler.core.host import HostView
+from scheduler.core.identity import PciAddress
+from scheduler.core.mig_geometry import COMPUTE_SLICES
+from scheduler.core.occupancy import Occupancy
+
+
+def geometry_of(shape: TaskShape) -> TaskShape:
+    """A shape's GPU geometry alone: its host CPU and memory dropped."""
+    return TaskShape(
+        gpus=shape.gpus,
+        mig_profiles=shape.mig_profiles,
+        mdev_types=shape.mdev_types,
+        models=shape.models,
+    )
+
+
+def geometry_mix(mix: TaskMix) -> dict[TaskShape, float]:
+    """The mix by GPU geometry: shapes that differ in CPU and memory only merged, normalised."""
+    out: dict[TaskShape, float] = {}
+    for shape, p in mix.items():
+        if p > 0:
+            key = geometry_of(shape)
+            out[key] = out.get(key, 0.0) + p
+    total = sum(out.values())
+    return {k: v / total for k, v in out.items()} if total > 0 else {}
+
+
+def _untouched(free: Mapping[PciAddress, float], occupancy: Occupancy) -> list[PciAddress]:
+    return [
+        a
+        for a, f in free.items()
+        if f > 0 and a not in occupancy.modes and a not in occupancy.unusable
+    ]
+
+
+def stranded_share(view: HostView, occupancy: Occupancy, mix: TaskMix, floor: float) -> float:
+    """Free share, in GPUs, on the host's GPUs that less than ``floor`` of the mix can use.
+
+    A shape can use a GPU when the host has its CPU and memory left and the
+    GPU can take a unit of it now (a whole shape: an untouched GPU on a host
+    with enough of them). A host none of the mix fits for CPU or memory
+    strands all its free share.
+    """
+    free = free_shares(view, occupancy)
+    weight = sum(p for p in mix.values() if p > 0)
+    if not free or weight <= 0:
+        return 0.0
+    cpu_left = view.cpu_milli - occupancy.cpu_used
+    memory_left = view.memory_mib - occupancy.memory_used
+    fitting = [
+        (shape, p / weight)
+        for shape, p in mix.items()
+        if p > 0
+        and not (shape.cpu_milli and shape.cpu_milli > cpu_left)
+        and not (shape.memory_mib and shape.memory_mib > memory_left)
+    ]
+    untouched = _untouched(free, occupancy)
+    stranded = 0.0
+    for address, share in free.items():
+        if share <= 0:
+            continue
+        users = 0.0
+        for shape, p in fitting:
+            placeable = shape.shared or (address in untouched and len(untouched) >= shape.gpus)
+            if placeable and usable_by(view, occupancy, address, shape):
+                users += p
+                if users >= floor:
+                    break
+        if users < floor:
+            stranded += share
+    return stranded
+
+
+def gangs_lost(view: HostView, occupancy: Occupancy, mix: TaskMix) -> float:
+    """The host's free share, in GPUs, times the popularity of the multi-GPU shapes it cannot take.
+
+    FGD's host-level loss restricted to whole shapes of more than one GPU:
+    a host keeps its worth to them only while enough of its GPUs are
+    untouched together. (CPU and memory are left to :func:`stranded_share`:
+    charging each shape a host falls short of, as FGD does, spread tasks
+    over the trace's hosts and stranded more.)
+    """
+    free = free_shares(view, occupancy)
+    total = sum(free.values())
+    weight = sum(p for p in mix.values() if p > 0)
+    if total <= 0 or weight <= 0:
+        return 0.0
+    untouched: list[PciAddress] | None = None
+    lost = 0.0
+    for shape, p in mix.items():
+        if p <= 0 or shape.shared or shape.gpus < 2:
+            continue
+        if untouched is None:
+            untouched = _untouched(free, occupancy)
+        usable = sum(1 for a in untouched if usable_by(view, occupancy, a, shape))
+        if usable < shape.gpus:
+            lost += p
+    return lost / weight * total
+
+
+def unfillable_hole(
+    view: HostView,
+    after: Occupancy,
+    address: PciAddress,
+    me: TaskShape,
+    geometry: Mapping[TaskShape, float],
+) -> float:
+    """The hole a shared task of geometry ``me`` leaves on its GPU, for what will not fill it.
+
+    ``after`` is the host's occupancy with the task placed, ``geometry`` the
+    mix by geometry (:func:`geometry_mix`). The hole counts in full when
+    nothing else can use it, not at all when the shapes that can (``me``
+    itself on a vGPU GPU of its type) are at least as popular as ``me``:
+    holes are opened as often as ``me`` arrives and closed as often as
+    those shapes do.
+    """
+    hole = free_shares(view, after).get(address, 0.0)
+    mine = geometry.get(me, 0.0)
+    if hole <= 0 or mine <= 0:
+        return 0.0
+    fillers = sum(
+        p
+        for shape, p in geometry.items()
+        if shape.shared and usable_by(view, after, address, shape)
+    )
+    return hole * max(0.0, 1.0 - fillers / mine)
+
+
+def least_share(view: HostView, address: PciAddress, shape: TaskShape) -> float | None:
+    """The least share of GPU ``address`` a unit of shared ``shape`` takes there, or None.
+
+    Its smallest MIG profile among the GPU's (compute slices of 7), or its
+    smallest vGPU type the GPU offers (one instance of the type's maximum).
+    """
+    least: float | None = None
+    gpu = view.gpus.get(address)
+    if gpu is not None and gpu.mig_enabled and shape.mig_profiles:
+        for profile in gpu.mig_profiles:
+            if profile.name in shape.mig_profiles:
+                share = profile.slices / COMPUTE_SLICES
+                least = share if least is None else min(least, share)
+    parent = view.mdev_parents.get(address)
+    if parent is not None:
+        for type_id in shape.mdev_types:
+            offered = parent.types.get(type_id)
+            if offered is not None:
+                share = 1 / max(1, offered.max_instances)
+                least = share if least is None else min(least, share)
+    return least
+
+
+def geometry_value(
+    view: HostView,
+    address: PciAddress,
+    geometry: Mapping[TaskShape, float],
+    least: dict[TaskShape, float],
+) -> float:
+    """The popularity of the shared shapes an untouched GPU serves at their least share.
+
+    ``least`` is the least share each shape was seen to take anywhere; it is
+    updated here with this GPU's. A whole-device placement that takes the
+    GPU spends that much of the mix's best geometry.
+    """
+    value = 0.0
+    for shape, p in geometry.items():
+        if not shape.shared:
+            continue
+        share = least_share(view, address, shape)
+        if share is None:
+            continue
+        best = least.get(shape)
+        if best is None or share < best:
+            least[shape] = best = share
+        if share <= best + 1e-9:
+            value += p
+    return value
