@@ -96,13 +96,20 @@ def stranded_share(view: HostView, occupancy: Occupancy, mix: TaskMix, floor: fl
         and not (shape.memory_mib and shape.memory_mib > memory_left)
     ]
     untouched = _untouched(free, occupancy)
+    # Per whole shape, whether enough untouched GPUs it can use are left
+    # together (of its models: two GPUs of two models are no pair for one).
+    together = {
+        shape: sum(1 for a in untouched if usable_by(view, occupancy, a, shape)) >= shape.gpus
+        for shape, _ in fitting
+        if not shape.shared
+    }
     stranded = 0.0
     for address, share in free.items():
         if share <= 0:
             continue
         users = 0.0
         for shape, p in fitting:
-            placeable = shape.shared or (address in untouched and len(untouched) >= shape.gpus)
+            placeable = shape.shared or (address in untouched and together[shape])
             if placeable and usable_by(view, occupancy, address, shape):
                 users += p
                 if users >= floor:
@@ -156,14 +163,18 @@ def unfillable_hole(
     those shapes do.
     """
     hole = free_shares(view, after).get(address, 0.0)
-    mine = geometry.get(me, 0.0)
-    if hole <= 0 or mine <= 0:
+    if hole <= 0:
         return 0.0
+    mine = geometry.get(me, 0.0)
     fillers = sum(
         p
         for shape, p in geometry.items()
         if shape.shared and usable_by(view, after, address, shape)
     )
+    if mine <= 0:
+        # A shape the published mix does not have yet (or no longer):
+        # rarer than anything, so any filler outnumbers it.
+        return 0.0 if fillers > 0 else hole
     return hole * max(0.0, 1.0 - fillers / mine)
 
 
@@ -171,8 +182,13 @@ def least_share(view: HostView, address: PciAddress, shape: TaskShape) -> float 
     """The least share of GPU ``address`` a unit of shared ``shape`` takes there, or None.
 
     Its smallest MIG profile among the GPU's (compute slices of 7), or its
-    smallest vGPU type the GPU offers (one instance of the type's maximum).
+    smallest vGPU type the GPU offers (one instance of the type's maximum);
+    None when the shape names models and this GPU is of none of them.
     """
+    if shape.models:
+        fn = view.functions.get(address)
+        if fn is None or fn.model not in shape.models:
+            return None
     least: float | None = None
     gpu = view.gpus.get(address)
     if gpu is not None and gpu.mig_enabled and shape.mig_profiles:

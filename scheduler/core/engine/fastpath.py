@@ -178,17 +178,23 @@ def default_profile() -> EngineProfile:
 
 
 def packing_profile(learner: TaskMixLearner | None = None) -> EngineProfile:
-    """Tessera's packing profile: the default one, packing by the task mix instead of best fit.
+    """Tessera's packing profile: the default one, packing by the task mix rather than best fit.
 
-    Best fit's idle-device count is replaced by :class:`PackingScorer`,
-    which learns the task mix from the requests placed (``learner``, a
-    fresh one by default, is the profile's observer). Run it on an engine
-    that scores every feasible host (``feasible_hosts=0``): bench (h)
-    measured what it buys on the Alibaba trace and what it costs a request.
+    :class:`PackingScorer` decides, on the task mix learnt from the
+    requests scheduled, placed or not (``learner``, a fresh one by default,
+    is the profile's observer); best fit is kept at a tenth of its weight to
+    break ties. Run it on an engine that scores every feasible host
+    (``feasible_hosts=0``): bench (h) measures what it buys on the Alibaba
+    trace and what it costs a request.
     """
     learner = learner if learner is not None else TaskMixLearner()
     base = default_profile()
-    scorers = tuple(s for s in base.scorers if not isinstance(s, BestFitScorer))
+    # Best fit stays, a point per idle device, to break ties the mix leaves
+    # (a NIC-only request, a 1-GPU task with no gang in the mix): without
+    # it such requests spread over every host and starve multi-GPU ones.
+    scorers = tuple(
+        BestFitScorer(weight=1) if isinstance(s, BestFitScorer) else s for s in base.scorers
+    )
     return replace(base, scorers=(*scorers, PackingScorer(learner)), observers=(learner,))
 
 
@@ -210,6 +216,9 @@ _MEMO_LIMIT = 262_144
 
 #: Occupancy (and tenancy) signatures an engine keeps interned by default.
 _INTERNED_KEPT = 262_144
+
+#: Request ids an engine remembers having shown its observers.
+_SEEN_KEPT = 65_536
 
 #: Request shapes whose never-fits verdict a hardware class keeps.
 _NEVER_KEPT = 4_096
@@ -386,6 +395,9 @@ class Engine:
 
     Results never depend on these indexes: a fresh engine returns the same
     plans as a warm one, with or without change tracking in the snapshot.
+    A profile that learns (the packing profile: the task mix from the
+    requests, the least share each shape takes from the GPUs scored) also
+    plans by what it has learnt, which a fresh engine has not.
 
     Attributes:
         profile: the plugins.
@@ -456,6 +468,8 @@ class Engine:
     # The epochs of the scorers that learn (see _scored_now): judgements
     # memoised under other epochs were scored under what they knew then.
     _epochs: tuple[int, ...] = field(default=(), repr=False)
+    # Request ids the observers have seen, oldest first (see _first_sight).
+    _seen: dict[str, None] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------ replicas
 
@@ -1138,7 +1152,22 @@ class Engine:
         class that can never take it at its first host) and stops after
         ``limit`` fits. With ``limit`` 0 every host is fitted (what Explain
         and batch candidate generation want).
+
+        A scorer may learn while scoring (the packing scorer, a GPU that
+        serves a shape more finely than any it had seen): the hosts judged
+        before it did were judged on less, so the walk is made once more on
+        what it knows now. Such learning ends once the fleet's hardware has
+        been seen.
         """
+        found = self._walk(snapshot, request, limit)
+        if self._epochs != tuple(getattr(s, "epoch", 0) for s in self.profile.scorers):
+            found = self._walk(snapshot, request, limit)
+        return found
+
+    def _walk(
+        self, snapshot: ClusterSnapshot, request: PlacementRequest, limit: int
+    ) -> tuple[list[HostFit], Rejections]:
+        """One walk of :meth:`candidates`."""
         self._sync(snapshot)
         self._scored_now()
         rejections = Rejections()
@@ -1189,6 +1218,16 @@ class Engine:
                     rejections.merge_renamed(why, cls.view.host_id, host_id)
         return fits, rejections
 
+    def _first_sight(self, request_id: str) -> bool:
+        """Whether ``request_id`` is new among the last :data:`_SEEN_KEPT` scheduled."""
+        seen = self._seen
+        if request_id in seen:
+            return False
+        seen[request_id] = None
+        if len(seen) > _SEEN_KEPT:
+            del seen[next(iter(seen))]
+        return True
+
     def schedule(
         self, snapshot: ClusterSnapshot, request: PlacementRequest, *, explain: bool = False
     ) -> Plan | Unschedulable:
@@ -1206,19 +1245,13 @@ class Engine:
             A plan against the chosen host's allocation generation, or why no
             host fits, per plugin.
         """
-        if not explain:
-            # What learns from demand sees the request (an Explain is no demand).
+        if not explain and self.profile.observers and self._first_sight(request.request_id):
+            # What learns from demand sees the request (an Explain is no
+            # demand), once: the service plans a request again for each
+            # commit that loses a race, and a client may send it again.
             for observer in self.profile.observers:
                 observer.observe(request)
-        wanted = 0 if explain else self.feasible_hosts
-        fits, rejections = self.candidates(snapshot, request, wanted)
-        if fits and self._epochs != tuple(getattr(s, "epoch", 0) for s in self.profile.scorers):
-            # A scorer learnt something while scoring (the packing scorer, a
-            # GPU sharing a shape more finely than any it had seen): hosts
-            # scored before it did were judged on less. Once more, on what
-            # it knows now; such learning ends once the fleet's hardware has
-            # been seen.
-            fits, rejections = self.candidates(snapshot, request, wanted)
+        fits, rejections = self.candidates(snapshot, request, 0 if explain else self.feasible_hosts)
         if not fits:
             return unschedulable(len(snapshot.hosts), request, rejections)
         # Equal scores are common (identical hosts, equally full): break the

@@ -836,14 +836,22 @@ def free_whole_devices(cycle: Cycle, picks: Sequence[Pick] = ()) -> int:
 
 
 class BestFitScorer:
-    """Pack: prefer hosts with fewer idle devices, so empty hosts stay empty."""
+    """Pack: prefer hosts with fewer idle devices, so empty hosts stay empty.
+
+    Args:
+        weight: points per idle device left (10; the packing profile keeps
+            1, a tie-breaker).
+    """
 
     name = "best-fit"
+
+    def __init__(self, weight: int = 10) -> None:
+        self.weight = weight
 
     def score(self, cycle: Cycle, picks: Sequence[Pick]) -> tuple[int, str]:
         """Minus the idle devices of the request's kinds left on the host."""
         idle = free_whole_devices(cycle, picks)
-        return -10 * idle, f"{idle} idle devices of the request's kinds left"
+        return -self.weight * idle, f"{idle} idle devices of the request's kinds left"
 
 
 class SharingScorer:
@@ -1012,7 +1020,7 @@ class PackingScorer:
     Where FGD (:class:`FragmentationScorer`) scores every feasible host by
     the next task's expected loss, this scorer asks what stays free for good.
     Like FGD it needs every feasible host scored (an engine with
-    ``feasible_hosts=0``); with 64, the trace replay stranded a third more.
+    ``feasible_hosts=0``): a hole is worth filling only where one is.
 
     The mix is the learner's; the least share each shape takes anywhere is
     learnt from the GPUs scored. :attr:`epoch` moves with either, so an
@@ -1079,6 +1087,9 @@ class PackingScorer:
         epoch = self.epoch
         if self._geometry[0] != self.learner.epoch:
             self._geometry = (self.learner.epoch, geometry_mix(mix))
+            # Least shares only of shapes in the mix: the learner keeps a
+            # bounded mix whatever clients send, so this table stays bounded.
+            self._least = {k: v for k, v in self._least.items() if k in self._geometry[1]}
         geometry = self._geometry[1]
         found = self._before.get(id(occupancy))
         if found is None or found[0] is not occupancy or found[1] != epoch:

@@ -16,12 +16,12 @@ from scheduler.core.engine.plugins import PackingScorer
 from scheduler.core.engine.policies import FgdPolicy
 from scheduler.core.fragmentation import TaskMix, TaskMixLearner, TaskShape, occupancy_after
 from scheduler.core.host import HostView, NumaNodeView
-from scheduler.core.identity import RequestId, TenantName
+from scheduler.core.identity import PlacementId, RequestId, TenantName
 from scheduler.core.mig import GpuInstance
 from scheduler.core.occupancy import build_occupancy
 from scheduler.core.plan import Plan
 from scheduler.core.request import Claim, DeviceForm, DeviceKind, Isolation, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
 from scheduler.core.stranding import (
     gangs_lost,
     geometry_mix,
@@ -30,7 +30,7 @@ from scheduler.core.stranding import (
     unfillable_hole,
 )
 
-from .checker_topologies import HALF, QUARTER, gpu_host
+from .checker_topologies import A100, H100, HALF, QUARTER, gpu_host
 
 # H100 GPU instances: (start, memory slices, profile id, compute slices).
 FOUR_AT_0 = GpuInstance(0, 4, 5, 4)
@@ -97,6 +97,16 @@ def test_a_host_no_shape_of_the_mix_fits_for_cpu_strands_all_its_free_share() ->
     assert stranded_share(view, occ, {replace(WHOLE_1, cpu_milli=4000): 1.0}, 0.03) == 0.0
 
 
+def test_gpus_too_few_of_a_gangs_models_are_stranded_for_it() -> None:
+    """One A100 and one H100 untouched: no pair of A100s, whatever the count says."""
+    view = gpu_host("h", mig=[()], plain=1)
+    view = replace(view, gpus={a: replace(g, mig_enabled=False) for a, g in view.gpus.items()})
+    occ = build_occupancy(state_of(view))
+    a100_pairs = {replace(PAIR, models=frozenset({A100})): 1.0}
+    assert stranded_share(view, occ, a100_pairs, floor=0.03) == pytest.approx(2.0)
+    assert stranded_share(view, occ, {PAIR: 1.0}, floor=0.03) == 0.0
+
+
 def test_a_hole_its_own_kind_fills_is_not_unfillable() -> None:
     """One quarter vGPU opened a GPU: the next three quarter tasks fill it."""
     view = gpu_host("h", vgpu=[{"u1": QUARTER}])
@@ -112,6 +122,16 @@ def test_the_slice_a_2g_leaves_in_a_3_slice_hole_is_unfillable() -> None:
     (gpu,) = view.gpus
     hole = unfillable_hole(view, after, gpu, QUARTER_TASK, geometry_mix(MIX))
     assert hole == pytest.approx(1 / 7 * (1 - 0.01 / 0.2))
+
+
+def test_a_hole_only_a_shape_new_to_the_mix_can_use_counts_in_full() -> None:
+    """A shape not in the published mix yet is rarer than anything: nothing else fills it."""
+    view = gpu_host("h", mig=[(FOUR_AT_0, TWO_AT_4)])
+    after = build_occupancy(state_of(view))
+    (gpu,) = view.gpus
+    newcomer = TaskShape(mig_profiles=frozenset({"2g.20gb"}))
+    assert unfillable_hole(view, after, gpu, newcomer, {WHOLE_1: 1.0}) == pytest.approx(1 / 7)
+    assert unfillable_hole(view, after, gpu, newcomer, geometry_mix(MIX)) == 0.0  # 1g fills it
 
 
 def test_a_host_broken_for_gangs_loses_its_free_share_to_them() -> None:
@@ -139,6 +159,15 @@ def test_a_gpu_is_worth_the_shapes_it_serves_at_their_least_share() -> None:
     assert geometry_value(view, mig_gpu, geometry, least) == pytest.approx(0.1)
 
 
+def test_a_gpu_of_a_model_a_shape_excludes_serves_it_nothing() -> None:
+    view = gpu_host("h", vgpu=[{}])
+    (gpu,) = view.gpus
+    h100_quarters = replace(QUARTER_TASK, models=frozenset({H100}))
+    least: dict[TaskShape, float] = {}
+    assert geometry_value(view, gpu, {h100_quarters: 1.0}, least) == 0.0
+    assert least == {}
+
+
 # ---------------------------------------------------------------- the scorer
 
 
@@ -153,6 +182,67 @@ def test_a_quarter_task_opens_a_vgpu_gpu_rather_than_strand_a_mig_slice() -> Non
     assert isinstance(fgd, Plan) and fgd.host_id == "mig"
     assert isinstance(packed, Plan) and packed.host_id == "vgpu"
     assert any(line.startswith("packing ") for line in packed.reasons)
+
+
+@pytest.mark.parametrize("charge", ["stranded_weight", "hole_weight"])
+def test_either_charge_alone_keeps_the_mig_slice_unstranded(charge: str) -> None:
+    """The packing scorer by itself, one charge at a time: each sends the task to the vGPU GPU."""
+    weights = dict.fromkeys(
+        ("stranded_weight", "hole_weight", "gangs_weight", "geometry_weight", "consumed_weight"), 0
+    )
+    scorer = PackingScorer(TaskMixLearner(prior=MIX), **(weights | {charge: 1000}))
+    profile = replace(packing_profile(), scorers=(scorer,), observers=())
+    mig = gpu_host("mig", mig=[(FOUR_AT_0,)])
+    vgpu = gpu_host("vgpu", vgpu=[{}])
+    snap = ClusterSnapshot(hosts={v.host_id: state_of(v) for v in (mig, vgpu)})
+    for n in range(8):  # tie-breaks differ per request id; the charge must decide
+        plan = Engine(profile=profile, feasible_hosts=0).schedule(
+            snap, shared_request(f"q{n}", "2g.20gb", QUARTER)
+        )
+        assert isinstance(plan, Plan) and plan.host_id == "vgpu", charge
+
+
+def test_a_new_mix_is_scored_afresh() -> None:
+    """The scorer's memo of a host's state does not outlive the mix it was measured under."""
+    learner = TaskMixLearner(prior={WHOLE_1: 0.9, QUARTER_TASK: 0.1}, republish=0.0)
+    engine = Engine(profile=packing_profile(learner), feasible_hosts=0)
+    view = gpu_host("h", mig=[(FOUR_AT_0,)])
+    snap = ClusterSnapshot(hosts={view.host_id: state_of(view)})
+    first = engine.candidates(snap, shared_request("a", "2g.20gb", QUARTER), 0)[0][0].score
+    for n in range(100):
+        learner.observe(shared_request(f"b{n}", "1g.10gb", QUARTER))
+    second = engine.candidates(snap, shared_request("c", "2g.20gb", QUARTER), 0)[0][0].score
+    # 1-slice tasks now fill the slice a 2g leaves: nothing is stranded.
+    assert second > first
+
+
+def test_a_request_planned_again_is_counted_in_the_mix_once() -> None:
+    """The service plans a request again after each commit it loses; the mix counts demand."""
+    learner = TaskMixLearner(republish=0.0)
+    engine = Engine(profile=packing_profile(learner), feasible_hosts=0)
+    view = gpu_host("h", plain=2)
+    snap = ClusterSnapshot(hosts={view.host_id: state_of(view)})
+    for _ in range(3):
+        engine.schedule(snap, whole_request("same"))
+    engine.schedule(snap, shared_request("other", "2g.20gb", QUARTER))
+    assert learner.mix == pytest.approx({WHOLE_1: 0.5, QUARTER_TASK: 0.5}, rel=1e-2)
+
+
+def test_one_gpu_tasks_are_packed_when_the_mix_has_no_gang() -> None:
+    """Best fit breaks the ties packing leaves: a later 4-GPU task still finds a host."""
+    hosts = [gpu_host(f"host-{n}", plain=4) for n in range(8)]
+    snap = ClusterSnapshot(hosts={v.host_id: state_of(v) for v in hosts})
+    engine = Engine(profile=packing_profile(), feasible_hosts=0)
+    for n in range(16):
+        plan = engine.schedule(snap, whole_request(f"one-{n}"))
+        assert isinstance(plan, Plan)
+        snap = with_reservation(
+            snap, plan.host_id, plan.slots, PlacementId(f"p{n}"), TenantName("t")
+        )
+    used = {h for h, s in snap.hosts.items() if s.allocations}
+    assert len(used) == 4
+    four = PlacementRequest(RequestId("four"), TenantName("t"), (Claim("gpu", DeviceKind.GPU, 4),))
+    assert isinstance(engine.schedule(snap, four), Plan)
 
 
 @pytest.mark.parametrize("rid", [f"w{n}" for n in range(8)])
