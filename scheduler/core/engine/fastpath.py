@@ -182,18 +182,20 @@ def packing_profile(learner: TaskMixLearner | None = None) -> EngineProfile:
 
     :class:`PackingScorer` decides, on the task mix learnt from the
     requests scheduled, placed or not (``learner``, a fresh one by default,
-    is the profile's observer); best fit is kept at a tenth of its weight to
-    break ties. Run it on an engine that scores every feasible host
-    (``feasible_hosts=0``): bench (h) measures what it buys on the Alibaba
-    trace and what it costs a request.
+    is the profile's observer); best fit is kept, at a tenth of its weight
+    and for whole devices only, to break ties. Run it on an engine that
+    scores every feasible host (``feasible_hosts=0``): bench (h) measures
+    what it buys on the Alibaba trace and what it costs a request.
     """
     learner = learner if learner is not None else TaskMixLearner()
     base = default_profile()
-    # Best fit stays, a point per idle device, to break ties the mix leaves
-    # (a NIC-only request, a 1-GPU task with no gang in the mix): without
-    # it such requests spread over every host and starve multi-GPU ones.
+    # Best fit stays for whole devices, a point per idle device, to break
+    # the ties the mix leaves (a NIC-only request, a 1-GPU task with no gang
+    # in the mix): without it such requests spread over every host and
+    # starve multi-GPU ones. On slices it stranded more (bench (h)).
     scorers = tuple(
-        BestFitScorer(weight=1) if isinstance(s, BestFitScorer) else s for s in base.scorers
+        BestFitScorer(weight=1, whole_only=True) if isinstance(s, BestFitScorer) else s
+        for s in base.scorers
     )
     return replace(base, scorers=(*scorers, PackingScorer(learner)), observers=(learner,))
 

@@ -839,17 +839,22 @@ class BestFitScorer:
     """Pack: prefer hosts with fewer idle devices, so empty hosts stay empty.
 
     Args:
-        weight: points per idle device left (10; the packing profile keeps
-            1, a tie-breaker).
+        weight: points per idle device left.
+        whole_only: score only assignments of whole devices (the packing
+            profile's tie-breaker: where a unit is a slice, what the slice
+            leaves decides, and counting idle GPUs beside it stranded more).
     """
 
     name = "best-fit"
 
-    def __init__(self, weight: int = 10) -> None:
+    def __init__(self, weight: int = 10, *, whole_only: bool = False) -> None:
         self.weight = weight
+        self.whole_only = whole_only
 
     def score(self, cycle: Cycle, picks: Sequence[Pick]) -> tuple[int, str]:
         """Minus the idle devices of the request's kinds left on the host."""
+        if self.whole_only and any(p.option.form is not DeviceForm.WHOLE_DEVICE for p in picks):
+            return 0, "slices: left to packing"
         idle = free_whole_devices(cycle, picks)
         return -self.weight * idle, f"{idle} idle devices of the request's kinds left"
 
