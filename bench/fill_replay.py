@@ -34,6 +34,7 @@ node, MIG GPUs for G2/G3, vGPU types elsewhere, the same task mapping):
     PYTHONPATH=.:protos .venv/bin/python bench/fill_replay.py [--quick] [--seeds 3]
         [--trace default --trace gpushare100 ...] [--share 4] [--ablations]
         [--no-budgets] [--out FILE.json]
+    PYTHONPATH=.:protos .venv/bin/python bench/fill_replay.py --cost [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -529,6 +530,41 @@ def run(
     return out
 
 
+def policy_cost(sizes: Sequence[tuple[int, int]] = ((1000, 300), (10000, 60))) -> dict[str, Any]:
+    """Per request, Tessera's default against packing on the bench's mixed fleet, in process.
+
+    Each ``(hosts, requests)``: a fleet of ``bench/fleet.py`` (seed 7) and
+    that many of ``bench/engine.py``'s mixed requests (seed 11), placed one
+    by one, each policy on its own copy of the fleet; p50 and p99 of a
+    placement's time.
+    """
+    from bench.engine import commit, mixed_requests
+    from bench.fleet import build_fleet
+
+    out: dict[str, Any] = {}
+    for hosts, n in sizes:
+        base = snapshot(build_fleet(hosts, seed=7))
+        requests = mixed_requests(n, random.Random(11), "c")
+        for make in (TesseraPolicy, packing_policy):
+            policy: Policy = make()
+            snap, times, placed = base, [], 0
+            for request in requests:
+                started = time.perf_counter()
+                result = policy.place(snap, request)
+                times.append(time.perf_counter() - started)
+                if isinstance(result, Plan):
+                    snap, placed = commit(snap, request, result), placed + 1
+            times.sort()
+            out[f"{hosts}/{policy.name}"] = {
+                "p50_ms": round(1000 * statistics.median(times), 2),
+                "p99_ms": round(1000 * times[int(0.99 * (len(times) - 1))], 2),
+                "placed": placed,
+                "requests": n,
+            }
+            print(f"  {hosts} hosts {policy.name}: {out[f'{hosts}/{policy.name}']}", flush=True)
+    return out
+
+
 def section(result: Mapping[str, Any], plots: Path) -> str:
     """The Markdown section of BENCHMARKS.md for a fill result (one table per trace)."""
     del plots  # tables only
@@ -607,10 +643,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-budgets", action="store_true", help="nodes' CPU and memory without end"
     )
+    parser.add_argument(
+        "--cost",
+        action="store_true",
+        help="only what a request costs, Tessera's default against packing, at 1,000 and "
+        "10,000 hosts (bench/out/fill_cost.json)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.share < 1:
         parser.error("--seeds and --share must be >= 1")
+    if args.cost:
+        cost = policy_cost()
+        path = args.out or OUT / "fill_cost.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cost, indent=1))
+        return 0
     result = run(
         args.quick,
         traces=args.trace or tuple(TRACES),

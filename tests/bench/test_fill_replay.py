@@ -90,3 +90,11 @@ def test_the_fill_plans_pass_the_independent_checker() -> None:
         )
         placed += 1
     assert placed > 0
+
+
+def test_the_cost_of_a_request_is_measured_for_both_tessera_policies() -> None:
+    cost = fr.policy_cost(((40, 12),))
+    assert set(cost) == {"40/tessera", "40/tessera-packing"}
+    for figures in cost.values():
+        assert 0 < figures["placed"] <= figures["requests"] == 12
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"]
