@@ -172,9 +172,10 @@ def unfillable_hole(
         if shape.shared and usable_by(view, after, address, shape)
     )
     if mine <= 0:
-        # A shape the published mix does not have yet (or no longer):
-        # rarer than anything, so any filler outnumbers it.
-        return 0.0 if fillers > 0 else hole
+        # A shape the published mix does not have yet (or no longer): rarer
+        # than anything, so any filler outnumbers it; and it fills what it
+        # leaves on a vGPU GPU of its type as a shape of the mix does.
+        return 0.0 if fillers > 0 or usable_by(view, after, address, me) else hole
     return hole * max(0.0, 1.0 - fillers / mine)
 
 

@@ -411,10 +411,10 @@ def solve_batch(
         objective against the solver's bound.
     """
     started = time.perf_counter()
-    # What learns from demand sees a batch's requests as it sees single ones.
-    for observer in engine.profile.observers:
-        for request in requests:
-            observer.observe(request)
+    # What learns from demand sees a batch's requests as it sees single ones
+    # (once each: a batch plan that loses its commit is placed again alone).
+    for request in requests:
+        engine.observe(request)
     gang_of = dict(gang_of or {})
     gangs = _gangs(requests, gang_of)
 

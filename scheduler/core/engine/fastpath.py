@@ -219,7 +219,7 @@ _MEMO_LIMIT = 262_144
 #: Occupancy (and tenancy) signatures an engine keeps interned by default.
 _INTERNED_KEPT = 262_144
 
-#: Request ids an engine remembers having shown its observers.
+#: Requests (tenant, id) an engine remembers having shown its observers.
 _SEEN_KEPT = 65_536
 
 #: Request shapes whose never-fits verdict a hardware class keeps.
@@ -470,8 +470,8 @@ class Engine:
     # The epochs of the scorers that learn (see _scored_now): judgements
     # memoised under other epochs were scored under what they knew then.
     _epochs: tuple[int, ...] = field(default=(), repr=False)
-    # Request ids the observers have seen, oldest first (see _first_sight).
-    _seen: dict[str, None] = field(default_factory=dict, repr=False)
+    # (tenant, request id) the observers have seen, oldest first (see observe).
+    _seen: dict[tuple[str, str], None] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------ replicas
 
@@ -1220,15 +1220,25 @@ class Engine:
                     rejections.merge_renamed(why, cls.view.host_id, host_id)
         return fits, rejections
 
-    def _first_sight(self, request_id: str) -> bool:
-        """Whether ``request_id`` is new among the last :data:`_SEEN_KEPT` scheduled."""
+    def observe(self, request: PlacementRequest) -> None:
+        """Show the profile's observers a request's demand, once per request.
+
+        The service plans a request again for each commit that loses a race,
+        a batch's plan that loses its commit is placed again alone, and a
+        client may send a request again: a tenant's request id counts once
+        among the last :data:`_SEEN_KEPT` observed.
+        """
+        if not self.profile.observers:
+            return
+        key = (request.tenant, request.request_id)
         seen = self._seen
-        if request_id in seen:
-            return False
-        seen[request_id] = None
+        if key in seen:
+            return
+        seen[key] = None
         if len(seen) > _SEEN_KEPT:
             del seen[next(iter(seen))]
-        return True
+        for observer in self.profile.observers:
+            observer.observe(request)
 
     def schedule(
         self, snapshot: ClusterSnapshot, request: PlacementRequest, *, explain: bool = False
@@ -1247,12 +1257,8 @@ class Engine:
             A plan against the chosen host's allocation generation, or why no
             host fits, per plugin.
         """
-        if not explain and self.profile.observers and self._first_sight(request.request_id):
-            # What learns from demand sees the request (an Explain is no
-            # demand), once: the service plans a request again for each
-            # commit that loses a race, and a client may send it again.
-            for observer in self.profile.observers:
-                observer.observe(request)
+        if not explain:  # an Explain is no demand
+            self.observe(request)
         fits, rejections = self.candidates(snapshot, request, 0 if explain else self.feasible_hosts)
         if not fits:
             return unschedulable(len(snapshot.hosts), request, rejections)

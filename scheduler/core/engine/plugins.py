@@ -822,9 +822,12 @@ def affinities_met(affinities: Sequence[Affinity], picks: Sequence[Pick]) -> int
 # --------------------------------------------------------------------- scorers
 
 
-def free_whole_devices(cycle: Cycle, picks: Sequence[Pick] = ()) -> int:
-    """Devices of the request's kinds that are entirely unused, after the picks."""
-    kinds = {c.kind for c in cycle.request.claims}
+def free_whole_devices(
+    cycle: Cycle, picks: Sequence[Pick] = (), kinds: frozenset[DeviceKind] | None = None
+) -> int:
+    """Devices of the request's kinds (or of ``kinds``) entirely unused, after the picks."""
+    if kinds is None:
+        kinds = frozenset(c.kind for c in cycle.request.claims)
     used = {p.option.device.address for p in picks}
     modes = cycle.occupancy.modes
     return sum(
@@ -840,9 +843,10 @@ class BestFitScorer:
 
     Args:
         weight: points per idle device left.
-        whole_only: score only assignments of whole devices (the packing
-            profile's tie-breaker: where a unit is a slice, what the slice
-            leaves decides, and counting idle GPUs beside it stranded more).
+        whole_only: count only idle devices of the kinds the assignment
+            takes whole (the packing profile's tie-breaker: where a unit is
+            a slice, what the slice leaves decides, and counting idle GPUs
+            beside it stranded more).
     """
 
     name = "best-fit"
@@ -853,9 +857,16 @@ class BestFitScorer:
 
     def score(self, cycle: Cycle, picks: Sequence[Pick]) -> tuple[int, str]:
         """Minus the idle devices of the request's kinds left on the host."""
-        if self.whole_only and any(p.option.form is not DeviceForm.WHOLE_DEVICE for p in picks):
-            return 0, "slices: left to packing"
-        idle = free_whole_devices(cycle, picks)
+        kinds = None
+        if self.whole_only:
+            # Only the kinds handed over whole: for a slice, what it leaves
+            # decides; a GPU taken whole beside a MIG slice still packs.
+            kinds = frozenset(
+                p.claim.kind for p in picks if p.option.form is DeviceForm.WHOLE_DEVICE
+            )
+            if not kinds and picks:
+                return 0, "slices only: left to packing"
+        idle = free_whole_devices(cycle, picks, kinds)
         return -self.weight * idle, f"{idle} idle devices of the request's kinds left"
 
 
@@ -942,6 +953,15 @@ class MigFragmentationScorer:
         return -round(100 * added), f"MIG fragmentation {added:+.2f} on {len(by_gpu)} GPUs"
 
 
+def gpu_picks(picks: Sequence[Pick]) -> list[tuple[DeviceForm, PciAddress, str, int]]:
+    """The GPU units of an assignment as :func:`occupancy_after` takes them."""
+    return [
+        (p.option.form, p.option.device.address, p.option.variant, p.mig_start)
+        for p in picks
+        if p.claim.kind is DeviceKind.GPU
+    ]
+
+
 class FragmentationScorer:
     """Place where free GPU capacity fragments least under the task mix (FGD, ATC'23).
 
@@ -978,11 +998,7 @@ class FragmentationScorer:
     def score(self, cycle: Cycle, picks: Sequence[Pick]) -> tuple[int, str]:
         """Minus the fragmentation added and the capacity consumed, weighted."""
         mix = self.learner.mix
-        taken = [
-            (p.option.form, p.option.device.address, p.option.variant, p.mig_start)
-            for p in picks
-            if p.claim.kind is DeviceKind.GPU
-        ]
+        taken = gpu_picks(picks)
         if not mix or not taken:
             return 0, "no GPU taken" if mix else "no GPU task mix learnt yet"
         view, occupancy = cycle.view, cycle.occupancy
@@ -1081,20 +1097,17 @@ class PackingScorer:
     def score(self, cycle: Cycle, picks: Sequence[Pick]) -> tuple[int, str]:
         """Minus the weighted charges of :mod:`scheduler.core.stranding`."""
         mix = self.learner.mix
-        taken = [
-            (p.option.form, p.option.device.address, p.option.variant, p.mig_start)
-            for p in picks
-            if p.claim.kind is DeviceKind.GPU
-        ]
+        taken = gpu_picks(picks)
         if not mix or not taken:
             return 0, "no GPU taken" if mix else "no GPU task mix learnt yet"
         view, occupancy, request = cycle.view, cycle.occupancy, cycle.request
         epoch = self.epoch
         if self._geometry[0] != self.learner.epoch:
             self._geometry = (self.learner.epoch, geometry_mix(mix))
-            # Least shares only of shapes in the mix: the learner keeps a
-            # bounded mix whatever clients send, so this table stays bounded.
-            self._least = {k: v for k, v in self._least.items() if k in self._geometry[1]}
+            # Least shares are learnt afresh under each mix: the table holds
+            # only shapes of the (bounded) mix whatever clients send, and
+            # forgets hardware that has left the fleet since.
+            self._least = {}
         geometry = self._geometry[1]
         found = self._before.get(id(occupancy))
         if found is None or found[0] is not occupancy or found[1] != epoch:

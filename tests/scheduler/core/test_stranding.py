@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 
+from scheduler.core.engine.batch import solve_batch
 from scheduler.core.engine.fastpath import Engine, packing_profile
 from scheduler.core.engine.plugins import PackingScorer
 from scheduler.core.engine.policies import FgdPolicy
@@ -132,6 +133,12 @@ def test_a_hole_only_a_shape_new_to_the_mix_can_use_counts_in_full() -> None:
     newcomer = TaskShape(mig_profiles=frozenset({"2g.20gb"}))
     assert unfillable_hole(view, after, gpu, newcomer, {WHOLE_1: 1.0}) == pytest.approx(1 / 7)
     assert unfillable_hole(view, after, gpu, newcomer, geometry_mix(MIX)) == 0.0  # 1g fills it
+    # A newcomer on a vGPU GPU of its type fills what it leaves, as any shape does.
+    vgpu = gpu_host("v", vgpu=[{"u1": QUARTER}])
+    (parent,) = vgpu.gpus
+    quarters = TaskShape(mdev_types=frozenset({QUARTER}))
+    left = build_occupancy(state_of(vgpu))
+    assert unfillable_hole(vgpu, left, parent, quarters, {WHOLE_1: 1.0}) == 0.0
 
 
 def test_a_host_broken_for_gangs_loses_its_free_share_to_them() -> None:
@@ -224,8 +231,14 @@ def test_a_request_planned_again_is_counted_in_the_mix_once() -> None:
     snap = ClusterSnapshot(hosts={view.host_id: state_of(view)})
     for _ in range(3):
         engine.schedule(snap, whole_request("same"))
+    solve_batch(engine, snap, [whole_request("same")])  # its plan lost, placed again alone
     engine.schedule(snap, shared_request("other", "2g.20gb", QUARTER))
     assert learner.mix == pytest.approx({WHOLE_1: 0.5, QUARTER_TASK: 0.5}, rel=1e-2)
+    # Request ids are each tenant's own: another tenant's "same" is another request.
+    engine.schedule(
+        snap, replace(shared_request("same", "2g.20gb", QUARTER), tenant=TenantName("other"))
+    )
+    assert learner.mix == pytest.approx({WHOLE_1: 1 / 3, QUARTER_TASK: 2 / 3}, rel=1e-2)
 
 
 def test_one_gpu_tasks_are_packed_when_the_mix_has_no_gang() -> None:
@@ -269,3 +282,21 @@ def test_a_one_gpu_task_keeps_a_pair_of_untouched_gpus_together(rid: str) -> Non
 def test_a_floor_outside_zero_to_one_is_refused() -> None:
     with pytest.raises(ValueError, match="floor"):
         PackingScorer(TaskMixLearner(), floor=1.5)
+
+
+@pytest.mark.parametrize("rid", [f"m{n}" for n in range(8)])
+def test_a_whole_gpu_beside_a_mig_slice_still_packs(rid: str) -> None:
+    """Best fit counts the kinds taken whole: the request goes where fewer GPUs stay idle."""
+    roomy = gpu_host("roomy", mig=[()], plain=3)
+    snug = gpu_host("snug", mig=[()], plain=1)
+    snap = ClusterSnapshot(hosts={v.host_id: state_of(v) for v in (roomy, snug)})
+    slice_claim = Claim(
+        "slice", DeviceKind.GPU, 1, forms=frozenset({DeviceForm.MIG}),
+        mig_profiles=frozenset({"3g.40gb"}), min_isolation=Isolation.SHARED,
+    )  # fmt: skip
+    both = PlacementRequest(
+        RequestId(rid), TenantName("t"), (Claim("gpu", DeviceKind.GPU, 1), slice_claim)
+    )
+    engine = packing_engine({WHOLE_1: 0.9, THIRD_TASK: 0.1})
+    plan = engine.schedule(snap, both)
+    assert isinstance(plan, Plan) and plan.host_id == "snug"
