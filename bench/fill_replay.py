@@ -54,6 +54,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.figures import latency_summary
 from bench.fleet import snapshot
 from bench.trace_replay import (
     TRACE_DIR,
@@ -554,10 +555,7 @@ def policy_cost(sizes: Sequence[tuple[int, int]] = ((1000, 300), (10000, 60))) -
                 times.append(time.perf_counter() - started)
                 if isinstance(result, Plan):
                     snap, placed = commit(snap, request, result), placed + 1
-            times.sort()
-            out[f"{hosts}/{policy.name}"] = {
-                "p50_ms": round(1000 * statistics.median(times), 2),
-                "p99_ms": round(1000 * times[int(0.99 * (len(times) - 1))], 2),
+            out[f"{hosts}/{policy.name}"] = latency_summary(times) | {
                 "placed": placed,
                 "requests": n,
             }

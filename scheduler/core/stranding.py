@@ -36,7 +36,7 @@ them with the capacity a placement consumes. Pure: no store, no network.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from scheduler.core.fragmentation import TaskMix, TaskShape, free_shares, usable_by
 from scheduler.core.host import HostView
@@ -74,15 +74,31 @@ def _untouched(free: Mapping[PciAddress, float], occupancy: Occupancy) -> list[P
     ]
 
 
-def stranded_share(view: HostView, occupancy: Occupancy, mix: TaskMix, floor: float) -> float:
+def _gang_fits(
+    view: HostView, occupancy: Occupancy, untouched: Sequence[PciAddress], shape: TaskShape
+) -> bool:
+    """Whether enough untouched GPUs a whole shape can use are left together (of its models)."""
+    return sum(1 for a in untouched if usable_by(view, occupancy, a, shape)) >= shape.gpus
+
+
+def stranded_share(
+    view: HostView,
+    occupancy: Occupancy,
+    mix: TaskMix,
+    floor: float,
+    *,
+    free: Mapping[PciAddress, float] | None = None,
+) -> float:
     """Free share, in GPUs, on the host's GPUs that less than ``floor`` of the mix can use.
 
     A shape can use a GPU when the host has its CPU and memory left and the
     GPU can take a unit of it now (a whole shape: an untouched GPU on a host
     with enough of them). A host none of the mix fits for CPU or memory
-    strands all its free share.
+    strands all its free share. ``free`` is :func:`free_shares` of the host,
+    when the caller has it.
     """
-    free = free_shares(view, occupancy)
+    if free is None:
+        free = free_shares(view, occupancy)
     weight = sum(p for p in mix.values() if p > 0)
     if not free or weight <= 0:
         return 0.0
@@ -96,10 +112,8 @@ def stranded_share(view: HostView, occupancy: Occupancy, mix: TaskMix, floor: fl
         and not (shape.memory_mib and shape.memory_mib > memory_left)
     ]
     untouched = _untouched(free, occupancy)
-    # Per whole shape, whether enough untouched GPUs it can use are left
-    # together (of its models: two GPUs of two models are no pair for one).
     together = {
-        shape: sum(1 for a in untouched if usable_by(view, occupancy, a, shape)) >= shape.gpus
+        shape: _gang_fits(view, occupancy, untouched, shape)
         for shape, _ in fitting
         if not shape.shared
     }
@@ -119,16 +133,24 @@ def stranded_share(view: HostView, occupancy: Occupancy, mix: TaskMix, floor: fl
     return stranded
 
 
-def gangs_lost(view: HostView, occupancy: Occupancy, mix: TaskMix) -> float:
+def gangs_lost(
+    view: HostView,
+    occupancy: Occupancy,
+    mix: TaskMix,
+    *,
+    free: Mapping[PciAddress, float] | None = None,
+) -> float:
     """The host's free share, in GPUs, times the popularity of the multi-GPU shapes it cannot take.
 
     FGD's host-level loss restricted to whole shapes of more than one GPU:
     a host keeps its worth to them only while enough of its GPUs are
     untouched together. (CPU and memory are left to :func:`stranded_share`:
     charging each shape a host falls short of, as FGD does, spread tasks
-    over the trace's hosts and stranded more.)
+    over the trace's hosts and stranded more.) ``free`` is
+    :func:`free_shares` of the host, when the caller has it.
     """
-    free = free_shares(view, occupancy)
+    if free is None:
+        free = free_shares(view, occupancy)
     total = sum(free.values())
     weight = sum(p for p in mix.values() if p > 0)
     if total <= 0 or weight <= 0:
@@ -140,8 +162,7 @@ def gangs_lost(view: HostView, occupancy: Occupancy, mix: TaskMix) -> float:
             continue
         if untouched is None:
             untouched = _untouched(free, occupancy)
-        usable = sum(1 for a in untouched if usable_by(view, occupancy, a, shape))
-        if usable < shape.gpus:
+        if not _gang_fits(view, occupancy, untouched, shape):
             lost += p
     return lost / weight * total
 
@@ -152,17 +173,22 @@ def unfillable_hole(
     address: PciAddress,
     me: TaskShape,
     geometry: Mapping[TaskShape, float],
+    *,
+    free_after: Mapping[PciAddress, float] | None = None,
 ) -> float:
     """The hole a shared task of geometry ``me`` leaves on its GPU, for what will not fill it.
 
     ``after`` is the host's occupancy with the task placed, ``geometry`` the
-    mix by geometry (:func:`geometry_mix`). The hole counts in full when
+    mix by geometry (:func:`geometry_mix`), ``free_after`` :func:`free_shares`
+    of ``after`` when the caller has it. The hole counts in full when
     nothing else can use it, not at all when the shapes that can (``me``
     itself on a vGPU GPU of its type) are at least as popular as ``me``:
     holes are opened as often as ``me`` arrives and closed as often as
     those shapes do.
     """
-    hole = free_shares(view, after).get(address, 0.0)
+    if free_after is None:
+        free_after = free_shares(view, after)
+    hole = free_after.get(address, 0.0)
     if hole <= 0:
         return 0.0
     mine = geometry.get(me, 0.0)

@@ -887,7 +887,7 @@ class Engine:
         scores, so they go. Epochs move rarely (a learnt mix is republished
         only when it drifts), so the memo keeps its worth.
         """
-        epochs = tuple(getattr(s, "epoch", 0) for s in self.profile.scorers)
+        epochs = self._scorer_epochs()
         if epochs == self._epochs:
             return
         self._epochs = epochs
@@ -895,6 +895,10 @@ class Engine:
             for cls in classes:
                 cls.judged.clear()
         self._judged_count = 0
+
+    def _scorer_epochs(self) -> tuple[int, ...]:
+        """What each scorer that learns knows now (0 for one that does not learn)."""
+        return tuple(getattr(s, "epoch", 0) for s in self.profile.scorers)
 
     def _shape_id(self, request: PlacementRequest) -> int:
         # Interned like signatures: bounded, and a number never names two
@@ -1162,7 +1166,7 @@ class Engine:
         been seen.
         """
         found = self._walk(snapshot, request, limit)
-        if self._epochs != tuple(getattr(s, "epoch", 0) for s in self.profile.scorers):
+        if self._epochs != self._scorer_epochs():
             found = self._walk(snapshot, request, limit)
         return found
 

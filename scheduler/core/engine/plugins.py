@@ -73,6 +73,7 @@ from scheduler.core.request import (
     DeviceKind,
     ExclusivityDomain,
     NumaPolicy,
+    PlacementRequest,
 )
 from scheduler.core.stranding import (
     gangs_lost,
@@ -1090,6 +1091,9 @@ class PackingScorer:
         self._before: dict[int, tuple[Occupancy, int, tuple[float, float, float]]] = {}
         # (id(view), GPU, epoch) -> (view, its geometry value).
         self._values: dict[tuple[int, PciAddress, int], tuple[HostView, float]] = {}
+        # The last request scored and its geometry (see _geometry_of).
+        self._request: PlacementRequest | None = None
+        self._me: TaskShape | None = None
 
     @property
     def epoch(self) -> int:
@@ -1115,13 +1119,13 @@ class PackingScorer:
         if found is None or found[0] is not occupancy or found[1] != epoch:
             if len(self._before) >= 65_536:  # bounded: old states are dead weight
                 self._before.clear()
-            found = (occupancy, epoch, self._measure(view, occupancy, mix))
+            found = (occupancy, epoch, self._measure(view, occupancy, mix, None))
             self._before[id(occupancy)] = found
         stranded0, gangs0, free0 = found[2]
         after = occupancy_after(view, occupancy, taken, (request.cpu_milli, request.memory_mib))
-        stranded1, gangs1, free1 = self._measure(view, after, mix)
-        shape = task_shape(request)
-        me = geometry_of(shape) if shape is not None else None
+        free_after = free_shares(view, after)
+        stranded1, gangs1, free1 = self._measure(view, after, mix, free_after)
+        me = self._geometry_of(request)
         hole = spent = 0.0
         for p in picks:
             if p.claim.kind is not DeviceKind.GPU:
@@ -1130,7 +1134,7 @@ class PackingScorer:
             if p.option.form is DeviceForm.WHOLE_DEVICE:
                 spent += self._geometry_value(view, address, geometry)
             elif me is not None and me.shared:
-                hole += unfillable_hole(view, after, address, me, geometry)
+                hole += unfillable_hole(view, after, address, me, geometry, free_after=free_after)
         stranded, gangs, consumed = stranded1 - stranded0, gangs1 - gangs0, free0 - free1
         value = -round(
             self.stranded_weight * stranded
@@ -1145,13 +1149,31 @@ class PackingScorer:
         )
 
     def _measure(
-        self, view: HostView, occupancy: Occupancy, mix: TaskMix
+        self,
+        view: HostView,
+        occupancy: Occupancy,
+        mix: TaskMix,
+        free: Mapping[PciAddress, float] | None,
     ) -> tuple[float, float, float]:
+        """(stranded share, gangs lost, free share) of a host state, its free shares read once."""
+        if free is None:
+            free = free_shares(view, occupancy)
         return (
-            stranded_share(view, occupancy, mix, self.floor),
-            gangs_lost(view, occupancy, mix),
-            sum(free_shares(view, occupancy).values()),
+            stranded_share(view, occupancy, mix, self.floor, free=free),
+            gangs_lost(view, occupancy, mix, free=free),
+            sum(free.values()),
         )
+
+    def _geometry_of(self, request: PlacementRequest) -> TaskShape | None:
+        """The request's geometry (its shape without CPU and memory), worked out once a request.
+
+        Every host judged for a request asks; the last request's is kept.
+        """
+        if self._request is not request:
+            shape = task_shape(request)
+            self._request = request
+            self._me = geometry_of(shape) if shape is not None else None
+        return self._me
 
     def _geometry_value(
         self, view: HostView, address: PciAddress, geometry: Mapping[TaskShape, float]
@@ -1161,12 +1183,12 @@ class PackingScorer:
         if found is not None and found[0] is view:
             return found[1]
         before = dict(self._least)
+        # Worked out with this GPU's shares already in the table.
         value = geometry_value(view, address, geometry, self._least)
         if self._least != before:
             # A smaller least share seen: values worked out before are stale.
             self._least_seen = (self._least_seen + 1) % 4096
             self._values.clear()
-            value = geometry_value(view, address, geometry, self._least)
         if len(self._values) >= 65_536:  # bounded: old views are dead weight
             self._values.clear()
         self._values[key] = (view, value)
