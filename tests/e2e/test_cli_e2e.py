@@ -141,6 +141,18 @@ def test_the_scheduler_refuses_a_duration_that_would_never_fire(value: str) -> N
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("value", ["packing", "tessera-packing ", "", "FIRST-FIT"])
+def test_the_scheduler_refuses_a_policy_it_does_not_have(value: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "scheduler", "--policy", value],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert "--policy" in error and "tessera-packing" in error, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_the_scheduler_raises_its_open_files_limit_to_the_hard_limit() -> None:
     """A connection per agent: a soft limit of 256 would cap the fleet it can reach."""
     code = (

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from scheduler.core.engine.batch import solve_batch
-from scheduler.core.engine.fastpath import Engine, packing_profile
+from scheduler.core.engine.fastpath import _SEEN_KEPT, Engine, packing_profile
 from scheduler.core.engine.plugins import PackingScorer
 from scheduler.core.engine.policies import FgdPolicy
 from scheduler.core.fragmentation import TaskMix, TaskMixLearner, TaskShape, occupancy_after
@@ -239,6 +239,18 @@ def test_a_request_planned_again_is_counted_in_the_mix_once() -> None:
         snap, replace(shared_request("same", "2g.20gb", QUARTER), tenant=TenantName("other"))
     )
     assert learner.mix == pytest.approx({WHOLE_1: 1 / 3, QUARTER_TASK: 2 / 3}, rel=1e-2)
+
+
+def test_the_requests_an_engine_remembers_are_bounded() -> None:
+    """A client sending ever new ids never grows the memory of what was counted past its bound."""
+    learner = TaskMixLearner(decay=1.0, republish=0.0)
+    engine = Engine(profile=packing_profile(learner), feasible_hosts=0)
+    engine.observe(shared_request("first", "2g.20gb", QUARTER))
+    for n in range(_SEEN_KEPT):
+        engine.observe(whole_request(f"w{n}"))
+    # "first" has been forgotten: sent again, it is counted again.
+    engine.observe(shared_request("first", "2g.20gb", QUARTER))
+    assert learner.mix[QUARTER_TASK] == pytest.approx(2 / (_SEEN_KEPT + 2))
 
 
 def test_one_gpu_tasks_are_packed_when_the_mix_has_no_gang() -> None:
