@@ -58,7 +58,12 @@ class AuditLog:
 
     def __init__(self, sink: str | None, service: str) -> None:
         self._service = service
-        self._logger = logging.getLogger(f"tessera.audit.{service}.{id(self)}")
+        # A logger of its own, outside logging's registry: it has no parent,
+        # so no record can reach the root logger's handlers whatever the
+        # process's logging setup, and it goes with this object (a
+        # registered logger per audit log, named by id(), was never freed,
+        # and a later log reusing the id got the old logger back).
+        self._logger = logging.Logger(f"tessera.audit.{service}")
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
         self._handler: logging.Handler | None = None
