@@ -433,6 +433,19 @@ def solve_batch(
     )
     batch = _Batch(engine, snapshot, requests, gang_of, gangs, started, gpus)
     greedy, refused, greedy_plans = _greedy(batch, order)
+    if settings.use_solver and refused:
+        # Largest first can lose to the order requests came in: a large
+        # request's best column takes the device a small one needed, where
+        # placed after the small one it would have gone beside it (the
+        # model only has each request's columns on the starting state, so
+        # it cannot find that pair either). A batch must never place less
+        # than placing one by one does: when the seed left something out,
+        # the one-by-one order is tried too, and the seed worth more stands.
+        sequential = sorted(range(len(requests)), key=lambda i: (-requests[i].priority, i))
+        if sequential != order:
+            other = _greedy(batch, sequential)
+            if sum(weights[i] for i in other[0]) > sum(weights[i] for i in greedy):
+                greedy, refused, greedy_plans = other
 
     # Candidate columns against the starting state.
     columns = batch.columns
