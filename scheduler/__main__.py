@@ -11,6 +11,7 @@ import resource
 import signal
 import sys
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from scheduler.core.engine.fastpath import Engine
@@ -22,6 +23,7 @@ from scheduler.core.engine.policies import (
     packing_policy,
 )
 from scheduler.service import collector
+from scheduler.service.agent_connections import AgentConnections, WarmSettings
 from scheduler.service.agent_gateway import GrpcAgentGateway
 from scheduler.service.coordinator import Leases, PlacementCoordinator
 from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
@@ -35,7 +37,7 @@ from scheduler.service.server import SERVICE_NAMES, build_server
 from scheduler.service.store_health import StoreHealthWatcher
 from scheduler.store.connection import StoreTls, StoreUnusableError, connect_store
 from scheduler.store.embedded import EmbeddedValkey
-from scheduler.store.redis_store import LayoutMismatchError, RedisStateStore
+from scheduler.store.redis_store import HostRecord, LayoutMismatchError, RedisStateStore
 from scheduler.store.roster import RosterStore
 from scheduler.store.safety import UnsafeStoreConfig, check_durability
 from tessera.security.audit import AuditLog
@@ -92,6 +94,19 @@ def _seconds(text: str) -> float:
     if not 0 < value <= 86_400:
         raise argparse.ArgumentTypeError(f"must be above 0 and at most 86400 seconds: {text!r}")
     return value
+
+
+def _seconds_or_off(text: str) -> float:
+    """A flag's duration as :func:`_seconds`, or 0 for off."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    try:
+        return _seconds(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err}, or 0 for off") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -168,6 +183,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=300.0,
         help="seconds between full sweeps: every host reconciled with its agent, request "
         "records left behind by a crash settled (default 300)",
+    )
+    p.add_argument(
+        "--agent-warm-interval",
+        type=_seconds_or_off,
+        default=60.0,
+        help="seconds between rounds that open connections to the live hosts' agents ahead "
+        "of Places, so a Place does not wait for a TLS handshake; 0: off (default 60)",
     )
     p.add_argument(
         "--policy",
@@ -332,6 +354,22 @@ async def serve(opts: argparse.Namespace) -> int:
         roster = asyncio.create_task(
             ReplicaRoster(RosterStore(client), replica, engine.set_peers).run(stop)
         )
+
+        # Connections to agents opened before Places need them.
+        async def live_records() -> Mapping[str, HostRecord]:
+            await coordinator.refreshed()
+            return coordinator.model.records()
+
+        warming = asyncio.create_task(
+            AgentConnections(
+                live_records,
+                gateway,
+                prefer=engine.in_share,
+                settings=WarmSettings(interval_s=opts.agent_warm_interval),
+            ).run(stop)
+            if opts.agent_warm_interval
+            else stop.wait()
+        )
         # NOT_SERVING while the store is down, frozen or refuses us.
         store_health = asyncio.create_task(
             StoreHealthWatcher(client, health_servicer, (*SERVICE_NAMES, "")).run(stop)
@@ -339,6 +377,7 @@ async def serve(opts: argparse.Namespace) -> int:
         await stop.wait()
         await housekeeping
         await roster
+        await warming
         await store_health
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)

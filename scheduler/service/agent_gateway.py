@@ -78,8 +78,8 @@ class GrpcAgentGateway:
         self._state_timeout_s = state_timeout_s
         self._channels = channels
 
-    def _stub(self, address: str, host_id: str) -> agent_pb2_grpc.AgentAsyncStub:
-        """A stub for the agent of ``host_id`` at ``address``.
+    def _channel(self, address: str, host_id: str) -> grpc.aio.Channel:
+        """The channel to the agent of ``host_id`` at ``address``.
 
         Raises:
             AgentCallError: the host id cannot name an agent identity (only a
@@ -91,7 +91,29 @@ class GrpcAgentGateway:
             raise AgentCallError(
                 address, grpc.StatusCode.FAILED_PRECONDITION, f"host id: {err}"
             ) from None
-        return agent_pb2_grpc.AgentStub(self._channels.get(address, server_name))
+        return self._channels.get(address, server_name)
+
+    def _stub(self, address: str, host_id: str) -> agent_pb2_grpc.AgentAsyncStub:
+        """A stub for the agent of ``host_id`` at ``address`` (see :meth:`_channel`)."""
+        return agent_pb2_grpc.AgentStub(self._channel(address, host_id))
+
+    @property
+    def channel_limit(self) -> int:
+        """Agents whose channels are kept at most (see :class:`ChannelCache`)."""
+        return self._channels.limit
+
+    def connect(self, address: str, host_id: str) -> grpc.ChannelConnectivity:
+        """Have the channel to ``host_id``'s agent connect, if it is not connected.
+
+        Returns at once: gRPC connects in the background.
+
+        Returns:
+            The channel's state when asked (READY: connected already).
+
+        Raises:
+            AgentCallError: the host id cannot name an agent identity.
+        """
+        return self._channel(address, host_id).get_state(try_to_connect=True)
 
     async def prepare(
         self, address: str, placement: placement_pb2.Placement

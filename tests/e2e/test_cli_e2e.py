@@ -141,6 +141,20 @@ def test_the_scheduler_refuses_a_duration_that_would_never_fire(value: str) -> N
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "1e9", "soon", "-0.5"])
+def test_the_scheduler_refuses_a_warming_interval_other_than_off_or_a_duration(
+    value: str,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "scheduler", f"--agent-warm-interval={value}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert "--agent-warm-interval" in error and "0 for off" in error, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("value", ["packing", "tessera-packing ", "", "FIRST-FIT"])
 def test_the_scheduler_refuses_a_policy_it_does_not_have(value: str) -> None:
     result = subprocess.run(

@@ -273,6 +273,11 @@ class ChannelCache:
         return channel
 
     @property
+    def limit(self) -> int:
+        """Channels kept at most."""
+        return self._limit
+
+    @property
     def open_channels(self) -> int:
         """Channels kept or retired and not closed yet (each may hold a connection)."""
         return len(self._channels) + len(self._retired)
@@ -300,11 +305,9 @@ class ChannelCache:
             task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        """Close every channel."""
-        for _, channel in self._channels.values():
-            await channel.close()
-        for _, channel in self._retired:
-            await channel.close()
+        """Close every channel, all at once (a replica may hold tens of thousands)."""
+        channels = [c for _, c in self._channels.values()] + [c for _, c in self._retired]
+        await asyncio.gather(*(channel.close() for channel in channels))
         self._channels.clear()
         self._retired.clear()
 
