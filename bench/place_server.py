@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,12 @@ KEPT = 8
 
 #: Places before the sequential samples (not measured).
 WARMUP = 120
+
+#: Filling rounds: requests per 250 hosts (bench (b)'s 640 on 250 hosts),
+#: at most :data:`FILL_MAX` a round, and how many rounds.
+FILL_PER_250 = 640
+FILL_MAX = 6_400
+FILL_ROUNDS = 5
 
 #: PlaceBatch sizes measured on the largest fleet, one after the other
 #: (placements kept).
@@ -99,6 +105,68 @@ class _StubAgents:
 
     async def unprepare(self, address: str, placement: Any) -> None:
         return None
+
+
+def fill_size(hosts: int) -> int:
+    """Placements in one filling round: bench (b)'s 640 per 250 hosts, at most 6,400."""
+    return min(FILL_MAX, FILL_PER_250 * hosts // 250)
+
+
+async def _filler(
+    coordinator: Any, msgs: Iterator[Any], kept: list[str], failed: dict[str, int]
+) -> None:
+    """One filling task: places messages from the shared iterator until it runs dry."""
+    from scheduler.service.errors import SchedulerError
+
+    for msg in msgs:
+        try:
+            kept.append((await coordinator.place(msg)).placement_id)
+        except SchedulerError as err:
+            failed[type(err).__name__] = failed.get(type(err).__name__, 0) + 1
+
+
+async def _releaser(coordinator: Any, placement_ids: Iterator[str]) -> None:
+    """One releasing task: releases placements from the shared iterator.
+
+    A release refused is left held: the next round starts from a fuller
+    state, which its refusals show.
+    """
+    from scheduler.service.errors import SchedulerError
+
+    for placement_id in placement_ids:
+        with contextlib.suppress(SchedulerError):
+            await coordinator.release(placement_id, "")
+
+
+async def _fill_rounds(
+    coordinator: Any, hosts: int, request: Callable[[int, str], Any]
+) -> dict[str, Any]:
+    """Placements per second while 64 tasks fill the fleet, placements kept.
+
+    What bench (b) measured and issue 12 asks of one process: each round,
+    :data:`CLIENTS` tasks place :func:`fill_size` requests between them (the
+    messages built before the clock starts: building them is the frontend's
+    work), then every placement of the round is released, untimed, so each
+    round starts from the same state.
+    """
+    size = fill_size(hosts)
+    rounds: list[dict[str, Any]] = []
+    for r in range(FILL_ROUNDS):
+        msgs = iter([request(i, f"fill{r}") for i in range(size)])
+        kept: list[str] = []
+        failed: dict[str, int] = {}
+        t0 = time.perf_counter()
+        await asyncio.gather(*(_filler(coordinator, msgs, kept, failed) for _ in range(CLIENTS)))
+        wall = time.perf_counter() - t0
+        rounds.append(
+            {"placed": len(kept), "seconds": round(wall, 3),
+             "per_s": round(len(kept) / wall, 1), "errors": failed}
+        )  # fmt: skip
+        releases = iter(kept)
+        await asyncio.gather(*(_releaser(coordinator, releases) for _ in range(CLIENTS)))
+    rates = sorted(r["per_s"] for r in rounds)
+    return {"requests": size, "rounds": rounds, "median_per_s": rates[len(rates) // 2],
+            "min_per_s": rates[0]}  # fmt: skip
 
 
 async def _worker(
@@ -181,6 +249,8 @@ async def _worker(
                 continue
             samples.append(time.perf_counter() - t0)
 
+        filling = await _fill_rounds(coordinator, hosts, request)
+
         placed = released = 0
         failed: dict[str, int] = {}
         outcomes_before = dict(getattr(coordinator, "commit_outcomes", {}))
@@ -237,6 +307,7 @@ async def _worker(
         "host_update": _summary_ms(update_s),
         "sequential": _summary_ms(samples),
         "sequential_errors": errors,
+        "filling": filling,
         "concurrent": {
             "clients": CLIENTS,
             "seconds": round(wall, 3),
@@ -370,6 +441,7 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
                     seq.get("p50", "n/a"),
                     seq.get("p99", "n/a"),
                     upd.get("p50", "n/a"),
+                    _filling_cell(run_.get("filling")),
                     f"{conc['per_s']:,.0f}",
                     f"{conc.get('released_per_s', 0):,.0f}",
                     conflicted,
@@ -384,7 +456,8 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
         "Place p50 ms",
         "Place p99 ms",
         "one host's update p50 ms",
-        f"placements/s, {CLIENTS} tasks",
+        f"placements/s filling, {CLIENTS} tasks: median (least) of rounds",
+        f"placements/s, {CLIENTS} tasks placing and releasing",
         "releases/s",
         "commits conflicted",
         "failed calls",
@@ -399,8 +472,12 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
             "`one host's update`: another writer cordons and uncordons one host, then the "
             f"replica brings its state up to date (the baseline reads every host). p50 and "
             f"p99 are taken after {WARMUP} Places of the same shapes (not measured). "
-            f"{CLIENTS} tasks place at once on the replica's event loop for the throughput "
-            f"columns, each keeping its {KEPT} newest placements and releasing older ones; "
+            f"`filling` (bench (b)'s measure, placements kept): {CLIENTS} tasks place "
+            f"{FILL_PER_250} requests per 250 hosts (at most {FILL_MAX:,}) between them, "
+            f"the messages built before the clock starts; each of {FILL_ROUNDS} rounds "
+            "starts from the same state (the round's placements are released, untimed). "
+            f"Then {CLIENTS} tasks place at once for the next columns, "
+            f"each keeping its {KEPT} newest placements and releasing older ones; "
             "`commits conflicted` is the share of their commits the store refused as "
             "planned on moved state (the baseline does not count them); `failed calls` are "
             "theirs: refused for want of capacity or given up after 16 lost commit races.",
@@ -408,6 +485,13 @@ def section(result: Mapping[str, Any], plots: Path) -> str:
             *_batch_section(result),
         ]
     )
+
+
+def _filling_cell(filling: Mapping[str, Any] | None) -> str:
+    """Median and least rate of the filling rounds (a baseline run may have none)."""
+    if not filling:
+        return "not run"
+    return f"{filling['median_per_s']:,.0f} ({filling['min_per_s']:,.0f})"
 
 
 def _batch_section(result: Mapping[str, Any]) -> list[str]:

@@ -32,10 +32,10 @@ what TLS costs; below 1 for placements/s. Nothing asserts on time.
 
 One difference comes from the stub agent standing for every host: the
 scheduler keeps a channel per host, and with TLS each verifies its own host
-name, so each host gets its own connection (and handshake, on its first
-Prepare) as it would in production; plaintext channels to the one stub address
-are alike, and gRPC lets them share a connection. The warm-up and the
-release after each placement keep that to the first use of a host.
+name, so each host gets its own connection (and handshake, opened by the
+scheduler's warming as the host registers) as it would in production;
+plaintext channels to the one stub address are alike, and gRPC lets them
+share a connection.
 
     PYTHONPATH=. .venv/bin/python bench/tls_cost.py [--quick] [--out FILE]
 
