@@ -8,7 +8,8 @@ through the scheduler's gateway and channel cache.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import replace
 
 import grpc
@@ -40,12 +41,29 @@ def host(
     )
 
 
+#: Where nothing listens: channels there only try.
+NOBODY = "127.0.0.1:1"
+
+
 async def _agent_server() -> tuple[grpc.aio.Server, str]:
     """A gRPC server on loopback standing in for the agents' listening socket."""
     server = grpc.aio.server()
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def agents(limit: int = 4096) -> AsyncIterator[tuple[GrpcAgentGateway, ChannelCache, str]]:
+    """The scheduler's gateway over a cache of ``limit`` channels, and an agent's address."""
+    server, address = await _agent_server()
+    cache = ChannelCache(None, limit=limit)
+    gateway = GrpcAgentGateway(cache)
+    try:
+        yield gateway, cache, address
+    finally:
+        await gateway.close()
+        await server.stop(None)
 
 
 async def _ready(gateway: GrpcAgentGateway, address: str, host_id: str) -> None:
@@ -67,10 +85,7 @@ def _records(*hosts: HostRecord) -> Callable[[], Awaitable[Mapping[str, HostReco
 
 def test_live_hosts_are_connected_before_any_call_and_left_connected(arun: Runner) -> None:
     async def body() -> None:
-        server, address = await _agent_server()
-        cache = ChannelCache(None)
-        gateway = GrpcAgentGateway(cache)
-        try:
+        async with agents() as (gateway, cache, address):
             warmer = AgentConnections(
                 _records(
                     host("h1", address),
@@ -86,9 +101,6 @@ def test_live_hosts_are_connected_before_any_call_and_left_connected(arun: Runne
             assert cache.open_channels == 1
             again = await warmer.round()
             assert (again.asked, again.connected) == (0, 1)
-        finally:
-            await gateway.close()
-            await server.stop(None)
 
     arun(body())
 
@@ -97,30 +109,21 @@ def test_past_the_budget_hosts_holding_placements_come_next(arun: Runner) -> Non
     # Best fit fills a host before it opens an empty one: of two hosts in
     # this replica's share, the one holding a placement is warmed first.
     async def body() -> None:
-        server, address = await _agent_server()
-        cache = ChannelCache(None, limit=2)  # a budget of one host
-        gateway = GrpcAgentGateway(cache)
-        try:
+        async with agents(limit=2) as (gateway, _, address):  # a budget of one host
             busy = replace(host("h2", address), allocations={"iommu-group:1": "pl-1"})
             warmer = AgentConnections(_records(host("h1", address), busy), gateway)
             assert warmer.budget == 1
             done = await warmer.round()
             assert (done.asked, done.skipped) == (1, 1)
             await _ready(gateway, address, "h2")
-        finally:
-            await gateway.close()
-            await server.stop(None)
 
     arun(body())
 
 
 def test_past_the_budget_the_replicas_own_share_is_warmed_first(arun: Runner) -> None:
     async def body() -> None:
-        server, address = await _agent_server()
         # Three channels kept at most: two warmed, one left to other hosts.
-        cache = ChannelCache(None, limit=3)
-        gateway = GrpcAgentGateway(cache)
-        try:
+        async with agents(limit=3) as (gateway, cache, address):
             warmer = AgentConnections(
                 _records(*(host(f"h{i}", address) for i in range(1, 5))),
                 gateway,
@@ -132,9 +135,6 @@ def test_past_the_budget_the_replicas_own_share_is_warmed_first(arun: Runner) ->
             assert cache.open_channels == 2
             await _ready(gateway, address, "h3")
             await _ready(gateway, address, "h4")
-        finally:
-            await gateway.close()
-            await server.stop(None)
 
     arun(body())
 
@@ -147,11 +147,10 @@ def test_connections_are_asked_for_in_paced_bursts(arun: Runner) -> None:
         slept.append(seconds)
 
     async def body() -> None:
-        gateway = GrpcAgentGateway(ChannelCache(None))
-        try:
+        async with agents() as (gateway, _, _):
             warmer = AgentConnections(
                 # Nothing listens on port 1: the channels only try.
-                _records(*(host(f"h{i}", "127.0.0.1:1") for i in range(5))),
+                _records(*(host(f"h{i}", NOBODY) for i in range(5))),
                 gateway,
                 settings=WarmSettings(rate_per_s=20),
                 sleep=sleep,
@@ -159,8 +158,6 @@ def test_connections_are_asked_for_in_paced_bursts(arun: Runner) -> None:
             done = await warmer.round()
             assert done.asked == 5
             assert slept == [0.1, 0.1]
-        finally:
-            await gateway.close()
 
     arun(body())
 
@@ -169,17 +166,12 @@ def test_a_host_that_names_no_agent_is_passed_over(arun: Runner) -> None:
     # A plaintext scheduler accepts host ids like "rack/7": no channel can
     # name its agent, and the round goes on to the next host.
     async def body() -> None:
-        server, address = await _agent_server()
-        gateway = GrpcAgentGateway(ChannelCache(None))
-        try:
+        async with agents() as (gateway, _, address):
             warmer = AgentConnections(
                 _records(host("rack/7", address), host("h1", address)), gateway
             )
             done = await warmer.round()
             assert (done.unreachable, done.asked) == (1, 1)
-        finally:
-            await gateway.close()
-            await server.stop(None)
 
     arun(body())
 
@@ -196,12 +188,9 @@ def test_a_store_that_does_not_answer_costs_a_round_not_the_warmer(arun: Runner)
         return {}
 
     async def body() -> None:
-        gateway = GrpcAgentGateway(ChannelCache(None))
-        try:
+        async with agents() as (gateway, _, _):
             warmer = AgentConnections(records, gateway, settings=WarmSettings(interval_s=0.01))
             await asyncio.wait_for(warmer.run(stop), 10)
-        finally:
-            await gateway.close()
 
     arun(body())
     assert calls == [0, 1]
@@ -219,10 +208,9 @@ def test_stopping_ends_a_round_midway(arun: Runner) -> None:
     stop = asyncio.Event()
 
     async def body() -> float:
-        gateway = GrpcAgentGateway(ChannelCache(None))
-        try:
+        async with agents() as (gateway, _, _):
             warmer = AgentConnections(
-                _records(*(host(f"h{i}", "127.0.0.1:1") for i in range(2_000))), gateway
+                _records(*(host(f"h{i}", NOBODY) for i in range(2_000))), gateway
             )
             task = asyncio.create_task(warmer.run(stop))
             await asyncio.sleep(0.3)
@@ -232,8 +220,6 @@ def test_stopping_ends_a_round_midway(arun: Runner) -> None:
             t0 = loop.time()
             await asyncio.wait_for(task, 15)
             return loop.time() - t0
-        finally:
-            await gateway.close()
 
     assert arun(body()) < 1.0
 
@@ -246,16 +232,13 @@ def test_a_rate_under_ten_a_second_is_honoured(arun: Runner) -> None:
         slept.append(seconds)
 
     async def body() -> None:
-        gateway = GrpcAgentGateway(ChannelCache(None))
-        try:
+        async with agents() as (gateway, _, _):
             await AgentConnections(
-                _records(*(host(f"h{i}", "127.0.0.1:1") for i in range(6))),
+                _records(*(host(f"h{i}", NOBODY) for i in range(6))),
                 gateway,
                 settings=WarmSettings(rate_per_s=2),
                 sleep=sleep,
             ).round()
-        finally:
-            await gateway.close()
 
     arun(body())
     assert sum(slept) == pytest.approx(3.0)
@@ -265,10 +248,7 @@ def test_rounds_never_evict_a_channel_in_use_outside_the_budget(arun: Runner) ->
     # A drain's channel to a cordoned host, on a cache of four: rounds over
     # nine live hosts warm three and leave the fourth channel alone.
     async def body() -> None:
-        server, address = await _agent_server()
-        cache = ChannelCache(None, limit=4)
-        gateway = GrpcAgentGateway(cache)
-        try:
+        async with agents(limit=4) as (gateway, cache, address):
             draining = gateway._channel(address, "cordoned")
             warmer = AgentConnections(
                 _records(*(host(f"h{i}", address) for i in range(1, 10))), gateway
@@ -278,27 +258,21 @@ def test_rounds_never_evict_a_channel_in_use_outside_the_budget(arun: Runner) ->
                 assert (done.hosts, done.skipped) == (9, 6)
             assert gateway._channel(address, "cordoned") is draining
             assert cache.open_channels == 4  # nothing retired: no thrash
-        finally:
-            await gateway.close()
-            await server.stop(None)
 
     arun(body())
 
 
 def test_a_host_that_moved_is_warmed_at_its_new_address(arun: Runner) -> None:
     async def body() -> None:
-        old_server, old = await _agent_server()
         new_server, new = await _agent_server()
-        gateway = GrpcAgentGateway(ChannelCache(None))
         try:
-            await AgentConnections(_records(host("h1", old)), gateway).round()
-            await _ready(gateway, old, "h1")
-            done = await AgentConnections(_records(host("h1", new)), gateway).round()
-            assert (done.asked, done.connected) == (1, 0)
-            await _ready(gateway, new, "h1")
+            async with agents() as (gateway, _, old):
+                await AgentConnections(_records(host("h1", old)), gateway).round()
+                await _ready(gateway, old, "h1")
+                done = await AgentConnections(_records(host("h1", new)), gateway).round()
+                assert (done.asked, done.connected) == (1, 0)
+                await _ready(gateway, new, "h1")
         finally:
-            await gateway.close()
-            await old_server.stop(None)
             await new_server.stop(None)
 
     arun(body())
@@ -308,18 +282,15 @@ def test_an_agent_that_is_down_is_counted_failing(arun: Runner) -> None:
     # Nothing listens on port 1: the first round asks, gRPC's try fails, and
     # the next round finds the channel failing (it keeps retrying itself).
     async def body() -> None:
-        gateway = GrpcAgentGateway(ChannelCache(None))
-        try:
-            warmer = AgentConnections(_records(host("h1", "127.0.0.1:1")), gateway)
+        async with agents() as (gateway, _, _):
+            warmer = AgentConnections(_records(host("h1", NOBODY)), gateway)
             first = await warmer.round()
             assert (first.asked, first.failing) == (1, 0)
-            channel = gateway._channel("127.0.0.1:1", "h1")
+            channel = gateway._channel(NOBODY, "h1")
             async with asyncio.timeout(10):
                 while channel.get_state() is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
                     await channel.wait_for_state_change(channel.get_state())
             again = await warmer.round()
             assert (again.asked, again.failing, again.connected) == (1, 1, 0)
-        finally:
-            await gateway.close()
 
     arun(body())
