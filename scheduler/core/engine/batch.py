@@ -427,13 +427,16 @@ def solve_batch(
     units = learn_gpu_units(snapshot, engine.hardware_and_occupancy, requests)
     gpus = gpu_equivalents_of(requests, units)
     weights = request_values(requests, gpus)
-    order = sorted(
-        range(len(requests)),
-        key=lambda i: (-requests[i].priority, -weights[i] if settings.use_solver else 0, i),
+    sequential = sorted(range(len(requests)), key=lambda i: (-requests[i].priority, i))
+    # Stable: among equal priority and value, still in the order given.
+    order = (
+        sorted(sequential, key=lambda i: (-requests[i].priority, -weights[i]))
+        if settings.use_solver
+        else sequential
     )
     batch = _Batch(engine, snapshot, requests, gang_of, gangs, started, gpus)
     greedy, refused, greedy_plans = _greedy(batch, order)
-    if settings.use_solver and refused:
+    if refused and sequential != order:
         # Largest first can lose to the order requests came in: a large
         # request's best column takes the device a small one needed, where
         # placed after the small one it would have gone beside it (the
@@ -441,11 +444,10 @@ def solve_batch(
         # it cannot find that pair either). A batch must never place less
         # than placing one by one does: when the seed left something out,
         # the one-by-one order is tried too, and the seed worth more stands.
-        sequential = sorted(range(len(requests)), key=lambda i: (-requests[i].priority, i))
-        if sequential != order:
-            other = _greedy(batch, sequential)
-            if sum(weights[i] for i in other[0]) > sum(weights[i] for i in greedy):
-                greedy, refused, greedy_plans = other
+        # (Without the solver the two orders are one.)
+        other = _greedy(batch, sequential)
+        if sum(weights[i] for i in other[0]) > sum(weights[i] for i in greedy):
+            greedy, refused, greedy_plans = other
 
     # Candidate columns against the starting state.
     columns = batch.columns
