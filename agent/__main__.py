@@ -34,6 +34,7 @@ from agent.registration import RegistrationLoop
 from agent.reporter import HostReporter, read_boot_id
 from agent.service import AgentServicer
 from agent.sysfs import FAKE_HOST_MARKER, NotASysfsTreeError, Sysfs, SysfsWriter
+from tessera.keepalive import KEEPALIVE
 from tessera.security.audit import AuditLog
 from tessera.security.identity import SCHEDULER_DNS_NAME, Role
 from tessera.security.interceptor import AccessInterceptor
@@ -233,7 +234,7 @@ async def _run(opts: argparse.Namespace) -> int:
             for name in ("Prepare", "Unprepare", "GetState")
         },
     )
-    server = grpc.aio.server(interceptors=[interceptor])
+    server = grpc.aio.server(interceptors=[interceptor], options=KEEPALIVE.server_options())
     # Bind first: the registration loop advertises the bound port, and the
     # servicer pokes that loop whenever it changed the host.
     if tls is None:

@@ -19,9 +19,10 @@ first (its share of the roster, and in it hosts holding placements) are
 warmed first. Cordoned hosts and hosts
 whose lease ran out are left alone: no Place goes there.
 
-Not covered: a host registered since the last round, hosts past the
-budget, and a connection a middlebox dropped silently (no keepalive is
-configured: the channel still reads as connected until a call fails).
+Not covered: a host registered since the last round, and hosts past the
+budget. A connection a middlebox dropped silently still reads as connected
+until keepalive notices (see :mod:`tessera.keepalive`: within 80 s), after
+which the next round connects it again.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 from scheduler.service.coordinator import PlacementCoordinator
 from scheduler.service.operator_config import OperatorConfig
 from scheduler.service.servicers import RegistryServicer, SchedulerServicer
+from tessera.keepalive import KEEPALIVE
 from tessera.security.audit import AuditLog
 from tessera.security.interceptor import AccessInterceptor
 from tessera.security.policy import RULES, AccessPolicy
@@ -88,7 +89,7 @@ async def build_server(
         audit=audit or AuditLog(None, "scheduler"),
         resources={method: audit_resources for method in RULES},
     )
-    server = grpc.aio.server(interceptors=[interceptor])
+    server = grpc.aio.server(interceptors=[interceptor], options=KEEPALIVE.server_options())
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(coordinator), server)
     scheduler_pb2_grpc.add_RegistryServicer_to_server(
         RegistryServicer(coordinator, operator), server

@@ -120,9 +120,10 @@ async def serving(
     credentials: grpc.ServerCredentials | None,
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    options: Sequence[tuple[str, int]] = (),
 ) -> AsyncIterator[str]:
     """A started server on ``127.0.0.1:0`` (TLS unless ``credentials`` is None); its address."""
-    server = grpc.aio.server(interceptors=list(interceptors))
+    server = grpc.aio.server(interceptors=list(interceptors), options=list(options))
     register(server)
     if credentials is None:
         port = server.add_insecure_port("127.0.0.1:0")

@@ -28,6 +28,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tessera.keepalive import KEEPALIVE, Keepalive
 from tessera.security.certs import CA_CERT, CERT, KEY
 from tessera.security.identity import Identity, IdentityError
 
@@ -215,7 +216,9 @@ class ChannelCache:
     dropped and made again costs a TLS handshake on both sides (a few ms of
     CPU), and the reconciler talks to every host every few minutes. So the
     limit must exceed the fleet (see :func:`channel_limit`); a channel left
-    idle gives its connection up by itself (gRPC's idle timeout, 30 min).
+    idle gives its connection up by itself (gRPC's idle timeout, 30 min),
+    and one whose peer fell silent is dropped by keepalive pings (see
+    :mod:`tessera.keepalive`).
 
     Args:
         tls: the process's TLS directory; None for plaintext (development).
@@ -225,12 +228,20 @@ class ChannelCache:
         retire_after_s: a retired channel (evicted, or of TLS files since
             rotated) is closed this long after, when calls still in flight
             on it have ended: longer than any agent call's deadline.
+        keepalive: how idle connections are checked (see
+            :mod:`tessera.keepalive`); None: never (a dead peer is found
+            by the next call's deadline).
     """
 
     def __init__(
-        self, tls: TlsDir | None, limit: int = 4096, retire_after_s: float = 120.0
+        self,
+        tls: TlsDir | None,
+        limit: int = 4096,
+        retire_after_s: float = 120.0,
+        keepalive: Keepalive | None = KEEPALIVE,
     ) -> None:
         self._tls = tls
+        self._options = keepalive.channel_options() if keepalive is not None else []
         self._limit = limit
         self._retire_after_s = retire_after_s
         self._channels: dict[tuple[str, str], tuple[int, grpc.aio.Channel]] = {}
@@ -260,10 +271,12 @@ class ChannelCache:
             # Calls in flight finish on the old channel; it closes later.
             self._retire(cached[1])
         if self._tls is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = grpc.aio.insecure_channel(address, options=self._options)
         else:
             channel = grpc.aio.secure_channel(
-                address, self._tls.channel_credentials(), options=channel_options(server_name)
+                address,
+                self._tls.channel_credentials(),
+                options=[*channel_options(server_name), *self._options],
             )
         self._channels[key] = (generation, channel)
         while len(self._channels) > self._limit:
