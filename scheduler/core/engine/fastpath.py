@@ -113,6 +113,11 @@ from scheduler.core.slots import exclusive_slot, host_share_slot, mdev_slot, mig
 from scheduler.core.snapshot import ClusterSnapshot, HostChanges, HostState
 from scheduler.core.topology import pcie_distance
 
+#: Order keys (request shapes, as far as the host order goes) whose orders are
+#: kept at once: each holds an entry per host, 64 of them about 70 MiB at
+#: 10,000 hosts.
+_ORDERS_KEPT = 64
+
 #: Upper bound on search steps per host and pass, so a pathological request
 #: cannot stall the scheduler; hosts have tens of devices and pools collapse
 #: interchangeable slices, so real requests stay far below it.
@@ -242,6 +247,9 @@ _FORM_BIT = {
 #: equals for this replica, host).
 _OrderEntry = tuple[bool, bool, bool, int, int, str]
 
+#: What of a host's order entry its occupancy decides: (full, short, idle).
+_OrderPrefix = tuple[bool, bool, int]
+
 #: A host's standing for this replica: (another replica's share, rank).
 _Rank = tuple[bool, int]
 
@@ -270,6 +278,9 @@ class _HostIndex:
         exclusive: some tenant holds an exclusivity domain here (then who
             asks matters, see :meth:`Engine._judge`).
         tenancy: who holds what, host name aside, interned.
+        prefixes: per order key, the host's place in that order, rank and
+            name aside (see :func:`_order_entry`); shared by the hosts of
+            the class in this occupancy, filled as keys are met.
     """
 
     view: HostView
@@ -281,6 +292,7 @@ class _HostIndex:
     signature: int
     exclusive: bool
     tenancy: int
+    prefixes: dict[_OrderKey, _OrderPrefix]
 
 
 @dataclass(frozen=True)
@@ -318,7 +330,8 @@ class _HardwareClass:
             None when an empty host can.
         distances: PCIe distances between functions, computed once per class.
         left: per occupancy signature, what is left on a host of the class
-            in that state (see :func:`_left`).
+            in that state (see :func:`_left`), and its places in the
+            orders met so far (see :attr:`_HostIndex.prefixes`).
     """
 
     uid: int
@@ -328,9 +341,10 @@ class _HardwareClass:
     judged: dict[tuple[object, ...], _Judgement] = field(default_factory=dict)
     never: dict[int, Rejections | None] = field(default_factory=dict)
     distances: dict[tuple[PciAddress, PciAddress], int] = field(default_factory=dict)
-    left: dict[int, tuple[tuple[int, ...], tuple[bool, ...], tuple[int, ...]]] = field(
-        default_factory=dict
-    )
+    left: dict[
+        int,
+        tuple[tuple[int, ...], tuple[bool, ...], tuple[int, ...], dict[_OrderKey, _OrderPrefix]],
+    ] = field(default_factory=dict)
 
     def order(self, key: _OrderKey, rank: Callable[[HostId], _Rank]) -> list[_OrderEntry]:
         """The members in fast-path order for ``key``, sorted (``rank``: the engine's)."""
@@ -412,6 +426,10 @@ class Engine:
         interned_kept: occupancy signatures (and, apart, tenancies and request shapes) kept
             numbered at once; past it the numbering starts afresh, so a
             long-lived engine's memory stays bounded.
+        orders_kept: host orders (one per order key a request meets) kept
+            at once, at most the default (each host's order entries are
+            memoised for that many keys); past it every order is dropped
+            and rebuilt as needed.
 
     With :meth:`set_peers`, replicas placing on one store split the hosts
     between them, rendezvous style: each walks its own share first (best fit
@@ -423,6 +441,7 @@ class Engine:
     feasible_hosts: int = 4
     affinity: str = ""
     interned_kept: int = _INTERNED_KEPT
+    orders_kept: int = _ORDERS_KEPT
     # (host, generation, planned) -> index of that host state.
     _index: dict[tuple[HostId, int, tuple[PlacementId, ...]], _HostIndex] = field(
         default_factory=dict, repr=False
@@ -489,6 +508,10 @@ class Engine:
             return
         self._peers = peers
         self._ranks.clear()
+        self._forget_orders()
+
+    def _forget_orders(self) -> None:
+        """Drop every class's orders (rebuilt lazily, as requests need them)."""
         for classes in self._classes.values():
             for cls in classes:
                 cls.orders.clear()
@@ -524,15 +547,19 @@ class Engine:
         if left is None:
             if len(cls.left) >= _LEFT_KEPT:
                 cls.left.clear()
-            left = cls.left[signature] = _left(view, occupancy)
+            left = cls.left[signature] = (*_left(view, occupancy), {})
+        idle, full, open_, prefixes = left
         index = _HostIndex(
             view,
             occupancy,
-            *left,
+            idle,
+            full,
+            open_,
             cls,
             signature,
             bool(occupancy.exclusive),
             tenancy,
+            prefixes,
         )
         if len(self._index) > 4 * 65536:
             # Bounded: old generations are dead weight (indexed hosts keep
@@ -1184,6 +1211,11 @@ class Engine:
         live = self._live
         heads = self._heads.get(key)
         if heads is None:
+            if len(self._heads) >= self.orders_kept:
+                # Bounded: each order keeps every host once, and requests
+                # (untrusted) choose the keys. Forgotten orders are rebuilt
+                # when met again.
+                self._forget_orders()
             heads = _Heads((cls.order(key, self._rank)[0], uid, 0) for uid, cls in live.items())
             self._heads[key] = heads
         heap = heads.heap()
@@ -1460,20 +1492,27 @@ def _order_entry(key: _OrderKey, index: _HostIndex, host_id: str, rank: _Rank) -
     Moving hosts that cannot fit changes no plan, only how many hosts a
     request walks.
     """
-    kinds, whole_only, other = key
-    idle, full, open_ = index.idle, index.full, index.open
-    short = any(idle[position] < n for position, n in whole_only) or any(
-        not open_[position] & forms for position, forms in other
-    )
+    prefixes = index.prefixes
+    prefix = prefixes.get(key)
+    if prefix is None:
+        # Worked out once per class, occupancy and key: a changed host's
+        # entries are looked up in every order its class has, twice. Keys
+        # of orders since forgotten make way (see Engine.orders_kept).
+        if len(prefixes) >= _ORDERS_KEPT:
+            prefixes.clear()
+        kinds, whole_only, other = key
+        idle, full, open_ = index.idle, index.full, index.open
+        short = any(idle[position] < n for position, n in whole_only) or any(
+            not open_[position] & forms for position, forms in other
+        )
+        prefix = prefixes[key] = (
+            any(full[position] for position in kinds),
+            short,
+            sum(idle[position] for position in kinds),
+        )
+    full_, short_, idle_ = prefix
     away, among_equals = rank
-    return (
-        any(full[position] for position in kinds),
-        short,
-        away,
-        sum(idle[position] for position in kinds),
-        among_equals,
-        host_id,
-    )
+    return (full_, short_, away, idle_, among_equals, host_id)
 
 
 def _occupancy_signature(occupancy: Occupancy) -> tuple[object, ...]:

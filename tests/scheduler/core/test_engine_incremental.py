@@ -328,3 +328,27 @@ def test_an_engine_that_forgets_its_signatures_plans_as_a_fresh_one() -> None:
             snap = with_reservation(snap, expected.host_id, expected.slots, pid, request.tenant)
             held.append((expected.host_id, pid))
     assert len(kept._signatures) > 3  # the sequence did meet more than the bound
+
+
+def test_an_engine_met_with_ever_new_request_shapes_keeps_few_orders() -> None:
+    """Each order key keeps an entry per host, and requests (untrusted) choose the
+    keys: past ``orders_kept`` the engine drops its orders and rebuilds them as
+    needed, which must only cost time, never change a plan."""
+    rng = random.Random(11)
+    start = {**_clones(dgx(), "dgx-", 6, rng), **_clones(workstation(), "ws-", 6, rng)}
+    forgetful, kept = Engine(orders_kept=2), Engine()
+    snap = ClusterSnapshot(hosts=dict(start))
+    for i in range(120):
+        # Whole-device-only counts and kinds make new order keys.
+        count = rng.randrange(1, 9)
+        claims = [Claim("gpu", DeviceKind.GPU, count, forms=frozenset({DeviceForm.WHOLE_DEVICE}))]
+        if rng.random() < 0.5:
+            claims.append(Claim("nic", DeviceKind.NIC, rng.randrange(1, 3)))
+        request = PlacementRequest(RequestId(f"r{i}"), TenantName("t"), tuple(claims))
+        expected = kept.schedule(snap, request)
+        assert outcome(forgetful.schedule(snap, request)) == outcome(expected), i
+        assert len(forgetful._heads) <= 2
+        if isinstance(expected, Plan) and rng.random() < 0.7:
+            pid = PlacementId(f"p{i}")
+            snap = with_reservation(snap, expected.host_id, expected.slots, pid, request.tenant)
+    assert len(kept._heads) > 2  # the sequence did meet more than the bound
