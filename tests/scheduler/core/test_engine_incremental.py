@@ -23,7 +23,7 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.core.engine.fastpath import Engine
+from scheduler.core.engine.fastpath import _NEVER_KEPT, Engine
 from scheduler.core.host import HostView
 from scheduler.core.identity import HostId, PlacementId, RequestId, TenantName
 from scheduler.core.plan import Plan, Unschedulable
@@ -352,3 +352,19 @@ def test_an_engine_met_with_ever_new_request_shapes_keeps_few_orders() -> None:
             pid = PlacementId(f"p{i}")
             snap = with_reservation(snap, expected.host_id, expected.slots, pid, request.tenant)
     assert len(kept._heads) > 2  # the sequence did meet more than the bound
+
+
+def test_never_fits_verdicts_are_kept_for_a_bounded_number_of_shapes() -> None:
+    """Requests choose their shapes (a CPU ask is part of one): a stream of ever new
+    shapes that fit nowhere must not grow each hardware class's verdicts for ever."""
+    rng = random.Random(5)
+    start = {**_clones(dgx(), "dgx-", 3, rng), **_clones(workstation(), "ws-", 3, rng)}
+    engine = Engine()
+    snap = ClusterSnapshot(hosts=dict(start))
+    for i in range(_NEVER_KEPT + 100):
+        request = PlacementRequest(
+            RequestId(f"r{i}"), TenantName("t"), (Claim("gpu", DeviceKind.GPU, 1),), cpu_milli=i + 1
+        )
+        assert isinstance(engine.schedule(snap, request), Unschedulable)
+    classes = [cls for found in engine._classes.values() for cls in found]
+    assert classes and all(len(cls.never) <= _NEVER_KEPT for cls in classes)
