@@ -18,11 +18,13 @@ not use anyway, before anything is served:
 
 Every message has the password redacted (:func:`redact_url`).
 
-One server (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
+One server (``redis://``, ``rediss://``, ``unix://``), a Redis Cluster
 (``redis+cluster://`` or ``rediss+cluster://``, naming any one node: the client
-finds the others). Every write of the scheduler stays in one hash slot
-(:mod:`scheduler.store.schema`), so it runs on a cluster unchanged. Sentinel
-URLs are out of scope (see the README's "Not yet").
+finds the others), or a primary watched by Redis Sentinel
+(``redis+sentinel://`` or ``rediss+sentinel://``, naming the Sentinels and the
+service: the client asks them for the primary, and again after a failover).
+Every write of the scheduler stays in one hash slot
+(:mod:`scheduler.store.schema`), so it runs on a cluster unchanged.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import (
     AuthenticationError,
@@ -60,13 +63,33 @@ from scheduler.store.wire import pack_with_hiredis
 
 log = logging.getLogger("tessera.store")
 
-_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
 _FORM = (
     "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS), "
-    "unix:///PATH/TO/SOCKET[?db=DB], or redis+cluster://[[USER]:PASSWORD@]HOST[:PORT] "
-    "(rediss+cluster:// with TLS) for a Redis Cluster"
+    "unix:///PATH/TO/SOCKET[?db=DB], redis+cluster://[[USER]:PASSWORD@]HOST[:PORT] "
+    "(rediss+cluster:// with TLS) for a Redis Cluster, or "
+    "redis+sentinel://[[USER]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB] "
+    "(rediss+sentinel:// with TLS) for a primary watched by Sentinel"
 )
 _CLUSTER_SUFFIX = "+cluster"
+_SENTINEL_SUFFIX = "+sentinel"
+#: Sentinel's own port, when a Sentinel URL names none.
+_SENTINEL_PORT = 26379
+#: Sentinels a URL may name (three or five in practice).
+_MAX_SENTINELS = 16
+#: Query parameters of a Sentinel URL only: the Sentinels' own credentials,
+#: where they require some (the URL's user and password are the primary's).
+_SENTINEL_QUERY_PARAMS = frozenset({"sentinel_username", "sentinel_password"})
+#: Query parameters whose values are secrets, never shown.
+_SECRET_PARAMS = ("ssl_password", "sentinel_password")
 _CLUSTER_UNSUPPORTED = frozenset({"ssl_ca_path", "ssl_password"})
 
 #: A client of one server or of a Redis Cluster.
@@ -141,6 +164,7 @@ class _Target:
     username: str
     password: str
     cluster: bool = False
+    sentinel: _Sentinels | None = None
 
 
 def _split_userinfo(url: str) -> tuple[str, str, str, str] | None:
@@ -164,7 +188,7 @@ def _split_userinfo(url: str) -> tuple[str, str, str, str] | None:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (and any ``ssl_password``) replaced by ``***``.
+    """``url`` with its password (and any secret query parameter) replaced by ``***``.
 
     Args:
         url: a store URL, well-formed or not.
@@ -179,10 +203,10 @@ def redact_url(url: str) -> str:
         # No colon: redis-py reads the whole userinfo as a user name; some
         # write a bare password there, so hide it all the same.
         url = f"{head}{user}:***@{hostport}{rest}" if colon else f"{head}***@{hostport}{rest}"
-    if "ssl_password=" in url:
+    if any(f"{name}=" in url for name in _SECRET_PARAMS):
         head, _, query = url.partition("?")
         fields = [
-            f"{name}=***" if name == "ssl_password" else field
+            f"{name}=***" if name in _SECRET_PARAMS else field
             for field in query.split("&")
             for name in [field.partition("=")[0]]
         ]
@@ -214,6 +238,229 @@ def _query(url: str, query: str) -> dict[str, str]:
     return params
 
 
+@dataclass(frozen=True)
+class _Sentinels:
+    """A Sentinel URL's Sentinels, the service they watch, and their own credentials.
+
+    Attributes:
+        addresses: (host, port) of each Sentinel, in the URL's order.
+        service: the name the Sentinels know the primary by.
+        username: the Sentinels' user, where they require one.
+        password: the Sentinels' password, where they require one.
+        query: the URL's query without the Sentinels' parameters: what the
+            primary's connections take.
+    """
+
+    addresses: tuple[tuple[str, int], ...]
+    service: str
+    username: str = ""
+    password: str = ""
+    query: str = ""
+
+    def named(self) -> str:
+        """The Sentinels as ``host:port, ...``, for messages."""
+        return ", ".join(f"{_host_text(h)}:{p}" for h, p in self.addresses)
+
+
+def _host_text(host: str) -> str:
+    """A host as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def _server_url(target: _Target, host: str, port: int) -> str:
+    """The URL of one server of ``target`` (a Sentinel URL's primary, once found)."""
+    auth = ""
+    if target.username or target.password:
+        auth = f"{quote(target.username, safe='')}:{quote(target.password, safe='')}@"
+    query = target.sentinel.query if target.sentinel is not None else ""
+    return f"{target.scheme}://{auth}{_host_text(host)}:{port}/{target.db}" + (
+        f"?{query}" if query else ""
+    )
+
+
+def _parse_sentinel(
+    url: str, scheme: str, tls: StoreTls, *, allow_unsafe: bool
+) -> tuple[_Target, dict[str, Any]]:
+    """Check a ``redis+sentinel://`` (or ``rediss+sentinel://``) URL; see :func:`_parse`.
+
+    urllib cannot read several hosts in one URL, so the Sentinels are split
+    out by hand; each is then read as a URL of its own.
+    """
+    rest = url.partition("://")[2]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, _at, hosts = netloc.rpartition("@")
+    user, _colon, secret = userinfo.partition(":")
+    username, password = unquote(user), unquote(secret)
+    if "#" in tail:
+        raise _refuse(url, "a fragment (#...) has no meaning in a store URL", password)
+    if not hosts:
+        raise _refuse(url, f"no Sentinel host; expected {_FORM}", password)
+    entries = hosts.split(",")
+    if len(entries) > _MAX_SENTINELS:
+        raise _refuse(url, f"{len(entries)} Sentinels; at most {_MAX_SENTINELS}", password)
+    addresses: list[tuple[str, int]] = []
+    for entry in entries:
+        try:
+            parts = urlsplit(f"//{entry}")
+            port = _SENTINEL_PORT if parts.port is None else parts.port
+        except ValueError:
+            raise _refuse(
+                url, f"Sentinel {entry!r}: the port must be a number in 1..65535", password
+            ) from None
+        if not parts.hostname:
+            raise _refuse(url, f"Sentinel {entry!r} has no host; expected {_FORM}", password)
+        if not 1 <= port <= 65535:
+            raise _refuse(
+                url, f"Sentinel {entry!r}: the port must be a number in 1..65535", password
+            )
+        addresses.append((unquote(parts.hostname), port))
+    path, _, query = tail.partition("?")
+    segments = path.strip("/").split("/") if path.strip("/") else []
+    if not segments:
+        raise _refuse(
+            url, f"no service name: the Sentinels' name for the primary; expected {_FORM}", password
+        )
+    if len(segments) > 2:
+        raise _refuse(url, f"the path is /SERVICE[/DB], not {path!r}", password)
+    service = unquote(segments[0])
+    if not service.isprintable() or any(c.isspace() for c in service) or len(service) > 128:
+        raise _refuse(
+            url, "the service name must be printable, without spaces, at most 128 characters"
+        )
+    params = _query(url, query)
+    known = _QUERY_PARAMS | _TLS_QUERY_PARAMS | _SENTINEL_QUERY_PARAMS
+    for name in params:
+        if name in _TLS_QUERY_PARAMS and scheme != "rediss":
+            raise _refuse(url, f"{name} needs TLS: use rediss+sentinel://", password)
+        if name not in known:
+            listed = ", ".join(sorted(known))
+            raise _refuse(url, f"unknown query parameter {name!r} (known: {listed})", password)
+    path_db = segments[1] if len(segments) == 2 else ""
+    if "db" in params and path_db and path_db != params["db"]:
+        raise _refuse(url, f"two databases: /{path_db} in the path and db={params['db']}", password)
+    db_text = params.get("db", path_db or "0")
+    if not db_text.isdigit() or not db_text.isascii():
+        raise _refuse(url, f"the database must be a number (0, 1, ...), not {db_text!r}", password)
+    extra: dict[str, Any] = {}
+    if scheme == "rediss":
+        extra = _tls_arguments(url, params, tls, password, allow_unsafe=allow_unsafe)
+    elif tls != StoreTls():
+        raise _refuse(
+            url,
+            "TLS files were given (--redis-ca, --redis-cert, --redis-key) but the URL is "
+            "plaintext: use rediss+sentinel://",
+            password,
+        )
+    sentinels = _Sentinels(
+        tuple(addresses),
+        service,
+        unquote(params.get("sentinel_username", "")),
+        params.get("sentinel_password", ""),
+        "&".join(
+            f"{quote(k, safe='')}={quote(v, safe='')}"
+            for k, v in params.items()
+            if k not in _SENTINEL_QUERY_PARAMS and k != "db"
+        ),
+    )
+    host, port = addresses[0]
+    target = _Target(url, scheme, host, port, int(db_text), username, password, sentinel=sentinels)
+    # redis-py's own parsing, for the value types it checks (socket_timeout=abc).
+    try:
+        parse_url(_server_url(target, host, port))
+    except ValueError as err:
+        raise _refuse(url, str(err), password, sentinels.password) from None
+    return target, extra
+
+
+async def _find_primary(target: _Target, sentinel: Sentinel, deadline: float) -> tuple[str, int]:
+    """The primary's address as the Sentinels give it, asked until ``deadline``.
+
+    Raises:
+        StoreUnusableError: no Sentinel answered with a primary in time.
+    """
+    watch = target.sentinel
+    assert watch is not None
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            host, port = await sentinel.discover_master(watch.service)
+            return str(host), int(port)
+        except (MasterNotFoundError, RedisError, OSError) as err:
+            text = str(err)
+            if "Error" in text.partition(" : ")[2] or not isinstance(err, MasterNotFoundError):
+                # discover_master lists the Sentinels it could not ask.
+                problem = f"cannot reach any Sentinel ({watch.named()})"
+                if "Authentication" in text or "NOAUTH" in text or "WRONGPASS" in text:
+                    problem = (
+                        f"the Sentinels ({watch.named()}) refused us: check sentinel_username "
+                        "and sentinel_password"
+                    )
+            else:
+                problem = (
+                    f"no Sentinel ({watch.named()}) names a live primary for service "
+                    f"{watch.service!r}"
+                )
+            if time.monotonic() >= deadline:
+                raise _refuse(
+                    target.url,
+                    f"{problem}; still failing after {attempts} attempts",
+                    target.password,
+                    watch.password,
+                ) from None
+            log.debug("store %s: %s", redact_url(target.url), problem)
+        await asyncio.sleep(max(0.0, min(_PROBE_PAUSE_S, deadline - time.monotonic())))
+
+
+async def _connect_sentinel(target: _Target, extra: dict[str, Any], wait_s: float) -> StoreClient:
+    """A client of the primary the Sentinels name, checked usable; see :func:`connect_store`."""
+    watch = target.sentinel
+    assert watch is not None
+    tls: dict[str, Any] = {"ssl": True, **extra} if target.scheme == "rediss" else {}
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": _PROBE_TIMEOUT_S,
+        "socket_connect_timeout": _PROBE_TIMEOUT_S,
+        **tls,
+    }
+    if watch.username:
+        sentinel_kwargs["username"] = watch.username
+    if watch.password:
+        sentinel_kwargs["password"] = watch.password
+    # redis-py's Sentinel has no type hints.
+    sentinel = Sentinel(list(watch.addresses), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    deadline = time.monotonic() + wait_s
+    host, port = await _find_primary(target, sentinel, deadline)
+    # The primary itself: the same checks as one server's (credentials, TLS,
+    # database), naming it.
+    primary = _Target(
+        _server_url(target, host, port),
+        target.scheme,
+        host,
+        port,
+        target.db,
+        target.username,
+        target.password,
+    )
+    await _wait_until_usable(primary, extra, max(_PROBE_TIMEOUT_S, deadline - time.monotonic()))
+    options = dict(parse_url(primary.url))
+    for name in ("host", "port", "connection_class"):
+        options.pop(name, None)
+    # As one server's client (see connect_store); its connections ask the
+    # Sentinels for the primary whenever they connect, and drop a connection
+    # to a primary since demoted (READONLY), so a failover costs the commands
+    # in flight during it, retried, not a restart.
+    client: aioredis.Redis = sentinel.master_for(
+        watch.service,
+        redis_class=aioredis.Redis,
+        **{**options, **tls},
+        decode_responses=False,
+        health_check_interval=5,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=6),
+    )
+    return pack_with_hiredis(client)
+
+
 def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dict[str, Any]]:
     """Check the URL and the TLS options; the target and extra client arguments.
 
@@ -229,8 +476,10 @@ def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dic
     if "://" not in url or not scheme:
         raise _refuse(url, f"not a URL; expected {_FORM}")
     if scheme not in _SCHEMES:
-        raise _refuse(
-            url, f"unsupported scheme {scheme}://; expected {_FORM} (Sentinel is not supported)"
+        raise _refuse(url, f"unsupported scheme {scheme}://; expected {_FORM}")
+    if scheme.endswith(_SENTINEL_SUFFIX):
+        return _parse_sentinel(
+            url, scheme.removesuffix(_SENTINEL_SUFFIX), tls, allow_unsafe=allow_unsafe
         )
     cluster = scheme.endswith(_CLUSTER_SUFFIX)
     if cluster:
@@ -562,6 +811,8 @@ async def connect_store(
             database are wrong, or the store did not answer within ``wait_s``.
     """
     target, extra = _parse(url.strip(), tls or StoreTls(), allow_unsafe=allow_unsafe)
+    if target.sentinel is not None:
+        return await _connect_sentinel(target, extra, wait_s)
     await _wait_until_usable(target, extra, wait_s)
     if target.cluster:
         # The seed node answered; the client maps slots to nodes itself and

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ResponseError
 
 _OVERRIDE = "pass --allow-unsafe-redis"
@@ -44,7 +45,7 @@ async def _config(client: aioredis.Redis) -> tuple[dict[str, str] | None, str]:
     """Durability settings via CONFIG GET, or None and why it is unavailable."""
     settings: dict[str, str] = {}
     try:
-        for name in ("appendonly", "maxmemory-policy", "appendfsync"):
+        for name in ("appendonly", "maxmemory-policy", "appendfsync", "min-replicas-to-write"):
             reply = await client.config_get(name)
             settings.update({_text(k): _text(v) for k, v in reply.items()})
     except ResponseError as err:
@@ -68,8 +69,15 @@ async def _info(client: aioredis.Redis) -> dict[str, str] | None:
     return settings
 
 
-def _problems(settings: Mapping[str, str]) -> tuple[list[str], list[str]]:
-    """Split the settings into refusals and mere warnings."""
+def _problems(
+    settings: Mapping[str, str], *, failover: bool = False
+) -> tuple[list[str], list[str]]:
+    """Split the settings into refusals and mere warnings.
+
+    Args:
+        settings: the server's durability settings.
+        failover: the server is a primary Sentinel may replace with a replica.
+    """
     problems: list[str] = []
     warnings: list[str] = []
     appendonly = settings.get("appendonly")
@@ -99,6 +107,17 @@ def _problems(settings: Mapping[str, str]) -> tuple[list[str], list[str]]:
         warnings.append(
             "appendfsync is 'no': the kernel decides when the AOF reaches disk, so an "
             "OS crash or power loss can lose recent placements; prefer everysec or always"
+        )
+    replicas = settings.get("min-replicas-to-write")
+    if failover and replicas in (None, "", "0"):
+        # Replication is asynchronous: the promoted replica may not have the
+        # last writes the old primary acknowledged.
+        told = "could not be read" if replicas is None else "is 0"
+        warnings.append(
+            f"min-replicas-to-write {told} on a primary Sentinel fails over: a failover can "
+            "lose placements the old primary acknowledged before a replica had them, and "
+            "hand their devices out again; set min-replicas-to-write 1 (with "
+            "min-replicas-max-lag) on the primary and its replicas"
         )
     return problems, warnings
 
@@ -180,7 +199,8 @@ async def check_durability(
             "durability settings were read from INFO instead"
         )
         settings = await _info(client) or {}
-    problems, soft = _problems(settings)
+    failover = isinstance(getattr(client, "connection_pool", None), SentinelConnectionPool)
+    problems, soft = _problems(settings, failover=failover)
     warnings.extend(soft)
     if problems and not allow_unsafe:
         raise UnsafeStoreConfig(problems)

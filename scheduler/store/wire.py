@@ -25,6 +25,7 @@ from redis.asyncio.connection import (
     SSLConnection,
     UnixDomainSocketConnection,
 )
+from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.exceptions import DataError
 
 
@@ -70,10 +71,20 @@ class _UnixConnection(_PackedByHiredis, UnixDomainSocketConnection):
     """Unix socket, packed by hiredis."""
 
 
+class _SentinelConnection(_PackedByHiredis, SentinelManagedConnection):
+    """To the primary Sentinel names, packed by hiredis."""
+
+
+class _SentinelTlsConnection(_PackedByHiredis, SentinelManagedSSLConnection):
+    """TLS to the primary Sentinel names, packed by hiredis."""
+
+
 _PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {
     Connection: _TcpConnection,
     SSLConnection: _TlsConnection,
     UnixDomainSocketConnection: _UnixConnection,
+    SentinelManagedConnection: _SentinelConnection,
+    SentinelManagedSSLConnection: _SentinelTlsConnection,
 }
 
 
@@ -81,7 +92,8 @@ def pack_with_hiredis(client: aioredis.Redis) -> aioredis.Redis:
     """Have a one-server client's new connections pack commands with hiredis.
 
     Connections already open keep packing in Python (they are equivalent on
-    the wire). A connection class other than redis-py's three is left alone.
+    the wire). A connection class other than redis-py's five (TCP, TLS, Unix
+    socket, and Sentinel's to its primary, plain or TLS) is left alone.
 
     Returns:
         ``client``, for chaining.

@@ -51,7 +51,7 @@ def test_a_cluster_url_is_checked_like_any_other(arun: Runner) -> None:
     with pytest.raises(StoreUnusableError, match="database 0 only"):
         arun(connect_store("redis+cluster://127.0.0.1:7000/3", wait_s=0))
     with pytest.raises(StoreUnusableError, match="unsupported scheme"):
-        arun(connect_store("redis+sentinel://127.0.0.1:26379", wait_s=0))
+        arun(connect_store("redis+socket://127.0.0.1:26379", wait_s=0))
 
 
 def test_two_replicas_place_and_release_across_three_primaries(

