@@ -118,6 +118,13 @@ from scheduler.core.topology import pcie_distance
 #: 10,000 hosts.
 _ORDERS_KEPT = 64
 
+#: Host places in orders (see :func:`_order_entry`) a hardware class keeps
+#: memoised, per (occupancy signature, order key): about 100 bytes each. Kept
+#: per signature without a bound, every new occupancy (requests choose their
+#: CPU and memory asks, so each placement may make one) kept an entry per
+#: order, and a class keeps up to 65,536 signatures: hundreds of MiB.
+_PREFIXES_KEPT = 65_536
+
 #: Upper bound on search steps per host and pass, so a pathological request
 #: cannot stall the scheduler; hosts have tens of devices and pools collapse
 #: interchangeable slices, so real requests stay far below it.
@@ -281,9 +288,6 @@ class _HostIndex:
         exclusive: some tenant holds an exclusivity domain here (then who
             asks matters, see :meth:`Engine._judge`).
         tenancy: who holds what, host name aside, interned.
-        prefixes: per order key, the host's place in that order, rank and
-            name aside (see :func:`_order_entry`); shared by the hosts of
-            the class in this occupancy, filled as keys are met.
     """
 
     view: HostView
@@ -295,7 +299,6 @@ class _HostIndex:
     signature: int
     exclusive: bool
     tenancy: int
-    prefixes: dict[_OrderKey, _OrderPrefix]
 
 
 @dataclass(frozen=True)
@@ -333,8 +336,10 @@ class _HardwareClass:
             None when an empty host can.
         distances: PCIe distances between functions, computed once per class.
         left: per occupancy signature, what is left on a host of the class
-            in that state (see :func:`_left`), and its places in the
-            orders met so far (see :attr:`_HostIndex.prefixes`).
+            in that state (see :func:`_left`).
+        prefixes: per (occupancy signature, order key), a host's place in
+            that order, rank and name aside (see :func:`_order_entry`);
+            bounded (:data:`_PREFIXES_KEPT`).
     """
 
     uid: int
@@ -344,10 +349,10 @@ class _HardwareClass:
     judged: dict[tuple[object, ...], _Judgement] = field(default_factory=dict)
     never: dict[int, Rejections | None] = field(default_factory=dict)
     distances: dict[tuple[PciAddress, PciAddress], int] = field(default_factory=dict)
-    left: dict[
-        int,
-        tuple[tuple[int, ...], tuple[bool, ...], tuple[int, ...], dict[_OrderKey, _OrderPrefix]],
-    ] = field(default_factory=dict)
+    left: dict[int, tuple[tuple[int, ...], tuple[bool, ...], tuple[int, ...]]] = field(
+        default_factory=dict
+    )
+    prefixes: dict[tuple[int, _OrderKey], _OrderPrefix] = field(default_factory=dict)
 
     def order(self, key: _OrderKey, rank: Callable[[HostId], _Rank]) -> list[_OrderEntry]:
         """The members in fast-path order for ``key``, sorted (``rank``: the engine's)."""
@@ -430,9 +435,8 @@ class Engine:
             numbered at once; past it the numbering starts afresh, so a
             long-lived engine's memory stays bounded.
         orders_kept: host orders (one per order key a request meets) kept
-            at once, at most the default (each host's order entries are
-            memoised for that many keys); past it every order is dropped
-            and rebuilt as needed.
+            at once; past it the order met least recently is dropped (and
+            rebuilt if met again).
 
     With :meth:`set_peers`, replicas placing on one store split the hosts
     between them, rendezvous style: each walks its own share first (best fit
@@ -511,14 +515,17 @@ class Engine:
             return
         self._peers = peers
         self._ranks.clear()
-        self._forget_orders()
-
-    def _forget_orders(self) -> None:
-        """Drop every class's orders (rebuilt lazily, as requests need them)."""
         for classes in self._classes.values():
             for cls in classes:
                 cls.orders.clear()
         self._heads.clear()
+
+    def _forget_order(self, key: _OrderKey) -> None:
+        """Drop one order from every class (rebuilt if a request needs it again)."""
+        for classes in self._classes.values():
+            for cls in classes:
+                cls.orders.pop(key, None)
+        del self._heads[key]
 
     def in_share(self, host_id: str) -> bool:
         """Whether a host is this replica's share of the cluster (see :meth:`set_peers`)."""
@@ -550,19 +557,15 @@ class Engine:
         if left is None:
             if len(cls.left) >= _LEFT_KEPT:
                 cls.left.clear()
-            left = cls.left[signature] = (*_left(view, occupancy), {})
-        idle, full, open_, prefixes = left
+            left = cls.left[signature] = _left(view, occupancy)
         index = _HostIndex(
             view,
             occupancy,
-            idle,
-            full,
-            open_,
+            *left,
             cls,
             signature,
             bool(occupancy.exclusive),
             tenancy,
-            prefixes,
         )
         if len(self._index) > 4 * 65536:
             # Bounded: old generations are dead weight (indexed hosts keep
@@ -1212,15 +1215,17 @@ class Engine:
         key = _order_key(request)
         hosts = snapshot.hosts
         live = self._live
-        heads = self._heads.get(key)
+        heads = self._heads.pop(key, None)
         if heads is None:
-            if len(self._heads) >= self.orders_kept:
+            while self._heads and len(self._heads) >= self.orders_kept:
                 # Bounded: each order keeps every host once, and requests
-                # (untrusted) choose the keys. Forgotten orders are rebuilt
-                # when met again.
-                self._forget_orders()
+                # (untrusted) choose the keys. The order met least recently
+                # goes (a new key each request evicts one order, not all of
+                # the ones the usual mix keeps meeting).
+                self._forget_order(next(iter(self._heads)))
             heads = _Heads((cls.order(key, self._rank)[0], uid, 0) for uid, cls in live.items())
-            self._heads[key] = heads
+        # Met most recently: last in line to be dropped.
+        self._heads[key] = heads
         heap = heads.heap()
         never: set[int] = set()
         while heap:
@@ -1495,20 +1500,21 @@ def _order_entry(key: _OrderKey, index: _HostIndex, host_id: str, rank: _Rank) -
     Moving hosts that cannot fit changes no plan, only how many hosts a
     request walks.
     """
-    prefixes = index.prefixes
-    prefix = prefixes.get(key)
+    prefixes = index.hardware.prefixes
+    memo = (index.signature, key)
+    prefix = prefixes.get(memo)
     if prefix is None:
         # Worked out once per class, occupancy and key: a changed host's
-        # entries are looked up in every order its class has, twice. Keys
-        # of orders since forgotten make way (see Engine.orders_kept).
-        if len(prefixes) >= _ORDERS_KEPT:
+        # entries are looked up in every order its class has, twice.
+        # Bounded: occupancies come and go (signatures are never reused).
+        if len(prefixes) >= _PREFIXES_KEPT:
             prefixes.clear()
         kinds, whole_only, other = key
         idle, full, open_ = index.idle, index.full, index.open
         short = any(idle[position] < n for position, n in whole_only) or any(
             not open_[position] & forms for position, forms in other
         )
-        prefix = prefixes[key] = (
+        prefix = prefixes[memo] = (
             any(full[position] for position in kinds),
             short,
             sum(idle[position] for position in kinds),

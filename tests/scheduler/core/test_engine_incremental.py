@@ -20,9 +20,11 @@ import random
 from collections.abc import Set
 from dataclasses import replace
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scheduler.core.engine import fastpath
 from scheduler.core.engine.fastpath import _NEVER_KEPT, Engine
 from scheduler.core.host import HostView
 from scheduler.core.identity import HostId, PlacementId, RequestId, TenantName
@@ -368,3 +370,47 @@ def test_never_fits_verdicts_are_kept_for_a_bounded_number_of_shapes() -> None:
         assert isinstance(engine.schedule(snap, request), Unschedulable)
     classes = [cls for found in engine._classes.values() for cls in found]
     assert classes and all(len(cls.never) <= _NEVER_KEPT for cls in classes)
+
+
+def test_an_order_met_often_outlives_a_stream_of_new_keys() -> None:
+    """Past ``orders_kept`` the order met least recently goes, not every order: a
+    stream of new shapes must not make the usual mix rebuild its orders each time."""
+    rng = random.Random(13)
+    snap = ClusterSnapshot(hosts=_clones(dgx(), "dgx-", 4, rng))
+    engine = Engine(orders_kept=3)
+    hot = PlacementRequest(RequestId("hot"), TenantName("t"), (Claim("gpu", DeviceKind.GPU, 1),))
+    whole = frozenset({DeviceForm.WHOLE_DEVICE})
+    key = fastpath._order_key(hot)
+    for i in range(20):
+        engine.schedule(snap, hot)
+        new = PlacementRequest(
+            RequestId(f"r{i}"), TenantName("t"), (Claim("gpu", DeviceKind.GPU, 9 + i, forms=whole),)
+        )
+        assert isinstance(engine.schedule(snap, new), Unschedulable)
+        assert key in engine._heads and len(engine._heads) <= 3, i
+
+
+def test_order_places_are_memoised_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests choose their CPU asks, so each placement may make a new occupancy:
+    the memo of host places per occupancy and order must stay bounded, and
+    forgetting it must never change a plan."""
+    monkeypatch.setattr(fastpath, "_PREFIXES_KEPT", 5)
+    rng = random.Random(17)
+    start = {**_clones(dgx(), "dgx-", 6, rng), **_clones(workstation(), "ws-", 6, rng)}
+    forgetful, kept = Engine(), Engine()
+    snap = ClusterSnapshot(hosts=dict(start))
+    held: list[tuple[HostId, PlacementId]] = []
+    for i in range(200):
+        if rng.random() < 0.3 and held:
+            host, pid = held.pop(rng.randrange(len(held)))
+            snap = with_release(snap, host, pid)
+        request = _request(i, rng)
+        expected = Engine().schedule(snap, request)
+        assert outcome(forgetful.schedule(snap, request)) == outcome(expected), i
+        assert outcome(kept.schedule(snap, request)) == outcome(expected), i
+        if isinstance(expected, Plan):
+            pid = PlacementId(f"p{i}")
+            snap = with_reservation(snap, expected.host_id, expected.slots, pid, request.tenant)
+            held.append((expected.host_id, pid))
+    classes = [cls for found in forgetful._classes.values() for cls in found]
+    assert classes and all(len(cls.prefixes) <= 5 for cls in classes)
