@@ -1172,8 +1172,11 @@ class Engine:
         else:
             why = None if self._search_host(empty, index, probe, seen) is not None else seen
         if len(cls.never) >= _NEVER_KEPT:
-            # Bounded per class: shapes are the clients' to vary.
-            cls.never.clear()
+            # Bounded per class: shapes are the clients' to vary. The oldest
+            # verdict goes, not all: a mix of more shapes than the bound
+            # (CPU and memory asks are part of a shape) would otherwise
+            # work every verdict out again each time it fills.
+            del cls.never[next(iter(cls.never))]
         cls.never[shape_id] = why
         return why
 
