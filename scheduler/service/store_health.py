@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -72,6 +73,11 @@ class StoreHealthWatcher:
         if isinstance(client, RedisCluster):
             client = node_client(client.get_default_node())
         pool = client.connection_pool
+        # Behind Sentinel: asked on every probe where the primary is, so that
+        # connections to a primary since replaced (a planned failover leaves
+        # it accepting writes until Sentinel demotes it) are dropped within
+        # one interval, not whenever they next fail.
+        self._sentinel_pool = pool if isinstance(pool, SentinelConnectionPool) else None
         self._client = aioredis.Redis(
             connection_pool=aioredis.ConnectionPool(
                 connection_class=pool.connection_class,
@@ -101,6 +107,14 @@ class StoreHealthWatcher:
         Returns:
             None if it answered in time, else why not (for the log).
         """
+        if self._sentinel_pool is not None:
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    # redis-py's Sentinel pool has no type hints.
+                    await self._sentinel_pool.get_master_address()  # type: ignore[no-untyped-call]
+            except (TimeoutError, RedisError, OSError) as err:
+                # The primary may still answer: the PING below decides health.
+                log.debug("the Sentinels did not say where the primary is: %s", err)
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._client.ping()

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -203,10 +203,12 @@ def redact_url(url: str) -> str:
         # No colon: redis-py reads the whole userinfo as a user name; some
         # write a bare password there, so hide it all the same.
         url = f"{head}{user}:***@{hostport}{rest}" if colon else f"{head}***@{hostport}{rest}"
-    if any(f"{name}=" in url for name in _SECRET_PARAMS):
-        head, _, query = url.partition("?")
+    head, mark, query = url.partition("?")
+    if mark:
+        # Names as the query parser reads them: sentinel%5Fpassword= is
+        # sentinel_password= too.
         fields = [
-            f"{name}=***" if name in _SECRET_PARAMS else field
+            f"{name}=***" if unquote_plus(name) in _SECRET_PARAMS else field
             for field in query.split("&")
             for name in [field.partition("=")[0]]
         ]
@@ -270,8 +272,12 @@ def _host_text(host: str) -> str:
 def _server_url(target: _Target, host: str, port: int) -> str:
     """The URL of one server of ``target`` (a Sentinel URL's primary, once found)."""
     auth = ""
-    if target.username or target.password:
+    if target.password:
         auth = f"{quote(target.username, safe='')}:{quote(target.password, safe='')}@"
+    elif target.username:
+        # No colon, as given: some write a bare password there, and
+        # redact_url hides a bare userinfo whole.
+        auth = f"{quote(target.username, safe='')}@"
     query = target.sentinel.query if target.sentinel is not None else ""
     return f"{target.scheme}://{auth}{_host_text(host)}:{port}/{target.db}" + (
         f"?{query}" if query else ""
@@ -314,7 +320,10 @@ def _parse_sentinel(
             raise _refuse(
                 url, f"Sentinel {entry!r}: the port must be a number in 1..65535", password
             )
-        addresses.append((unquote(parts.hostname), port))
+        host = unquote(parts.hostname)
+        if not host.isprintable() or len(host) > 253:
+            raise _refuse(url, f"Sentinel {entry[:64]!r}: not a host name or address", password)
+        addresses.append((host, port))
     path, _, query = tail.partition("?")
     segments = path.strip("/").split("/") if path.strip("/") else []
     if not segments:
@@ -355,7 +364,7 @@ def _parse_sentinel(
     sentinels = _Sentinels(
         tuple(addresses),
         service,
-        unquote(params.get("sentinel_username", "")),
+        params.get("sentinel_username", ""),  # parse_qsl decoded it already
         params.get("sentinel_password", ""),
         "&".join(
             f"{quote(k, safe='')}={quote(v, safe='')}"
@@ -371,6 +380,26 @@ def _parse_sentinel(
     except ValueError as err:
         raise _refuse(url, str(err), password, sentinels.password) from None
     return target, extra
+
+
+async def _why_not(target: _Target, sentinel: Sentinel) -> str:
+    """Why the first Sentinel does not answer, as for one server (TLS, refused, ...).
+
+    discover_master keeps only the text of each Sentinel's error; a PING of
+    one of them gives the error itself, which :func:`_explain` reads.
+    """
+    watch = target.sentinel
+    assert watch is not None
+    first = sentinel.sentinels[0]
+    try:
+        await first.ping()
+    except (RedisError, OSError, TimeoutError) as err:
+        kwargs = first.connection_pool.connection_kwargs
+        host, port = str(kwargs.get("host", "")), int(kwargs.get("port", 0))
+        one = _Target(target.url, target.scheme, host, port, 0, watch.username, watch.password)
+        why = _explain(err, one)[1].replace("use rediss://", "use rediss+sentinel://")
+        return f": {_host_text(host)}:{port}: {why}"
+    return ""
 
 
 async def _find_primary(target: _Target, sentinel: Sentinel, deadline: float) -> tuple[str, int]:
@@ -389,6 +418,15 @@ async def _find_primary(target: _Target, sentinel: Sentinel, deadline: float) ->
             return str(host), int(port)
         except (MasterNotFoundError, RedisError, OSError) as err:
             text = str(err)
+            if isinstance(err, ResponseError) and "unknown command" in text.lower():
+                # A data node (or anything else) answered SENTINEL MASTERS.
+                raise _refuse(
+                    target.url,
+                    f"{watch.named()} does not answer as a Sentinel ({text}): name the "
+                    f"Sentinels' ports ({_SENTINEL_PORT} by default), not the primary's",
+                    target.password,
+                    watch.password,
+                ) from None
             if "Error" in text.partition(" : ")[2] or not isinstance(err, MasterNotFoundError):
                 # discover_master lists the Sentinels it could not ask.
                 problem = f"cannot reach any Sentinel ({watch.named()})"
@@ -403,6 +441,8 @@ async def _find_primary(target: _Target, sentinel: Sentinel, deadline: float) ->
                     f"{watch.service!r}"
                 )
             if time.monotonic() >= deadline:
+                if problem.startswith("cannot reach"):
+                    problem += await _why_not(target, sentinel)
                 raise _refuse(
                     target.url,
                     f"{problem}; still failing after {attempts} attempts",
@@ -418,9 +458,22 @@ async def _connect_sentinel(target: _Target, extra: dict[str, Any], wait_s: floa
     watch = target.sentinel
     assert watch is not None
     tls: dict[str, Any] = {"ssl": True, **extra} if target.scheme == "rediss" else {}
+    # The URL's TLS settings (ssl_cert_reqs, ssl_password, ...) hold for the
+    # Sentinels as for the primary.
+    url_tls = {
+        k: v
+        for k, v in parse_url(_server_url(target, *watch.addresses[0])).items()
+        if k.startswith("ssl_")
+    }
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": _PROBE_TIMEOUT_S,
         "socket_connect_timeout": _PROBE_TIMEOUT_S,
+        # One try per Sentinel and question: discover_master goes on to the
+        # next Sentinel, and _find_primary asks again until the deadline.
+        # (redis-py's default, 10 retries, made a Sentinel that does not
+        # answer cost 25 s, at start and on every reconnect after a failover.)
+        "retry": Retry(NoBackoff(), 0),
+        **url_tls,
         **tls,
     }
     if watch.username:
@@ -430,19 +483,23 @@ async def _connect_sentinel(target: _Target, extra: dict[str, Any], wait_s: floa
     # redis-py's Sentinel has no type hints.
     sentinel = Sentinel(list(watch.addresses), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
     deadline = time.monotonic() + wait_s
-    host, port = await _find_primary(target, sentinel, deadline)
-    # The primary itself: the same checks as one server's (credentials, TLS,
-    # database), naming it.
-    primary = _Target(
-        _server_url(target, host, port),
-        target.scheme,
-        host,
-        port,
-        target.db,
-        target.username,
-        target.password,
-    )
-    await _wait_until_usable(primary, extra, max(_PROBE_TIMEOUT_S, deadline - time.monotonic()))
+    try:
+        host, port = await _find_primary(target, sentinel, deadline)
+        # The primary itself: the same checks as one server's (credentials, TLS,
+        # database), naming it.
+        primary = _Target(
+            _server_url(target, host, port),
+            target.scheme,
+            host,
+            port,
+            target.db,
+            target.username,
+            target.password,
+        )
+        await _wait_until_usable(primary, extra, max(_PROBE_TIMEOUT_S, deadline - time.monotonic()))
+    except BaseException:
+        await sentinel.aclose()
+        raise
     options = dict(parse_url(primary.url))
     for name in ("host", "port", "connection_class"):
         options.pop(name, None)
@@ -450,15 +507,32 @@ async def _connect_sentinel(target: _Target, extra: dict[str, Any], wait_s: floa
     # Sentinels for the primary whenever they connect, and drop a connection
     # to a primary since demoted (READONLY), so a failover costs the commands
     # in flight during it, retried, not a restart.
-    client: aioredis.Redis = sentinel.master_for(
+    # The URL's options win over the defaults, as Redis.from_url's do (a
+    # health_check_interval in the URL was a TypeError here).
+    client: _SentinelClient = sentinel.master_for(
         watch.service,
-        redis_class=aioredis.Redis,
-        **{**options, **tls},
-        decode_responses=False,
-        health_check_interval=5,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=6),
+        redis_class=_SentinelClient,
+        **{
+            "health_check_interval": 5,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=6),
+            **options,
+            **tls,
+            "decode_responses": False,
+        },
     )
+    client.sentinels_client = sentinel
     return pack_with_hiredis(client)
+
+
+class _SentinelClient(aioredis.Redis):
+    """The primary's client, which closes the Sentinels' connections with its own."""
+
+    sentinels_client: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinels_client is not None:
+            await self.sentinels_client.aclose()
 
 
 def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dict[str, Any]]:
@@ -755,13 +829,15 @@ async def _wait_until_usable(target: _Target, extra: dict[str, Any], wait_s: flo
                     "server's TLS port",
                     target.password,
                 ) from None
+            # A user without a password may be a bare password (see redact_url).
+            secrets = (target.password,) if target.password else (target.username,)
             if not retry:
-                raise _refuse(target.url, problem, target.password) from None
+                raise _refuse(target.url, problem, *secrets) from None
             if time.monotonic() >= deadline:
                 raise _refuse(
                     target.url,
                     f"{problem}; still failing after {wait_s:g} s ({attempts} attempts)",
-                    target.password,
+                    *secrets,
                 ) from None
             log.debug("store %s not usable yet: %s", redact_url(target.url), problem)
         await asyncio.sleep(max(0.0, min(_PROBE_PAUSE_S, deadline - time.monotonic())))

@@ -114,10 +114,13 @@ def _problems(
         # last writes the old primary acknowledged.
         told = "could not be read" if replicas is None else "is 0"
         warnings.append(
-            f"min-replicas-to-write {told} on a primary Sentinel fails over: a failover can "
-            "lose placements the old primary acknowledged before a replica had them, and "
-            "hand their devices out again; set min-replicas-to-write 1 (with "
-            "min-replicas-max-lag) on the primary and its replicas"
+            f"min-replicas-to-write {told} on a primary Sentinel fails over: replication is "
+            "asynchronous, so a failover can lose placements the old primary acknowledged "
+            "(those a replica did not have yet, and, in a failover with the old primary "
+            "still up, those it took until Sentinel demoted it) and hand their devices out "
+            "again; set min-replicas-to-write 1 with a short min-replicas-max-lag on the "
+            "primary and every replica, with at least two replicas (a primary with fewer "
+            "good replicas than that refuses every write)"
         )
     return problems, warnings
 
@@ -202,6 +205,21 @@ async def check_durability(
     failover = isinstance(getattr(client, "connection_pool", None), SentinelConnectionPool)
     problems, soft = _problems(settings, failover=failover)
     warnings.extend(soft)
+    needed = settings.get("min-replicas-to-write", "")
+    if failover and needed.isdigit() and int(needed) > 0:
+        try:
+            replication: Mapping[str, object] = await client.info("replication")
+            have = int(str(replication.get("connected_slaves", 0)))
+        except (ResponseError, ValueError):
+            have = None
+        if have is not None and have <= int(needed):
+            # The replica promoted in a failover leaves one fewer behind it.
+            warnings.append(
+                f"min-replicas-to-write is {needed} and the primary has {have} replica(s): "
+                "after a failover the new primary has fewer, and refuses every write "
+                "(NOREPLICAS) until another replica is in sync; run at least "
+                f"{int(needed) + 1} replicas"
+            )
     if problems and not allow_unsafe:
         raise UnsafeStoreConfig(problems)
     warnings.extend(f"running on an unsafe Redis (--allow-unsafe-redis): {p}" for p in problems)

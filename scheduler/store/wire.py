@@ -71,11 +71,35 @@ class _UnixConnection(_PackedByHiredis, UnixDomainSocketConnection):
     """Unix socket, packed by hiredis."""
 
 
-class _SentinelConnection(_PackedByHiredis, SentinelManagedConnection):
+class _FollowsSentinel(SentinelManagedConnection):
+    """A connection to the primary that asks the Sentinels again whenever it reconnects.
+
+    redis-py's ``send_packed_command`` reconnects a dropped connection to the
+    address it had (``connect_check_health``), not through ``connect()``: a
+    command retried after a timeout or READONLY dialled the old primary on
+    every retry (7 times the socket timeout against a frozen primary), and a
+    connection in use while the pool learnt of a new primary went back to
+    the pool still talking to the old one, which acknowledged writes the
+    failover then discarded. Here a connection whose address is no longer
+    the pool's primary is dropped before its next command, and every
+    reconnect asks the Sentinels.
+    """
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        pool = self.connection_pool
+        known = pool.master_address if pool.is_master else None
+        if self.is_connected and known is not None and (self.host, self.port) != tuple(known):
+            await self.disconnect()
+        if not self.is_connected:
+            await self.connect()  # type: ignore[no-untyped-call]
+        await super().send_packed_command(command, check_health)
+
+
+class _SentinelConnection(_PackedByHiredis, _FollowsSentinel):
     """To the primary Sentinel names, packed by hiredis."""
 
 
-class _SentinelTlsConnection(_PackedByHiredis, SentinelManagedSSLConnection):
+class _SentinelTlsConnection(_PackedByHiredis, _FollowsSentinel, SentinelManagedSSLConnection):
     """TLS to the primary Sentinel names, packed by hiredis."""
 
 

@@ -18,17 +18,23 @@ binary, :mod:`.valkey_sentinel`); the failover kills the primary outright.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
 
 from scheduler.service.coordinator import PlacementCoordinator
 from scheduler.service.errors import SchedulerError
+from scheduler.service.store_health import StoreHealthWatcher
 from scheduler.store.connection import (
     StoreClient,
     StoreUnusableError,
@@ -142,7 +148,10 @@ def test_the_scheduler_finds_the_primary_through_the_sentinels(
         assert "min-replicas-to-write is 0" in warning
         await client.config_set("min-replicas-to-write", 1)
         try:
-            assert await check_durability(client, allow_unsafe=False) == []
+            # With its one replica: a failover leaves the new primary none,
+            # and every write refused (NOREPLICAS).
+            (warning,) = await check_durability(client, allow_unsafe=False)
+            assert "has 1 replica(s)" in warning and "NOREPLICAS" in warning
         finally:
             await client.config_set("min-replicas-to-write", 0)
         store = RedisStateStore(client)
@@ -215,6 +224,132 @@ def test_a_failover_costs_the_commands_in_flight_not_a_restart(
         assert await primary_port(client) == failing_over.replica
         stored = (await store.snapshot()).hosts["node-01"].allocations
         assert set(stored.values()) == {before.placement_id, after.placement_id}
+        await client.aclose()
+
+    arun(body())
+
+
+# --- review follow-ups ----------------------------------------------------------------
+
+
+def test_the_urls_options_win_over_the_clients_defaults(watched: SentinelSet, arun: Runner) -> None:
+    """health_check_interval in the URL was a TypeError (master_for got it twice)."""
+
+    async def body() -> None:
+        client = await connect_store(watched.url(db=1) + "?health_check_interval=9&client_name=t1")
+        assert isinstance(client, aioredis.Redis)
+        kwargs = client.connection_pool.connection_kwargs
+        assert (kwargs["health_check_interval"], kwargs["client_name"]) == (9, "t1")
+        assert kwargs["db"] == 1
+        await client.aclose()
+
+    arun(body())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://h1/tessera/x?sentinel%5Fpassword=watch-secret",
+        "redis+sentinel://watch-secret@h1/tessera/x",
+    ],
+    ids=["encoded-name", "bare-userinfo"],
+)
+def test_no_secret_is_shown_however_it_is_written(url: str, arun: Runner) -> None:
+    assert "watch-secret" not in refusal(url, arun)
+
+
+def test_a_bare_password_is_not_shown_by_the_primarys_refusal(
+    watched: SentinelSet, arun: Runner
+) -> None:
+    line = refusal(watched.url().replace(f":{PASSWORD}@", "not-the-password@"), arun, wait_s=1)
+    assert "not-the-password" not in line
+
+
+def test_a_data_node_named_as_a_sentinel_is_refused_as_such(
+    watched: SentinelSet, arun: Runner
+) -> None:
+    url = f"redis+sentinel://127.0.0.1:{watched.primary}/{SERVICE}?sentinel_password={PASSWORD}"
+    line = refusal(url, arun, wait_s=5)
+    assert "does not answer as a Sentinel" in line and PASSWORD not in line
+
+
+def test_a_sentinel_that_never_answers_costs_one_timeout(
+    watched: SentinelSet, arun: Runner
+) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # accepts, never answers
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        url = (
+            f"redis+sentinel://:{PASSWORD}@127.0.0.1:{port},127.0.0.1:{watched.sentinel}/{SERVICE}"
+        )
+        client = arun(connect_store(url, wait_s=1))
+        # One socket timeout (2 s), not redis-py's default 10 retries of it.
+        assert time.monotonic() - started < 6
+        arun(client.aclose())
+
+
+def test_a_frozen_primary_costs_one_socket_timeout_not_seven(
+    failing_over: SentinelSet, arun: Runner
+) -> None:
+    """A command retried reconnects through the Sentinels, not to the old address."""
+
+    async def body() -> None:
+        client = await connect_store(failing_over.url())
+        await client.set("before", 1)
+        frozen = failing_over.processes[failing_over.primary]
+        os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            # The default socket timeout is 5 s: one for the frozen primary,
+            # then the retry asks the Sentinels (who fail over in ~3 s).
+            await client.set("after", 1)
+            assert time.monotonic() - started < 15
+            assert await primary_port(client) == failing_over.replica
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        await client.aclose()
+
+    arun(body())
+
+
+def test_a_planned_failover_moves_every_connection_within_one_probe(
+    failing_over: SentinelSet, arun: Runner
+) -> None:
+    """SENTINEL FAILOVER leaves the old primary taking writes until it is demoted
+    (~10 s): whatever it takes then is lost. The health watcher's probe asks the
+    Sentinels and drops the connections to it."""
+
+    class Health:
+        async def set(self, service: str, status: int) -> None:
+            pass
+
+    async def body() -> None:
+        client = await connect_store(failing_over.url())
+        await asyncio.gather(*(client.set(f"k{i}", i) for i in range(4)))
+        watcher = StoreHealthWatcher(client, Health(), ("",))
+        assert await watcher.probe() is None  # its own connection, to the old primary
+        sentinel = aioredis.Redis(port=failing_over.sentinel)
+        command: Callable[..., Awaitable[Any]] = sentinel.execute_command
+        await command("SENTINEL", "FAILOVER", SERVICE)
+        deadline = time.monotonic() + FAILOVER_S
+        # Asked as the client asks (SENTINEL MASTERS, which names the new
+        # primary only at +switch-master), through a Sentinel client of its
+        # own: the client's pool must not learn it here.
+        other = Sentinel([("127.0.0.1", failing_over.sentinel)])  # type: ignore[no-untyped-call]
+        while True:
+            with contextlib.suppress(MasterNotFoundError):  # during the failover
+                if (await other.discover_master(SERVICE))[1] == failing_over.replica:
+                    break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        await other.aclose()
+        await watcher.probe()
+        info = (await client.execute_command("CLIENT", "INFO")).decode()
+        assert f"laddr=127.0.0.1:{failing_over.replica} " in info
+        await watcher.aclose()
+        await sentinel.aclose()
         await client.aclose()
 
     arun(body())
