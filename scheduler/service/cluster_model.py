@@ -102,6 +102,8 @@ class LiveCluster:
         self._assumed: dict[HostId, dict[PlacementId, _Assumed]] = {}
         self._records: dict[str, HostRecord] = {}
         self._cursors: list[FeedCursor] | None = None  # None: resync first
+        # The primary the store's client last named (Sentinel), see refresh.
+        self._primary: tuple[str, int] | None = None
         # Hosts to read again on the next refresh whatever the feed says
         # (a commit on them conflicted: the model is behind the store).
         self._stale: set[str] = set()
@@ -221,6 +223,20 @@ class LiveCluster:
         self._local.clear()
         self._refreshes += 1
         stale, self._stale = self._stale, set()
+        primary = self._store.primary
+        if primary != self._primary:
+            if self._primary is not None:
+                # A failover: the new primary may lack writes the old one
+                # acknowledged, its feed and versions counted from an older
+                # point. The feed cannot say what it lost (numbers may line
+                # up again), so every host is read afresh.
+                log.warning(
+                    "the store's primary moved from %s:%d to %s:%d: reading every host again",
+                    *self._primary,
+                    *(primary or ("?", 0)),
+                )
+                self._cursors = None
+            self._primary = primary
         try:
             if self._cursors is None or not await self._follow(stale):
                 await self._resync()

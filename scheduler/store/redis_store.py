@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.commands.core import AsyncScript
 
 from scheduler.store import schema
@@ -1252,6 +1253,21 @@ class RedisStateStore:
         _check_host_id(host_id)
         found = await self._client.hget(schema.host(host_id), schema.F_AGENT_ADDRESS)
         return None if found is None else _text(found)
+
+    @property
+    def primary(self) -> tuple[str, int] | None:
+        """The server a Sentinel-managed client last learnt is the primary (None: not one).
+
+        Read without a round trip: the client's pool asks the Sentinels as its
+        connections open and every health probe. A different answer from one
+        read to the next means a failover happened in between, and may have
+        lost writes the old primary acknowledged.
+        """
+        pool = getattr(self._client, "connection_pool", None)
+        if not isinstance(pool, SentinelConnectionPool):
+            return None
+        address = pool.master_address
+        return (str(address[0]), int(address[1])) if address else None
 
     async def snapshot(
         self, known: Mapping[str, tuple[str, int]] | None = None, *, inventories: bool = True

@@ -208,6 +208,8 @@ def test_a_failover_costs_the_commands_in_flight_not_a_restart(
         before = await replica.place(gpu("before-failover"))
         # Acknowledged by the replica before the primary dies: it survives.
         assert await client.execute_command("WAIT", 1, 5_000) == 1
+        assert store.primary == ("127.0.0.1", failing_over.primary)
+        resyncs = replica.model.stats.resyncs
         failing_over.kill(failing_over.primary)
 
         deadline = time.monotonic() + FAILOVER_S
@@ -222,6 +224,10 @@ def test_a_failover_costs_the_commands_in_flight_not_a_restart(
             await asyncio.sleep(0.2)
         # The same client now talks to the promoted replica.
         assert await primary_port(client) == failing_over.replica
+        # The new primary may lack acknowledged writes and count versions from
+        # an older point: the replica's model read every host again.
+        assert store.primary == ("127.0.0.1", failing_over.replica)
+        assert replica.model.stats.resyncs > resyncs
         stored = (await store.snapshot()).hosts["node-01"].allocations
         assert set(stored.values()) == {before.placement_id, after.placement_id}
         await client.aclose()
