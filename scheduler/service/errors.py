@@ -68,7 +68,18 @@ STATUS_CODES: Mapping[type[Exception], grpc.StatusCode] = {
     # The store restarting or unreachable: nothing was acknowledged, retry.
     redis.exceptions.ConnectionError: grpc.StatusCode.UNAVAILABLE,
     redis.exceptions.TimeoutError: grpc.StatusCode.UNAVAILABLE,
+    # A store between primaries: a demoted one refusing writes, a cluster
+    # down or resharding. The write was refused whole (scripts fail at their
+    # first write): retry.
+    redis.exceptions.ReadOnlyError: grpc.StatusCode.UNAVAILABLE,
+    redis.exceptions.ClusterDownError: grpc.StatusCode.UNAVAILABLE,
+    redis.exceptions.TryAgainError: grpc.StatusCode.UNAVAILABLE,
 }
+
+#: Replies redis-py has no type for that say the same: the write was refused
+#: whole, for a while (a primary short of replicas with min-replicas-to-write,
+#: a replica whose primary is down, one still loading its data).
+RETRY_LATER_REPLIES = ("NOREPLICAS", "MASTERDOWN", "LOADING")
 
 
 def status_of(error: Exception) -> grpc.StatusCode:
@@ -76,4 +87,8 @@ def status_of(error: Exception) -> grpc.StatusCode:
     for kind, code in STATUS_CODES.items():
         if isinstance(error, kind):
             return code
+    if isinstance(error, redis.exceptions.ResponseError) and str(error).startswith(
+        RETRY_LATER_REPLIES
+    ):
+        return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL

@@ -64,10 +64,14 @@ async def _call(context: Context, fn: Callable[[], Awaitable[T]]) -> T:
     # InvalidRequestError is a ValueError; AccessDeniedError the OWNER scope's refusal.
     except (SchedulerError, AccessDeniedError, ValueError) as err:
         await context.abort(status_of(err), _details(str(err)))
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+    except redis.exceptions.RedisError as err:
+        if status_of(err) is not grpc.StatusCode.UNAVAILABLE:
+            log.exception("internal error")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the scheduler log")
+        # Unreachable, or between primaries (NOREPLICAS, READONLY, ...).
         log.warning("state store unavailable: %s", err)
         await context.abort(
-            status_of(err),
+            grpc.StatusCode.UNAVAILABLE,
             _details(f"the state store is unavailable ({err}); nothing was done, retry"),
         )
     except Exception:

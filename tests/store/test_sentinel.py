@@ -27,13 +27,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.errors import SchedulerError
+from scheduler.service.errors import SchedulerError, status_of
 from scheduler.service.store_health import StoreHealthWatcher
 from scheduler.store.connection import (
     StoreClient,
@@ -359,3 +361,32 @@ def test_a_planned_failover_moves_every_connection_within_one_probe(
         await client.aclose()
 
     arun(body())
+
+
+# --- what a caller is told while the store is between primaries --------------------------
+
+
+def test_a_store_between_primaries_is_unavailable_not_an_internal_error(
+    watched: SentinelSet,
+) -> None:
+    """NOREPLICAS (too few replicas for min-replicas-to-write) and READONLY (a replica,
+    or a primary since demoted) refuse a write whole: the caller may retry (UNAVAILABLE),
+    where any other reply it cannot read is a bug (INTERNAL)."""
+    primary = redis.Redis(host="127.0.0.1", port=watched.primary, password=PASSWORD)
+    replica = redis.Redis(host="127.0.0.1", port=watched.replica, password=PASSWORD)
+    try:
+        primary.config_set("min-replicas-to-write", 2)  # it has one
+        try:
+            with pytest.raises(RedisError) as short:
+                primary.set("tessera:probe", "1")
+        finally:
+            primary.config_set("min-replicas-to-write", 0)
+        with pytest.raises(RedisError) as read_only:
+            replica.set("tessera:probe", "1")
+    finally:
+        primary.close()
+        replica.close()
+    assert str(short.value).startswith("NOREPLICAS")
+    assert status_of(short.value) is grpc.StatusCode.UNAVAILABLE
+    assert status_of(read_only.value) is grpc.StatusCode.UNAVAILABLE
+    assert status_of(ResponseError("WRONGTYPE Operation against a key")) is grpc.StatusCode.INTERNAL
