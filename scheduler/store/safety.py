@@ -14,8 +14,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 _OVERRIDE = "pass --allow-unsafe-redis"
 
@@ -220,7 +221,48 @@ async def check_durability(
                 "(NOREPLICAS) until another replica is in sync; run at least "
                 f"{int(needed) + 1} replicas"
             )
+    pool = getattr(client, "connection_pool", None)
+    if isinstance(pool, SentinelConnectionPool):
+        # Any replica may become the primary: held to the same settings.
+        found_problems, found_warnings = await _check_replicas(pool)
+        problems += found_problems
+        warnings += found_warnings
     if problems and not allow_unsafe:
         raise UnsafeStoreConfig(problems)
     warnings.extend(f"running on an unsafe Redis (--allow-unsafe-redis): {p}" for p in problems)
     return warnings
+
+
+#: Connection options a replica's client takes from the primary's pool.
+_REPLICA_OPTIONS = ("username", "password", "db", "socket_timeout", "socket_connect_timeout")
+
+
+async def _check_replicas(pool: SentinelConnectionPool) -> tuple[list[str], list[str]]:
+    """The durability problems and warnings of each replica the Sentinels name, by name."""
+    try:
+        replicas = await pool.sentinel_manager.discover_slaves(pool.service_name)
+    except (RedisError, OSError) as err:
+        return [], [f"could not ask the Sentinels for the replicas ({err}): they were not checked"]
+    options = {
+        k: v
+        for k, v in pool.connection_kwargs.items()
+        if k in _REPLICA_OPTIONS or (k.startswith("ssl_") and v is not None)
+    }
+    if issubclass(pool.connection_class, SSLConnection):
+        options["ssl"] = True
+    problems: list[str] = []
+    warnings: list[str] = []
+    unsafe = "running on an unsafe Redis (--allow-unsafe-redis): "
+    for host, port in replicas:
+        name = f"replica {host}:{port}"
+        one = aioredis.Redis(host=str(host), port=int(port), **options)
+        try:
+            found = await check_durability(one, allow_unsafe=True)
+        except (RedisError, OSError) as err:
+            warnings.append(f"{name}: could not be checked ({err})")
+            continue
+        finally:
+            await one.aclose()
+        problems += [f"{name}: {w[len(unsafe) :]}" for w in found if unsafe in w]
+        warnings += [f"{name}: {w}" for w in found if unsafe not in w]
+    return problems, warnings

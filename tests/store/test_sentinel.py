@@ -44,7 +44,7 @@ from scheduler.store.connection import (
     redact_url,
 )
 from scheduler.store.redis_store import RedisStateStore
-from scheduler.store.safety import check_durability
+from scheduler.store.safety import UnsafeStoreConfig, check_durability
 from scheduler.store.wire import _PackedByHiredis
 
 from ..conftest import Runner
@@ -390,3 +390,29 @@ def test_a_store_between_primaries_is_unavailable_not_an_internal_error(
     assert status_of(short.value) is grpc.StatusCode.UNAVAILABLE
     assert status_of(read_only.value) is grpc.StatusCode.UNAVAILABLE
     assert status_of(ResponseError("WRONGTYPE Operation against a key")) is grpc.StatusCode.INTERNAL
+
+
+def test_every_replica_is_held_to_the_primarys_durability(
+    watched: SentinelSet, arun: Runner
+) -> None:
+    """Any replica may become the primary: one that would lose or evict placements is
+    refused at start, named, as an unsafe primary is."""
+    replica = redis.Redis(host="127.0.0.1", port=watched.replica, password=PASSWORD)
+
+    async def check() -> list[str]:
+        client = await connect_store(watched.url())
+        try:
+            return await check_durability(client, allow_unsafe=False)
+        finally:
+            await client.aclose()
+
+    replica.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        with pytest.raises(UnsafeStoreConfig) as refused:
+            arun(check())
+    finally:
+        replica.config_set("maxmemory-policy", "noeviction")
+        replica.close()
+    (problem,) = refused.value.problems
+    assert problem.startswith(f"replica 127.0.0.1:{watched.replica}: maxmemory-policy")
+    assert not any("replica" in w and "maxmemory" in w for w in arun(check()))
