@@ -73,13 +73,9 @@ class Keepalive:
 
     def server_options(self) -> list[tuple[str, int]]:
         """A server's options: accept its clients' pings, and ping them too."""
-        timeout_ms = _ms(self.timeout_s)
         return [
-            ("grpc.keepalive_time_ms", _ms(self.time_s)),
-            ("grpc.keepalive_timeout_ms", timeout_ms),
-            ("grpc.http2.ping_timeout_ms", timeout_ms),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
+            # The same pings, sent to the server's clients.
+            *self.channel_options(),
             # Pings from an idle client are welcome down to half the agreed
             # interval (timers drift); more often still is a misbehaving
             # client, which gRPC's ping strikes send away.

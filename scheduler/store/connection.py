@@ -345,22 +345,10 @@ def _parse_sentinel(
         if name not in known:
             listed = ", ".join(sorted(known))
             raise _refuse(url, f"unknown query parameter {name!r} (known: {listed})", password)
-    path_db = segments[1] if len(segments) == 2 else ""
-    if "db" in params and path_db and path_db != params["db"]:
-        raise _refuse(url, f"two databases: /{path_db} in the path and db={params['db']}", password)
-    db_text = params.get("db", path_db or "0")
-    if not db_text.isdigit() or not db_text.isascii():
-        raise _refuse(url, f"the database must be a number (0, 1, ...), not {db_text!r}", password)
-    extra: dict[str, Any] = {}
-    if scheme == "rediss":
-        extra = _tls_arguments(url, params, tls, password, allow_unsafe=allow_unsafe)
-    elif tls != StoreTls():
-        raise _refuse(
-            url,
-            "TLS files were given (--redis-ca, --redis-cert, --redis-key) but the URL is "
-            "plaintext: use rediss+sentinel://",
-            password,
-        )
+    db = _database(url, params, segments[1] if len(segments) == 2 else "", password)
+    extra = _tls_extra(
+        url, scheme, params, tls, password, allow_unsafe=allow_unsafe, tls_form="rediss+sentinel://"
+    )
     sentinels = _Sentinels(
         tuple(addresses),
         service,
@@ -373,7 +361,7 @@ def _parse_sentinel(
         ),
     )
     host, port = addresses[0]
-    target = _Target(url, scheme, host, port, int(db_text), username, password, sentinel=sentinels)
+    target = _Target(url, scheme, host, port, db, username, password, sentinel=sentinels)
     # redis-py's own parsing, for the value types it checks (socket_timeout=abc).
     try:
         parse_url(_server_url(target, host, port))
@@ -575,7 +563,7 @@ def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dic
         if not parts.path:
             raise _refuse(url, f"no socket path; expected {_FORM}", password)
         host, port = None, 0
-        db_text = params.get("db", "0")
+        path_db = ""
     else:
         if not parts.hostname:
             raise _refuse(url, f"no host; expected {_FORM}", password)
@@ -588,15 +576,7 @@ def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dic
             raise _refuse(url, "the port must be a number in 1..65535", password)
         host = unquote(parts.hostname)
         path_db = parts.path.strip("/")
-        if "db" in params and path_db and path_db != params["db"]:
-            raise _refuse(
-                url, f"two databases: /{path_db} in the path and db={params['db']}", password
-            )
-        db_text = params.get("db", path_db or "0")
-    # redis-py reads a path that is not a number as database 0, silently.
-    if not db_text.isdigit() or not db_text.isascii():
-        raise _refuse(url, f"the database must be a number (0, 1, ...), not {db_text!r}", password)
-    db = int(db_text)
+    db = _database(url, params, path_db, password)
     if cluster and db != 0:
         raise _refuse(url, f"a Redis Cluster has database 0 only, not {db}", password)
     if cluster:
@@ -605,16 +585,7 @@ def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dic
         for name in sorted(_CLUSTER_UNSUPPORTED & set(params)):
             raise _refuse(url, f"{name} is not supported with a Redis Cluster URL", password)
 
-    extra: dict[str, Any] = {}
-    if scheme == "rediss":
-        extra = _tls_arguments(url, params, tls, password, allow_unsafe=allow_unsafe)
-    elif tls != StoreTls():
-        raise _refuse(
-            url,
-            "TLS files were given (--redis-ca, --redis-cert, --redis-key) but the URL is "
-            "plaintext: use rediss://",
-            password,
-        )
+    extra = _tls_extra(url, scheme, params, tls, password, allow_unsafe=allow_unsafe)
     # redis-py's own parsing, for the value types it checks (socket_timeout=abc).
     try:
         parse_url(url)
@@ -622,6 +593,49 @@ def _parse(url: str, tls: StoreTls, *, allow_unsafe: bool) -> tuple[_Target, dic
         raise _refuse(url, str(err), password) from None
     target = _Target(url, scheme, host, port, db, username, password, cluster)
     return target, extra
+
+
+def _database(url: str, params: Mapping[str, str], path_db: str, password: str) -> int:
+    """The database a URL names in its path or its ``db`` parameter (0 when neither).
+
+    Raises:
+        StoreUnusableError: two different ones, or one that is not a number
+            (redis-py reads a path that is not a number as database 0, silently).
+    """
+    if "db" in params and path_db and path_db != params["db"]:
+        raise _refuse(url, f"two databases: /{path_db} in the path and db={params['db']}", password)
+    db_text = params.get("db", path_db or "0")
+    if not db_text.isdigit() or not db_text.isascii():
+        raise _refuse(url, f"the database must be a number (0, 1, ...), not {db_text!r}", password)
+    return int(db_text)
+
+
+def _tls_extra(
+    url: str,
+    scheme: str,
+    params: dict[str, str],
+    tls: StoreTls,
+    password: str,
+    *,
+    allow_unsafe: bool,
+    tls_form: str = "rediss://",
+) -> dict[str, Any]:
+    """The client's TLS arguments for a ``rediss`` URL; none for a plaintext one.
+
+    Raises:
+        StoreUnusableError: TLS options that would not verify the server, or
+            TLS files given for a plaintext URL (``tls_form``: the scheme to use).
+    """
+    if scheme == "rediss":
+        return _tls_arguments(url, params, tls, password, allow_unsafe=allow_unsafe)
+    if tls != StoreTls():
+        raise _refuse(
+            url,
+            "TLS files were given (--redis-ca, --redis-cert, --redis-key) but the URL is "
+            f"plaintext: use {tls_form}",
+            password,
+        )
+    return {}
 
 
 def _tls_arguments(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import grpc
@@ -121,8 +121,22 @@ async def state_after(channel: grpc.aio.Channel, seconds: float) -> grpc.Channel
     return channel.get_state()
 
 
-def _port(address: str) -> int:
-    return int(address.rsplit(":", 1)[1])
+@asynccontextmanager
+async def relayed(
+    cache: ChannelCache,
+    server_options: Sequence[tuple[str, int]],
+    credentials: grpc.ServerCredentials | None = None,
+) -> AsyncIterator[tuple[grpc.aio.Channel, SilentLink]]:
+    """A channel from ``cache`` to a health server behind a :class:`SilentLink`, one call made."""
+    async with serving(add_health, credentials, options=server_options) as address:
+        link = SilentLink(int(address.rsplit(":", 1)[1]))
+        async with link.running() as through:
+            channel = cache.get(through, agent_dns_name("dgx-01"))
+            await check(channel)
+            try:
+                yield channel, link
+            finally:
+                await cache.close()
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "mutual-tls"])
@@ -135,66 +149,44 @@ def test_a_channel_whose_peer_fell_silent_drops_its_connection(
 
     async def body() -> None:
         credentials = TlsDir(agent).server_credentials() if agent is not None else None
-        async with serving(add_health, credentials, options=QUICK.server_options()) as address:
-            link = SilentLink(_port(address))
-            async with link.running() as relayed:
-                channel = cache.get(relayed, agent_dns_name("dgx-01"))
-                await check(channel)
-                link.silent = True
-                # gRPC drops the transport; the channel goes IDLE (or tries again).
-                assert await state_after(channel, NOTICE_S) is not READY
-                await cache.close()
+        async with relayed(cache, QUICK.server_options(), credentials) as (channel, link):
+            link.silent = True
+            # gRPC drops the transport; the channel goes IDLE (or tries again).
+            assert await state_after(channel, NOTICE_S) is not READY
 
     arun(body())
 
 
 def test_without_keepalive_a_silent_peer_still_reads_as_connected(arun: Runner) -> None:
     """The control: what keepalive is for. Without it the channel cannot tell."""
-    cache = ChannelCache(None, keepalive=None)
 
     async def body() -> None:
-        async with serving(add_health, None) as address:
-            link = SilentLink(_port(address))
-            async with link.running() as relayed:
-                channel = cache.get(relayed, "")
-                await check(channel)
-                link.silent = True
-                assert await state_after(channel, IDLE_S) is READY
-                await cache.close()
+        async with relayed(ChannelCache(None, keepalive=None), ()) as (channel, link):
+            link.silent = True
+            assert await state_after(channel, IDLE_S) is READY
 
     arun(body())
 
 
 def test_an_idle_channel_keeps_its_one_connection(arun: Runner) -> None:
     """Servers accept the pings of idle clients: no GOAWAY ``too_many_pings``, no reconnect."""
-    cache = ChannelCache(None, keepalive=QUICK)
 
     async def body() -> None:
-        async with serving(add_health, None, options=QUICK.server_options()) as address:
-            link = SilentLink(_port(address))
-            async with link.running() as relayed:
-                channel = cache.get(relayed, "")
-                await check(channel)
-                assert await state_after(channel, IDLE_S) is READY
-                await check(channel)
-                assert link.connections == 1
-                await cache.close()
+        cache = ChannelCache(None, keepalive=QUICK)
+        async with relayed(cache, QUICK.server_options()) as (channel, link):
+            assert await state_after(channel, IDLE_S) is READY
+            await check(channel)
+            assert link.connections == 1
 
     arun(body())
 
 
 def test_a_server_without_the_agreement_sends_an_idle_pinger_away(arun: Runner) -> None:
     """Why both ends take the same settings: gRPC's default server refuses the pings."""
-    cache = ChannelCache(None, keepalive=QUICK)
 
     async def body() -> None:
-        async with serving(add_health, None) as address:
-            link = SilentLink(_port(address))
-            async with link.running() as relayed:
-                channel = cache.get(relayed, "")
-                await check(channel)
-                assert await state_after(channel, NOTICE_S) is not READY
-                await cache.close()
+        async with relayed(ChannelCache(None, keepalive=QUICK), ()) as (channel, _):
+            assert await state_after(channel, NOTICE_S) is not READY
 
     arun(body())
 

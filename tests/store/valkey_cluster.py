@@ -27,7 +27,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(predicate: object, what: str, timeout_s: float = 20.0) -> None:
+def _wait(
+    predicate: object, what: str, timeout_s: float = 20.0, *, setup: str = "the test cluster"
+) -> None:
+    """Return once ``predicate()`` holds; RuntimeError naming ``setup`` and ``what`` if never."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -36,7 +39,7 @@ def _wait(predicate: object, what: str, timeout_s: float = 20.0) -> None:
         except redis.RedisError:
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"the test cluster did not come up: {what}")
+    raise RuntimeError(f"{setup} did not come up: {what}")
 
 
 @contextlib.contextmanager

