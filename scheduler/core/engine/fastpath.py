@@ -119,11 +119,16 @@ from scheduler.core.topology import pcie_distance
 _ORDERS_KEPT = 64
 
 #: Host places in orders (see :func:`_order_entry`) a hardware class keeps
-#: memoised, per (occupancy signature, order key): about 100 bytes each. Kept
-#: per signature without a bound, every new occupancy (requests choose their
-#: CPU and memory asks, so each placement may make one) kept an entry per
-#: order, and a class keeps up to 65,536 signatures: hundreds of MiB.
-_PREFIXES_KEPT = 65_536
+#: memoised, per (occupancy signature, order key), about 200 bytes each: this
+#: many, or :data:`_PREFIXES_PER_HOST` per host of the class if more. Every
+#: new occupancy (requests choose their CPU and memory asks, so each
+#: placement may make one) adds an entry per order and signatures are never
+#: reused, so a fixed 65,536 per class would have let the ~390 classes of a
+#: 10,000-host fleet fill to gigabytes over a long run; bounded by the fleet,
+#: the memo holds about 100 MiB at most there. A memo cleared only costs the
+#: work it saved.
+_PREFIXES_KEPT = 512
+_PREFIXES_PER_HOST = 32
 
 #: Upper bound on search steps per host and pass, so a pathological request
 #: cannot stall the scheduler; hosts have tens of devices and pools collapse
@@ -1510,7 +1515,7 @@ def _order_entry(key: _OrderKey, index: _HostIndex, host_id: str, rank: _Rank) -
         # Worked out once per class, occupancy and key: a changed host's
         # entries are looked up in every order its class has, twice.
         # Bounded: occupancies come and go (signatures are never reused).
-        if len(prefixes) >= _PREFIXES_KEPT:
+        if len(prefixes) >= max(_PREFIXES_KEPT, _PREFIXES_PER_HOST * len(index.hardware.members)):
             prefixes.clear()
         kinds, whole_only, other = key
         idle, full, open_ = index.idle, index.full, index.open

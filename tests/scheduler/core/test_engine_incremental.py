@@ -395,6 +395,7 @@ def test_order_places_are_memoised_within_a_bound(monkeypatch: pytest.MonkeyPatc
     the memo of host places per occupancy and order must stay bounded, and
     forgetting it must never change a plan."""
     monkeypatch.setattr(fastpath, "_PREFIXES_KEPT", 5)
+    monkeypatch.setattr(fastpath, "_PREFIXES_PER_HOST", 0)
     rng = random.Random(17)
     start = {**_clones(dgx(), "dgx-", 6, rng), **_clones(workstation(), "ws-", 6, rng)}
     forgetful, kept = Engine(), Engine()
