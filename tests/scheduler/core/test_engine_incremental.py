@@ -390,12 +390,22 @@ def test_an_order_met_often_outlives_a_stream_of_new_keys() -> None:
         assert key in engine._heads and len(engine._heads) <= 3, i
 
 
-def test_order_places_are_memoised_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("floor", "per_host", "memo"),
+    [
+        ("_PREFIXES_KEPT", "_PREFIXES_PER_HOST", "prefixes"),
+        ("_LEFT_KEPT", "_LEFT_PER_HOST", "left"),
+    ],
+    ids=["order-places", "leftovers"],
+)
+def test_memos_per_occupancy_stay_within_their_bound(
+    floor: str, per_host: str, memo: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Requests choose their CPU asks, so each placement may make a new occupancy:
-    the memo of host places per occupancy and order must stay bounded, and
-    forgetting it must never change a plan."""
-    monkeypatch.setattr(fastpath, "_PREFIXES_KEPT", 5)
-    monkeypatch.setattr(fastpath, "_PREFIXES_PER_HOST", 0)
+    a class's memos per occupancy (host places in orders, what is left) must stay
+    bounded, and forgetting them must never change a plan."""
+    monkeypatch.setattr(fastpath, floor, 5)
+    monkeypatch.setattr(fastpath, per_host, 0)
     rng = random.Random(17)
     start = {**_clones(dgx(), "dgx-", 6, rng), **_clones(workstation(), "ws-", 6, rng)}
     forgetful, kept = Engine(), Engine()
@@ -414,4 +424,4 @@ def test_order_places_are_memoised_within_a_bound(monkeypatch: pytest.MonkeyPatc
             snap = with_reservation(snap, expected.host_id, expected.slots, pid, request.tenant)
             held.append((expected.host_id, pid))
     classes = [cls for found in forgetful._classes.values() for cls in found]
-    assert classes and all(len(cls.prefixes) <= 5 for cls in classes)
+    assert classes and all(len(getattr(cls, memo)) <= 5 for cls in classes)
