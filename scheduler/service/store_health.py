@@ -22,11 +22,10 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from scheduler.store.safety import cluster_info_field, node_client
+from scheduler.store.safety import cluster_info_field, node_client, sentinel_pool
 
 log = logging.getLogger("tessera.scheduler.store_health")
 
@@ -77,7 +76,7 @@ class StoreHealthWatcher:
         # connections to a primary since replaced (a planned failover leaves
         # it accepting writes until Sentinel demotes it) are dropped within
         # one interval, not whenever they next fail.
-        self._sentinel_pool = pool if isinstance(pool, SentinelConnectionPool) else None
+        self._sentinel_pool = sentinel_pool(client)
         self._client = aioredis.Redis(
             connection_pool=aioredis.ConnectionPool(
                 connection_class=pool.connection_class,

@@ -76,6 +76,19 @@ _PROBE_TIMEOUT_S = 2.0
 _PROBE_PAUSE_S = 0.5
 
 
+def _riding_out_restarts() -> dict[str, Any]:
+    """Client options for a store that restarts or fails over under it.
+
+    After a Redis restart or failover every pooled connection is dead: ping
+    one idle for a while before use, and retry a command on a fresh
+    connection a few times before a caller sees UNAVAILABLE.
+    """
+    return {
+        "health_check_interval": 5,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=6),
+    }
+
+
 async def _why_not(target: StoreTarget, sentinel: Sentinel) -> str:
     """Why the first Sentinel does not answer, as for one server (TLS, refused, ...).
 
@@ -156,13 +169,13 @@ async def _connect_sentinel(
     watch = target.sentinel
     assert watch is not None
     tls: dict[str, Any] = {"ssl": True, **extra} if target.scheme == "rediss" else {}
-    # The URL's TLS settings (ssl_cert_reqs, ssl_password, ...) hold for the
-    # Sentinels as for the primary.
-    url_tls = {
-        k: v
-        for k, v in parse_url(server_url(target, *watch.addresses[0])).items()
-        if k.startswith("ssl_")
-    }
+    # The URL's options as redis-py reads them, for any server it names (the
+    # address aside, which the Sentinels give): its TLS settings
+    # (ssl_cert_reqs, ssl_password, ...) hold for the Sentinels as for the primary.
+    options = dict(parse_url(server_url(target, *watch.addresses[0])))
+    for name in ("host", "port", "connection_class"):
+        options.pop(name, None)
+    url_tls = {k: v for k, v in options.items() if k.startswith("ssl_")}
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": _PROBE_TIMEOUT_S,
         "socket_connect_timeout": _PROBE_TIMEOUT_S,
@@ -198,9 +211,6 @@ async def _connect_sentinel(
     except BaseException:
         await sentinel.aclose()
         raise
-    options = dict(parse_url(primary.url))
-    for name in ("host", "port", "connection_class"):
-        options.pop(name, None)
     # As one server's client (see connect_store); its connections ask the
     # Sentinels for the primary whenever they connect, and drop a connection
     # to a primary since demoted (READONLY), so a failover costs the commands
@@ -211,8 +221,7 @@ async def _connect_sentinel(
         watch.service,
         redis_class=_SentinelClient,
         **{
-            "health_check_interval": 5,
-            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=6),
+            **_riding_out_restarts(),
             **options,
             **tls,
             "decode_responses": False,
@@ -479,13 +488,6 @@ async def connect_store(
             target.password,
         )
     client = aioredis.Redis.from_url(
-        target.url,
-        decode_responses=False,
-        # After a Redis restart or failover every pooled connection is dead:
-        # ping one idle for a while before use, and retry a command on a
-        # fresh connection a few times before a caller sees UNAVAILABLE.
-        health_check_interval=5,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=6),
-        **extra,
+        target.url, decode_responses=False, **_riding_out_restarts(), **extra
     )
     return pack_with_hiredis(client)

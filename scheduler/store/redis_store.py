@@ -30,11 +30,11 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.commands.core import AsyncScript
 
 from scheduler.store import schema
 from scheduler.store.batching import ScriptBatcher
+from scheduler.store.safety import sentinel_pool
 
 
 @dataclass(frozen=True)
@@ -1263,8 +1263,8 @@ class RedisStateStore:
         read to the next means a failover happened in between, and may have
         lost writes the old primary acknowledged.
         """
-        pool = getattr(self._client, "connection_pool", None)
-        if not isinstance(pool, SentinelConnectionPool):
+        pool = sentinel_pool(self._client)
+        if pool is None:
             return None
         address = pool.master_address
         return (str(address[0]), int(address[1])) if address else None

@@ -9,7 +9,7 @@ operator explicitly accepts the risk.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -19,6 +19,8 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisError, ResponseError
 
 _OVERRIDE = "pass --allow-unsafe-redis"
+#: How a finding the operator accepted with --allow-unsafe-redis is reported.
+_UNSAFE = "running on an unsafe Redis (--allow-unsafe-redis): "
 
 
 class UnsafeStoreConfig(RuntimeError):  # noqa: N818 - the name the scheduler imports
@@ -184,17 +186,17 @@ async def check_durability(
         for node in client.get_primaries():
             one = node_client(node)
             try:
-                found = await check_durability(one, allow_unsafe=True)
+                _name_findings(
+                    f"node {node.name}",
+                    await check_durability(one, allow_unsafe=True),
+                    problems,
+                    warnings,
+                )
             finally:
                 await one.aclose()
-            unsafe = "running on an unsafe Redis (--allow-unsafe-redis): "
-            problems += [f"node {node.name}: {w[len(unsafe) :]}" for w in found if unsafe in w]
-            warnings += [f"node {node.name}: {w}" for w in found if unsafe not in w]
         if problems and not allow_unsafe:
             raise UnsafeStoreConfig(problems)
-        return warnings + [
-            f"running on an unsafe Redis (--allow-unsafe-redis): {p}" for p in problems
-        ]
+        return warnings + [f"{_UNSAFE}{p}" for p in problems]
     warnings = []
     settings, config_error = await _config(client)
     if settings is None:
@@ -203,7 +205,8 @@ async def check_durability(
             "durability settings were read from INFO instead"
         )
         settings = await _info(client) or {}
-    failover = isinstance(getattr(client, "connection_pool", None), SentinelConnectionPool)
+    pool = sentinel_pool(client)
+    failover = pool is not None
     problems, soft = _problems(settings, failover=failover)
     warnings.extend(soft)
     needed = settings.get("min-replicas-to-write", "")
@@ -221,16 +224,29 @@ async def check_durability(
                 "(NOREPLICAS) until another replica is in sync; run at least "
                 f"{int(needed) + 1} replicas"
             )
-    pool = getattr(client, "connection_pool", None)
-    if isinstance(pool, SentinelConnectionPool):
+    if pool is not None:
         # Any replica may become the primary: held to the same settings.
         found_problems, found_warnings = await _check_replicas(pool)
         problems += found_problems
         warnings += found_warnings
     if problems and not allow_unsafe:
         raise UnsafeStoreConfig(problems)
-    warnings.extend(f"running on an unsafe Redis (--allow-unsafe-redis): {p}" for p in problems)
+    warnings.extend(f"{_UNSAFE}{p}" for p in problems)
     return warnings
+
+
+def sentinel_pool(client: object) -> SentinelConnectionPool | None:
+    """The pool of a client of the primary Sentinel names (None: another client)."""
+    pool = getattr(client, "connection_pool", None)
+    return pool if isinstance(pool, SentinelConnectionPool) else None
+
+
+def _name_findings(
+    name: str, found: Sequence[str], problems: list[str], warnings: list[str]
+) -> None:
+    """File one server's findings (checked with allow_unsafe) under its name."""
+    problems += [f"{name}: {w.removeprefix(_UNSAFE)}" for w in found if w.startswith(_UNSAFE)]
+    warnings += [f"{name}: {w}" for w in found if not w.startswith(_UNSAFE)]
 
 
 #: Connection options a replica's client takes from the primary's pool.
@@ -252,7 +268,6 @@ async def _check_replicas(pool: SentinelConnectionPool) -> tuple[list[str], list
         options["ssl"] = True
     problems: list[str] = []
     warnings: list[str] = []
-    unsafe = "running on an unsafe Redis (--allow-unsafe-redis): "
     for host, port in replicas:
         name = f"replica {host}:{port}"
         one = aioredis.Redis(host=str(host), port=int(port), **options)
@@ -263,6 +278,5 @@ async def _check_replicas(pool: SentinelConnectionPool) -> tuple[list[str], list
             continue
         finally:
             await one.aclose()
-        problems += [f"{name}: {w[len(unsafe) :]}" for w in found if unsafe in w]
-        warnings += [f"{name}: {w}" for w in found if unsafe not in w]
+        _name_findings(name, found, problems, warnings)
     return problems, warnings

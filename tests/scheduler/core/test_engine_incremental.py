@@ -17,7 +17,7 @@ takes, the plans must be those of a fresh engine:
 from __future__ import annotations
 
 import random
-from collections.abc import Set
+from collections.abc import Callable, Set
 from dataclasses import replace
 
 import pytest
@@ -302,33 +302,53 @@ def test_pcie_distance_without_a_graph_is_the_graphs() -> None:
                 assert pcie_distance(view, a, b) == graph.pcie_distance(view.host_id, a, b)
 
 
-def test_an_engine_that_forgets_its_signatures_plans_as_a_fresh_one() -> None:
-    """Signatures are interned in a bounded table: a long-lived scheduler meets ever
-    new occupancies. Forgetting them must only cost memo misses, never let an index
-    still holding an old number match another state's judgement. Request shapes
-    alike."""
-    rng = random.Random(7)
+def _drive(
+    seed: int,
+    steps: int,
+    judge: Callable[[int, ClusterSnapshot, PlacementRequest], Plan | Unschedulable],
+    *,
+    vary_cpu: float = 0.0,
+) -> None:
+    """A seeded run of places and releases on six DGX and six workstation clones.
+
+    ``judge`` plans each request (and checks what it must); its plans are
+    committed, and three steps in ten first release one of them. ``vary_cpu``:
+    the share of requests given a new CPU ask, a new request shape each.
+    """
+    rng = random.Random(seed)
     start = {**_clones(dgx(), "dgx-", 6, rng), **_clones(workstation(), "ws-", 6, rng)}
-    forgetful, kept = Engine(interned_kept=3), Engine()
     snap = ClusterSnapshot(hosts=dict(start))
     held: list[tuple[HostId, PlacementId]] = []
-    for i in range(300):
+    for i in range(steps):
         if rng.random() < 0.3 and held:
             host, pid = held.pop(rng.randrange(len(held)))
             snap = with_release(snap, host, pid)
         request = _request(i, rng)
-        if rng.random() < 0.2:
-            # A client varying its CPU ask makes a new request shape each time (no
-            # host here reports CPUs: it fits nowhere, and that verdict is kept).
+        if rng.random() < vary_cpu:
             request = replace(request, cpu_milli=rng.randrange(1, 10**6))
+        result = judge(i, snap, request)
+        if isinstance(result, Plan):
+            pid = PlacementId(f"p{i}")
+            snap = with_reservation(snap, result.host_id, result.slots, pid, request.tenant)
+            held.append((result.host_id, pid))
+
+
+def test_an_engine_that_forgets_its_signatures_plans_as_a_fresh_one() -> None:
+    """Signatures are interned in a bounded table: a long-lived scheduler meets ever
+    new occupancies. Forgetting them must only cost memo misses, never let an index
+    still holding an old number match another state's judgement. Request shapes
+    alike (a client varying its CPU ask makes a new shape each time; no host here
+    reports CPUs: it fits nowhere, and that verdict is kept)."""
+    forgetful, kept = Engine(interned_kept=3), Engine()
+
+    def judge(i: int, snap: ClusterSnapshot, request: PlacementRequest) -> Plan | Unschedulable:
         expected = kept.schedule(snap, request)
         assert outcome(forgetful.schedule(snap, request)) == outcome(expected), i
         assert len(forgetful._signatures) <= 3 and len(forgetful._tenancies) <= 3
         assert len(forgetful._shape_ids) <= 3
-        if isinstance(expected, Plan):
-            pid = PlacementId(f"p{i}")
-            snap = with_reservation(snap, expected.host_id, expected.slots, pid, request.tenant)
-            held.append((expected.host_id, pid))
+        return expected
+
+    _drive(7, 300, judge, vary_cpu=0.2)
     assert len(kept._signatures) > 3  # the sequence did meet more than the bound
 
 
@@ -406,22 +426,14 @@ def test_memos_per_occupancy_stay_within_their_bound(
     bounded, and forgetting them must never change a plan."""
     monkeypatch.setattr(fastpath, floor, 5)
     monkeypatch.setattr(fastpath, per_host, 0)
-    rng = random.Random(17)
-    start = {**_clones(dgx(), "dgx-", 6, rng), **_clones(workstation(), "ws-", 6, rng)}
     forgetful, kept = Engine(), Engine()
-    snap = ClusterSnapshot(hosts=dict(start))
-    held: list[tuple[HostId, PlacementId]] = []
-    for i in range(200):
-        if rng.random() < 0.3 and held:
-            host, pid = held.pop(rng.randrange(len(held)))
-            snap = with_release(snap, host, pid)
-        request = _request(i, rng)
+
+    def judge(i: int, snap: ClusterSnapshot, request: PlacementRequest) -> Plan | Unschedulable:
         expected = Engine().schedule(snap, request)
         assert outcome(forgetful.schedule(snap, request)) == outcome(expected), i
         assert outcome(kept.schedule(snap, request)) == outcome(expected), i
-        if isinstance(expected, Plan):
-            pid = PlacementId(f"p{i}")
-            snap = with_reservation(snap, expected.host_id, expected.slots, pid, request.tenant)
-            held.append((expected.host_id, pid))
+        return expected
+
+    _drive(17, 200, judge)
     classes = [cls for found in forgetful._classes.values() for cls in found]
     assert classes and all(len(getattr(cls, memo)) <= 5 for cls in classes)
