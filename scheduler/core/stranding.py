@@ -28,7 +28,14 @@ So the measure reads, in GPUs:
   has enough untouched GPUs for;
 * **geometry spent** (:func:`geometry_value`): how much of the mix an
   untouched GPU serves at the least share that shape can take anywhere,
-  charged when a whole-device placement takes it.
+  charged when a whole-device placement takes it;
+* **short of CPU or memory** (:func:`cpu_memory_shortfall`): the free share
+  the host's CPU and memory left cannot serve at the rate the mix asks per
+  GPU (:func:`demand_per_gpu`). The stranded share sees a host's CPU only
+  once no shape fits it any more; by then the placements that ran it down
+  are made. Filling the trace, whole GPUs on hosts with too little CPU left
+  for any task were most of what packing left free on gpushare100 (0.83
+  of 1.25% at 100% arrived, one seed) before this charge.
 
 The scorer (:class:`scheduler.core.engine.plugins.PackingScorer`) weighs
 them with the capacity a placement consumes. Pure: no store, no network.
@@ -258,3 +265,53 @@ def geometry_value(
         if share <= best + 1e-9:
             value += p
     return value
+
+
+def demand_per_gpu(mix: TaskMix, least: Mapping[TaskShape, float]) -> tuple[float, float]:
+    """Host CPU (thousandths) and memory (MiB) the mix asks per GPU of capacity it takes.
+
+    A whole shape takes its GPUs; a shared one the least share its geometry
+    (:func:`geometry_of`) was seen to take anywhere (``least``, as
+    :func:`geometry_value` learns it). A shared shape whose least share is
+    not known yet is left out of both sums. (0, 0) when nothing is known,
+    or the mix asks no CPU and memory: then nothing is short.
+    """
+    cpu = memory = gpus = 0.0
+    for shape, p in mix.items():
+        if p <= 0:
+            continue
+        share = float(shape.gpus) if not shape.shared else least.get(geometry_of(shape))
+        if share is None or share <= 0:
+            continue
+        cpu += p * shape.cpu_milli
+        memory += p * shape.memory_mib
+        gpus += p * share
+    if gpus <= 0:
+        return 0.0, 0.0
+    return cpu / gpus, memory / gpus
+
+
+def cpu_memory_shortfall(
+    view: HostView, occupancy: Occupancy, free: float, per_gpu: tuple[float, float]
+) -> float:
+    """The part of a host's free GPU share, in GPUs, that its CPU or memory left cannot serve.
+
+    ``free`` is the host's free GPU share (:func:`free_shares`, summed) and
+    ``per_gpu`` the CPU and memory the mix asks per GPU taken
+    (:func:`demand_per_gpu`). Serving ``free`` GPUs takes ``free`` times
+    each rate; the share of that the host lacks, of CPU or of memory
+    whichever is shorter, is the share of its free GPUs expected to stay
+    free for want of it. Smooth where :func:`stranded_share` is a cliff: a
+    placement that eats a host's CPU faster than its GPUs is charged as it
+    does so, one that eats little CPU on a CPU-poor host is credited.
+    """
+    if free <= 0:
+        return 0.0
+    short = 0.0
+    for have, rate in (
+        (view.cpu_milli - occupancy.cpu_used, per_gpu[0]),
+        (view.memory_mib - occupancy.memory_used, per_gpu[1]),
+    ):
+        if rate > 0:
+            short = max(short, 1.0 - max(0, have) / (free * rate))
+    return free * short

@@ -24,8 +24,11 @@ from scheduler.core.plan import Plan
 from scheduler.core.request import Claim, DeviceForm, DeviceKind, Isolation, PlacementRequest
 from scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
 from scheduler.core.stranding import (
+    cpu_memory_shortfall,
+    demand_per_gpu,
     gangs_lost,
     geometry_mix,
+    geometry_of,
     geometry_value,
     stranded_share,
     unfillable_hole,
@@ -96,6 +99,32 @@ def test_a_host_no_shape_of_the_mix_fits_for_cpu_strands_all_its_free_share() ->
     hungry = {replace(WHOLE_1, cpu_milli=8000): 1.0}
     assert stranded_share(view, occ, hungry, floor=0.03) == pytest.approx(2.0)
     assert stranded_share(view, occ, {replace(WHOLE_1, cpu_milli=4000): 1.0}, 0.03) == 0.0
+
+
+def test_the_mix_asks_cpu_and_memory_per_gpu_it_takes() -> None:
+    """Half whole GPUs with 8 CPUs, half quarter-GPU tasks with 2: 5 CPUs per 0.625 GPU."""
+    whole = replace(WHOLE_1, cpu_milli=8000, memory_mib=32_768)
+    quarter = replace(QUARTER_TASK, cpu_milli=2000, memory_mib=8192)
+    mix = {whole: 0.5, quarter: 0.5}
+    least = {geometry_of(QUARTER_TASK): 0.25}
+    assert demand_per_gpu(mix, least) == pytest.approx((8000.0, 32_768.0))
+    # A shared shape whose share is not known yet is left out of both sums.
+    assert demand_per_gpu(mix, {}) == pytest.approx((8000.0, 32_768.0))
+    assert demand_per_gpu({quarter: 1.0}, {}) == (0.0, 0.0)
+
+
+def test_free_gpus_the_cpu_left_cannot_serve_are_short() -> None:
+    """4 free GPUs at 8 CPUs each want 32 CPUs; with 24 a quarter of them go unserved."""
+    view = replace(
+        gpu_host("h", plain=4),
+        numa_nodes=(NumaNodeView(0, (10,), cpus=24, memory_mib=262_144),),
+    )
+    occ = build_occupancy(state_of(view))
+    assert cpu_memory_shortfall(view, occ, 4.0, (8000.0, 0.0)) == pytest.approx(1.0)
+    assert cpu_memory_shortfall(view, occ, 3.0, (8000.0, 0.0)) == 0.0
+    # Memory, whichever is shorter: 4 GPUs at 128 GiB want 512 of the 256 left.
+    assert cpu_memory_shortfall(view, occ, 4.0, (8000.0, 131_072.0)) == pytest.approx(2.0)
+    assert cpu_memory_shortfall(view, occ, 0.0, (8000.0, 131_072.0)) == 0.0
 
 
 def test_gpus_too_few_of_a_gangs_models_are_stranded_for_it() -> None:
@@ -195,7 +224,15 @@ def test_a_quarter_task_opens_a_vgpu_gpu_rather_than_strand_a_mig_slice() -> Non
 def test_either_charge_alone_keeps_the_mig_slice_unstranded(charge: str) -> None:
     """The packing scorer by itself, one charge at a time: each sends the task to the vGPU GPU."""
     weights = dict.fromkeys(
-        ("stranded_weight", "hole_weight", "gangs_weight", "geometry_weight", "consumed_weight"), 0
+        (
+            "stranded_weight",
+            "hole_weight",
+            "gangs_weight",
+            "geometry_weight",
+            "short_weight",
+            "consumed_weight",
+        ),
+        0,
     )
     scorer = PackingScorer(TaskMixLearner(prior=MIX), **(weights | {charge: 1000}))
     profile = replace(packing_profile(), scorers=(scorer,), observers=())
@@ -289,6 +326,60 @@ def test_a_one_gpu_task_keeps_a_pair_of_untouched_gpus_together(rid: str) -> Non
     snap = ClusterSnapshot(hosts={v.host_id: state_of(v) for v in (pair, single)})
     plan = packing_engine(mix).schedule(snap, whole_request(rid))
     assert isinstance(plan, Plan) and plan.host_id == "single"
+
+
+def _cpu_hosts(lean: int, roomy: int) -> ClusterSnapshot:
+    """Two hosts of four A100s that differ only in their CPUs."""
+    hosts = [
+        replace(gpu_host(name, plain=4), numa_nodes=(NumaNodeView(0, (10,), cpus=cpus),))
+        for name, cpus in (("lean", lean), ("roomy", roomy))
+    ]
+    return ClusterSnapshot(hosts={v.host_id: state_of(v) for v in hosts})
+
+
+def _cpu_request(rid: str, cpu_milli: int) -> PlacementRequest:
+    return replace(whole_request(rid), cpu_milli=cpu_milli)
+
+
+#: One whole GPU with 8 CPUs: the mix asks 8 CPUs per GPU.
+EIGHT_CPUS_A_GPU: TaskMix = {replace(WHOLE_1, cpu_milli=8000): 1.0}
+
+
+@pytest.mark.parametrize("rid", [f"c{n}" for n in range(8)])
+def test_a_cpu_hungry_task_goes_where_the_cpu_keeps_pace_with_the_gpus(rid: str) -> None:
+    """12 CPUs for one GPU: on the lean host 3 GPUs would be left with 12 CPUs, wanting 24.
+
+    Every other charge ties (no shape of the mix is kept off either host),
+    so without the shortfall the hosts split over the request ids.
+    """
+    snap = _cpu_hosts(lean=24, roomy=40)
+    plan = packing_engine(EIGHT_CPUS_A_GPU).schedule(snap, _cpu_request(rid, 12_000))
+    assert isinstance(plan, Plan) and plan.host_id == "roomy"
+
+
+@pytest.mark.parametrize("rid", [f"c{n}" for n in range(8)])
+def test_a_cpu_light_task_takes_a_gpu_the_lean_host_could_not_serve(rid: str) -> None:
+    """1 CPU for one GPU on the lean host: its 4 GPUs wanted 32 CPUs of 24, its 3 want 24 of 23."""
+    snap = _cpu_hosts(lean=24, roomy=40)
+    plan = packing_engine(EIGHT_CPUS_A_GPU).schedule(snap, _cpu_request(rid, 1000))
+    assert isinstance(plan, Plan) and plan.host_id == "lean"
+
+
+@pytest.mark.parametrize("cpu_milli", [12_000, 1000])
+def test_without_the_shortfall_the_cpu_hosts_tie(cpu_milli: int) -> None:
+    """The two tests above are decided by the shortfall charge, not by a tie-break."""
+    chosen = set()
+    for n in range(8):
+        profile = packing_profile(TaskMixLearner(prior=EIGHT_CPUS_A_GPU))
+        for scorer in profile.scorers:
+            if isinstance(scorer, PackingScorer):
+                scorer.short_weight = 0
+        plan = Engine(profile=profile, feasible_hosts=0).schedule(
+            _cpu_hosts(lean=24, roomy=40), _cpu_request(f"c{n}", cpu_milli)
+        )
+        assert isinstance(plan, Plan)
+        chosen.add(plan.host_id)
+    assert chosen == {"lean", "roomy"}
 
 
 def test_a_floor_outside_zero_to_one_is_refused() -> None:
