@@ -30,6 +30,7 @@ from scheduler.core.stranding import (
     geometry_mix,
     geometry_of,
     geometry_value,
+    rare_hole_closed,
     stranded_share,
     unfillable_hole,
 )
@@ -39,6 +40,7 @@ from .checker_topologies import A100, H100, HALF, QUARTER, gpu_host
 # H100 GPU instances: (start, memory slices, profile id, compute slices).
 FOUR_AT_0 = GpuInstance(0, 4, 5, 4)
 TWO_AT_4 = GpuInstance(4, 2, 14, 2)
+ONE_AT_6 = GpuInstance(6, 1, 19, 1)
 
 WHOLE_1 = TaskShape(gpus=1)
 PAIR = TaskShape(gpus=2)
@@ -152,6 +154,81 @@ def test_the_slice_a_2g_leaves_in_a_3_slice_hole_is_unfillable() -> None:
     (gpu,) = view.gpus
     hole = unfillable_hole(view, after, gpu, QUARTER_TASK, geometry_mix(MIX))
     assert hole == pytest.approx(1 / 7 * (1 - 0.01 / 0.2))
+
+
+#: Whole GPUs, half-GPU tasks (4 slices) and thirds (3): few tasks take a 3-slice hole.
+HALVES_OUTNUMBER_THIRDS: TaskMix = {WHOLE_1: 0.8, HALF_TASK: 0.1, THIRD_TASK: 0.1}
+
+
+def test_filling_a_hole_few_shapes_can_use_is_credited_for_the_share_filled() -> None:
+    """4g at 0 leaves 3 slices that only thirds (10% of the mix) take: 3/7 x (1 - 0.1/0.25)."""
+    view = gpu_host("h", mig=[(FOUR_AT_0,)])
+    occ = build_occupancy(state_of(view))
+    (gpu,) = view.gpus
+    geometry = geometry_mix(HALVES_OUTNUMBER_THIRDS)
+
+    def closed(after: float, mix: dict[TaskShape, float] = geometry) -> float:
+        return rare_hole_closed(
+            view, occ, gpu, mix, 0.25, free_before={gpu: 3 / 7}, free_after={gpu: after}
+        )
+
+    assert closed(0.0) == pytest.approx(3 / 7 * 0.6)
+    assert closed(1 / 7) == pytest.approx(2 / 7 * 0.6)
+    # A hole a quarter of the mix or more can use is not rare.
+    assert closed(0.0, geometry_mix({WHOLE_1: 0.7, THIRD_TASK: 0.3})) == 0.0
+    # An untouched GPU has no hole to close.
+    fresh = gpu_host("f", mig=[()])
+    (new_gpu,) = fresh.gpus
+    assert (
+        rare_hole_closed(
+            fresh,
+            build_occupancy(state_of(fresh)),
+            new_gpu,
+            geometry,
+            0.25,
+            free_before={new_gpu: 1.0},
+            free_after={new_gpu: 4 / 7},
+        )  # fmt: skip
+        == 0.0
+    )
+
+
+def _hole_or_vgpu() -> ClusterSnapshot:
+    """An H100 with a 2-slice hole left (4g at 0, 1g at 6), and an A16 holding one quarter."""
+    mig = gpu_host("mig", mig=[(FOUR_AT_0, ONE_AT_6)])
+    vgpu = gpu_host("vgpu", vgpu=[{"u1": QUARTER}])
+    return ClusterSnapshot(hosts={v.host_id: state_of(v) for v in (mig, vgpu)})
+
+
+#: Quarter-GPU tasks (2 slices) are a tenth of the mix: the 2-slice hole's only users.
+#: The A16's free quarters serve them and a shape three times as common.
+FEW_QUARTERS: TaskMix = {
+    WHOLE_1: 0.6,
+    HALF_TASK: 0.1,
+    QUARTER_TASK: 0.1,
+    TaskShape(mig_profiles=frozenset({"3g.40gb"}), mdev_types=frozenset({QUARTER})): 0.2,
+}
+
+
+@pytest.mark.parametrize("rid", [f"q{n}" for n in range(8)])
+def test_a_quarter_task_closes_a_hole_few_tasks_fit_rather_than_open_a_vgpu(rid: str) -> None:
+    plan = packing_engine(FEW_QUARTERS).schedule(
+        _hole_or_vgpu(), shared_request(rid, "2g.20gb", QUARTER)
+    )
+    assert isinstance(plan, Plan) and plan.host_id == "mig"
+
+
+def test_without_the_credit_the_quarter_task_opens_the_vgpu() -> None:
+    """The test above is decided by the credit: without it the vGPU's exact quarter wins."""
+    for n in range(8):
+        profile = packing_profile(TaskMixLearner(prior=FEW_QUARTERS))
+        for scorer in profile.scorers:
+            if isinstance(scorer, PackingScorer):
+                scorer.rare = 0.0
+        plan = Engine(profile=profile, feasible_hosts=0).schedule(
+            _hole_or_vgpu(), shared_request(f"q{n}", "2g.20gb", QUARTER)
+        )
+        assert isinstance(plan, Plan) and plan.host_id == "vgpu"
 
 
 def test_a_hole_only_a_shape_new_to_the_mix_can_use_counts_in_full() -> None:
@@ -382,9 +459,10 @@ def test_without_the_shortfall_the_cpu_hosts_tie(cpu_milli: int) -> None:
     assert chosen == {"lean", "roomy"}
 
 
-def test_a_floor_outside_zero_to_one_is_refused() -> None:
-    with pytest.raises(ValueError, match="floor"):
-        PackingScorer(TaskMixLearner(), floor=1.5)
+@pytest.mark.parametrize("bound", ["floor", "rare"])
+def test_a_share_of_the_mix_outside_zero_to_one_is_refused(bound: str) -> None:
+    with pytest.raises(ValueError, match=bound):
+        PackingScorer(TaskMixLearner(), **{bound: 1.5})
 
 
 @pytest.mark.parametrize("rid", [f"m{n}" for n in range(8)])
