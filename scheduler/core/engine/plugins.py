@@ -1038,10 +1038,10 @@ class PackingScorer:
     The charges are those of :mod:`scheduler.core.stranding`, in GPUs, each
     with its weight (points per GPU): the growth of the host's stranded
     share, the unfillable part of the hole a shared unit leaves on its GPU
-    (and a credit for the part of a rare hole it closes), the growth of
-    what the host has lost to multi-GPU shapes, the geometry
-    a whole device spends, the growth of the free share its CPU and memory
-    left fall short of (a credit where it shrinks), and the GPU capacity
+    (less, as a credit, the part of a rare hole it closes), the growth of
+    what the host has lost to multi-GPU shapes, the geometry a whole device
+    spends, the growth of the free share the host's CPU and memory left
+    fall short of (a credit where it shrinks), and the GPU capacity
     consumed (a half-GPU task on a half-GPU vGPU pays less than on a
     4-slice MIG instance).
 
