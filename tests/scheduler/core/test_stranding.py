@@ -179,18 +179,12 @@ def test_filling_a_hole_few_shapes_can_use_is_credited_for_the_share_filled() ->
     # An untouched GPU has no hole to close.
     fresh = gpu_host("f", mig=[()])
     (new_gpu,) = fresh.gpus
-    assert (
-        rare_hole_closed(
-            fresh,
-            build_occupancy(state_of(fresh)),
-            new_gpu,
-            geometry,
-            0.25,
-            free_before={new_gpu: 1.0},
-            free_after={new_gpu: 4 / 7},
-        )  # fmt: skip
-        == 0.0
+    untouched = build_occupancy(state_of(fresh))
+    before, after = {new_gpu: 1.0}, {new_gpu: 4 / 7}
+    kept = rare_hole_closed(
+        fresh, untouched, new_gpu, geometry, 0.25, free_before=before, free_after=after
     )
+    assert kept == 0.0
 
 
 def _hole_or_vgpu() -> ClusterSnapshot:
@@ -459,10 +453,11 @@ def test_without_the_shortfall_the_cpu_hosts_tie(cpu_milli: int) -> None:
     assert chosen == {"lean", "roomy"}
 
 
-@pytest.mark.parametrize("bound", ["floor", "rare"])
-def test_a_share_of_the_mix_outside_zero_to_one_is_refused(bound: str) -> None:
-    with pytest.raises(ValueError, match=bound):
-        PackingScorer(TaskMixLearner(), **{bound: 1.5})
+def test_a_share_of_the_mix_outside_zero_to_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="floor"):
+        PackingScorer(TaskMixLearner(), floor=1.5)
+    with pytest.raises(ValueError, match="rare"):
+        PackingScorer(TaskMixLearner(), rare=-0.1)
 
 
 @pytest.mark.parametrize("rid", [f"m{n}" for n in range(8)])
