@@ -70,9 +70,17 @@ def whole_request(rid: str) -> PlacementRequest:
     return PlacementRequest(RequestId(rid), TenantName("t"), (Claim("gpu", DeviceKind.GPU, 1),))
 
 
-def packing_engine(mix: TaskMix) -> Engine:
-    """Tessera's packing profile with the mix given (as a trace's replay would give FGD)."""
-    return Engine(profile=packing_profile(TaskMixLearner(prior=mix)), feasible_hosts=0)
+def packing_engine(mix: TaskMix, **settings: float) -> Engine:
+    """Tessera's packing profile with the mix given (as a trace's replay would give FGD).
+
+    ``settings`` replace the packing scorer's (``rare=0``: no credit for closing holes).
+    """
+    profile = packing_profile(TaskMixLearner(prior=mix))
+    for scorer in profile.scorers:
+        if isinstance(scorer, PackingScorer):
+            for name, value in settings.items():
+                setattr(scorer, name, value)
+    return Engine(profile=profile, feasible_hosts=0)
 
 
 # ---------------------------------------------------------------- the measure
@@ -215,11 +223,7 @@ def test_a_quarter_task_closes_a_hole_few_tasks_fit_rather_than_open_a_vgpu(rid:
 def test_without_the_credit_the_quarter_task_opens_the_vgpu() -> None:
     """The test above is decided by the credit: without it the vGPU's exact quarter wins."""
     for n in range(8):
-        profile = packing_profile(TaskMixLearner(prior=FEW_QUARTERS))
-        for scorer in profile.scorers:
-            if isinstance(scorer, PackingScorer):
-                scorer.rare = 0.0
-        plan = Engine(profile=profile, feasible_hosts=0).schedule(
+        plan = packing_engine(FEW_QUARTERS, rare=0.0).schedule(
             _hole_or_vgpu(), shared_request(f"q{n}", "2g.20gb", QUARTER)
         )
         assert isinstance(plan, Plan) and plan.host_id == "vgpu"
@@ -441,11 +445,7 @@ def test_without_the_shortfall_the_cpu_hosts_tie(cpu_milli: int) -> None:
     """The two tests above are decided by the shortfall charge, not by a tie-break."""
     chosen = set()
     for n in range(8):
-        profile = packing_profile(TaskMixLearner(prior=EIGHT_CPUS_A_GPU))
-        for scorer in profile.scorers:
-            if isinstance(scorer, PackingScorer):
-                scorer.short_weight = 0
-        plan = Engine(profile=profile, feasible_hosts=0).schedule(
+        plan = packing_engine(EIGHT_CPUS_A_GPU, short_weight=0).schedule(
             _cpu_hosts(lean=24, roomy=40), _cpu_request(f"c{n}", cpu_milli)
         )
         assert isinstance(plan, Plan)
