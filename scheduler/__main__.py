@@ -32,6 +32,7 @@ from scheduler.service.operator_config import (
     OperatorConfigError,
     load_operator_config,
 )
+from scheduler.service.replica_durability import ReplicaDurabilityWatcher
 from scheduler.service.replica_roster import ReplicaRoster
 from scheduler.service.server import SERVICE_NAMES, build_server
 from scheduler.service.store_health import StoreHealthWatcher
@@ -39,7 +40,7 @@ from scheduler.store.connection import StoreTls, StoreUnusableError, connect_sto
 from scheduler.store.embedded import EmbeddedValkey
 from scheduler.store.redis_store import HostRecord, LayoutMismatchError, RedisStateStore
 from scheduler.store.roster import RosterStore
-from scheduler.store.safety import UnsafeStoreConfig, check_durability
+from scheduler.store.safety import UnsafeStoreConfig, check_durability, sentinel_pool
 from tessera.security.audit import AuditLog
 from tessera.security.identity import Role
 from tessera.security.tls import (
@@ -374,11 +375,17 @@ async def serve(opts: argparse.Namespace) -> int:
         store_health = asyncio.create_task(
             StoreHealthWatcher(client, health_servicer, (*SERVICE_NAMES, "")).run(stop)
         )
+        # Behind Sentinel, replicas attached or changed after start are checked too.
+        sentinels = sentinel_pool(client)
+        replicas = asyncio.create_task(
+            ReplicaDurabilityWatcher(sentinels).run(stop) if sentinels else stop.wait()
+        )
         await stop.wait()
         await housekeeping
         await roster
         await warming
         await store_health
+        await replicas
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=5)
         # How often this replica's plans met a store that had moved on.

@@ -226,7 +226,7 @@ async def check_durability(
             )
     if pool is not None:
         # Any replica may become the primary: held to the same settings.
-        found_problems, found_warnings = await _check_replicas(pool)
+        found_problems, found_warnings = await check_replicas(pool)
         problems += found_problems
         warnings += found_warnings
     if problems and not allow_unsafe:
@@ -253,7 +253,7 @@ def _name_findings(
 _REPLICA_OPTIONS = ("username", "password", "db", "socket_timeout", "socket_connect_timeout")
 
 
-async def _check_replicas(pool: SentinelConnectionPool) -> tuple[list[str], list[str]]:
+async def check_replicas(pool: SentinelConnectionPool) -> tuple[list[str], list[str]]:
     """The durability problems and warnings of each replica the Sentinels name, by name."""
     try:
         replicas = await pool.sentinel_manager.discover_slaves(pool.service_name)

@@ -36,6 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from scheduler.service.coordinator import PlacementCoordinator
 from scheduler.service.errors import SchedulerError, status_of
+from scheduler.service.replica_durability import ReplicaDurabilityWatcher
 from scheduler.service.store_health import StoreHealthWatcher
 from scheduler.store.connection import (
     StoreClient,
@@ -44,7 +45,7 @@ from scheduler.store.connection import (
     redact_url,
 )
 from scheduler.store.redis_store import RedisStateStore
-from scheduler.store.safety import UnsafeStoreConfig, check_durability
+from scheduler.store.safety import UnsafeStoreConfig, check_durability, sentinel_pool
 from scheduler.store.wire import _PackedByHiredis
 
 from ..conftest import Runner
@@ -416,3 +417,46 @@ def test_every_replica_is_held_to_the_primarys_durability(
     (problem,) = refused.value.problems
     assert problem.startswith(f"replica 127.0.0.1:{watched.replica}: maxmemory-policy")
     assert not any("replica" in w and "maxmemory" in w for w in arun(check()))
+
+
+def test_a_replica_made_unsafe_after_start_is_logged_once_and_when_it_is_fixed(
+    watched: SentinelSet, arun: Runner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica the start-up check passed may be changed (or attached) later: each
+    check of the watcher logs what newly appeared at ERROR, and what went, once."""
+    replica = redis.Redis(host="127.0.0.1", port=watched.replica, password=PASSWORD)
+    name = f"replica 127.0.0.1:{watched.replica}"
+
+    async def rounds(change: Callable[[int], None]) -> list[list[str]]:
+        client = await connect_store(watched.url())
+        try:
+            pool = sentinel_pool(client)
+            assert pool is not None
+            watcher = ReplicaDurabilityWatcher(pool)
+            found = []
+            for n in range(4):
+                change(n)
+                problems, _ = await watcher.check()
+                found.append(problems)
+            return found
+        finally:
+            await client.aclose()
+
+    def change(n: int) -> None:
+        # Safe, made unsafe, still unsafe, fixed.
+        policy = {1: "allkeys-lru", 3: "noeviction"}.get(n)
+        if policy is not None:
+            replica.config_set("maxmemory-policy", policy)
+
+    caplog.set_level("INFO", logger="tessera.scheduler.replica_durability")
+    try:
+        found = arun(rounds(change))
+    finally:
+        replica.config_set("maxmemory-policy", "noeviction")
+        replica.close()
+    assert [len(f) for f in found] == [0, 1, 1, 0]
+    assert found[1][0].startswith(f"{name}: maxmemory-policy")
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and name in errors[0].getMessage()
+    fixed = [r for r in caplog.records if "no longer" in r.getMessage()]
+    assert len(fixed) == 1 and name in fixed[0].getMessage()
