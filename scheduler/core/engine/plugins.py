@@ -1111,9 +1111,13 @@ class PackingScorer:
         self._geometry: tuple[int, dict[TaskShape, float]] = (-1, {})
         # (epoch, the mix's CPU and memory per GPU) (see _per_gpu).
         self._rates: tuple[int, tuple[float, float]] = (-1, (0.0, 0.0))
-        # id(occupancy) -> (occupancy, epoch, (stranded, gangs lost, short, free)):
-        # a host state is judged for many shapes; its "before" is the same.
-        self._before: dict[int, tuple[Occupancy, int, tuple[float, float, float, float]]] = {}
+        # id(occupancy) -> (occupancy, epoch, (stranded, gangs lost, short, free),
+        # free shares): a host state is judged for many shapes; its "before"
+        # is the same.
+        self._before: dict[
+            int,
+            tuple[Occupancy, int, tuple[float, float, float, float], Mapping[PciAddress, float]],
+        ] = {}
         # (id(view), GPU, epoch) -> (view, its geometry value).
         self._values: dict[tuple[int, PciAddress, int], tuple[HostView, float]] = {}
         # The last request scored and its geometry (see _geometry_of).
@@ -1154,23 +1158,22 @@ class PackingScorer:
         if found is None or found[0] is not occupancy or found[1] != epoch:
             if len(self._before) >= 65_536:  # bounded: old states are dead weight
                 self._before.clear()
-            found = (occupancy, epoch, self._measure(view, occupancy, mix, None))
+            free = free_shares(view, occupancy)
+            found = (occupancy, epoch, self._measure(view, occupancy, mix, free), free)
             self._before[id(occupancy)] = found
         stranded0, gangs0, short0, free0 = found[2]
+        free_before = found[3]
         after = occupancy_after(view, occupancy, taken, (request.cpu_milli, request.memory_mib))
         free_after = free_shares(view, after)
         stranded1, gangs1, short1, free1 = self._measure(view, after, mix, free_after)
         me = self._geometry_of(request)
         hole = closed = 0.0
-        free_before: Mapping[PciAddress, float] | None = None
         for p in picks:
             if p.claim.kind is not DeviceKind.GPU or p.option.form is DeviceForm.WHOLE_DEVICE:
                 continue
             address = p.option.device.address
             if me is not None and me.shared:
                 hole += unfillable_hole(view, after, address, me, geometry, free_after=free_after)
-            if free_before is None:
-                free_before = free_shares(view, occupancy)
             closed += rare_hole_closed(
                 view, occupancy, address, geometry, self.rare,
                 free_before=free_before, free_after=free_after,
@@ -1197,14 +1200,12 @@ class PackingScorer:
         view: HostView,
         occupancy: Occupancy,
         mix: TaskMix,
-        free: Mapping[PciAddress, float] | None,
+        free: Mapping[PciAddress, float],
     ) -> tuple[float, float, float, float]:
         """(stranded share, gangs lost, short of CPU or memory, free share) of a host state.
 
-        Its free shares are read once.
+        ``free`` is :func:`free_shares` of the state, read once by the caller.
         """
-        if free is None:
-            free = free_shares(view, occupancy)
         total = sum(free.values())
         return (
             stranded_share(view, occupancy, mix, self.floor, free=free),
