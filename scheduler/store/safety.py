@@ -259,6 +259,13 @@ async def check_replicas(pool: SentinelConnectionPool) -> tuple[list[str], list[
         replicas = await pool.sentinel_manager.discover_slaves(pool.service_name)
     except (RedisError, OSError) as err:
         return [], [f"could not ask the Sentinels for the replicas ({err}): they were not checked"]
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        # redis-py reads the reply into fields as it parses it: a Sentinel
+        # answering with fields missing or of the wrong kind raises here.
+        return [], [
+            f"the Sentinels' list of replicas could not be read ({type(err).__name__}: {err}): "
+            "they were not checked"
+        ]
     options = {
         k: v
         for k, v in pool.connection_kwargs.items()
@@ -270,7 +277,11 @@ async def check_replicas(pool: SentinelConnectionPool) -> tuple[list[str], list[
     warnings: list[str] = []
     for host, port in replicas:
         name = f"replica {host}:{port}"
-        one = aioredis.Redis(host=str(host), port=int(port), **options)
+        if not isinstance(port, int) or not 0 < port < 65_536:
+            # redis-py leaves a port it cannot read as the Sentinel's text.
+            warnings.append(f"{name}: the Sentinels named no valid port for it: not checked")
+            continue
+        one = aioredis.Redis(host=str(host), port=port, **options)
         try:
             found = await check_durability(one, allow_unsafe=True)
         except (RedisError, OSError) as err:

@@ -460,3 +460,61 @@ def test_a_replica_made_unsafe_after_start_is_logged_once_and_when_it_is_fixed(
     assert len(errors) == 1 and name in errors[0].getMessage()
     fixed = [r for r in caplog.records if "no longer" in r.getMessage()]
     assert len(fixed) == 1 and name in fixed[0].getMessage()
+
+
+#: Replies (RESP3, as redis-py asks for) of a Sentinel that answers SENTINEL SLAVES with
+#: what cannot be read.
+_MALFORMED_REPLICAS = {
+    "a port that is not a number": b"*1\r\n%4\r\n+name\r\n+x\r\n+ip\r\n+127.0.0.1\r\n"
+    b"+port\r\n+notaport\r\n+flags\r\n+slave\r\n",
+    "a port out of range": b"*1\r\n%4\r\n+name\r\n+x\r\n+ip\r\n+127.0.0.1\r\n"
+    b"+port\r\n:999999\r\n+flags\r\n+slave\r\n",
+    "no flags": b"*1\r\n%1\r\n+ip\r\n+127.0.0.1\r\n",
+    "not a list of maps": b"*1\r\n+OK\r\n",
+}
+
+
+async def _fake_sentinel(reply: bytes) -> asyncio.Server:
+    """A server speaking RESP that answers SENTINEL with ``reply`` and anything else +OK."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while header := await reader.readline():
+                args = []
+                for _ in range(int(header[1:])):
+                    size = int((await reader.readline())[1:])
+                    args.append((await reader.readexactly(size + 2))[:-2].upper())
+                writer.write(reply if args[:1] == [b"SENTINEL"] else b"+OK\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("what", sorted(_MALFORMED_REPLICAS))
+def test_a_sentinel_naming_replicas_unreadably_is_a_warning_not_a_crash(
+    what: str, arun: Runner
+) -> None:
+    """What a Sentinel answers is input too: replicas that cannot be read are left
+    unchecked and said so, at start and in the watcher, never a traceback."""
+
+    async def check() -> tuple[list[str], list[str]]:
+        server = await _fake_sentinel(_MALFORMED_REPLICAS[what])
+        port = server.sockets[0].getsockname()[1]
+        sentinels = Sentinel([("127.0.0.1", port)])  # type: ignore[no-untyped-call]
+        pool = sentinels.master_for(SERVICE).connection_pool
+        try:
+            return await ReplicaDurabilityWatcher(pool).check()
+        finally:
+            for sentinel in sentinels.sentinels:
+                await sentinel.aclose()
+            server.close()
+            await server.wait_closed()
+
+    problems, warnings = arun(check())
+    assert problems == []
+    (warning,) = warnings
+    assert "not checked" in warning
