@@ -40,6 +40,10 @@ test: $(STAMP) ## Run the test suite (real Valkey, real gRPC with mutual TLS, fa
 demo: $(STAMP) ## Run a scheduler and three agents on fake hosts, end to end
 	$(BIN)/tessera demo
 
+.PHONY: demo-serve
+demo-serve: $(STAMP) ## The demo cluster kept running with its dashboard open (prints the URL)
+	$(BIN)/tessera demo --serve
+
 .PHONY: bench
 bench: $(STAMP) ## Every benchmark part, full sizes: bench/out/*.json, BENCHMARKS.md, bench/plots/
 	$(BIN)/python bench/run.py

@@ -300,6 +300,8 @@ class E2eCluster:
     #: The schedulers' ``--agent-warm-interval``: short, so that they open
     #: their connections to the hosts' agents as the hosts register (0: off).
     agent_warm_interval: float = 5.0
+    #: More flags for every scheduler (``--http-listen 127.0.0.1:0``).
+    scheduler_args: tuple[str, ...] = ()
     addresses: list[str] = field(default_factory=list)
     agent_address: str = ""
     #: Seconds spent issuing the hosts' agent certificates (TLS only), kept
@@ -326,7 +328,7 @@ class E2eCluster:
                 str(self.agent_warm_interval),
             )
             self.addresses = [
-                self._cluster.start_scheduler(f"scheduler-{i}", *quiet)
+                self._cluster.start_scheduler(f"scheduler-{i}", *quiet, *self.scheduler_args)
                 for i in range(self.replicas)
             ]
             command = [sys.executable, str(Path(__file__).resolve()), "--stub-agent"]

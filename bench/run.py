@@ -19,6 +19,7 @@ e         ``bench/state_cost.py`` cluster state at 12,500 hosts: build, memory, 
 f         ``bench/tls_cost.py``   mutual TLS beside plaintext: latency, placements/s, set-up
 g         ``bench/place_server``  Place inside the scheduler, before and after the live model
 h         ``bench/fill_replay``   the trace filled as ATC'23 measures it: unallocated GPUs
+i         ``bench/dashboard.py``  the dashboard at 10,000 hosts: first render, payload
 ========  ======================  ===============================================
 
 Each part's ``run(quick)`` result is written to ``OUT/<part>.json`` with the
@@ -58,6 +59,7 @@ PARTS: Mapping[str, tuple[str, str]] = {
     "f": ("tls_cost", "(f) Cost of mutual TLS"),
     "g": ("place_server", "(g) Place inside the scheduler: the live cluster model"),
     "h": ("fill_replay", "(h) The trace filled as ATC'23 measures it: unallocated GPUs"),
+    "i": ("dashboard", "(i) The dashboard at fleet scale: first render and payload"),
 }
 
 _COMMANDS = """\

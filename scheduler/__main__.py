@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+from aiohttp import web
+
 from scheduler.core.engine.fastpath import Engine
 from scheduler.core.engine.policies import (
     PACKING_POLICY,
@@ -22,6 +24,11 @@ from scheduler.core.engine.policies import (
     TesseraPolicy,
     packing_policy,
 )
+from scheduler.dashboard.app import Dashboard
+from scheduler.dashboard.cluster_view import ClusterView
+from scheduler.dashboard.live import ChangeFeed
+from scheduler.dashboard.metrics import SchedulerMetrics
+from scheduler.dashboard.server import split_listen, start_http
 from scheduler.service import collector
 from scheduler.service.agent_connections import AgentConnections, WarmSettings
 from scheduler.service.agent_gateway import GrpcAgentGateway
@@ -122,6 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="gRPC listen address (port 0 picks one) [TESSERA_LISTEN; 127.0.0.1:50051]",
     )
     p.add_argument(
+        "--http-listen",
+        default=os.environ.get("TESSERA_HTTP_LISTEN", ""),
+        help="the dashboard, /metrics, /healthz and /readyz on HOST:PORT (port 0 picks one), "
+        "over HTTPS with --tls-dir's identity; empty: off [TESSERA_HTTP_LISTEN]",
+    )
+    p.add_argument(
         "--redis-url",
         default=os.environ.get("REDIS_URL", ""),
         help="external Redis/Valkey; empty starts an embedded Valkey [REDIS_URL]",
@@ -186,6 +199,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "records left behind by a crash settled (default 300)",
     )
     p.add_argument(
+        "--forget-dead-after",
+        type=_seconds_or_off,
+        default=86_400.0,
+        help="seconds past its lease after which a silent host holding no placement is "
+        "forgotten (removed from the store, audited, as Nomad collects down nodes); a host "
+        "holding one stays listed as expired; 0: never (default 86400: a day)",
+    )
+    p.add_argument(
         "--agent-warm-interval",
         type=_seconds_or_off,
         default=60.0,
@@ -243,8 +264,13 @@ def _security(opts: argparse.Namespace) -> tuple[TlsDir | None, OperatorConfig]:
                 "not a scheduler identity"
             )
         warning = check_listen(opts.listen, tls, opts.insecure, "tessera-scheduler")
+        if opts.http_listen:
+            split_listen(opts.http_listen)
+            http_warning = check_listen(opts.http_listen, tls, opts.insecure, "tessera-scheduler")
+            if http_warning and http_warning != warning:
+                log.warning("%s", http_warning)
         operator = load_operator_config(opts.operator_config)
-    except (TlsConfigError, OperatorConfigError) as err:
+    except (TlsConfigError, OperatorConfigError, ValueError) as err:
         print(f"tessera-scheduler: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if warning:
@@ -323,8 +349,21 @@ async def serve(opts: argparse.Namespace) -> int:
         )
         if opts.policy not in ("tessera", PACKING_POLICY):
             log.warning("placing with the %s baseline policy, not Tessera's", opts.policy)
+        # The dashboard's reading of this replica's model, and the metrics.
+        view = ClusterView(coordinator, engine)
+        metrics = SchedulerMetrics(
+            view,
+            commits=lambda: coordinator.commit_outcomes,
+            agent_errors=lambda: gateway.errors,
+            model=lambda: coordinator.model.stats,
+        )
         server, port, health_servicer = await build_server(
-            coordinator, opts.listen, tls=tls, audit=audit, operator=operator
+            coordinator,
+            opts.listen,
+            tls=tls,
+            audit=audit,
+            operator=operator,
+            observe_place=metrics.observe_place,
         )
         await server.start()
         # Handlers before the address line: whoever reads that line may stop
@@ -346,6 +385,7 @@ async def serve(opts: argparse.Namespace) -> int:
                 releasing_after_s=opts.reap_pending_after,
                 lease_s=opts.lease,
                 full_sweep_s=opts.full_sweep_interval,
+                forget_dead_after_s=opts.forget_dead_after,
             ),
             owner=replica,
             audit=audit,
@@ -372,15 +412,52 @@ async def serve(opts: argparse.Namespace) -> int:
             else stop.wait()
         )
         # NOT_SERVING while the store is down, frozen or refuses us.
-        store_health = asyncio.create_task(
-            StoreHealthWatcher(client, health_servicer, (*SERVICE_NAMES, "")).run(stop)
-        )
+        health_watcher = StoreHealthWatcher(client, health_servicer, (*SERVICE_NAMES, ""))
+        store_health = asyncio.create_task(health_watcher.run(stop))
+        # The dashboard, over this replica's model (no second source of truth).
+        http: web.AppRunner | None = None
+        live: asyncio.Task[object] = asyncio.create_task(stop.wait())
+        if opts.http_listen:
+            feed = ChangeFeed(view.refreshed, lambda: view.revision, view.changed_since)
+            dashboard = Dashboard(
+                view,
+                coordinator,
+                feed,
+                audit=audit,
+                tls=tls is not None,
+                ready=lambda: health_watcher.problem,
+                metrics=metrics.render,
+            )
+            try:
+                http, http_port = await start_http(
+                    dashboard.application(),
+                    opts.http_listen,
+                    tls.http_server_context() if tls is not None else None,
+                )
+            except OSError as err:
+                print(
+                    f"tessera-scheduler: --http-listen {opts.http_listen}: {err}", file=sys.stderr
+                )
+                stop.set()
+            else:
+                live = asyncio.create_task(feed.run(stop))
+                scheme = "https" if tls is not None else "http"
+                http_host = split_listen(opts.http_listen)[0]
+                http_host = f"[{http_host}]" if ":" in http_host else http_host
+                # The second stdout line: the dashboard's address.
+                print(
+                    f"tessera-scheduler dashboard on {scheme}://{http_host}:{http_port}/",
+                    flush=True,
+                )
         # Behind Sentinel, replicas attached or changed after start are checked too.
         sentinels = sentinel_pool(client)
         replicas = asyncio.create_task(
             ReplicaDurabilityWatcher(sentinels).run(stop) if sentinels else stop.wait()
         )
         await stop.wait()
+        await live
+        if http is not None:
+            await http.cleanup()
         await housekeeping
         await roster
         await warming

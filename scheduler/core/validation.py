@@ -106,6 +106,11 @@ class InvalidRequestError(ValueError):
             told += f"; and {untold:,} more problem{'s' if untold != 1 else ''}"
         super().__init__(told)
 
+    @classmethod
+    def of(cls, field: str, message: str) -> InvalidRequestError:
+        """The error of one problem with one field."""
+        return cls([FieldViolation(field, message)])
+
 
 def _check_ident(value: str, path: str, out: list[FieldViolation], limit: int = MAX_IDENT) -> None:
     if not value:

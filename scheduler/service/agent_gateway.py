@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Protocol
 
 import grpc
@@ -77,6 +78,13 @@ class GrpcAgentGateway:
         self._timeout_s = timeout_s
         self._state_timeout_s = state_timeout_s
         self._channels = channels
+        #: Failed calls so far, by (method, status code name): for /metrics.
+        self.errors: Counter[tuple[str, str]] = Counter()
+
+    def _failed(self, method: str, address: str, err: grpc.aio.AioRpcError) -> AgentCallError:
+        """The error of a failed call, counted."""
+        self.errors[(method, err.code().name)] += 1
+        return AgentCallError(address, err.code(), err.details() or "")
 
     def _channel(self, address: str, host_id: str) -> grpc.aio.Channel:
         """The channel to the agent of ``host_id`` at ``address``.
@@ -140,7 +148,7 @@ class GrpcAgentGateway:
                 request, timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as err:
-            raise AgentCallError(address, err.code(), err.details() or "") from err
+            raise self._failed("Prepare", address, err) from err
         return response.placement
 
     async def unprepare(self, address: str, placement: placement_pb2.Placement) -> None:
@@ -163,7 +171,7 @@ class GrpcAgentGateway:
         try:
             await self._stub(address, placement.host_id).Unprepare(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as err:
-            raise AgentCallError(address, err.code(), err.details() or "") from err
+            raise self._failed("Unprepare", address, err) from err
 
     async def get_state(self, address: str, host_id: str) -> list[str]:
         """Call Agent.GetState: the placement ids the host holds prepared.
@@ -176,7 +184,7 @@ class GrpcAgentGateway:
                 agent_pb2.GetStateRequest(), timeout=self._state_timeout_s
             )
         except grpc.aio.AioRpcError as err:
-            raise AgentCallError(address, err.code(), err.details() or "") from err
+            raise self._failed("GetState", address, err) from err
         return list(response.prepared_placements)
 
     async def close(self) -> None:

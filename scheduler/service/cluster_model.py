@@ -65,6 +65,8 @@ class ModelStats:
         hosts_reloaded: hosts read again because the feed named them.
         inventories_parsed: inventories parsed into host views.
         revision: the model's current revision.
+        refreshed_ms: when a refresh last succeeded (clock ms; 0: never):
+            the model holds at least what the store held then.
     """
 
     resyncs: int
@@ -72,6 +74,7 @@ class ModelStats:
     hosts_reloaded: int
     inventories_parsed: int
     revision: int
+    refreshed_ms: int = 0
 
 
 class LiveCluster:
@@ -125,6 +128,7 @@ class LiveCluster:
         self._refreshes = 0
         self._reloaded = 0
         self._parsed = 0
+        self._refreshed_ms = 0
 
     # -- reading it ----------------------------------------------------------
 
@@ -132,7 +136,12 @@ class LiveCluster:
     def stats(self) -> ModelStats:
         """Counters of what the model did."""
         return ModelStats(
-            self._resyncs, self._refreshes, self._reloaded, self._parsed, self._revision
+            self._resyncs,
+            self._refreshes,
+            self._reloaded,
+            self._parsed,
+            self._revision,
+            self._refreshed_ms,
         )
 
     def changed_since(self, revision: int) -> Set[HostId] | None:
@@ -222,6 +231,7 @@ class LiveCluster:
         """
         self._local.clear()
         self._refreshes += 1
+        began_ms = self._clock_ms()
         stale, self._stale = self._stale, set()
         primary = self._store.primary
         if primary != self._primary:
@@ -243,6 +253,7 @@ class LiveCluster:
         except BaseException:
             self._stale |= stale
             raise
+        self._refreshed_ms = began_ms
 
     async def _follow(self, stale: set[str]) -> bool:
         """Read the feed from the cursors and the hosts it names (False: resync instead)."""

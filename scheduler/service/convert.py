@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from scheduler.core.plan import (
     Assignment,
     MdevAssignment,
     Plan,
+    Unschedulable,
     VfAssignment,
     WholeDeviceAssignment,
 )
@@ -64,7 +66,7 @@ from scheduler.core.validation import (
     validate_request,
     validate_text,
 )
-from tessera.v1 import inventory_pb2, placement_pb2
+from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
 
 _KINDS: Mapping[int, DeviceKind] = {
     placement_pb2.DEVICE_KIND_GPU: DeviceKind.GPU,
@@ -583,4 +585,37 @@ def placement_from_plan(
         priority=request.priority,
         cpu_milli=request.cpu_milli,
         memory_mib=request.memory_mib,
+    )
+
+
+def explain_response(
+    request: PlacementRequest, result: Plan | Unschedulable
+) -> scheduler_pb2.ExplainResponse:
+    """What Explain answers: where ``request`` would go and why, or each plugin's refusals."""
+    if isinstance(result, Unschedulable):
+        by_plugin: dict[str, list[str]] = defaultdict(list)
+        totals: dict[str, int] = defaultdict(int)
+        for r in result.rejections:
+            by_plugin[r.plugin].append(f"{r.reason}: {r.count}")
+            totals[r.plugin] += r.count
+        return scheduler_pb2.ExplainResponse(
+            placeable=False,
+            summary=result.summary,
+            verdicts=[
+                scheduler_pb2.FilterVerdict(plugin=p, rejected=totals[p], reasons=reasons)
+                for p, reasons in sorted(by_plugin.items())
+            ],
+        )
+    placement = placement_from_plan(result, placement_id=PlacementId(""), request=request, now_ms=0)
+    placement.message = "would be placed here (nothing reserved)"
+    return scheduler_pb2.ExplainResponse(
+        placeable=True,
+        placement=placement,
+        summary=f"fits on {result.host_id} with score {result.score}",
+        # Why this host: each scorer's contribution, as a verdict that
+        # rejected nothing.
+        verdicts=[
+            scheduler_pb2.FilterVerdict(plugin=line.split(" ", 1)[0], reasons=[line])
+            for line in result.reasons
+        ],
     )

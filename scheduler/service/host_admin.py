@@ -2,8 +2,8 @@
 
 Operators take a host out of scheduling (cordon), empty it (drain: cordon,
 then release every placement on it as a client's Release would), or remove it
-from the store (forget); ListHosts shows each host's lease, cordon,
-allocations and MIG capacity.
+from the store (forget); ListHosts shows each host's lease, cordon, what
+is in use in which form (:mod:`scheduler.core.host_usage`) and MIG capacity.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import iommu_group_slot
+from scheduler.core.host_usage import host_usage
 from scheduler.core.snapshot import HostState
 from scheduler.core.validation import (
     MAX_TEXT,
@@ -56,7 +56,7 @@ class HostAdmin:
     Args:
         store: the Redis state store.
         model: the replica's live model (each host's parsed state).
-        engine: the placement engine (MIG capacity per GPU).
+        engine: the placement engine (each host's occupancy, MIG capacity per GPU).
         release: releases a placement by id (a drain's releases).
         clock_ms: current time in ms.
     """
@@ -90,14 +90,14 @@ class HostAdmin:
     def _summary(
         self, state: HostState, record: HostRecord, now_ms: int
     ) -> scheduler_pb2.HostSummary:
-        """One host as operators see it: lease, cordon, allocations, MIG capacity."""
+        """One host as operators see it: lease, cordon, use by form, MIG capacity.
+
+        What is in use comes from :func:`scheduler.core.host_usage.host_usage`
+        on the engine's occupancy of the state, so ListHosts and placement
+        agree on what is free.
+        """
         view = state.view
-        assignable = {
-            f.iommu_group
-            for f in view.functions.values()
-            if f.kind is not None and not f.is_vf and f.iommu_group is not None
-        }
-        allocated = sum(1 for g in assignable if iommu_group_slot(g) in state.allocations)
+        usage = host_usage(state, self._engine.occupancy(state))
         return scheduler_pb2.HostSummary(
             host_id=record.host_id,
             agent_address=record.agent_address,
@@ -105,8 +105,8 @@ class HostAdmin:
             inventory_generation=record.inventory_generation,
             heartbeat_age_ms=now_ms - record.last_heartbeat_ms,
             schedulable=state.schedulable,
-            assignable_groups=len(assignable),
-            allocated_groups=allocated,
+            assignable_groups=usage.groups_assignable,
+            allocated_groups=usage.groups_used,
             labels=dict(view.labels),
             mig=[
                 scheduler_pb2.MigCapacity(
@@ -118,6 +118,8 @@ class HostAdmin:
             cordon_reason=record.cordon_reason,
             cordoned_by=record.cordoned_by,
             cordoned_unix_ms=record.cordoned_ms,
+            used_by_form=dict(usage.by_form),
+            lease_expired=record.lease_expired,
         )
 
     async def host_summary(self, host_id: str) -> scheduler_pb2.HostSummary:

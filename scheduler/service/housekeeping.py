@@ -24,7 +24,13 @@ Each round, the leader:
   prepared again, or marked FAILED if that fails;
 * on each full sweep, **settles request records**: claims whose caller died
   between claiming a request id and finalizing its commit, and records a
-  release could not forget (the store went away between its two steps).
+  release could not forget (the store went away between its two steps);
+* **forgets dead hosts** (Nomad's node GC, ``node_gc_threshold``): a host
+  whose lease has been expired longer than ``forget_dead_after_s`` and that
+  holds no placement leaves the store, as an operator's forget without force
+  would remove it. A host holding a placement, in any state, is never
+  forgotten here: it stays listed, lease expired, until someone drains or
+  forgets it. Should its agent come back, it registers the host again, as new.
 """
 
 from __future__ import annotations
@@ -50,7 +56,13 @@ from scheduler.core.lifecycle import (
 from scheduler.service.agent_gateway import AgentCallError, HousekeepingGateway
 from scheduler.service.placement_moves import PlacementMoves
 from scheduler.store import schema
-from scheduler.store.redis_store import Fence, FencedOutError, HostRecord, RedisStateStore
+from scheduler.store.redis_store import (
+    Fence,
+    FencedOutError,
+    ForgetOutcome,
+    HostRecord,
+    RedisStateStore,
+)
 from tessera.security.audit import AuditLog
 from tessera.v1 import placement_pb2
 
@@ -96,6 +108,11 @@ class HousekeepingSettings:
             are swept, at least this often.
         lease_s: a host silent this long has its lease marked expired (an
             event on the change feed: replicas stop planning on it).
+        forget_dead_after_s: a host whose lease has been expired this long
+            (its last heartbeat older than ``lease_s`` plus this: the store
+            keeps no time of expiry) and that holds no placement is
+            forgotten, each round; 0 (or less): never. Nomad's
+            ``node_gc_threshold``, whose default this is too (24 h).
     """
 
     interval_s: float = 5.0
@@ -103,6 +120,7 @@ class HousekeepingSettings:
     releasing_after_s: float = 90.0
     full_sweep_s: float = 300.0
     lease_s: float = 20.0
+    forget_dead_after_s: float = 86_400.0
 
 
 @dataclass
@@ -120,6 +138,7 @@ class RoundReport:
     claims_resolved: int = 0
     records_forgotten: int = 0
     leases_expired: int = 0
+    dead_hosts_forgotten: int = 0
 
 
 class Housekeeper:
@@ -132,7 +151,7 @@ class Housekeeper:
         owner: this replica's name in the lease (unique per process).
         clock_ms: current time in ms (injectable for tests).
         audit: where a record of each placement the job reaps, tears down or
-            prepares again goes.
+            prepares again, and of each dead host it forgets, goes.
     """
 
     def __init__(
@@ -221,6 +240,7 @@ class Housekeeper:
             await self._expire(hosts, report)
             await self._reap(hosts, fence, report)
             await self._reconcile(hosts, fence, report)
+            await self._forget_dead(hosts, fence, report)
         except FencedOutError:
             log.warning("lost the %s lease mid-round (token %d): stopping", JOB, token)
             report.leader = False
@@ -255,6 +275,52 @@ class Housekeeper:
                     "lease of host %s expired: no heartbeat for %.0f s",
                     host_id, (self._clock_ms() - record.last_heartbeat_ms) / 1000,
                 )  # fmt: skip
+
+    # -- dead hosts ----------------------------------------------------------
+
+    async def _forget_dead(
+        self, records: Mapping[str, HostRecord], fence: Fence, report: RoundReport
+    ) -> None:
+        """Forget the hosts dead longer than ``forget_dead_after_s`` that hold nothing.
+
+        The store checks again, in the script that forgets, that the lease
+        is still marked expired, the last heartbeat still that old and no
+        placement there (a host whose agent came back, or that got a
+        placement, since the round's read stays). Not fenced, as lease
+        expiry: it depends on the host alone, so a deposed leader doing it
+        too does the same.
+        """
+        after_s = self._settings.forget_dead_after_s
+        if after_s <= 0:
+            return
+        now = self._clock_ms()
+        deadline = now - int((self._settings.lease_s + after_s) * 1000)
+        for host_id, record in sorted(records.items()):
+            if not record.lease_expired or record.last_heartbeat_ms >= deadline:
+                continue
+            if record.allocations:
+                continue  # holds placements: listed as expired until drained or forgotten
+            await self._renew(fence)
+            result = await self._store.forget_host(host_id, silent_before_ms=deadline)
+            if result.outcome is not ForgetOutcome.FORGOTTEN:
+                # BUSY: a placement without slots; ALIVE: its agent came back;
+                # NOT_FOUND: forgotten already.
+                continue
+            self._reconciled.pop(host_id, None)
+            report.dead_hosts_forgotten += 1
+            silent_s = (now - record.last_heartbeat_ms) / 1000
+            detail = (
+                f"lease expired, no heartbeat for {silent_s:.0f} s "
+                f"(forget_dead_after_s {after_s:.0f}), no placements"
+            )
+            log.warning("forgot dead host %s: %s", host_id, detail)
+            self._audit.record(
+                who=f"{self.owner} ({fence.job} job, fencing token {fence.token})",
+                action="forget-dead-host",
+                outcome="OK",
+                resources={"host_id": host_id},
+                detail=detail,
+            )
 
     # -- reaping -------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from grpc_reflection.v1alpha import reflection
 
 from scheduler.service.coordinator import PlacementCoordinator
 from scheduler.service.operator_config import OperatorConfig
-from scheduler.service.servicers import RegistryServicer, SchedulerServicer
+from scheduler.service.servicers import PlaceObserver, RegistryServicer, SchedulerServicer
 from tessera.keepalive import KEEPALIVE
 from tessera.security.audit import AuditLog
 from tessera.security.interceptor import AccessInterceptor
@@ -67,6 +67,7 @@ async def build_server(
     tls: TlsDir | None = None,
     audit: AuditLog | None = None,
     operator: OperatorConfig | None = None,
+    observe_place: PlaceObserver | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Create (not start) the server.
 
@@ -77,6 +78,7 @@ async def build_server(
             :func:`tessera.security.tls.check_listen`).
         audit: where audit records go (default: nowhere).
         operator: the operator's frontend grants and host labels.
+        observe_place: told of each Place call (the metrics); None: nobody.
 
     Returns:
         The server, the port it bound (``listen`` may ask for port 0), and the
@@ -90,7 +92,12 @@ async def build_server(
         resources={method: audit_resources for method in RULES},
     )
     server = grpc.aio.server(interceptors=[interceptor], options=KEEPALIVE.server_options())
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(coordinator), server)
+    servicer = (
+        SchedulerServicer(coordinator, observe_place)
+        if observe_place is not None
+        else SchedulerServicer(coordinator)
+    )
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
     scheduler_pb2_grpc.add_RegistryServicer_to_server(
         RegistryServicer(coordinator, operator), server
     )

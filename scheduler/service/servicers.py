@@ -8,20 +8,20 @@ the domain request with its fingerprint.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 import redis.exceptions
 
-from scheduler.core.identity import PlacementId
 from scheduler.core.plan import Plan, Unschedulable
 from scheduler.core.request import PlacementRequest
 from scheduler.core.validation import validate_identifier
+from scheduler.presentation import form_of
 from scheduler.service.convert import (
+    explain_response,
     parsed_request,
-    placement_from_plan,
     submitted,
     submitted_batch,
 )
@@ -86,11 +86,30 @@ async def _require(context: Context, present: bool, field: str) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: is required")
 
 
-class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    """The Scheduler service for frontends."""
+class PlaceObserver(Protocol):
+    """Told of each Place call: how long it took, its status code name, the form placed."""
 
-    def __init__(self, coordinator: PlacementCoordinator) -> None:
+    def __call__(self, seconds: float, outcome: str, form: str, /) -> None:
+        """Record one call."""
+
+
+def _ignore(seconds: float, outcome: str, form: str, /) -> None:
+    return None
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    """The Scheduler service for frontends.
+
+    Args:
+        coordinator: the use cases.
+        observe_place: told of each Place call (the metrics).
+    """
+
+    def __init__(
+        self, coordinator: PlacementCoordinator, observe_place: PlaceObserver = _ignore
+    ) -> None:
         self._c = coordinator
+        self._observe_place = observe_place
 
     async def _owned(
         self, placement_id: str, request_id: str, tenant: str
@@ -111,9 +130,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.PlaceRequest, context: Context
     ) -> scheduler_pb2.PlaceResponse:
         """Place one request."""
-        await _require(context, request.HasField("request"), "request")
-        placement = await _call(context, lambda: self._c.placer.place(submitted(request.request)))
-        return scheduler_pb2.PlaceResponse(placement=placement)
+        started = time.perf_counter()
+        outcome, form = "UNKNOWN", ""
+        try:
+            await _require(context, request.HasField("request"), "request")
+            placement = await _call(
+                context, lambda: self._c.placer.place(submitted(request.request))
+            )
+            outcome, form = "OK", form_of(placement)
+            return scheduler_pb2.PlaceResponse(placement=placement)
+        except BaseException:
+            code = context.code()
+            outcome = code.name if isinstance(code, grpc.StatusCode) else "CANCELLED"
+            raise
+        finally:
+            self._observe_place(time.perf_counter() - started, outcome, form)
 
     async def PlaceBatch(  # noqa: N802
         self, request: scheduler_pb2.PlaceBatchRequest, context: Context
@@ -177,42 +208,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return domain, await self._c.placer.explain(domain)
 
         domain, result = await _call(context, explain)
-        if isinstance(result, Unschedulable):
-            by_plugin: dict[str, list[str]] = defaultdict(list)
-            totals: dict[str, int] = defaultdict(int)
-            for r in result.rejections:
-                by_plugin[r.plugin].append(f"{r.reason}: {r.count}")
-                totals[r.plugin] += r.count
-            return scheduler_pb2.ExplainResponse(
-                placeable=False,
-                summary=result.summary,
-                verdicts=[
-                    scheduler_pb2.FilterVerdict(plugin=p, rejected=totals[p], reasons=reasons)
-                    for p, reasons in sorted(by_plugin.items())
-                ],
-            )
-        placement = placement_from_plan(
-            result, placement_id=PlacementId(""), request=domain, now_ms=0
-        )
-        placement.message = "would be placed here (nothing reserved)"
-        return scheduler_pb2.ExplainResponse(
-            placeable=True,
-            placement=placement,
-            summary=f"fits on {result.host_id} with score {result.score}",
-            # Why this host: each scorer's contribution, as a verdict that
-            # rejected nothing.
-            verdicts=[
-                scheduler_pb2.FilterVerdict(plugin=line.split(" ", 1)[0], reasons=[line])
-                for line in result.reasons
-            ],
-        )
+        return explain_response(domain, result)
 
     async def ListHosts(  # noqa: N802
         self, request: scheduler_pb2.ListHostsRequest, context: Context
     ) -> scheduler_pb2.ListHostsResponse:
         """List registered hosts."""
         hosts = await _call(context, self._c.hosts)
-        if not current_principal().sees_everything:
+        if not current_principal().reads_everything:
             # Frontends see capacity, not where agents listen or what they run.
             for host in hosts:
                 host.ClearField("agent_address")

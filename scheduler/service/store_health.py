@@ -94,11 +94,17 @@ class StoreHealthWatcher:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._serving = True
+        self._problem: str | None = None
 
     @property
     def serving(self) -> bool:
         """Whether the last probe found the store answering."""
         return self._serving
+
+    @property
+    def problem(self) -> str | None:
+        """Why the last probe found the store unusable; None when it answered."""
+        return self._problem
 
     async def probe(self) -> str | None:
         """PING the store once.
@@ -141,6 +147,7 @@ class StoreHealthWatcher:
     async def check(self) -> None:
         """Probe once and flip the health status if it changed."""
         problem = await self.probe()
+        self._problem = problem
         if problem is None and not self._serving:
             await self._set(True)
             log.warning("the store answers again: health is SERVING")

@@ -209,6 +209,9 @@ class ForgetOutcome(enum.Enum):
     """Nothing written: the store holds no key of that host."""
     BUSY = "BUSY"
     """Nothing written: the host holds placements and the call did not force."""
+    ALIVE = "ALIVE"
+    """Nothing written: the call asked for a dead host, and its lease is not
+    marked expired or it heartbeat since the call's deadline."""
 
 
 @dataclass(frozen=True)
@@ -772,10 +775,12 @@ return 1
 # KEYS: every per-host key (schema.all_host_keys): host, alloc, placements,
 # placement-slots, placement-requests, placement-states, placement-tenants,
 # versions, placement-bumps; then feed, feed-seq. ARGV: force ('1' or '0'),
-# host id. Returns {code, pairs}: 0 when no key of the host
-# exists; -1 when it holds placements and force is off (pairs: placement id,
-# state); 1 when every key is deleted (pairs: placement id, request id of
-# each placement dropped with it).
+# host id, heartbeat deadline ('': none; else only a host whose lease is
+# marked expired and whose last heartbeat is older goes). Returns {code,
+# pairs}: 0 when no key of the host exists; -2 when a deadline was given and
+# the host is not that dead; -1 when it holds placements and force is off
+# (pairs: placement id, state); 1 when every key is deleted (pairs: placement
+# id, request id of each placement dropped with it).
 _FORGET_HOST_LUA = _with_feed("""#!lua
 local host_keys = {unpack(KEYS, 1, 9)}
 local present = false
@@ -784,6 +789,12 @@ for i = 1, #host_keys do
 end
 if not present then
   return {0, {}}
+end
+if ARGV[3] ~= '' then
+  local r = redis.call('HMGET', KEYS[1], 'lease_expired', 'last_heartbeat_ms')
+  if r[1] ~= '1' or tonumber(r[2] or '0') >= tonumber(ARGV[3]) then
+    return {-2, {}}
+  end
 end
 local ids = redis.call('HKEYS', KEYS[3])
 table.sort(ids)
@@ -1184,12 +1195,17 @@ class RedisStateStore:
             )
         )
 
-    async def forget_host(self, host_id: str, *, force: bool = False) -> ForgetResult:
+    async def forget_host(
+        self, host_id: str, *, force: bool = False, silent_before_ms: int | None = None
+    ) -> ForgetResult:
         """Remove a host and every key of it, if it holds no placement.
 
         One script on the host's slot checks the host's placements and
         deletes every per-host key (:func:`scheduler.store.schema.all_host_keys`);
-        with ``force`` its placements go too. The request record of each
+        with ``force`` its placements go too. With ``silent_before_ms`` the
+        same script first checks that the host is dead: its lease marked
+        expired and its last heartbeat older than that, so a host whose
+        agent came back meanwhile stays. The request record of each
         dropped placement is then forgotten, one command per record (each is
         its own slot), if it still names that placement; a crash before leaves
         records that name a placement that is gone, which claims treat as free.
@@ -1198,19 +1214,25 @@ class RedisStateStore:
         Args:
             host_id: the host.
             force: drop its placements (in any state) with it.
+            silent_before_ms: forget it only if its lease is marked expired
+                and its last heartbeat is older than this (scheduler clock);
+                None: whatever its lease.
 
         Returns:
-            FORGOTTEN with the dropped placements, NOT_FOUND, or BUSY with
-            the placements that keep it (nothing is written).
+            FORGOTTEN with the dropped placements, NOT_FOUND, ALIVE, or BUSY
+            with the placements that keep it (nothing is written).
         """
         _check_host_id(host_id)
+        deadline = "" if silent_before_ms is None else str(int(silent_before_ms))
         code, flat = await self._forget_host(
             keys=[*schema.all_host_keys(host_id), *schema.feed_keys(host_id)],
-            args=["1" if force else "0", host_id],
+            args=["1" if force else "0", host_id, deadline],
         )
         placements = {_text(k): _text(v) for k, v in _pairs(flat).items()}
         if int(code) == 0:
             return ForgetResult(ForgetOutcome.NOT_FOUND)
+        if int(code) == -2:
+            return ForgetResult(ForgetOutcome.ALIVE)
         if int(code) == -1:
             return ForgetResult(ForgetOutcome.BUSY, placements)
         await self._run_scripts(

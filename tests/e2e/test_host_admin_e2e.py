@@ -107,6 +107,7 @@ def test_cordon_drain_and_forget_a_host_whose_agent_then_registers_it_again(
     listed = tessera(cluster, "hosts")
     [row] = [line for line in listed.stdout.splitlines() if line.startswith("ws-a ")]
     assert "NO (cordoned)" in row and "bad inventory" in row
+    assert " 2/2 " in row and " whole 2 " in row  # both groups, held whole
     with pytest.raises(grpc.RpcError) as refused:
         place(stub, "admin-refused", name="ws-a")
     assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -247,6 +247,48 @@ def test_a_forced_forget_leaves_a_request_record_that_moved_on(
     arun(body())
 
 
+def test_a_forget_of_a_dead_host_checks_in_the_store_that_it_is_still_dead(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    """The housekeeper's forget: a host whose agent came back since its read stays."""
+
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        await register(store, now_ms=1000)
+        # Silent since 1000 but its lease is not marked expired: alive.
+        before = await dump(redis_client)
+        assert (await store.forget_host(H, silent_before_ms=5000)).outcome is ForgetOutcome.ALIVE
+        assert await dump(redis_client) == before
+        # Its lease expired, but its last heartbeat is not older than the deadline: alive.
+        assert await store.expire_host(H, 2000)
+        expired = await dump(redis_client)
+        for deadline in (900, 1000):
+            outcome = (await store.forget_host(H, silent_before_ms=deadline)).outcome
+            assert outcome is ForgetOutcome.ALIVE
+        assert await dump(redis_client) == expired
+        assert (await store.forget_host(H, silent_before_ms=1001)).outcome is (
+            ForgetOutcome.FORGOTTEN
+        )
+        assert await host_keys_left(redis_client, H) == []
+
+    arun(body())
+
+
+def test_a_dead_host_with_placements_is_not_forgotten_by_its_deadline_alone(
+    redis_client: aioredis.Redis, arun: Runner
+) -> None:
+    async def body() -> None:
+        store = RedisStateStore(redis_client)
+        await register(store, now_ms=1000)
+        assert (await commit(store, "a", ["iommu-group:1"])).outcome is CommitOutcome.COMMITTED
+        assert await store.expire_host(H, 2000)
+        result = await store.forget_host(H, silent_before_ms=2000)
+        assert result.outcome is ForgetOutcome.BUSY and result.placements == {pid("a"): "pending"}
+        assert await store.get_host(H) is not None
+
+    arun(body())
+
+
 def test_forgetting_an_unknown_host_finds_nothing_and_writes_nothing(
     redis_client: aioredis.Redis, arun: Runner
 ) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tessera.security.identity import SCHEDULER_DNS_NAME, Identity, Role
@@ -234,4 +235,44 @@ def issue(
     # and keeps its old one until both are new.
     write_private(out_dir / KEY, _key_pem(key))
     write_private(out_dir / CERT, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return identity
+
+
+def browser_bundle(tls_dir: Path, out: Path, password: bytes) -> Identity:
+    """Write a TLS directory's certificate and key as one PKCS#12 file (0600) for a browser.
+
+    Browsers import client certificates as PKCS#12 (``.p12``) files, which
+    hold the key encrypted under ``password``; the dashboard then knows the
+    browser as the identity in the certificate.
+
+    Args:
+        tls_dir: holds ``cert.pem`` and ``key.pem``.
+        out: the file to write.
+        password: what the browser asks for on import (at least 8 bytes).
+
+    Raises:
+        CertificateError: unreadable files, or a password too short.
+    """
+    if len(password) < 8:
+        raise CertificateError("the bundle's password must be at least 8 characters")
+    try:
+        cert = x509.load_pem_x509_certificate((tls_dir / CERT).read_bytes())
+        key = serialization.load_pem_private_key((tls_dir / KEY).read_bytes(), password=None)
+    except (OSError, ValueError) as err:
+        raise CertificateError(f"{tls_dir}: cannot read the certificate and key ({err})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"{tls_dir}: the key is not an ECDSA key")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        identity = Identity.parse(san.get_values_for_type(x509.UniformResourceIdentifier)[0])
+    except (x509.ExtensionNotFound, IndexError, ValueError) as err:
+        raise CertificateError(f"{tls_dir}: the certificate names no identity ({err})") from None
+    data = pkcs12.serialize_key_and_certificates(
+        str(identity).encode(),
+        key,
+        cert,
+        None,
+        serialization.BestAvailableEncryption(password),
+    )
+    write_private(out, data)
     return identity

@@ -30,6 +30,8 @@ class Role(StrEnum):
     TENANT = "tenant"
     FRONTEND = "frontend"
     ADMIN = "admin"
+    #: Looks at everything (the dashboard, ListHosts, metrics), changes nothing.
+    VIEWER = "viewer"
     #: A Redis/Valkey server's certificate (never a gRPC caller).
     STORE = "store"
 

@@ -87,6 +87,11 @@ class Principal:
         """An admin (or a plaintext caller): every tenant, every host detail."""
         return self.identity is None or self.identity.role is Role.ADMIN
 
+    @property
+    def reads_everything(self) -> bool:
+        """An admin or a viewer (or a plaintext caller): may look at every host and tenant."""
+        return self.identity is None or self.identity.role in READERS
+
     def acts_for(self, tenant: str) -> bool:
         """Whether the caller may act for ``tenant``."""
         if self.sees_everything:
@@ -176,6 +181,11 @@ def _heartbeat_host(msg: Message) -> Sequence[str]:
 
 
 _USERS = frozenset({T, F, A})
+#: Who may look at everything without changing anything: the dashboard's
+#: pages, /metrics, ListHosts with every detail.
+READERS = frozenset({A, Role.VIEWER})
+#: Who may act from the dashboard (cordon, drain, release, forget).
+DASHBOARD_ACTORS = frozenset({A})
 _ADMIN = frozenset({A})
 _EVERYONE = frozenset(Role) - {Role.STORE}
 
@@ -189,7 +199,7 @@ RULES: Mapping[str, Rule] = {
     "/tessera.v1.Scheduler/GetPlacement": Rule(_USERS, Scope.OWNER, False, _lookup_tenants),
     "/tessera.v1.Scheduler/Release": Rule(_USERS, Scope.OWNER, True, _lookup_tenants),
     # Frontends see capacity without the agents' addresses and boot ids.
-    "/tessera.v1.Scheduler/ListHosts": Rule(frozenset({F, A})),
+    "/tessera.v1.Scheduler/ListHosts": Rule(frozenset({F, A, Role.VIEWER})),
     "/tessera.v1.Scheduler/CordonHost": Rule(_ADMIN, Scope.ANY, True),
     "/tessera.v1.Scheduler/UncordonHost": Rule(_ADMIN, Scope.ANY, True),
     "/tessera.v1.Scheduler/DrainHost": Rule(_ADMIN, Scope.ANY, True),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -197,6 +198,47 @@ class TlsDir:
             fetch,  # type: ignore[arg-type]  # gRPC documents None as "unchanged"
             require_client_authentication=True,
         )
+
+    def http_server_context(self) -> ssl.SSLContext:
+        """A TLS context for an HTTPS server: this identity, rotating, client certificates asked.
+
+        A client certificate is asked for but not required: a browser
+        without one, or a kubelet's probe, may still reach ``/healthz``;
+        everything else is refused without an identity from the CA (the
+        server reads it from the connection). Each handshake looks at the
+        files first (at most once a second) and, once they changed, is
+        served from a context loaded from the new ones, as gRPC's dynamic
+        credentials do.
+        """
+        served = [self.material()]
+        current = [self._http_context(served[0])]
+
+        def rotate(sock: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+            material = self.material()
+            if material is not served[0]:
+                try:
+                    current[0] = self._http_context(material)
+                except (ssl.SSLError, OSError) as err:
+                    # Files changed again since they were checked: keep the old.
+                    log.warning(
+                        "TLS files cannot be loaded for HTTPS yet (%s); keeping the old", err
+                    )
+                served[0] = material
+            if sock.context is not current[0]:
+                sock.context = current[0]
+
+        first = current[0]
+        first.sni_callback = rotate
+        return first
+
+    def _http_context(self, material: TlsMaterial) -> ssl.SSLContext:
+        """An HTTPS server context for ``material`` (cert and key read from the directory)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.directory / CERT, self.directory / KEY)
+        ctx.load_verify_locations(cadata=material.ca.decode())
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        return ctx
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """Client credentials: this identity's certificate, the CA to check servers."""

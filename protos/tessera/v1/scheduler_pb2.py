@@ -26,7 +26,7 @@ from tessera.v1 import inventory_pb2 as tessera_dot_v1_dot_inventory__pb2
 from tessera.v1 import placement_pb2 as tessera_dot_v1_dot_placement__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atessera/v1/scheduler.proto\x12\ntessera.v1\x1a\x1atessera/v1/inventory.proto\x1a\x1atessera/v1/placement.proto\"=\n\x0cPlaceRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.tessera.v1.PlacementRequest\"9\n\rPlaceResponse\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\"[\n\x11PlaceBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.tessera.v1.PlacementRequest\x12\x16\n\x0e\x61ll_or_nothing\x18\x02 \x01(\x08\"/\n\x08Unplaced\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07reasons\x18\x02 \x03(\t\"g\n\x12PlaceBatchResponse\x12)\n\nplacements\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Placement\x12&\n\x08unplaced\x18\x02 \x03(\x0b\x32\x14.tessera.v1.Unplaced\"J\n\x0eReleaseRequest\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\";\n\x0fReleaseResponse\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\"O\n\x13GetPlacementRequest\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"8\n\x15ListPlacementsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\"C\n\x16ListPlacementsResponse\x12)\n\nplacements\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Placement\"?\n\x0e\x45xplainRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.tessera.v1.PlacementRequest\"B\n\rFilterVerdict\x12\x0e\n\x06plugin\x18\x01 \x01(\t\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12\x0f\n\x07reasons\x18\x03 \x03(\t\"\x8c\x01\n\x0f\x45xplainResponse\x12\x11\n\tplaceable\x18\x01 \x01(\x08\x12(\n\tplacement\x18\x02 \x01(\x0b\x32\x15.tessera.v1.Placement\x12+\n\x08verdicts\x18\x03 \x03(\x0b\x32\x19.tessera.v1.FilterVerdict\x12\x0f\n\x07summary\x18\x04 \x01(\t\"\x12\n\x10ListHostsRequest\"\xaa\x03\n\x0bHostSummary\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x15\n\ragent_address\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\x12\x1c\n\x14inventory_generation\x18\x04 \x01(\x04\x12\x18\n\x10heartbeat_age_ms\x18\x05 \x01(\x03\x12\x13\n\x0bschedulable\x18\x06 \x01(\x08\x12\x19\n\x11\x61ssignable_groups\x18\x07 \x01(\r\x12\x18\n\x10\x61llocated_groups\x18\x08 \x01(\r\x12\x33\n\x06labels\x18\t \x03(\x0b\x32#.tessera.v1.HostSummary.LabelsEntry\x12$\n\x03mig\x18\n \x03(\x0b\x32\x17.tessera.v1.MigCapacity\x12\x10\n\x08\x63ordoned\x18\x0b \x01(\x08\x12\x15\n\rcordon_reason\x18\x0c \x01(\t\x12\x13\n\x0b\x63ordoned_by\x18\r \x01(\t\x12\x18\n\x10\x63ordoned_unix_ms\x18\x0e \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\x0bMigCapacity\x12\x13\n\x0bgpu_address\x18\x01 \x01(\t\x12/\n\x04\x66ree\x18\x02 \x03(\x0b\x32!.tessera.v1.MigCapacity.FreeEntry\x12\x15\n\rfragmentation\x18\x03 \x01(\x01\x1a+\n\tFreeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\";\n\x11ListHostsResponse\x12&\n\x05hosts\x18\x01 \x03(\x0b\x32\x17.tessera.v1.HostSummary\"4\n\x11\x43ordonHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x13UncordonHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"3\n\x10\x44rainHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x0c\x44rainFailure\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8d\x01\n\x11\x44rainHostResponse\x12%\n\x04host\x18\x01 \x01(\x0b\x32\x17.tessera.v1.HostSummary\x12\'\n\x08released\x18\x02 \x03(\x0b\x32\x15.tessera.v1.Placement\x12(\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32\x18.tessera.v1.DrainFailure\"3\n\x11\x46orgetHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"D\n\x12\x46orgetHostResponse\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x1d\n\x15\x64ropped_placement_ids\x18\x02 \x03(\t\"V\n\x0fRegisterRequest\x12,\n\tinventory\x18\x01 \x01(\x0b\x32\x19.tessera.v1.HostInventory\x12\x15\n\ragent_address\x18\x02 \x01(\t\"P\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\r\x12\x0f\n\x07lease_s\x18\x02 \x01(\r\x12\r\n\x05\x66\x65nce\x18\x03 \x01(\x04\"v\n\x10HeartbeatRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12,\n\tinventory\x18\x04 \x01(\x0b\x32\x19.tessera.v1.HostInventory\"6\n\x11HeartbeatResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x04\x32\xb0\x06\n\tScheduler\x12<\n\x05Place\x12\x18.tessera.v1.PlaceRequest\x1a\x19.tessera.v1.PlaceResponse\x12K\n\nPlaceBatch\x12\x1d.tessera.v1.PlaceBatchRequest\x1a\x1e.tessera.v1.PlaceBatchResponse\x12\x42\n\x07Release\x12\x1a.tessera.v1.ReleaseRequest\x1a\x1b.tessera.v1.ReleaseResponse\x12\x46\n\x0cGetPlacement\x12\x1f.tessera.v1.GetPlacementRequest\x1a\x15.tessera.v1.Placement\x12W\n\x0eListPlacements\x12!.tessera.v1.ListPlacementsRequest\x1a\".tessera.v1.ListPlacementsResponse\x12\x42\n\x07\x45xplain\x12\x1a.tessera.v1.ExplainRequest\x1a\x1b.tessera.v1.ExplainResponse\x12H\n\tListHosts\x12\x1c.tessera.v1.ListHostsRequest\x1a\x1d.tessera.v1.ListHostsResponse\x12\x44\n\nCordonHost\x12\x1d.tessera.v1.CordonHostRequest\x1a\x17.tessera.v1.HostSummary\x12H\n\x0cUncordonHost\x12\x1f.tessera.v1.UncordonHostRequest\x1a\x17.tessera.v1.HostSummary\x12H\n\tDrainHost\x12\x1c.tessera.v1.DrainHostRequest\x1a\x1d.tessera.v1.DrainHostResponse\x12K\n\nForgetHost\x12\x1d.tessera.v1.ForgetHostRequest\x1a\x1e.tessera.v1.ForgetHostResponse2\x9b\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.tessera.v1.RegisterRequest\x1a\x1c.tessera.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.tessera.v1.HeartbeatRequest\x1a\x1d.tessera.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atessera/v1/scheduler.proto\x12\ntessera.v1\x1a\x1atessera/v1/inventory.proto\x1a\x1atessera/v1/placement.proto\"=\n\x0cPlaceRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.tessera.v1.PlacementRequest\"9\n\rPlaceResponse\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\"[\n\x11PlaceBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.tessera.v1.PlacementRequest\x12\x16\n\x0e\x61ll_or_nothing\x18\x02 \x01(\x08\"/\n\x08Unplaced\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07reasons\x18\x02 \x03(\t\"g\n\x12PlaceBatchResponse\x12)\n\nplacements\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Placement\x12&\n\x08unplaced\x18\x02 \x03(\x0b\x32\x14.tessera.v1.Unplaced\"J\n\x0eReleaseRequest\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\";\n\x0fReleaseResponse\x12(\n\tplacement\x18\x01 \x01(\x0b\x32\x15.tessera.v1.Placement\"O\n\x13GetPlacementRequest\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"8\n\x15ListPlacementsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\"C\n\x16ListPlacementsResponse\x12)\n\nplacements\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Placement\"?\n\x0e\x45xplainRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.tessera.v1.PlacementRequest\"B\n\rFilterVerdict\x12\x0e\n\x06plugin\x18\x01 \x01(\t\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12\x0f\n\x07reasons\x18\x03 \x03(\t\"\x8c\x01\n\x0f\x45xplainResponse\x12\x11\n\tplaceable\x18\x01 \x01(\x08\x12(\n\tplacement\x18\x02 \x01(\x0b\x32\x15.tessera.v1.Placement\x12+\n\x08verdicts\x18\x03 \x03(\x0b\x32\x19.tessera.v1.FilterVerdict\x12\x0f\n\x07summary\x18\x04 \x01(\t\"\x12\n\x10ListHostsRequest\"\xb3\x04\n\x0bHostSummary\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x15\n\ragent_address\x18\x02 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\x12\x1c\n\x14inventory_generation\x18\x04 \x01(\x04\x12\x18\n\x10heartbeat_age_ms\x18\x05 \x01(\x03\x12\x13\n\x0bschedulable\x18\x06 \x01(\x08\x12\x19\n\x11\x61ssignable_groups\x18\x07 \x01(\r\x12\x18\n\x10\x61llocated_groups\x18\x08 \x01(\r\x12\x33\n\x06labels\x18\t \x03(\x0b\x32#.tessera.v1.HostSummary.LabelsEntry\x12$\n\x03mig\x18\n \x03(\x0b\x32\x17.tessera.v1.MigCapacity\x12\x10\n\x08\x63ordoned\x18\x0b \x01(\x08\x12\x15\n\rcordon_reason\x18\x0c \x01(\t\x12\x13\n\x0b\x63ordoned_by\x18\r \x01(\t\x12\x18\n\x10\x63ordoned_unix_ms\x18\x0e \x01(\x03\x12=\n\x0cused_by_form\x18\x0f \x03(\x0b\x32\'.tessera.v1.HostSummary.UsedByFormEntry\x12\x15\n\rlease_expired\x18\x10 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fUsedByFormEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x97\x01\n\x0bMigCapacity\x12\x13\n\x0bgpu_address\x18\x01 \x01(\t\x12/\n\x04\x66ree\x18\x02 \x03(\x0b\x32!.tessera.v1.MigCapacity.FreeEntry\x12\x15\n\rfragmentation\x18\x03 \x01(\x01\x1a+\n\tFreeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\";\n\x11ListHostsResponse\x12&\n\x05hosts\x18\x01 \x03(\x0b\x32\x17.tessera.v1.HostSummary\"4\n\x11\x43ordonHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"&\n\x13UncordonHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"3\n\x10\x44rainHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x0c\x44rainFailure\x12\x14\n\x0cplacement_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8d\x01\n\x11\x44rainHostResponse\x12%\n\x04host\x18\x01 \x01(\x0b\x32\x17.tessera.v1.HostSummary\x12\'\n\x08released\x18\x02 \x03(\x0b\x32\x15.tessera.v1.Placement\x12(\n\x06\x66\x61iled\x18\x03 \x03(\x0b\x32\x18.tessera.v1.DrainFailure\"3\n\x11\x46orgetHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"D\n\x12\x46orgetHostResponse\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x1d\n\x15\x64ropped_placement_ids\x18\x02 \x03(\t\"V\n\x0fRegisterRequest\x12,\n\tinventory\x18\x01 \x01(\x0b\x32\x19.tessera.v1.HostInventory\x12\x15\n\ragent_address\x18\x02 \x01(\t\"P\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\r\x12\x0f\n\x07lease_s\x18\x02 \x01(\r\x12\r\n\x05\x66\x65nce\x18\x03 \x01(\x04\"v\n\x10HeartbeatRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t\x12\x12\n\ngeneration\x18\x03 \x01(\x04\x12,\n\tinventory\x18\x04 \x01(\x0b\x32\x19.tessera.v1.HostInventory\"6\n\x11HeartbeatResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x04\x32\xb0\x06\n\tScheduler\x12<\n\x05Place\x12\x18.tessera.v1.PlaceRequest\x1a\x19.tessera.v1.PlaceResponse\x12K\n\nPlaceBatch\x12\x1d.tessera.v1.PlaceBatchRequest\x1a\x1e.tessera.v1.PlaceBatchResponse\x12\x42\n\x07Release\x12\x1a.tessera.v1.ReleaseRequest\x1a\x1b.tessera.v1.ReleaseResponse\x12\x46\n\x0cGetPlacement\x12\x1f.tessera.v1.GetPlacementRequest\x1a\x15.tessera.v1.Placement\x12W\n\x0eListPlacements\x12!.tessera.v1.ListPlacementsRequest\x1a\".tessera.v1.ListPlacementsResponse\x12\x42\n\x07\x45xplain\x12\x1a.tessera.v1.ExplainRequest\x1a\x1b.tessera.v1.ExplainResponse\x12H\n\tListHosts\x12\x1c.tessera.v1.ListHostsRequest\x1a\x1d.tessera.v1.ListHostsResponse\x12\x44\n\nCordonHost\x12\x1d.tessera.v1.CordonHostRequest\x1a\x17.tessera.v1.HostSummary\x12H\n\x0cUncordonHost\x12\x1f.tessera.v1.UncordonHostRequest\x1a\x17.tessera.v1.HostSummary\x12H\n\tDrainHost\x12\x1c.tessera.v1.DrainHostRequest\x1a\x1d.tessera.v1.DrainHostResponse\x12K\n\nForgetHost\x12\x1d.tessera.v1.ForgetHostRequest\x1a\x1e.tessera.v1.ForgetHostResponse2\x9b\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.tessera.v1.RegisterRequest\x1a\x1c.tessera.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.tessera.v1.HeartbeatRequest\x1a\x1d.tessera.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HOSTSUMMARY_LABELSENTRY']._loaded_options = None
   _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_HOSTSUMMARY_USEDBYFORMENTRY']._loaded_options = None
+  _globals['_HOSTSUMMARY_USEDBYFORMENTRY']._serialized_options = b'8\001'
   _globals['_MIGCAPACITY_FREEENTRY']._loaded_options = None
   _globals['_MIGCAPACITY_FREEENTRY']._serialized_options = b'8\001'
   _globals['_PLACEREQUEST']._serialized_start=98
@@ -66,39 +68,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTHOSTSREQUEST']._serialized_start=1088
   _globals['_LISTHOSTSREQUEST']._serialized_end=1106
   _globals['_HOSTSUMMARY']._serialized_start=1109
-  _globals['_HOSTSUMMARY']._serialized_end=1535
-  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_start=1490
-  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_end=1535
-  _globals['_MIGCAPACITY']._serialized_start=1538
-  _globals['_MIGCAPACITY']._serialized_end=1689
-  _globals['_MIGCAPACITY_FREEENTRY']._serialized_start=1646
-  _globals['_MIGCAPACITY_FREEENTRY']._serialized_end=1689
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=1691
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=1750
-  _globals['_CORDONHOSTREQUEST']._serialized_start=1752
-  _globals['_CORDONHOSTREQUEST']._serialized_end=1804
-  _globals['_UNCORDONHOSTREQUEST']._serialized_start=1806
-  _globals['_UNCORDONHOSTREQUEST']._serialized_end=1844
-  _globals['_DRAINHOSTREQUEST']._serialized_start=1846
-  _globals['_DRAINHOSTREQUEST']._serialized_end=1897
-  _globals['_DRAINFAILURE']._serialized_start=1899
-  _globals['_DRAINFAILURE']._serialized_end=1951
-  _globals['_DRAINHOSTRESPONSE']._serialized_start=1954
-  _globals['_DRAINHOSTRESPONSE']._serialized_end=2095
-  _globals['_FORGETHOSTREQUEST']._serialized_start=2097
-  _globals['_FORGETHOSTREQUEST']._serialized_end=2148
-  _globals['_FORGETHOSTRESPONSE']._serialized_start=2150
-  _globals['_FORGETHOSTRESPONSE']._serialized_end=2218
-  _globals['_REGISTERREQUEST']._serialized_start=2220
-  _globals['_REGISTERREQUEST']._serialized_end=2306
-  _globals['_REGISTERRESPONSE']._serialized_start=2308
-  _globals['_REGISTERRESPONSE']._serialized_end=2388
-  _globals['_HEARTBEATREQUEST']._serialized_start=2390
-  _globals['_HEARTBEATREQUEST']._serialized_end=2508
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2510
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2564
-  _globals['_SCHEDULER']._serialized_start=2567
-  _globals['_SCHEDULER']._serialized_end=3383
-  _globals['_REGISTRY']._serialized_start=3386
-  _globals['_REGISTRY']._serialized_end=3541
+  _globals['_HOSTSUMMARY']._serialized_end=1672
+  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_start=1576
+  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_end=1621
+  _globals['_HOSTSUMMARY_USEDBYFORMENTRY']._serialized_start=1623
+  _globals['_HOSTSUMMARY_USEDBYFORMENTRY']._serialized_end=1672
+  _globals['_MIGCAPACITY']._serialized_start=1675
+  _globals['_MIGCAPACITY']._serialized_end=1826
+  _globals['_MIGCAPACITY_FREEENTRY']._serialized_start=1783
+  _globals['_MIGCAPACITY_FREEENTRY']._serialized_end=1826
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=1828
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=1887
+  _globals['_CORDONHOSTREQUEST']._serialized_start=1889
+  _globals['_CORDONHOSTREQUEST']._serialized_end=1941
+  _globals['_UNCORDONHOSTREQUEST']._serialized_start=1943
+  _globals['_UNCORDONHOSTREQUEST']._serialized_end=1981
+  _globals['_DRAINHOSTREQUEST']._serialized_start=1983
+  _globals['_DRAINHOSTREQUEST']._serialized_end=2034
+  _globals['_DRAINFAILURE']._serialized_start=2036
+  _globals['_DRAINFAILURE']._serialized_end=2088
+  _globals['_DRAINHOSTRESPONSE']._serialized_start=2091
+  _globals['_DRAINHOSTRESPONSE']._serialized_end=2232
+  _globals['_FORGETHOSTREQUEST']._serialized_start=2234
+  _globals['_FORGETHOSTREQUEST']._serialized_end=2285
+  _globals['_FORGETHOSTRESPONSE']._serialized_start=2287
+  _globals['_FORGETHOSTRESPONSE']._serialized_end=2355
+  _globals['_REGISTERREQUEST']._serialized_start=2357
+  _globals['_REGISTERREQUEST']._serialized_end=2443
+  _globals['_REGISTERRESPONSE']._serialized_start=2445
+  _globals['_REGISTERRESPONSE']._serialized_end=2525
+  _globals['_HEARTBEATREQUEST']._serialized_start=2527
+  _globals['_HEARTBEATREQUEST']._serialized_end=2645
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2647
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2701
+  _globals['_SCHEDULER']._serialized_start=2704
+  _globals['_SCHEDULER']._serialized_end=3520
+  _globals['_REGISTRY']._serialized_start=3523
+  _globals['_REGISTRY']._serialized_end=3678
 # @@protoc_insertion_point(module_scope)

@@ -379,6 +379,26 @@ class HostSummary(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class UsedByFormEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     HOST_ID_FIELD_NUMBER: _builtins.int
     AGENT_ADDRESS_FIELD_NUMBER: _builtins.int
     BOOT_ID_FIELD_NUMBER: _builtins.int
@@ -393,6 +413,8 @@ class HostSummary(_message.Message):
     CORDON_REASON_FIELD_NUMBER: _builtins.int
     CORDONED_BY_FIELD_NUMBER: _builtins.int
     CORDONED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    USED_BY_FORM_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRED_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     agent_address: _builtins.str
     boot_id: _builtins.str
@@ -403,7 +425,10 @@ class HostSummary(_message.Message):
     """Within its lease and not cordoned: new placements may land here."""
     assignable_groups: _builtins.int
     """IOMMU groups that hold a device offered to tenants, and how many of
-    them are allocated.
+    them are in use in any form: held whole, a PF with VFs enabled or held,
+    an mdev parent with mdevs, a MIG GPU with instances, a device whose
+    state is inconsistent, or a function the host itself uses. See
+    scheduler/core/host_usage.py.
     """
     allocated_groups: _builtins.int
     cordoned: _builtins.bool
@@ -414,11 +439,29 @@ class HostSummary(_message.Message):
     """Why, who and when (Unix ms); empty and 0 when not cordoned."""
     cordoned_by: _builtins.str
     cordoned_unix_ms: _builtins.int
+    lease_expired: _builtins.bool
+    """The housekeeper found the lease run out and no heartbeat or
+    registration came since. The store keeps no time of expiry:
+    heartbeat_age_ms says how long the host has been silent. A host whose
+    lease expired long ago and that holds no placement is forgotten by the
+    housekeeper (its forget_dead_after_s setting).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def mig(self) -> _containers.RepeatedCompositeFieldContainer[Global___MigCapacity]:
-        """Every MIG-enabled GPU of the host and what it can still take."""
+        """Every MIG-enabled GPU of the host and what it can still take; one that
+        takes no MIG instance now (handed over whole, in VF or mdev use, or with
+        overlapping instances) is listed with an empty `free` map.
+        """
+
+    @_builtins.property
+    def used_by_form(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Units held per form, allocated or live: "whole" (IOMMU groups held
+        whole), "vf" (VFs), "mdev" (mdevs), "mig" (MIG GPU instances); every
+        form present, 0 when none. Live units no placement holds (made outside
+        Tessera) count too.
+        """
 
     def __init__(
         self,
@@ -437,10 +480,12 @@ class HostSummary(_message.Message):
         cordon_reason: _builtins.str = ...,
         cordoned_by: _builtins.str = ...,
         cordoned_unix_ms: _builtins.int = ...,
+        used_by_form: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        lease_expired: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "allocated_groups", b"allocated_groups", "assignable_groups", b"assignable_groups", "boot_id", b"boot_id", "cordon_reason", b"cordon_reason", "cordoned", b"cordoned", "cordoned_by", b"cordoned_by", "cordoned_unix_ms", b"cordoned_unix_ms", "heartbeat_age_ms", b"heartbeat_age_ms", "host_id", b"host_id", "inventory_generation", b"inventory_generation", "labels", b"labels", "mig", b"mig", "schedulable", b"schedulable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "allocated_groups", b"allocated_groups", "assignable_groups", b"assignable_groups", "boot_id", b"boot_id", "cordon_reason", b"cordon_reason", "cordoned", b"cordoned", "cordoned_by", b"cordoned_by", "cordoned_unix_ms", b"cordoned_unix_ms", "heartbeat_age_ms", b"heartbeat_age_ms", "host_id", b"host_id", "inventory_generation", b"inventory_generation", "labels", b"labels", "lease_expired", b"lease_expired", "mig", b"mig", "schedulable", b"schedulable", "used_by_form", b"used_by_form"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,7 +530,9 @@ class MigCapacity(_message.Message):
     def free(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Profile name -> how many more instances of that profile alone fit now,
         as nvmlDeviceGetGpuInstanceRemainingCapacity counts them (allocations
-        the agent has not carried out yet included).
+        the agent has not carried out yet included). Empty when the GPU takes no
+        MIG instance now whatever its free slices: handed over whole, in VF or
+        mdev use, or with overlapping instances (fragmentation is then 0).
         """
 
     def __init__(

@@ -665,11 +665,24 @@ class Engine:
         }
 
     def mig_capacity(self, state: HostState) -> list[tuple[PciAddress, dict[str, int], float]]:
-        """Per MIG-enabled GPU: more instances of each profile that fit, and fragmentation."""
+        """Per MIG-enabled GPU: more instances of each profile that fit, and fragmentation.
+
+        Every MIG-enabled GPU is listed, by address. One that takes no MIG
+        instance now whatever its free slices (handed over whole, in VF or
+        mdev use, or unusable: its instances overlap) has an empty map and a
+        fragmentation of 0: the slices of a GPU passed through are not free.
+        """
         occupancy = self.occupancy(state)
         out: list[tuple[PciAddress, dict[str, int], float]] = []
-        for address, layout in sorted(occupancy.mig_layouts.items()):
-            table = state.view.gpus[address].mig_profiles
+        for address, gpu in sorted(state.view.gpus.items()):
+            if not gpu.mig_enabled:
+                continue
+            layout = occupancy.mig_layouts.get(address)
+            in_other_use = occupancy.modes.get(address) not in (None, DeviceMode.MIG)
+            if layout is None or in_other_use or address in occupancy.unusable:
+                out.append((address, {}, 0.0))
+                continue
+            table = gpu.mig_profiles
             free = {str(name): n for name, n in capacity(layout, table).items()}
             out.append((address, free, fragmentation_score(layout, table)))
         return out

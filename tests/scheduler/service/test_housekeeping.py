@@ -295,6 +295,99 @@ def test_a_placement_being_prepared_again_cannot_be_released_under_the_reconcile
     arun(body())
 
 
+# -- dead hosts (Nomad's node GC) -------------------------------------------------
+
+DAY_MS = 86_400_000
+#: SETTINGS' lease (the default 20 s), in ms: the lease runs out this long after the last heartbeat.
+LEASE_MS = int(SETTINGS.lease_s * 1000)
+
+
+def test_a_host_dead_longer_than_forget_dead_after_s_and_holding_nothing_is_forgotten(
+    parts: tuple[RedisStateStore, Host, Clock], arun: Runner, tmp_path: Path
+) -> None:
+    store, host, clock = parts
+    audit = AuditLog(str(tmp_path / "audit.jsonl"), "scheduler")
+    assert SETTINGS.forget_dead_after_s == 86_400  # the default: a day, as Nomad's
+
+    async def body() -> None:
+        coordinator = PlacementCoordinator(store, host, clock_ms=clock)
+        await coordinator.register(inventory(), "agent:1")
+        housekeeper = Housekeeper(store, host, SETTINGS, owner="a", clock_ms=clock, audit=audit)
+        clock.ms += LEASE_MS + 1
+        report = await housekeeper.round()
+        assert report.leases_expired == 1 and report.dead_hosts_forgotten == 0
+        # Expired for exactly a day: kept.
+        clock.ms = NOW_MS + LEASE_MS + DAY_MS
+        assert (await housekeeper.round()).dead_hosts_forgotten == 0
+        assert [h.host_id for h in await coordinator.hosts()] == ["h1"]
+        # A moment longer: gone from the store, as an operator's forget would do it.
+        clock.ms += 1
+        assert (await housekeeper.round()).dead_hosts_forgotten == 1
+        assert await coordinator.hosts() == []
+        assert await store.get_host("h1") is None
+        assert (await housekeeper.round()).dead_hosts_forgotten == 0
+        # Should its agent come back, it registers the host as new.
+        assert not await coordinator.heartbeat("h1", "b1", None)
+        assert await coordinator.register(inventory(), "agent:1")
+        [back] = await coordinator.hosts()
+        assert back.schedulable and not back.lease_expired
+
+    arun(body())
+    audit.close()
+    (record,) = [json.loads(line) for line in (tmp_path / "audit.jsonl").open()]
+    assert (record["action"], record["outcome"]) == ("forget-dead-host", "OK")
+    assert record["who"].startswith("a (reaper job, fencing token ")
+    assert record["resources"] == {"host_id": "h1"}
+    assert "no heartbeat for 86420 s" in record["detail"]  # the lease (20 s) and a day
+
+
+def test_a_dead_host_holding_a_placement_is_never_forgotten_and_stays_listed_as_expired(
+    parts: tuple[RedisStateStore, Host, Clock], arun: Runner
+) -> None:
+    store, host, clock = parts
+
+    async def body() -> None:
+        coordinator = PlacementCoordinator(store, host, clock_ms=clock)
+        await coordinator.register(inventory(), "agent:1")
+        placed = await coordinator.place(gpu("r1"))
+        housekeeper = keeper(store, host, clock, "a")
+        clock.ms += LEASE_MS + 1
+        assert (await housekeeper.round()).leases_expired == 1
+        clock.ms += 30 * DAY_MS
+        assert (await housekeeper.round()).dead_hosts_forgotten == 0
+        [summary] = await coordinator.hosts()
+        assert summary.lease_expired and not summary.schedulable
+        assert summary.heartbeat_age_ms == LEASE_MS + 1 + 30 * DAY_MS
+        assert summary.allocated_groups == 1
+        assert [p.placement_id for p in await coordinator.list_placements()] == [
+            placed.placement_id
+        ]
+
+    arun(body())
+
+
+def test_dead_hosts_are_kept_when_forget_dead_after_s_is_0(
+    parts: tuple[RedisStateStore, Host, Clock], arun: Runner
+) -> None:
+    store, host, clock = parts
+    never = HousekeepingSettings(
+        interval_s=1, pending_after_s=60, releasing_after_s=60, forget_dead_after_s=0
+    )
+
+    async def body() -> None:
+        coordinator = PlacementCoordinator(store, host, clock_ms=clock)
+        await coordinator.register(inventory(), "agent:1")
+        housekeeper = Housekeeper(store, host, never, owner="a", clock_ms=clock)
+        clock.ms += LEASE_MS + 1
+        assert (await housekeeper.round()).leases_expired == 1
+        clock.ms += 365 * DAY_MS
+        assert (await housekeeper.round()).dead_hosts_forgotten == 0
+        [summary] = await coordinator.hosts()
+        assert summary.host_id == "h1" and summary.lease_expired
+
+    arun(body())
+
+
 class StoreBlinkingHost(Host):
     """A host whose Prepare takes the store away for a moment (a restart, a failover)."""
 
