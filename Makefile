@@ -40,6 +40,11 @@ test: $(STAMP) ## Run the test suite (real Valkey, real gRPC with mutual TLS, fa
 demo: $(STAMP) ## Run a scheduler and three agents on fake hosts, end to end
 	$(BIN)/tessera demo
 
+.PHONY: screenshots
+screenshots: $(STAMP) ## The dashboard's browser tests, their screenshots into docs/dashboard/ (the README's)
+	scripts/test_deps.sh
+	TESSERA_ARTIFACTS=docs $(BIN)/pytest tests/e2e/test_dashboard_e2e.py
+
 .PHONY: demo-serve
 demo-serve: $(STAMP) ## The demo cluster kept running with its dashboard open (prints the URL)
 	$(BIN)/tessera demo --serve

@@ -22,7 +22,15 @@ def describe_slot(a: placement_pb2.ClaimAllocation) -> str:
 
 def state_name(placement: placement_pb2.Placement) -> str:
     """A placement's lifecycle state as the store spells it (``ready``, ``failed``)."""
-    name = placement_pb2.PlacementState.Name(placement.state)
+    return state_label(placement.state)
+
+
+def state_label(state: placement_pb2.PlacementState.ValueType) -> str:
+    """A lifecycle state as the store spells it (``ready``, ``failed``)."""
+    try:
+        name = placement_pb2.PlacementState.Name(state)
+    except ValueError:
+        return f"state {int(state)}"
     return name.removeprefix("PLACEMENT_STATE_").lower()
 
 

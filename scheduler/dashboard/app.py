@@ -38,7 +38,7 @@ from scheduler.core.validation import InvalidRequestError, validate_identifier
 from scheduler.dashboard.cluster_view import ClusterView
 from scheduler.dashboard.fleet import FleetFilter, page_of, totals
 from scheduler.dashboard.live import ChangeFeed, TooManyListenersError
-from scheduler.presentation import describe_slot, form_of, state_name
+from scheduler.presentation import describe_slot, form_of, state_label, state_name
 from scheduler.service.convert import explain_response, parsed_request
 from scheduler.service.coordinator import PlacementCoordinator
 from scheduler.service.errors import SchedulerError, status_of
@@ -100,7 +100,11 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.globals.update(
-        form_of=form_of, state_name=state_name, when=_when, describe_slot=describe_slot
+        form_of=form_of,
+        state_name=state_name,
+        state_label=state_label,
+        when=_when,
+        describe_slot=describe_slot,
     )
     return env
 
@@ -482,9 +486,14 @@ class Dashboard:
             raise
         resources.update(tenant=released.tenant, host_id=released.host_id)
         self._audit_action(request, "release", resources, None)
+        # From a table its row goes; from its own page, back to its tenant's
+        # placements (it is no longer in the store either way).
+        response = web.Response(text="", content_type="text/html")
         if request.headers.get("HX-Target") == "main":
-            return self._page(request, "placement.html", p=released, section="placements")
-        return self._page(request, "placement_rows.html", shown=[released], matched=1)
+            response.headers["HX-Redirect"] = "/placements?" + urlencode(
+                {"tenant": released.tenant}
+            )
+        return response
 
     # -- tenants --------------------------------------------------------------------------
 

@@ -147,8 +147,9 @@ class ChangeFeed:
                     waking = asyncio.ensure_future(self._wake.wait())
                     await asyncio.wait({waking, stopping}, return_when=asyncio.FIRST_COMPLETED)
                     waking.cancel()
-                    # What changed while nobody listened is not news to anyone.
-                    seen = self._revision()
+                    # What changed while nobody listened is still news: the
+                    # new page was drawn before it listened, and may have
+                    # missed it (too much, and it is told to reload all).
                     continue
                 seen = await self.poll(seen)
                 with contextlib.suppress(TimeoutError):

@@ -5,14 +5,15 @@ latency histogram (the servicer reports each call, see :meth:`observe_place`).
 Read when scraped, from the objects that already keep them: commit outcomes
 (the plan applier), agent call errors (the agent gateway), the model's feed
 age and resyncs, and each host's capacity and fragmentation (the dashboard's
-tiles, derived once per host state). Every metric is listed in the README.
+tiles, derived once per host state, kept as text: :class:`HostSeries`). Every
+metric is listed in the README.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -72,8 +73,8 @@ class SchedulerMetrics:
             buckets=PLACE_BUCKETS,
             registry=self.registry,
         )
-        self._live = _LiveCollector(commits, agent_errors, model, clock_ms)
-        self.registry.register(self._live)
+        self.registry.register(_LiveCollector(commits, agent_errors, model, clock_ms))
+        self._hosts = HostSeries()
 
     def observe_place(self, seconds: float, outcome: str, form: str) -> None:
         """Count one Place call: its status code name and the form it placed ("" if none)."""
@@ -83,11 +84,8 @@ class SchedulerMetrics:
     async def render(self) -> tuple[bytes, str]:
         """The text exposition, and its content type (the model brought up to date first)."""
         tiles, stranded = await self._view.tiles()
-        self._live.hosts = (tiles, stranded)
-        try:
-            return generate_latest(self.registry), CONTENT_TYPE_LATEST
-        finally:
-            self._live.hosts = ([], {})
+        hosts = self._hosts.text(tiles, stranded)
+        return generate_latest(self.registry) + hosts.encode(), CONTENT_TYPE_LATEST
 
 
 class _LiveCollector(Collector):
@@ -104,7 +102,6 @@ class _LiveCollector(Collector):
         self._agent_errors = agent_errors
         self._model = model
         self._clock_ms = clock_ms
-        self.hosts: tuple[list[HostTile], dict[str, float]] = ([], {})
 
     def collect(self) -> Iterator[Metric]:
         commits = CounterMetricFamily(
@@ -141,43 +138,83 @@ class _LiveCollector(Collector):
             "Hosts read again because the change feed named them.",
             value=stats.hosts_reloaded,
         )
-        yield from self._host_metrics()
 
-    def _host_metrics(self) -> Iterator[Metric]:
-        tiles, stranded = self.hosts
-        devices = GaugeMetricFamily(
-            "tessera_host_devices", "Devices a host offers to tenants.", labels=["host"]
-        )
-        used = GaugeMetricFamily(
-            "tessera_host_devices_used",
-            "Devices of a host in use, in any form or by the host itself.",
-            labels=["host"],
-        )
-        units = GaugeMetricFamily(
-            "tessera_host_units_held",
-            "Units held on a host per form: whole groups, VFs, mdevs, MIG instances.",
-            labels=["host", "form"],
-        )
-        free = GaugeMetricFamily(
-            "tessera_host_gpu_free", "Free GPU capacity of a host, in GPUs.", labels=["host"]
-        )
-        strand = GaugeMetricFamily(
-            "tessera_host_gpu_stranded",
-            "Free GPU capacity of a host on GPUs partly in use (fragmentation), in GPUs.",
-            labels=["host"],
-        )
-        schedulable = GaugeMetricFamily(
-            "tessera_host_schedulable",
-            "1 when new placements may land on a host (lease live, not cordoned).",
-            labels=["host", "lease"],
-        )
+
+def _label(value: str) -> str:
+    """A label value as the text format writes it (backslash, quote and newline escaped)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+#: The per-host families: name, help, and the lines of one host.
+_HOST_FAMILIES: tuple[tuple[str, str, Callable[[HostTile, float], list[str]]], ...] = (
+    (
+        "tessera_host_devices",
+        "Devices a host offers to tenants.",
+        lambda t, _: [f'{{host="{_label(t.host_id)}"}} {t.devices}'],
+    ),
+    (
+        "tessera_host_devices_used",
+        "Devices of a host in use, in any form or by the host itself.",
+        lambda t, _: [f'{{host="{_label(t.host_id)}"}} {t.used}'],
+    ),
+    (
+        "tessera_host_units_held",
+        "Units held on a host per form: whole groups, VFs, mdevs, MIG instances.",
+        lambda t, _: [
+            f'{{host="{_label(t.host_id)}",form="{form}"}} {t.by_form.get(form, 0)}'
+            for form in FORMS
+        ],
+    ),
+    (
+        "tessera_host_gpu_free",
+        "Free GPU capacity of a host, in GPUs.",
+        lambda t, _: [f'{{host="{_label(t.host_id)}"}} {t.gpu_free!r}'],
+    ),
+    (
+        "tessera_host_gpu_stranded",
+        "Free GPU capacity of a host on GPUs partly in use (fragmentation), in GPUs.",
+        lambda t, stranded: [f'{{host="{_label(t.host_id)}"}} {stranded!r}'],
+    ),
+    (
+        "tessera_host_schedulable",
+        "1 when new placements may land on a host (lease live, not cordoned).",
+        lambda t, _: [
+            f'{{host="{_label(t.host_id)}",lease="{t.lease}"}} {1 if t.lease == "live" else 0}'
+        ],
+    ),
+)
+
+
+class HostSeries:
+    """The per-host families in the text format, each host's lines kept until its tile changes.
+
+    At 10,000 hosts these are most of ``/metrics`` (90,000 samples). Written
+    through prometheus_client's objects they cost half a second of the event
+    loop per scrape; a host's lines only change with its tile (remade when
+    its state changes), so they are kept as text and joined.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[HostTile, float, tuple[str, ...]]] = {}
+
+    def text(self, tiles: Sequence[HostTile], stranded: Mapping[str, float]) -> str:
+        """Every per-host family, its help and type first."""
+        per_host: list[tuple[str, ...]] = []
+        kept: dict[str, tuple[HostTile, float, tuple[str, ...]]] = {}
         for tile in tiles:
-            host = tile.host_id
-            devices.add_metric([host], tile.devices)
-            used.add_metric([host], tile.used)
-            for form in FORMS:
-                units.add_metric([host, form], tile.by_form.get(form, 0))
-            free.add_metric([host], tile.gpu_free)
-            strand.add_metric([host], stranded.get(host, 0.0))
-            schedulable.add_metric([host, tile.lease], 1 if tile.lease == "live" else 0)
-        yield from (devices, used, units, free, strand, schedulable)
+            share = stranded.get(tile.host_id, 0.0)
+            found = self._kept.get(tile.host_id)
+            if found is None or found[0] is not tile or found[1] != share:
+                lines = tuple(
+                    "".join(f"{name}{line}\n" for line in lines_of(tile, share))
+                    for name, _, lines_of in _HOST_FAMILIES
+                )
+                found = (tile, share, lines)
+            kept[tile.host_id] = found
+            per_host.append(found[2])
+        self._kept = kept
+        out: list[str] = []
+        for i, (name, help_text, _) in enumerate(_HOST_FAMILIES):
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n")
+            out.extend(lines[i] for lines in per_host)
+        return "".join(out)

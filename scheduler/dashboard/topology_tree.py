@@ -139,7 +139,8 @@ def _holder(
 ) -> Holder | None:
     if placement is None:
         return None
-    tenant = state.tenants.get(placement, TenantName("?"))
+    # Named as the engine and the host's usage name a placement of no known tenant.
+    tenant = state.tenants.get(placement, TenantName(f"placement:{placement}"))
     return Holder(placement, tenant, states.get(placement, "pending"))
 
 
@@ -284,10 +285,18 @@ def host_tree(
         )
         pf = view.sriov_pfs.get(fn.address)
         if pf is not None:
-            leaf.vfs = tuple(
+            cells = [
                 VfCell(vf.index, vf.address, vf.iommu_group, vf_holders.get((pf.address, vf.index)))
                 for vf in pf.vfs
-            )
+            ]
+            # VFs allocated that the PF has not enabled yet: the agent makes them.
+            enabled = {vf.index for vf in pf.vfs}
+            cells += [
+                VfCell(index, "(to be created)", None, holder)
+                for (at, index), holder in sorted(vf_holders.items())
+                if at == pf.address and index not in enabled
+            ]
+            leaf.vfs = tuple(sorted(cells, key=lambda c: c.index))
         parent = view.mdev_parents.get(fn.address)
         if parent is not None:
             rows = []

@@ -547,6 +547,10 @@ def state_of(placement: placement_pb2.Placement) -> PlacementState | None:
     return _STATES_ON_WIRE.get(placement.state)
 
 
+#: State changes a placement keeps (:func:`with_state`).
+MAX_HISTORY = 32
+
+
 def with_state(
     placement: placement_pb2.Placement, state: PlacementState, message: str, now_ms: int
 ) -> placement_pb2.Placement:
@@ -556,6 +560,12 @@ def with_state(
     moved.state = _WIRE_STATES[state]
     moved.message = message
     moved.updated_unix_ms = now_ms
+    moved.history.append(
+        placement_pb2.StateChange(state=moved.state, unix_ms=now_ms, message=message)
+    )
+    if len(moved.history) > MAX_HISTORY:
+        # The first (when and how it was made) and the newest stay.
+        del moved.history[1 : len(moved.history) - MAX_HISTORY + 1]
     return moved
 
 
@@ -585,6 +595,13 @@ def placement_from_plan(
         priority=request.priority,
         cpu_milli=request.cpu_milli,
         memory_mib=request.memory_mib,
+        history=[
+            placement_pb2.StateChange(
+                state=placement_pb2.PLACEMENT_STATE_PENDING,
+                unix_ms=now_ms,
+                message="reserved; waiting for the agent",
+            )
+        ],
     )
 
 

@@ -169,8 +169,22 @@ class PlacementCoordinator:
     async def list_placements(
         self, tenant: str = "", host_id: str = ""
     ) -> list[placement_pb2.Placement]:
-        """Placements, optionally of one tenant or host."""
-        return await self._lookup.list_placements(tenant, host_id)
+        """Placements, optionally of one tenant or host.
+
+        Without a host, only the hosts the model (brought up to date first)
+        shows holding something of the tenant are read: every placement
+        holds slots on its host until it is released, so none is missed,
+        and a fleet of mostly idle hosts is not read whole.
+        """
+        among: list[str] | None = None
+        if not host_id:
+            await self.refreshed()
+            among = [
+                h
+                for h, state in self._model.live().hosts.items()
+                if state.tenants and (not tenant or tenant in state.tenants.values())
+            ]
+        return await self._lookup.list_placements(tenant, host_id, among)
 
     async def release(
         self, placement_id: str, request_id: str, tenant: str = ""

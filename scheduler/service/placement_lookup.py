@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from scheduler.core.validation import (
     FieldViolation,
     InvalidRequestError,
@@ -60,15 +62,21 @@ class PlacementLookup:
         return placement_pb2.Placement.FromString(stored[1])
 
     async def list_placements(
-        self, tenant: str = "", host_id: str = ""
+        self, tenant: str = "", host_id: str = "", among: Sequence[str] | None = None
     ) -> list[placement_pb2.Placement]:
         """Placements, optionally of one tenant or host.
+
+        Args:
+            tenant: only this tenant's ("": every tenant's).
+            host_id: only this host's ("": see ``among``).
+            among: without ``host_id``, the only hosts that may hold any
+                (None: read every host).
 
         Raises:
             InvalidRequestError: the tenant or host id is not an id.
         """
         if violations := validate_lookup(tenant=tenant, host_id=host_id):
             raise InvalidRequestError(violations)
-        rows = await self._store.list_placements(host_id or None)
+        rows = await self._store.list_placements(host_id or None, among=among)
         out = [placement_pb2.Placement.FromString(payload) for _, payload in rows]
         return [p for p in out if not tenant or p.tenant == tenant]

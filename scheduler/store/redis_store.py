@@ -1939,11 +1939,15 @@ class RedisStateStore:
         if stale:
             raise FencedOutError(f"fencing token {fence} is stale on hosts {stale[:5]}")
 
-    async def list_placements(self, host_id: str | None = None) -> list[tuple[str, bytes]]:
-        """Placements of one host or of all hosts, ordered by placement id.
+    async def list_placements(
+        self, host_id: str | None = None, *, among: Sequence[str] | None = None
+    ) -> list[tuple[str, bytes]]:
+        """Placements of one host, of some hosts or of all hosts, ordered by placement id.
 
         Args:
-            host_id: one host, or None for every host.
+            host_id: one host, or None for the hosts of ``among``.
+            among: the hosts to read (a caller that knows which hold
+                placements); None with no ``host_id``: every host.
 
         Returns:
             ``(host_id, payload)`` pairs.
@@ -1951,6 +1955,10 @@ class RedisStateStore:
         if host_id is not None:
             _check_host_id(host_id)
             host_ids = [host_id]
+        elif among is not None:
+            for h in among:
+                _check_host_id(h)
+            host_ids = sorted(among)
         else:
             host_ids = sorted(_text(h) for h in await self._client.smembers(schema.HOSTS))
         if not host_ids:

@@ -654,6 +654,7 @@ class Placement(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     CPU_MILLI_FIELD_NUMBER: _builtins.int
     MEMORY_MIB_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     placement_id: _builtins.str
     """Scheduler-assigned id."""
     request_id: _builtins.str
@@ -671,6 +672,12 @@ class Placement(_message.Message):
     memory_mib: _builtins.int
     @_builtins.property
     def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClaimAllocation]: ...
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateChange]:
+        """Every state it was in, oldest first, as the scheduler moved it (the
+        first and the newest kept when there were more than 32).
+        """
+
     def __init__(
         self,
         *,
@@ -686,11 +693,41 @@ class Placement(_message.Message):
         priority: _builtins.int = ...,
         cpu_milli: _builtins.int = ...,
         memory_mib: _builtins.int = ...,
+        history: _abc.Iterable[Global___StateChange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "cpu_milli", b"cpu_milli", "created_unix_ms", b"created_unix_ms", "host_id", b"host_id", "memory_mib", b"memory_mib", "message", b"message", "placement_id", b"placement_id", "priority", b"priority", "request_id", b"request_id", "state", b"state", "tenant", b"tenant", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "cpu_milli", b"cpu_milli", "created_unix_ms", b"created_unix_ms", "history", b"history", "host_id", b"host_id", "memory_mib", b"memory_mib", "message", b"message", "placement_id", b"placement_id", "priority", b"priority", "request_id", b"request_id", "state", b"state", "tenant", b"tenant", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class StateChange(_message.Message):
+    """One move of a placement's lifecycle."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    state: Global___PlacementState.ValueType
+    unix_ms: _builtins.int
+    """Unix time in milliseconds."""
+    message: _builtins.str
+    """Why, or what was happening (Placement.message at the time)."""
+    def __init__(
+        self,
+        *,
+        state: Global___PlacementState.ValueType = ...,
+        unix_ms: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "state", b"state", "unix_ms", b"unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateChange: _TypeAlias = StateChange  # noqa: Y015
