@@ -17,6 +17,7 @@ a CORS preflight this server never grants).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import ssl
@@ -55,6 +56,12 @@ MAX_ROWS = 500
 
 #: The largest request body accepted (an Explain request pasted as JSON).
 MAX_BODY = 64 * 1024
+
+#: Seconds between keep-alive comments on a quiet event stream.
+KEEPALIVE_S = 15.0
+
+#: Audit records a minute of requests refused for want of a certificate.
+UNAUTHENTICATED_RECORDS_PER_MINUTE = 10
 
 #: How the gRPC status of a domain error reads over HTTP.
 _HTTP_STATUS = {
@@ -146,6 +153,7 @@ class Dashboard:
         self._ready = ready
         self._metrics = metrics
         self._env = _environment()
+        self._unauthenticated = _RecordBudget(UNAUTHENTICATED_RECORDS_PER_MINUTE, 60.0)
 
     def application(self) -> web.Application:
         """The aiohttp application: routes, access checks, security headers."""
@@ -190,6 +198,14 @@ class Dashboard:
             return None
 
     def _refuse(self, request: web.Request, who: str, status: int, reason: str) -> web.Response:
+        # Anyone who reaches the port can be refused: without a certificate,
+        # a few records a minute and a count of the rest, not one a request.
+        if who == "unauthenticated":
+            held = self._unauthenticated.admit(time.monotonic())
+            if held is None:
+                return self._error_page(request, status, reason)
+            if held:
+                reason = f"{reason} ({held} more refused without a certificate, not recorded)"
         self._audit.record(
             who=who,
             action=f"dashboard {request.method} {request.path}"[:200],
@@ -203,6 +219,12 @@ class Dashboard:
     async def _access(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        if not self._tls and not _loopback_name(request.host):
+            # Plaintext trusts every local caller: a page of another site whose
+            # name resolves to this machine (DNS rebinding) must not be one.
+            return self._error_page(
+                request, 421, "this plaintext dashboard answers only to a loopback address"
+            )
         if request.path in _OPEN_PATHS or request.path.startswith("/static/"):
             return await handler(request)
         principal = self._principal(request)
@@ -226,8 +248,9 @@ class Dashboard:
             return self._refuse(
                 request, principal.who, 403, f"{principal.identity} may look, not act"
             )
-        if request.method == "POST":
-            problem = _cross_site(request)
+        if request.method == "POST" or request.path == "/events":
+            # An event stream holds a slot: another site's page may not open one.
+            problem = _cross_site(request, htmx=request.method == "POST")
             if problem:
                 return self._refuse(request, principal.who, 403, problem)
         request[_PRINCIPAL] = principal
@@ -258,6 +281,8 @@ class Dashboard:
     async def _secure_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         for name, value in _HEADERS.items():
             response.headers.setdefault(name, value)
+        # Not which server and version: that only helps whoever attacks it.
+        response.headers["Server"] = "tessera"
 
     # -- rendering ------------------------------------------------------------
 
@@ -295,10 +320,10 @@ class Dashboard:
         return web.Response(text="ok\n")
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        problem = self._ready()
-        if problem is None:
+        if self._ready() is None:
             return web.Response(text="ready\n")
-        return web.Response(text=f"not ready: {problem}\n", status=503)
+        # Anyone may ask: where the store is and why it fails is the log's.
+        return web.Response(text="not ready: the state store does not answer\n", status=503)
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         if self._metrics is None:
@@ -313,7 +338,7 @@ class Dashboard:
     async def _events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: ``change`` for any change, ``host-<id>`` per changed host."""
         try:
-            queue = self._feed.listen()
+            queue = self._feed.listen(request[_PRINCIPAL].who)
         except TooManyListenersError as err:
             raise web.HTTPServiceUnavailable(text=f"{err}; retry later\n") from None
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -324,19 +349,29 @@ class Dashboard:
                 f"retry: 2000\n\nevent: revision\ndata: live · revision {self._view.revision}\n\n"
             )
             await response.write(hello.encode())
+            quiet = 0.0
             while True:
                 try:
-                    change = await asyncio.wait_for(queue.get(), 15.0)
+                    change = await asyncio.wait_for(queue.get(), 1.0)
                 except TimeoutError:
-                    await response.write(b": keep-alive\n\n")
+                    # The server is not told a page went away until it
+                    # writes: look every second, so its slot comes back.
+                    transport = request.transport
+                    if transport is None or transport.is_closing():
+                        break
+                    quiet += 1.0
+                    if quiet >= KEEPALIVE_S:
+                        await response.write(b": keep-alive\n\n")
+                        quiet = 0.0
                     continue
+                quiet = 0.0
                 data = json.dumps({"revision": change.revision, "hosts": list(change.hosts)})
                 lines = [f"event: change\ndata: {data}\n\n"]
                 lines += [f"event: host-{h}\ndata: {change.revision}\n\n" for h in change.hosts]
                 lines.append(f"event: revision\ndata: live · revision {change.revision}\n\n")
                 await response.write("".join(lines).encode())
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the page went away
         finally:
             self._feed.leave(queue)
         return response
@@ -386,32 +421,15 @@ class Dashboard:
         return self._page(request, "host_detail.html", d=detail, outcome="")
 
     async def _host_action(self, request: web.Request) -> web.StreamResponse:
-        host_id = _host_id(request)
         action = request.path.rsplit("/", 1)[-1]
-        form = await request.post()
-        reason = str(form.get("reason", "")).strip()
-        principal = request[_PRINCIPAL]
-        who = str(principal.identity) if principal.identity else f"unauthenticated {request.remote}"
-        outcome = ""
-        resources: dict[str, object] = {"host_id": host_id}
+        resources: dict[str, object] = {"host_id": request.match_info["host_id"][:128]}
         try:
-            if action == "cordon":
-                await self._c.cordon(host_id, reason, who)
-                outcome = f"cordoned by {who}"
-            elif action == "uncordon":
-                await self._c.uncordon(host_id, who)
-                outcome = f"uncordoned by {who}"
-            elif action == "drain":
-                _, released, failed = await self._c.drain(host_id, reason, who)
-                resources["released"] = [p.placement_id for p in released][:64]
-                resources["not_released"] = [f.placement_id for f in failed][:64]
-                outcome = f"drained: {len(released)} released, {len(failed)} not released" + (
-                    " (drain again once they settle)" if failed else ""
-                )
-            else:
-                dropped = await self._c.forget(host_id, False, who)
-                resources["dropped"] = dropped[:64]
-        except Exception as err:
+            # Inside: an action refused for its id or its body is audited too.
+            host_id = _host_id(request)
+            form = await request.post()
+            reason = str(form.get("reason", "")).strip()
+            outcome = await self._act_on_host(request, action, host_id, reason, resources)
+        except BaseException as err:
             self._audit_action(request, action, resources, err)
             raise
         self._audit_action(request, action, resources, None)
@@ -422,6 +440,32 @@ class Dashboard:
         detail = await self._view.host(host_id)
         return self._page(request, "host_detail.html", d=detail, outcome=outcome)
 
+    async def _act_on_host(
+        self,
+        request: web.Request,
+        action: str,
+        host_id: str,
+        reason: str,
+        resources: dict[str, object],
+    ) -> str:
+        """Carry a host action out; what the page says of it."""
+        principal = request[_PRINCIPAL]
+        who = str(principal.identity) if principal.identity else f"unauthenticated {request.remote}"
+        if action == "cordon":
+            await self._c.cordon(host_id, reason, who)
+            return f"cordoned by {who}"
+        if action == "uncordon":
+            await self._c.uncordon(host_id, who)
+            return f"uncordoned by {who}"
+        if action == "drain":
+            _, released, failed = await self._c.drain(host_id, reason, who)
+            resources["released"] = [p.placement_id for p in released][:64]
+            resources["not_released"] = [f.placement_id for f in failed][:64]
+            again = " (drain again once they settle)" if failed else ""
+            return f"drained: {len(released)} released, {len(failed)} not released{again}"
+        resources["dropped"] = (await self._c.forget(host_id, False, who))[:64]
+        return ""
+
     def _audit_action(
         self,
         request: web.Request,
@@ -430,8 +474,12 @@ class Dashboard:
         error: BaseException | None,
     ) -> None:
         outcome = "OK"
-        if isinstance(error, Exception):
+        if isinstance(error, web.HTTPException):
+            outcome = f"HTTP {error.status}"
+        elif isinstance(error, Exception):
             outcome = status_of(error).name
+        elif error is not None:
+            outcome = "CANCELLED"
         self._audit.record(
             who=request[_PRINCIPAL].who,
             action=f"dashboard {action}",
@@ -478,7 +526,7 @@ class Dashboard:
 
     async def _release(self, request: web.Request) -> web.Response:
         placement_id = request.match_info["placement_id"]
-        resources: dict[str, object] = {"placement_id": placement_id}
+        resources: dict[str, object] = {"placement_id": placement_id[:200]}
         try:
             released = await self._c.release(placement_id, "")
         except Exception as err:
@@ -534,9 +582,14 @@ class Dashboard:
         )
 
 
-def _cross_site(request: web.Request) -> str:
-    """Why a POST may have come from another site's page ("" if it did not)."""
-    if request.headers.get("HX-Request") != "true":
+def _cross_site(request: web.Request, *, htmx: bool = True) -> str:
+    """Why a request may have come from another site's page ("" if it did not).
+
+    Args:
+        request: the request.
+        htmx: it must also say htmx sent it (the actions' buttons).
+    """
+    if htmx and request.headers.get("HX-Request") != "true":
         return "actions come from the dashboard's own buttons (HX-Request missing)"
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None:
@@ -545,6 +598,46 @@ def _cross_site(request: web.Request) -> str:
     if origin is not None and origin != f"{request.scheme}://{request.host}":
         return f"refused a request from {origin[:100]}"
     return ""
+
+
+#: What a plaintext dashboard answers to: loopback names only.
+_LOOPBACK_NAMES = frozenset({"localhost", "::1"})
+
+
+def _loopback_name(host: str) -> bool:
+    """Whether a Host header names this machine's loopback (with any port)."""
+    if host.startswith("["):
+        name = host[1:].split("]", 1)[0]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class _RecordBudget:
+    """At most ``per_window`` records a window; counts what it held back, to say with the next."""
+
+    def __init__(self, per_window: int, window_s: float) -> None:
+        self._per_window = per_window
+        self._window_s = window_s
+        self._started = float("-inf")
+        self._used = 0
+        self._held = 0
+
+    def admit(self, now: float) -> int | None:
+        """None: do not record; else record, saying how many were held back before (0: none)."""
+        if now - self._started >= self._window_s:
+            self._started, self._used = now, 0
+        if self._used >= self._per_window:
+            self._held += 1
+            return None
+        self._used += 1
+        held, self._held = self._held, 0
+        return held
 
 
 def _host_id(request: web.Request) -> str:

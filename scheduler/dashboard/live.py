@@ -7,8 +7,9 @@ changed since its last news. A page then fetches only the parts it shows of
 those hosts. With nobody listening it reads nothing.
 
 Listeners are few (operators' browsers) but untrusted in number: past
-:data:`MAX_LISTENERS` a new one is refused, and one that falls behind (its
-queue full) is told to reload rather than kept growing.
+:data:`MAX_LISTENERS`, or :data:`MAX_PER_IDENTITY` of one identity, a new one
+is refused, and one that falls behind (its queue full) is told to reload
+rather than kept growing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 
 #: Open pages at most; a new one past this is refused (HTTP 503).
 MAX_LISTENERS = 256
+
+#: Open pages of one identity at most: one certificate (a scraper's, a
+#: leaked one) cannot take every slot from the others.
+MAX_PER_IDENTITY = 16
 
 #: News a listener may have waiting before it is told to reload instead.
 QUEUE_DEPTH = 32
@@ -74,7 +79,8 @@ class ChangeFeed:
         self._revision = revision
         self._changed_since = changed_since
         self._interval_s = interval_s
-        self._listeners: set[asyncio.Queue[Change]] = set()
+        # Each listener's queue, with who listens.
+        self._listeners: dict[asyncio.Queue[Change], str] = {}
         self._wake = asyncio.Event()
 
     @property
@@ -82,22 +88,28 @@ class ChangeFeed:
         """Pages listening now."""
         return len(self._listeners)
 
-    def listen(self) -> asyncio.Queue[Change]:
+    def listen(self, who: str = "") -> asyncio.Queue[Change]:
         """A queue of news for one page; :meth:`leave` it when the page goes.
 
+        Args:
+            who: the identity the page is open as.
+
         Raises:
-            TooManyListenersError: :data:`MAX_LISTENERS` listen already.
+            TooManyListenersError: :data:`MAX_LISTENERS` listen already, or
+                :data:`MAX_PER_IDENTITY` as ``who``.
         """
         if len(self._listeners) >= MAX_LISTENERS:
             raise TooManyListenersError(f"{MAX_LISTENERS} pages listen already")
+        if sum(1 for w in self._listeners.values() if w == who) >= MAX_PER_IDENTITY:
+            raise TooManyListenersError(f"{MAX_PER_IDENTITY} pages of {who} listen already")
         queue: asyncio.Queue[Change] = asyncio.Queue(QUEUE_DEPTH)
-        self._listeners.add(queue)
+        self._listeners[queue] = who
         self._wake.set()
         return queue
 
     def leave(self, queue: asyncio.Queue[Change]) -> None:
         """Stop sending news to a page."""
-        self._listeners.discard(queue)
+        self._listeners.pop(queue, None)
 
     def _publish(self, change: Change) -> None:
         for queue in list(self._listeners):

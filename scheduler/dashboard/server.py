@@ -6,6 +6,9 @@ import ssl
 
 from aiohttp import web
 
+#: Seconds a connection may stay without a whole request (idle, or half sent).
+KEEPALIVE_S = 8.0
+
 
 def split_listen(listen: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:8080`` for IPv6) as a host and a port.
@@ -30,8 +33,17 @@ async def start_http(
     """
     host, port = split_listen(listen)
     # No access log: the audit log records every action and refusal, and a
-    # live page's requests would flood the process log.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    # live page's requests would flood the process log. A connection that
+    # sends no whole request within KEEPALIVE_S (a slow or idle peer, maybe
+    # without a certificate) is closed: each holds a descriptor that gRPC and
+    # the store's connections need too.
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=1.0,
+        keepalive_timeout=KEEPALIVE_S,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:

