@@ -14,6 +14,7 @@ import into a browser, and keeps the cluster running until interrupted.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -157,7 +158,11 @@ def _sliced_left(cluster: LocalCluster, placements: list[placement_pb2.Placement
 DEMO_BUNDLE_PASSWORD = "tessera-demo"
 
 
-def _serve(cluster: LocalCluster, http_port: int) -> int:
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve(cluster: LocalCluster) -> int:
     """Keep the cluster running with its placements, the dashboard open, until interrupted."""
     url = cluster.dashboards["scheduler"]
     bundle = cluster.workdir / "tls" / "admin-demo.p12"
@@ -175,6 +180,9 @@ def _serve(cluster: LocalCluster, http_port: int) -> int:
         "the placements stay; Ctrl-C stops the cluster",
         flush=True,
     )
+    # A SIGTERM (systemd, timeout, kill) stops the cluster as Ctrl-C does: its
+    # processes run in sessions of their own and would outlive us otherwise.
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         while all(p.poll() is None for p in cluster.processes.values()):
             time.sleep(1)
@@ -247,7 +255,7 @@ def _run(cluster: LocalCluster, serve: bool = False, http_port: int = 0) -> int:
     listed = stub.ListPlacements(scheduler_pb2.ListPlacementsRequest()).placements
     print("\nplacements\n" + format_placements(listed))
     if serve:
-        return _serve(cluster, http_port)
+        return _serve(cluster)
     bound = _drivers(cluster, placements)
     print("\nhost drivers while placed:")
     for device, driver in sorted(bound.items()):

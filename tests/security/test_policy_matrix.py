@@ -39,11 +39,12 @@ from tessera.v1 import agent_pb2, inventory_pb2, placement_pb2, scheduler_pb2
 TENANT = Identity(Role.TENANT, "acme")
 FRONTEND = Identity(Role.FRONTEND, "portal")
 ADMIN = Identity(Role.ADMIN, "ops")
+VIEWER = Identity(Role.VIEWER, "noc")
 AGENT = Identity(Role.AGENT, "dgx-07")
 SCHEDULER = Identity(Role.SCHEDULER, "sched-1")
 STORE = Identity(Role.STORE, "valkey-0")
 #: The columns of the matrix, in order.
-CALLERS = (TENANT, FRONTEND, ADMIN, AGENT, SCHEDULER, STORE)
+CALLERS = (TENANT, FRONTEND, ADMIN, VIEWER, AGENT, SCHEDULER, STORE)
 
 POLICY = AccessPolicy(frontend_grants={"portal": ("team-*",)})
 
@@ -59,28 +60,28 @@ REFLECTION_V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
 
 # fmt: off
 #: Role x RPC, each caller naming only its own resources (its tenant, its host).
-ROLE_MATRIX: list[tuple[str, bool, bool, bool, bool, bool, bool]] = [
-    # RPC                          tenant frontend admin agent scheduler store
-    (SCHED + "Place",                Y,     Y,      Y,    N,    N,       N),
-    (SCHED + "PlaceBatch",           Y,     Y,      Y,    N,    N,       N),
-    (SCHED + "Explain",              Y,     Y,      Y,    N,    N,       N),
-    (SCHED + "ListPlacements",       Y,     Y,      Y,    N,    N,       N),
-    (SCHED + "GetPlacement",         Y,     Y,      Y,    N,    N,       N),
-    (SCHED + "Release",              Y,     Y,      Y,    N,    N,       N),
-    (SCHED + "ListHosts",            N,     Y,      Y,    N,    N,       N),
-    (SCHED + "CordonHost",           N,     N,      Y,    N,    N,       N),
-    (SCHED + "UncordonHost",         N,     N,      Y,    N,    N,       N),
-    (SCHED + "DrainHost",            N,     N,      Y,    N,    N,       N),
-    (SCHED + "ForgetHost",           N,     N,      Y,    N,    N,       N),
-    (REG + "Register",               N,     N,      N,    Y,    N,       N),
-    (REG + "Heartbeat",              N,     N,      N,    Y,    N,       N),
-    (AGT + "Prepare",                N,     N,      N,    N,    Y,       N),
-    (AGT + "Unprepare",              N,     N,      N,    N,    Y,       N),
-    (AGT + "GetState",               N,     N,      N,    N,    Y,       N),
-    (HEALTH + "Check",               Y,     Y,      Y,    Y,    Y,       N),
-    (HEALTH + "Watch",               Y,     Y,      Y,    Y,    Y,       N),
-    (REFLECTION_V1A,                 N,     N,      Y,    N,    N,       N),
-    (REFLECTION_V1,                  N,     N,      Y,    N,    N,       N),
+ROLE_MATRIX: list[tuple[str, bool, bool, bool, bool, bool, bool, bool]] = [
+    # RPC                          tenant frontend admin viewer agent scheduler store
+    (SCHED + "Place",                Y,     Y,      Y,    N,    N,    N,       N),
+    (SCHED + "PlaceBatch",           Y,     Y,      Y,    N,    N,    N,       N),
+    (SCHED + "Explain",              Y,     Y,      Y,    N,    N,    N,       N),
+    (SCHED + "ListPlacements",       Y,     Y,      Y,    N,    N,    N,       N),
+    (SCHED + "GetPlacement",         Y,     Y,      Y,    N,    N,    N,       N),
+    (SCHED + "Release",              Y,     Y,      Y,    N,    N,    N,       N),
+    (SCHED + "ListHosts",            N,     Y,      Y,    Y,    N,    N,       N),
+    (SCHED + "CordonHost",           N,     N,      Y,    N,    N,    N,       N),
+    (SCHED + "UncordonHost",         N,     N,      Y,    N,    N,    N,       N),
+    (SCHED + "DrainHost",            N,     N,      Y,    N,    N,    N,       N),
+    (SCHED + "ForgetHost",           N,     N,      Y,    N,    N,    N,       N),
+    (REG + "Register",               N,     N,      N,    N,    Y,    N,       N),
+    (REG + "Heartbeat",              N,     N,      N,    N,    Y,    N,       N),
+    (AGT + "Prepare",                N,     N,      N,    N,    N,    Y,       N),
+    (AGT + "Unprepare",              N,     N,      N,    N,    N,    Y,       N),
+    (AGT + "GetState",               N,     N,      N,    N,    N,    Y,       N),
+    (HEALTH + "Check",               Y,     Y,      Y,    Y,    Y,    Y,       N),
+    (HEALTH + "Watch",               Y,     Y,      Y,    Y,    Y,    Y,       N),
+    (REFLECTION_V1A,                 N,     N,      Y,    N,    N,    N,       N),
+    (REFLECTION_V1,                  N,     N,      Y,    N,    N,    N,       N),
 ]
 # fmt: on
 
