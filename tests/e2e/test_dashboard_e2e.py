@@ -533,3 +533,35 @@ def test_list_hosts_and_the_dashboard_tell_the_same_truth(
         page.context.close()
         release(cluster, mig.placement_id)
         release(cluster, nic.placement_id)
+
+
+def test_a_filter_stays_applied_when_the_page_is_redrawn_live(
+    browser: Browser, cluster: LocalCluster, url: str
+) -> None:
+    zeta = vfs(cluster, "filter-zeta", "zeta")
+    page = page_as(browser, cluster, url, "viewer", "vera")
+    placed: list[placement_pb2.Placement] = []
+    try:
+        for view, field, kept in (
+            ("fleet", "input[name=tenant]", f'.tile[data-host="{NIC}"]'),
+            ("placements", "input[name=tenant]", f'tr[data-placement="{zeta.placement_id}"]'),
+        ):
+            page.goto(url + view)
+            expect(page.locator("#live")).to_contain_text("revision")
+            page.fill(field, "zeta")
+            expect(page.locator(kept)).to_have_count(1)
+            rows = ".tile" if view == "fleet" else "tr[data-placement]"
+            expect(page.locator(rows)).to_have_count(1)
+            # Mark what is shown: a redraw replaces it.
+            page.evaluate(
+                "s => document.querySelectorAll(s).forEach(e => e.dataset.old = '1')", rows
+            )
+            placed.append(vfs(cluster, f"filter-other-{view}", "other", host=VIRT))
+            expect(page.locator(f"{rows}[data-old]")).to_have_count(0, timeout=LIVE_MS)
+            # Redrawn, still narrowed to zeta's.
+            expect(page.locator(rows)).to_have_count(1)
+            expect(page.locator(kept)).to_have_count(1)
+    finally:
+        page.context.close()
+        for p in (zeta, *placed):
+            release(cluster, p.placement_id)
