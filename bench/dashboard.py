@@ -253,7 +253,7 @@ def run(quick: bool) -> dict[str, Any]:
     return out
 
 
-def section(result: Mapping[str, Any], plots: Path) -> str:
+def section(result: Mapping[str, Any], plots: Path | None = None) -> str:
     """The Markdown section of BENCHMARKS.md."""
     lines = [
         "The admin dashboard on a registered fleet (bench/fleet.py's default mix) with about one "
