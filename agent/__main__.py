@@ -35,6 +35,7 @@ from agent.reporter import HostReporter, read_boot_id
 from agent.service import AgentServicer
 from agent.sysfs import FAKE_HOST_MARKER, NotASysfsTreeError, Sysfs, SysfsWriter
 from tessera.keepalive import KEEPALIVE
+from tessera.logs import log_level
 from tessera.security.audit import AuditLog
 from tessera.security.identity import SCHEDULER_DNS_NAME, Role
 from tessera.security.interceptor import AccessInterceptor
@@ -181,8 +182,16 @@ def cmd_fakehost(opts: argparse.Namespace) -> int:
             print(f"{name:18} {FIXTURES[name].summary}")
         return 0
     if not opts.name or not opts.dir:
-        raise SystemExit("tessera-agent fakehost build NAME DIR")
-    build(opts.name, Path(opts.dir))
+        print("tessera-agent: usage: tessera-agent fakehost build NAME DIR", file=sys.stderr)
+        return 2
+    try:
+        build(opts.name, Path(opts.dir))
+    except KeyError as err:
+        print(f"tessera-agent: fakehost: {err.args[0]}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"tessera-agent: fakehost: {err}", file=sys.stderr)
+        return 2
     if opts.mig:
         _enable_mig(Path(opts.dir), opts.mig)
     print(f"built fake host {opts.name} in {opts.dir}")
@@ -383,7 +392,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("TESSERA_AUDIT_LOG", ""),
         help="audit records (JSON lines) to this file, or - for stdout [TESSERA_AUDIT_LOG]",
     )
-    run.add_argument("--log-level", default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"))
+    run.add_argument(
+        "--log-level",
+        type=log_level,
+        default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL [TESSERA_LOG_LEVEL; INFO]",
+    )
 
     inv = sub.add_parser("inventory", help="print what the agent would report")
     host_opts(inv)

@@ -48,6 +48,7 @@ from scheduler.store.embedded import EmbeddedValkey
 from scheduler.store.redis_store import HostRecord, LayoutMismatchError, RedisStateStore
 from scheduler.store.roster import RosterStore
 from scheduler.store.safety import UnsafeStoreConfig, check_durability, sentinel_pool
+from tessera.logs import log_level
 from tessera.security.audit import AuditLog
 from tessera.security.identity import Role
 from tessera.security.tls import (
@@ -245,7 +246,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("TESSERA_AUDIT_LOG", ""),
         help="audit records (JSON lines) to this file, or - for stdout [TESSERA_AUDIT_LOG]",
     )
-    p.add_argument("--log-level", default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-level",
+        type=log_level,
+        default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL [TESSERA_LOG_LEVEL; INFO]",
+    )
     return p.parse_args(argv)
 
 
@@ -357,15 +363,21 @@ async def serve(opts: argparse.Namespace) -> int:
             agent_errors=lambda: gateway.errors,
             model=lambda: coordinator.model.stats,
         )
-        server, port, health_servicer = await build_server(
-            coordinator,
-            opts.listen,
-            tls=tls,
-            audit=audit,
-            operator=operator,
-            observe_place=metrics.observe_place,
-        )
+        try:
+            server, port, health_servicer = await build_server(
+                coordinator,
+                opts.listen,
+                tls=tls,
+                audit=audit,
+                operator=operator,
+                observe_place=metrics.observe_place,
+            )
+        except (OSError, RuntimeError) as err:
+            # A port in use, an address not of this machine: grpc says which.
+            print(f"tessera-scheduler: --listen {opts.listen}: {err}", file=sys.stderr)
+            return 2
         await server.start()
+        exit_code = 0
         # Handlers before the address line: whoever reads that line may stop
         # us at once, and must get a clean shutdown (embedded Valkey too).
         stop = asyncio.Event()
@@ -438,6 +450,7 @@ async def serve(opts: argparse.Namespace) -> int:
                 print(
                     f"tessera-scheduler: --http-listen {opts.http_listen}: {err}", file=sys.stderr
                 )
+                exit_code = 2
                 stop.set()
             else:
                 live = asyncio.create_task(feed.run(stop))
@@ -470,7 +483,7 @@ async def serve(opts: argparse.Namespace) -> int:
             "commit outcomes this run: %s",
             json.dumps(dict(sorted(coordinator.commit_outcomes.items()))),
         )
-        return 0
+        return exit_code
     finally:
         await gateway.close()
         audit.close()

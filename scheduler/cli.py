@@ -31,7 +31,7 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
-from scheduler.core.validation import MAX_CPU_MILLI, MAX_MEMORY_MIB
+from scheduler.core.validation import MAX_COUNT, MAX_CPU_MILLI, MAX_MEMORY_MIB
 from scheduler.presentation import describe_slot
 from tessera.security.certs import CertificateError, browser_bundle, create_ca, issue
 from tessera.security.identity import SCHEDULER_DNS_NAME, Role
@@ -170,14 +170,60 @@ def _mig_free(m: scheduler_pb2.MigCapacity) -> str:
     return f"{m.gpu_address}: {counts} (fragmentation {m.fragmentation:.2f})"
 
 
-def request_from_args(opts: argparse.Namespace) -> placement_pb2.PlacementRequest:
-    """Build a PlacementRequest from --file or from the shorthand flags."""
-    if opts.file:
-        text = Path(opts.file).read_text()
-        data = yaml.safe_load(text) if opts.file.endswith((".yaml", ".yml")) else json.loads(text)
-        msg = placement_pb2.PlacementRequest()
+class RequestFileError(ValueError):
+    """A ``--file`` that cannot be read or is not a PlacementRequest; the message says why."""
+
+
+def _request_file(path: str) -> placement_pb2.PlacementRequest:
+    """The PlacementRequest in a JSON or YAML file (protobuf's JSON mapping).
+
+    Raises:
+        RequestFileError: unreadable, not JSON or YAML, or not a PlacementRequest.
+    """
+    try:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    except (OSError, UnicodeDecodeError) as err:
+        raise RequestFileError(f"--file {path}: {getattr(err, 'strerror', None) or err}") from None
+    except (ValueError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RequestFileError(f"--file {path}: not JSON or YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise RequestFileError(
+            f"--file {path}: a PlacementRequest is a mapping, not {type(data).__name__}"
+        )
+    msg = placement_pb2.PlacementRequest()
+    try:
         json_format.ParseDict(data, msg)
-        return msg
+    except json_format.ParseError as err:
+        # protobuf's message runs over lines (the fields it knows): one line.
+        said = " ".join(str(err).split())
+        raise RequestFileError(f"--file {path}: {said[:500]}") from None
+    return msg
+
+
+#: The isolation each form needs at least, as the scheduler judges it.
+_FORM_ISOLATION = {
+    placement_pb2.DEVICE_FORM_WHOLE_DEVICE: placement_pb2.ISOLATION_EXCLUSIVE,
+    placement_pb2.DEVICE_FORM_MIG: placement_pb2.ISOLATION_PARTITIONED,
+    placement_pb2.DEVICE_FORM_VF: placement_pb2.ISOLATION_SHARED,
+    placement_pb2.DEVICE_FORM_MDEV: placement_pb2.ISOLATION_SHARED,
+}
+_ISOLATIONS = {
+    "exclusive": placement_pb2.ISOLATION_EXCLUSIVE,
+    "partitioned": placement_pb2.ISOLATION_PARTITIONED,
+    "shared": placement_pb2.ISOLATION_SHARED,
+}
+
+
+def request_from_args(opts: argparse.Namespace) -> placement_pb2.PlacementRequest:
+    """Build a PlacementRequest from --file or from the shorthand flags.
+
+    Raises:
+        RequestFileError: ``--file`` cannot be read as a PlacementRequest.
+    """
+    if opts.file:
+        return _request_file(opts.file)
     msg = placement_pb2.PlacementRequest(
         request_id=opts.request_id or f"cli-{uuid.uuid4().hex[:12]}",
         tenant=opts.tenant,
@@ -186,28 +232,61 @@ def request_from_args(opts: argparse.Namespace) -> placement_pb2.PlacementReques
         cpu_milli=opts.cpus,
         memory_mib=opts.memory_mib,
     )
-    selector = placement_pb2.DeviceSelector(
-        vendor_id=int(opts.vendor, 0) if opts.vendor else 0, models=opts.model or []
-    )
+    selector = placement_pb2.DeviceSelector(vendor_id=opts.vendor, models=opts.model or [])
+
+    def claim(
+        name: str,
+        kind: placement_pb2.DeviceKind.ValueType,
+        count: int,
+        form: placement_pb2.DeviceForm.ValueType,
+        **choices: list[str],
+    ) -> None:
+        isolation = _ISOLATIONS[opts.isolation] if opts.isolation else _FORM_ISOLATION[form]
+        msg.claims.append(
+            placement_pb2.Claim(
+                name=name,
+                kind=kind,
+                count=count,
+                selector=selector,
+                forms=[form],
+                min_isolation=isolation,
+                migratable=opts.migratable,
+                **choices,
+            )
+        )
+
+    whole = placement_pb2.DEVICE_FORM_WHOLE_DEVICE
     for kind, count in (
         (placement_pb2.DEVICE_KIND_GPU, opts.gpu),
         (placement_pb2.DEVICE_KIND_NIC, opts.nic),
         (placement_pb2.DEVICE_KIND_ACCELERATOR, opts.accelerator),
     ):
         if count:
-            name = placement_pb2.DeviceKind.Name(kind).removeprefix("DEVICE_KIND_").lower()
-            msg.claims.append(
-                placement_pb2.Claim(
-                    name=name,
-                    kind=kind,
-                    count=count,
-                    selector=selector,
-                    forms=[placement_pb2.DEVICE_FORM_WHOLE_DEVICE],
-                    migratable=opts.migratable,
-                )
+            claim(
+                placement_pb2.DeviceKind.Name(kind).removeprefix("DEVICE_KIND_").lower(),
+                kind,
+                count,
+                whole,
             )
-    for pair in opts.selector:
-        key, _, value = pair.partition("=")
+    if opts.vf:
+        claim("vf", placement_pb2.DEVICE_KIND_NIC, opts.vf, placement_pb2.DEVICE_FORM_VF)
+    for i, (type_id, count) in enumerate(opts.mdev):
+        claim(
+            f"mdev-{i}",
+            placement_pb2.DEVICE_KIND_GPU,
+            count,
+            placement_pb2.DEVICE_FORM_MDEV,
+            mdev_types=[type_id],
+        )
+    for i, (profile, count) in enumerate(opts.mig):
+        claim(
+            f"mig-{i}",
+            placement_pb2.DEVICE_KIND_GPU,
+            count,
+            placement_pb2.DEVICE_FORM_MIG,
+            mig_profiles=[profile],
+        )
+    for key, value in opts.selector:
         msg.host_selector[key] = value
     return msg
 
@@ -257,23 +336,27 @@ def _cmd_host(stub: scheduler_pb2_grpc.SchedulerStub, opts: argparse.Namespace) 
     """``tessera host ACTION ID``: one line of outcome (a table for a drain)."""
     if opts.action == "cordon":
         h = stub.CordonHost(
-            scheduler_pb2.CordonHostRequest(host_id=opts.id, reason=opts.reason), timeout=30
+            scheduler_pb2.CordonHostRequest(host_id=opts.id, reason=opts.reason),
+            timeout=opts.timeout,
         )
         print(f"cordoned {h.host_id}" + (f": {h.cordon_reason}" if h.cordon_reason else ""))
     elif opts.action == "uncordon":
-        h = stub.UncordonHost(scheduler_pb2.UncordonHostRequest(host_id=opts.id), timeout=30)
+        h = stub.UncordonHost(
+            scheduler_pb2.UncordonHostRequest(host_id=opts.id), timeout=opts.timeout
+        )
         print(f"uncordoned {h.host_id} (schedulable: {_schedulable(h)})")
     elif opts.action == "drain":
         # Each placement is torn down on the host first: allow for many.
         d = stub.DrainHost(
-            scheduler_pb2.DrainHostRequest(host_id=opts.id, reason=opts.reason), timeout=600
+            scheduler_pb2.DrainHostRequest(host_id=opts.id, reason=opts.reason),
+            timeout=max(opts.timeout, 600),
         )
         print(format_drain(d))
         # Non-zero while placements remain, so "drain && forget" stops there.
         return 1 if d.failed else 0
     elif opts.action == "forget":
         f = stub.ForgetHost(
-            scheduler_pb2.ForgetHostRequest(host_id=opts.id, force=opts.force), timeout=60
+            scheduler_pb2.ForgetHostRequest(host_id=opts.id, force=opts.force), timeout=opts.timeout
         )
         dropped = f.dropped_placement_ids
         print(
@@ -291,32 +374,47 @@ def _cmd_rpc(opts: argparse.Namespace) -> int:
         return 2
     try:
         if opts.command == "place":
-            r = stub.Place(scheduler_pb2.PlaceRequest(request=request_from_args(opts)), timeout=60)
+            r = stub.Place(
+                scheduler_pb2.PlaceRequest(request=request_from_args(opts)), timeout=opts.timeout
+            )
             print(format_placements([r.placement]))
         elif opts.command == "explain":
-            e = stub.Explain(scheduler_pb2.ExplainRequest(request=request_from_args(opts)))
+            e = stub.Explain(
+                scheduler_pb2.ExplainRequest(request=request_from_args(opts)), timeout=opts.timeout
+            )
             print(e.summary)
             if e.placeable:
                 print(format_placements([e.placement]))
             for v in e.verdicts:
                 print(f"  {v.plugin}: rejected {v.rejected} ({'; '.join(v.reasons)})")
+            # As grep does: 0 it would be placed, 1 it would not.
+            return 0 if e.placeable else 1
         elif opts.command == "list":
             lr = stub.ListPlacements(
-                scheduler_pb2.ListPlacementsRequest(tenant=opts.tenant, host_id=opts.host)
+                scheduler_pb2.ListPlacementsRequest(tenant=opts.tenant, host_id=opts.host),
+                timeout=opts.timeout,
             )
             print(format_placements(lr.placements))
         elif opts.command == "hosts":
-            print(format_hosts(stub.ListHosts(scheduler_pb2.ListHostsRequest()).hosts))
+            listed = stub.ListHosts(scheduler_pb2.ListHostsRequest(), timeout=opts.timeout)
+            print(format_hosts(listed.hosts))
         elif opts.command == "get":
-            g = stub.GetPlacement(scheduler_pb2.GetPlacementRequest(placement_id=opts.id))
+            g = stub.GetPlacement(
+                scheduler_pb2.GetPlacementRequest(placement_id=opts.id), timeout=opts.timeout
+            )
             print(json.dumps(json_format.MessageToDict(g), indent=2))
         elif opts.command == "release":
-            rel = stub.Release(scheduler_pb2.ReleaseRequest(placement_id=opts.id), timeout=60)
+            rel = stub.Release(
+                scheduler_pb2.ReleaseRequest(placement_id=opts.id), timeout=opts.timeout
+            )
             print(f"released {rel.placement.placement_id} on {rel.placement.host_id}")
         elif opts.command == "host":
             return _cmd_host(stub, opts)
     except grpc.RpcError as err:
         return _fail(err)
+    except RequestFileError as err:
+        print(f"tessera: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -324,14 +422,40 @@ def _request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file", help="PlacementRequest in protobuf JSON mapping (.json/.yaml)")
     p.add_argument("--request-id", default="", help="idempotency key (random if omitted)")
     p.add_argument("--tenant", default="")
-    p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--gpu", type=int, default=0, help="whole GPUs")
-    p.add_argument("--nic", type=int, default=0, help="whole NICs")
-    p.add_argument("--accelerator", type=int, default=0, help="whole accelerators")
-    p.add_argument("--vendor", default="", help="PCI vendor id, e.g. 0x10de")
+    p.add_argument("--priority", type=_priority, default=0)
+    p.add_argument("--gpu", type=_count, default=0, help="whole GPUs (passthrough)")
+    p.add_argument("--nic", type=_count, default=0, help="whole NICs (passthrough)")
+    p.add_argument("--accelerator", type=_count, default=0, help="whole accelerators")
+    p.add_argument("--vf", type=_count, default=0, help="SR-IOV VFs of NICs")
+    p.add_argument(
+        "--mdev",
+        type=_choice_count,
+        action="append",
+        default=[],
+        metavar="TYPE[:N]",
+        help="vGPU mdevs of a type, e.g. nvidia-63 (repeatable)",
+    )
+    p.add_argument(
+        "--mig",
+        type=_choice_count,
+        action="append",
+        default=[],
+        metavar="PROFILE[:N]",
+        help="MIG instances of a profile, e.g. 3g.40gb or 1g.10gb:2 (repeatable)",
+    )
+    p.add_argument(
+        "--isolation",
+        choices=sorted(_ISOLATIONS),
+        default="",
+        help="least isolation accepted (default: what each form gives: whole exclusive, "
+        "MIG partitioned, VF and mdev shared)",
+    )
+    p.add_argument("--vendor", type=_vendor, default=0, help="PCI vendor id, e.g. 0x10de")
     p.add_argument("--model", action="append", help="accepted model name (repeatable)")
     p.add_argument("--numa", choices=sorted(_NUMA), default="none", help="NUMA policy")
-    p.add_argument("--selector", action="append", default=[], help="host label KEY=VALUE")
+    p.add_argument(
+        "--selector", type=_label, action="append", default=[], help="host label KEY=VALUE"
+    )
     p.add_argument("--migratable", action="store_true", help="must be live-migratable")
     p.add_argument(
         "--cpus", type=_cpus, default=0, help="host CPUs beside the devices (e.g. 8 or 0.5)"
@@ -339,6 +463,66 @@ def _request_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memory-mib", type=_memory_mib, default=0, help="host memory beside the devices, MiB"
     )
+
+
+def _timeout(text: str) -> float:
+    """``--timeout``: seconds, above 0 and at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: a number of seconds") from None
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: above 0 and at most 86400 seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    """A device count flag: 0 to the most one claim may ask."""
+    if not text.isdigit() or int(text) > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: a count from 0 to {MAX_COUNT}")
+    return int(text)
+
+
+def _choice_count(text: str) -> tuple[str, int]:
+    """``NAME[:N]``: a MIG profile or mdev type and how many (1 when left out)."""
+    name, sep, count = text.partition(":")
+    if not name or len(name) > 64:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: NAME or NAME:COUNT")
+    if not sep:
+        return name, 1
+    if not count.isdigit() or not 1 <= int(count) <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: a count from 1 to {MAX_COUNT}")
+    return name, int(count)
+
+
+def _vendor(text: str) -> int:
+    """A PCI vendor id, ``0x10de`` or decimal."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: a PCI vendor id, e.g. 0x10de") from None
+    if not 0 <= value <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: a PCI vendor id is 0x0000 to 0xffff")
+    return value
+
+
+def _priority(text: str) -> int:
+    """A request's priority: a 32-bit signed number."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: a whole number") from None
+    if not -(2**31) <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: out of range")
+    return value
+
+
+def _label(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of a host label; a bare key is refused, not read as an empty value."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: KEY=VALUE")
+    return key, value
 
 
 def _port(text: str) -> int:
@@ -393,6 +577,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Path(os.environ["TESSERA_TLS_DIR"]) if os.environ.get("TESSERA_TLS_DIR") else None,
         help="mutual TLS: ca.pem, cert.pem (a tenant, frontend or admin identity), key.pem "
         "[TESSERA_TLS_DIR]; without it, plaintext (a scheduler on loopback)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=60.0,
+        help="seconds each call to the scheduler may take (a drain: at least 600) [60]",
     )
     sub = p.add_subparsers(dest="command", required=True)
     certs = sub.add_parser("certs", help="create a CA, issue certificates, show one")

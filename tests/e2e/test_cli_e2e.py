@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,3 +178,55 @@ def test_the_scheduler_raises_its_open_files_limit_to_the_hard_limit() -> None:
     assert soft_before == 256 and hard_seen == hard
     wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
     assert reported == soft_after == wanted
+
+
+@pytest.fixture(scope="module")
+def virt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The 2-socket virtualization host: SR-IOV NICs, a P4 for vGPU, an A100 in MIG mode."""
+    with LocalCluster(tmp_path_factory.mktemp("cli-forms")) as c:
+        c.start_valkey()
+        # Heartbeats every second: a released MIG instance stays live in the
+        # host's report (and so taken) until its agent reports again.
+        c.start_scheduler("scheduler", "--heartbeat-interval", "1")
+        c.start_agent("virt", c.build_fake_host("virt-2s", "virt", mig=("0000:4b:00.0",)))
+        c.wait_for_hosts({"virt"})
+        yield c
+
+
+def a100_empty(at: tuple[str, ...]) -> None:
+    """Wait until the A100's MIG instances of earlier tests are reported gone (a 7g fits)."""
+    deadline = time.monotonic() + 30
+    while tessera(*at, "explain", "--tenant", "acme", "--mig", "7g.80gb").returncode != 0:
+        assert time.monotonic() < deadline, "the A100's instances were never reported gone"
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "shown"),
+    [
+        (["--vf", "2"], "VF 1 of"),
+        (["--mdev", "nvidia-63"], "mdev nvidia-63 on"),
+        (["--mig", "3g.40gb:2"], "MIG 3g.40gb@"),
+        (["--mig", "1g.10gb", "--vf", "1"], "MIG 1g.10gb@"),
+    ],
+    ids=["vf", "mdev", "mig", "mig+vf"],
+)
+def test_every_form_is_placed_from_flags(virt: LocalCluster, flags: list[str], shown: str) -> None:
+    at = as_identity(virt)
+    a100_empty(at)
+    placed = tessera(*at, "place", "--tenant", "acme", *flags)
+    assert placed.returncode == 0, placed.stderr
+    assert shown in placed.stdout
+    placement_id = placed.stdout.splitlines()[2].split()[0]
+    assert tessera(*at, "release", placement_id).returncode == 0
+
+
+def test_explain_exits_0_when_a_request_would_be_placed_and_1_when_not(virt: LocalCluster) -> None:
+    at = as_identity(virt)
+    a100_empty(at)
+    fits = tessera(*at, "explain", "--tenant", "acme", "--mig", "1g.10gb")
+    assert fits.returncode == 0, fits.stderr
+    # Passthrough cannot live-migrate: no host can take it.
+    refused = tessera(*at, "explain", "--tenant", "acme", "--gpu", "1", "--migratable")
+    assert refused.returncode == 1, refused.stderr
+    assert "rejected" in refused.stdout
