@@ -194,13 +194,32 @@ def _serve(cluster: LocalCluster) -> int:
     return 1
 
 
+def _still_reported(stub: scheduler_pb2_grpc.SchedulerStub, wait_s: float = 15.0) -> list[str]:
+    """Hosts whose agents still report units in use, by form, once they had time to report."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        hosts = stub.ListHosts(scheduler_pb2.ListHostsRequest(), timeout=30).hosts
+        used = [
+            f"{h.host_id}: {form} {n}"
+            for h in hosts
+            for form, n in sorted(h.used_by_form.items())
+            if n
+        ]
+        if not used or time.monotonic() > deadline:
+            return used
+        time.sleep(0.5)
+
+
 def _run(cluster: LocalCluster, serve: bool = False, http_port: int = 0) -> int:
     print("starting embedded Valkey, scheduler and three agents on fake hosts ...")
     cluster.start_valkey()
+    # Heartbeats every second: what the agents report (live VFs, mdevs and
+    # MIG instances) is seen soon after each change.
+    beat = ("--heartbeat-interval", "1")
     if serve:
-        cluster.start_scheduler("scheduler", "--http-listen", f"127.0.0.1:{http_port}")
+        cluster.start_scheduler("scheduler", *beat, "--http-listen", f"127.0.0.1:{http_port}")
     else:
-        cluster.start_scheduler()
+        cluster.start_scheduler("scheduler", *beat)
     for host_id, fixture, labels, mig in DEMO_HOSTS:
         cluster.start_agent(host_id, cluster.build_fake_host(fixture, host_id, mig), labels)
     cluster.wait_for_hosts({h for h, _, _, _ in DEMO_HOSTS})
@@ -271,6 +290,9 @@ def _run(cluster: LocalCluster, serve: bool = False, http_port: int = 0) -> int:
     ok = ok and all(d != "vfio-pci" for d in restored.values())
     orphans = _sliced_left(cluster, placements)
     print(f"VFs and mdevs left on the hosts: {orphans or 'none'}")
+    reported = _still_reported(stub)
+    print(f"units the agents still report in use (MIG instances too): {reported or 'none'}")
+    orphans += reported
     left = stub.ListPlacements(scheduler_pb2.ListPlacementsRequest()).placements
     ok = ok and not left and not orphans
     print(f"\nplacements left: {len(left)}")
