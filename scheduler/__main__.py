@@ -29,6 +29,7 @@ from scheduler.dashboard.cluster_view import ClusterView
 from scheduler.dashboard.live import ChangeFeed
 from scheduler.dashboard.metrics import SchedulerMetrics
 from scheduler.dashboard.server import split_listen, start_http
+from scheduler.flags import seconds, seconds_or_off
 from scheduler.service import collector
 from scheduler.service.agent_connections import AgentConnections, WarmSettings
 from scheduler.service.agent_gateway import GrpcAgentGateway
@@ -91,31 +92,6 @@ def raise_open_files_limit() -> int:
             continue
         return limit
     return soft
-
-
-def _seconds(text: str) -> float:
-    """A flag's duration: a finite, positive number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    # Up to a day: a longer wait is a typo, and inf or nan would never fire.
-    if not 0 < value <= 86_400:
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most 86400 seconds: {text!r}")
-    return value
-
-
-def _seconds_or_off(text: str) -> float:
-    """A flag's duration as :func:`_seconds`, or 0 for off."""
-    try:
-        if float(text) == 0:
-            return 0.0
-    except ValueError:
-        pass
-    try:
-        return _seconds(text)
-    except argparse.ArgumentTypeError as err:
-        raise argparse.ArgumentTypeError(f"{err}, or 0 for off") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -182,26 +158,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lease", type=int, default=20, help="seconds a silent host stays schedulable")
     p.add_argument(
         "--reap-pending-after",
-        type=_seconds,
+        type=seconds,
         default=90.0,
         help="seconds after which a placement stuck PENDING/RELEASING is torn down (reaper)",
     )
     p.add_argument(
         "--housekeeping-interval",
-        type=_seconds,
+        type=seconds,
         default=5.0,
         help="seconds between reaper rounds",
     )
     p.add_argument(
         "--full-sweep-interval",
-        type=_seconds,
+        type=seconds,
         default=300.0,
         help="seconds between full sweeps: every host reconciled with its agent, request "
         "records left behind by a crash settled (default 300)",
     )
     p.add_argument(
         "--forget-dead-after",
-        type=_seconds_or_off,
+        type=seconds_or_off,
         default=86_400.0,
         help="seconds past its lease after which a silent host holding no placement is "
         "forgotten (removed from the store, audited, as Nomad collects down nodes); a host "
@@ -209,7 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--agent-warm-interval",
-        type=_seconds_or_off,
+        type=seconds_or_off,
         default=60.0,
         help="seconds between rounds that open connections to the live hosts' agents ahead "
         "of Places, so a Place does not wait for a TLS handshake; 0: off (default 60)",

@@ -32,7 +32,9 @@ import yaml
 from google.protobuf import json_format
 
 from scheduler.core.validation import MAX_COUNT, MAX_CPU_MILLI, MAX_MEMORY_MIB
+from scheduler.flags import seconds
 from scheduler.presentation import describe_slot
+from scheduler.service.convert import least_isolation
 from tessera.security.certs import CertificateError, browser_bundle, create_ca, issue
 from tessera.security.identity import SCHEDULER_DNS_NAME, Role
 from tessera.security.tls import TlsConfigError, TlsDir, load_material, sync_channel
@@ -202,13 +204,6 @@ def _request_file(path: str) -> placement_pb2.PlacementRequest:
     return msg
 
 
-#: The isolation each form needs at least, as the scheduler judges it.
-_FORM_ISOLATION = {
-    placement_pb2.DEVICE_FORM_WHOLE_DEVICE: placement_pb2.ISOLATION_EXCLUSIVE,
-    placement_pb2.DEVICE_FORM_MIG: placement_pb2.ISOLATION_PARTITIONED,
-    placement_pb2.DEVICE_FORM_VF: placement_pb2.ISOLATION_SHARED,
-    placement_pb2.DEVICE_FORM_MDEV: placement_pb2.ISOLATION_SHARED,
-}
 _ISOLATIONS = {
     "exclusive": placement_pb2.ISOLATION_EXCLUSIVE,
     "partitioned": placement_pb2.ISOLATION_PARTITIONED,
@@ -241,7 +236,7 @@ def request_from_args(opts: argparse.Namespace) -> placement_pb2.PlacementReques
         form: placement_pb2.DeviceForm.ValueType,
         **choices: list[str],
     ) -> None:
-        isolation = _ISOLATIONS[opts.isolation] if opts.isolation else _FORM_ISOLATION[form]
+        isolation = _ISOLATIONS[opts.isolation] if opts.isolation else least_isolation(form)
         msg.claims.append(
             placement_pb2.Claim(
                 name=name,
@@ -465,17 +460,6 @@ def _request_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _timeout(text: str) -> float:
-    """``--timeout``: seconds, above 0 and at most a day."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text[:32]!r}: a number of seconds") from None
-    if not 0 < value <= 86_400:
-        raise argparse.ArgumentTypeError(f"{text[:32]!r}: above 0 and at most 86400 seconds")
-    return value
-
-
 def _count(text: str) -> int:
     """A device count flag: 0 to the most one claim may ask."""
     if not text.isdigit() or int(text) > MAX_COUNT:
@@ -580,7 +564,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--timeout",
-        type=_timeout,
+        type=seconds,
         default=60.0,
         help="seconds each call to the scheduler may take (a drain: at least 600) [60]",
     )

@@ -40,7 +40,7 @@ from scheduler.dashboard.cluster_view import ClusterView
 from scheduler.dashboard.fleet import FleetFilter, page_of, totals
 from scheduler.dashboard.live import ChangeFeed, TooManyListenersError
 from scheduler.presentation import describe_slot, form_of, state_label, state_name
-from scheduler.service.convert import explain_response, parsed_request
+from scheduler.service.convert import explain_response, least_isolation, parsed_request
 from scheduler.service.coordinator import PlacementCoordinator
 from scheduler.service.errors import SchedulerError, status_of
 from tessera.security.audit import AuditLog
@@ -665,13 +665,6 @@ _FORMS = {
     "mig": placement_pb2.DEVICE_FORM_MIG,
 }
 
-_ISOLATION = {
-    placement_pb2.DEVICE_FORM_WHOLE_DEVICE: placement_pb2.ISOLATION_EXCLUSIVE,
-    placement_pb2.DEVICE_FORM_MIG: placement_pb2.ISOLATION_PARTITIONED,
-    placement_pb2.DEVICE_FORM_VF: placement_pb2.ISOLATION_SHARED,
-    placement_pb2.DEVICE_FORM_MDEV: placement_pb2.ISOLATION_SHARED,
-}
-
 
 def _explain_request(form: dict[str, str]) -> placement_pb2.PlacementRequest:
     """The request the Explain form describes: pasted JSON, or built from its fields.
@@ -699,7 +692,7 @@ def _explain_request(form: dict[str, str]) -> placement_pb2.PlacementRequest:
         count=count,
         forms=[device_form],
         # The form chosen is the isolation accepted: a slice or a VF shares.
-        min_isolation=_ISOLATION[device_form],
+        min_isolation=least_isolation(device_form),
     )
     if form.get("model", "").strip():
         claim.selector.models.append(form["model"].strip())

@@ -40,6 +40,7 @@ from scheduler.core.plan import (
     WholeDeviceAssignment,
 )
 from scheduler.core.request import (
+    FORM_ISOLATION,
     Affinity,
     AffinityScope,
     Claim,
@@ -85,6 +86,21 @@ _ISOLATION: Mapping[int, Isolation] = {
     placement_pb2.ISOLATION_PARTITIONED: Isolation.PARTITIONED,
     placement_pb2.ISOLATION_SHARED: Isolation.SHARED,
 }
+#: Each isolation level as the wire names it (UNSPECIFIED, read as exclusive, aside).
+_WIRE_ISOLATION: Mapping[Isolation, int] = {
+    level: wire for wire, level in _ISOLATION.items() if wire != placement_pb2.ISOLATION_UNSPECIFIED
+}
+
+
+def least_isolation(form: placement_pb2.DeviceForm.ValueType) -> placement_pb2.Isolation.ValueType:
+    """The least isolation a claim of ``form`` must accept (:data:`FORM_ISOLATION`), on the wire.
+
+    What a client building a claim of one form asks for by default: a MIG
+    instance is refused to a claim that accepts only exclusive devices.
+    """
+    return placement_pb2.Isolation.ValueType(_WIRE_ISOLATION[FORM_ISOLATION[_FORMS[form]]])
+
+
 _NUMA: Mapping[int, NumaPolicy] = {
     placement_pb2.NUMA_POLICY_UNSPECIFIED: NumaPolicy.NONE,
     placement_pb2.NUMA_POLICY_NONE: NumaPolicy.NONE,
