@@ -563,6 +563,22 @@ def state_of(placement: placement_pb2.Placement) -> PlacementState | None:
     return _STATES_ON_WIRE.get(placement.state)
 
 
+def as_prepared(
+    sent: placement_pb2.Placement, answered: placement_pb2.Placement
+) -> placement_pb2.Placement:
+    """What an agent answered Prepare with, but the history the scheduler sent.
+
+    The agent fills in what it made (a VF's address, an mdev's or a MIG
+    instance's handle); the states a placement went through are the
+    scheduler's to say, not a host's.
+    """
+    prepared = placement_pb2.Placement()
+    prepared.CopyFrom(answered)
+    prepared.ClearField("history")
+    prepared.history.extend(sent.history)
+    return prepared
+
+
 #: State changes a placement keeps (:func:`with_state`).
 MAX_HISTORY = 32
 

@@ -54,6 +54,7 @@ from scheduler.core.lifecycle import (
     move,
 )
 from scheduler.service.agent_gateway import AgentCallError, HousekeepingGateway
+from scheduler.service.convert import as_prepared
 from scheduler.service.placement_moves import PlacementMoves
 from scheduler.store import schema
 from scheduler.store.redis_store import (
@@ -538,7 +539,10 @@ class Housekeeper:
         if claimed is None:
             return  # released or changed meanwhile: nothing to restore
         try:
-            prepared = await self._agents.prepare_fenced(record.agent_address, claimed, fence.token)
+            prepared = as_prepared(
+                claimed,
+                await self._agents.prepare_fenced(record.agent_address, claimed, fence.token),
+            )
         except AgentCallError as err:
             detail = f"the host lost it and cannot prepare it again: {err.message}"
             await self._mark_failed(claimed, _QUARANTINE_LOST, detail, fence)

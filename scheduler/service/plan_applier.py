@@ -28,7 +28,7 @@ from scheduler.core.plan import Plan
 from scheduler.core.snapshot import HostState
 from scheduler.service.agent_gateway import AgentCallError, AgentGateway
 from scheduler.service.cluster_model import LiveCluster
-from scheduler.service.convert import Submitted, placement_from_plan
+from scheduler.service.convert import Submitted, as_prepared, placement_from_plan
 from scheduler.service.errors import (
     ContentionError,
     HostOperationError,
@@ -303,7 +303,9 @@ class PlanApplier:
                 carried it out; the host side was undone.
         """
         try:
-            prepared = await self._agents.prepare(record.agent_address, placement)
+            prepared = as_prepared(
+                placement, await self._agents.prepare(record.agent_address, placement)
+            )
         except AgentCallError as err:
             await asyncio.shield(self._abandon(placement, record, err.message))
             raise HostOperationError(

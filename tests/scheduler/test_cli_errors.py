@@ -40,6 +40,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "tabs.yaml").write_text("claims:\n\t- kind: x\n")
     (d / "unknown-field.json").write_text(json.dumps({"tenant": "acme", "gpus": 2}))
     (d / "binary.json").write_bytes(b"\xff\xfe\x00")
+    (d / "short.txt").write_text("short\n")
     return d
 
 
@@ -73,6 +74,7 @@ MISTAKES = [
         "No such file",
     ),
     (["nosuch"], "invalid choice"),
+    (["certs", "p12", "{d}", "{d}/x.p12", "--password-file", "{d}/short.txt"], "at least 8"),
 ]
 
 
@@ -100,6 +102,8 @@ def test_a_mistake_on_the_tessera_line_is_one_line_and_exit_2(
         ("agent", ["run", "--log-level", "bogus"], "--log-level"),
         ("scheduler", ["--log-level", "bogus"], "--log-level"),
         ("scheduler", ["--http-listen", "nowhere"], "--http-listen"),
+        ("scheduler", ["--forget-dead-after", "forever"], "--forget-dead-after"),
+        ("scheduler", ["--forget-dead-after", "-1"], "--forget-dead-after"),
     ],
 )
 def test_a_mistake_on_the_agent_or_scheduler_line_is_one_line_and_exit_2(

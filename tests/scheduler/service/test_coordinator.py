@@ -33,6 +33,8 @@ class ScriptedAgents:
         # Unprepare's address, in order.
         self.listening: str | None = None
         self.unprepared_at: list[str] = []
+        # State changes a hostile agent writes into the placement it returns.
+        self.forged_history: list[placement_pb2.StateChange] = []
 
     async def prepare(
         self, address: str, placement: placement_pb2.Placement
@@ -42,6 +44,11 @@ class ScriptedAgents:
         if self.fail_prepare:
             raise AgentCallError(address, grpc.StatusCode.INTERNAL, "bind failed")
         self.prepared.add(placement.placement_id)
+        if self.forged_history:
+            forged = placement_pb2.Placement()
+            forged.CopyFrom(placement)
+            forged.history.extend(self.forged_history)
+            return forged
         return placement
 
     async def unprepare(self, address: str, placement: placement_pb2.Placement) -> None:
@@ -103,6 +110,32 @@ def test_a_release_while_prepare_is_in_flight_is_refused_and_frees_nothing(
             await coordinator.place(gpu("r2"))
         await coordinator.release(ready.placement_id, "")
         assert agents.prepared == set()
+
+    arun(body())
+
+
+def test_a_placements_history_is_the_schedulers_own_whatever_its_agent_returns(
+    setup: tuple[PlacementCoordinator, ScriptedAgents], arun: Runner
+) -> None:
+    coordinator, agents = setup
+    agents.gate.set()
+    # An agent answering Prepare with states the placement never went through.
+    agents.forged_history = [
+        placement_pb2.StateChange(
+            state=placement_pb2.PLACEMENT_STATE_FAILED, unix_ms=1, message="forged"
+        )
+    ] * 1000
+
+    async def body() -> None:
+        await coordinator.register(inventory(), "agent:1")
+        placed = await coordinator.place(gpu("r1"))
+        stored = await coordinator.get(placed.placement_id, "")
+        for placement in (placed, stored):
+            assert [h.state for h in placement.history] == [
+                placement_pb2.PLACEMENT_STATE_PENDING,
+                placement_pb2.PLACEMENT_STATE_READY,
+            ]
+            assert all(h.message != "forged" for h in placement.history)
 
     arun(body())
 
