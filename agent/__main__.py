@@ -27,13 +27,13 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agent.allowlist import AllowList
-from agent.checkpoint import Checkpoint
-from agent.nvml import NullNvmlClient, NvmlClient, NvmlMigClient, open_nvml
-from agent.registration import RegistrationLoop
-from agent.reporter import HostReporter, read_boot_id
-from agent.service import AgentServicer
-from agent.sysfs import FAKE_HOST_MARKER, NotASysfsTreeError, Sysfs, SysfsWriter
+from tessera.agent.allowlist import AllowList
+from tessera.agent.checkpoint import Checkpoint
+from tessera.agent.nvml import NullNvmlClient, NvmlClient, NvmlMigClient, open_nvml
+from tessera.agent.registration import RegistrationLoop
+from tessera.agent.reporter import HostReporter, read_boot_id
+from tessera.agent.service import AgentServicer
+from tessera.agent.sysfs import FAKE_HOST_MARKER, NotASysfsTreeError, Sysfs, SysfsWriter
 from tessera.keepalive import KEEPALIVE
 from tessera.logs import log_level
 from tessera.security.audit import AuditLog
@@ -87,7 +87,7 @@ def _sysfs(root: Path, fake_kernel: bool) -> Sysfs:
         # Only a fake tree may be driven by the emulator; never a real /sys.
         if not (root / FAKE_HOST_MARKER).exists():
             raise SystemExit(f"tessera-agent: --fake-kernel needs a fake host tree; {root} is not")
-        from agent.testing.kernel import KernelEmulator
+        from tessera.agent.testing.kernel import KernelEmulator
 
         writer = KernelEmulator(root)
     return Sysfs(root, writer)
@@ -102,7 +102,7 @@ def _nvml(root: Path) -> NvmlMigClient:
     path is what runs.
     """
     if (root / FAKE_HOST_MARKER).exists():
-        from agent.testing.nvml import STATE_FILE, FakeNvml
+        from tessera.agent.testing.nvml import STATE_FILE, FakeNvml
 
         if (root / STATE_FILE).exists():
             return open_nvml(FakeNvml.from_tree(root))
@@ -175,7 +175,7 @@ def cmd_inventory(opts: argparse.Namespace) -> int:
 
 def cmd_fakehost(opts: argparse.Namespace) -> int:
     """Build or list fake host trees."""
-    from agent.testing.hosts import FIXTURES, build
+    from tessera.agent.testing.hosts import FIXTURES, build
 
     if opts.action == "list":
         for name in sorted(FIXTURES):
@@ -206,7 +206,7 @@ def _enable_mig(root: Path, addresses: list[str]) -> None:
     """
     import pynvml
 
-    from agent.testing.nvml import FakeNvml, nvml_bus_id
+    from tessera.agent.testing.nvml import FakeNvml, nvml_bus_id
 
     nvml = FakeNvml.from_tree(root)
     nvml.nvmlInit()

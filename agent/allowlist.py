@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from agent.probes.pci import PciAddress, PciFunction, is_pci_address
+from tessera.agent.probes.pci import PciAddress, PciFunction, is_pci_address
 
 #: The ``host_use`` reason of a function outside the allow-list.
 NOT_ALLOWED = "not in the agent's allow-list"

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from agent.allowlist import AllowList
-from agent.nvml import (
+from tessera.agent.allowlist import AllowList
+from tessera.agent.nvml import (
     GpuInstance,
     GpuInstanceProfile,
     MigMode,
@@ -23,16 +23,16 @@ from agent.nvml import (
     NvmlError,
     sysfs_address,
 )
-from agent.probes.host_use import host_use
-from agent.probes.iommu import IommuGroupNumber, IommuTopology, probe_iommu
-from agent.probes.mdev import MdevParent, probe_mdev
-from agent.probes.migration import Migratability, migratability
-from agent.probes.numa import NumaNode, probe_numa
-from agent.probes.pci import PciAddress, PciFunction, probe_pci
-from agent.probes.pcie import Locality, PcieTree, probe_tree
-from agent.probes.sriov import SriovPf, probe_sriov
-from agent.probes.vfio import VfioState, probe_vfio
-from agent.sysfs import Sysfs
+from tessera.agent.probes.host_use import host_use
+from tessera.agent.probes.iommu import IommuGroupNumber, IommuTopology, probe_iommu
+from tessera.agent.probes.mdev import MdevParent, probe_mdev
+from tessera.agent.probes.migration import Migratability, migratability
+from tessera.agent.probes.numa import NumaNode, probe_numa
+from tessera.agent.probes.pci import PciAddress, PciFunction, probe_pci
+from tessera.agent.probes.pcie import Locality, PcieTree, probe_tree
+from tessera.agent.probes.sriov import SriovPf, probe_sriov
+from tessera.agent.probes.vfio import VfioState, probe_vfio
+from tessera.agent.sysfs import Sysfs
 
 _T = TypeVar("_T")
 

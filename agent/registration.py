@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
-from agent.reporter import HostReporter
+from tessera.agent.reporter import HostReporter
 from tessera.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from agent.discovery import Gpu, HostReport, MigCapable
-from agent.nvml import MigMode, MigPlacement
-from agent.probes.iommu import IommuDomainType, IommuGroup
-from agent.probes.mdev import MdevParent
-from agent.probes.pci import PciFunction
-from agent.probes.pcie import PciRole
-from agent.probes.sriov import SriovPf
-from agent.probes.vfio import group_node
+from tessera.agent.discovery import Gpu, HostReport, MigCapable
+from tessera.agent.nvml import MigMode, MigPlacement
+from tessera.agent.probes.iommu import IommuDomainType, IommuGroup
+from tessera.agent.probes.mdev import MdevParent
+from tessera.agent.probes.pci import PciFunction
+from tessera.agent.probes.pcie import PciRole
+from tessera.agent.probes.sriov import SriovPf
+from tessera.agent.probes.vfio import group_node
 from tessera.v1 import inventory_pb2
 
 _ROLES: Mapping[PciRole, inventory_pb2.PciRole.ValueType] = {

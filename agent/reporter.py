@@ -8,11 +8,11 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from agent.allowlist import AllowList
-from agent.discovery import discover
-from agent.nvml import NvmlClient
-from agent.report import to_inventory
-from agent.sysfs import Sysfs
+from tessera.agent.allowlist import AllowList
+from tessera.agent.discovery import discover
+from tessera.agent.nvml import NvmlClient
+from tessera.agent.report import to_inventory
+from tessera.agent.sysfs import Sysfs
 from tessera.v1 import inventory_pb2
 
 

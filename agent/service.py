@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from agent.actuation import ActuationError
-from agent.actuation.mdev import MdevActuationError, MdevManager
-from agent.actuation.mig import MigActuationError, MigPartitioner
-from agent.actuation.sriov import SriovActuationError, SriovConfigurator
-from agent.actuation.steps import (
+from tessera.agent.actuation import ActuationError
+from tessera.agent.actuation.mdev import MdevActuationError, MdevManager
+from tessera.agent.actuation.mig import MigActuationError, MigPartitioner
+from tessera.agent.actuation.sriov import SriovActuationError, SriovConfigurator
+from tessera.agent.actuation.steps import (
     MdevCreate,
     MigCreate,
     SriovEnable,
@@ -53,10 +53,10 @@ from agent.actuation.steps import (
     StepState,
     VfioBind,
 )
-from agent.actuation.vfio import BindingRecord, VfioActuationError, VfioBinder
-from agent.allowlist import AllowList
-from agent.checkpoint import Checkpoint, CheckpointEntry
-from agent.locks import (
+from tessera.agent.actuation.vfio import BindingRecord, VfioActuationError, VfioBinder
+from tessera.agent.allowlist import AllowList
+from tessera.agent.checkpoint import Checkpoint, CheckpointEntry
+from tessera.agent.locks import (
     LockSet,
     ResourceLocks,
     device_key,
@@ -65,7 +65,7 @@ from agent.locks import (
     placement_key,
     vf_slot_key,
 )
-from agent.nvml import (
+from tessera.agent.nvml import (
     GpuInstance,
     MigPlacement,
     NullNvmlClient,
@@ -73,11 +73,11 @@ from agent.nvml import (
     NvmlGpu,
     NvmlMigClient,
 )
-from agent.probes.host_use import host_use
-from agent.probes.pci import PciAddress, PciFunction, is_pci_address, read_function
-from agent.probes.vfio import VFIO_PCI, is_vfio_driver
-from agent.reporter import HostReporter
-from agent.sysfs import Sysfs
+from tessera.agent.probes.host_use import host_use
+from tessera.agent.probes.pci import PciAddress, PciFunction, is_pci_address, read_function
+from tessera.agent.probes.vfio import VFIO_PCI, is_vfio_driver
+from tessera.agent.reporter import HostReporter
+from tessera.agent.sysfs import Sysfs
 from tessera.v1 import agent_pb2, agent_pb2_grpc, placement_pb2
 
 log = logging.getLogger(__name__)

@@ -42,18 +42,18 @@ from bench.engine import commit, mixed_requests
 from bench.fleet import build_fleet, snapshot
 from bench.policies import POLICIES
 from bench.report import bar_plot, table
-from scheduler.core.checker import check_placements
-from scheduler.core.engine.batch import BatchSettings, solve_batch
-from scheduler.core.engine.batch_value import (
+from tessera.scheduler.core.checker import check_placements
+from tessera.scheduler.core.engine.batch import BatchSettings, solve_batch
+from tessera.scheduler.core.engine.batch_value import (
     gpu_equivalents_of,
     learn_gpu_units,
     request_values,
     value_quantum,
 )
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.plan import Plan
-from scheduler.core.request import PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.request import PlacementRequest
+from tessera.scheduler.core.snapshot import ClusterSnapshot
 
 OUT = Path(__file__).parent / "out"
 SEED = 20261125

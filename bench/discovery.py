@@ -21,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.discovery import discover
-from agent.nvml import NullNvmlClient, NvmlClient, open_nvml
-from agent.sysfs import Sysfs
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
-from agent.testing.nvml import STATE_FILE, FakeNvml
+from tessera.agent.discovery import discover
+from tessera.agent.nvml import NullNvmlClient, NvmlClient, open_nvml
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
+from tessera.agent.testing.nvml import STATE_FILE, FakeNvml
 
 OUT = Path(__file__).parent / "out"
 SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -67,7 +67,8 @@ def measure(fixture: str, repeat: int) -> dict[str, object]:
             samples.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "agent", "inventory", "--json", "--sysfs-root", str(root)],
+            [sys.executable, "-m", "tessera.agent", "inventory", "--json",
+             "--sysfs-root", str(root)],
             check=True, capture_output=True,
         )  # fmt: skip
         cli_s = time.perf_counter() - t0

@@ -38,12 +38,12 @@ if __package__ in (None, ""):
 from bench.figures import latency_summary
 from bench.fleet import build_fleet, describe, fixture_inventory, snapshot
 from bench.report import git_state, machine
-from scheduler.core.checker import check_placements
-from scheduler.core.engine.batch import BatchResult, BatchSettings, solve_batch
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import PlacementId, RequestId, TenantName
-from scheduler.core.plan import Plan
-from scheduler.core.request import (
+from tessera.scheduler.core.checker import check_placements
+from tessera.scheduler.core.engine.batch import BatchResult, BatchSettings, solve_batch
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.identity import PlacementId, RequestId, TenantName
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.request import (
     Affinity,
     AffinityScope,
     Claim,
@@ -53,7 +53,7 @@ from scheduler.core.request import (
     NumaPolicy,
     PlacementRequest,
 )
-from scheduler.core.snapshot import ClusterSnapshot, with_reservation
+from tessera.scheduler.core.snapshot import ClusterSnapshot, with_reservation
 
 OUT = Path(__file__).parent / "out"
 SEED = 20261124

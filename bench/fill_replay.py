@@ -66,9 +66,9 @@ from bench.trace_replay import (
     request_of,
     task_class,
 )
-from scheduler.core.engine.fastpath import Engine, default_profile
-from scheduler.core.engine.plugins import FragmentationScorer
-from scheduler.core.engine.policies import (
+from tessera.scheduler.core.engine.fastpath import Engine, default_profile
+from tessera.scheduler.core.engine.plugins import FragmentationScorer
+from tessera.scheduler.core.engine.policies import (
     PACKING_POLICY,
     BestFitPolicy,
     FeasibleHostsBaseline,
@@ -79,7 +79,7 @@ from scheduler.core.engine.policies import (
     TesseraPolicy,
     packing_policy,
 )
-from scheduler.core.fragmentation import (
+from tessera.scheduler.core.fragmentation import (
     TaskMix,
     TaskMixLearner,
     TaskShape,
@@ -87,11 +87,11 @@ from scheduler.core.fragmentation import (
     host_fragmentation,
     share_step,
 )
-from scheduler.core.identity import HostId, PlacementId
-from scheduler.core.occupancy import build_occupancy
-from scheduler.core.plan import Plan
-from scheduler.core.request import PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
+from tessera.scheduler.core.identity import HostId, PlacementId
+from tessera.scheduler.core.occupancy import build_occupancy
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.request import PlacementRequest
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
 
 #: The trace's task lists, by variant name.
 TRACES: Mapping[str, str] = {

@@ -38,13 +38,13 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from agent.nvml import NullNvmlClient, NvmlClient, open_nvml
-from agent.reporter import HostReporter
-from agent.sysfs import Sysfs
-from agent.testing.hosts import FIXTURES, build
-from agent.testing.nvml import STATE_FILE, FakeNvml
-from scheduler.core.snapshot import ClusterSnapshot
-from scheduler.planning import snapshot_of
+from tessera.agent.nvml import NullNvmlClient, NvmlClient, open_nvml
+from tessera.agent.reporter import HostReporter
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.hosts import FIXTURES, build
+from tessera.agent.testing.nvml import STATE_FILE, FakeNvml
+from tessera.scheduler.core.snapshot import ClusterSnapshot
+from tessera.scheduler.planning import snapshot_of
 from tessera.v1 import inventory_pb2
 
 #: Share of each fixture type in the default fleet.

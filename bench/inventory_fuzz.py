@@ -65,8 +65,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.protowire import varint
-from scheduler.local_cluster import LocalCluster
-from scheduler.store import schema
+from tessera.scheduler.local_cluster import LocalCluster
+from tessera.scheduler.store import schema
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent

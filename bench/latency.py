@@ -57,8 +57,8 @@ from bench import report
 from bench.engine import SHAPES, TENANTS, commit
 from bench.fleet import build_fleet, describe, snapshot
 from bench.policies import POLICIES
-from scheduler.core.plan import Plan
-from scheduler.core.request import (
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.request import (
     AffinityScope,
     DeviceForm,
     DeviceKind,
@@ -67,9 +67,9 @@ from scheduler.core.request import (
     NumaPolicy,
     PlacementRequest,
 )
-from scheduler.core.snapshot import ClusterSnapshot
-from scheduler.local_cluster import LocalCluster
-from scheduler.service.agent_connections import WarmSettings, warm_budget
+from tessera.scheduler.core.snapshot import ClusterSnapshot
+from tessera.scheduler.local_cluster import LocalCluster
+from tessera.scheduler.service.agent_connections import WarmSettings, warm_budget
 from tessera.security.certs import CA_CERT, CERT, KEY, issue
 from tessera.security.identity import TRUST_DOMAIN, Role
 from tessera.security.tls import TlsDir, channel_limit

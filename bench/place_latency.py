@@ -30,12 +30,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.figures import latency_summary
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import HostId, RequestId, TenantName
-from scheduler.core.request import Claim, DeviceKind, NumaPolicy, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState
-from scheduler.local_cluster import LocalCluster
-from scheduler.service.convert import host_view_from_inventory
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.identity import HostId, RequestId, TenantName
+from tessera.scheduler.core.request import Claim, DeviceKind, NumaPolicy, PlacementRequest
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.local_cluster import LocalCluster
+from tessera.scheduler.service.convert import host_view_from_inventory
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
 
 OUT = Path(__file__).parent / "out"
@@ -44,10 +44,12 @@ OUT = Path(__file__).parent / "out"
 def dgx_inventory(workdir: Path) -> inventory_pb2.HostInventory:
     """The DGX A100 fixture's inventory, as its agent would report it."""
     root = workdir / "dgx"
-    subprocess.run([sys.executable, "-m", "agent", "fakehost", "build", "dgx-a100", str(root)],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "tessera.agent", "fakehost", "build", "dgx-a100", str(root)],
+        check=True, capture_output=True,
+    )  # fmt: skip
     out = subprocess.run(
-        [sys.executable, "-m", "agent", "inventory", "--json", "--sysfs-root", str(root),
+        [sys.executable, "-m", "tessera.agent", "inventory", "--json", "--sysfs-root", str(root),
          "--host-id", "dgx"],
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip

@@ -116,7 +116,7 @@ async def _filler(
     coordinator: Any, msgs: Iterator[Any], kept: list[str], failed: dict[str, int]
 ) -> None:
     """One filling task: places messages from the shared iterator until it runs dry."""
-    from scheduler.service.errors import SchedulerError
+    from tessera.scheduler.service.errors import SchedulerError
 
     for msg in msgs:
         try:
@@ -131,7 +131,7 @@ async def _releaser(coordinator: Any, placement_ids: Iterator[str]) -> None:
     A release refused is left held: the next round starts from a fuller
     state, which its refusals show.
     """
-    from scheduler.service.errors import SchedulerError
+    from tessera.scheduler.service.errors import SchedulerError
 
     for placement_id in placement_ids:
         with contextlib.suppress(SchedulerError):
@@ -181,16 +181,16 @@ async def _worker(
     from bench.engine import SHAPES
     from bench.fleet import build_fleet
     from bench.latency import to_wire
-    from scheduler.service.coordinator import Leases, PlacementCoordinator
-    from scheduler.service.errors import SchedulerError
-    from scheduler.store.connection import connect_store
-    from scheduler.store.embedded import EmbeddedValkey
-    from scheduler.store.redis_store import RedisStateStore
+    from tessera.scheduler.service.coordinator import Leases, PlacementCoordinator
+    from tessera.scheduler.service.errors import SchedulerError
+    from tessera.scheduler.store.connection import connect_store
+    from tessera.scheduler.store.embedded import EmbeddedValkey
+    from tessera.scheduler.store.redis_store import RedisStateStore
 
     try:
         # The collector's settings the scheduler process runs with (the
         # baseline has none).
-        from scheduler.service import collector
+        from tessera.scheduler.service import collector
 
         collector.tune()
     except ImportError:

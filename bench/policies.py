@@ -7,7 +7,7 @@ compare the same way as in-process ones.
 
 from __future__ import annotations
 
-from scheduler.core.engine.policies import (
+from tessera.scheduler.core.engine.policies import (
     POLICIES,
     BestFitPolicy,
     FirstFitPolicy,

@@ -67,9 +67,9 @@ if __package__ in (None, ""):
 
 from bench import report
 from bench.protowire import varint
-from scheduler.local_cluster import LocalCluster
-from scheduler.service.servicers import MAX_DETAILS_BYTES
-from scheduler.store import schema
+from tessera.scheduler.local_cluster import LocalCluster
+from tessera.scheduler.service.servicers import MAX_DETAILS_BYTES
+from tessera.scheduler.store import schema
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 OUT = Path(__file__).parent / "out"

@@ -45,10 +45,10 @@ from bench import report
 from bench.engine import gpu_1
 from bench.fleet import DEFAULT_MIX, FIXTURE_LABEL, build_fleet, fixture_inventory
 from bench.policies import POLICIES
-from scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
-from scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
-from scheduler.core.topology import TopologyGraph
-from scheduler.service.convert import host_view_from_inventory
+from tessera.scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
+from tessera.scheduler.core.topology import TopologyGraph
+from tessera.scheduler.service.convert import host_view_from_inventory
 
 OUT = Path(__file__).parent / "out"
 SEED = 20261124

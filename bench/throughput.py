@@ -45,16 +45,16 @@ from bench.engine import MIXED, TENANTS
 from bench.fleet import build_fleet
 from bench.latency import E2eCluster, to_wire
 from bench.policies import POLICIES, Policy
-from scheduler.core import guards
-from scheduler.core.identity import PlacementId
-from scheduler.core.plan import Plan
-from scheduler.core.request import ExclusivityDomain, PlacementRequest
-from scheduler.service.agent_gateway import AgentGateway
-from scheduler.service.convert import placement_from_plan
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.store import schema
-from scheduler.store.embedded import EmbeddedValkey
-from scheduler.store.redis_store import ClaimOutcome, CommitOutcome, RedisStateStore
+from tessera.scheduler.core import guards
+from tessera.scheduler.core.identity import PlacementId
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.request import ExclusivityDomain, PlacementRequest
+from tessera.scheduler.service.agent_gateway import AgentGateway
+from tessera.scheduler.service.convert import placement_from_plan
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.embedded import EmbeddedValkey
+from tessera.scheduler.store.redis_store import ClaimOutcome, CommitOutcome, RedisStateStore
 from tessera.v1 import scheduler_pb2
 
 OUT = Path(__file__).parent / "out"

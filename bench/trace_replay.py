@@ -72,13 +72,13 @@ if __package__ in (None, ""):
 from bench.fleet import fixture_inventory, snapshot
 from bench.policies import POLICIES
 from bench.report import bar_plot, line_plot, summary_ms, table
-from scheduler.core.checker import check_placements
-from scheduler.core.host import HostView
-from scheduler.core.identity import HostId, PciAddress, PlacementId, RequestId, TenantName
-from scheduler.core.mig_geometry import capacity, fragmentation_score
-from scheduler.core.occupancy import DeviceMode, Occupancy, build_occupancy, mdev_free
-from scheduler.core.plan import Plan, WholeDeviceAssignment
-from scheduler.core.request import (
+from tessera.scheduler.core.checker import check_placements
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.identity import HostId, PciAddress, PlacementId, RequestId, TenantName
+from tessera.scheduler.core.mig_geometry import capacity, fragmentation_score
+from tessera.scheduler.core.occupancy import DeviceMode, Occupancy, build_occupancy, mdev_free
+from tessera.scheduler.core.plan import Plan, WholeDeviceAssignment
+from tessera.scheduler.core.request import (
     Claim,
     DeviceForm,
     DeviceKind,
@@ -86,7 +86,12 @@ from scheduler.core.request import (
     NumaPolicy,
     PlacementRequest,
 )
-from scheduler.core.snapshot import ClusterSnapshot, HostState, with_release, with_reservation
+from tessera.scheduler.core.snapshot import (
+    ClusterSnapshot,
+    HostState,
+    with_release,
+    with_reservation,
+)
 from tessera.v1 import inventory_pb2
 
 TRACE_DIR = Path(__file__).parent / "workloads" / "alibaba-gpu-v2023"

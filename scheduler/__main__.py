@@ -16,40 +16,40 @@ from pathlib import Path
 
 from aiohttp import web
 
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.engine.policies import (
+from tessera.logs import log_level
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.engine.policies import (
     PACKING_POLICY,
     POLICIES,
     Policy,
     TesseraPolicy,
     packing_policy,
 )
-from scheduler.dashboard.app import Dashboard
-from scheduler.dashboard.cluster_view import ClusterView
-from scheduler.dashboard.live import ChangeFeed
-from scheduler.dashboard.metrics import SchedulerMetrics
-from scheduler.dashboard.server import split_listen, start_http
-from scheduler.flags import seconds, seconds_or_off
-from scheduler.service import collector
-from scheduler.service.agent_connections import AgentConnections, WarmSettings
-from scheduler.service.agent_gateway import GrpcAgentGateway
-from scheduler.service.coordinator import Leases, PlacementCoordinator
-from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
-from scheduler.service.operator_config import (
+from tessera.scheduler.dashboard.app import Dashboard
+from tessera.scheduler.dashboard.cluster_view import ClusterView
+from tessera.scheduler.dashboard.live import ChangeFeed
+from tessera.scheduler.dashboard.metrics import SchedulerMetrics
+from tessera.scheduler.dashboard.server import split_listen, start_http
+from tessera.scheduler.flags import seconds, seconds_or_off
+from tessera.scheduler.service import collector
+from tessera.scheduler.service.agent_connections import AgentConnections, WarmSettings
+from tessera.scheduler.service.agent_gateway import GrpcAgentGateway
+from tessera.scheduler.service.coordinator import Leases, PlacementCoordinator
+from tessera.scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
+from tessera.scheduler.service.operator_config import (
     OperatorConfig,
     OperatorConfigError,
     load_operator_config,
 )
-from scheduler.service.replica_durability import ReplicaDurabilityWatcher
-from scheduler.service.replica_roster import ReplicaRoster
-from scheduler.service.server import SERVICE_NAMES, build_server
-from scheduler.service.store_health import StoreHealthWatcher
-from scheduler.store.connection import StoreTls, StoreUnusableError, connect_store
-from scheduler.store.embedded import EmbeddedValkey
-from scheduler.store.redis_store import HostRecord, LayoutMismatchError, RedisStateStore
-from scheduler.store.roster import RosterStore
-from scheduler.store.safety import UnsafeStoreConfig, check_durability, sentinel_pool
-from tessera.logs import log_level
+from tessera.scheduler.service.replica_durability import ReplicaDurabilityWatcher
+from tessera.scheduler.service.replica_roster import ReplicaRoster
+from tessera.scheduler.service.server import SERVICE_NAMES, build_server
+from tessera.scheduler.service.store_health import StoreHealthWatcher
+from tessera.scheduler.store.connection import StoreTls, StoreUnusableError, connect_store
+from tessera.scheduler.store.embedded import EmbeddedValkey
+from tessera.scheduler.store.redis_store import HostRecord, LayoutMismatchError, RedisStateStore
+from tessera.scheduler.store.roster import RosterStore
+from tessera.scheduler.store.safety import UnsafeStoreConfig, check_durability, sentinel_pool
 from tessera.security.audit import AuditLog
 from tessera.security.identity import Role
 from tessera.security.tls import (

@@ -31,10 +31,10 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
-from scheduler.core.validation import MAX_COUNT, MAX_CPU_MILLI, MAX_MEMORY_MIB
-from scheduler.flags import seconds
-from scheduler.presentation import describe_slot
-from scheduler.service.convert import least_isolation
+from tessera.scheduler.core.validation import MAX_COUNT, MAX_CPU_MILLI, MAX_MEMORY_MIB
+from tessera.scheduler.flags import seconds
+from tessera.scheduler.presentation import describe_slot
+from tessera.scheduler.service.convert import least_isolation
 from tessera.security.certs import CertificateError, browser_bundle, create_ca, issue
 from tessera.security.identity import SCHEDULER_DNS_NAME, Role
 from tessera.security.tls import TlsConfigError, TlsDir, load_material, sync_channel
@@ -650,9 +650,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _cmd_plan(opts: argparse.Namespace) -> int:
-    from scheduler.core.engine.batch import BatchSettings
-    from scheduler.core.validation import InvalidRequestError
-    from scheduler.planning import (
+    from tessera.scheduler.core.engine.batch import BatchSettings
+    from tessera.scheduler.core.validation import InvalidRequestError
+    from tessera.scheduler.planning import (
         PlanningInputError,
         load_inventories,
         load_requests,
@@ -696,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.command == "certs":
         return _cmd_certs(opts)
     if opts.command == "demo":
-        from scheduler.demo import run_demo
+        from tessera.scheduler.demo import run_demo
 
         return run_demo(opts.workdir, serve=opts.serve, http_port=opts.http_port)
     return _cmd_rpc(opts)

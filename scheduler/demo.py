@@ -22,9 +22,9 @@ from pathlib import Path
 
 import grpc
 
-from scheduler.cli import format_hosts, format_placements
-from scheduler.local_cluster import LocalCluster
-from scheduler.store.connection import redact_url
+from tessera.scheduler.cli import format_hosts, format_placements
+from tessera.scheduler.local_cluster import LocalCluster
+from tessera.scheduler.store.connection import redact_url
 from tessera.security.certs import browser_bundle
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 

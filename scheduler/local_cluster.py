@@ -148,7 +148,12 @@ class LocalCluster:
                 None keeps the embedded server's default.
             port: TCP port; None picks a free one.
         """
-        args = ["-m", "scheduler.store.embedded", "--data-dir", str(self.workdir / "valkey")]
+        args = [
+            "-m",
+            "tessera.scheduler.store.embedded",
+            "--data-dir",
+            str(self.workdir / "valkey"),
+        ]
         if appendfsync is not None:
             args += ["--appendfsync", appendfsync]
         self._valkey_args = list(args)
@@ -183,7 +188,7 @@ class LocalCluster:
     def kill_valkey(self) -> None:
         """SIGKILL the valkey-server itself (a crash: no AOF flush, no shutdown).
 
-        Its wrapper (``python -m scheduler.store.embedded``) sees it die and
+        Its wrapper (``python -m tessera.scheduler.store.embedded``) sees it die and
         exits; both are reaped before this returns.
         """
         os.kill(self.valkey_server_pid(), signal.SIGKILL)
@@ -217,7 +222,7 @@ class LocalCluster:
         proc, log = self._spawn(
             name,
             [
-                "-m", "scheduler", "--listen", "127.0.0.1:0",
+                "-m", "tessera.scheduler", "--listen", "127.0.0.1:0",
                 "--audit-log", str(audit), *self._tls_args("scheduler", name), *extra,
             ],
             # In the environment, not on the command line: the URL carries the
@@ -246,7 +251,16 @@ class LocalCluster:
         root = self.workdir / "hosts" / host_id
         flags = [arg for address in mig for arg in ("--mig", address)]
         result = subprocess.run(
-            [sys.executable, "-m", "agent", "fakehost", "build", fixture, str(root), *flags],
+            [
+                sys.executable,
+                "-m",
+                "tessera.agent",
+                "fakehost",
+                "build",
+                fixture,
+                str(root),
+                *flags,
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -258,7 +272,7 @@ class LocalCluster:
     def start_agent(self, host_id: str, root: Path, labels: dict[str, str] | None = None) -> str:
         """Start an agent driving a fake host tree; returns its address."""
         args = [
-            "-m", "agent", "run", "--fake-kernel", "--sysfs-root", str(root),
+            "-m", "tessera.agent", "run", "--fake-kernel", "--sysfs-root", str(root),
             "--host-id", host_id, "--scheduler", self.scheduler_address,
             "--state-dir", str(self.workdir / "agent-state"),
             "--audit-log", str(self.workdir / "logs" / f"agent-{host_id}.audit.jsonl"),

@@ -17,17 +17,17 @@ from typing import Any
 import yaml
 from google.protobuf import json_format
 
-from scheduler.core.engine.batch import BatchResult, BatchSettings, solve_batch
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import HostId, PlacementId, RequestId
-from scheduler.core.snapshot import ClusterSnapshot, HostState
-from scheduler.core.validation import InvalidRequestError
-from scheduler.service.convert import (
+from tessera.scheduler.core.engine.batch import BatchResult, BatchSettings, solve_batch
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.identity import HostId, PlacementId, RequestId
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.validation import InvalidRequestError
+from tessera.scheduler.service.convert import (
     host_view_from_inventory,
     parsed_requests,
     placement_from_plan,
 )
-from scheduler.service.inventory_check import inventory_violations
+from tessera.scheduler.service.inventory_check import inventory_violations
 from tessera.v1 import inventory_pb2, placement_pb2
 
 

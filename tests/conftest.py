@@ -36,8 +36,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from scheduler.store.embedded import EmbeddedValkey
-from scheduler.store.wire import pack_with_hiredis
+from tessera.scheduler.store.embedded import EmbeddedValkey
+from tessera.scheduler.store.wire import pack_with_hiredis
 
 T = TypeVar("T")
 

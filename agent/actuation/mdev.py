@@ -13,8 +13,8 @@ import errno as errnos
 import os
 from pathlib import Path
 
-from agent.actuation import ActuationError
-from agent.sysfs import Sysfs
+from tessera.agent.actuation import ActuationError
+from tessera.agent.sysfs import Sysfs
 
 
 class MdevActuationError(ActuationError):

@@ -10,8 +10,8 @@ never destroys a partition it cannot show is its own.
 
 from __future__ import annotations
 
-from agent.actuation import ActuationError
-from agent.nvml import (
+from tessera.agent.actuation import ActuationError
+from tessera.agent.nvml import (
     ComputeInstance,
     GpuInstance,
     GpuInstanceProfile,

@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.actuation import ActuationError
-from agent.sysfs import Sysfs
+from tessera.agent.actuation import ActuationError
+from tessera.agent.sysfs import Sysfs
 
 
 class SriovActuationError(ActuationError):

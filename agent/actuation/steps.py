@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent.actuation.vfio import BindingRecord
-from agent.probes.pci import is_pci_address
-from agent.probes.vfio import VFIO_PCI
+from tessera.agent.actuation.vfio import BindingRecord
+from tessera.agent.probes.pci import is_pci_address
+from tessera.agent.probes.vfio import VFIO_PCI
 
 StepState = Literal["started", "done"]
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.actuation import ActuationError
-from agent.probes.pci import is_pci_address, read_function
-from agent.probes.vfio import VFIO_PCI, is_vfio_driver
-from agent.sysfs import Sysfs
+from tessera.agent.actuation import ActuationError
+from tessera.agent.probes.pci import is_pci_address, read_function
+from tessera.agent.probes.vfio import VFIO_PCI, is_vfio_driver
+from tessera.agent.sysfs import Sysfs
 
 #: What ``driver_override`` reads when unset.
 _NO_OVERRIDE = "(null)"

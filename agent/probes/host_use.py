@@ -9,8 +9,8 @@ while the link is in use (Documentation/ABI/testing/sysfs-class-net).
 
 from __future__ import annotations
 
-from agent.probes.pci import PciAddress
-from agent.sysfs import Sysfs
+from tessera.agent.probes.pci import PciAddress
+from tessera.agent.sysfs import Sysfs
 
 
 def host_use(sysfs: Sysfs, address: PciAddress) -> str | None:

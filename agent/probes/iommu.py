@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NewType
 
-from agent.probes.pci import PciAddress, PciFunction, is_pci_address
-from agent.probes.vfio import is_dma_safe_driver
-from agent.sysfs import Sysfs
+from tessera.agent.probes.pci import PciAddress, PciFunction, is_pci_address
+from tessera.agent.probes.vfio import is_dma_safe_driver
+from tessera.agent.sysfs import Sysfs
 
 IommuGroupNumber = NewType("IommuGroupNumber", int)
 

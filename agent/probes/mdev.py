@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NewType
 
-from agent.probes.iommu import IommuGroupNumber
-from agent.probes.pci import PciAddress, PciFunction
-from agent.sysfs import Sysfs
+from tessera.agent.probes.iommu import IommuGroupNumber
+from tessera.agent.probes.pci import PciAddress, PciFunction
+from tessera.agent.sysfs import Sysfs
 
 MdevUuid = NewType("MdevUuid", str)
 

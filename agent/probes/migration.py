@@ -46,8 +46,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agent.probes.pci import PciFunction
-from agent.probes.vfio import normalize_driver_name
+from tessera.agent.probes.pci import PciFunction
+from tessera.agent.probes.vfio import normalize_driver_name
 
 
 @dataclass(frozen=True)

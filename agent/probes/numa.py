@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import NewType
 
-from agent.sysfs import Sysfs
+from tessera.agent.sysfs import Sysfs
 
 NumaNodeId = NewType("NumaNodeId", int)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NewType
 
-from agent.sysfs import Sysfs
+from tessera.agent.sysfs import Sysfs
 
 #: A PCI function address in sysfs form, lower-case ``DDDD:BB:DD.F``.
 PciAddress = NewType("PciAddress", str)

@@ -21,8 +21,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from agent.probes.pci import PciAddress, PciFunction, is_pci_address
-from agent.sysfs import Sysfs
+from tessera.agent.probes.pci import PciAddress, PciFunction, is_pci_address
+from tessera.agent.sysfs import Sysfs
 
 _ROOT_BUS = re.compile(r"^pci[0-9a-f]{4,}:[0-9a-f]{2}$")
 

@@ -15,10 +15,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from agent.probes.iommu import IommuGroupNumber
-from agent.probes.migration import migration_driver_for
-from agent.probes.pci import PciAddress, PciFunction
-from agent.sysfs import Sysfs
+from tessera.agent.probes.iommu import IommuGroupNumber
+from tessera.agent.probes.migration import migration_driver_for
+from tessera.agent.probes.pci import PciAddress, PciFunction
+from tessera.agent.sysfs import Sysfs
 
 _VIRTFN = re.compile(r"^virtfn(\d+)$")
 

@@ -13,12 +13,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from agent.probes.pci import PciAddress, PciFunction
-from agent.sysfs import Sysfs
+from tessera.agent.probes.pci import PciAddress, PciFunction
+from tessera.agent.sysfs import Sysfs
 
 if TYPE_CHECKING:
     # Only for annotations: agent.probes.iommu imports this module.
-    from agent.probes.iommu import IommuGroupNumber
+    from tessera.agent.probes.iommu import IommuGroupNumber
 
 #: The plain VFIO PCI driver's name: a dash, unlike the variant drivers.
 VFIO_PCI = "vfio-pci"

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.sysfs import FAKE_HOST_MARKER
+from tessera.agent.sysfs import FAKE_HOST_MARKER
 
 #: Version of the marker's JSON schema.
 MARKER_FORMAT = 1
@@ -1097,7 +1097,7 @@ class FakeSysfs:
         # Boot-time VFs come up after every function has been enumerated.
         pending = [s for s in self._sriov.values() if s.numvfs]
         if pending:
-            from agent.testing.kernel import KernelEmulator
+            from tessera.agent.testing.kernel import KernelEmulator
 
             emulator = KernelEmulator(self.root)
             for s in pending:

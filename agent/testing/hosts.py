@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.testing.fakesysfs import FakeSysfs, MdevType, PciId, PciLink, Role
-from agent.testing.nvml import fake_gpu, write_state
+from tessera.agent.testing.fakesysfs import FakeSysfs, MdevType, PciId, PciLink, Role
+from tessera.agent.testing.nvml import fake_gpu, write_state
 
 _GEN3 = "8.0 GT/s PCIe"
 _GEN4 = "16.0 GT/s PCIe"

@@ -59,9 +59,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from agent.sysfs import FAKE_HOST_MARKER
-from agent.testing.crash import after_write
-from agent.testing.fakesysfs import (
+from tessera.agent.sysfs import FAKE_HOST_MARKER
+from tessera.agent.testing.crash import after_write
+from tessera.agent.testing.fakesysfs import (
     MODE_RO,
     MODE_RW,
     MODE_WO,

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import pynvml
 
-from agent.testing.crash import after_write
+from tessera.agent.testing.crash import after_write
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 

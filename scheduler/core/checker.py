@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from itertools import combinations
 
-from scheduler.core.host import HostView, PciFunctionView
-from scheduler.core.identity import (
+from tessera.scheduler.core.host import HostView, PciFunctionView
+from tessera.scheduler.core.identity import (
     IommuGroupNumber,
     PciAddress,
     RequestId,
@@ -38,7 +38,7 @@ from scheduler.core.identity import (
     TenantName,
     iommu_group_slot,
 )
-from scheduler.core.plan import (
+from tessera.scheduler.core.plan import (
     Assignment,
     MdevAssignment,
     MigAssignment,
@@ -47,7 +47,7 @@ from scheduler.core.plan import (
     WholeDeviceAssignment,
     assignment_device,
 )
-from scheduler.core.request import (
+from tessera.scheduler.core.request import (
     AffinityScope,
     Claim,
     DeviceForm,
@@ -55,7 +55,7 @@ from scheduler.core.request import (
     NumaPolicy,
     PlacementRequest,
 )
-from scheduler.core.slots import (
+from tessera.scheduler.core.slots import (
     ExclusiveSlot,
     GroupSlot,
     HostShareSlot,
@@ -70,7 +70,7 @@ from scheduler.core.slots import (
     parse_slot,
     vf_slot,
 )
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 __all__ = [
     "ALL_RULES",

@@ -34,11 +34,11 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import NamedTuple
 
-from scheduler.core.host import HostView, MdevParentView
-from scheduler.core.identity import PciAddress
-from scheduler.core.mig_geometry import COMPUTE_SLICES, capacity, with_instance
-from scheduler.core.occupancy import DeviceMode, Occupancy, mdev_free
-from scheduler.core.request import DeviceForm, DeviceKind, PlacementRequest
+from tessera.scheduler.core.host import HostView, MdevParentView
+from tessera.scheduler.core.identity import PciAddress
+from tessera.scheduler.core.mig_geometry import COMPUTE_SLICES, capacity, with_instance
+from tessera.scheduler.core.occupancy import DeviceMode, Occupancy, mdev_free
+from tessera.scheduler.core.request import DeviceForm, DeviceKind, PlacementRequest
 
 
 @dataclass(frozen=True)

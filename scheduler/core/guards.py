@@ -33,9 +33,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from scheduler.core.host import HostView, domain_instance
-from scheduler.core.identity import PciAddress, SlotKey
-from scheduler.core.slots import (
+from tessera.scheduler.core.host import HostView, domain_instance
+from tessera.scheduler.core.identity import PciAddress, SlotKey
+from tessera.scheduler.core.slots import (
     ExclusiveSlot,
     GroupSlot,
     HostShareSlot,

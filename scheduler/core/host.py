@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from scheduler.core.fast_enum import IdentityHashedEnum
-from scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
-from scheduler.core.mig import GpuInstance, MigProfile
-from scheduler.core.request import DeviceKind, ExclusivityDomain
+from tessera.scheduler.core.fast_enum import IdentityHashedEnum
+from tessera.scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
+from tessera.scheduler.core.mig import GpuInstance, MigProfile
+from tessera.scheduler.core.request import DeviceKind, ExclusivityDomain
 
 
 class PciRole(IdentityHashedEnum):

@@ -31,14 +31,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
 
-from scheduler.core.fragmentation import free_shares
-from scheduler.core.host import HostView, PciFunctionView
-from scheduler.core.identity import IommuGroupNumber, PciAddress, PlacementId, TenantName
-from scheduler.core.mig_geometry import COMPUTE_SLICES
-from scheduler.core.occupancy import DeviceMode, Occupancy
-from scheduler.core.request import DeviceKind
-from scheduler.core.slots import GroupSlot, MdevSlot, MigSlot, VfSlot, parse_slot
-from scheduler.core.snapshot import HostState
+from tessera.scheduler.core.fragmentation import free_shares
+from tessera.scheduler.core.host import HostView, PciFunctionView
+from tessera.scheduler.core.identity import IommuGroupNumber, PciAddress, PlacementId, TenantName
+from tessera.scheduler.core.mig_geometry import COMPUTE_SLICES
+from tessera.scheduler.core.occupancy import DeviceMode, Occupancy
+from tessera.scheduler.core.request import DeviceKind
+from tessera.scheduler.core.slots import GroupSlot, MdevSlot, MigSlot, VfSlot, parse_slot
+from tessera.scheduler.core.snapshot import HostState
 
 __all__ = ["DeviceUsage", "DeviceUse", "HostUsage", "host_usage"]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from types import MappingProxyType
 
-from scheduler.core.mig import GpuInstance, MigProfile, MigProfileName, Placement
+from tessera.scheduler.core.mig import GpuInstance, MigProfile, MigProfileName, Placement
 
 #: Memory slices per GPU (placements count these).
 MEMORY_SLICES = 8

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
 
-from scheduler.core.fast_enum import IdentityHashedEnum
-from scheduler.core.host import GpuView, HostView, MdevParentView, PciFunctionView
-from scheduler.core.identity import IommuGroupNumber, PciAddress, TenantName
-from scheduler.core.mig import GpuInstance
-from scheduler.core.mig_geometry import MigGeometryError, MigLayout
-from scheduler.core.request import ExclusivityDomain
-from scheduler.core.slots import (
+from tessera.scheduler.core.fast_enum import IdentityHashedEnum
+from tessera.scheduler.core.host import GpuView, HostView, MdevParentView, PciFunctionView
+from tessera.scheduler.core.identity import IommuGroupNumber, PciAddress, TenantName
+from tessera.scheduler.core.mig import GpuInstance
+from tessera.scheduler.core.mig_geometry import MigGeometryError, MigLayout
+from tessera.scheduler.core.request import ExclusivityDomain
+from tessera.scheduler.core.slots import (
     ExclusiveSlot,
     GroupSlot,
     HostShareSlot,
@@ -35,7 +35,7 @@ from scheduler.core.slots import (
     VfSlot,
     parse_slot,
 )
-from scheduler.core.snapshot import HostState
+from tessera.scheduler.core.snapshot import HostState
 
 
 class DeviceMode(IdentityHashedEnum):

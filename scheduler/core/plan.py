@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduler.core.identity import HostId, IommuGroupNumber, PciAddress, SlotKey
+from tessera.scheduler.core.identity import HostId, IommuGroupNumber, PciAddress, SlotKey
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from scheduler.core.fast_enum import IdentityHashedEnum
-from scheduler.core.identity import RequestId, TenantName
+from tessera.scheduler.core.fast_enum import IdentityHashedEnum
+from tessera.scheduler.core.identity import RequestId, TenantName
 
 
 class DeviceKind(IdentityHashedEnum):

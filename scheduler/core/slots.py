@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from scheduler.core.identity import (
+from tessera.scheduler.core.identity import (
     IommuGroupNumber,
     PciAddress,
     RequestId,
@@ -36,7 +36,7 @@ from scheduler.core.identity import (
     TenantName,
     iommu_group_slot,
 )
-from scheduler.core.request import ExclusivityDomain
+from tessera.scheduler.core.request import ExclusivityDomain
 
 __all__ = [
     "ExclusiveSlot",

@@ -6,9 +6,9 @@ from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from scheduler.core import guards
-from scheduler.core.host import HostView
-from scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
+from tessera.scheduler.core import guards
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
 
 
 @dataclass(frozen=True)

@@ -52,11 +52,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from scheduler.core.fragmentation import TaskMix, TaskShape, free_shares, usable_by
-from scheduler.core.host import HostView
-from scheduler.core.identity import PciAddress
-from scheduler.core.mig_geometry import COMPUTE_SLICES
-from scheduler.core.occupancy import Occupancy
+from tessera.scheduler.core.fragmentation import TaskMix, TaskShape, free_shares, usable_by
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.identity import PciAddress
+from tessera.scheduler.core.mig_geometry import COMPUTE_SLICES
+from tessera.scheduler.core.occupancy import Occupancy
 
 
 def geometry_of(shape: TaskShape) -> TaskShape:

@@ -25,9 +25,9 @@ from typing import Final, Literal
 
 import networkx as nx
 
-from scheduler.core.host import HostView, PciFunctionView
-from scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
-from scheduler.core.request import DeviceKind
+from tessera.scheduler.core.host import HostView, PciFunctionView
+from tessera.scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
+from tessera.scheduler.core.request import DeviceKind
 
 # -- node ids ----------------------------------------------------------------
 

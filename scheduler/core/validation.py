@@ -17,8 +17,8 @@ import re
 from collections.abc import Sized
 from dataclasses import dataclass
 
-from scheduler.core.mig import KNOWN_PROFILE_NAMES
-from scheduler.core.request import DeviceForm, DeviceKind, PlacementRequest
+from tessera.scheduler.core.mig import KNOWN_PROFILE_NAMES
+from tessera.scheduler.core.request import DeviceForm, DeviceKind, PlacementRequest
 
 #: Identifiers that end up in Redis keys, logs and sysfs-adjacent names.
 #: Used with ``fullmatch``: ``^...$`` would let a trailing newline through.

@@ -35,14 +35,14 @@ import redis.exceptions
 from aiohttp import web
 from google.protobuf import json_format
 
-from scheduler.core.validation import InvalidRequestError, validate_identifier
-from scheduler.dashboard.cluster_view import ClusterView
-from scheduler.dashboard.fleet import FleetFilter, page_of, totals
-from scheduler.dashboard.live import ChangeFeed, TooManyListenersError
-from scheduler.presentation import describe_slot, form_of, state_label, state_name
-from scheduler.service.convert import explain_response, least_isolation, parsed_request
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.errors import SchedulerError, status_of
+from tessera.scheduler.core.validation import InvalidRequestError, validate_identifier
+from tessera.scheduler.dashboard.cluster_view import ClusterView
+from tessera.scheduler.dashboard.fleet import FleetFilter, page_of, totals
+from tessera.scheduler.dashboard.live import ChangeFeed, TooManyListenersError
+from tessera.scheduler.presentation import describe_slot, form_of, state_label, state_name
+from tessera.scheduler.service.convert import explain_response, least_isolation, parsed_request
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.errors import SchedulerError, status_of
 from tessera.security.audit import AuditLog
 from tessera.security.identity import IdentityError
 from tessera.security.policy import DASHBOARD_ACTORS, AccessDeniedError, Principal
@@ -102,7 +102,7 @@ def _when(unix_ms: int) -> str:
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("scheduler.dashboard", "templates"),
+        loader=jinja2.PackageLoader("tessera.scheduler.dashboard", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
@@ -117,7 +117,7 @@ def _environment() -> jinja2.Environment:
 
 
 def _static_dir() -> Path:
-    return Path(str(resources.files("scheduler.dashboard") / "static"))
+    return Path(str(resources.files("tessera.scheduler.dashboard") / "static"))
 
 
 class Dashboard:

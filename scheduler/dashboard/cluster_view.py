@@ -15,17 +15,17 @@ from collections import defaultdict
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.fragmentation import free_shares
-from scheduler.core.host_usage import HostUsage, host_usage
-from scheduler.core.identity import HostId
-from scheduler.core.snapshot import HostState
-from scheduler.dashboard.fleet import FORMS, HostTile, stranded_gpu_share, tile_of
-from scheduler.dashboard.topology_tree import TreeNode, host_tree
-from scheduler.presentation import state_name
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.errors import HostNotFoundError
-from scheduler.store.redis_store import HostRecord
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.fragmentation import free_shares
+from tessera.scheduler.core.host_usage import HostUsage, host_usage
+from tessera.scheduler.core.identity import HostId
+from tessera.scheduler.core.snapshot import HostState
+from tessera.scheduler.dashboard.fleet import FORMS, HostTile, stranded_gpu_share, tile_of
+from tessera.scheduler.dashboard.topology_tree import TreeNode, host_tree
+from tessera.scheduler.presentation import state_name
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.errors import HostNotFoundError
+from tessera.scheduler.store.redis_store import HostRecord
 from tessera.v1 import placement_pb2
 
 #: Seconds of deriving between two chances for the event loop to run other work.

@@ -16,8 +16,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from scheduler.core.host_usage import DeviceUse, HostUsage
-from scheduler.core.snapshot import HostState
+from tessera.scheduler.core.host_usage import DeviceUse, HostUsage
+from tessera.scheduler.core.snapshot import HostState
 
 #: The forms a device is handed out in, in the order tiles list them.
 FORMS = ("whole", "vf", "mdev", "mig")

@@ -26,9 +26,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from scheduler.dashboard.cluster_view import ClusterView
-from scheduler.dashboard.fleet import FORMS, HostTile
-from scheduler.service.cluster_model import ModelStats
+from tessera.scheduler.dashboard.cluster_view import ClusterView
+from tessera.scheduler.dashboard.fleet import FORMS, HostTile
+from tessera.scheduler.service.cluster_model import ModelStats
 
 #: Place latency buckets, in seconds: a placement takes milliseconds to
 #: commit and up to the agent's deadline (30 s) to prepare.

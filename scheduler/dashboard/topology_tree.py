@@ -17,13 +17,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from scheduler.core.host import GpuView, HostView, PciFunctionView
-from scheduler.core.host_usage import DeviceUse, HostUsage
-from scheduler.core.identity import PciAddress, PlacementId, TenantName
-from scheduler.core.mig_geometry import MEMORY_SLICES, MigLayout, capacity, placements_available
-from scheduler.core.occupancy import Occupancy
-from scheduler.core.slots import MdevSlot, MigSlot, VfSlot, parse_slot
-from scheduler.core.snapshot import HostState
+from tessera.scheduler.core.host import GpuView, HostView, PciFunctionView
+from tessera.scheduler.core.host_usage import DeviceUse, HostUsage
+from tessera.scheduler.core.identity import PciAddress, PlacementId, TenantName
+from tessera.scheduler.core.mig_geometry import (
+    MEMORY_SLICES,
+    MigLayout,
+    capacity,
+    placements_available,
+)
+from tessera.scheduler.core.occupancy import Occupancy
+from tessera.scheduler.core.slots import MdevSlot, MigSlot, VfSlot, parse_slot
+from tessera.scheduler.core.snapshot import HostState
 
 #: The placement state whose slots stay held after a failed teardown.
 FAILED = "failed"

@@ -37,8 +37,8 @@ from typing import Protocol
 import grpc
 from redis.exceptions import RedisError
 
-from scheduler.service.agent_gateway import AgentCallError
-from scheduler.store.redis_store import HostRecord
+from tessera.scheduler.service.agent_gateway import AgentCallError
+from tessera.scheduler.store.redis_store import HostRecord
 
 log = logging.getLogger("tessera.scheduler.agent_connections")
 

@@ -13,19 +13,19 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from scheduler.core.engine.batch import BatchSettings, solve_batch
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import HostId, PlacementId, RequestId
-from scheduler.core.plan import Plan
-from scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
-from scheduler.core.validation import MAX_IDENT, shown
-from scheduler.service.convert import Submitted
-from scheduler.service.errors import SchedulerError
-from scheduler.service.model_refresh import ModelRefresh
-from scheduler.service.plan_applier import PlanApplier
-from scheduler.service.request_claims import RequestClaims, new_claimant
-from scheduler.service.request_placement import RequestPlacer
-from scheduler.store.redis_store import CommitOutcome, HostRecord
+from tessera.scheduler.core.engine.batch import BatchSettings, solve_batch
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.identity import HostId, PlacementId, RequestId
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
+from tessera.scheduler.core.validation import MAX_IDENT, shown
+from tessera.scheduler.service.convert import Submitted
+from tessera.scheduler.service.errors import SchedulerError
+from tessera.scheduler.service.model_refresh import ModelRefresh
+from tessera.scheduler.service.plan_applier import PlanApplier
+from tessera.scheduler.service.request_claims import RequestClaims, new_claimant
+from tessera.scheduler.service.request_placement import RequestPlacer
+from tessera.scheduler.store.redis_store import CommitOutcome, HostRecord
 from tessera.v1 import placement_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)

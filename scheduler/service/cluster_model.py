@@ -28,12 +28,12 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import NamedTuple
 
-from scheduler.core import guards
-from scheduler.core.host import HostView
-from scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
-from scheduler.core.snapshot import ClusterSnapshot, HostState
-from scheduler.service.convert import host_view_from_inventory
-from scheduler.store.redis_store import FeedCursor, HostRecord, RedisStateStore, StoreError
+from tessera.scheduler.core import guards
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.service.convert import host_view_from_inventory
+from tessera.scheduler.store.redis_store import FeedCursor, HostRecord, RedisStateStore, StoreError
 from tessera.v1 import inventory_pb2
 
 log = logging.getLogger(__name__)

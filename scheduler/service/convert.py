@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from scheduler.core.host import (
+from tessera.scheduler.core.host import (
     GpuView,
     HostView,
     IommuGroupView,
@@ -20,7 +20,7 @@ from scheduler.core.host import (
     SriovPfView,
     VfView,
 )
-from scheduler.core.identity import (
+from tessera.scheduler.core.identity import (
     HostId,
     IommuGroupNumber,
     PciAddress,
@@ -29,9 +29,9 @@ from scheduler.core.identity import (
     TenantName,
     vfio_group_path,
 )
-from scheduler.core.lifecycle import PlacementState
-from scheduler.core.mig import GpuInstance, MigProfile, MigProfileName
-from scheduler.core.plan import (
+from tessera.scheduler.core.lifecycle import PlacementState
+from tessera.scheduler.core.mig import GpuInstance, MigProfile, MigProfileName
+from tessera.scheduler.core.plan import (
     Assignment,
     MdevAssignment,
     Plan,
@@ -39,7 +39,7 @@ from scheduler.core.plan import (
     VfAssignment,
     WholeDeviceAssignment,
 )
-from scheduler.core.request import (
+from tessera.scheduler.core.request import (
     FORM_ISOLATION,
     Affinity,
     AffinityScope,
@@ -52,7 +52,7 @@ from scheduler.core.request import (
     NumaPolicy,
     PlacementRequest,
 )
-from scheduler.core.validation import (
+from tessera.scheduler.core.validation import (
     MAX_AFFINITIES,
     MAX_BATCH,
     MAX_CLAIM_LIST,

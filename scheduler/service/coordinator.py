@@ -24,24 +24,24 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 
-from scheduler.core.engine.batch import BatchSettings
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.engine.policies import Policy, TesseraPolicy
-from scheduler.core.plan import Plan, Unschedulable
-from scheduler.core.snapshot import ClusterSnapshot
-from scheduler.service.agent_gateway import AgentGateway
-from scheduler.service.batch_placement import DEFAULT_BATCH_SETTINGS, BatchPlacer
-from scheduler.service.cluster_model import LiveCluster
-from scheduler.service.convert import parsed_request, submitted, submitted_batch
-from scheduler.service.host_admin import HostAdmin
-from scheduler.service.host_registry import DEFAULT_LEASES, HostRegistry, Leases
-from scheduler.service.model_refresh import ModelRefresh
-from scheduler.service.placement_lookup import PlacementLookup
-from scheduler.service.placement_moves import PlacementMoves
-from scheduler.service.plan_applier import PlanApplier
-from scheduler.service.request_claims import RequestClaims
-from scheduler.service.request_placement import RequestPlacer
-from scheduler.store.redis_store import HostRecord, RedisStateStore
+from tessera.scheduler.core.engine.batch import BatchSettings
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.engine.policies import Policy, TesseraPolicy
+from tessera.scheduler.core.plan import Plan, Unschedulable
+from tessera.scheduler.core.snapshot import ClusterSnapshot
+from tessera.scheduler.service.agent_gateway import AgentGateway
+from tessera.scheduler.service.batch_placement import DEFAULT_BATCH_SETTINGS, BatchPlacer
+from tessera.scheduler.service.cluster_model import LiveCluster
+from tessera.scheduler.service.convert import parsed_request, submitted, submitted_batch
+from tessera.scheduler.service.host_admin import HostAdmin
+from tessera.scheduler.service.host_registry import DEFAULT_LEASES, HostRegistry, Leases
+from tessera.scheduler.service.model_refresh import ModelRefresh
+from tessera.scheduler.service.placement_lookup import PlacementLookup
+from tessera.scheduler.service.placement_moves import PlacementMoves
+from tessera.scheduler.service.plan_applier import PlanApplier
+from tessera.scheduler.service.request_claims import RequestClaims
+from tessera.scheduler.service.request_placement import RequestPlacer
+from tessera.scheduler.store.redis_store import HostRecord, RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
 
 __all__ = ["Leases", "PlacementCoordinator"]

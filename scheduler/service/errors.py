@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import grpc
 import redis.exceptions
 
-from scheduler.core.validation import InvalidRequestError
+from tessera.scheduler.core.validation import InvalidRequestError
 from tessera.security.policy import AccessDeniedError
 
 

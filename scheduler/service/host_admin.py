@@ -12,23 +12,23 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.host_usage import host_usage
-from scheduler.core.snapshot import HostState
-from scheduler.core.validation import (
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.host_usage import host_usage
+from tessera.scheduler.core.snapshot import HostState
+from tessera.scheduler.core.validation import (
     MAX_TEXT,
     InvalidRequestError,
     validate_identifier,
     validate_text,
 )
-from scheduler.service.cluster_model import LiveCluster
-from scheduler.service.errors import (
+from tessera.scheduler.service.cluster_model import LiveCluster
+from tessera.scheduler.service.errors import (
     HostBusyError,
     HostNotFoundError,
     PlacementNotFoundError,
     SchedulerError,
 )
-from scheduler.store.redis_store import ForgetOutcome, HostRecord, RedisStateStore
+from tessera.scheduler.store.redis_store import ForgetOutcome, HostRecord, RedisStateStore
 from tessera.v1 import placement_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)

@@ -11,18 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from scheduler.core.lifecycle import FAILED, move
-from scheduler.core.validation import (
+from tessera.scheduler.core.lifecycle import FAILED, move
+from tessera.scheduler.core.validation import (
     FieldViolation,
     InvalidRequestError,
     shown,
     validate_address,
     validate_identifier,
 )
-from scheduler.service.inventory_check import check_inventory, inventory_violations
-from scheduler.service.placement_moves import PlacementMoves
-from scheduler.store import schema
-from scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.service.inventory_check import check_inventory, inventory_violations
+from tessera.scheduler.service.placement_moves import PlacementMoves
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
 
 # A reboot fails a placement in whichever live state it was (every state the

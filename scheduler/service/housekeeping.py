@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from scheduler.core.lifecycle import (
+from tessera.scheduler.core.lifecycle import (
     FAILED,
     PENDING,
     READY,
@@ -53,11 +53,11 @@ from scheduler.core.lifecycle import (
     PlacementState,
     move,
 )
-from scheduler.service.agent_gateway import AgentCallError, HousekeepingGateway
-from scheduler.service.convert import as_prepared
-from scheduler.service.placement_moves import PlacementMoves
-from scheduler.store import schema
-from scheduler.store.redis_store import (
+from tessera.scheduler.service.agent_gateway import AgentCallError, HousekeepingGateway
+from tessera.scheduler.service.convert import as_prepared
+from tessera.scheduler.service.placement_moves import PlacementMoves
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import (
     Fence,
     FencedOutError,
     ForgetOutcome,

@@ -40,8 +40,12 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from itertools import islice
 
-from scheduler.core.mig_geometry import COMPUTE_SLICES, DEFAULT_INSTANCE_LIMITS, MEMORY_SLICES
-from scheduler.core.validation import (
+from tessera.scheduler.core.mig_geometry import (
+    COMPUTE_SLICES,
+    DEFAULT_INSTANCE_LIMITS,
+    MEMORY_SLICES,
+)
+from tessera.scheduler.core.validation import (
     MAX_IDENT,
     MAX_REPORTED,
     MAX_TEXT,
@@ -50,7 +54,7 @@ from scheduler.core.validation import (
     shown,
     validate_identifier,
 )
-from scheduler.service.convert import cpu_ranges, stated_max_instances
+from tessera.scheduler.service.convert import cpu_ranges, stated_max_instances
 from tessera.v1 import inventory_pb2
 
 # -- limits, each with where it comes from -----------------------------------

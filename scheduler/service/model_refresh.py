@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
-from scheduler.core.snapshot import ClusterSnapshot
-from scheduler.service.cluster_model import LiveCluster
-from scheduler.store.redis_store import HostRecord
+from tessera.scheduler.core.snapshot import ClusterSnapshot
+from tessera.scheduler.service.cluster_model import LiveCluster
+from tessera.scheduler.store.redis_store import HostRecord
 
 
 class ModelRefresh:

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from scheduler.core.validation import validate_identifier
+from tessera.scheduler.core.validation import validate_identifier
 from tessera.security.identity import IdentityError, check_name
 from tessera.v1 import inventory_pb2
 

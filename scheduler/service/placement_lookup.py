@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from scheduler.core.validation import (
+from tessera.scheduler.core.validation import (
     FieldViolation,
     InvalidRequestError,
     shown,
     validate_lookup,
 )
-from scheduler.service.errors import PlacementNotFoundError
-from scheduler.store import schema
-from scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.service.errors import PlacementNotFoundError
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import RedisStateStore
 from tessera.v1 import placement_pb2
 
 

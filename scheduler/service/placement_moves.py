@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from scheduler.core.lifecycle import Move
-from scheduler.service.convert import with_state
-from scheduler.store.redis_store import Fence, RedisStateStore
+from tessera.scheduler.core.lifecycle import Move
+from tessera.scheduler.service.convert import with_state
+from tessera.scheduler.store.redis_store import Fence, RedisStateStore
 from tessera.v1 import placement_pb2
 
 

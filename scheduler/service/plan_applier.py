@@ -21,24 +21,29 @@ from typing import Any
 
 import redis.exceptions
 
-from scheduler.core import guards
-from scheduler.core.identity import PlacementId
-from scheduler.core.lifecycle import FAILED, PENDING, READY, RELEASED, RELEASING, move
-from scheduler.core.plan import Plan
-from scheduler.core.snapshot import HostState
-from scheduler.service.agent_gateway import AgentCallError, AgentGateway
-from scheduler.service.cluster_model import LiveCluster
-from scheduler.service.convert import Submitted, as_prepared, placement_from_plan
-from scheduler.service.errors import (
+from tessera.scheduler.core import guards
+from tessera.scheduler.core.identity import PlacementId
+from tessera.scheduler.core.lifecycle import FAILED, PENDING, READY, RELEASED, RELEASING, move
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.snapshot import HostState
+from tessera.scheduler.service.agent_gateway import AgentCallError, AgentGateway
+from tessera.scheduler.service.cluster_model import LiveCluster
+from tessera.scheduler.service.convert import Submitted, as_prepared, placement_from_plan
+from tessera.scheduler.service.errors import (
     ContentionError,
     HostOperationError,
     PlacementBusyError,
     PlacementNotFoundError,
 )
-from scheduler.service.placement_moves import PlacementMoves
-from scheduler.service.request_claims import request_key
-from scheduler.store import schema
-from scheduler.store.redis_store import CommitOutcome, CommitResult, HostRecord, RedisStateStore
+from tessera.scheduler.service.placement_moves import PlacementMoves
+from tessera.scheduler.service.request_claims import request_key
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import (
+    CommitOutcome,
+    CommitResult,
+    HostRecord,
+    RedisStateStore,
+)
 from tessera.v1 import placement_pb2
 
 log = logging.getLogger(__name__)

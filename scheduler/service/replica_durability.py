@@ -24,7 +24,7 @@ import logging
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisError
 
-from scheduler.store.safety import check_replicas
+from tessera.scheduler.store.safety import check_replicas
 
 log = logging.getLogger("tessera.scheduler.replica_durability")
 

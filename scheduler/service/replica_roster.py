@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from scheduler.store.roster import RosterStore
+from tessera.scheduler.store.roster import RosterStore
 
 log = logging.getLogger("tessera.scheduler.roster")
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import uuid
 
-from scheduler.core.lifecycle import FAILED, PENDING
-from scheduler.core.validation import MAX_IDENT, shown
-from scheduler.service.convert import Submitted, state_of
-from scheduler.service.errors import (
+from tessera.scheduler.core.lifecycle import FAILED, PENDING
+from tessera.scheduler.core.validation import MAX_IDENT, shown
+from tessera.scheduler.service.convert import Submitted, state_of
+from tessera.scheduler.service.errors import (
     ContentionError,
     HostOperationError,
     PlacementBusyError,
     RequestIdReusedError,
 )
-from scheduler.store import schema
-from scheduler.store.redis_store import ClaimOutcome, RedisStateStore
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import ClaimOutcome, RedisStateStore
 from tessera.v1 import placement_pb2
 
 #: Claims of one request id before giving up: only a release racing the

@@ -11,17 +11,17 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.engine.policies import Policy
-from scheduler.core.plan import Plan, Unschedulable
-from scheduler.core.request import PlacementRequest
-from scheduler.service.cluster_model import LiveCluster
-from scheduler.service.convert import Submitted
-from scheduler.service.errors import ContentionError, NoCapacityError
-from scheduler.service.model_refresh import ModelRefresh
-from scheduler.service.plan_applier import PlanApplier
-from scheduler.service.request_claims import RequestClaims, new_claimant
-from scheduler.store.redis_store import CommitOutcome, StoreError
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.engine.policies import Policy
+from tessera.scheduler.core.plan import Plan, Unschedulable
+from tessera.scheduler.core.request import PlacementRequest
+from tessera.scheduler.service.cluster_model import LiveCluster
+from tessera.scheduler.service.convert import Submitted
+from tessera.scheduler.service.errors import ContentionError, NoCapacityError
+from tessera.scheduler.service.model_refresh import ModelRefresh
+from tessera.scheduler.service.plan_applier import PlanApplier
+from tessera.scheduler.service.request_claims import RequestClaims, new_claimant
+from tessera.scheduler.store.redis_store import CommitOutcome, StoreError
 from tessera.v1 import placement_pb2
 
 log = logging.getLogger(__name__)

@@ -8,10 +8,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.operator_config import OperatorConfig
-from scheduler.service.servicers import PlaceObserver, RegistryServicer, SchedulerServicer
 from tessera.keepalive import KEEPALIVE
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.operator_config import OperatorConfig
+from tessera.scheduler.service.servicers import PlaceObserver, RegistryServicer, SchedulerServicer
 from tessera.security.audit import AuditLog
 from tessera.security.interceptor import AccessInterceptor
 from tessera.security.policy import RULES, AccessPolicy

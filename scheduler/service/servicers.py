@@ -15,19 +15,19 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import grpc
 import redis.exceptions
 
-from scheduler.core.plan import Plan, Unschedulable
-from scheduler.core.request import PlacementRequest
-from scheduler.core.validation import validate_identifier
-from scheduler.presentation import form_of
-from scheduler.service.convert import (
+from tessera.scheduler.core.plan import Plan, Unschedulable
+from tessera.scheduler.core.request import PlacementRequest
+from tessera.scheduler.core.validation import validate_identifier
+from tessera.scheduler.presentation import form_of
+from tessera.scheduler.service.convert import (
     explain_response,
     parsed_request,
     submitted,
     submitted_batch,
 )
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.errors import SchedulerError, status_of
-from scheduler.service.operator_config import OperatorConfig
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.errors import SchedulerError, status_of
+from tessera.scheduler.service.operator_config import OperatorConfig
 from tessera.security.interceptor import current_principal
 from tessera.security.policy import AccessDeniedError, require_owner
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc

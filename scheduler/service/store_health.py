@@ -25,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from scheduler.store.safety import cluster_info_field, node_client, sentinel_pool
+from tessera.scheduler.store.safety import cluster_info_field, node_client, sentinel_pool
 
 log = logging.getLogger("tessera.scheduler.store_health")
 

@@ -50,8 +50,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from scheduler.store.safety import cluster_info_field
-from scheduler.store.store_url import (
+from tessera.scheduler.store.safety import cluster_info_field
+from tessera.scheduler.store.store_url import (
     SENTINEL_PORT,
     StoreTarget,
     StoreTls,
@@ -62,7 +62,7 @@ from scheduler.store.store_url import (
     refuse,
     server_url,
 )
-from scheduler.store.wire import pack_with_hiredis
+from tessera.scheduler.store.wire import pack_with_hiredis
 
 log = logging.getLogger("tessera.store")
 

@@ -15,7 +15,7 @@ any local user can read in ``ps``. :attr:`EmbeddedValkey.url` carries it
 (``redis://:PASSWORD@127.0.0.1:PORT/0``): every client built from the URL
 authenticates. Show :attr:`EmbeddedValkey.redacted_url` to people instead.
 
-``python -m scheduler.store.embedded --data-dir DIR [--port P]`` runs one in
+``python -m tessera.scheduler.store.embedded --data-dir DIR [--port P]`` runs one in
 the foreground and prints its URL, password included, as the first stdout
 line, so several processes (the demo's schedulers) can share it.
 """
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         The exit status: 0 after a requested stop, 1 if the server failed.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m scheduler.store.embedded",
+        prog="python -m tessera.scheduler.store.embedded",
         description="Run Tessera's embedded Valkey (AOF persistence) in the foreground.",
     )
     parser.add_argument("--data-dir", type=Path, required=True, help="AOF and log directory")

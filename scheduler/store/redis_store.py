@@ -32,9 +32,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
-from scheduler.store import schema
-from scheduler.store.batching import ScriptBatcher
-from scheduler.store.safety import sentinel_pool
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.batching import ScriptBatcher
+from tessera.scheduler.store.safety import sentinel_pool
 
 
 @dataclass(frozen=True)
@@ -322,7 +322,7 @@ def _with_feed(script: str) -> str:
 
 
 _COMMIT_LUA = _with_feed(
-    resources.files("scheduler.store").joinpath("commit.lua").read_text("utf-8")
+    resources.files("tessera.scheduler.store").joinpath("commit.lua").read_text("utf-8")
 )
 
 

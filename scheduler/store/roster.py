@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 
-from scheduler.store.connection import StoreClient
-from scheduler.store.schema import REPLICAS
+from tessera.scheduler.store.connection import StoreClient
+from tessera.scheduler.store.schema import REPLICAS
 
 #: How many replicas a renewal reads back, at most: a roster is a handful of
 #: processes; a set grown past this (a writer gone wrong) is not read whole.

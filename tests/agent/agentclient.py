@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from agent.service import AgentServicer
+from tessera.agent.service import AgentServicer
 from tessera.v1 import agent_pb2, agent_pb2_grpc, placement_pb2
 
 from ..conftest import Runner

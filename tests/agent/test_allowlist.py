@@ -8,15 +8,22 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.__main__ import main
-from agent.allowlist import NOT_ALLOWED, AddressSpec, AllowList, ClassSpec, IdSpec, parse_spec
-from agent.checkpoint import Checkpoint
-from agent.nvml import NullNvmlClient, PynvmlClient
-from agent.probes.pci import PciAddress, PciFunction
-from agent.reporter import HostReporter
-from agent.service import AgentServicer
-from agent.sysfs import Sysfs
-from agent.testing.nvml import FakeNvml
+from tessera.agent.__main__ import main
+from tessera.agent.allowlist import (
+    NOT_ALLOWED,
+    AddressSpec,
+    AllowList,
+    ClassSpec,
+    IdSpec,
+    parse_spec,
+)
+from tessera.agent.checkpoint import Checkpoint
+from tessera.agent.nvml import NullNvmlClient, PynvmlClient
+from tessera.agent.probes.pci import PciAddress, PciFunction
+from tessera.agent.reporter import HostReporter
+from tessera.agent.service import AgentServicer
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.nvml import FakeNvml
 
 from ..conftest import Runner
 from . import test_service_slots as slots

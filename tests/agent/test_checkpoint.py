@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.checkpoint import Checkpoint, CheckpointEntry
+from tessera.agent.checkpoint import Checkpoint, CheckpointEntry
 
 
 def entry(pid: str, state: str = "started") -> CheckpointEntry:

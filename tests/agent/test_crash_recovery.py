@@ -35,11 +35,11 @@ from typing import IO, Any
 import grpc
 import pytest
 
-from agent.checkpoint import Checkpoint
-from agent.sysfs import Sysfs
-from agent.testing.crash import CRASH_ENV, writes_counted
-from agent.testing.hosts import build
-from agent.testing.nvml import STATE_FILE, FakeNvml
+from tessera.agent.checkpoint import Checkpoint
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.crash import CRASH_ENV, writes_counted
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.nvml import STATE_FILE, FakeNvml
 from tessera.security.certs import create_ca, issue
 from tessera.security.identity import agent_dns_name
 from tessera.security.tls import TlsDir, sync_channel
@@ -174,7 +174,7 @@ class AgentProcess:
         self._log: IO[bytes] = (state.parent / "agent.log").open("ab")
         state.mkdir(exist_ok=True)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--fake-kernel",
+            [sys.executable, "-m", "tessera.agent", "run", "--fake-kernel",
              "--sysfs-root", str(root), "--state-dir", str(state), "--host-id", "virt",
              "--scheduler", "127.0.0.1:1", "--listen", "127.0.0.1:0",
              "--tls-dir", str(state.parent / "tls" / "agent")],

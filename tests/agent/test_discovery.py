@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.discovery import HostReport, MigCapable, MigUnsupported, discover
-from agent.nvml import (
+from tessera.agent.discovery import HostReport, MigCapable, MigUnsupported, discover
+from tessera.agent.nvml import (
     ComputeInstance,
     GpuInstance,
     GpuInstanceProfile,
@@ -21,11 +21,11 @@ from agent.nvml import (
     NvmlError,
     NvmlGpu,
 )
-from agent.probes.pci import PciAddress
-from agent.probes.pcie import Locality
-from agent.sysfs import Sysfs
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
+from tessera.agent.probes.pci import PciAddress
+from tessera.agent.probes.pcie import Locality
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
 
 A100 = PciAddress("0000:4b:00.0")
 TESLA_P4 = PciAddress("0000:b1:00.0")
@@ -181,7 +181,7 @@ def test_an_empty_root_gives_an_empty_report_not_an_error(tmp_path: Path) -> Non
 
 
 def test_every_fixture_host_is_discovered_without_error(tmp_path: Path) -> None:
-    from agent.testing import hosts
+    from tessera.agent.testing import hosts
 
     for name in sorted(hosts.FIXTURE_HOSTS):
         report = run(host(name, tmp_path))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.testing.hosts import FIXTURES, build
+from tessera.agent.testing.hosts import FIXTURES, build
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("TESSERA_UPDATE_GOLDEN") == "1"
@@ -30,7 +30,7 @@ def inventory_json(fixture: str) -> dict[str, object]:
         root = Path(tmp) / fixture
         build(fixture, root)
         out = subprocess.run(
-            [sys.executable, "-m", "agent", "inventory", "--json",
+            [sys.executable, "-m", "tessera.agent", "inventory", "--json",
              "--sysfs-root", str(root), "--host-id", fixture],
             capture_output=True, text=True, timeout=120, check=True,
         ).stdout  # fmt: skip

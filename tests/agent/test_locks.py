@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from agent.locks import LockSet, ResourceLocks
+from tessera.agent.locks import LockSet, ResourceLocks
 
 PF = "dev:0000:31:00.0"
 

@@ -16,7 +16,7 @@ PCI = Path("/sys/bus/pci/devices")
 @pytest.mark.skipif(not PCI.is_dir(), reason="no /sys/bus/pci on this machine")
 def test_inventory_of_this_machine_matches_sysfs() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "agent", "inventory", "--json", "--host-id", "ci"],
+        [sys.executable, "-m", "tessera.agent", "inventory", "--json", "--host-id", "ci"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.actuation.vfio import VfioBinder
-from agent.discovery import discover
-from agent.nvml import NullNvmlClient
-from agent.report import to_inventory
-from agent.sysfs import Sysfs
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
+from tessera.agent.actuation.vfio import VfioBinder
+from tessera.agent.discovery import discover
+from tessera.agent.nvml import NullNvmlClient
+from tessera.agent.report import to_inventory
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
 from tessera.v1 import inventory_pb2
 
 from .test_discovery import A100_UUID, VirtHostNvml

@@ -10,14 +10,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.actuation.vfio import VfioBinder
-from agent.checkpoint import Checkpoint, CheckpointEntry
-from agent.nvml import NullNvmlClient
-from agent.reporter import HostReporter
-from agent.service import AgentServicer
-from agent.sysfs import Sysfs
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
+from tessera.agent.actuation.vfio import VfioBinder
+from tessera.agent.checkpoint import Checkpoint, CheckpointEntry
+from tessera.agent.nvml import NullNvmlClient
+from tessera.agent.reporter import HostReporter
+from tessera.agent.service import AgentServicer
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
 from tessera.v1 import agent_pb2, agent_pb2_grpc, placement_pb2
 
 from ..conftest import Runner

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.checkpoint import Checkpoint
-from agent.nvml import NullNvmlClient, PynvmlClient
-from agent.reporter import HostReporter
-from agent.service import AgentServicer
-from agent.sysfs import Sysfs, SysfsWriter
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
-from agent.testing.nvml import FakeNvml
+from tessera.agent.checkpoint import Checkpoint
+from tessera.agent.nvml import NullNvmlClient, PynvmlClient
+from tessera.agent.reporter import HostReporter
+from tessera.agent.service import AgentServicer
+from tessera.agent.sysfs import Sysfs, SysfsWriter
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
+from tessera.agent.testing.nvml import FakeNvml
 from tessera.v1 import placement_pb2
 
 from .test_service_slots import PF, VF1, VF2, attr, driver, mdev, mig, placement, vf

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.actuation.mdev import MdevManager
-from agent.checkpoint import Checkpoint
-from agent.nvml import PynvmlClient
-from agent.sysfs import Sysfs
-from agent.testing.nvml import FakeNvml
+from tessera.agent.actuation.mdev import MdevManager
+from tessera.agent.checkpoint import Checkpoint
+from tessera.agent.nvml import PynvmlClient
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.nvml import FakeNvml
 
 from ..conftest import Runner
 from . import test_service_slots as slots

@@ -14,13 +14,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.checkpoint import Checkpoint
-from agent.nvml import NullNvmlClient
-from agent.reporter import HostReporter
-from agent.service import AgentServicer
-from agent.sysfs import Sysfs
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
+from tessera.agent.checkpoint import Checkpoint
+from tessera.agent.nvml import NullNvmlClient
+from tessera.agent.reporter import HostReporter
+from tessera.agent.service import AgentServicer
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
 
 from ..conftest import Runner
 from .agentclient import AgentClient

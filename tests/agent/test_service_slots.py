@@ -21,18 +21,18 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.actuation.mdev import MdevManager
-from agent.actuation.sriov import SriovConfigurator
-from agent.actuation.steps import MdevCreate, MigCreate, SriovEnable, StepRecord, VfioBind
-from agent.actuation.vfio import VfioBinder
-from agent.checkpoint import Checkpoint, CheckpointEntry
-from agent.nvml import NullNvmlClient, NvmlMigClient, PynvmlClient
-from agent.reporter import HostReporter
-from agent.service import AgentServicer
-from agent.sysfs import Sysfs, SysfsWriter
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
-from agent.testing.nvml import STATE_FILE, FakeNvml
+from tessera.agent.actuation.mdev import MdevManager
+from tessera.agent.actuation.sriov import SriovConfigurator
+from tessera.agent.actuation.steps import MdevCreate, MigCreate, SriovEnable, StepRecord, VfioBind
+from tessera.agent.actuation.vfio import VfioBinder
+from tessera.agent.checkpoint import Checkpoint, CheckpointEntry
+from tessera.agent.nvml import NullNvmlClient, NvmlMigClient, PynvmlClient
+from tessera.agent.reporter import HostReporter
+from tessera.agent.service import AgentServicer
+from tessera.agent.sysfs import Sysfs, SysfsWriter
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
+from tessera.agent.testing.nvml import STATE_FILE, FakeNvml
 from tessera.v1 import inventory_pb2, placement_pb2
 
 from ..conftest import Runner

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.__main__ import main
-from agent.sysfs import NotASysfsTreeError, Sysfs
-from agent.testing.hosts import FIXTURES, build
+from tessera.agent.__main__ import main
+from tessera.agent.sysfs import NotASysfsTreeError, Sysfs
+from tessera.agent.testing.hosts import FIXTURES, build
 
 
 def not_a_tree(kind: str, tmp_path: Path) -> Path:
@@ -90,7 +90,7 @@ def test_run_exits_2_before_registering_anything_and_without_a_traceback(tmp_pat
     root = tmp_path / "typo"
     result = subprocess.run(
         [
-            sys.executable, "-m", "agent", "run", "--sysfs-root", str(root),
+            sys.executable, "-m", "tessera.agent", "run", "--sysfs-root", str(root),
             "--scheduler", "127.0.0.1:1", "--state-dir", str(tmp_path / "state"),
         ],
         capture_output=True,

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 from bench import fill_replay as fr
 from bench.trace_replay import TRACE_DIR
-from scheduler.core.checker import check_placements
-from scheduler.core.fragmentation import TaskMix
-from scheduler.core.identity import PlacementId
-from scheduler.core.plan import Plan
-from scheduler.core.request import DeviceKind
-from scheduler.core.snapshot import ClusterSnapshot, with_reservation
+from tessera.scheduler.core.checker import check_placements
+from tessera.scheduler.core.fragmentation import TaskMix
+from tessera.scheduler.core.identity import PlacementId
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.request import DeviceKind
+from tessera.scheduler.core.snapshot import ClusterSnapshot, with_reservation
 
 
 def test_arrivals_stop_once_they_reach_130_percent_of_the_gpus() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from bench import latency
 from bench.engine import SHAPES
 from bench.policies import POLICIES
-from scheduler.service.convert import parsed_request
+from tessera.scheduler.service.convert import parsed_request
 
 
 def test_every_shape_goes_over_the_wire_unchanged() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from bench import trace_replay as tr
 from bench.fleet import snapshot
 from bench.policies import POLICIES
-from scheduler.core.request import DeviceForm, DeviceKind, NumaPolicy
+from tessera.scheduler.core.request import DeviceForm, DeviceKind, NumaPolicy
 
 
 def test_loader_reads_the_copied_trace() -> None:

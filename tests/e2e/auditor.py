@@ -53,7 +53,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from scheduler.store import schema
+from tessera.scheduler.store import schema
 from tessera.v1 import placement_pb2
 
 LIVE_STATES = frozenset({"pending", "ready", "releasing"})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.local_cluster import LocalCluster
+from tessera.scheduler.local_cluster import LocalCluster
 
 QUIET = ("--housekeeping-interval", "86400", "--full-sweep-interval", "86400")
 

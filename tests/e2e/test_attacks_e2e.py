@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from google.protobuf.message import Message
 
-from scheduler.local_cluster import LocalCluster
-from scheduler.store import schema
+from tessera.scheduler.local_cluster import LocalCluster
+from tessera.scheduler.store import schema
 from tessera.security.certs import CA_CERT, CA_KEY, CERT, KEY, create_ca, issue, write_private
 from tessera.security.identity import SCHEDULER_DNS_NAME, agent_dns_name
 from tessera.security.tls import channel_options

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from scheduler.local_cluster import LocalCluster
-from scheduler.store.embedded import EmbeddedValkey
+from tessera.scheduler.local_cluster import LocalCluster
+from tessera.scheduler.store.embedded import EmbeddedValkey
 
 
 def tessera(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", *args],
+        [sys.executable, "-m", "tessera.scheduler.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -122,7 +122,7 @@ def test_the_scheduler_refuses_a_redis_that_can_lose_placements(tmp_path: Path) 
         client.config_set("appendonly", "no")
         client.close()
         result = subprocess.run(
-            [sys.executable, "-m", "scheduler", "--listen", "127.0.0.1:0",
+            [sys.executable, "-m", "tessera.scheduler", "--listen", "127.0.0.1:0",
              "--redis-url", server.url],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
@@ -133,7 +133,7 @@ def test_the_scheduler_refuses_a_redis_that_can_lose_placements(tmp_path: Path) 
 def scheduler_refusal(*args: str) -> str:
     """The one line a scheduler started with ``args`` refuses them with (exit 2, no traceback)."""
     result = subprocess.run(
-        [sys.executable, "-m", "scheduler", *args],
+        [sys.executable, "-m", "tessera.scheduler", *args],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
@@ -164,7 +164,7 @@ def test_the_scheduler_refuses_a_policy_it_does_not_have(value: str) -> None:
 def test_the_scheduler_raises_its_open_files_limit_to_the_hard_limit() -> None:
     """A connection per agent: a soft limit of 256 would cap the fleet it can reach."""
     code = (
-        "import resource; from scheduler.__main__ import raise_open_files_limit; "
+        "import resource; from tessera.scheduler.__main__ import raise_open_files_limit; "
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
         "print(soft, hard, raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )

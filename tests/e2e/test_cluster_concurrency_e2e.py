@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from scheduler.local_cluster import LocalCluster
-from scheduler.store import schema
+from tessera.scheduler.local_cluster import LocalCluster
+from tessera.scheduler.store import schema
 from tessera.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from ..store.valkey_cluster import valkey_cluster

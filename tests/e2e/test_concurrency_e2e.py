@@ -34,8 +34,8 @@ from typing import Any
 import grpc
 import pytest
 
-from scheduler.local_cluster import LocalCluster
-from scheduler.store import schema
+from tessera.scheduler.local_cluster import LocalCluster
+from tessera.scheduler.store import schema
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .auditor import AuditReport, audit, connect, read_host

@@ -43,8 +43,8 @@ import pytest
 from google.protobuf import json_format
 from playwright.sync_api import Dialog, expect, sync_playwright
 
-from scheduler.dashboard.live import MAX_LISTENERS
-from scheduler.local_cluster import LocalCluster
+from tessera.scheduler.dashboard.live import MAX_LISTENERS
+from tessera.scheduler.local_cluster import LocalCluster
 from tessera.v1 import inventory_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 GOLDEN = Path(__file__).resolve().parents[1] / "agent" / "golden"

@@ -32,7 +32,7 @@ import pytest
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
-from scheduler.local_cluster import LocalCluster
+from tessera.scheduler.local_cluster import LocalCluster
 from tessera.v1 import placement_pb2, scheduler_pb2
 
 VIRT, NIC = "virt", "nic"

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from scheduler.local_cluster import LocalCluster
+from tessera.scheduler.local_cluster import LocalCluster
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 HOSTS = ("ws-a", "ws-b")
@@ -48,7 +48,7 @@ def tessera(
     if cluster.tls:
         at += ["--tls-dir", str(cluster.tls_dir(role, name))]
     return subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", *at, *args],
+        [sys.executable, "-m", "tessera.scheduler.cli", *at, *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from scheduler.local_cluster import LocalCluster
+from tessera.scheduler.local_cluster import LocalCluster
 from tessera.v1 import placement_pb2, scheduler_pb2
 
 HOST = "virt"

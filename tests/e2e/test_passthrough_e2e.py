@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from scheduler.local_cluster import LocalCluster
+from tessera.scheduler.local_cluster import LocalCluster
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 #: host id -> fixture. Each test targets its own host by label, so tests do

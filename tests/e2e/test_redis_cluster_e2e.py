@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from scheduler.local_cluster import LocalCluster
+from tessera.scheduler.local_cluster import LocalCluster
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from ..store.valkey_cluster import valkey_cluster

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from scheduler.local_cluster import LocalCluster
+from tessera.scheduler.local_cluster import LocalCluster
 from tessera.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from .auditor import audit, read_store

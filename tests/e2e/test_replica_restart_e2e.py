@@ -50,8 +50,8 @@ import grpc
 import pytest
 import redis
 
-from scheduler.local_cluster import LocalCluster
-from scheduler.store import schema
+from tessera.scheduler.local_cluster import LocalCluster
+from tessera.scheduler.store import schema
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .auditor import audit, read_store

@@ -29,8 +29,8 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from bench import request_fuzz as fz  # noqa: E402
-from scheduler.core.validation import MAX_IDENT, MAX_PLACEMENT_ID  # noqa: E402
-from scheduler.local_cluster import LocalCluster  # noqa: E402
+from tessera.scheduler.core.validation import MAX_IDENT, MAX_PLACEMENT_ID  # noqa: E402
+from tessera.scheduler.local_cluster import LocalCluster  # noqa: E402
 from tessera.v1 import scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
 
 #: About 1,000 requests in all, whatever the number of methods.

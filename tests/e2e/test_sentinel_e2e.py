@@ -18,7 +18,7 @@ import grpc
 import pytest
 import redis
 
-from scheduler.local_cluster import LocalCluster
+from tessera.scheduler.local_cluster import LocalCluster
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from ..store.valkey_sentinel import PASSWORD, SentinelSet, valkey_sentinel

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from scheduler.local_cluster import LocalCluster
+from tessera.scheduler.local_cluster import LocalCluster
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 HOST = "virt"

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from scheduler.local_cluster import LocalCluster
+from tessera.scheduler.local_cluster import LocalCluster
 
 NAMES = ("", "tessera.v1.Scheduler", "tessera.v1.Registry")
 SERVING = health_pb2.HealthCheckResponse.SERVING

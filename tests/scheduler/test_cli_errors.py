@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(
-    *args: str, module: str = "scheduler.cli", env: dict[str, str] | None = None
+    *args: str, module: str = "tessera.scheduler.cli", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -96,14 +96,14 @@ def test_a_mistake_on_the_tessera_line_is_one_line_and_exit_2(
 @pytest.mark.parametrize(
     ("module", "args", "named"),
     [
-        ("agent", ["fakehost", "build", "no-such-host", "{d}/tree"], "no-such-host"),
-        ("agent", ["fakehost", "build", "vgpu", "{d}/existing"], "already holds a tree"),
-        ("agent", ["fakehost", "build"], "usage"),
-        ("agent", ["run", "--log-level", "bogus"], "--log-level"),
-        ("scheduler", ["--log-level", "bogus"], "--log-level"),
-        ("scheduler", ["--http-listen", "nowhere"], "--http-listen"),
-        ("scheduler", ["--forget-dead-after", "forever"], "--forget-dead-after"),
-        ("scheduler", ["--forget-dead-after", "-1"], "--forget-dead-after"),
+        ("tessera.agent", ["fakehost", "build", "no-such-host", "{d}/tree"], "no-such-host"),
+        ("tessera.agent", ["fakehost", "build", "vgpu", "{d}/existing"], "already holds a tree"),
+        ("tessera.agent", ["fakehost", "build"], "usage"),
+        ("tessera.agent", ["run", "--log-level", "bogus"], "--log-level"),
+        ("tessera.scheduler", ["--log-level", "bogus"], "--log-level"),
+        ("tessera.scheduler", ["--http-listen", "nowhere"], "--http-listen"),
+        ("tessera.scheduler", ["--forget-dead-after", "forever"], "--forget-dead-after"),
+        ("tessera.scheduler", ["--forget-dead-after", "-1"], "--forget-dead-after"),
     ],
 )
 def test_a_mistake_on_the_agent_or_scheduler_line_is_one_line_and_exit_2(
@@ -111,12 +111,15 @@ def test_a_mistake_on_the_agent_or_scheduler_line_is_one_line_and_exit_2(
 ) -> None:
     if "{d}/existing" in args:
         assert (
-            run("fakehost", "build", "vgpu", str(tmp_path / "existing"), module="agent").returncode
+            run(
+                "fakehost", "build", "vgpu", str(tmp_path / "existing"), module="tessera.agent"
+            ).returncode
             == 0
         )
     result = run(*(a.replace("{d}", str(tmp_path)) for a in args), module=module)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"tessera-{module}"), result.stderr
+    program = module.replace(".", "-")  # tessera.agent runs as tessera-agent
+    assert last.startswith(program), result.stderr
     assert named in last, last

@@ -31,7 +31,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from scheduler.service.server import audit_resources
+from tessera.scheduler.service.server import audit_resources
 from tessera.security.audit import AuditLog
 from tessera.security.identity import SCHEDULER_DNS_NAME, Identity, Role
 from tessera.security.interceptor import AccessInterceptor, current_principal

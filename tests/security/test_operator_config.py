@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.service.operator_config import (
+from tessera.scheduler.service.operator_config import (
     OPERATOR_PREFIX,
     OperatorConfig,
     OperatorConfigError,

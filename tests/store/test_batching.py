@@ -12,7 +12,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from scheduler.store.batching import MAX_BATCH, MAX_IN_FLIGHT, ScriptBatcher
+from tessera.scheduler.store.batching import MAX_BATCH, MAX_IN_FLIGHT, ScriptBatcher
 
 from ..conftest import Runner
 

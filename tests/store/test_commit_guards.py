@@ -14,13 +14,13 @@ from collections.abc import Mapping
 import pytest
 import redis.asyncio as aioredis
 
-from scheduler.core import guards
-from scheduler.core.host import HostView
-from scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
-from scheduler.service.convert import host_view_from_inventory
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.store import schema
-from scheduler.store.redis_store import CommitOutcome, CommitResult, RedisStateStore
+from tessera.scheduler.core import guards
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
+from tessera.scheduler.service.convert import host_view_from_inventory
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import CommitOutcome, CommitResult, RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
 
 from ..conftest import Runner

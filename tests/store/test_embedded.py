@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from scheduler.store import embedded
-from scheduler.store.embedded import EmbeddedValkey, EmbeddedValkeyError
+from tessera.scheduler.store import embedded
+from tessera.scheduler.store.embedded import EmbeddedValkey, EmbeddedValkeyError
 
 
 def _answers(url: str) -> bool:
@@ -144,7 +144,7 @@ def test_an_unknown_fsync_policy_is_refused(tmp_path: Path) -> None:
 
 def test_the_module_prints_its_url_first_and_stops_on_sigterm(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.store.embedded", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "tessera.scheduler.store.embedded", "--data-dir", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

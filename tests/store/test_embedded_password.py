@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from scheduler.store.embedded import EmbeddedValkey
+from tessera.scheduler.store.embedded import EmbeddedValkey
 
 #: redis-py retries a refused AUTH with backoff (seconds); a refusal is the point here.
 NO_RETRY = Retry(NoBackoff(), 0)
@@ -126,7 +126,7 @@ def test_a_data_dir_an_older_release_left_open_is_closed_to_other_users(tmp_path
 
 def test_the_module_prints_the_password_only_in_its_url_line(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.store.embedded", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "tessera.scheduler.store.embedded", "--data-dir", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -154,7 +154,7 @@ def test_the_scheduler_log_redacts_the_embedded_password(tmp_path: Path) -> None
     data = tmp_path / "valkey"
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "scheduler", "--listen", "127.0.0.1:0",
+            sys.executable, "-m", "tessera.scheduler", "--listen", "127.0.0.1:0",
             "--data-dir", str(data), "--log-level", "DEBUG",
         ],
         stdout=subprocess.PIPE,

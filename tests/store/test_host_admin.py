@@ -13,8 +13,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from scheduler.store import schema
-from scheduler.store.redis_store import (
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import (
     ClaimOutcome,
     CommitOutcome,
     ForgetOutcome,

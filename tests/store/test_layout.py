@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from scheduler.store import schema
-from scheduler.store.redis_store import LayoutMismatchError, RedisStateStore
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import LayoutMismatchError, RedisStateStore
 
 from ..conftest import Runner
 

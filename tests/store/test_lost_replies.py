@@ -22,12 +22,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from scheduler.core import guards
-from scheduler.core.identity import IommuGroupNumber, SlotKey, iommu_group_slot
-from scheduler.service.convert import host_view_from_inventory
-from scheduler.store import schema
-from scheduler.store.connection import connect_store
-from scheduler.store.redis_store import ClaimOutcome, CommitOutcome, CommitResult, RedisStateStore
+from tessera.scheduler.core import guards
+from tessera.scheduler.core.identity import IommuGroupNumber, SlotKey, iommu_group_slot
+from tessera.scheduler.service.convert import host_view_from_inventory
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.connection import connect_store
+from tessera.scheduler.store.redis_store import (
+    ClaimOutcome,
+    CommitOutcome,
+    CommitResult,
+    RedisStateStore,
+)
 
 from ..conftest import Runner
 from ..scheduler.service.test_cluster_model import two_gpu_host

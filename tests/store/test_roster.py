@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from scheduler.store import schema
-from scheduler.store.roster import MAX_REPLICAS, RosterStore
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.roster import MAX_REPLICAS, RosterStore
 
 from ..conftest import Runner
 

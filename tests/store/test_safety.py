@@ -13,8 +13,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from scheduler.store.embedded import EmbeddedValkey
-from scheduler.store.safety import UnsafeStoreConfig, check_durability
+from tessera.scheduler.store.embedded import EmbeddedValkey
+from tessera.scheduler.store.safety import UnsafeStoreConfig, check_durability
 
 from ..conftest import Runner
 

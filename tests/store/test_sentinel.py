@@ -34,19 +34,19 @@ import redis.asyncio as aioredis
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError, ResponseError
 
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.errors import SchedulerError, status_of
-from scheduler.service.replica_durability import ReplicaDurabilityWatcher
-from scheduler.service.store_health import StoreHealthWatcher
-from scheduler.store.connection import (
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.errors import SchedulerError, status_of
+from tessera.scheduler.service.replica_durability import ReplicaDurabilityWatcher
+from tessera.scheduler.service.store_health import StoreHealthWatcher
+from tessera.scheduler.store.connection import (
     StoreClient,
     StoreUnusableError,
     connect_store,
     redact_url,
 )
-from scheduler.store.redis_store import RedisStateStore
-from scheduler.store.safety import UnsafeStoreConfig, check_durability, sentinel_pool
-from scheduler.store.wire import _PackedByHiredis
+from tessera.scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.store.safety import UnsafeStoreConfig, check_durability, sentinel_pool
+from tessera.scheduler.store.wire import _PackedByHiredis
 
 from ..conftest import Runner
 from ..scheduler.service.test_cluster_model import two_gpu_host

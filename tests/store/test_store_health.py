@@ -21,9 +21,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from scheduler.service.store_health import StoreHealthWatcher
-from scheduler.store.connection import connect_store
-from scheduler.store.embedded import EmbeddedValkey
+from tessera.scheduler.service.store_health import StoreHealthWatcher
+from tessera.scheduler.store.connection import connect_store
+from tessera.scheduler.store.embedded import EmbeddedValkey
 
 from ..conftest import Runner
 

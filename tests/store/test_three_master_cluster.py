@@ -19,15 +19,15 @@ from collections.abc import Iterator
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from scheduler.core.identity import HostId
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.errors import SchedulerError
-from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
-from scheduler.service.store_health import StoreHealthWatcher
-from scheduler.store import schema
-from scheduler.store.connection import StoreUnusableError, connect_store
-from scheduler.store.redis_store import RedisStateStore
-from scheduler.store.safety import check_durability
+from tessera.scheduler.core.identity import HostId
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.errors import SchedulerError
+from tessera.scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
+from tessera.scheduler.service.store_health import StoreHealthWatcher
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.connection import StoreUnusableError, connect_store
+from tessera.scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.store.safety import check_durability
 from tessera.v1 import placement_pb2
 
 from ..conftest import Runner

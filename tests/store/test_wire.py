@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import DataError
 
-from scheduler.store.wire import pack_with_hiredis
+from tessera.scheduler.store.wire import pack_with_hiredis
 from tests.conftest import Runner
 
 #: Arguments of the kinds the store's scripts send: names, slot keys, numbers,

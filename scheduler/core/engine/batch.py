@@ -42,23 +42,29 @@ from fractions import Fraction
 
 from ortools.sat.python import cp_model
 
-from scheduler.core.engine.batch_bound import capacity_bound
-from scheduler.core.engine.batch_value import (
+from tessera.scheduler.core.engine.batch_bound import capacity_bound
+from tessera.scheduler.core.engine.batch_value import (
     QUALITY_RANGE,
     gpu_equivalents_of,
     learn_gpu_units,
     request_values,
 )
-from scheduler.core.engine.fastpath import Engine, HostFit, build_plan, fit_key, unschedulable
-from scheduler.core.engine.framework import Pick, Rejections
-from scheduler.core.engine.plugins import free_vfs
-from scheduler.core.host import HostView, domain_instance
-from scheduler.core.identity import HostId, PciAddress, PlacementId, RequestId, TenantName
-from scheduler.core.mig_geometry import DEFAULT_INSTANCE_LIMITS
-from scheduler.core.occupancy import DOMAINS, mdev_free
-from scheduler.core.plan import Plan, Rejection, Unschedulable
-from scheduler.core.request import DeviceForm, ExclusivityDomain, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState, reserved, with_reservation
+from tessera.scheduler.core.engine.fastpath import (
+    Engine,
+    HostFit,
+    build_plan,
+    fit_key,
+    unschedulable,
+)
+from tessera.scheduler.core.engine.framework import Pick, Rejections
+from tessera.scheduler.core.engine.plugins import free_vfs
+from tessera.scheduler.core.host import HostView, domain_instance
+from tessera.scheduler.core.identity import HostId, PciAddress, PlacementId, RequestId, TenantName
+from tessera.scheduler.core.mig_geometry import DEFAULT_INSTANCE_LIMITS
+from tessera.scheduler.core.occupancy import DOMAINS, mdev_free
+from tessera.scheduler.core.plan import Plan, Rejection, Unschedulable
+from tessera.scheduler.core.request import DeviceForm, ExclusivityDomain, PlacementRequest
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState, reserved, with_reservation
 
 #: Named reasons of requests a batch leaves unplaced.
 REASON_OUTCOMPETED = "outcompeted"

@@ -34,13 +34,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
-from scheduler.core.engine.batch_value import GpuUnits, gpu_need, learn_gpu_units
-from scheduler.core.fragmentation import free_capacity
-from scheduler.core.host import HostView
-from scheduler.core.mig_geometry import COMPUTE_SLICES
-from scheduler.core.occupancy import Occupancy
-from scheduler.core.request import DeviceForm, DeviceKind, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.engine.batch_value import GpuUnits, gpu_need, learn_gpu_units
+from tessera.scheduler.core.fragmentation import free_capacity
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.mig_geometry import COMPUTE_SLICES
+from tessera.scheduler.core.occupancy import Occupancy
+from tessera.scheduler.core.request import DeviceForm, DeviceKind, PlacementRequest
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 
 def capacity_bound(

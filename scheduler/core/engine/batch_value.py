@@ -34,11 +34,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from scheduler.core.host import HostView
-from scheduler.core.mig_geometry import COMPUTE_SLICES
-from scheduler.core.occupancy import Occupancy
-from scheduler.core.request import Claim, DeviceForm, DeviceKind, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.mig_geometry import COMPUTE_SLICES
+from tessera.scheduler.core.occupancy import Occupancy
+from tessera.scheduler.core.request import Claim, DeviceForm, DeviceKind, PlacementRequest
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 #: A GPU's worth in value units: MIG sevenths times 32, so the smallest MIG
 #: profile (32 of 224) and a vGPU of up to 32 per GPU are whole numbers of

@@ -26,7 +26,7 @@ from itertools import compress, count
 from operator import is_not
 from typing import TypeVar
 
-from scheduler.core.engine.framework import (
+from tessera.scheduler.core.engine.framework import (
     Cycle,
     HostFilter,
     Option,
@@ -40,7 +40,7 @@ from scheduler.core.engine.framework import (
     SearchPass,
     UnitFilter,
 )
-from scheduler.core.engine.plugins import (
+from tessera.scheduler.core.engine.plugins import (
     FORM_MODE,
     REASON_CORDONED,
     REASON_LEASE_EXPIRED,
@@ -74,9 +74,9 @@ from scheduler.core.engine.plugins import (
     free_vfs,
     numa_domains,
 )
-from scheduler.core.fragmentation import TaskMixLearner
-from scheduler.core.host import HostView, domain_instance
-from scheduler.core.identity import (
+from tessera.scheduler.core.fragmentation import TaskMixLearner
+from tessera.scheduler.core.host import HostView, domain_instance
+from tessera.scheduler.core.identity import (
     HostId,
     PciAddress,
     PlacementId,
@@ -85,15 +85,15 @@ from scheduler.core.identity import (
     iommu_group_slot,
     vfio_group_path,
 )
-from scheduler.core.mig_geometry import capacity, fragmentation_score
-from scheduler.core.occupancy import (
+from tessera.scheduler.core.mig_geometry import capacity, fragmentation_score
+from tessera.scheduler.core.occupancy import (
     DeviceMode,
     DomainKey,
     Occupancy,
     build_occupancy,
     mdev_free,
 )
-from scheduler.core.plan import (
+from tessera.scheduler.core.plan import (
     Assignment,
     MdevAssignment,
     MigAssignment,
@@ -102,16 +102,22 @@ from scheduler.core.plan import (
     VfAssignment,
     WholeDeviceAssignment,
 )
-from scheduler.core.request import (
+from tessera.scheduler.core.request import (
     Claim,
     DeviceForm,
     DeviceKind,
     ExclusivityDomain,
     PlacementRequest,
 )
-from scheduler.core.slots import exclusive_slot, host_share_slot, mdev_slot, mig_slot, vf_slot
-from scheduler.core.snapshot import ClusterSnapshot, HostChanges, HostState
-from scheduler.core.topology import pcie_distance
+from tessera.scheduler.core.slots import (
+    exclusive_slot,
+    host_share_slot,
+    mdev_slot,
+    mig_slot,
+    vf_slot,
+)
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostChanges, HostState
+from tessera.scheduler.core.topology import pcie_distance
 
 #: Order keys (request shapes, as far as the host order goes) whose orders are
 #: kept at once: each holds an entry per host, 64 of them about 70 MiB at

@@ -26,12 +26,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from scheduler.core.host import HostView, PciFunctionView
-from scheduler.core.identity import IommuGroupNumber, PciAddress
-from scheduler.core.occupancy import Occupancy
-from scheduler.core.plan import Rejection
-from scheduler.core.request import Affinity, Claim, DeviceForm, PlacementRequest
-from scheduler.core.snapshot import HostState
+from tessera.scheduler.core.host import HostView, PciFunctionView
+from tessera.scheduler.core.identity import IommuGroupNumber, PciAddress
+from tessera.scheduler.core.occupancy import Occupancy
+from tessera.scheduler.core.plan import Rejection
+from tessera.scheduler.core.request import Affinity, Claim, DeviceForm, PlacementRequest
+from tessera.scheduler.core.snapshot import HostState
 
 
 @dataclass(frozen=True)

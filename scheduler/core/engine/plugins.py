@@ -25,14 +25,14 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 
-from scheduler.core.engine.framework import (
+from tessera.scheduler.core.engine.framework import (
     Cycle,
     Option,
     Pick,
     SearchPass,
     Verdict,
 )
-from scheduler.core.fragmentation import (
+from tessera.scheduler.core.fragmentation import (
     HostFragmentation,
     TaskMix,
     TaskMixLearner,
@@ -42,7 +42,7 @@ from scheduler.core.fragmentation import (
     occupancy_after,
     task_shape,
 )
-from scheduler.core.host import (
+from tessera.scheduler.core.host import (
     HANDOVER_GROUP_HOLDS_HOST_DEVICE,
     HANDOVER_IN_USE_BY_HOST,
     GpuView,
@@ -50,22 +50,22 @@ from scheduler.core.host import (
     PciFunctionView,
     domain_instance,
 )
-from scheduler.core.identity import PciAddress
-from scheduler.core.mig import MigProfile
-from scheduler.core.mig_geometry import (
+from tessera.scheduler.core.identity import PciAddress
+from tessera.scheduler.core.mig import MigProfile
+from tessera.scheduler.core.mig_geometry import (
     MigLayout,
     best_placement,
     capacity,
     fragmentation_score,
     with_instance,
 )
-from scheduler.core.occupancy import (
+from tessera.scheduler.core.occupancy import (
     DeviceMode,
     Occupancy,
     domain_keys,
     mdev_free,
 )
-from scheduler.core.request import (
+from tessera.scheduler.core.request import (
     Affinity,
     AffinityScope,
     Claim,
@@ -75,7 +75,7 @@ from scheduler.core.request import (
     NumaPolicy,
     PlacementRequest,
 )
-from scheduler.core.stranding import (
+from tessera.scheduler.core.stranding import (
     cpu_memory_shortfall,
     demand_per_gpu,
     gangs_lost,

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from scheduler.core.engine.fastpath import (
+from tessera.scheduler.core.engine.fastpath import (
     Engine,
     EngineProfile,
     build_plan,
@@ -55,12 +55,12 @@ from scheduler.core.engine.fastpath import (
     static_shape,
     unschedulable,
 )
-from scheduler.core.engine.framework import Rejections
-from scheduler.core.engine.plugins import FragmentationScorer
-from scheduler.core.fragmentation import TaskMix, TaskMixLearner
-from scheduler.core.plan import Plan, Unschedulable
-from scheduler.core.request import ExclusivityDomain, NumaPolicy, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.engine.framework import Rejections
+from tessera.scheduler.core.engine.plugins import FragmentationScorer
+from tessera.scheduler.core.fragmentation import TaskMix, TaskMixLearner
+from tessera.scheduler.core.plan import Plan, Unschedulable
+from tessera.scheduler.core.request import ExclusivityDomain, NumaPolicy, PlacementRequest
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 
 class Policy(Protocol):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.actuation.mdev import MdevActuationError, MdevManager
-from agent.sysfs import Sysfs
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
+from tessera.agent.actuation.mdev import MdevActuationError, MdevManager
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
 
 P4 = "0000:3b:00.0"  # vgpu: Tesla P4, one vGPU type at a time
 UUID_A = "5b2a6a2e-7a7e-4d0c-9a53-6f7f6c1d2e01"

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from agent.actuation.mig import MigActuationError, MigPartitioner
-from agent.nvml import MigPlacement, NullNvmlClient, NvmlGpu, PynvmlClient
-from agent.testing.nvml import FakeNvml, fake_gpu
+from tessera.agent.actuation.mig import MigActuationError, MigPartitioner
+from tessera.agent.nvml import MigPlacement, NullNvmlClient, NvmlGpu, PynvmlClient
+from tessera.agent.testing.nvml import FakeNvml, fake_gpu
 
 A100 = "0000:07:00.0"
 THREE_G = 9  # 3g.20gb on A100-SXM4-40GB: placements 0+4, 4+4

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.actuation.sriov import SriovActuationError, SriovConfigurator
-from agent.sysfs import Sysfs
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
+from tessera.agent.actuation.sriov import SriovActuationError, SriovConfigurator
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
 
 CX6_PF0 = "0000:31:00.0"  # sriov-nic: 8 VFs at offset 2, stride 1
 E810_PF0 = "0000:cb:00.0"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from agent.actuation.steps import MdevCreate, MigCreate, SriovEnable, StepRecord, VfioBind
-from agent.actuation.vfio import BindingRecord
+from tessera.agent.actuation.steps import MdevCreate, MigCreate, SriovEnable, StepRecord, VfioBind
+from tessera.agent.actuation.vfio import BindingRecord
 
 
 @pytest.mark.parametrize(

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from agent.actuation.vfio import (
+from tessera.agent.actuation.vfio import (
     BindingRecord,
     VfioActuationError,
     VfioBinder,
     VfioRestoreError,
 )
-from agent.probes.iommu import IommuGroupNumber, probe_iommu
-from agent.probes.pci import PciAddress, PciFunction, probe_pci
-from agent.sysfs import Sysfs, SysfsWriter
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
+from tessera.agent.probes.iommu import IommuGroupNumber, probe_iommu
+from tessera.agent.probes.pci import PciAddress, PciFunction, probe_pci
+from tessera.agent.sysfs import Sysfs, SysfsWriter
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
 
 LEGACY_BRIDGE = "0000:00:1e.0"
 LEGACY_NICS = ["0000:06:0d.0", "0000:06:0d.1"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from agent.testing.nvml import STATE_FILE, FakeNvml, fake_gpu, write_state
+from tessera.agent.testing.nvml import STATE_FILE, FakeNvml, fake_gpu, write_state
 
 # Profile ID -> (name, NVML profile index, slices, memory MB, placements (start, size)).
 ONE_SLICE = [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]

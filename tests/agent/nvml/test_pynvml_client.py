@@ -12,8 +12,8 @@ from typing import Any
 import pynvml
 import pytest
 
-from agent.discovery import MigCapable, MigUnsupported, discover
-from agent.nvml import (
+from tessera.agent.discovery import MigCapable, MigUnsupported, discover
+from tessera.agent.nvml import (
     MigMode,
     MigPlacement,
     NullNvmlClient,
@@ -21,10 +21,10 @@ from agent.nvml import (
     PynvmlClient,
     open_nvml,
 )
-from agent.report import to_inventory
-from agent.sysfs import Sysfs
-from agent.testing.hosts import build
-from agent.testing.nvml import FakeNvml, fake_gpu
+from tessera.agent.report import to_inventory
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.nvml import FakeNvml, fake_gpu
 from tessera.v1 import inventory_pb2
 
 A100 = "0000:4b:00.0"
@@ -150,7 +150,7 @@ def test_inventory_command_reads_the_fake_driver(tmp_path: Path) -> None:
     root = tmp_path / "virt-2s"
     build("virt-2s", root)
     out = subprocess.run(
-        [sys.executable, "-m", "agent", "inventory", "--sysfs-root", str(root), "--json"],
+        [sys.executable, "-m", "tessera.agent", "inventory", "--sysfs-root", str(root), "--json"],
         check=True,
         capture_output=True,
         text=True,

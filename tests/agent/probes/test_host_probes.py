@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from agent.actuation.vfio import VfioBinder
-from agent.probes.iommu import IommuDomainType, probe_iommu
-from agent.probes.mdev import MdevInstance, probe_mdev
-from agent.probes.migration import migratability
-from agent.probes.numa import probe_numa
-from agent.probes.pci import PciAddress, PciFunction, probe_pci
-from agent.probes.pcie import Locality, PciRole, probe_tree
-from agent.probes.sriov import SriovPf, probe_sriov
-from agent.probes.vfio import probe_vfio
-from agent.sysfs import Sysfs
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
+from tessera.agent.actuation.vfio import VfioBinder
+from tessera.agent.probes.iommu import IommuDomainType, probe_iommu
+from tessera.agent.probes.mdev import MdevInstance, probe_mdev
+from tessera.agent.probes.migration import migratability
+from tessera.agent.probes.numa import probe_numa
+from tessera.agent.probes.pci import PciAddress, PciFunction, probe_pci
+from tessera.agent.probes.pcie import Locality, PciRole, probe_tree
+from tessera.agent.probes.sriov import SriovPf, probe_sriov
+from tessera.agent.probes.vfio import probe_vfio
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
 
 A = PciAddress
 LEGACY_BRIDGE, LEGACY_NIC0, LEGACY_NIC1 = A("0000:00:1e.0"), A("0000:06:0d.0"), A("0000:06:0d.1")
@@ -366,8 +366,8 @@ _MARKER_ROLES = {
 def test_roles_inferred_from_the_tree_match_every_fixture_host(tmp_path: Path) -> None:
     import json
 
-    from agent.sysfs import FAKE_HOST_MARKER
-    from agent.testing import hosts
+    from tessera.agent.sysfs import FAKE_HOST_MARKER
+    from tessera.agent.testing import hosts
 
     for name in sorted(hosts.FIXTURE_HOSTS):
         sysfs = host(name, tmp_path)

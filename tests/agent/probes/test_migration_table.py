@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from agent.probes.migration import (
+from tessera.agent.probes.migration import (
     MIGRATION_DRIVERS,
     Migratability,
     is_migration_driver,
     migratability,
     migration_driver_for,
 )
-from agent.probes.pci import PciAddress, PciFunction
+from tessera.agent.probes.pci import PciAddress, PciFunction
 
 
 def test_mlx5_vfio_pci_takes_only_the_mlx5gen_vf() -> None:

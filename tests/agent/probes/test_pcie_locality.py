@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.probes.pci import PciAddress
-from agent.probes.pcie import Locality, PciRole, TreePosition, config_port_role, locality
+from tessera.agent.probes.pci import PciAddress
+from tessera.agent.probes.pcie import Locality, PciRole, TreePosition, config_port_role, locality
 
 
 def at(address: str, *chain: str, root: str = "pci0000:00", node: int = 0) -> TreePosition:

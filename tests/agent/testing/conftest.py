@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.testing import hosts
+from tessera.agent.testing import hosts
 
 from .fakehost import FakeHost
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.sysfs import Sysfs
-from agent.testing.kernel import KernelEmulator
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing.kernel import KernelEmulator
 
 
 class FakeHost:

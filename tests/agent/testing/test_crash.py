@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.testing.crash import CRASH_ENV, writes_counted
-from agent.testing.hosts import build
-from agent.testing.kernel import KernelEmulator
-from agent.testing.nvml import FakeNvml
+from tessera.agent.testing.crash import CRASH_ENV, writes_counted
+from tessera.agent.testing.hosts import build
+from tessera.agent.testing.kernel import KernelEmulator
+from tessera.agent.testing.nvml import FakeNvml
 
 from .fakehost import FakeHost
 
@@ -51,7 +51,8 @@ def test_the_process_is_killed_right_after_the_nth_write(tree_dir: Path) -> None
     build("virt-2s", tree_dir)
     numvfs = tree_dir / "sys" / "bus" / "pci" / "devices" / PF / "sriov_numvfs"
     script = (
-        "import sys; from pathlib import Path; from agent.testing.kernel import KernelEmulator\n"
+        "import sys; from pathlib import Path\n"
+        "from tessera.agent.testing.kernel import KernelEmulator\n"
         "k = KernelEmulator(Path(sys.argv[1]))\n"
         "k.write(Path(sys.argv[2]), '2')\n"
         "print('survived')\n"

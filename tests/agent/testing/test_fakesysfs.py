@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.sysfs import FAKE_HOST_MARKER
-from agent.testing.fakesysfs import (
+from tessera.agent.sysfs import FAKE_HOST_MARKER
+from tessera.agent.testing.fakesysfs import (
     FakeSysfs,
     PciLink,
     Role,
@@ -335,7 +335,7 @@ def test_the_marker_records_what_the_tree_cannot(make_host: MakeHost) -> None:
 
 
 def test_a_fixture_builds_the_same_tree_every_time(tree_dir: Path) -> None:
-    from agent.testing import hosts
+    from tessera.agent.testing import hosts
 
     # The small ones: building is file creation bound, and the code is shared.
     for name in ("virt-2s", "gpu-workstation", "noacs-switch", "vgpu"):
@@ -347,7 +347,7 @@ def test_a_fixture_builds_the_same_tree_every_time(tree_dir: Path) -> None:
 
 
 def test_building_twice_into_one_root_is_refused(tree_dir: Path) -> None:
-    from agent.testing import hosts
+    from tessera.agent.testing import hosts
 
     hosts.build("no-iommu", tree_dir)
     with pytest.raises(FileExistsError):
@@ -355,7 +355,7 @@ def test_building_twice_into_one_root_is_refused(tree_dir: Path) -> None:
 
 
 def test_an_unknown_fixture_name_lists_the_known_ones(tree_dir: Path) -> None:
-    from agent.testing import hosts
+    from tessera.agent.testing import hosts
 
     with pytest.raises(KeyError, match="gpu-workstation"):
         hosts.build("no-such-host", tree_dir)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.sysfs import Sysfs
-from agent.testing import hosts
-from agent.testing.kernel import KernelEmulator
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing import hosts
+from tessera.agent.testing.kernel import KernelEmulator
 
 from .fakehost import FakeHost
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.sysfs import FAKE_HOST_MARKER, OsSysfsWriter, Sysfs
-from agent.testing.fakesysfs import FakeSysfs, PciId, Role
-from agent.testing.kernel import KernelEmulator
+from tessera.agent.sysfs import FAKE_HOST_MARKER, OsSysfsWriter, Sysfs
+from tessera.agent.testing.fakesysfs import FakeSysfs, PciId, Role
+from tessera.agent.testing.kernel import KernelEmulator
 
 from .fakehost import FakeHost
 
@@ -90,7 +90,8 @@ def test_the_os_writer_refuses_a_fake_tree(ws: FakeHost) -> None:
 
 def test_another_process_drives_the_same_tree(ws: FakeHost) -> None:
     code = (
-        "import sys; from pathlib import Path; from agent.testing.kernel import KernelEmulator;"
+        "import sys; from pathlib import Path;"
+        "from tessera.agent.testing.kernel import KernelEmulator;"
         "r = Path(sys.argv[1]); k = KernelEmulator(r);"
         "d = r / 'sys/bus/pci/devices/0000:01:00.0';"
         "k.write(d / 'driver/unbind', '0000:01:00.0');"

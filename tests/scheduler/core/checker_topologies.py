@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from scheduler.core.host import (
+from tessera.scheduler.core.host import (
     GpuView,
     HostView,
     IommuGroupView,
@@ -33,7 +33,7 @@ from scheduler.core.host import (
     SriovPfView,
     VfView,
 )
-from scheduler.core.identity import (
+from tessera.scheduler.core.identity import (
     HostId,
     IommuGroupNumber,
     PciAddress,
@@ -41,8 +41,8 @@ from scheduler.core.identity import (
     SlotKey,
     TenantName,
 )
-from scheduler.core.mig import MIG_TABLES, GpuInstance
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.mig import MIG_TABLES, GpuInstance
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 GPU_CLASS = 0x030200
 NIC_CLASS = 0x020000

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from ortools.sat.python import cp_model
 
-from scheduler.core.engine.batch import BatchSettings, proven_status, solve_batch
-from scheduler.core.engine.batch_bound import capacity_bound
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import HostId, RequestId, TenantName
-from scheduler.core.request import Claim, DeviceKind, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.engine.batch import BatchSettings, proven_status, solve_batch
+from tessera.scheduler.core.engine.batch_bound import capacity_bound
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.identity import HostId, RequestId, TenantName
+from tessera.scheduler.core.request import Claim, DeviceKind, PlacementRequest
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 from .topologies import dgx, snapshot
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from scheduler.core.engine.batch import BatchSettings, solve_batch
-from scheduler.core.engine.batch_value import (
+from tessera.scheduler.core.engine.batch import BatchSettings, solve_batch
+from tessera.scheduler.core.engine.batch_value import (
     GPU_UNITS,
     MAX_TOTAL,
     gpu_equivalents,
@@ -15,10 +15,16 @@ from scheduler.core.engine.batch_value import (
     request_values,
     value_quantum,
 )
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import HostId, RequestId, TenantName
-from scheduler.core.request import Claim, DeviceForm, DeviceKind, Isolation, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.identity import HostId, RequestId, TenantName
+from tessera.scheduler.core.request import (
+    Claim,
+    DeviceForm,
+    DeviceKind,
+    Isolation,
+    PlacementRequest,
+)
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 from .checker_topologies import mixed
 from .topologies import dgx, workstation

@@ -12,7 +12,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.core.checker import (
+from tessera.scheduler.core.checker import (
     ALL_RULES,
     RULE_AFFINITY,
     RULE_CAPACITY,
@@ -28,9 +28,9 @@ from scheduler.core.checker import (
     Violation,
     check_placements,
 )
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.host import HostView
-from scheduler.core.identity import (
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.identity import (
     HostId,
     IommuGroupNumber,
     PciAddress,
@@ -41,8 +41,8 @@ from scheduler.core.identity import (
     iommu_group_slot,
     vfio_group_path,
 )
-from scheduler.core.mig import MIG_TABLES, GpuInstance
-from scheduler.core.plan import (
+from tessera.scheduler.core.mig import MIG_TABLES, GpuInstance
+from tessera.scheduler.core.plan import (
     Assignment,
     MdevAssignment,
     MigAssignment,
@@ -50,7 +50,7 @@ from scheduler.core.plan import (
     VfAssignment,
     WholeDeviceAssignment,
 )
-from scheduler.core.request import (
+from tessera.scheduler.core.request import (
     Affinity,
     AffinityScope,
     Claim,
@@ -62,8 +62,8 @@ from scheduler.core.request import (
     NumaPolicy,
     PlacementRequest,
 )
-from scheduler.core.slots import exclusive_slot, mdev_slot, mig_slot, vf_slot
-from scheduler.core.snapshot import ClusterSnapshot
+from tessera.scheduler.core.slots import exclusive_slot, mdev_slot, mig_slot, vf_slot
+from tessera.scheduler.core.snapshot import ClusterSnapshot
 
 from .checker_topologies import (
     A16,

@@ -24,14 +24,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.core.engine import fastpath
-from scheduler.core.engine.fastpath import _NEVER_KEPT, Engine
-from scheduler.core.host import HostView
-from scheduler.core.identity import HostId, PlacementId, RequestId, TenantName
-from scheduler.core.plan import Plan, Unschedulable
-from scheduler.core.request import Claim, DeviceForm, DeviceKind, NumaPolicy, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState, with_release, with_reservation
-from scheduler.core.topology import TopologyGraph, pcie_distance
+from tessera.scheduler.core.engine import fastpath
+from tessera.scheduler.core.engine.fastpath import _NEVER_KEPT, Engine
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.identity import HostId, PlacementId, RequestId, TenantName
+from tessera.scheduler.core.plan import Plan, Unschedulable
+from tessera.scheduler.core.request import (
+    Claim,
+    DeviceForm,
+    DeviceKind,
+    NumaPolicy,
+    PlacementRequest,
+)
+from tessera.scheduler.core.snapshot import (
+    ClusterSnapshot,
+    HostState,
+    with_release,
+    with_reservation,
+)
+from tessera.scheduler.core.topology import TopologyGraph, pcie_distance
 from tests.scheduler.core.test_engine_properties import hosts, requests
 from tests.scheduler.core.topologies import dgx, workstation
 

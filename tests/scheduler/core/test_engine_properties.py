@@ -35,18 +35,18 @@ from dataclasses import dataclass, field, replace
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from scheduler.core.checker import check_placements
-from scheduler.core.engine.batch import BatchSettings, solve_batch
-from scheduler.core.engine.batch_bound import capacity_bound
-from scheduler.core.engine.batch_value import (
+from tessera.scheduler.core.checker import check_placements
+from tessera.scheduler.core.engine.batch import BatchSettings, solve_batch
+from tessera.scheduler.core.engine.batch_bound import capacity_bound
+from tessera.scheduler.core.engine.batch_value import (
     gpu_equivalents_of,
     learn_gpu_units,
     request_values,
 )
-from scheduler.core.engine.fastpath import Engine, fit_key
-from scheduler.core.engine.framework import Rejections
-from scheduler.core.engine.policies import FirstFitPolicy, TesseraPolicy
-from scheduler.core.host import (
+from tessera.scheduler.core.engine.fastpath import Engine, fit_key
+from tessera.scheduler.core.engine.framework import Rejections
+from tessera.scheduler.core.engine.policies import FirstFitPolicy, TesseraPolicy
+from tessera.scheduler.core.host import (
     GpuView,
     HostView,
     IommuGroupView,
@@ -58,7 +58,7 @@ from scheduler.core.host import (
     SriovPfView,
     VfView,
 )
-from scheduler.core.identity import (
+from tessera.scheduler.core.identity import (
     HostId,
     IommuGroupNumber,
     PciAddress,
@@ -66,10 +66,10 @@ from scheduler.core.identity import (
     RequestId,
     TenantName,
 )
-from scheduler.core.mig import MIG_TABLES
-from scheduler.core.mig_geometry import MigLayout, placements_available, with_instance
-from scheduler.core.plan import MdevAssignment, Plan, Unschedulable
-from scheduler.core.request import (
+from tessera.scheduler.core.mig import MIG_TABLES
+from tessera.scheduler.core.mig_geometry import MigLayout, placements_available, with_instance
+from tessera.scheduler.core.plan import MdevAssignment, Plan, Unschedulable
+from tessera.scheduler.core.request import (
     FORM_ISOLATION,
     Affinity,
     AffinityScope,
@@ -82,8 +82,8 @@ from scheduler.core.request import (
     NumaPolicy,
     PlacementRequest,
 )
-from scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
-from scheduler.core.validation import validate_request
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
+from tessera.scheduler.core.validation import validate_request
 
 # --- vocabulary ---------------------------------------------------------------
 

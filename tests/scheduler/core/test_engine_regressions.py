@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from scheduler.core.engine.batch import BatchSettings, solve_batch
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.host import HostView
-from scheduler.core.identity import HostId, PlacementId, RequestId, TenantName
-from scheduler.core.plan import Plan, Unschedulable
-from scheduler.core.request import (
+from tessera.scheduler.core.engine.batch import BatchSettings, solve_batch
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.identity import HostId, PlacementId, RequestId, TenantName
+from tessera.scheduler.core.plan import Plan, Unschedulable
+from tessera.scheduler.core.request import (
     Claim,
     DeviceForm,
     DeviceKind,
@@ -17,7 +17,7 @@ from scheduler.core.request import (
     Isolation,
     PlacementRequest,
 )
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 from .checker_topologies import MDEV_SINGLE, VF_0, mixed
 from .topologies import dgx

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.engine.plugins import VFIO_PCI, free_vfs
-from scheduler.core.host import HostView
-from scheduler.core.identity import PlacementId, RequestId, SlotKey, TenantName
-from scheduler.core.occupancy import build_occupancy
-from scheduler.core.plan import Plan, Unschedulable, VfAssignment
-from scheduler.core.request import Claim, DeviceForm, DeviceKind, Isolation, PlacementRequest
-from scheduler.core.slots import vf_slot
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.engine.plugins import VFIO_PCI, free_vfs
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.identity import PlacementId, RequestId, SlotKey, TenantName
+from tessera.scheduler.core.occupancy import build_occupancy
+from tessera.scheduler.core.plan import Plan, Unschedulable, VfAssignment
+from tessera.scheduler.core.request import (
+    Claim,
+    DeviceForm,
+    DeviceKind,
+    Isolation,
+    PlacementRequest,
+)
+from tessera.scheduler.core.slots import vf_slot
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 from .checker_topologies import PF_EMPTY, PF_ENABLED, VF_0, VF_1, VF_MIGRATION_DRIVER, mixed
 

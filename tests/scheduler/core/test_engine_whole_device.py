@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.engine.plugins import (
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.engine.plugins import (
     REASON_GROUP_ALLOCATED,
     REASON_GROUP_HOLDS_HOST_DEVICE,
     REASON_IN_USE_BY_HOST,
@@ -14,9 +14,9 @@ from scheduler.core.engine.plugins import (
     REASON_NOT_MIGRATABLE,
     REASON_TOPOLOGY,
 )
-from scheduler.core.identity import IommuGroupNumber, PciAddress, RequestId, TenantName
-from scheduler.core.plan import Plan, Unschedulable, WholeDeviceAssignment
-from scheduler.core.request import (
+from tessera.scheduler.core.identity import IommuGroupNumber, PciAddress, RequestId, TenantName
+from tessera.scheduler.core.plan import Plan, Unschedulable, WholeDeviceAssignment
+from tessera.scheduler.core.request import (
     Affinity,
     AffinityScope,
     Claim,
@@ -24,7 +24,7 @@ from scheduler.core.request import (
     NumaPolicy,
     PlacementRequest,
 )
-from scheduler.core.snapshot import ClusterSnapshot
+from tessera.scheduler.core.snapshot import ClusterSnapshot
 
 from .topologies import dgx, snapshot, workstation
 

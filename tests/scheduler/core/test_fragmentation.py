@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler.core.engine.fastpath import Engine, default_profile
-from scheduler.core.engine.plugins import FragmentationScorer
-from scheduler.core.engine.policies import FgdPolicy
-from scheduler.core.fragmentation import (
+from tessera.scheduler.core.engine.fastpath import Engine, default_profile
+from tessera.scheduler.core.engine.plugins import FragmentationScorer
+from tessera.scheduler.core.engine.policies import FgdPolicy
+from tessera.scheduler.core.fragmentation import (
     TaskMixLearner,
     TaskShape,
     free_shares,
@@ -18,18 +18,18 @@ from scheduler.core.fragmentation import (
     share_step,
     task_shape,
 )
-from scheduler.core.host import NumaNodeView
-from scheduler.core.identity import HostId, RequestId, TenantName
-from scheduler.core.occupancy import build_occupancy
-from scheduler.core.plan import Plan
-from scheduler.core.request import (
+from tessera.scheduler.core.host import NumaNodeView
+from tessera.scheduler.core.identity import HostId, RequestId, TenantName
+from tessera.scheduler.core.occupancy import build_occupancy
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.request import (
     Claim,
     DeviceForm,
     DeviceKind,
     Isolation,
     PlacementRequest,
 )
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 from .checker_topologies import GPU_A, GPU_B, MDEV_GPU, MDEV_SINGLE, MIG_GPU, mixed
 

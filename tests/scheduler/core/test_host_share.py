@@ -14,18 +14,18 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.core import guards
-from scheduler.core.checker import RULE_CAPACITY, check_placements
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.engine.policies import BestFitPolicy, FirstFitPolicy, RandomPolicy
-from scheduler.core.host import HostView, NumaNodeView
-from scheduler.core.identity import HostId, PlacementId, RequestId, SlotKey, TenantName
-from scheduler.core.occupancy import build_occupancy
-from scheduler.core.plan import Plan, Unschedulable
-from scheduler.core.request import Claim, DeviceKind, PlacementRequest
-from scheduler.core.slots import HostShareSlot, host_share_slot, parse_slot
-from scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
-from scheduler.core.validation import MAX_CPU_MILLI, MAX_MEMORY_MIB, validate_request
+from tessera.scheduler.core import guards
+from tessera.scheduler.core.checker import RULE_CAPACITY, check_placements
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.engine.policies import BestFitPolicy, FirstFitPolicy, RandomPolicy
+from tessera.scheduler.core.host import HostView, NumaNodeView
+from tessera.scheduler.core.identity import HostId, PlacementId, RequestId, SlotKey, TenantName
+from tessera.scheduler.core.occupancy import build_occupancy
+from tessera.scheduler.core.plan import Plan, Unschedulable
+from tessera.scheduler.core.request import Claim, DeviceKind, PlacementRequest
+from tessera.scheduler.core.slots import HostShareSlot, host_share_slot, parse_slot
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
+from tessera.scheduler.core.validation import MAX_CPU_MILLI, MAX_MEMORY_MIB, validate_request
 
 from .topologies import snapshot, workstation
 

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.host_usage import DeviceUse, HostUsage, host_usage
-from scheduler.core.identity import PciAddress, PlacementId, RequestId, SlotKey, TenantName
-from scheduler.core.mig import GpuInstance
-from scheduler.core.occupancy import build_occupancy
-from scheduler.core.request import ExclusivityDomain
-from scheduler.core.slots import exclusive_slot, host_share_slot, mdev_slot, mig_slot, vf_slot
-from scheduler.core.snapshot import HostState
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.host_usage import DeviceUse, HostUsage, host_usage
+from tessera.scheduler.core.identity import PciAddress, PlacementId, RequestId, SlotKey, TenantName
+from tessera.scheduler.core.mig import GpuInstance
+from tessera.scheduler.core.occupancy import build_occupancy
+from tessera.scheduler.core.request import ExclusivityDomain
+from tessera.scheduler.core.slots import (
+    exclusive_slot,
+    host_share_slot,
+    mdev_slot,
+    mig_slot,
+    vf_slot,
+)
+from tessera.scheduler.core.snapshot import HostState
 
 from .checker_topologies import (
     A100,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.core import lifecycle
-from scheduler.core.lifecycle import (
+from tessera.scheduler.core import lifecycle
+from tessera.scheduler.core.lifecycle import (
     FAILED,
     PENDING,
     READY,
@@ -24,15 +24,15 @@ from scheduler.core.lifecycle import (
     PlacementState,
     move,
 )
-from scheduler.store import redis_store
+from tessera.scheduler.store import redis_store
 
 SERVICE = Path(__file__).resolve().parents[3] / "scheduler" / "service"
 
 #: The modules that move placements between states.
 MOVERS = (
-    "scheduler.service.plan_applier",
-    "scheduler.service.host_registry",
-    "scheduler.service.housekeeping",
+    "tessera.scheduler.service.plan_applier",
+    "tessera.scheduler.service.host_registry",
+    "tessera.scheduler.service.housekeeping",
 )
 
 #: Every move the scheduler makes today, by who makes it.
@@ -144,7 +144,9 @@ def test_every_compare_and_set_in_the_service_takes_its_states_from_a_move() -> 
 #: redis_store (module-level strings whose names end in _LUA).
 def _lua_sources() -> dict[str, str]:
     sources = {
-        "commit.lua": resources.files("scheduler.store").joinpath("commit.lua").read_text("utf-8")
+        "commit.lua": resources.files("tessera.scheduler.store")
+        .joinpath("commit.lua")
+        .read_text("utf-8")
     }
     for name, value in vars(redis_store).items():
         if name.endswith("_LUA") and isinstance(value, str):

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.core.mig import MIG_TABLES, GpuInstance, MigProfile
-from scheduler.core.mig_geometry import (
+from tessera.scheduler.core.mig import MIG_TABLES, GpuInstance, MigProfile
+from tessera.scheduler.core.mig_geometry import (
     COMPUTE_SLICES,
     DEFAULT_INSTANCE_LIMITS,
     MEMORY_SLICES,

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import (
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.identity import (
     HostId,
     IommuGroupNumber,
     PciAddress,
@@ -23,10 +23,10 @@ from scheduler.core.identity import (
     SlotKey,
     TenantName,
 )
-from scheduler.core.occupancy import DeviceMode, Occupancy, build_occupancy
-from scheduler.core.plan import Plan
-from scheduler.core.request import Claim, DeviceForm, DeviceKind, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.occupancy import DeviceMode, Occupancy, build_occupancy
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.request import Claim, DeviceForm, DeviceKind, PlacementRequest
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 from tests.scheduler.core.topologies import workstation
 
 #: Keys the slot grammar does not read: held, but tied to nothing.

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import random
 
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import HostId, PlacementId
-from scheduler.core.plan import Plan
-from scheduler.core.snapshot import ClusterSnapshot, with_reservation
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.identity import HostId, PlacementId
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.snapshot import ClusterSnapshot, with_reservation
 from tests.scheduler.core.test_engine_incremental import _clones, _request, outcome
 from tests.scheduler.core.topologies import dgx, workstation
 

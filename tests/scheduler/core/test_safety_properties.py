@@ -5,10 +5,15 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import IommuGroupNumber, RequestId, TenantName, iommu_group_slot
-from scheduler.core.plan import Plan, WholeDeviceAssignment
-from scheduler.core.request import Claim, DeviceKind, NumaPolicy, PlacementRequest
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.identity import (
+    IommuGroupNumber,
+    RequestId,
+    TenantName,
+    iommu_group_slot,
+)
+from tessera.scheduler.core.plan import Plan, WholeDeviceAssignment
+from tessera.scheduler.core.request import Claim, DeviceKind, NumaPolicy, PlacementRequest
 
 from .topologies import dgx, snapshot, workstation
 

@@ -20,11 +20,17 @@ from collections.abc import Mapping
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.core.checker import check_placements
-from scheduler.core.engine.batch import BatchSettings, solve_batch
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.host import HostView, IommuGroupView, NumaNodeView, PciFunctionView, PciRole
-from scheduler.core.identity import (
+from tessera.scheduler.core.checker import check_placements
+from tessera.scheduler.core.engine.batch import BatchSettings, solve_batch
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.host import (
+    HostView,
+    IommuGroupView,
+    NumaNodeView,
+    PciFunctionView,
+    PciRole,
+)
+from tessera.scheduler.core.identity import (
     HostId,
     IommuGroupNumber,
     PciAddress,
@@ -34,15 +40,15 @@ from scheduler.core.identity import (
     TenantName,
     iommu_group_slot,
 )
-from scheduler.core.plan import Plan, Unschedulable, WholeDeviceAssignment
-from scheduler.core.request import (
+from tessera.scheduler.core.plan import Plan, Unschedulable, WholeDeviceAssignment
+from tessera.scheduler.core.request import (
     Affinity,
     AffinityScope,
     Claim,
     DeviceKind,
     PlacementRequest,
 )
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 _GPU_CLASS = 0x030200
 _NIC_CLASS = 0x020000

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.core.host import HostView
-from scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
-from scheduler.core.snapshot import ClusterSnapshot, HostState, with_release, with_reservation
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
+from tessera.scheduler.core.snapshot import (
+    ClusterSnapshot,
+    HostState,
+    with_release,
+    with_reservation,
+)
 
 HOST = HostId("h1")
 

@@ -11,19 +11,25 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler.core.engine.batch import solve_batch
-from scheduler.core.engine.fastpath import _SEEN_KEPT, Engine, packing_profile
-from scheduler.core.engine.plugins import PackingScorer
-from scheduler.core.engine.policies import FgdPolicy
-from scheduler.core.fragmentation import TaskMix, TaskMixLearner, TaskShape, occupancy_after
-from scheduler.core.host import HostView, NumaNodeView
-from scheduler.core.identity import PlacementId, RequestId, TenantName
-from scheduler.core.mig import GpuInstance
-from scheduler.core.occupancy import build_occupancy
-from scheduler.core.plan import Plan
-from scheduler.core.request import Claim, DeviceForm, DeviceKind, Isolation, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
-from scheduler.core.stranding import (
+from tessera.scheduler.core.engine.batch import solve_batch
+from tessera.scheduler.core.engine.fastpath import _SEEN_KEPT, Engine, packing_profile
+from tessera.scheduler.core.engine.plugins import PackingScorer
+from tessera.scheduler.core.engine.policies import FgdPolicy
+from tessera.scheduler.core.fragmentation import TaskMix, TaskMixLearner, TaskShape, occupancy_after
+from tessera.scheduler.core.host import HostView, NumaNodeView
+from tessera.scheduler.core.identity import PlacementId, RequestId, TenantName
+from tessera.scheduler.core.mig import GpuInstance
+from tessera.scheduler.core.occupancy import build_occupancy
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.request import (
+    Claim,
+    DeviceForm,
+    DeviceKind,
+    Isolation,
+    PlacementRequest,
+)
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
+from tessera.scheduler.core.stranding import (
     cpu_memory_shortfall,
     demand_per_gpu,
     gangs_lost,

@@ -8,10 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.core.host import HostView, IommuGroupView, NumaNodeView, PciFunctionView, PciRole
-from scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
-from scheduler.core.request import DeviceKind
-from scheduler.core.topology import (
+from tessera.scheduler.core.host import (
+    HostView,
+    IommuGroupView,
+    NumaNodeView,
+    PciFunctionView,
+    PciRole,
+)
+from tessera.scheduler.core.identity import HostId, IommuGroupNumber, PciAddress
+from tessera.scheduler.core.request import DeviceKind
+from tessera.scheduler.core.topology import (
     Locality,
     NodeKind,
     TopologyGraph,

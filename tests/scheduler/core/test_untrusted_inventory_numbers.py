@@ -20,10 +20,10 @@ from typing import TypeVar
 
 from google.protobuf import json_format
 
-from scheduler.core.engine.batch import BatchSettings, solve_batch
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.engine.plugins import FreeVfIndexes, free_vfs
-from scheduler.core.identity import (
+from tessera.scheduler.core.engine.batch import BatchSettings, solve_batch
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.engine.plugins import FreeVfIndexes, free_vfs
+from tessera.scheduler.core.identity import (
     HostId,
     PciAddress,
     PlacementId,
@@ -31,18 +31,24 @@ from scheduler.core.identity import (
     SlotKey,
     TenantName,
 )
-from scheduler.core.mig import MigProfile, MigProfileName
-from scheduler.core.mig_geometry import (
+from tessera.scheduler.core.mig import MigProfile, MigProfileName
+from tessera.scheduler.core.mig_geometry import (
     MigLayout,
     capacity,
     fragmentation_score,
     placements_available,
 )
-from scheduler.core.occupancy import build_occupancy
-from scheduler.core.plan import Plan, Unschedulable, VfAssignment
-from scheduler.core.request import Claim, DeviceForm, DeviceKind, Isolation, PlacementRequest
-from scheduler.core.snapshot import ClusterSnapshot, HostState
-from scheduler.service.convert import host_view_from_inventory
+from tessera.scheduler.core.occupancy import build_occupancy
+from tessera.scheduler.core.plan import Plan, Unschedulable, VfAssignment
+from tessera.scheduler.core.request import (
+    Claim,
+    DeviceForm,
+    DeviceKind,
+    Isolation,
+    PlacementRequest,
+)
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.service.convert import host_view_from_inventory
 from tessera.v1 import inventory_pb2
 
 GOLDEN = Path(__file__).resolve().parents[2] / "agent" / "golden"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from scheduler.core.identity import RequestId, TenantName
-from scheduler.core.request import (
+from tessera.scheduler.core.identity import RequestId, TenantName
+from tessera.scheduler.core.request import (
     Affinity,
     AffinityScope,
     Claim,
@@ -12,7 +12,7 @@ from scheduler.core.request import (
     Isolation,
     PlacementRequest,
 )
-from scheduler.core.validation import validate_request
+from tessera.scheduler.core.validation import validate_request
 
 
 def fields(req: PlacementRequest) -> set[str]:

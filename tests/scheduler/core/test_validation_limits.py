@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import pytest
 
-from scheduler.core.identity import RequestId, TenantName
-from scheduler.core.request import (
+from tessera.scheduler.core.identity import RequestId, TenantName
+from tessera.scheduler.core.request import (
     Affinity,
     AffinityScope,
     Claim,
@@ -24,7 +24,7 @@ from scheduler.core.request import (
     Isolation,
     PlacementRequest,
 )
-from scheduler.core.validation import (
+from tessera.scheduler.core.validation import (
     MAX_AFFINITIES,
     MAX_BATCH,
     MAX_CLAIM_LIST,
@@ -39,8 +39,8 @@ from scheduler.core.validation import (
     validate_lookup,
     validate_request,
 )
-from scheduler.service.convert import parsed_request, parsed_requests, request_from_proto
-from scheduler.service.servicers import MAX_DETAILS_BYTES, _details
+from tessera.scheduler.service.convert import parsed_request, parsed_requests, request_from_proto
+from tessera.scheduler.service.servicers import MAX_DETAILS_BYTES, _details
 from tessera.v1 import placement_pb2
 
 HUGE = "x" * 20_000

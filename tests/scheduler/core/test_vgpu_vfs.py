@@ -16,10 +16,10 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler.core.checker import RULE_INTERFERENCE, RULE_IOMMU_ISOLATION, check_placements
-from scheduler.core.engine.batch import BatchSettings, solve_batch
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.identity import (
+from tessera.scheduler.core.checker import RULE_INTERFERENCE, RULE_IOMMU_ISOLATION, check_placements
+from tessera.scheduler.core.engine.batch import BatchSettings, solve_batch
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.identity import (
     HostId,
     IommuGroupNumber,
     PciAddress,
@@ -29,23 +29,23 @@ from scheduler.core.identity import (
     iommu_group_slot,
     vfio_group_path,
 )
-from scheduler.core.plan import (
+from tessera.scheduler.core.plan import (
     MdevAssignment,
     Plan,
     Unschedulable,
     VfAssignment,
     WholeDeviceAssignment,
 )
-from scheduler.core.request import (
+from tessera.scheduler.core.request import (
     Claim,
     DeviceForm,
     DeviceKind,
     Isolation,
     PlacementRequest,
 )
-from scheduler.core.slots import mdev_slot, vf_slot
-from scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
-from scheduler.service.convert import host_view_from_inventory
+from tessera.scheduler.core.slots import mdev_slot, vf_slot
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState, with_reservation
+from tessera.scheduler.service.convert import host_view_from_inventory
 from tessera.v1 import inventory_pb2
 
 PF = PciAddress("0000:41:00.0")

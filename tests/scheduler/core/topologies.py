@@ -5,9 +5,21 @@ Each mirrors a fixture host of agent.testing at the level the scheduler sees.
 
 from __future__ import annotations
 
-from scheduler.core.host import HostView, IommuGroupView, NumaNodeView, PciFunctionView, PciRole
-from scheduler.core.identity import HostId, IommuGroupNumber, PciAddress, PlacementId, SlotKey
-from scheduler.core.snapshot import ClusterSnapshot, HostState
+from tessera.scheduler.core.host import (
+    HostView,
+    IommuGroupView,
+    NumaNodeView,
+    PciFunctionView,
+    PciRole,
+)
+from tessera.scheduler.core.identity import (
+    HostId,
+    IommuGroupNumber,
+    PciAddress,
+    PlacementId,
+    SlotKey,
+)
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState
 
 
 def _fn(

@@ -29,10 +29,10 @@ from dataclasses import replace
 
 import pytest
 
-from scheduler.core.fragmentation import free_shares
-from scheduler.core.host import HostView
-from scheduler.core.host_usage import host_usage
-from scheduler.core.identity import (
+from tessera.scheduler.core.fragmentation import free_shares
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.host_usage import host_usage
+from tessera.scheduler.core.identity import (
     IommuGroupNumber,
     PciAddress,
     PlacementId,
@@ -40,11 +40,11 @@ from scheduler.core.identity import (
     TenantName,
     iommu_group_slot,
 )
-from scheduler.core.mig import GpuInstance
-from scheduler.core.occupancy import build_occupancy
-from scheduler.core.slots import mdev_slot, mig_slot, vf_slot
-from scheduler.core.snapshot import HostState
-from scheduler.dashboard.fleet import (
+from tessera.scheduler.core.mig import GpuInstance
+from tessera.scheduler.core.occupancy import build_occupancy
+from tessera.scheduler.core.slots import mdev_slot, mig_slot, vf_slot
+from tessera.scheduler.core.snapshot import HostState
+from tessera.scheduler.dashboard.fleet import (
     FORMS,
     MAX_FILTER,
     PAGE_SIZE,

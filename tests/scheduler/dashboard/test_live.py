@@ -28,7 +28,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from scheduler.dashboard.live import (
+from tessera.scheduler.dashboard.live import (
     MAX_LISTENERS,
     MAX_NAMED,
     MAX_PER_IDENTITY,

@@ -42,9 +42,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
-from scheduler.core.host import GpuView, HostView
-from scheduler.core.host_usage import host_usage
-from scheduler.core.identity import (
+from tessera.scheduler.core.host import GpuView, HostView
+from tessera.scheduler.core.host_usage import host_usage
+from tessera.scheduler.core.identity import (
     IommuGroupNumber,
     PciAddress,
     PlacementId,
@@ -52,12 +52,12 @@ from scheduler.core.identity import (
     TenantName,
     iommu_group_slot,
 )
-from scheduler.core.mig import MIG_TABLES, GpuInstance
-from scheduler.core.mig_geometry import MEMORY_SLICES, MigLayout
-from scheduler.core.occupancy import build_occupancy
-from scheduler.core.slots import MigSlot, mdev_slot, mig_slot, parse_slot, vf_slot
-from scheduler.core.snapshot import HostState
-from scheduler.dashboard.topology_tree import (
+from tessera.scheduler.core.mig import MIG_TABLES, GpuInstance
+from tessera.scheduler.core.mig_geometry import MEMORY_SLICES, MigLayout
+from tessera.scheduler.core.occupancy import build_occupancy
+from tessera.scheduler.core.slots import MigSlot, mdev_slot, mig_slot, parse_slot, vf_slot
+from tessera.scheduler.core.snapshot import HostState
+from tessera.scheduler.dashboard.topology_tree import (
     Holder,
     MdevTypeRow,
     MigCell,

@@ -58,16 +58,16 @@ import pynvml
 import yaml
 from google.protobuf import json_format
 
-from agent.nvml import NullNvmlClient, open_nvml
-from agent.reporter import HostReporter
-from agent.sysfs import Sysfs
-from agent.testing import hosts
-from agent.testing.kernel import KernelEmulator
-from agent.testing.nvml import STATE_FILE, FakeNvml, nvml_bus_id
-from scheduler.core.checker import Violation, check_placements
-from scheduler.core.engine.batch import BatchSettings
-from scheduler.core.identity import RequestId
-from scheduler.core.plan import (
+from tessera.agent.nvml import NullNvmlClient, open_nvml
+from tessera.agent.reporter import HostReporter
+from tessera.agent.sysfs import Sysfs
+from tessera.agent.testing import hosts
+from tessera.agent.testing.kernel import KernelEmulator
+from tessera.agent.testing.nvml import STATE_FILE, FakeNvml, nvml_bus_id
+from tessera.scheduler.core.checker import Violation, check_placements
+from tessera.scheduler.core.engine.batch import BatchSettings
+from tessera.scheduler.core.identity import RequestId
+from tessera.scheduler.core.plan import (
     Assignment,
     MdevAssignment,
     MigAssignment,
@@ -76,8 +76,8 @@ from scheduler.core.plan import (
     VfAssignment,
     WholeDeviceAssignment,
 )
-from scheduler.planning import PlanReport, plan_offline, snapshot_of
-from scheduler.service.convert import parsed_requests
+from tessera.scheduler.planning import PlanReport, plan_offline, snapshot_of
+from tessera.scheduler.service.convert import parsed_requests
 from tessera.v1 import inventory_pb2, placement_pb2
 
 SCENARIO_DIR = Path(__file__).parent

@@ -16,9 +16,9 @@ import grpc
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from scheduler.service.agent_connections import AgentConnections, WarmSettings
-from scheduler.service.agent_gateway import GrpcAgentGateway
-from scheduler.store.redis_store import HostRecord
+from tessera.scheduler.service.agent_connections import AgentConnections, WarmSettings
+from tessera.scheduler.service.agent_gateway import GrpcAgentGateway
+from tessera.scheduler.store.redis_store import HostRecord
 from tessera.security.tls import ChannelCache
 
 from ...conftest import Runner

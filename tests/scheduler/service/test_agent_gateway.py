@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from scheduler.service.agent_gateway import AgentCallError, GrpcAgentGateway
+from tessera.scheduler.service.agent_gateway import AgentCallError, GrpcAgentGateway
 from tessera.security.tls import ChannelCache
 from tessera.v1 import placement_pb2
 

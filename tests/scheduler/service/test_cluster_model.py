@@ -13,12 +13,12 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from scheduler.core.identity import HostId
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.errors import NoCapacityError
-from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
-from scheduler.store import schema
-from scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.core.identity import HostId
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.errors import NoCapacityError
+from tessera.scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
 
 from ...conftest import Runner

@@ -17,20 +17,20 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from scheduler.core import guards
-from scheduler.core.engine.fastpath import Engine
-from scheduler.core.host import HostView
-from scheduler.core.identity import HostId
-from scheduler.core.lifecycle import PENDING, READY, move
-from scheduler.core.plan import Plan
-from scheduler.core.snapshot import HostState
-from scheduler.service.cluster_model import LiveCluster
-from scheduler.service.convert import Submitted, submitted
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.placement_moves import PlacementMoves
-from scheduler.service.plan_applier import PlanApplier
-from scheduler.service.request_claims import RequestClaims, new_claimant
-from scheduler.store.redis_store import CommitOutcome, CommitResult, RedisStateStore
+from tessera.scheduler.core import guards
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.core.host import HostView
+from tessera.scheduler.core.identity import HostId
+from tessera.scheduler.core.lifecycle import PENDING, READY, move
+from tessera.scheduler.core.plan import Plan
+from tessera.scheduler.core.snapshot import HostState
+from tessera.scheduler.service.cluster_model import LiveCluster
+from tessera.scheduler.service.convert import Submitted, submitted
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.placement_moves import PlacementMoves
+from tessera.scheduler.service.plan_applier import PlanApplier
+from tessera.scheduler.service.request_claims import RequestClaims, new_claimant
+from tessera.scheduler.store.redis_store import CommitOutcome, CommitResult, RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
 
 from ...conftest import Runner

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.core.host import PciRole
-from scheduler.core.request import DeviceForm, DeviceKind, Isolation, NumaPolicy
-from scheduler.core.validation import InvalidRequestError
-from scheduler.service.convert import host_view_from_inventory, request_digest, request_from_proto
+from tessera.scheduler.core.host import PciRole
+from tessera.scheduler.core.request import DeviceForm, DeviceKind, Isolation, NumaPolicy
+from tessera.scheduler.core.validation import InvalidRequestError
+from tessera.scheduler.service.convert import (
+    host_view_from_inventory,
+    request_digest,
+    request_from_proto,
+)
 from tessera.v1 import inventory_pb2, placement_pb2
 
 

@@ -6,10 +6,10 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from scheduler.service.agent_gateway import AgentCallError
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.errors import NoCapacityError
-from scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.service.agent_gateway import AgentCallError
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.errors import NoCapacityError
+from tessera.scheduler.store.redis_store import RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
 
 from ...conftest import Runner

@@ -13,13 +13,13 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from scheduler.core.validation import InvalidRequestError
-from scheduler.service.agent_gateway import AgentCallError
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.errors import HostBusyError, HostNotFoundError, NoCapacityError
-from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
-from scheduler.store import schema
-from scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.core.validation import InvalidRequestError
+from tessera.scheduler.service.agent_gateway import AgentCallError
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.errors import HostBusyError, HostNotFoundError, NoCapacityError
+from tessera.scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
 
 from ...conftest import Runner

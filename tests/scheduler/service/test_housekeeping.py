@@ -11,12 +11,12 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from scheduler.service.agent_gateway import AgentCallError
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.errors import PlacementBusyError
-from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
-from scheduler.store.embedded import EmbeddedValkey
-from scheduler.store.redis_store import Fence, FencedOutError, RedisStateStore
+from tessera.scheduler.service.agent_gateway import AgentCallError
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.errors import PlacementBusyError
+from tessera.scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
+from tessera.scheduler.store.embedded import EmbeddedValkey
+from tessera.scheduler.store.redis_store import Fence, FencedOutError, RedisStateStore
 from tessera.security.audit import AuditLog
 from tessera.v1 import inventory_pb2, placement_pb2
 

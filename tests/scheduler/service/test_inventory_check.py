@@ -22,15 +22,15 @@ import redis.asyncio as aioredis
 import yaml
 from google.protobuf import json_format
 
-from scheduler.core.validation import MAX_REPORTED, FieldViolation, InvalidRequestError
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.inventory_check import (
+from tessera.scheduler.core.validation import MAX_REPORTED, FieldViolation, InvalidRequestError
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.inventory_check import (
     MAX_PCI_FUNCTIONS,
     check_inventory,
     inventory_violations,
 )
-from scheduler.store import schema
-from scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
 
 from ...conftest import Runner
@@ -93,14 +93,14 @@ def discovered_live(root: Path) -> inventory_pb2.HostInventory:
     """virt-2s with every VF on, two vGPUs and two MIG instances, as its agent reports it."""
     import pynvml
 
-    from agent.actuation.mdev import MdevManager
-    from agent.actuation.mig import MigPartitioner
-    from agent.nvml import MigPlacement, open_nvml
-    from agent.reporter import HostReporter
-    from agent.sysfs import Sysfs
-    from agent.testing.hosts import build
-    from agent.testing.kernel import KernelEmulator
-    from agent.testing.nvml import FakeNvml, nvml_bus_id
+    from tessera.agent.actuation.mdev import MdevManager
+    from tessera.agent.actuation.mig import MigPartitioner
+    from tessera.agent.nvml import MigPlacement, open_nvml
+    from tessera.agent.reporter import HostReporter
+    from tessera.agent.sysfs import Sysfs
+    from tessera.agent.testing.hosts import build
+    from tessera.agent.testing.kernel import KernelEmulator
+    from tessera.agent.testing.nvml import FakeNvml, nvml_bus_id
 
     build("virt-2s", root)
     sysfs = Sysfs(root, KernelEmulator(root))

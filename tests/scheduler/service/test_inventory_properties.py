@@ -25,13 +25,13 @@ if _ROOT not in sys.path:  # ``bench`` lives at the repository root, uninstalled
     sys.path.insert(0, _ROOT)
 
 from bench.inventory_fuzz import QUERIES, golden_inventories, mutate  # noqa: E402
-from scheduler.core.checker import check_placements  # noqa: E402
-from scheduler.core.engine.batch import BatchSettings, solve_batch  # noqa: E402
-from scheduler.core.engine.fastpath import Engine  # noqa: E402
-from scheduler.core.plan import Plan  # noqa: E402
-from scheduler.core.snapshot import ClusterSnapshot, HostState  # noqa: E402
-from scheduler.service.convert import host_view_from_inventory, parsed_request  # noqa: E402
-from scheduler.service.inventory_check import inventory_violations  # noqa: E402
+from tessera.scheduler.core.checker import check_placements  # noqa: E402
+from tessera.scheduler.core.engine.batch import BatchSettings, solve_batch  # noqa: E402
+from tessera.scheduler.core.engine.fastpath import Engine  # noqa: E402
+from tessera.scheduler.core.plan import Plan  # noqa: E402
+from tessera.scheduler.core.snapshot import ClusterSnapshot, HostState  # noqa: E402
+from tessera.scheduler.service.convert import host_view_from_inventory, parsed_request  # noqa: E402
+from tessera.scheduler.service.inventory_check import inventory_violations  # noqa: E402
 
 BASES = golden_inventories()
 REQUESTS = [parsed_request(q) for q in QUERIES]

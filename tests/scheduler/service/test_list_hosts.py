@@ -24,10 +24,10 @@ import pytest
 import redis.asyncio as aioredis
 from google.protobuf import json_format
 
-from scheduler.cli import format_hosts
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
-from scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.cli import format_hosts
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.service.housekeeping import Housekeeper, HousekeepingSettings
+from tessera.scheduler.store.redis_store import RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2, scheduler_pb2
 
 from ...conftest import Runner

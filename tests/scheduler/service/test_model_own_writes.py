@@ -17,10 +17,10 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
-from scheduler.service.cluster_model import LiveCluster
-from scheduler.store import schema
-from scheduler.store.redis_store import CommitOutcome, RedisStateStore
+from tessera.scheduler.core.identity import HostId, PlacementId, SlotKey, TenantName
+from tessera.scheduler.service.cluster_model import LiveCluster
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import CommitOutcome, RedisStateStore
 
 from ...conftest import Runner
 from ...store.test_commit_guards import commit_on, register, three_gpu_host

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.store.redis_store import RedisStateStore
 from tessera.v1 import placement_pb2
 
 from ...conftest import Runner

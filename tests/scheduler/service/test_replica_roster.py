@@ -10,11 +10,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from scheduler.core.engine.fastpath import Engine
-from scheduler.service.replica_roster import ReplicaRoster, RosterSettings
-from scheduler.store import schema
-from scheduler.store.embedded import EmbeddedValkey
-from scheduler.store.roster import RosterStore
+from tessera.scheduler.core.engine.fastpath import Engine
+from tessera.scheduler.service.replica_roster import ReplicaRoster, RosterSettings
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.embedded import EmbeddedValkey
+from tessera.scheduler.store.roster import RosterStore
 
 from ...conftest import Runner
 

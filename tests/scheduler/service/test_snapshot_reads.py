@@ -6,10 +6,10 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from scheduler.core.identity import HostId
-from scheduler.service.coordinator import PlacementCoordinator
-from scheduler.store import schema
-from scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.core.identity import HostId
+from tessera.scheduler.service.coordinator import PlacementCoordinator
+from tessera.scheduler.store import schema
+from tessera.scheduler.store.redis_store import RedisStateStore
 
 from ...conftest import Runner
 from .test_housekeeping import Clock, Host, gpu, inventory

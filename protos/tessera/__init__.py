@@ -1,1 +1,0 @@
-"""Tessera wire contract (generated code lives in tessera.v1)."""

@@ -1,0 +1,1 @@
+../protos/tessera/keepalive.py
