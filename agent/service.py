@@ -147,6 +147,50 @@ class RolledBackError(Exception):
 # -- validation (no host access) -------------------------------------------------
 
 
+def _devices(placement: placement_pb2.Placement) -> list[str]:
+    """What each allocation hands the tenant, in a few words (for the log)."""
+    out: list[str] = []
+    for alloc in placement.allocations:
+        kind = alloc.WhichOneof("slot")
+        if kind == "whole_device":
+            out.append(alloc.whole_device.address)
+        elif kind == "vf":
+            vf = alloc.vf
+            out.append(vf.vf_address or f"{vf.pf_address} VF {vf.vf_index}")
+        elif kind == "mdev":
+            out.append(f"{alloc.mdev.parent_address} mdev {alloc.mdev.uuid}")
+        elif kind == "mig":
+            mig = alloc.mig
+            words = (mig.gpu_address, "MIG", mig.profile_name, mig.mig_uuid)
+            out.append(" ".join(w for w in words if w))
+    return out
+
+
+def _log_done(what: str, state: str, placement: placement_pb2.Placement) -> None:
+    """One INFO line per placement prepared or torn down on this host (never per retry).
+
+    Args:
+        what: what was done, as the message says it.
+        state: the same as the ``state`` field (``prepared``, ``torn-down``).
+        placement: the placement, as answered or as checkpointed.
+    """
+    devices = _devices(placement)
+    extra: dict[str, object] = {
+        name: value
+        for name, value in (
+            ("placement", placement.placement_id),
+            ("tenant", placement.tenant),
+            ("host", placement.host_id),
+        )
+        if value
+    }
+    log.info(
+        "%s placement %s: %s",
+        what, placement.placement_id, ", ".join(devices) or "no devices",
+        extra={**extra, "state": state, "devices": devices},
+    )  # fmt: skip
+
+
 def _validate(placement: placement_pb2.Placement) -> None:
     """Check what needs no host: required fields and their forms.
 
@@ -1143,6 +1187,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             raise RolledBackError(err) from err
         journal.leftover.clear()
         journal.prepared(result)
+        _log_done("prepared", "prepared", result)
         return result
 
     def _unprepare(self, placement_id: str, fencing_token: int = 0) -> None:
@@ -1160,6 +1205,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         # retried Unprepare simply runs it all again.
         self._undo_all(_records(entry), placement_id, releasing=entry.state == "prepared")
         self._checkpoint.remove(placement_id)
+        _log_done("torn down", "torn-down", placement_pb2.Placement.FromString(entry.placement))
 
     # -- gRPC ----------------------------------------------------------------------
 
@@ -1185,7 +1231,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         except PlacementMismatchError as err:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except RolledBackError as err:
-            log.error("prepare %s failed: %s", placement.placement_id, err)
+            log.error(
+                "prepare %s failed: %s",
+                placement.placement_id, err,
+                extra={"placement": placement.placement_id, "reason": str(err)},
+            )  # fmt: skip
             code = (
                 grpc.StatusCode.FAILED_PRECONDITION
                 if isinstance(err.cause, PlacementMismatchError)
@@ -1193,7 +1243,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             )
             await context.abort(code, str(err))
         except (ActuationError, NvmlError) as err:
-            log.error("prepare %s failed: %s", placement.placement_id, err)
+            log.error(
+                "prepare %s failed: %s",
+                placement.placement_id, err,
+                extra={"placement": placement.placement_id, "reason": str(err)},
+            )  # fmt: skip
             await context.abort(grpc.StatusCode.INTERNAL, str(err))
         finally:
             self._on_change()
@@ -1214,7 +1268,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         except StaleFenceError as err:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except ActuationError as err:
-            log.error("unprepare %s failed: %s", request.placement.placement_id, err)
+            log.error(
+                "unprepare %s failed: %s",
+                request.placement.placement_id, err,
+                extra={"placement": request.placement.placement_id, "reason": str(err)},
+            )  # fmt: skip
             await context.abort(grpc.StatusCode.INTERNAL, str(err))
         finally:
             self._on_change()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tessera.logs import log_level
+from tessera.logs import configure, log_format, log_level
 from tessera.scheduler.core.engine.fastpath import Engine
 from tessera.scheduler.core.engine.policies import (
     PACKING_POLICY,
@@ -227,6 +227,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=log_level,
         default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL [TESSERA_LOG_LEVEL; INFO]",
+    )
+    p.add_argument(
+        "--log-format",
+        type=log_format,
+        default=os.environ.get("TESSERA_LOG_FORMAT", "text"),
+        help="text (key=value fields after the message) or json (one object a line) "
+        "[TESSERA_LOG_FORMAT; text]",
     )
     return p.parse_args(argv)
 
@@ -471,11 +478,7 @@ async def serve(opts: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of tessera-scheduler."""
     opts = parse_args(argv)
-    logging.basicConfig(
-        level=opts.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure(opts.log_level, opts.log_format)
     collector.tune()
     return asyncio.run(serve(opts))
 

@@ -4,6 +4,9 @@ A registration records the host's inventory (checked first: see
 :mod:`scheduler.service.inventory_check`); a new boot id means the host
 rebooted, and every live placement on it becomes FAILED with its slots kept.
 Heartbeats renew the lease and carry an inventory only when it changed.
+Registrations, and a heartbeat that brings an expired host back, are
+said in the log (:mod:`scheduler.service.event_log`) by the call that
+wrote them.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from tessera.scheduler.core.validation import (
     validate_address,
     validate_identifier,
 )
+from tessera.scheduler.service import event_log
 from tessera.scheduler.service.inventory_check import check_inventory, inventory_violations
 from tessera.scheduler.service.placement_moves import PlacementMoves
 from tessera.scheduler.store import schema
-from tessera.scheduler.store.redis_store import RedisStateStore
+from tessera.scheduler.store.redis_store import HeartbeatOutcome, RedisStateStore
 from tessera.v1 import inventory_pb2, placement_pb2
 
 # A reboot fails a placement in whichever live state it was (every state the
@@ -93,9 +97,17 @@ class HostRegistry:
             agent_address=agent_address,
             now_ms=self._clock_ms(),
         )
-        if accepted and before is not None and before.boot_id != inventory.boot_id:
+        if not accepted:
+            return False
+        event_log.host_registered(
+            inventory.host_id,
+            agent_address,
+            inventory.boot_id,
+            before.boot_id if before is not None else None,
+        )
+        if before is not None and before.boot_id != inventory.boot_id:
             await self._fail_after_reboot(inventory.host_id)
-        return accepted
+        return True
 
     async def _fail_after_reboot(self, host_id: str) -> None:
         """Mark every live placement of a rebooted host FAILED, keeping its slots.
@@ -147,7 +159,7 @@ class HostRegistry:
             record = await self._store.get_host(host_id)
             if record is None or record.boot_id != boot_id:
                 return False
-            await self._store.upsert_host(
+            accepted = await self._store.upsert_host(
                 host_id,
                 inventory.SerializeToString(),
                 inventory_generation=inventory.generation,
@@ -155,5 +167,10 @@ class HostRegistry:
                 agent_address=record.agent_address,
                 now_ms=now,
             )
+            if accepted and record.lease_expired:
+                event_log.host_lease_renewed(host_id)
             return True
-        return await self._store.touch_host(host_id, boot_id, now)
+        outcome = await self._store.touch_host(host_id, boot_id, now)
+        if outcome is HeartbeatOutcome.REVIVED:
+            event_log.host_lease_renewed(host_id)
+        return outcome is not HeartbeatOutcome.UNKNOWN

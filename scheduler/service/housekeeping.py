@@ -53,6 +53,7 @@ from tessera.scheduler.core.lifecycle import (
     PlacementState,
     move,
 )
+from tessera.scheduler.service import event_log
 from tessera.scheduler.service.agent_gateway import AgentCallError, HousekeepingGateway
 from tessera.scheduler.service.convert import as_prepared
 from tessera.scheduler.service.placement_moves import PlacementMoves
@@ -272,10 +273,9 @@ class Housekeeper:
                 continue
             if await self._store.expire_host(host_id, deadline):
                 report.leases_expired += 1
-                log.info(
-                    "lease of host %s expired: no heartbeat for %.0f s",
-                    host_id, (self._clock_ms() - record.last_heartbeat_ms) / 1000,
-                )  # fmt: skip
+                event_log.host_lease_expired(
+                    host_id, (self._clock_ms() - record.last_heartbeat_ms) / 1000
+                )
 
     # -- dead hosts ----------------------------------------------------------
 
@@ -314,9 +314,10 @@ class Housekeeper:
                 f"lease expired, no heartbeat for {silent_s:.0f} s "
                 f"(forget_dead_after_s {after_s:.0f}), no placements"
             )
-            log.warning("forgot dead host %s: %s", host_id, detail)
+            who = f"{self.owner} ({fence.job} job, fencing token {fence.token})"
+            event_log.host_forgotten(host_id, who, detail)
             self._audit.record(
-                who=f"{self.owner} ({fence.job} job, fencing token {fence.token})",
+                who=who,
                 action="forget-dead-host",
                 outcome="OK",
                 resources={"host_id": host_id},
@@ -365,7 +366,13 @@ class Housekeeper:
                 report.reaped += 1
             elif released:
                 report.finished_releases += 1
-            log.info("%s %s on %s", cause, placement.placement_id, host_id)
+            if released:
+                event_log.placement_released(placement, cause)
+            else:
+                log.debug(
+                    "%s %s on %s: released by someone else meanwhile",
+                    cause, placement.placement_id, host_id,
+                )  # fmt: skip
             self._record("reap", fence, placement, "OK" if released else "ABORTED", cause)
 
     def _record(
@@ -445,7 +452,13 @@ class Housekeeper:
             try:
                 await self._reconcile_host(record, fence, report)
             except AgentCallError as err:
-                log.info("cannot reconcile %s now: %s", host_id, err.message)
+                # A dead host fails here every round until it is forgotten:
+                # said once, then held back as a repeat (tessera.logs).
+                log.warning(
+                    "cannot reconcile host %s now: %s",
+                    host_id, err.message,
+                    extra={"host": host_id, "reason": err.message},
+                )  # fmt: skip
                 continue
             self._reconciled[host_id] = key
             report.hosts_reconciled += 1
@@ -512,7 +525,11 @@ class Housekeeper:
             orphan = placement_pb2.Placement(placement_id=placement_id, host_id=host_id)
             await self._agents.unprepare_fenced(record.agent_address, orphan, fence.token)
             report.orphans_torn_down += 1
-            log.info("tore down %s on %s: the store no longer has it", placement_id, host_id)
+            log.info(
+                "tore down %s on host %s: the store no longer has it",
+                placement_id, host_id,
+                extra={"placement": placement_id, "host": host_id, "state": "torn-down"},
+            )  # fmt: skip
             self._record("tear-down-orphan", fence, orphan, "OK", "the store no longer has it")
         for placement_id, payload in sorted(before.items()):
             if placement_id in held or after.get(placement_id) != payload:
@@ -553,8 +570,8 @@ class Housekeeper:
         # PENDING); if deposed meanwhile, FencedOutError leaves it PENDING and
         # prepared, which the next leader's reaper tears down and releases.
         message = "ready (prepared again after the host lost it)"
-        if await self._move(prepared, _CONFIRM_REPREPARED, message, fence) is not None:
+        ready = await self._move(prepared, _CONFIRM_REPREPARED, message, fence)
+        if ready is not None:
             report.reprepared += 1
-            log.info("prepared %s on %s again: the host had lost it",
-                     placement.placement_id, record.host_id)  # fmt: skip
+            event_log.placement_ready(ready, "prepared again: the host had lost it")
             self._record("prepare-again", fence, placement, "OK", "the host had lost it")

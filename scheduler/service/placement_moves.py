@@ -3,14 +3,17 @@
 Every state change of a placement by a use case goes through :meth:`PlacementMoves.apply`:
 one compare-and-set whose accepted states come from a
 :class:`~scheduler.core.lifecycle.Move`, so the store only ever moves a
-placement along :data:`scheduler.core.lifecycle.TRANSITIONS`.
+placement along :data:`scheduler.core.lifecycle.TRANSITIONS`. Being that one
+place, it is also where every move to FAILED (a quarantine, whoever asked
+for it) is said in the log, once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from tessera.scheduler.core.lifecycle import Move
+from tessera.scheduler.core.lifecycle import FAILED, Move
+from tessera.scheduler.service import event_log
 from tessera.scheduler.service.convert import with_state
 from tessera.scheduler.store.redis_store import Fence, RedisStateStore
 from tessera.v1 import placement_pb2
@@ -73,4 +76,6 @@ class PlacementMoves:
             # move and disown this one).
             found = await self._store.get_placement(moved.placement_id)
             ok = found is not None and found[1] == payload
+        if ok and move.state is FAILED:
+            event_log.placement_failed(moved, message)
         return ok, moved

@@ -26,6 +26,7 @@ from tessera.scheduler.core.identity import PlacementId
 from tessera.scheduler.core.lifecycle import FAILED, PENDING, READY, RELEASED, RELEASING, move
 from tessera.scheduler.core.plan import Plan
 from tessera.scheduler.core.snapshot import HostState
+from tessera.scheduler.service import event_log
 from tessera.scheduler.service.agent_gateway import AgentCallError, AgentGateway
 from tessera.scheduler.service.cluster_model import LiveCluster
 from tessera.scheduler.service.convert import Submitted, as_prepared, placement_from_plan
@@ -257,6 +258,8 @@ class PlanApplier:
             if assumed is not None:
                 self._model.settle(host_id, assumed[0], generation)
                 self._land(host_id, assumed[0], generation > 0)
+        if generation:
+            event_log.placement_released(placement)
 
     async def _commit_or_undo(
         self,
@@ -288,12 +291,14 @@ class PlanApplier:
         except Exception:  # the commit failed: the claim stays for the next caller
             log.debug("commit of cancelled %s failed", placement.placement_id, exc_info=True)
             return
-        if result.outcome is CommitOutcome.COMMITTED:
-            await self._store.release(
-                placement.host_id,
-                placement.placement_id,
-                from_states=_UNDO.from_states,
-                request=_request_of(placement),
+        if result.outcome is CommitOutcome.COMMITTED and await self._store.release(
+            placement.host_id,
+            placement.placement_id,
+            from_states=_UNDO.from_states,
+            request=_request_of(placement),
+        ):
+            event_log.placement_undone(
+                placement, "the caller went away before its host was asked", failed=False
             )
 
     async def prepare(
@@ -312,7 +317,7 @@ class PlanApplier:
                 placement, await self._agents.prepare(record.agent_address, placement)
             )
         except AgentCallError as err:
-            await asyncio.shield(self._abandon(placement, record, err.message))
+            await asyncio.shield(self._abandon(placement, record, err.message, failed=True))
             raise HostOperationError(
                 f"host {record.host_id} could not carry the placement out ({err.message}); "
                 "the reservation was released"
@@ -321,17 +326,22 @@ class PlanApplier:
             # Cancelled (the client went away) or a bug: never leave the
             # reservation PENDING for ever. Shielded so the cleanup itself
             # survives the cancellation.
-            await asyncio.shield(self._abandon(placement, record, "the request was cancelled"))
+            await asyncio.shield(
+                self._abandon(placement, record, "the request was cancelled", failed=False)
+            )
             raise
         ok, ready = await self._confirm_ready(prepared)
         if not ok:
             # Someone removed the reservation while the host carried it out
             # (an operator clearing state): undo the host side, do not answer
             # READY for slots the store no longer holds.
-            await asyncio.shield(self._abandon(placement, record, "reservation vanished"))
+            await asyncio.shield(
+                self._abandon(placement, record, "reservation vanished", failed=True)
+            )
             raise ContentionError(
                 f"placement {ready.placement_id} was removed while being prepared; retry"
             )
+        event_log.placement_ready(ready)
         return ready
 
     async def _confirm_ready(
@@ -359,7 +369,7 @@ class PlanApplier:
         return await self._moves.apply(prepared, _CONFIRM, "ready")
 
     async def _abandon(
-        self, placement: placement_pb2.Placement, record: HostRecord, cause: str
+        self, placement: placement_pb2.Placement, record: HostRecord, cause: str, *, failed: bool
     ) -> None:
         """Undo a reservation whose Prepare failed or was cancelled.
 
@@ -367,6 +377,13 @@ class PlanApplier:
         still have finished on the host: Unprepare (idempotent) first, and only
         free the slots once the host confirms. If even that fails the slots
         stay taken by a FAILED placement: quarantined, never back in the pool.
+
+        Args:
+            placement: the reservation.
+            record: its host.
+            cause: why it is undone.
+            failed: the host or the store failed it (logged as a warning),
+                rather than its caller going away.
         """
         try:
             await self._agents.unprepare(record.agent_address, placement)
@@ -378,12 +395,13 @@ class PlanApplier:
                 "slots quarantined until an operator releases them",
             )
             return
-        await self._store.release(
+        if await self._store.release(
             record.host_id,
             placement.placement_id,
             from_states=_UNDO.from_states,
             request=_request_of(placement),
-        )
+        ):
+            event_log.placement_undone(placement, cause, failed=failed)
 
     async def release(self, placement: placement_pb2.Placement) -> placement_pb2.Placement:
         """Tear a placement down on its host, then free its slots.

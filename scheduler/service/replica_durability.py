@@ -57,16 +57,23 @@ class ReplicaDurabilityWatcher:
         problems, warnings = await check_replicas(self._pool)
         for found in problems:
             if found not in self._problems:
+                # With its state: a finding that goes and comes back is
+                # said again, never held back as a repeat (tessera.logs).
                 log.error(
                     "a Sentinel replica would lose placements if promoted: %s "
                     "(the scheduler keeps serving on the primary)",
                     found,
+                    extra={"state": "found", "finding": found},
                 )
         for found in warnings:
             if found not in self._warnings:
                 log.warning("a Sentinel replica: %s", found)
         for gone in sorted(self._problems - set(problems)):
-            log.warning("no longer found on the Sentinel replicas: %s", gone)
+            log.warning(
+                "no longer found on the Sentinel replicas: %s",
+                gone,
+                extra={"state": "gone", "finding": gone},
+            )
         self._problems = set(problems[:MAX_FINDINGS])
         self._warnings = set(warnings[:MAX_FINDINGS])
         return problems, warnings

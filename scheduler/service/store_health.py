@@ -148,12 +148,18 @@ class StoreHealthWatcher:
         """Probe once and flip the health status if it changed."""
         problem = await self.probe()
         self._problem = problem
+        # Each flip carries its state: the log's repeat filter never holds a
+        # change of state back, however often the store comes and goes.
         if problem is None and not self._serving:
             await self._set(True)
-            log.warning("the store answers again: health is SERVING")
+            log.warning("the store answers again: health is SERVING", extra={"state": "SERVING"})
         elif problem is not None and self._serving:
             await self._set(False)
-            log.error("the store is unusable (%s): health is NOT_SERVING", problem)
+            log.error(
+                "the store is unusable (%s): health is NOT_SERVING",
+                problem,
+                extra={"state": "NOT_SERVING", "reason": problem},
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Probe every ``interval_s`` until ``stop`` is set, then close.
