@@ -67,6 +67,7 @@ if __package__ in (None, ""):
 
 from bench import report
 from bench.protowire import varint
+from tessera.client.paging import all_placements
 from tessera.scheduler.local_cluster import LocalCluster
 from tessera.scheduler.service.servicers import MAX_DETAILS_BYTES
 from tessera.scheduler.store import schema
@@ -904,10 +905,11 @@ def _release_all(channel: grpc.Channel) -> tuple[bool, int, Counter[str]]:
     released, errors = 0, Counter[str]()
     try:
         stub.ListHosts(scheduler_pb2.ListHostsRequest(), timeout=30)
-        placed = stub.ListPlacements(scheduler_pb2.ListPlacementsRequest(), timeout=60)
+        # Every page: the fuzzing may have placed more than one page holds.
+        placed = list(all_placements(stub, timeout=60))
     except grpc.RpcError:
         return False, 0, errors
-    for p in placed.placements:
+    for p in placed:
         try:
             stub.Release(scheduler_pb2.ReleaseRequest(placement_id=p.placement_id), timeout=60)
             released += 1

@@ -24,10 +24,11 @@ from typing import IO
 
 import grpc
 
+from tessera.client.paging import all_hosts
 from tessera.security.certs import CA_KEY, CERT, create_ca, issue
 from tessera.security.identity import SCHEDULER_DNS_NAME
 from tessera.security.tls import TlsDir, sync_channel
-from tessera.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tessera.v1 import scheduler_pb2_grpc
 
 
 class ClusterError(RuntimeError):
@@ -298,8 +299,7 @@ class LocalCluster:
         seen: set[str] = set()
         while time.monotonic() < deadline:
             with contextlib.suppress(grpc.RpcError):
-                hosts = stub.ListHosts(scheduler_pb2.ListHostsRequest(), timeout=5).hosts
-                seen = {h.host_id for h in hosts if h.schedulable}
+                seen = {h.host_id for h in all_hosts(stub, timeout=5) if h.schedulable}
                 if host_ids <= seen:
                     return
             time.sleep(0.1)

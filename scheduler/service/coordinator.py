@@ -36,6 +36,7 @@ from tessera.scheduler.service.convert import parsed_request, submitted, submitt
 from tessera.scheduler.service.host_admin import HostAdmin
 from tessera.scheduler.service.host_registry import DEFAULT_LEASES, HostRegistry, Leases
 from tessera.scheduler.service.model_refresh import ModelRefresh
+from tessera.scheduler.service.page_tokens import PageRequest
 from tessera.scheduler.service.placement_lookup import PlacementLookup
 from tessera.scheduler.service.placement_moves import PlacementMoves
 from tessera.scheduler.service.plan_applier import PlanApplier
@@ -179,12 +180,38 @@ class PlacementCoordinator:
         among: list[str] | None = None
         if not host_id:
             await self.refreshed()
-            among = [
-                h
-                for h, state in self._model.live().hosts.items()
-                if state.tenants and (not tenant or tenant in state.tenants.values())
-            ]
+            among = self._hosts_holding(tenant, lambda _: True)
         return await self._lookup.list_placements(tenant, host_id, among)
+
+    def _hosts_holding(self, tenant: str, visible: Callable[[str], bool]) -> list[str]:
+        """The hosts the model shows holding placements of ``tenant`` ("": of anyone visible).
+
+        Only placements the caller may see count: a tenant listing its own
+        placements page by page must not make each call read the hosts of
+        every other tenant.
+        """
+        return [
+            h
+            for h, state in self._model.live().hosts.items()
+            if any((t == tenant if tenant else visible(t)) for t in set(state.tenants.values()))
+        ]
+
+    async def placements_page(
+        self, tenant: str, host_id: str, page: PageRequest, visible: Callable[[str], bool]
+    ) -> tuple[list[placement_pb2.Placement], str]:
+        """One page of placements (see :meth:`PlacementLookup.page`).
+
+        Without a host, only the hosts the model shows holding placements of
+        the tenant are read, as :meth:`list_placements` does.
+
+        Returns:
+            The page, and the placement id the next one starts after ("": none).
+        """
+        among: list[str] = []
+        if not host_id:
+            await self.refreshed()
+            among = self._hosts_holding(tenant, visible)
+        return await self._lookup.page(tenant, host_id, among, page, visible=visible)
 
     async def release(
         self, placement_id: str, request_id: str, tenant: str = ""
@@ -209,6 +236,10 @@ class PlacementCoordinator:
     async def hosts(self) -> list[scheduler_pb2.HostSummary]:
         """Every registered host as ListHosts shows it, read now."""
         return await self.host_admin.hosts()
+
+    async def hosts_page(self, page: PageRequest) -> tuple[list[scheduler_pb2.HostSummary], str]:
+        """One page of registered hosts (see :meth:`HostAdmin.hosts_page`)."""
+        return await self.host_admin.hosts_page(page)
 
     async def host_summary(self, host_id: str) -> scheduler_pb2.HostSummary:
         """One registered host as ListHosts shows it, read now."""

@@ -9,7 +9,6 @@ is in use in which form (:mod:`scheduler.core.host_usage`) and MIG capacity.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 
 from tessera.scheduler.core.engine.fastpath import Engine
@@ -21,6 +20,7 @@ from tessera.scheduler.core.validation import (
     validate_identifier,
     validate_text,
 )
+from tessera.scheduler.service import event_log
 from tessera.scheduler.service.cluster_model import LiveCluster
 from tessera.scheduler.service.errors import (
     HostBusyError,
@@ -28,10 +28,9 @@ from tessera.scheduler.service.errors import (
     PlacementNotFoundError,
     SchedulerError,
 )
+from tessera.scheduler.service.page_tokens import MAX_PAGE_BYTES, PageRequest
 from tessera.scheduler.store.redis_store import ForgetOutcome, HostRecord, RedisStateStore
 from tessera.v1 import placement_pb2, scheduler_pb2
-
-log = logging.getLogger(__name__)
 
 #: Releases a drain runs at once: the agent tears down placements on
 #: different devices side by side, and a host with hundreds of VF placements
@@ -86,6 +85,45 @@ class HostAdmin:
             self._summary(self._model.state_of(record), record, now)
             for _, record in sorted(stored.hosts.items())
         ]
+
+    async def hosts_page(
+        self, page: PageRequest, max_bytes: int = MAX_PAGE_BYTES
+    ) -> tuple[list[scheduler_pb2.HostSummary], str]:
+        """One page of registered hosts after ``page.after``, ordered by host id, read now.
+
+        Reads the page's hosts and one more (a token is handed out only when
+        the next page has a host to show), and more in place of any host
+        forgotten between listing the ids and reading it.
+
+        Args:
+            page: where the page starts (after a host id) and its size.
+            max_bytes: most bytes of summaries in the page; a page holds at
+                least one host when any is left.
+
+        Returns:
+            The page, and the host id the next page starts after ("": this is
+            the last page).
+        """
+        ids = [h for h in await self._store.host_ids() if h > page.after]
+        known = self._model.known()
+        out: list[scheduler_pb2.HostSummary] = []
+        size, read = 0, 0
+        while read < len(ids):
+            batch = ids[read : read + page.size + 1 - len(out)]
+            read += len(batch)
+            records = await self._store.read_hosts(batch, known)
+            now = self._clock_ms()
+            for host_id in batch:
+                record = records[host_id]
+                if record is None:  # forgotten since it was listed
+                    continue
+                summary = self._summary(self._model.state_of(record), record, now)
+                more = summary.ByteSize()
+                if len(out) == page.size or (out and size + more > max_bytes):
+                    return out, out[-1].host_id
+                out.append(summary)
+                size += more
+        return out, ""
 
     def _summary(
         self, state: HostState, record: HostRecord, now_ms: int
@@ -157,7 +195,7 @@ class HostAdmin:
             host_id, reason=reason, by=by, now_ms=self._clock_ms()
         ):
             raise HostNotFoundError(f"host {host_id} is not registered")
-        log.info("host %s cordoned by %s: %s", host_id, by, reason or "(no reason given)")
+        event_log.host_cordoned(host_id, by, reason)
         return await self.host_summary(host_id)
 
     async def uncordon(self, host_id: str, by: str) -> scheduler_pb2.HostSummary:
@@ -174,7 +212,7 @@ class HostAdmin:
         _check_host_admin(host_id)
         if not await self._store.uncordon_host(host_id):
             raise HostNotFoundError(f"host {host_id} is not registered")
-        log.info("host %s uncordoned by %s", host_id, by)
+        event_log.host_uncordoned(host_id, by)
         return await self.host_summary(host_id)
 
     async def drain(
@@ -237,10 +275,7 @@ class HostAdmin:
         await asyncio.gather(*(release_one(p) for p in placements))
         released.sort(key=lambda p: p.placement_id)
         failed.sort(key=lambda f: f.placement_id)
-        log.info(
-            "host %s drained by %s: %d released, %d left",
-            host_id, by, len(released), len(failed),
-        )  # fmt: skip
+        event_log.host_drained(host_id, by, len(released), len(failed))
         return await self.host_summary(host_id), released, failed
 
     async def forget(self, host_id: str, force: bool, by: str) -> list[str]:
@@ -281,8 +316,5 @@ class HostAdmin:
         # under the id again is a new one.
         self._model.forget(host_id)
         dropped = sorted(result.placements)
-        log.warning(
-            "host %s forgotten by %s%s",
-            host_id, by, f"; dropped placements {dropped}" if dropped else "",
-        )  # fmt: skip
+        event_log.host_forgotten(host_id, by, dropped=dropped)
         return dropped

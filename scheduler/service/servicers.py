@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 import grpc
 import redis.exceptions
 
 from tessera.scheduler.core.plan import Plan, Unschedulable
 from tessera.scheduler.core.request import PlacementRequest
-from tessera.scheduler.core.validation import validate_identifier
+from tessera.scheduler.core.validation import FieldViolation, validate_identifier
 from tessera.scheduler.presentation import form_of
 from tessera.scheduler.service.convert import (
     explain_response,
@@ -26,8 +26,21 @@ from tessera.scheduler.service.convert import (
     submitted_batch,
 )
 from tessera.scheduler.service.coordinator import PlacementCoordinator
-from tessera.scheduler.service.errors import SchedulerError, status_of
+from tessera.scheduler.service.errors import (
+    SchedulerError,
+    field_violations,
+    status_of,
+    status_trailer,
+)
 from tessera.scheduler.service.operator_config import OperatorConfig
+from tessera.scheduler.service.page_tokens import (
+    Listing,
+    PageRequest,
+    encode,
+    filters_digest,
+    last_key,
+    page_size,
+)
 from tessera.security.interceptor import current_principal
 from tessera.security.policy import AccessDeniedError, require_owner
 from tessera.v1 import placement_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -57,33 +70,61 @@ def _details(text: str) -> str:
     return text
 
 
+async def _abort(
+    context: Context,
+    code: grpc.StatusCode,
+    message: str,
+    violations: Sequence[FieldViolation] = (),
+) -> NoReturn:
+    """End the call with ``code`` and ``message``; with violations, a BadRequest beside it.
+
+    The one way a servicer fails a call: the message cut to
+    :data:`MAX_DETAILS_BYTES`, and the same message inside the
+    ``google.rpc.Status`` that carries the violations.
+    """
+    details = _details(message)
+    await context.abort(code, details, status_trailer(code, details, violations))
+    raise AssertionError("unreachable: abort raises")
+
+
 async def _call(context: Context, fn: Callable[[], Awaitable[T]]) -> T:
     """Run a use case; turn a domain failure into its status code."""
     try:
         return await fn()
     # InvalidRequestError is a ValueError; AccessDeniedError the OWNER scope's refusal.
     except (SchedulerError, AccessDeniedError, ValueError) as err:
-        await context.abort(status_of(err), _details(str(err)))
+        await _abort(context, status_of(err), str(err), field_violations(err))
     except redis.exceptions.RedisError as err:
         if status_of(err) is not grpc.StatusCode.UNAVAILABLE:
             log.exception("internal error")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the scheduler log")
+            await _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the scheduler log")
         # Unreachable, or between primaries (NOREPLICAS, READONLY, ...).
         log.warning("state store unavailable: %s", err)
-        await context.abort(
+        await _abort(
+            context,
             grpc.StatusCode.UNAVAILABLE,
-            _details(f"the state store is unavailable ({err}); nothing was done, retry"),
+            f"the state store is unavailable ({err}); nothing was done, retry",
         )
     except Exception:
         log.exception("internal error")
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the scheduler log")
-    raise AssertionError("unreachable: abort raises")
+        await _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the scheduler log")
 
 
 async def _require(context: Context, present: bool, field: str) -> None:
     """Abort with INVALID_ARGUMENT naming ``field`` unless it is present."""
     if not present:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: is required")
+        violation = FieldViolation(field, "is required")
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(violation), [violation])
+
+
+def _page(page_token: str, size: int, listing: Listing, filters: str) -> PageRequest:
+    """Where a page a request asks for starts, and how long it may be.
+
+    Raises:
+        InvalidRequestError: a negative size; a token that is malformed, of
+            the other list, of other filters or of another version.
+    """
+    return PageRequest(size=page_size(size), after=last_key(page_token, listing, filters))
 
 
 class PlaceObserver(Protocol):
@@ -186,15 +227,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def ListPlacements(  # noqa: N802
         self, request: scheduler_pb2.ListPlacementsRequest, context: Context
     ) -> scheduler_pb2.ListPlacementsResponse:
-        """List placements."""
-        rows = await _call(
-            context, lambda: self._c.list_placements(request.tenant, request.host_id)
-        )
+        """One page of placements, ordered by host id, then placement id."""
+        filters = filters_digest(request.tenant, request.host_id)
         # The policy checked a named tenant; an empty filter lists only the
-        # tenants this caller acts for.
+        # tenants this caller acts for (applied before the page is cut, so
+        # pages are full whatever the caller may not see).
         caller = current_principal()
+
+        async def page() -> tuple[list[placement_pb2.Placement], str]:
+            wanted = _page(request.page_token, request.page_size, Listing.PLACEMENTS, filters)
+            return await self._c.placements_page(
+                request.tenant, request.host_id, wanted, caller.acts_for
+            )
+
+        rows, after = await _call(context, page)
         return scheduler_pb2.ListPlacementsResponse(
-            placements=[p for p in rows if caller.acts_for(p.tenant)]
+            placements=rows, next_page_token=encode(Listing.PLACEMENTS, filters, after)
         )
 
     async def Explain(  # noqa: N802
@@ -213,8 +261,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def ListHosts(  # noqa: N802
         self, request: scheduler_pb2.ListHostsRequest, context: Context
     ) -> scheduler_pb2.ListHostsResponse:
-        """List registered hosts."""
-        hosts = await _call(context, self._c.hosts)
+        """One page of registered hosts, ordered by host id."""
+        filters = filters_digest()
+
+        async def page() -> tuple[list[scheduler_pb2.HostSummary], str]:
+            wanted = _page(request.page_token, request.page_size, Listing.HOSTS, filters)
+            return await self._c.hosts_page(wanted)
+
+        hosts, after = await _call(context, page)
         if not current_principal().reads_everything:
             # Frontends see capacity, not where agents listen or what they run.
             for host in hosts:
@@ -222,7 +276,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 host.ClearField("boot_id")
                 host.ClearField("labels")
                 host.ClearField("cordoned_by")
-        return scheduler_pb2.ListHostsResponse(hosts=hosts)
+        return scheduler_pb2.ListHostsResponse(
+            hosts=hosts, next_page_token=encode(Listing.HOSTS, filters, after)
+        )
 
     # -- host administration (admin only: see tessera.security.policy) ------
 
@@ -237,7 +293,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def _host_id(context: Context, host_id: str) -> None:
         """Abort with INVALID_ARGUMENT unless ``host_id`` can name a host."""
         if violations := validate_identifier(host_id, "host_id"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(violations[0]))
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(violations[0]), violations)
 
     async def CordonHost(  # noqa: N802
         self, request: scheduler_pb2.CordonHostRequest, context: Context

@@ -200,6 +200,17 @@ class RequestClaim:
     placement_id: str = ""
 
 
+class HeartbeatOutcome(enum.IntEnum):
+    """What a heartbeat did; false (0) when the agent must register again."""
+
+    UNKNOWN = 0
+    """Nothing written: no such host, or it is registered with another boot."""
+    RENEWED = 1
+    """The lease was renewed."""
+    REVIVED = 2
+    """The lease had expired and is renewed: the host is schedulable again."""
+
+
 class ForgetOutcome(enum.Enum):
     """What forgetting a host did."""
 
@@ -431,7 +442,8 @@ return 1
 
 # Heartbeat. KEYS: host, feed, feed-seq. ARGV: boot id, now ms, host id.
 # Renewing a live lease changes nothing a replica plans on: only a lease that
-# had expired goes on the feed, as it comes back.
+# had expired goes on the feed, as it comes back. Returns 0 (unknown host or
+# boot), 1 (renewed) or 2 (renewed a lease that had expired).
 _TOUCH_HOST_LUA = _with_feed("""#!lua
 if redis.call('HGET', KEYS[1], 'boot_id') ~= ARGV[1] then
   return 0
@@ -441,6 +453,7 @@ if redis.call('HGET', KEYS[1], 'lease_expired') == '1' then
   redis.call('HDEL', KEYS[1], 'lease_expired')
   local generation = redis.call('HINCRBY', KEYS[1], 'alloc_generation', 1)
   feed_append(KEYS[2], KEYS[3], KEYS[1], ARGV[3], generation)
+  return 2
 end
 return 1
 """)
@@ -1133,7 +1146,7 @@ class RedisStateStore:
             await self._client.sadd(schema.HOSTS, host_id)
         return bool(result)
 
-    async def touch_host(self, host_id: str, boot_id: str, now_ms: int) -> bool:
+    async def touch_host(self, host_id: str, boot_id: str, now_ms: int) -> HeartbeatOutcome:
         """Heartbeat: renew a host's lease.
 
         Args:
@@ -1142,14 +1155,17 @@ class RedisStateStore:
             now_ms: scheduler clock.
 
         Returns:
-            False if the host is unknown or registered with another boot: the
-            agent must register again.
+            What it did: false (``UNKNOWN``) if the host is unknown or
+            registered with another boot (the agent must register again),
+            ``REVIVED`` if it renewed a lease that had expired.
         """
         _check_host_id(host_id)
-        return bool(
-            await self._touch(
-                keys=[schema.host(host_id), *schema.feed_keys(host_id)],
-                args=[boot_id, now_ms, host_id],
+        return HeartbeatOutcome(
+            int(
+                await self._touch(
+                    keys=[schema.host(host_id), *schema.feed_keys(host_id)],
+                    args=[boot_id, now_ms, host_id],
+                )
             )
         )
 
@@ -1248,6 +1264,10 @@ class RedisStateStore:
             # the index a superset of the records (see upsert_host).
             await self._client.sadd(schema.HOSTS, host_id)
         return ForgetResult(ForgetOutcome.FORGOTTEN, placements)
+
+    async def host_ids(self) -> list[str]:
+        """The id of every registered host, sorted (a page of ListHosts reads only its own)."""
+        return sorted(_text(h) for h in await self._client.smembers(schema.HOSTS))
 
     async def get_host(self, host_id: str) -> HostRecord | None:
         """One host with its allocations, read atomically.
@@ -1960,7 +1980,7 @@ class RedisStateStore:
                 _check_host_id(h)
             host_ids = sorted(among)
         else:
-            host_ids = sorted(_text(h) for h in await self._client.smembers(schema.HOSTS))
+            host_ids = await self.host_ids()
         if not host_ids:
             return []
         async with self._client.pipeline(transaction=False) as pipe:

@@ -30,7 +30,9 @@ class SchedulerStub(object):
     """Places tenant requests on hosts.
 
     Errors: INVALID_ARGUMENT names the offending field ("claims[0].count: must
-    be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
+    be at least 1") in its message, and carries a google.rpc.Status whose
+    details hold a google.rpc.BadRequest listing each field violation (the
+    grpc-status-details-bin trailer; grpcio-status reads it); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
     reservation is released); NOT_FOUND for an unknown host and
@@ -104,7 +106,9 @@ class SchedulerServicer(object):
     """Places tenant requests on hosts.
 
     Errors: INVALID_ARGUMENT names the offending field ("claims[0].count: must
-    be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
+    be at least 1") in its message, and carries a google.rpc.Status whose
+    details hold a google.rpc.BadRequest listing each field violation (the
+    grpc-status-details-bin trailer; grpcio-status reads it); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
     reservation is released); NOT_FOUND for an unknown host and
@@ -140,7 +144,8 @@ class SchedulerServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListPlacements(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The placements the caller may see, a page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -153,7 +158,7 @@ class SchedulerServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListHosts(self, request, context):
-        """The registered hosts and how much of each is allocated.
+        """The registered hosts and how much of each is allocated, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -267,7 +272,9 @@ class Scheduler(object):
     """Places tenant requests on hosts.
 
     Errors: INVALID_ARGUMENT names the offending field ("claims[0].count: must
-    be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
+    be at least 1") in its message, and carries a google.rpc.Status whose
+    details hold a google.rpc.BadRequest listing each field violation (the
+    grpc-status-details-bin trailer; grpcio-status reads it); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
     reservation is released); NOT_FOUND for an unknown host and

@@ -31,7 +31,9 @@ class SchedulerStub:
     """Places tenant requests on hosts.
 
     Errors: INVALID_ARGUMENT names the offending field ("claims[0].count: must
-    be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
+    be at least 1") in its message, and carries a google.rpc.Status whose
+    details hold a google.rpc.BadRequest listing each field violation (the
+    grpc-status-details-bin trailer; grpcio-status reads it); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
     reservation is released); NOT_FOUND for an unknown host and
@@ -52,10 +54,11 @@ class SchedulerStub:
     """Tears a placement down on its host and frees its slots."""
     GetPlacement: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetPlacementRequest, _placement_pb2.Placement]
     ListPlacements: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListPlacementsRequest, _scheduler_pb2.ListPlacementsResponse]
+    """The placements the caller may see, a page at a time."""
     Explain: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ExplainRequest, _scheduler_pb2.ExplainResponse]
     """Dry run: where a request would go, or why it cannot. Changes nothing."""
     ListHosts: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListHostsRequest, _scheduler_pb2.ListHostsResponse]
-    """The registered hosts and how much of each is allocated."""
+    """The registered hosts and how much of each is allocated, a page at a time."""
     CordonHost: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CordonHostRequest, _scheduler_pb2.HostSummary]
     """Takes a host out of scheduling (admin): no new placement lands on it,
     its placements stay and can be released. Idempotent; a re-registration
@@ -83,7 +86,9 @@ class SchedulerAsyncStub(SchedulerStub):
     """Places tenant requests on hosts.
 
     Errors: INVALID_ARGUMENT names the offending field ("claims[0].count: must
-    be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
+    be at least 1") in its message, and carries a google.rpc.Status whose
+    details hold a google.rpc.BadRequest listing each field violation (the
+    grpc-status-details-bin trailer; grpcio-status reads it); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
     reservation is released); NOT_FOUND for an unknown host and
@@ -101,10 +106,11 @@ class SchedulerAsyncStub(SchedulerStub):
     """Tears a placement down on its host and frees its slots."""
     GetPlacement: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetPlacementRequest, _placement_pb2.Placement]  # type: ignore[assignment]
     ListPlacements: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListPlacementsRequest, _scheduler_pb2.ListPlacementsResponse]  # type: ignore[assignment]
+    """The placements the caller may see, a page at a time."""
     Explain: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ExplainRequest, _scheduler_pb2.ExplainResponse]  # type: ignore[assignment]
     """Dry run: where a request would go, or why it cannot. Changes nothing."""
     ListHosts: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListHostsRequest, _scheduler_pb2.ListHostsResponse]  # type: ignore[assignment]
-    """The registered hosts and how much of each is allocated."""
+    """The registered hosts and how much of each is allocated, a page at a time."""
     CordonHost: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CordonHostRequest, _scheduler_pb2.HostSummary]  # type: ignore[assignment]
     """Takes a host out of scheduling (admin): no new placement lands on it,
     its placements stay and can be released. Idempotent; a re-registration
@@ -131,7 +137,9 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     """Places tenant requests on hosts.
 
     Errors: INVALID_ARGUMENT names the offending field ("claims[0].count: must
-    be at least 1"); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
+    be at least 1") in its message, and carries a google.rpc.Status whose
+    details hold a google.rpc.BadRequest listing each field violation (the
+    grpc-status-details-bin trailer; grpcio-status reads it); RESOURCE_EXHAUSTED says why nothing fits; NOT_FOUND for an
     unknown placement; ALREADY_EXISTS when a request_id is reused for a
     different request; UNAVAILABLE when the host could not carry it out (the
     reservation is released); NOT_FOUND for an unknown host and
@@ -176,7 +184,8 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _scheduler_pb2.ListPlacementsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_scheduler_pb2.ListPlacementsResponse, _abc.Awaitable[_scheduler_pb2.ListPlacementsResponse]]: ...
+    ) -> _typing.Union[_scheduler_pb2.ListPlacementsResponse, _abc.Awaitable[_scheduler_pb2.ListPlacementsResponse]]:
+        """The placements the caller may see, a page at a time."""
 
     @_abc_1.abstractmethod
     def Explain(
@@ -192,7 +201,7 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.ListHostsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.ListHostsResponse, _abc.Awaitable[_scheduler_pb2.ListHostsResponse]]:
-        """The registered hosts and how much of each is allocated."""
+        """The registered hosts and how much of each is allocated, a page at a time."""
 
     @_abc_1.abstractmethod
     def CordonHost(
