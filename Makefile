@@ -6,10 +6,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 .DEFAULT_GOAL := help
 
-$(STAMP): pyproject.toml
+# Two distributions, both editable: the client (tessera.v1 and tessera.client,
+# clients/python) that the scheduler's depends on, resolved together.
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e clients/python -e ".[dev]"
 	touch $(STAMP)
 
 .PHONY: help
@@ -56,6 +58,10 @@ bench: $(STAMP) ## Every benchmark part, full sizes: bench/out/*.json, BENCHMARK
 .PHONY: bench-quick
 bench-quick: $(STAMP) ## Every benchmark part, small sizes (CI, under 5 min): bench/out/quick/
 	$(BIN)/python bench/run.py --quick
+
+.PHONY: dist-check
+dist-check: $(STAMP) ## Build both wheels, install them in clean venvs, use them outside the repo (CI)
+	$(BIN)/python scripts/check_dists.py
 
 .PHONY: bench-place
 bench-place: $(STAMP) ## Placement latency: core picker at fleet sizes, Place/Release end to end

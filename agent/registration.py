@@ -8,14 +8,17 @@ import logging
 from collections.abc import Callable
 
 import grpc
+import tenacity
 
 from tessera.agent.reporter import HostReporter
 from tessera.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-#: Retry delays while the scheduler is unreachable, capped.
-_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+#: The waits while the scheduler is unreachable: exponential from 0.2 s, capped
+#: at 5 s, each a random fraction of that ("full jitter"), so a fleet of agents
+#: that lost their scheduler together do not all come back in the same instant.
+_BACKOFF = tenacity.wait_random_exponential(multiplier=0.2, max=5.0)
 
 
 class RegistrationLoop:
@@ -72,6 +75,7 @@ class RegistrationLoop:
             "registered %s (generation %d) with the scheduler",
             inventory.host_id,
             inventory.generation,
+            extra={"host": inventory.host_id, "state": "registered"},
         )
         self.registered.set()
 
@@ -86,31 +90,70 @@ class RegistrationLoop:
         self.on_fence(response.fence)
         return not response.reregister
 
+    async def _report(self, need_register: bool) -> bool:
+        """Register, or heartbeat, once; whether the next report must be a Register."""
+        if need_register:
+            await self._register()
+            return False
+        return not await self._heartbeat()
+
+    async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
+        """Wait ``seconds``, less if stopped; a poke cuts it short, then debounces."""
+        self._wake.clear()
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        _, pending = await asyncio.wait(
+            waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        if self._wake.is_set() and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._debounce_s)
+
+    def _log_unreachable(self, retry: tenacity.RetryCallState) -> None:
+        """The warning before each wait for the scheduler (the handler holds repeats back)."""
+        failed = retry.outcome.exception() if retry.outcome is not None else None
+        code = failed.code().name if isinstance(failed, grpc.aio.AioRpcError) else "?"
+        delay = retry.next_action.sleep if retry.next_action is not None else 0.0
+        log.warning(
+            "scheduler unreachable (%s); retrying in %.1fs",
+            code,
+            delay,
+            extra={"host": self._reporter.host_id, "state": "unreachable"},
+        )
+
     async def run(self, stop: asyncio.Event) -> None:
         """Register and heartbeat until ``stop`` is set."""
-        attempt = 0
+
+        async def pause(seconds: float) -> None:
+            await self._pause(stop, seconds)
+
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(grpc.aio.AioRpcError),
+            wait=_BACKOFF,
+            stop=lambda _: stop.is_set(),
+            sleep=pause,
+            before_sleep=self._log_unreachable,
+            reraise=True,
+        )
         need_register = True
         while not stop.is_set():
             try:
-                if need_register:
-                    await self._register()
-                    need_register = False
-                elif not await self._heartbeat():
-                    need_register = True
-                    continue
-                attempt = 0
-                delay = self._interval_s
-            except grpc.aio.AioRpcError as err:
-                delay = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
-                attempt += 1
-                log.warning("scheduler unreachable (%s); retrying in %.1fs", err.code().name, delay)
-            self._wake.clear()
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-            _, pending = await asyncio.wait(
-                waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in pending:
-                task.cancel()
-            if self._wake.is_set() and not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self._debounce_s)
+                # Each pass starts the backoff afresh: one report that went
+                # through resets it.
+                async for attempt in retrying:
+                    if stop.is_set():
+                        return  # stopped during a backoff: no call after stop
+                    with attempt:
+                        need_register = await self._report(need_register)
+            except grpc.aio.AioRpcError:
+                return  # stopped while the scheduler was unreachable
+            if retrying.statistics.get("attempt_number", 1) > 1:
+                # With its state: the next outage's warning is never held
+                # back as a repeat of this one's (tessera.logs).
+                log.info(
+                    "scheduler reachable again",
+                    extra={"host": self._reporter.host_id, "state": "reachable"},
+                )
+            if not need_register:
+                await self._pause(stop, self._interval_s)

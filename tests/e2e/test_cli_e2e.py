@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+import yaml
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from tessera.scheduler.local_cluster import LocalCluster
 from tessera.scheduler.store.embedded import EmbeddedValkey
+from tessera.v1 import placement_pb2, scheduler_pb2
 
 
 def tessera(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -29,8 +35,12 @@ def tessera(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 def test_the_demo_exits_zero_and_prints_placements() -> None:
     result = tessera("demo")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "PLACEMENT" in result.stdout and "/dev/vfio/" in result.stdout
+    assert "PLACEMENT" in result.stdout and "MIG 3g.40gb@" in result.stdout
+    assert "VFs and mdevs left on the hosts: none" in result.stdout
+    assert "units the agents still report in use (MIG instances too): none" in result.stdout
     assert "demo OK" in result.stdout
+    widest = max(result.stdout.splitlines(), key=len)
+    assert len(widest) <= 120, widest
 
 
 def as_identity(cluster: LocalCluster, role: str = "admin", name: str = "admin") -> tuple[str, ...]:
@@ -53,7 +63,7 @@ def test_place_list_release_through_the_cli(cluster: LocalCluster) -> None:
     placed = tessera(*at, "place", "--tenant", "acme", "--gpu", "2", "--numa", "single-numa-node",
                      "--request-id", "cli-1")  # fmt: skip
     assert placed.returncode == 0, placed.stderr
-    placement_id = placed.stdout.splitlines()[2].split()[0]
+    placement_id = placed.stdout.splitlines()[1].split()[0]
     listed = tessera(*at, "list", "--tenant", "acme")
     assert listed.stdout.count(placement_id) == 2  # one row per GPU
     hosts = tessera(*at, "hosts")
@@ -63,23 +73,68 @@ def test_place_list_release_through_the_cli(cluster: LocalCluster) -> None:
     assert "(no placements)" in tessera(*at, "list").stdout
 
 
+def speaks_protobuf_json(stdout: str, message: type[Message]) -> dict[str, Any]:
+    """``stdout`` is exactly protobuf's JSON mapping of ``message`` (lowerCamelCase, all fields)."""
+    doc: dict[str, Any] = json.loads(stdout)
+    parsed = json_format.ParseDict(doc, message())
+    assert json_format.MessageToDict(parsed, always_print_fields_with_no_presence=True) == doc
+    return doc
+
+
+def test_every_command_speaks_one_json_casing(cluster: LocalCluster) -> None:
+    at = (*as_identity(cluster), "-o", "json")
+    placed = speaks_protobuf_json(
+        tessera(*at, "place", "--tenant", "acme", "--gpu", "1").stdout, scheduler_pb2.PlaceResponse
+    )
+    placement_id = placed["placement"]["placementId"]
+    # YAML is the same document.
+    listed = json.loads(tessera(*at, "list").stdout)
+    assert listed["placements"]
+    assert yaml.safe_load(tessera(*at, "list", "-o", "yaml").stdout) == listed
+    for args, message in [
+        (["explain", "--tenant", "acme", "--gpu", "1"], scheduler_pb2.ExplainResponse),
+        (["list"], scheduler_pb2.ListPlacementsResponse),
+        (["hosts"], scheduler_pb2.ListHostsResponse),
+        (["get", placement_id], placement_pb2.Placement),
+        (["host", "cordon", "dgx", "--reason", "json"], scheduler_pb2.HostSummary),
+        (["host", "uncordon", "dgx"], scheduler_pb2.HostSummary),
+        (["release", placement_id], scheduler_pb2.ReleaseResponse),
+        # Nothing left on it: a drain cordons and releases nothing.
+        (["host", "drain", "dgx"], scheduler_pb2.DrainHostResponse),
+        (["host", "uncordon", "dgx"], scheduler_pb2.HostSummary),
+    ]:
+        result = tessera(*at, *args)
+        assert result.returncode == 0, result.stderr
+        speaks_protobuf_json(result.stdout, message)
+    shown = json.loads(tessera(*at, "certs", "show", str(cluster.tls_dir("admin", "admin"))).stdout)
+    assert set(shown) == {"identity", "expires"}
+
+
+def test_wide_adds_columns_and_table_stays_narrow(cluster: LocalCluster) -> None:
+    at = as_identity(cluster)
+    narrow = tessera(*at, "hosts").stdout.splitlines()[0].split()
+    wide = tessera(*at, "hosts", "-o", "wide").stdout.splitlines()[0].split()
+    assert "AGENT" in wide and "AGENT" not in narrow
+    assert narrow == wide[: len(narrow)]
+
+
 def test_host_cpus_and_memory_are_asked_beside_the_devices(cluster: LocalCluster) -> None:
     at = as_identity(cluster)
     placed = tessera(*at, "place", "--tenant", "acme", "--gpu", "1", "--cpus", "8",
                      "--memory-mib", "16384", "--request-id", "cli-cpus")  # fmt: skip
     assert placed.returncode == 0, placed.stderr
-    placement_id = placed.stdout.splitlines()[2].split()[0]
+    placement_id = placed.stdout.splitlines()[1].split()[0]
     too_many = tessera(*at, "place", "--tenant", "acme", "--gpu", "1", "--cpus", "4096")
     assert too_many.returncode == 1 and "host-share/host-cpu-short" in too_many.stderr
     bad = tessera(*at, "place", "--tenant", "acme", "--gpu", "1", "--cpus", "-1")
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].endswith("argument --cpus: must be 0 to 8,192 CPUs")
+    assert "argument --cpus: must be 0 to 8,192 CPUs" in bad.stderr.strip().splitlines()[-1]
     assert tessera(*at, "release", placement_id).returncode == 0
 
 
 def test_the_cli_reports_a_bad_request_with_the_field(cluster: LocalCluster) -> None:
     result = tessera(*as_identity(cluster), "place", "--tenant", "", "--gpu", "1")
-    assert result.returncode == 1
+    assert result.returncode == 2  # the request is wrong: the user's mistake
     assert "INVALID_ARGUMENT: tenant:" in result.stderr
 
 
@@ -90,7 +145,7 @@ def test_a_tenant_places_as_itself_and_cannot_name_another(cluster: LocalCluster
     assert "initech" in placed.stdout  # filled in from the certificate
     other = tessera(*at, "place", "--tenant", "acme", "--gpu", "1")
     assert other.returncode == 1 and "PERMISSION_DENIED" in other.stderr
-    assert tessera(*at, "release", placed.stdout.splitlines()[2].split()[0]).returncode == 0
+    assert tessera(*at, "release", placed.stdout.splitlines()[1].split()[0]).returncode == 0
 
 
 def test_the_cli_refuses_a_missing_tls_dir_in_one_line(
@@ -113,7 +168,7 @@ def test_a_placement_file_in_yaml_is_accepted(cluster: LocalCluster, tmp_path: P
     assert explained.returncode == 0 and "fits on dgx" in explained.stdout
     placed = tessera(*at, "place", "--file", str(request))
     assert placed.returncode == 0, placed.stderr
-    assert tessera(*at, "release", placed.stdout.splitlines()[2].split()[0]).returncode == 0
+    assert tessera(*at, "release", placed.stdout.splitlines()[1].split()[0]).returncode == 0
 
 
 def test_the_scheduler_refuses_a_redis_that_can_lose_placements(tmp_path: Path) -> None:
@@ -217,7 +272,7 @@ def test_every_form_is_placed_from_flags(virt: LocalCluster, flags: list[str], s
     placed = tessera(*at, "place", "--tenant", "acme", *flags)
     assert placed.returncode == 0, placed.stderr
     assert shown in placed.stdout
-    placement_id = placed.stdout.splitlines()[2].split()[0]
+    placement_id = placed.stdout.splitlines()[1].split()[0]
     assert tessera(*at, "release", placement_id).returncode == 0
 
 

@@ -166,7 +166,7 @@ def test_host_commands_report_errors_in_one_line(cluster: LocalCluster) -> None:
     assert unknown.returncode == 1
     assert unknown.stderr.strip() == "tessera: NOT_FOUND: host nowhere is not registered"
     malformed = tessera(cluster, "host", "cordon", "bad{id}")
-    assert malformed.returncode == 1, malformed.stdout
+    assert malformed.returncode == 2, malformed.stdout
     assert "INVALID_ARGUMENT: host_id" in malformed.stderr, malformed.stderr
 
 

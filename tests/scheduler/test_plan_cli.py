@@ -73,15 +73,15 @@ def test_a_batch_is_planned_jointly_and_printed_as_json(hosts: Path, tmp_path: P
     done = plan(hosts, requests, "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    placed = {p["request_id"]: p for p in out["placements"]}
+    placed = {p["requestId"]: p for p in out["placements"]}
     assert set(placed) == {"g1", "g2", "vfs"}
-    assert {placed["g1"]["host_id"], placed["g2"]["host_id"]} == {"hgx-8gpu", "dgx-a100"}
+    assert {placed["g1"]["hostId"], placed["g2"]["hostId"]} == {"hgx-8gpu", "dgx-a100"}
     assert len(placed["vfs"]["allocations"]) == 3
     assert all("vf" in a for a in placed["vfs"]["allocations"])
     (unplaced,) = out["unplaced"]
-    assert unplaced["request_id"] == "pair"
+    assert unplaced["requestId"] == "pair"
     assert "batch/outcompeted: 1 (pair)" in unplaced["reasons"]
-    assert out["solver"]["objective"] > out["solver"]["greedy_objective"]
+    assert out["solver"]["objective"] > out["solver"]["greedyObjective"]
     assert out["solver"]["objective"] <= out["solver"]["bound"]
     assert out["solver"]["solved"] is True  # the seed placed less: the model ran
 
@@ -91,11 +91,11 @@ def test_sequential_planning_places_in_order_and_breaks_the_gang(
 ) -> None:
     requests = tmp_path / "requests.json"
     requests.write_text(json.dumps(REQUESTS))
-    done = plan(hosts, requests, "--json", "--sequential")
+    done = plan(hosts, requests, "-o", "json", "--sequential")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    assert {p["request_id"] for p in out["placements"]} == {"pair", "vfs"}
-    unplaced = {u["request_id"]: u["reasons"] for u in out["unplaced"]}
+    assert {p["requestId"] for p in out["placements"]} == {"pair", "vfs"}
+    unplaced = {u["requestId"]: u["reasons"] for u in out["unplaced"]}
     assert set(unplaced) == {"g1", "g2"}
     assert any("batch/gang-incomplete" in r for r in unplaced["g1"])
 
