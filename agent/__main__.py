@@ -35,7 +35,7 @@ from tessera.agent.reporter import HostReporter, read_boot_id
 from tessera.agent.service import AgentServicer
 from tessera.agent.sysfs import FAKE_HOST_MARKER, NotASysfsTreeError, Sysfs, SysfsWriter
 from tessera.keepalive import KEEPALIVE
-from tessera.logs import configure, log_format, log_level
+from tessera.logs import add_log_flags, configure
 from tessera.security.audit import AuditLog
 from tessera.security.identity import SCHEDULER_DNS_NAME, Role
 from tessera.security.interceptor import AccessInterceptor
@@ -392,19 +392,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("TESSERA_AUDIT_LOG", ""),
         help="audit records (JSON lines) to this file, or - for stdout [TESSERA_AUDIT_LOG]",
     )
-    run.add_argument(
-        "--log-level",
-        type=log_level,
-        default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING, ERROR or CRITICAL [TESSERA_LOG_LEVEL; INFO]",
-    )
-    run.add_argument(
-        "--log-format",
-        type=log_format,
-        default=os.environ.get("TESSERA_LOG_FORMAT", "text"),
-        help="text (key=value fields after the message) or json (one object a line) "
-        "[TESSERA_LOG_FORMAT; text]",
-    )
+    add_log_flags(run, os.environ)
 
     inv = sub.add_parser("inventory", help="print what the agent would report")
     host_opts(inv)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tessera.logs import configure, log_format, log_level
+from tessera.logs import add_log_flags, configure
 from tessera.scheduler.core.engine.fastpath import Engine
 from tessera.scheduler.core.engine.policies import (
     PACKING_POLICY,
@@ -222,19 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("TESSERA_AUDIT_LOG", ""),
         help="audit records (JSON lines) to this file, or - for stdout [TESSERA_AUDIT_LOG]",
     )
-    p.add_argument(
-        "--log-level",
-        type=log_level,
-        default=os.environ.get("TESSERA_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING, ERROR or CRITICAL [TESSERA_LOG_LEVEL; INFO]",
-    )
-    p.add_argument(
-        "--log-format",
-        type=log_format,
-        default=os.environ.get("TESSERA_LOG_FORMAT", "text"),
-        help="text (key=value fields after the message) or json (one object a line) "
-        "[TESSERA_LOG_FORMAT; text]",
-    )
+    add_log_flags(p, os.environ)
     return p.parse_args(argv)
 
 

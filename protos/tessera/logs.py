@@ -103,6 +103,27 @@ def log_format(text: str) -> str:
     return name
 
 
+def add_log_flags(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """``--log-level`` and ``--log-format``, defaulting to ``TESSERA_LOG_LEVEL``/``_FORMAT``.
+
+    A bad value, from the flag or the environment, is argparse's one-line
+    error naming the flag (argparse checks a string default with its type).
+    """
+    parser.add_argument(
+        "--log-level",
+        type=log_level,
+        default=env.get("TESSERA_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL [TESSERA_LOG_LEVEL; INFO]",
+    )
+    parser.add_argument(
+        "--log-format",
+        type=log_format,
+        default=env.get("TESSERA_LOG_FORMAT", "text"),
+        help="text (key=value fields after the message) or json (one object a line) "
+        "[TESSERA_LOG_FORMAT; text]",
+    )
+
+
 def fields(record: logging.LogRecord) -> dict[str, object]:
     """The structured fields of a record (its ``extra=``), cut to size, in the order given.
 
