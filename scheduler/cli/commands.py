@@ -125,13 +125,13 @@ class SchedulerCommands:
                 timeout=self._timeout,
             )
             text = f"cordoned {h.host_id}" + (f": {h.cordon_reason}" if h.cordon_reason else "")
-            out.message(h) if out.structured else out.line(text)
+            out.answer(h, text)
         elif opts.action == "uncordon":
             h = self._stub.UncordonHost(
                 scheduler_pb2.UncordonHostRequest(host_id=opts.id), timeout=self._timeout
             )
             text = f"uncordoned {h.host_id} (schedulable: {tables.schedulable(h)})"
-            out.message(h) if out.structured else out.line(text)
+            out.answer(h, text)
         elif opts.action == "drain":
             # Each placement is torn down on the host first: allow for many.
             d = self._stub.DrainHost(
@@ -156,7 +156,7 @@ class SchedulerCommands:
             text = f"forgot {f.host_id}" + (
                 f"; dropped {len(dropped)} placement(s): {' '.join(dropped)}" if dropped else ""
             )
-            out.message(f) if out.structured else out.line(text)
+            out.answer(f, text)
         return 0
 
     def _placements(self, answer: Any, placements: list[placement_pb2.Placement]) -> None:
@@ -199,7 +199,7 @@ def certs(opts: argparse.Namespace, out: Output) -> int:
         expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(material.not_after))
         doc = {"identity": material.identity.uri, "expires": expires}
         text = f"{material.identity.uri} (expires {expires})"
-    out.document(doc) if out.structured else out.line(text)
+    out.answer(doc, text)
     return 0
 
 

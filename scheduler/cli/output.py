@@ -89,6 +89,15 @@ class Output:
         """A scheduler's answer as JSON or YAML."""
         self.document(message_dict(msg))
 
+    def answer(self, result: Message | Mapping[str, Any], text: str) -> None:
+        """A one-line result: ``result`` as a document, or ``text`` for a person."""
+        if not self.structured:
+            self.line(text)
+        elif isinstance(result, Message):
+            self.message(result)
+        else:
+            self.document(result)
+
     def table(self, table: Table) -> None:
         """A table: fitted to a terminal, unwrapped when piped."""
         if self._stdout.isatty():
