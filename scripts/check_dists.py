@@ -6,11 +6,12 @@ index (pip fetches the build tools and the pinned dependencies). In order:
 1. Each distribution is built as users' tools build it: an sdist, then a
    wheel from that sdist (``python -m build``), so a file the sdist leaves
    out (the client's ``tessera/v1`` is a symlink in the checkout) is missing
-   from the wheel too, and no leftover of an earlier build can slip in.
+   from the wheel too; from a copy of the files git knows, so no leftover
+   of an earlier build can slip in.
 2. Each wheel installs under ``tessera/`` alone (its RECORD names no other
-   top-level folder: no ``scheduler``, no ``agent``) and the client's holds
+   top-level folder: no ``scheduler``, no ``agent``); the client's holds
    the wire contract (code, stubs, ``.proto`` files) and the client, and
-   nothing of the scheduler.
+   nothing of the scheduler; no file is in both.
 3. The client's wheel alone, in a clean virtualenv, places and releases
    against a real scheduler started from the repository
    (``scripts/client_smoke.py``: without ortools or redis installed).
@@ -34,6 +35,7 @@ import argparse
 import base64
 import csv
 import hashlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,20 +104,41 @@ def run(*args: str | Path, cwd: Path | None = None, timeout: float = 1800) -> st
 
 
 def new_venv(path: Path) -> Path:
-    """A clean virtualenv of this interpreter's base Python, pip upgraded; its python."""
+    """A clean virtualenv of this interpreter's base Python (its own pip, as users get it)."""
     run(sys.executable, "-m", "venv", path)
-    python = path / "bin" / "python"
-    run(python, "-m", "pip", "install", "-q", "--upgrade", "pip")
-    return python
+    return path / "bin" / "python"
+
+
+def checkout_copy(dest: Path) -> Path:
+    """The files git knows (tracked, and new ones it does not ignore), copied to ``dest``.
+
+    setuptools makes an sdist from the files it finds and from what an earlier
+    build left in the tree (``*.egg-info/SOURCES.txt`` is merged, never
+    pruned): building from a copy keeps a stale file list out of the wheels
+    this check vouches for.
+    """
+    listed = run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT)
+    for name in filter(None, listed.split("\0")):
+        source, target = ROOT / name, dest / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the work tree, not yet in the index
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(source.readlink())
+        else:
+            shutil.copy2(source, target)
+    return dest
 
 
 def build(work: Path) -> dict[str, Path]:
-    """Each distribution's wheel, built from its sdist."""
+    """Each distribution's wheel, built from its sdist, from a copy of the checkout."""
+    source_root = checkout_copy(work / "source")
     builder = new_venv(work / "build-venv")
     run(builder, "-m", "pip", "install", "-q", BUILD)
     wheels: dict[str, Path] = {}
-    for name, source in SOURCES.items():
+    for name, folder in SOURCES.items():
         out = work / "dist" / name
+        source = source_root / folder.relative_to(ROOT)
         run(builder, "-m", "build", "--quiet", "--outdir", out, source)
         (wheels[name],) = out.glob("*.whl")
     return wheels
@@ -141,6 +164,10 @@ def check_contents(wheels: dict[str, Path]) -> None:
     problems += [f"ships {n}" for n in sorted(client) if n.startswith(CLIENT_FORBIDDEN)]
     if problems:
         raise CheckFailedError(f"{wheels[CLIENT].name}: {'; '.join(problems)}")
+    # The client's folders are the client's alone: two owners of one file
+    # would let uninstalling either delete it from under the other.
+    if shared := sorted(set(wheel_files(wheels[SCHEDULER])) & client):
+        raise CheckFailedError(f"both wheels ship {shared[:5]} ({len(shared)} files)")
 
 
 def check_client_alone(work: Path, wheel: Path) -> None:
