@@ -101,7 +101,7 @@ class SchedulerCommands:
         )
         self._placements(g, [g])
         if not self._out.structured:
-            self._out.line(f"state {tables.state_name(g.state)}: {g.message or '-'}")
+            self._out.line(f"state {tables.state_word(g.state)}: {g.message or '-'}")
             if self._out.wide:
                 self._out.table(tables.history_table(g))
         return 0

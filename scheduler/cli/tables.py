@@ -20,7 +20,7 @@ from tessera.v1 import placement_pb2, scheduler_pb2
 _FORMS = ("whole", "vf", "mdev", "mig")
 
 
-def state_name(state: placement_pb2.PlacementState.ValueType) -> str:
+def state_word(state: placement_pb2.PlacementState.ValueType) -> str:
     """A placement state as a word; a plan's placements (no state yet) are "planned"."""
     return "planned" if state == placement_pb2.PLACEMENT_STATE_UNSPECIFIED else state_label(state)
 
@@ -45,7 +45,7 @@ def placements_table(
                 p.host_id,
                 a.claim,
                 describe_slot(a),
-                state_name(p.state),
+                state_word(p.state),
             ]
             if wide:
                 row += [
@@ -64,7 +64,7 @@ def history_table(placement: placement_pb2.Placement) -> Table:
     table = new_table(["WHEN (UTC)", "STATE", "WHY"], wrap={"WHY"})
     for change in placement.history:
         when = _utc(change.unix_ms)
-        table.add_row(when, state_name(change.state), change.message or "-")
+        table.add_row(when, state_word(change.state), change.message or "-")
     return table
 
 
