@@ -46,14 +46,15 @@ from tessera.v1 import agent_pb2, agent_pb2_grpc, inventory_pb2, placement_pb2
 log = logging.getLogger("tessera.agent")
 
 
-def _labels(pairs: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"tessera-agent: --label {pair!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
+def _label(text: str) -> tuple[str, str]:
+    """``--label KEY=VALUE``; argparse's one-line error and exit 2 for anything else.
+
+    Checked while the line is parsed, before the agent logs or listens.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text[:32]!r}: expected KEY=VALUE")
+    return key, value
 
 
 def _check_sysfs_root(root: Path) -> None:
@@ -122,7 +123,7 @@ def _reporter(
         nvml if nvml is not None else _nvml(opts.sysfs_root),
         host_id=host_id,
         boot_id=read_boot_id(opts.sysfs_root, host_id),
-        labels=_labels(opts.label),
+        labels=dict(opts.label),
         allow=_allow(opts),
     )
 
@@ -343,7 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             help="directory holding sys/ and dev/ ('/' on a real host)",
         )
         sp.add_argument("--host-id", default="", help="name to register under (hostname)")
-        sp.add_argument("--label", action="append", default=[], help="KEY=VALUE host label")
+        sp.add_argument(
+            "--label", type=_label, action="append", default=[], help="KEY=VALUE host label"
+        )
         sp.add_argument(
             "--allow",
             action="append",

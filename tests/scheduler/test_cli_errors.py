@@ -174,6 +174,8 @@ def test_version_and_completion_answer_without_a_scheduler() -> None:
         ("tessera.agent", ["fakehost", "build", "vgpu", "{d}/existing"], "already holds a tree"),
         ("tessera.agent", ["fakehost", "build"], "usage"),
         ("tessera.agent", ["run", "--log-level", "bogus"], "--log-level"),
+        ("tessera.agent", ["run", "--label", "nokv"], "--label"),
+        ("tessera.agent", ["inventory", "--label", "=v"], "--label"),
         ("tessera.scheduler", ["--log-level", "bogus"], "--log-level"),
         ("tessera.agent", ["run", "--log-format", "xml"], "--log-format"),
         ("tessera.scheduler", ["--log-format", "xml"], "--log-format"),
